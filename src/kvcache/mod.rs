@@ -1,0 +1,85 @@
+//! KV storage and attention over it.
+//!
+//! Owns: every sequence's K/V state, the attention computed over that state, and its byte accounting.
+//! Does not own: requests, budgets policy, gRPC or tokio. The model hands each layer's post-RoPE Q/K/V for the
+//! new tokens to a [`KvStore`] and gets the attention output back, so a store can keep K/V in any precision
+//! (the reference f16 store here; the PM-KVQ packed store later) without the model knowing.
+//!
+//! Invariants: tokens are stored in chronological order; the new tokens of a call attend to every stored token
+//! plus the new tokens up to themselves (causal); a token's own K/V are used unquantized in its own step and
+//! stored only after attention (spec §3.3).
+
+pub mod attention;
+mod reference;
+
+pub use reference::F16KvStore;
+
+/// Shape of the KV state of one sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvGeometry {
+    pub layers: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvGeometry {
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    pub fn q_dim(&self) -> usize {
+        self.q_heads * self.head_dim
+    }
+    /// Query heads sharing one KV head (GQA group size).
+    pub fn group(&self) -> usize {
+        self.q_heads / self.kv_heads
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KvError {
+    #[error("kv cache for layer {layer} holds {stored} tokens, limit is {limit}")]
+    CapacityExceeded { layer: usize, stored: usize, limit: usize },
+    #[error("layer {layer} out of range (model has {layers})")]
+    BadLayer { layer: usize, layers: usize },
+    #[error("kv input for layer {layer}: expected {expected} values, got {got}")]
+    BadShape { layer: usize, expected: usize, got: usize },
+}
+
+/// One sequence's KV state, all layers.
+pub trait KvStore: Send {
+    fn geometry(&self) -> KvGeometry;
+    /// Tokens stored for `layer` (equal across layers between forward passes).
+    fn len(&self, layer: usize) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len(0) == 0
+    }
+    /// Attention of `n` new tokens over the stored tokens and themselves (causal), then store their K/V.
+    /// `q`: `n × q_heads × d`, `k`/`v`: `n × kv_heads × d` (post-RoPE), `out`: `n × q_heads × d`.
+    fn attend_and_store(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError>;
+    /// Forget every stored token.
+    fn clear(&mut self);
+    /// Bytes held: payload plus scales, offsets and bookkeeping.
+    fn true_bytes(&self) -> usize;
+}
+
+/// Shape checks shared by every store.
+pub fn check_inputs(g: &KvGeometry, layer: usize, q: &[f32], k: &[f32], v: &[f32], n: usize, out: &[f32]) -> Result<(), KvError> {
+    if layer >= g.layers {
+        return Err(KvError::BadLayer { layer, layers: g.layers });
+    }
+    for (len, want) in [(q.len(), n * g.q_dim()), (k.len(), n * g.kv_dim()), (v.len(), n * g.kv_dim()), (out.len(), n * g.q_dim())] {
+        if len != want {
+            return Err(KvError::BadShape { layer, expected: want, got: len });
+        }
+    }
+    Ok(())
+}

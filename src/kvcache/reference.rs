@@ -1,0 +1,144 @@
+//! The reference store: every token's K and V at f16, as llama.cpp's default cache keeps them.
+
+use super::attention::{raw_accumulate, raw_scores, softmax_in_place};
+use super::{check_inputs, KvError, KvGeometry, KvStore};
+use crate::model::kernels::kernels;
+use half::f16;
+use rayon::prelude::*;
+
+pub struct F16KvStore {
+    geom: KvGeometry,
+    /// Per layer, token-major: `[token][kv_head][d]`.
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+    max_tokens: usize,
+}
+
+/// Below this many score multiply-adds per call, heads run on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 15;
+
+impl F16KvStore {
+    pub fn new(geom: KvGeometry, max_tokens: usize) -> Self {
+        F16KvStore { geom, k: vec![Vec::new(); geom.layers], v: vec![Vec::new(); geom.layers], max_tokens }
+    }
+}
+
+impl KvStore for F16KvStore {
+    fn geometry(&self) -> KvGeometry {
+        self.geom
+    }
+
+    fn len(&self, layer: usize) -> usize {
+        self.k.get(layer).map_or(0, |k| k.len() / self.geom.kv_dim())
+    }
+
+    fn attend_and_store(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], n: usize, out: &mut [f32]) -> Result<(), KvError> {
+        let g = self.geom;
+        check_inputs(&g, layer, q, k, v, n, out)?;
+        let stored = self.len(layer);
+        if stored + n > self.max_tokens {
+            return Err(KvError::CapacityExceeded { layer, stored: stored + n, limit: self.max_tokens });
+        }
+        let (d, kv_dim, qh, group) = (g.head_dim, g.kv_dim(), g.q_heads, g.group());
+        let scale = 1.0 / (d as f32).sqrt();
+        let (ks, vs) = (&self.k[layer], &self.v[layer]);
+        let kern = kernels();
+        let head = |(idx, o): (usize, &mut [f32])| {
+            let (i, h) = (idx / qh, idx % qh);
+            let kvh = h / group;
+            let qv = &q[idx * d..(idx + 1) * d];
+            let mut scores = vec![0.0f32; stored + i + 1];
+            for (t, s) in scores[..stored].iter_mut().enumerate() {
+                let off = t * kv_dim + kvh * d;
+                *s = (kern.dot_f16)(&ks[off..off + d], qv) * scale;
+            }
+            raw_scores(qv, k, kv_dim, kvh, d, i, scale, &mut scores[stored..]);
+            softmax_in_place(&mut scores);
+            o.fill(0.0);
+            for (t, &p) in scores[..stored].iter().enumerate() {
+                let off = t * kv_dim + kvh * d;
+                (kern.axpy_f16)(p, &vs[off..off + d], o);
+            }
+            raw_accumulate(&scores[stored..], v, kv_dim, kvh, d, o);
+        };
+        if rayon::current_num_threads() > 1 && n * qh * (stored + n) * d >= PARALLEL_MIN_MACS {
+            out.par_chunks_mut(d).enumerate().for_each(head);
+        } else {
+            out.chunks_mut(d).enumerate().for_each(head);
+        }
+        self.k[layer].extend(k.iter().map(|&x| f16::from_f32(x)));
+        self.v[layer].extend(v.iter().map(|&x| f16::from_f32(x)));
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        for l in 0..self.geom.layers {
+            self.k[l].clear();
+            self.v[l].clear();
+        }
+    }
+
+    fn true_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|l| l.len() * 2).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain f64 causal attention over f16-rounded K/V, the definition the store must meet.
+    fn naive(g: KvGeometry, qs: &[f32], ks: &[f32], vs: &[f32], t: usize) -> Vec<f32> {
+        let (d, kv) = (g.head_dim, g.kv_dim());
+        let r = |x: f32| f16::from_f32(x).to_f32() as f64;
+        let mut out = vec![0.0f32; t * g.q_dim()];
+        for i in 0..t {
+            for h in 0..g.q_heads {
+                let kvh = h / g.group();
+                let q = &qs[(i * g.q_heads + h) * d..][..d];
+                let s: Vec<f64> = (0..=i)
+                    .map(|j| (0..d).map(|c| q[c] as f64 * r(ks[j * kv + kvh * d + c])).sum::<f64>() / (d as f64).sqrt())
+                    .collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                for c in 0..d {
+                    let acc: f64 = (0..=i).map(|j| (s[j] - m).exp() / z * r(vs[j * kv + kvh * d + c])).sum();
+                    out[(i * g.q_heads + h) * d + c] = acc as f32;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn chunked_calls_equal_one_causal_attention() {
+        let g = KvGeometry { layers: 1, q_heads: 4, kv_heads: 2, head_dim: 8 };
+        let t = 9;
+        let mut seed = 3u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let q: Vec<f32> = (0..t * g.q_dim()).map(|_| rnd()).collect();
+        let k: Vec<f32> = (0..t * g.kv_dim()).map(|_| f16::from_f32(rnd()).to_f32()).collect();
+        let v: Vec<f32> = (0..t * g.kv_dim()).map(|_| f16::from_f32(rnd()).to_f32()).collect();
+        let want = naive(g, &q, &k, &v, t);
+        let mut store = F16KvStore::new(g, 64);
+        let mut got = vec![0.0f32; t * g.q_dim()];
+        let mut start = 0;
+        for n in [4usize, 1, 3, 1] {
+            let (qd, kd) = (g.q_dim(), g.kv_dim());
+            store
+                .attend_and_store(0, &q[start * qd..(start + n) * qd], &k[start * kd..(start + n) * kd], &v[start * kd..(start + n) * kd], n, &mut got[start * qd..(start + n) * qd])
+                .unwrap();
+            start += n;
+        }
+        assert_eq!(store.len(0), t);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        assert_eq!(store.true_bytes(), 2 * t * g.kv_dim() * 2);
+        let err = store.attend_and_store(0, &q[..g.q_dim()], &k[..1], &v[..1], 1, &mut got[..g.q_dim()]);
+        assert!(matches!(err, Err(KvError::BadShape { .. })));
+    }
+}

@@ -1,0 +1,236 @@
+//! `ModelConfig`: the model's geometry and numerics, read in one place from GGUF metadata or HF config.json.
+
+use super::ModelError;
+use candle_core::quantized::gguf_file::Value;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Qwen2,
+}
+
+/// Which channels RoPE rotates together. KV calibration (key scales shared per rotary pair) depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeLayout {
+    /// Pairs `(2j, 2j+1)`: GGUF files converted from HF Llama (llama.cpp permutes q/k rows for this).
+    Interleaved,
+    /// Pairs `(j, j+d/2)` ("rotate_half"): HF checkpoints and GGUF qwen2.
+    Neox,
+}
+
+/// Llama 3.x frequency scaling (HF `rope_scaling.rope_type = "llama3"`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Llama3Scaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RopeConfig {
+    pub theta: f32,
+    pub layout: RopeLayout,
+    /// Rotated channels per head (= head_dim for every model in scope).
+    pub dim: usize,
+    pub llama3: Option<Llama3Scaling>,
+}
+
+impl RopeConfig {
+    /// Inverse frequencies per rotary pair, including llama3 scaling.
+    pub fn inv_freqs(&self) -> Vec<f32> {
+        let half = self.dim / 2;
+        (0..half)
+            .map(|j| {
+                let f = 1.0 / self.theta.powf(2.0 * j as f32 / self.dim as f32);
+                match self.llama3 {
+                    None => f,
+                    Some(s) => llama3_scale(f, s),
+                }
+            })
+            .collect()
+    }
+}
+
+/// HF `_compute_llama3_parameters`: long wavelengths are divided by `factor`, short ones kept, the band
+/// between interpolated smoothly.
+fn llama3_scale(freq: f32, s: Llama3Scaling) -> f32 {
+    let old = s.original_max_position as f32;
+    let low_wavelen = old / s.low_freq_factor;
+    let high_wavelen = old / s.high_freq_factor;
+    let wavelen = 2.0 * std::f32::consts::PI / freq;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor
+    } else {
+        let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * freq / s.factor + smooth * freq
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub rms_eps: f32,
+    pub rope: RopeConfig,
+    pub context_length: usize,
+    pub tie_embeddings: bool,
+}
+
+impl ModelConfig {
+    /// Width of one token's K (or V) in one layer: `kv_heads · head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    fn validate(self, file: &Path) -> Result<Self, ModelError> {
+        let bad = |what: String| ModelError::Format { file: file.to_path_buf(), what };
+        if self.layers == 0 || self.heads == 0 || self.kv_heads == 0 || self.hidden == 0 || self.vocab_size == 0 {
+            return Err(bad(format!("zero-sized geometry: {self:?}")));
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(bad(format!("{} query heads not a multiple of {} kv heads", self.heads, self.kv_heads)));
+        }
+        if !self.head_dim.is_multiple_of(2) || self.rope.dim != self.head_dim {
+            return Err(bad(format!(
+                "rope dimension {} must equal the (even) head dim {}",
+                self.rope.dim, self.head_dim
+            )));
+        }
+        Ok(self)
+    }
+
+    pub fn from_gguf(md: &HashMap<String, Value>, vocab_len: usize, file: &Path) -> Result<Self, ModelError> {
+        let bad = |what: String| ModelError::Format { file: file.to_path_buf(), what };
+        let arch_name = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .ok_or_else(|| bad("missing general.architecture".into()))?
+            .clone();
+        let arch = match arch_name.as_str() {
+            "llama" => Arch::Llama,
+            "qwen2" => Arch::Qwen2,
+            other => return Err(ModelError::UnsupportedArch { file: file.to_path_buf(), arch: other.to_string() }),
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let get_u = |k: &str| -> Result<usize, ModelError> {
+            md.get(&key(k))
+                .ok_or_else(|| bad(format!("missing metadata {}", key(k))))
+                .and_then(|v| v.to_u64().or_else(|_| v.to_u32().map(u64::from)).map_err(|e| bad(format!("{}: {e}", key(k)))))
+                .map(|v| v as usize)
+        };
+        let get_f = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok());
+        let hidden = get_u("embedding_length")?;
+        let heads = get_u("attention.head_count")?;
+        let kv_heads = get_u("attention.head_count_kv").unwrap_or(heads);
+        let head_dim = get_u("attention.key_length").unwrap_or(hidden / heads.max(1));
+        let rope_dim = get_u("rope.dimension_count").unwrap_or(head_dim);
+        let llama3 = match md.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()).map(|s| s.as_str()) {
+            Some("llama3") => Some(Llama3Scaling {
+                factor: get_f("rope.scaling.factor").unwrap_or(8.0),
+                low_freq_factor: get_f("rope.scaling.low_freq_factor").unwrap_or(1.0),
+                high_freq_factor: get_f("rope.scaling.high_freq_factor").unwrap_or(4.0),
+                original_max_position: get_u("rope.scaling.original_context_length").unwrap_or(8192),
+            }),
+            _ => None,
+        };
+        let vocab_size = get_u("vocab_size").unwrap_or(vocab_len);
+        ModelConfig {
+            arch,
+            vocab_size,
+            hidden,
+            layers: get_u("block_count")?,
+            heads,
+            kv_heads,
+            head_dim,
+            ffn: get_u("feed_forward_length")?,
+            rms_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope: RopeConfig {
+                theta: get_f("rope.freq_base").unwrap_or(10_000.0),
+                layout: match arch {
+                    Arch::Llama => RopeLayout::Interleaved,
+                    Arch::Qwen2 => RopeLayout::Neox,
+                },
+                dim: rope_dim,
+                llama3,
+            },
+            context_length: get_u("context_length").unwrap_or(4096),
+            tie_embeddings: false, // decided by the loader from the tensor list
+        }
+        .validate(file)
+    }
+
+    pub fn from_hf_json(text: &str, file: &Path) -> Result<Self, ModelError> {
+        let bad = |what: String| ModelError::Format { file: file.to_path_buf(), what };
+        let j: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let archs = j["architectures"].as_array().cloned().unwrap_or_default();
+        let arch_name = archs.first().and_then(|v| v.as_str()).unwrap_or("");
+        let arch = match arch_name {
+            "LlamaForCausalLM" => Arch::Llama,
+            "Qwen2ForCausalLM" => Arch::Qwen2,
+            other => return Err(ModelError::UnsupportedArch { file: file.to_path_buf(), arch: other.to_string() }),
+        };
+        let u = |k: &str| j[k].as_u64().map(|v| v as usize).ok_or_else(|| bad(format!("missing or non-integer `{k}`")));
+        let hidden = u("hidden_size")?;
+        let heads = u("num_attention_heads")?;
+        let head_dim = u("head_dim").unwrap_or(hidden / heads.max(1));
+        let rs = &j["rope_scaling"];
+        let llama3 = (rs["rope_type"].as_str() == Some("llama3") || rs["type"].as_str() == Some("llama3")).then(|| {
+            Llama3Scaling {
+                factor: rs["factor"].as_f64().unwrap_or(8.0) as f32,
+                low_freq_factor: rs["low_freq_factor"].as_f64().unwrap_or(1.0) as f32,
+                high_freq_factor: rs["high_freq_factor"].as_f64().unwrap_or(4.0) as f32,
+                original_max_position: rs["original_max_position_embeddings"].as_u64().unwrap_or(8192) as usize,
+            }
+        });
+        ModelConfig {
+            arch,
+            vocab_size: u("vocab_size")?,
+            hidden,
+            layers: u("num_hidden_layers")?,
+            heads,
+            kv_heads: u("num_key_value_heads").unwrap_or(heads),
+            head_dim,
+            ffn: u("intermediate_size")?,
+            rms_eps: j["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
+            rope: RopeConfig {
+                theta: j["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
+                layout: RopeLayout::Neox,
+                dim: head_dim,
+                llama3,
+            },
+            context_length: u("max_position_embeddings").unwrap_or(4096),
+            tie_embeddings: j["tie_word_embeddings"].as_bool().unwrap_or(false),
+        }
+        .validate(file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
+        let s = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192 };
+        let rope = RopeConfig { theta: 500_000.0, layout: RopeLayout::Neox, dim: 128, llama3: Some(s) };
+        let plain = RopeConfig { llama3: None, ..rope.clone() };
+        let (a, b) = (rope.inv_freqs(), plain.inv_freqs());
+        assert_eq!(a[0], b[0]);
+        assert!((a[63] - b[63] / 8.0).abs() < 1e-12);
+        assert!(a.iter().zip(&b).all(|(x, y)| x <= y));
+    }
+}

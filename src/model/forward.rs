@@ -1,0 +1,237 @@
+//! The decoder forward pass over a batch of sequences, each with its own KV store.
+
+use super::config::RopeLayout;
+use super::kernels::{dequantize_row, QK};
+use super::linear::{Linear, WeightData};
+use super::{Model, ModelError};
+use crate::kvcache::KvStore;
+
+/// One sequence's new tokens in a batched forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    /// Position id of each token (normally `stored..stored+n`; calibration passes scaled ids).
+    pub positions: &'a [u32],
+}
+
+/// Which rows get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Only each sequence's last token (generation).
+    Last,
+    /// Every token (teacher-forced evaluation).
+    All,
+    /// None (prefill chunks before the last).
+    None,
+}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    out.clear();
+    let dim = w.len();
+    for row in x.chunks_exact(dim) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        out.extend(row.iter().zip(w).map(|(v, g)| v * inv * g));
+    }
+}
+
+impl Linear {
+    /// Row `r` as f32 (embedding lookup).
+    fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
+        match &self.data {
+            WeightData::Blocks { format, bytes } => {
+                let rb = self.cols / QK * format.block_bytes();
+                dequantize_row(*format, &bytes[r * rb..(r + 1) * rb], out);
+            }
+            WeightData::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
+            WeightData::F16(w) => {
+                for (o, v) in out.iter_mut().zip(&w[r * self.cols..(r + 1) * self.cols]) {
+                    *o = v.to_f32();
+                }
+            }
+            WeightData::Candle(_) => {
+                return Err(ModelError::Input("embedding rows of candle-only weight types are dequantized at load".into()))
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Model {
+    /// Apply RoPE in place to `x` (`t × heads × d`) given one angle table row per token.
+    fn rope(&self, x: &mut [f32], heads: usize, cos: &[f32], sin: &[f32]) {
+        let d = self.config.head_dim;
+        let half = d / 2;
+        for (ti, tok) in x.chunks_exact_mut(heads * d).enumerate() {
+            let (c, s) = (&cos[ti * half..(ti + 1) * half], &sin[ti * half..(ti + 1) * half]);
+            for head in tok.chunks_exact_mut(d) {
+                match self.config.rope.layout {
+                    RopeLayout::Interleaved => {
+                        for j in 0..half {
+                            let (a, b) = (head[2 * j], head[2 * j + 1]);
+                            head[2 * j] = a * c[j] - b * s[j];
+                            head[2 * j + 1] = a * s[j] + b * c[j];
+                        }
+                    }
+                    RopeLayout::Neox => {
+                        for j in 0..half {
+                            let (a, b) = (head[j], head[j + half]);
+                            head[j] = a * c[j] - b * s[j];
+                            head[j + half] = a * s[j] + b * c[j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Run the new tokens of every sequence through the model, attending over (and appending to) each
+    /// sequence's KV store. Returns, per sequence, its logits rows as `mode` asks (`rows × vocab`).
+    pub fn forward(
+        &self,
+        seqs: &[SeqInput<'_>],
+        kv: &mut [&mut dyn KvStore],
+        mode: LogitsMode,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        if seqs.len() != kv.len() {
+            return Err(ModelError::Input(format!("{} sequences but {} kv stores", seqs.len(), kv.len())));
+        }
+        let cfg = &self.config;
+        for s in seqs {
+            if s.tokens.len() != s.positions.len() {
+                return Err(ModelError::Input("tokens and positions differ in length".into()));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(ModelError::Input(format!("token id {bad} out of range (vocab size {})", cfg.vocab_size)));
+            }
+        }
+        let t_total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if t_total == 0 {
+            return Ok(vec![Vec::new(); seqs.len()]);
+        }
+        self.install(|| self.forward_inner(seqs, kv, mode, t_total))
+    }
+
+    fn forward_inner(
+        &self,
+        seqs: &[SeqInput<'_>],
+        kv: &mut [&mut dyn KvStore],
+        mode: LogitsMode,
+        t: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let cfg = &self.config;
+        let (h, qd, kd, half) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_dim(), cfg.head_dim / 2);
+        let mut x = vec![0.0f32; t * h];
+        for (row, &tok) in x.chunks_exact_mut(h).zip(seqs.iter().flat_map(|s| s.tokens)) {
+            self.embed.row_f32(tok as usize, row)?;
+        }
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for &p in seqs.iter().flat_map(|s| s.positions) {
+            for &f in &self.inv_freqs {
+                let (s, c) = (p as f64 * f as f64).sin_cos();
+                cos.push(c as f32);
+                sin.push(s as f32);
+            }
+        }
+        let mut hbuf = Vec::with_capacity(t * h);
+        let mut attn = vec![0.0f32; t * qd];
+        for (li, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut hbuf);
+            let mut qkv = layer.qkv.forward(&hbuf, t)?;
+            let v = qkv.pop().unwrap_or_default();
+            let mut k = qkv.pop().unwrap_or_default();
+            let mut q = qkv.pop().unwrap_or_default();
+            self.rope(&mut q, cfg.heads, &cos, &sin);
+            self.rope(&mut k, cfg.kv_heads, &cos, &sin);
+            let mut start = 0;
+            for (s, store) in seqs.iter().zip(kv.iter_mut()) {
+                let n = s.tokens.len();
+                store.attend_and_store(
+                    li,
+                    &q[start * qd..(start + n) * qd],
+                    &k[start * kd..(start + n) * kd],
+                    &v[start * kd..(start + n) * kd],
+                    n,
+                    &mut attn[start * qd..(start + n) * qd],
+                )?;
+                start += n;
+            }
+            let o = layer.o.forward(&attn, t)?;
+            for (xv, ov) in x.iter_mut().zip(&o) {
+                *xv += ov;
+            }
+            rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut hbuf);
+            let gu = layer.gate_up.forward(&hbuf, t)?;
+            let mut act = gu[0].clone();
+            for (a, u) in act.iter_mut().zip(&gu[1]) {
+                *a = *a / (1.0 + (-*a).exp()) * u;
+            }
+            let down = layer.down.forward(&act, t)?;
+            for (xv, dv) in x.iter_mut().zip(&down) {
+                *xv += dv;
+            }
+        }
+        // Rows that need logits.
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(seqs.len());
+        let mut start = 0;
+        for s in seqs {
+            let n = s.tokens.len();
+            let picked: Vec<usize> = match mode {
+                LogitsMode::All => (start..start + n).collect(),
+                LogitsMode::Last if n > 0 => vec![start + n - 1],
+                _ => Vec::new(),
+            };
+            counts.push(picked.len());
+            rows.extend(picked);
+            start += n;
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        if rows.is_empty() {
+            out.resize(seqs.len(), Vec::new());
+            return Ok(out);
+        }
+        let mut sel = Vec::with_capacity(rows.len() * h);
+        for &r in &rows {
+            sel.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        rms_norm(&sel, &self.norm, cfg.rms_eps, &mut hbuf);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = head.forward(&hbuf, rows.len())?;
+        let vocab = cfg.vocab_size;
+        let mut off = 0;
+        for c in counts {
+            out.push(logits[off * vocab..(off + c) * vocab].to_vec());
+            off += c;
+        }
+        Ok(out)
+    }
+
+    /// Prefill (or teacher-force) one sequence in chunks of at most `chunk` tokens, continuing from what `kv`
+    /// holds. Returns logits per `mode` (for `Last`, of the final token only).
+    pub fn forward_chunked(
+        &self,
+        tokens: &[u32],
+        kv: &mut dyn KvStore,
+        chunk: usize,
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>, ModelError> {
+        let chunk = chunk.max(1);
+        let mut all = Vec::new();
+        let mut pos0 = kv.len(0) as u32;
+        let n_chunks = tokens.len().div_ceil(chunk);
+        for (ci, c) in tokens.chunks(chunk).enumerate() {
+            let positions: Vec<u32> = (pos0..pos0 + c.len() as u32).collect();
+            let m = match mode {
+                LogitsMode::All => LogitsMode::All,
+                LogitsMode::Last if ci + 1 == n_chunks => LogitsMode::Last,
+                _ => LogitsMode::None,
+            };
+            let mut out = self.forward(&[SeqInput { tokens: c, positions: &positions }], &mut [kv], m)?;
+            all.append(&mut out[0]);
+            pos0 += c.len() as u32;
+        }
+        Ok(all)
+    }
+}

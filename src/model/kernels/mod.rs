@@ -1,0 +1,235 @@
+//! Weight-block formats and the dot-product kernels behind every matmul.
+//!
+//! Owns: the byte layouts of the GGUF block types we execute natively (Q4_0, Q4_1, Q8_0, F16, F32), the
+//! quantization of activations to 8-bit blocks (llama.cpp's `quantize_row_q8_0/q8_1`, so our numerics follow
+//! the peer's), and the per-row dot products. `scalar.rs` is the specification; `avx2.rs` is chosen once at
+//! start-up when the CPU has AVX2+FMA+F16C and is tested equal to the scalar kernels.
+//! Does not own: threading or matrix shapes (see `linear.rs`).
+
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+use half::f16;
+use std::sync::OnceLock;
+
+/// Elements per quantization block of every 8/4-bit GGUF format we run.
+pub const QK: usize = 32;
+
+/// Weight formats with a native kernel; the byte size of one 32-element block of each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockFormat {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl BlockFormat {
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q4_0 => 18,
+            BlockFormat::Q4_1 => 20,
+            BlockFormat::Q8_0 => 34,
+        }
+    }
+    /// Q4_1 pairs with Q8_1 activations (they carry the block sum for the min term); the others with Q8_0.
+    pub const fn needs_block_sum(self) -> bool {
+        matches!(self, BlockFormat::Q4_1)
+    }
+}
+
+/// An activation row quantized to 8-bit blocks of 32: `x ≈ d·q`, with `s = d·Σq` (llama.cpp's Q8_1 `s`).
+/// `d` and `s` are rounded through f16 exactly as llama.cpp stores them.
+#[derive(Default, Clone, Debug)]
+pub struct Q8Row {
+    pub d: Vec<f32>,
+    pub s: Vec<f32>,
+    pub qs: Vec<i8>,
+}
+
+impl Q8Row {
+    pub fn blocks(&self) -> usize {
+        self.d.len()
+    }
+}
+
+/// The kernel table, filled once with the best implementation this CPU supports.
+pub struct Kernels {
+    pub name: &'static str,
+    pub quantize_q8: fn(&[f32], &mut Q8Row),
+    /// Dot of one weight row (its blocks as bytes) with a quantized activation row.
+    pub dot_q4_0: fn(&[u8], &Q8Row) -> f32,
+    pub dot_q4_1: fn(&[u8], &Q8Row) -> f32,
+    pub dot_q8_0: fn(&[u8], &Q8Row) -> f32,
+    pub dot_f32: fn(&[f32], &[f32]) -> f32,
+    /// Dot of an f16 row (little-endian bytes) with f32 values.
+    pub dot_f16: fn(&[f16], &[f32]) -> f32,
+    /// `acc += w · row` for an f16 row (attention's value accumulation).
+    pub axpy_f16: fn(f32, &[f16], &mut [f32]),
+}
+
+pub static SCALAR: Kernels = Kernels {
+    name: "scalar",
+    quantize_q8: scalar::quantize_q8,
+    dot_q4_0: scalar::dot_q4_0,
+    dot_q4_1: scalar::dot_q4_1,
+    dot_q8_0: scalar::dot_q8_0,
+    dot_f32: scalar::dot_f32,
+    dot_f16: scalar::dot_f16,
+    axpy_f16: scalar::axpy_f16,
+};
+
+/// The kernels for this CPU, detected on first use.
+pub fn kernels() -> &'static Kernels {
+    static CHOSEN: OnceLock<&'static Kernels> = OnceLock::new();
+    CHOSEN.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::supported() {
+            return &avx2::AVX2;
+        }
+        &SCALAR
+    })
+}
+
+impl BlockFormat {
+    pub fn dot(self, k: &Kernels, row: &[u8], x: &Q8Row) -> f32 {
+        match self {
+            BlockFormat::Q4_0 => (k.dot_q4_0)(row, x),
+            BlockFormat::Q4_1 => (k.dot_q4_1)(row, x),
+            BlockFormat::Q8_0 => (k.dot_q8_0)(row, x),
+        }
+    }
+}
+
+/// Dequantize one row of blocks to f32 (embedding lookup, tests).
+pub fn dequantize_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
+    let bb = format.block_bytes();
+    for (b, chunk) in row.chunks_exact(bb).enumerate() {
+        let d = f16::from_le_bytes([chunk[0], chunk[1]]).to_f32();
+        let o = &mut out[b * QK..(b + 1) * QK];
+        match format {
+            BlockFormat::Q4_0 => {
+                for j in 0..16 {
+                    o[j] = d * ((chunk[2 + j] & 0x0F) as i32 - 8) as f32;
+                    o[j + 16] = d * ((chunk[2 + j] >> 4) as i32 - 8) as f32;
+                }
+            }
+            BlockFormat::Q4_1 => {
+                let m = f16::from_le_bytes([chunk[2], chunk[3]]).to_f32();
+                for j in 0..16 {
+                    o[j] = d * (chunk[4 + j] & 0x0F) as f32 + m;
+                    o[j + 16] = d * (chunk[4 + j] >> 4) as f32 + m;
+                }
+            }
+            BlockFormat::Q8_0 => {
+                for j in 0..QK {
+                    o[j] = d * (chunk[2 + j] as i8) as f32;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    fn random_blocks(format: BlockFormat, blocks: usize, seed: &mut u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..blocks {
+            let d = f16::from_f32(lcg(seed).abs() * 0.1 + 0.01).to_le_bytes();
+            out.extend_from_slice(&d);
+            if format == BlockFormat::Q4_1 {
+                out.extend_from_slice(&f16::from_f32(lcg(seed) * 0.5).to_le_bytes());
+            }
+            let payload = match format {
+                BlockFormat::Q8_0 => 32,
+                _ => 16,
+            };
+            for _ in 0..payload {
+                let v = (lcg(seed) * 127.0) as i8 as u8;
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn quantize_q8_follows_llama_cpp() {
+        let x: Vec<f32> = (0..32).map(|i| i as f32 - 10.0).collect();
+        let mut q = Q8Row::default();
+        scalar::quantize_q8(&x, &mut q);
+        let d = f16::from_f32(21.0 / 127.0).to_f32();
+        assert_eq!(q.d[0], d);
+        assert_eq!(q.qs[31], 127);
+        assert_eq!(q.qs[0], (-10.0f32 * (127.0 / 21.0)).round_ties_even() as i8);
+        let sum: i32 = q.qs.iter().map(|&v| v as i32).sum();
+        assert_eq!(q.s[0], f16::from_f32(sum as f32 * (21.0 / 127.0)).to_f32());
+    }
+
+    #[test]
+    fn q_dots_match_dequantized_dot() {
+        let mut seed = 7;
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let blocks = 5;
+            let w = random_blocks(format, blocks, &mut seed);
+            let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed)).collect();
+            let mut q = Q8Row::default();
+            scalar::quantize_q8(&x, &mut q);
+            let mut wd = vec![0.0; blocks * QK];
+            dequantize_row(format, &w, &mut wd);
+            // reference: dequantized weights against the *dequantized* activations
+            let xq: Vec<f32> = (0..blocks * QK).map(|i| q.d[i / QK] * q.qs[i] as f32).collect();
+            let want: f32 = wd.iter().zip(&xq).map(|(a, b)| a * b).sum();
+            let got = format.dot(&SCALAR, &w, &q);
+            // Q4_1's min term uses the f16-rounded block sum, as llama.cpp does.
+            assert!((got - want).abs() <= 1e-2 * want.abs().max(1.0), "{format:?}: {got} vs {want}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn kernels_avx2_match_scalar() {
+        if !avx2::supported() {
+            eprintln!("no AVX2 on this CPU: the AVX2 kernels cannot run here");
+            return;
+        }
+        let k = &avx2::AVX2;
+        let mut seed = 11;
+        for blocks in [1usize, 3, 18, 48] {
+            let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed) * 3.0).collect();
+            let (mut qa, mut qb) = (Q8Row::default(), Q8Row::default());
+            scalar::quantize_q8(&x, &mut qa);
+            (k.quantize_q8)(&x, &mut qb);
+            assert_eq!(qa.qs, qb.qs);
+            assert_eq!(qa.d, qb.d);
+            assert_eq!(qa.s, qb.s);
+            for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+                let w = random_blocks(format, blocks, &mut seed);
+                let a = format.dot(&SCALAR, &w, &qa);
+                let b = format.dot(k, &w, &qa);
+                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{format:?} {blocks}: {a} vs {b}");
+            }
+        }
+        for n in [1usize, 7, 8, 31, 64, 67, 200] {
+            let a: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+            let b: Vec<f32> = (0..n).map(|_| lcg(&mut seed)).collect();
+            let h: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
+            let (s, v) = ((SCALAR.dot_f32)(&a, &b), (k.dot_f32)(&a, &b));
+            assert!((s - v).abs() < 1e-4, "dot_f32 {n}: {s} vs {v}");
+            let (s, v) = ((SCALAR.dot_f16)(&h, &b), (k.dot_f16)(&h, &b));
+            assert!((s - v).abs() < 1e-4, "dot_f16 {n}: {s} vs {v}");
+            let (mut acc_s, mut acc_v) = (b.clone(), b.clone());
+            (SCALAR.axpy_f16)(0.37, &h, &mut acc_s);
+            (k.axpy_f16)(0.37, &h, &mut acc_v);
+            for (x, y) in acc_s.iter().zip(&acc_v) {
+                assert!((x - y).abs() < 1e-5, "axpy_f16 {n}");
+            }
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Scalar kernels: the specification every SIMD kernel is tested against.
+
+use super::{Q8Row, QK};
+use half::f16;
+
+#[inline]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// llama.cpp's x86 `quantize_row_q8_1` (which also yields `quantize_row_q8_0`'s codes and scale):
+/// `d = amax/127`, codes `x·(127/amax)` rounded half to even (its AVX path rounds with
+/// `_MM_ROUND_NEAREST`), `d` and `s = d·Σq` stored as f16.
+pub fn quantize_q8(x: &[f32], out: &mut Q8Row) {
+    debug_assert!(x.len().is_multiple_of(QK));
+    let nb = x.len() / QK;
+    out.d.clear();
+    out.s.clear();
+    out.qs.clear();
+    out.qs.reserve(x.len());
+    for blk in x.chunks_exact(QK) {
+        let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for &v in blk {
+            let q = (v * id).round_ties_even() as i8;
+            sum += q as i32;
+            out.qs.push(q);
+        }
+        out.d.push(f16::from_f32(d).to_f32());
+        out.s.push(f16::from_f32(sum as f32 * d).to_f32());
+    }
+    debug_assert_eq!(out.d.len(), nb);
+}
+
+pub fn dot_q4_0(row: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, blk) in row.chunks_exact(18).enumerate() {
+        let q8 = &x.qs[b * QK..(b + 1) * QK];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += ((blk[2 + j] & 0x0F) as i32 - 8) * q8[j] as i32;
+            sumi += ((blk[2 + j] >> 4) as i32 - 8) * q8[j + 16] as i32;
+        }
+        acc += f16_at(blk, 0) * x.d[b] * sumi as f32;
+    }
+    acc
+}
+
+pub fn dot_q4_1(row: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, blk) in row.chunks_exact(20).enumerate() {
+        let q8 = &x.qs[b * QK..(b + 1) * QK];
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            sumi += (blk[4 + j] & 0x0F) as i32 * q8[j] as i32;
+            sumi += (blk[4 + j] >> 4) as i32 * q8[j + 16] as i32;
+        }
+        acc += f16_at(blk, 0) * x.d[b] * sumi as f32 + f16_at(blk, 2) * x.s[b];
+    }
+    acc
+}
+
+pub fn dot_q8_0(row: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, blk) in row.chunks_exact(34).enumerate() {
+        let q8 = &x.qs[b * QK..(b + 1) * QK];
+        let sumi: i32 = (0..QK).map(|j| (blk[2 + j] as i8) as i32 * q8[j] as i32).sum();
+        acc += f16_at(blk, 0) * x.d[b] * sumi as f32;
+    }
+    acc
+}
+
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+pub fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x.to_f32() * y).sum()
+}
+
+pub fn axpy_f16(w: f32, row: &[f16], acc: &mut [f32]) {
+    for (a, v) in acc.iter_mut().zip(row) {
+        *a += w * v.to_f32();
+    }
+}

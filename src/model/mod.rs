@@ -1,0 +1,266 @@
+//! Model weights, the Llama/Qwen2 forward pass, tokenizer and chat template.
+//!
+//! Owns: loading GGUF (v2/v3) and HF safetensors checkpoints into [`Model`], the forward pass given a KV store,
+//! the tokenizer and the chat template. Does not own: KV state (the caller passes a [`crate::kvcache::KvStore`]
+//! per sequence), sequences, sampling or budgets.
+//! Invariants: a loaded model's tensors all have the shapes its [`ModelConfig`] implies (checked at load); the
+//! forward pass never panics on bad input — token ids and positions are checked and reported as errors.
+
+pub mod chat;
+pub mod config;
+mod forward;
+mod gguf;
+pub mod kernels;
+pub mod linear;
+mod safetensors;
+pub mod tokenizer;
+
+pub use config::{Arch, ModelConfig, RopeLayout};
+pub use forward::{LogitsMode, SeqInput};
+pub use tokenizer::Tokenizer;
+
+use crate::kvcache::KvError;
+use linear::Linear;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{file}: {source}")]
+    Io { file: PathBuf, source: std::io::Error },
+    #[error("{file}: {what}")]
+    Format { file: PathBuf, what: String },
+    #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen2 / LlamaForCausalLM, Qwen2ForCausalLM)")]
+    UnsupportedArch { file: PathBuf, arch: String },
+    #[error("{file}: tensor `{tensor}` has unsupported type {dtype}")]
+    UnsupportedDtype { file: PathBuf, tensor: String, dtype: String },
+    #[error("{file}: missing tensor `{name}`")]
+    MissingTensor { file: PathBuf, name: String },
+    #[error("{file}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
+    BadShape { file: PathBuf, tensor: String, expected: Vec<usize>, got: Vec<usize> },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("kv cache: {0}")]
+    Kv(#[from] KvError),
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("thread pool: {0}")]
+    ThreadPool(String),
+}
+
+/// Runtime options that do not change the model's numerics.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Worker threads for matmuls and attention (0 = one per available core).
+    pub threads: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { threads: 0 }
+    }
+}
+
+pub(crate) struct Layer {
+    pub attn_norm: Vec<f32>,
+    /// q, k and v stacked when they share a storage type (one pass over the input), else separate.
+    pub qkv: Projection,
+    pub o: Linear,
+    pub ffn_norm: Vec<f32>,
+    pub gate_up: Projection,
+    pub down: Linear,
+}
+
+/// Matrices applied to the same input.
+pub(crate) enum Projection {
+    Fused { linear: Linear, splits: Vec<usize> },
+    Split(Vec<Linear>),
+}
+
+impl Projection {
+    pub fn new(parts: Vec<Linear>) -> Self {
+        let splits = parts.iter().map(|p| p.rows).collect();
+        match Linear::concat_rows(parts) {
+            Ok(linear) => Projection::Fused { linear, splits },
+            Err(parts) => Projection::Split(parts),
+        }
+    }
+
+    /// Outputs of each part, each `t × rows_i`.
+    pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<Vec<f32>>, ModelError> {
+        match self {
+            Projection::Split(parts) => parts.iter().map(|p| p.forward(x, t)).collect(),
+            Projection::Fused { linear, splits } => {
+                let all = linear.forward(x, t)?;
+                let mut outs: Vec<Vec<f32>> = splits.iter().map(|&r| Vec::with_capacity(r * t)).collect();
+                for row in all.chunks_exact(linear.rows) {
+                    let mut off = 0;
+                    for (o, &r) in outs.iter_mut().zip(splits) {
+                        o.extend_from_slice(&row[off..off + r]);
+                        off += r;
+                    }
+                }
+                Ok(outs)
+            }
+        }
+    }
+
+    fn weight_bytes(&self) -> usize {
+        match self {
+            Projection::Fused { linear, .. } => linear.weight_bytes(),
+            Projection::Split(p) => p.iter().map(Linear::weight_bytes).sum(),
+        }
+    }
+}
+
+pub struct Model {
+    pub config: ModelConfig,
+    /// The file or directory the model came from.
+    pub source: PathBuf,
+    pub(crate) embed: Linear,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Vec<f32>,
+    /// `None` when the output projection is tied to the embeddings.
+    pub(crate) lm_head: Option<Linear>,
+    pub(crate) inv_freqs: Vec<f32>,
+    pool: rayon::ThreadPool,
+}
+
+impl Model {
+    /// Load a `.gguf` file or an HF directory (config.json + *.safetensors); returns the model and its tokenizer.
+    pub fn load(path: &Path, opts: &LoadOptions) -> Result<(Model, Tokenizer), ModelError> {
+        let (mut parts, tok) = if path.is_dir() { safetensors::load(path)? } else { gguf::load(path)? };
+        let threads = if opts.threads == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            opts.threads
+        };
+        parts.pool = Some(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("pmkvq-math-{i}"))
+                .build()
+                .map_err(|e| ModelError::ThreadPool(e.to_string()))?,
+        );
+        Ok((parts.finish(path)?, tok))
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.weight_bytes() + l.o.weight_bytes() + l.gate_up.weight_bytes() + l.down.weight_bytes())
+            .sum();
+        layers + self.embed.weight_bytes() + self.lm_head.as_ref().map_or(0, Linear::weight_bytes)
+    }
+
+    pub fn kv_geometry(&self) -> crate::kvcache::KvGeometry {
+        crate::kvcache::KvGeometry {
+            layers: self.config.layers,
+            q_heads: self.config.heads,
+            kv_heads: self.config.kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+}
+
+/// What a loader produces before the model is assembled.
+pub(crate) struct ModelParts {
+    pub config: ModelConfig,
+    pub embed: Linear,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    pub lm_head: Option<Linear>,
+    pub pool: Option<rayon::ThreadPool>,
+}
+
+impl ModelParts {
+    fn finish(self, path: &Path) -> Result<Model, ModelError> {
+        let inv_freqs = self.config.rope.inv_freqs();
+        Ok(Model {
+            config: self.config,
+            source: path.to_path_buf(),
+            embed: self.embed,
+            layers: self.layers,
+            norm: self.norm,
+            lm_head: self.lm_head,
+            inv_freqs,
+            pool: self.pool.ok_or_else(|| ModelError::ThreadPool("no pool".into()))?,
+        })
+    }
+}
+
+/// The role of each tensor; each loader maps roles to its own tensor names.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Role {
+    Embed,
+    Output,
+    OutputNorm,
+    AttnNorm(usize),
+    Q(usize),
+    K(usize),
+    V(usize),
+    O(usize),
+    QBias(usize),
+    KBias(usize),
+    VBias(usize),
+    FfnNorm(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+}
+
+/// A source of named tensors (a GGUF file, a safetensors directory).
+pub(crate) trait WeightSource {
+    fn name(&self, role: Role) -> String;
+    fn has(&self, role: Role) -> bool;
+    /// A `rows × cols` matrix.
+    fn matrix(&self, role: Role, rows: usize, cols: usize) -> Result<Linear, ModelError>;
+    /// A vector of `len` values as f32.
+    fn vector(&self, role: Role, len: usize) -> Result<Vec<f32>, ModelError>;
+}
+
+/// Build every layer from a source, checking each shape against the config.
+pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<ModelParts, ModelError> {
+    let (h, qd, kd, f) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn);
+    let with_bias = |mut lin: Linear, role: Role| -> Result<Linear, ModelError> {
+        if src.has(role) {
+            lin.bias = Some(src.vector(role, lin.rows)?);
+        }
+        Ok(lin)
+    };
+    let mut layers = Vec::with_capacity(cfg.layers);
+    for l in 0..cfg.layers {
+        let q = with_bias(src.matrix(Role::Q(l), qd, h)?, Role::QBias(l))?;
+        let k = with_bias(src.matrix(Role::K(l), kd, h)?, Role::KBias(l))?;
+        let v = with_bias(src.matrix(Role::V(l), kd, h)?, Role::VBias(l))?;
+        layers.push(Layer {
+            attn_norm: src.vector(Role::AttnNorm(l), h)?,
+            qkv: Projection::new(vec![q, k, v]),
+            o: src.matrix(Role::O(l), h, qd)?,
+            ffn_norm: src.vector(Role::FfnNorm(l), h)?,
+            gate_up: Projection::new(vec![src.matrix(Role::Gate(l), f, h)?, src.matrix(Role::Up(l), f, h)?]),
+            down: src.matrix(Role::Down(l), h, f)?,
+        });
+    }
+    let embed = src.matrix(Role::Embed, cfg.vocab_size, h)?;
+    let lm_head = if src.has(Role::Output) && !cfg.tie_embeddings {
+        Some(src.matrix(Role::Output, cfg.vocab_size, h)?)
+    } else {
+        None
+    };
+    let norm = src.vector(Role::OutputNorm, h)?;
+    Ok(ModelParts { config: cfg, embed, layers, norm, lm_head, pool: None })
+}
