@@ -1,6 +1,6 @@
 //! The reference store: every token's K and V at f16, as llama.cpp's default cache keeps them.
 
-use super::attention::{raw_accumulate, raw_scores, softmax_in_place};
+use super::attention::softmax_in_place;
 use super::{check_inputs, KvError, KvGeometry, KvStore};
 use crate::model::kernels::kernels;
 use half::f16;
@@ -41,33 +41,35 @@ impl KvStore for F16KvStore {
         }
         let (d, kv_dim, qh, group) = (g.head_dim, g.kv_dim(), g.q_heads, g.group());
         let scale = 1.0 / (d as f32).sqrt();
+        // llama.cpp writes the batch's K/V into its f16 cache before attention reads it back; doing the same
+        // keeps our f16 reference bit-compatible with the peer's numerics.
+        self.k[layer].extend(k.iter().map(|&x| f16::from_f32(x)));
+        self.v[layer].extend(v.iter().map(|&x| f16::from_f32(x)));
         let (ks, vs) = (&self.k[layer], &self.v[layer]);
         let kern = kernels();
         let head = |(idx, o): (usize, &mut [f32])| {
             let (i, h) = (idx / qh, idx % qh);
             let kvh = h / group;
-            let qv = &q[idx * d..(idx + 1) * d];
-            let mut scores = vec![0.0f32; stored + i + 1];
-            for (t, s) in scores[..stored].iter_mut().enumerate() {
+            // llama.cpp converts Q to the cache's f16 for the K·Q product, and the probabilities to f16 for P·V.
+            let qv: Vec<f32> = q[idx * d..(idx + 1) * d].iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+            let n_ctx = stored + i + 1;
+            let mut scores = vec![0.0f32; n_ctx];
+            for (t, s) in scores.iter_mut().enumerate() {
                 let off = t * kv_dim + kvh * d;
-                *s = (kern.dot_f16)(&ks[off..off + d], qv) * scale;
+                *s = (kern.dot_f16)(&ks[off..off + d], &qv) * scale;
             }
-            raw_scores(qv, k, kv_dim, kvh, d, i, scale, &mut scores[stored..]);
             softmax_in_place(&mut scores);
             o.fill(0.0);
-            for (t, &p) in scores[..stored].iter().enumerate() {
+            for (t, &p) in scores.iter().enumerate() {
                 let off = t * kv_dim + kvh * d;
-                (kern.axpy_f16)(p, &vs[off..off + d], o);
+                (kern.axpy_f16)(f16::from_f32(p).to_f32(), &vs[off..off + d], o);
             }
-            raw_accumulate(&scores[stored..], v, kv_dim, kvh, d, o);
         };
         if rayon::current_num_threads() > 1 && n * qh * (stored + n) * d >= PARALLEL_MIN_MACS {
             out.par_chunks_mut(d).enumerate().for_each(head);
         } else {
             out.chunks_mut(d).enumerate().for_each(head);
         }
-        self.k[layer].extend(k.iter().map(|&x| f16::from_f32(x)));
-        self.v[layer].extend(v.iter().map(|&x| f16::from_f32(x)));
         Ok(())
     }
 

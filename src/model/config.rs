@@ -42,7 +42,7 @@ pub struct RopeConfig {
 }
 
 impl RopeConfig {
-    /// Inverse frequencies per rotary pair, including llama3 scaling.
+    /// Inverse frequencies per rotary pair (`base^(-2j/d)`), including llama3 scaling.
     pub fn inv_freqs(&self) -> Vec<f32> {
         let half = self.dim / 2;
         (0..half)
@@ -54,6 +54,33 @@ impl RopeConfig {
                 }
             })
             .collect()
+    }
+
+    /// Per-pair divisor of the angle (ggml's `freq_factors`): exactly 1 without llama3 scaling.
+    pub fn freq_factors(&self) -> Vec<f32> {
+        match self.llama3 {
+            None => vec![1.0; self.dim / 2],
+            Some(s) => (0..self.dim / 2)
+                .map(|j| {
+                    let f = 1.0 / self.theta.powf(2.0 * j as f32 / self.dim as f32);
+                    f / llama3_scale(f, s)
+                })
+                .collect(),
+        }
+    }
+
+    /// cos/sin of every pair's angle at position `pos`, computed the way ggml does (`θ_0 = pos`,
+    /// `θ_j = θ_{j-1}·base^(-2/d)` in f32): RoPE feeds 8-bit activation quantization, where a last-bit
+    /// difference in an angle can flip a code, so we follow llama.cpp's arithmetic rather than the closed form.
+    pub fn angles(&self, pos: f32, factors: &[f32], cos: &mut Vec<f32>, sin: &mut Vec<f32>) {
+        let step = self.theta.powf(-2.0 / self.dim as f32);
+        let mut theta = pos;
+        for &ff in factors {
+            let (s, c) = (theta / ff).sin_cos();
+            cos.push(c);
+            sin.push(s);
+            theta *= step;
+        }
     }
 }
 

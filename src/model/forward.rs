@@ -29,7 +29,9 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     out.clear();
     let dim = w.len();
     for row in x.chunks_exact(dim) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        // Sum of squares in f64, as ggml's rms_norm does: the activations feed 8-bit quantization, where
+        // a last-bit difference can flip a code.
+        let ms = (row.iter().map(|&v| (v * v) as f64).sum::<f64>() / dim as f64) as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         out.extend(row.iter().zip(w).map(|(v, g)| v * inv * g));
     }
@@ -128,11 +130,7 @@ impl Model {
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for &p in seqs.iter().flat_map(|s| s.positions) {
-            for &f in &self.inv_freqs {
-                let (s, c) = (p as f64 * f as f64).sin_cos();
-                cos.push(c as f32);
-                sin.push(s as f32);
-            }
+            cfg.rope.angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
         }
         let mut hbuf = Vec::with_capacity(t * h);
         let mut attn = vec![0.0f32; t * qd];

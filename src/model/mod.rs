@@ -125,7 +125,8 @@ pub struct Model {
     pub(crate) norm: Vec<f32>,
     /// `None` when the output projection is tied to the embeddings.
     pub(crate) lm_head: Option<Linear>,
-    pub(crate) inv_freqs: Vec<f32>,
+    /// llama3 frequency factors per rotary pair (all 1 without scaling).
+    pub(crate) rope_factors: Vec<f32>,
     pool: rayon::ThreadPool,
 }
 
@@ -188,7 +189,7 @@ pub(crate) struct ModelParts {
 
 impl ModelParts {
     fn finish(self, path: &Path) -> Result<Model, ModelError> {
-        let inv_freqs = self.config.rope.inv_freqs();
+        let rope_factors = self.config.rope.freq_factors();
         Ok(Model {
             config: self.config,
             source: path.to_path_buf(),
@@ -196,7 +197,7 @@ impl ModelParts {
             layers: self.layers,
             norm: self.norm,
             lm_head: self.lm_head,
-            inv_freqs,
+            rope_factors,
             pool: self.pool.ok_or_else(|| ModelError::ThreadPool("no pool".into()))?,
         })
     }
