@@ -32,8 +32,14 @@ const SURE_MARGIN: f64 = 1.0;
 fn tokenizer_and_chat_template_match_llama_cpp() {
     let (_model, tok) = load_default(1);
     let g = golden();
-    let tmpl_src = tok.chat_template.clone().expect("model ships a chat template");
-    assert_eq!(tmpl_src, g.chat_template, "template read from GGUF metadata");
+    let tmpl_src = tok
+        .chat_template
+        .clone()
+        .expect("model ships a chat template");
+    assert_eq!(
+        tmpl_src, g.chat_template,
+        "template read from GGUF metadata"
+    );
     let tmpl = ChatTemplate::new(&tmpl_src).unwrap();
     for c in &g.cases {
         let rendered = tmpl.render(&c.messages, true, "", "").unwrap();
@@ -55,7 +61,9 @@ fn teacher_forced_logits_match_llama_cpp() {
         let mut kv = F16KvStore::new(model.kv_geometry(), model.config.context_length);
         let mut all: Vec<u32> = c.prompt_ids.clone();
         all.extend(&c.greedy_ids);
-        let logits = model.forward_chunked(&all, &mut kv, 64, LogitsMode::All).unwrap();
+        let logits = model
+            .forward_chunked(&all, &mut kv, 64, LogitsMode::All)
+            .unwrap();
         let vocab = model.config.vocab_size;
         let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
         let p = c.prompt_ids.len();
@@ -63,7 +71,12 @@ fn teacher_forced_logits_match_llama_cpp() {
         let lp = log_softmax(row(p - 1));
         for &(t, want) in &c.last_prompt_top10 {
             let d = (lp[t as usize] - want).abs();
-            assert!(d <= MAX_LOGPROB_DELTA, "{}: logprob of token {t}: ours {:.4}, llama.cpp {want:.4}", c.id, lp[t as usize]);
+            assert!(
+                d <= MAX_LOGPROB_DELTA,
+                "{}: logprob of token {t}: ours {:.4}, llama.cpp {want:.4}",
+                c.id,
+                lp[t as usize]
+            );
             deltas.push(d);
         }
         for (i, (&want, &margin)) in c.greedy_ids.iter().zip(&c.greedy_margins).enumerate() {
@@ -75,17 +88,30 @@ fn teacher_forced_logits_match_llama_cpp() {
             if got == want {
                 agreed += 1;
             } else {
-                assert!(margin < SURE_MARGIN, "{}: step {i}: ours {got}, llama.cpp {want} with margin {margin:.3}", c.id);
-                eprintln!("{}: step {i}: argmax {got} vs llama.cpp {want} (golden margin {margin:.3})", c.id);
+                assert!(
+                    margin < SURE_MARGIN,
+                    "{}: step {i}: ours {got}, llama.cpp {want} with margin {margin:.3}",
+                    c.id
+                );
+                eprintln!(
+                    "{}: step {i}: argmax {got} vs llama.cpp {want} (golden margin {margin:.3})",
+                    c.id
+                );
             }
         }
     }
     let mean = deltas.iter().sum::<f64>() / deltas.len() as f64;
     let share = agreed as f64 / compared as f64;
     eprintln!("top-10 |Δ logprob| mean {mean:.4} over {}; argmax agreement {agreed}/{compared} = {share:.4}", deltas.len());
-    assert!(mean <= MEAN_LOGPROB_DELTA, "mean |Δ logprob| {mean:.4} > {MEAN_LOGPROB_DELTA}");
+    assert!(
+        mean <= MEAN_LOGPROB_DELTA,
+        "mean |Δ logprob| {mean:.4} > {MEAN_LOGPROB_DELTA}"
+    );
     assert!(compared > 500, "compared only {compared} positions");
-    assert!(share >= MIN_ARGMAX_AGREEMENT, "argmax agreement {share:.4} < {MIN_ARGMAX_AGREEMENT}");
+    assert!(
+        share >= MIN_ARGMAX_AGREEMENT,
+        "argmax agreement {share:.4} < {MIN_ARGMAX_AGREEMENT}"
+    );
 }
 
 #[test]
@@ -93,7 +119,11 @@ fn free_running_greedy_reproduces_llama_cpp() {
     let (model, tok) = load_default(2);
     let g = golden();
     for c in &g.cases {
-        let upto = c.greedy_margins.iter().position(|&m| m < MIN_MARGIN).unwrap_or(c.greedy_ids.len());
+        let upto = c
+            .greedy_margins
+            .iter()
+            .position(|&m| m < MIN_MARGIN)
+            .unwrap_or(c.greedy_ids.len());
         // Generate through the first low-margin position: its token must still match (only later ones may not).
         let n = (upto + 1).min(c.greedy_ids.len());
         let mut kv = F16KvStore::new(model.kv_geometry(), model.config.context_length);
@@ -106,6 +136,11 @@ fn free_running_greedy_reproduces_llama_cpp() {
         };
         let out = generate(&model, &tok, &mut kv, &req, |_| {}).unwrap();
         let want = &c.greedy_ids[..upto.min(out.ids.len())];
-        assert_eq!(&out.ids[..want.len()], want, "{}: greedy tokens before the first margin < {MIN_MARGIN}", c.id);
+        assert_eq!(
+            &out.ids[..want.len()],
+            want,
+            "{}: greedy tokens before the first margin < {MIN_MARGIN}",
+            c.id
+        );
     }
 }

@@ -94,7 +94,10 @@ struct Failure {
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure { code: EX_SOFTWARE, err: e.into() }
+        Failure {
+            code: EX_SOFTWARE,
+            err: e.into(),
+        }
     }
 }
 
@@ -110,7 +113,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
-        Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir).map(|p| println!("{}", p.display())).map_err(|e| fail(EX_SOFTWARE, e.into())),
+        Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
+            .map(|p| println!("{}", p.display()))
+            .map_err(|e| fail(EX_SOFTWARE, e.into())),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -122,19 +127,34 @@ fn main() -> ExitCode {
 }
 
 fn load(args: &ModelArgs) -> Result<(Model, pmkvq::model::Tokenizer), Failure> {
-    let path = args.model.clone().unwrap_or_else(|| fetch::default_model_path(std::path::Path::new("models")));
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| fetch::default_model_path(std::path::Path::new("models")));
     if !path.exists() {
         return Err(fail(
             EX_NOINPUT,
-            anyhow::anyhow!("model {} not found (run `pmkvq fetch-model` or pass --model)", path.display()),
+            anyhow::anyhow!(
+                "model {} not found (run `pmkvq fetch-model` or pass --model)",
+                path.display()
+            ),
         ));
     }
-    Model::load(&path, &LoadOptions { threads: args.threads }).map_err(|e| fail(EX_DATAERR, e.into()))
+    Model::load(
+        &path,
+        &LoadOptions {
+            threads: args.threads,
+        },
+    )
+    .map_err(|e| fail(EX_DATAERR, e.into()))
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     if a.max_tokens == 0 {
-        return Err(fail(EX_USAGE, anyhow::anyhow!("`--max-tokens` must be >= 1, got 0")));
+        return Err(fail(
+            EX_USAGE,
+            anyhow::anyhow!("`--max-tokens` must be >= 1, got 0"),
+        ));
     }
     let sampling = SamplingParams {
         temperature: a.temperature,
@@ -150,24 +170,53 @@ fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => tok.encode(p, true).map_err(|e| fail(EX_USAGE, e.into()))?,
         (None, Some(user)) => {
-            let src = tok.chat_template.as_deref().ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("the model has no chat template; use --prompt")))?;
+            let src = tok.chat_template.as_deref().ok_or_else(|| {
+                fail(
+                    EX_USAGE,
+                    anyhow::anyhow!("the model has no chat template; use --prompt"),
+                )
+            })?;
             let tmpl = ChatTemplate::new(src).map_err(|e| fail(EX_DATAERR, e.into()))?;
             let mut msgs = Vec::new();
             if let Some(s) = &a.system {
-                msgs.push(ChatMessage { role: "system".into(), content: s.clone() });
+                msgs.push(ChatMessage {
+                    role: "system".into(),
+                    content: s.clone(),
+                });
             }
-            msgs.push(ChatMessage { role: "user".into(), content: user.clone() });
+            msgs.push(ChatMessage {
+                role: "user".into(),
+                content: user.clone(),
+            });
             let bos = tok.bos.map(|b| tok.decode(&[b], true)).unwrap_or_default();
-            let eos = tok.eos.first().map(|&e| tok.decode(&[e], true)).unwrap_or_default();
-            let text = tmpl.render(&msgs, true, &bos, &eos).map_err(|e| fail(EX_USAGE, e.into()))?;
+            let eos = tok
+                .eos
+                .first()
+                .map(|&e| tok.decode(&[e], true))
+                .unwrap_or_default();
+            let text = tmpl
+                .render(&msgs, true, &bos, &eos)
+                .map_err(|e| fail(EX_USAGE, e.into()))?;
             // The template writes BOS itself where the model wants one.
-            tok.encode(&text, false).map_err(|e| fail(EX_USAGE, e.into()))?
+            tok.encode(&text, false)
+                .map_err(|e| fail(EX_USAGE, e.into()))?
         }
-        (None, None) => return Err(fail(EX_USAGE, anyhow::anyhow!("one of --prompt or --chat is required"))),
+        (None, None) => {
+            return Err(fail(
+                EX_USAGE,
+                anyhow::anyhow!("one of --prompt or --chat is required"),
+            ))
+        }
     };
     let ctx = model.config.context_length;
     let mut kv = F16KvStore::new(model.kv_geometry(), ctx);
-    let req = GenerateRequest { prompt_ids, max_tokens: a.max_tokens, sampling, stop: a.stop.clone(), prefill_chunk: a.prefill_chunk.max(1) };
+    let req = GenerateRequest {
+        prompt_ids,
+        max_tokens: a.max_tokens,
+        sampling,
+        stop: a.stop.clone(),
+        prefill_chunk: a.prefill_chunk.max(1),
+    };
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
     let out = engine::generate(&model, &tok, &mut kv, &req, |piece| {

@@ -77,11 +77,15 @@ pub fn generate(
         return Err(GenerateError::EmptyPrompt);
     }
     if req.prompt_ids.len() + kv.len(0) >= ctx {
-        return Err(GenerateError::PromptTooLong { got: req.prompt_ids.len(), limit: ctx });
+        return Err(GenerateError::PromptTooLong {
+            got: req.prompt_ids.len(),
+            limit: ctx,
+        });
     }
     let mut sampler = Sampler::new(req.sampling.clone())?;
     let t0 = Instant::now();
-    let mut logits = model.forward_chunked(&req.prompt_ids, kv, req.prefill_chunk, LogitsMode::Last)?;
+    let mut logits =
+        model.forward_chunked(&req.prompt_ids, kv, req.prefill_chunk, LogitsMode::Last)?;
     let prefill = t0.elapsed();
 
     let mut history = req.prompt_ids.clone();
@@ -114,7 +118,14 @@ pub fn generate(
         if pos as usize + 1 >= ctx {
             break FinishReason::ContextLimit;
         }
-        let mut out = model.forward(&[SeqInput { tokens: &[next], positions: &[pos] }], &mut [&mut *kv], LogitsMode::Last)?;
+        let mut out = model.forward(
+            &[SeqInput {
+                tokens: &[next],
+                positions: &[pos],
+            }],
+            &mut [&mut *kv],
+            LogitsMode::Last,
+        )?;
         logits = out.pop().unwrap_or_default();
     };
     if finish != FinishReason::Stop {

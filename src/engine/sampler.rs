@@ -22,7 +22,15 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
     }
 }
 
@@ -127,14 +135,22 @@ impl Sampler {
             for t in seen {
                 if let Some(l) = logits.get_mut(t as usize) {
                     // CTRL-paper penalty as llama.cpp applies it: shrink positive logits, grow negative ones.
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
                 }
             }
         }
         if p.temperature == 0.0 {
             return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.truncate(p.top_k);
@@ -160,7 +176,10 @@ impl Sampler {
         }
         cand.truncate(keep);
         let t = p.temperature as f64;
-        let w: Vec<f64> = cand.iter().map(|c| (((c.1 - max) as f64) / t).exp()).collect();
+        let w: Vec<f64> = cand
+            .iter()
+            .map(|c| (((c.1 - max) as f64) / t).exp())
+            .collect();
         let total: f64 = w.iter().sum();
         let mut r = self.rng.next_f64() * total;
         for (c, wi) in cand.iter().zip(&w) {
@@ -178,14 +197,21 @@ mod tests {
     use super::*;
 
     fn params(t: f32) -> SamplingParams {
-        SamplingParams { temperature: t, ..Default::default() }
+        SamplingParams {
+            temperature: t,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn greedy_is_argmax_and_penalty_applies() {
         let mut s = Sampler::new(params(0.0)).unwrap();
         assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &[]), 1);
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..params(0.0) }).unwrap();
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 2.0,
+            ..params(0.0)
+        })
+        .unwrap();
         assert_eq!(s.sample(&mut [0.1, 2.0, 1.9], &[1]), 2);
     }
 
@@ -194,20 +220,42 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let draw = |p: SamplingParams| {
             let mut s = Sampler::new(p).unwrap();
-            (0..200).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            (0..200)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
-        let p = SamplingParams { seed: 42, ..params(1.0) };
+        let p = SamplingParams {
+            seed: 42,
+            ..params(1.0)
+        };
         assert_eq!(draw(p.clone()), draw(p.clone()));
-        assert_ne!(draw(p.clone()), draw(SamplingParams { seed: 43, ..p.clone() }));
+        assert_ne!(
+            draw(p.clone()),
+            draw(SamplingParams {
+                seed: 43,
+                ..p.clone()
+            })
+        );
         let top3: Vec<u32> = {
             let mut idx: Vec<u32> = (0..50).collect();
             idx.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
             idx[..3].to_vec()
         };
-        assert!(draw(SamplingParams { top_k: 3, ..p.clone() }).iter().all(|t| top3.contains(t)));
-        let tiny_p = draw(SamplingParams { top_p: 1e-6, ..p.clone() });
+        assert!(draw(SamplingParams {
+            top_k: 3,
+            ..p.clone()
+        })
+        .iter()
+        .all(|t| top3.contains(t)));
+        let tiny_p = draw(SamplingParams {
+            top_p: 1e-6,
+            ..p.clone()
+        });
         assert!(tiny_p.iter().all(|&t| t == top3[0]));
-        let strict_min = draw(SamplingParams { min_p: 0.999, ..p.clone() });
+        let strict_min = draw(SamplingParams {
+            min_p: 0.999,
+            ..p.clone()
+        });
         assert!(strict_min.iter().all(|&t| t == top3[0]));
         // temperature 1 over all 50 tokens should visit many of them
         let mut distinct = draw(p);
@@ -218,9 +266,33 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        assert_eq!(SamplingParams { temperature: -1.0, ..Default::default() }.validate(), Err(SamplingError::Temperature(-1.0)));
-        assert!(SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err().to_string().contains("top_p"));
-        assert!(SamplingParams { min_p: 1.0, ..Default::default() }.validate().is_err());
-        assert!(SamplingParams { repetition_penalty: 0.0, ..Default::default() }.validate().is_err());
+        assert_eq!(
+            SamplingParams {
+                temperature: -1.0,
+                ..Default::default()
+            }
+            .validate(),
+            Err(SamplingError::Temperature(-1.0))
+        );
+        assert!(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("top_p"));
+        assert!(SamplingParams {
+            min_p: 1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(SamplingParams {
+            repetition_penalty: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 }

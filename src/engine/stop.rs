@@ -18,20 +18,33 @@ pub struct StopFeed {
 
 impl StopChecker {
     pub fn new(stops: Vec<String>) -> Self {
-        StopChecker { stops: stops.into_iter().filter(|s| !s.is_empty()).collect(), held: String::new() }
+        StopChecker {
+            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            held: String::new(),
+        }
     }
 
     pub fn feed(&mut self, piece: &str) -> StopFeed {
         self.held.push_str(piece);
         if self.stops.is_empty() {
-            return StopFeed { emit: std::mem::take(&mut self.held), matched: None };
+            return StopFeed {
+                emit: std::mem::take(&mut self.held),
+                matched: None,
+            };
         }
         // Earliest complete match wins.
-        let hit = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s.clone()))).min_by_key(|(i, _)| *i);
+        let hit = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s.clone())))
+            .min_by_key(|(i, _)| *i);
         if let Some((i, s)) = hit {
             let emit = self.held[..i].to_string();
             self.held.clear();
-            return StopFeed { emit, matched: Some(s) };
+            return StopFeed {
+                emit,
+                matched: Some(s),
+            };
         }
         // Hold back the longest suffix that is a proper prefix of some stop string.
         let mut keep_from = self.held.len();
@@ -44,7 +57,10 @@ impl StopChecker {
         }
         let emit = self.held[..keep_from].to_string();
         self.held.drain(..keep_from);
-        StopFeed { emit, matched: None }
+        StopFeed {
+            emit,
+            matched: None,
+        }
     }
 
     /// End of generation without a match: release what was held.
@@ -63,7 +79,13 @@ mod tests {
         assert_eq!(s.feed("hello E").emit, "hello ");
         assert_eq!(s.feed("N").emit, "");
         let f = s.feed("Dx");
-        assert_eq!(f, StopFeed { emit: String::new(), matched: Some("END".into()) });
+        assert_eq!(
+            f,
+            StopFeed {
+                emit: String::new(),
+                matched: Some("END".into())
+            }
+        );
         let mut s = StopChecker::new(vec!["END".into()]);
         assert_eq!(s.feed("En").emit, "En");
         assert_eq!(s.feed("dE").emit, "d");

@@ -39,11 +39,19 @@ impl KvGeometry {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KvError {
     #[error("kv cache for layer {layer} holds {stored} tokens, limit is {limit}")]
-    CapacityExceeded { layer: usize, stored: usize, limit: usize },
+    CapacityExceeded {
+        layer: usize,
+        stored: usize,
+        limit: usize,
+    },
     #[error("layer {layer} out of range (model has {layers})")]
     BadLayer { layer: usize, layers: usize },
     #[error("kv input for layer {layer}: expected {expected} values, got {got}")]
-    BadShape { layer: usize, expected: usize, got: usize },
+    BadShape {
+        layer: usize,
+        expected: usize,
+        got: usize,
+    },
 }
 
 /// One sequence's KV state, all layers.
@@ -67,18 +75,40 @@ pub trait KvStore: Send {
     ) -> Result<(), KvError>;
     /// Forget every stored token.
     fn clear(&mut self);
+    /// Keep only the first `tokens` stored tokens of every layer (rollback after a speculative or benchmark step).
+    fn truncate(&mut self, tokens: usize);
     /// Bytes held: payload plus scales, offsets and bookkeeping.
     fn true_bytes(&self) -> usize;
 }
 
 /// Shape checks shared by every store.
-pub fn check_inputs(g: &KvGeometry, layer: usize, q: &[f32], k: &[f32], v: &[f32], n: usize, out: &[f32]) -> Result<(), KvError> {
+pub fn check_inputs(
+    g: &KvGeometry,
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n: usize,
+    out: &[f32],
+) -> Result<(), KvError> {
     if layer >= g.layers {
-        return Err(KvError::BadLayer { layer, layers: g.layers });
+        return Err(KvError::BadLayer {
+            layer,
+            layers: g.layers,
+        });
     }
-    for (len, want) in [(q.len(), n * g.q_dim()), (k.len(), n * g.kv_dim()), (v.len(), n * g.kv_dim()), (out.len(), n * g.q_dim())] {
+    for (len, want) in [
+        (q.len(), n * g.q_dim()),
+        (k.len(), n * g.kv_dim()),
+        (v.len(), n * g.kv_dim()),
+        (out.len(), n * g.q_dim()),
+    ] {
         if len != want {
-            return Err(KvError::BadShape { layer, expected: want, got: len });
+            return Err(KvError::BadShape {
+                layer,
+                expected: want,
+                got: len,
+            });
         }
     }
     Ok(())

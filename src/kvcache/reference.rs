@@ -19,7 +19,12 @@ const PARALLEL_MIN_MACS: usize = 1 << 15;
 
 impl F16KvStore {
     pub fn new(geom: KvGeometry, max_tokens: usize) -> Self {
-        F16KvStore { geom, k: vec![Vec::new(); geom.layers], v: vec![Vec::new(); geom.layers], max_tokens }
+        F16KvStore {
+            geom,
+            k: vec![Vec::new(); geom.layers],
+            v: vec![Vec::new(); geom.layers],
+            max_tokens,
+        }
     }
 }
 
@@ -29,15 +34,29 @@ impl KvStore for F16KvStore {
     }
 
     fn len(&self, layer: usize) -> usize {
-        self.k.get(layer).map_or(0, |k| k.len() / self.geom.kv_dim())
+        self.k
+            .get(layer)
+            .map_or(0, |k| k.len() / self.geom.kv_dim())
     }
 
-    fn attend_and_store(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32], n: usize, out: &mut [f32]) -> Result<(), KvError> {
+    fn attend_and_store(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError> {
         let g = self.geom;
         check_inputs(&g, layer, q, k, v, n, out)?;
         let stored = self.len(layer);
         if stored + n > self.max_tokens {
-            return Err(KvError::CapacityExceeded { layer, stored: stored + n, limit: self.max_tokens });
+            return Err(KvError::CapacityExceeded {
+                layer,
+                stored: stored + n,
+                limit: self.max_tokens,
+            });
         }
         let (d, kv_dim, qh, group) = (g.head_dim, g.kv_dim(), g.q_heads, g.group());
         let scale = 1.0 / (d as f32).sqrt();
@@ -51,7 +70,10 @@ impl KvStore for F16KvStore {
             let (i, h) = (idx / qh, idx % qh);
             let kvh = h / group;
             // llama.cpp converts Q to the cache's f16 for the K·Q product, and the probabilities to f16 for P·V.
-            let qv: Vec<f32> = q[idx * d..(idx + 1) * d].iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+            let qv: Vec<f32> = q[idx * d..(idx + 1) * d]
+                .iter()
+                .map(|&x| f16::from_f32(x).to_f32())
+                .collect();
             let n_ctx = stored + i + 1;
             let mut scores = vec![0.0f32; n_ctx];
             for (t, s) in scores.iter_mut().enumerate() {
@@ -80,6 +102,14 @@ impl KvStore for F16KvStore {
         }
     }
 
+    fn truncate(&mut self, tokens: usize) {
+        let keep = tokens * self.geom.kv_dim();
+        for l in 0..self.geom.layers {
+            self.k[l].truncate(keep);
+            self.v[l].truncate(keep);
+        }
+    }
+
     fn true_bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|l| l.len() * 2).sum()
     }
@@ -99,12 +129,19 @@ mod tests {
                 let kvh = h / g.group();
                 let q = &qs[(i * g.q_heads + h) * d..][..d];
                 let s: Vec<f64> = (0..=i)
-                    .map(|j| (0..d).map(|c| q[c] as f64 * r(ks[j * kv + kvh * d + c])).sum::<f64>() / (d as f64).sqrt())
+                    .map(|j| {
+                        (0..d)
+                            .map(|c| q[c] as f64 * r(ks[j * kv + kvh * d + c]))
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
                     .collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
                 for c in 0..d {
-                    let acc: f64 = (0..=i).map(|j| (s[j] - m).exp() / z * r(vs[j * kv + kvh * d + c])).sum();
+                    let acc: f64 = (0..=i)
+                        .map(|j| (s[j] - m).exp() / z * r(vs[j * kv + kvh * d + c]))
+                        .sum();
                     out[(i * g.q_heads + h) * d + c] = acc as f32;
                 }
             }
@@ -114,7 +151,12 @@ mod tests {
 
     #[test]
     fn chunked_calls_equal_one_causal_attention() {
-        let g = KvGeometry { layers: 1, q_heads: 4, kv_heads: 2, head_dim: 8 };
+        let g = KvGeometry {
+            layers: 1,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
         let t = 9;
         let mut seed = 3u64;
         let mut rnd = || {
@@ -122,8 +164,12 @@ mod tests {
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
         let q: Vec<f32> = (0..t * g.q_dim()).map(|_| rnd()).collect();
-        let k: Vec<f32> = (0..t * g.kv_dim()).map(|_| f16::from_f32(rnd()).to_f32()).collect();
-        let v: Vec<f32> = (0..t * g.kv_dim()).map(|_| f16::from_f32(rnd()).to_f32()).collect();
+        let k: Vec<f32> = (0..t * g.kv_dim())
+            .map(|_| f16::from_f32(rnd()).to_f32())
+            .collect();
+        let v: Vec<f32> = (0..t * g.kv_dim())
+            .map(|_| f16::from_f32(rnd()).to_f32())
+            .collect();
         let want = naive(g, &q, &k, &v, t);
         let mut store = F16KvStore::new(g, 64);
         let mut got = vec![0.0f32; t * g.q_dim()];
@@ -131,7 +177,14 @@ mod tests {
         for n in [4usize, 1, 3, 1] {
             let (qd, kd) = (g.q_dim(), g.kv_dim());
             store
-                .attend_and_store(0, &q[start * qd..(start + n) * qd], &k[start * kd..(start + n) * kd], &v[start * kd..(start + n) * kd], n, &mut got[start * qd..(start + n) * qd])
+                .attend_and_store(
+                    0,
+                    &q[start * qd..(start + n) * qd],
+                    &k[start * kd..(start + n) * kd],
+                    &v[start * kd..(start + n) * kd],
+                    n,
+                    &mut got[start * qd..(start + n) * qd],
+                )
                 .unwrap();
             start += n;
         }
@@ -140,7 +193,14 @@ mod tests {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
         assert_eq!(store.true_bytes(), 2 * t * g.kv_dim() * 2);
-        let err = store.attend_and_store(0, &q[..g.q_dim()], &k[..1], &v[..1], 1, &mut got[..g.q_dim()]);
+        let err = store.attend_and_store(
+            0,
+            &q[..g.q_dim()],
+            &k[..1],
+            &v[..1],
+            1,
+            &mut got[..g.q_dim()],
+        );
         assert!(matches!(err, Err(KvError::BadShape { .. })));
     }
 }

@@ -21,22 +21,45 @@ impl ChatTemplate {
     pub fn new(source: &str) -> Result<Self, ModelError> {
         let mut env = minijinja::Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template_owned("chat", source.to_string()).map_err(|e| ModelError::Template(e.to_string()))?;
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         Ok(ChatTemplate { env })
     }
 
     /// Render `messages`; `bos`/`eos` are the texts of those tokens (some templates print them).
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String, ModelError> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos: &str,
+        eos: &str,
+    ) -> Result<String, ModelError> {
         if messages.is_empty() {
             return Err(ModelError::Template("`messages` must not be empty".into()));
         }
-        if let Some((i, m)) = messages.iter().enumerate().find(|(_, m)| !ROLES.contains(&m.role.as_str())) {
-            return Err(ModelError::Template(format!("`messages[{i}].role` must be one of {ROLES:?}, got `{}`", m.role)));
+        if let Some((i, m)) = messages
+            .iter()
+            .enumerate()
+            .find(|(_, m)| !ROLES.contains(&m.role.as_str()))
+        {
+            return Err(ModelError::Template(format!(
+                "`messages[{i}].role` must be one of {ROLES:?}, got `{}`",
+                m.role
+            )));
         }
-        let tmpl = self.env.get_template("chat").map_err(|e| ModelError::Template(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -54,12 +77,22 @@ mod tests {
     #[test]
     fn renders_python_methods_and_rejects_bad_roles() {
         let t = ChatTemplate::new("{% for m in messages %}[{{ m.role.upper() }}]{{ m.content.strip() }}{% endfor %}{% if add_generation_prompt %}>{% endif %}").unwrap();
-        let msgs = vec![ChatMessage { role: "user".into(), content: "  hi ".into() }];
+        let msgs = vec![ChatMessage {
+            role: "user".into(),
+            content: "  hi ".into(),
+        }];
         assert_eq!(t.render(&msgs, true, "", "").unwrap(), "[USER]hi>");
-        let bad = vec![ChatMessage { role: "robot".into(), content: "x".into() }];
+        let bad = vec![ChatMessage {
+            role: "robot".into(),
+            content: "x".into(),
+        }];
         let err = t.render(&bad, true, "", "").unwrap_err().to_string();
         assert!(err.contains("messages[0].role"), "{err}");
         let raising = ChatTemplate::new("{{ raise_exception('no system role') }}").unwrap();
-        assert!(raising.render(&msgs, false, "", "").unwrap_err().to_string().contains("no system role"));
+        assert!(raising
+            .render(&msgs, false, "", "")
+            .unwrap_err()
+            .to_string()
+            .contains("no system role"));
     }
 }

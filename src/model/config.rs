@@ -124,12 +124,23 @@ impl ModelConfig {
     }
 
     fn validate(self, file: &Path) -> Result<Self, ModelError> {
-        let bad = |what: String| ModelError::Format { file: file.to_path_buf(), what };
-        if self.layers == 0 || self.heads == 0 || self.kv_heads == 0 || self.hidden == 0 || self.vocab_size == 0 {
+        let bad = |what: String| ModelError::Format {
+            file: file.to_path_buf(),
+            what,
+        };
+        if self.layers == 0
+            || self.heads == 0
+            || self.kv_heads == 0
+            || self.hidden == 0
+            || self.vocab_size == 0
+        {
             return Err(bad(format!("zero-sized geometry: {self:?}")));
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
-            return Err(bad(format!("{} query heads not a multiple of {} kv heads", self.heads, self.kv_heads)));
+            return Err(bad(format!(
+                "{} query heads not a multiple of {} kv heads",
+                self.heads, self.kv_heads
+            )));
         }
         if !self.head_dim.is_multiple_of(2) || self.rope.dim != self.head_dim {
             return Err(bad(format!(
@@ -140,8 +151,15 @@ impl ModelConfig {
         Ok(self)
     }
 
-    pub fn from_gguf(md: &HashMap<String, Value>, vocab_len: usize, file: &Path) -> Result<Self, ModelError> {
-        let bad = |what: String| ModelError::Format { file: file.to_path_buf(), what };
+    pub fn from_gguf(
+        md: &HashMap<String, Value>,
+        vocab_len: usize,
+        file: &Path,
+    ) -> Result<Self, ModelError> {
+        let bad = |what: String| ModelError::Format {
+            file: file.to_path_buf(),
+            what,
+        };
         let arch_name = md
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
@@ -150,13 +168,22 @@ impl ModelConfig {
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
-            other => return Err(ModelError::UnsupportedArch { file: file.to_path_buf(), arch: other.to_string() }),
+            other => {
+                return Err(ModelError::UnsupportedArch {
+                    file: file.to_path_buf(),
+                    arch: other.to_string(),
+                })
+            }
         };
         let key = |k: &str| format!("{arch_name}.{k}");
         let get_u = |k: &str| -> Result<usize, ModelError> {
             md.get(&key(k))
                 .ok_or_else(|| bad(format!("missing metadata {}", key(k))))
-                .and_then(|v| v.to_u64().or_else(|_| v.to_u32().map(u64::from)).map_err(|e| bad(format!("{}: {e}", key(k)))))
+                .and_then(|v| {
+                    v.to_u64()
+                        .or_else(|_| v.to_u32().map(u64::from))
+                        .map_err(|e| bad(format!("{}: {e}", key(k))))
+                })
                 .map(|v| v as usize)
         };
         let get_f = |k: &str| md.get(&key(k)).and_then(|v| v.to_f32().ok());
@@ -165,12 +192,17 @@ impl ModelConfig {
         let kv_heads = get_u("attention.head_count_kv").unwrap_or(heads);
         let head_dim = get_u("attention.key_length").unwrap_or(hidden / heads.max(1));
         let rope_dim = get_u("rope.dimension_count").unwrap_or(head_dim);
-        let llama3 = match md.get(&key("rope.scaling.type")).and_then(|v| v.to_string().ok()).map(|s| s.as_str()) {
+        let llama3 = match md
+            .get(&key("rope.scaling.type"))
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
+        {
             Some("llama3") => Some(Llama3Scaling {
                 factor: get_f("rope.scaling.factor").unwrap_or(8.0),
                 low_freq_factor: get_f("rope.scaling.low_freq_factor").unwrap_or(1.0),
                 high_freq_factor: get_f("rope.scaling.high_freq_factor").unwrap_or(4.0),
-                original_max_position: get_u("rope.scaling.original_context_length").unwrap_or(8192),
+                original_max_position: get_u("rope.scaling.original_context_length")
+                    .unwrap_or(8192),
             }),
             _ => None,
         };
@@ -201,27 +233,42 @@ impl ModelConfig {
     }
 
     pub fn from_hf_json(text: &str, file: &Path) -> Result<Self, ModelError> {
-        let bad = |what: String| ModelError::Format { file: file.to_path_buf(), what };
-        let j: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let bad = |what: String| ModelError::Format {
+            file: file.to_path_buf(),
+            what,
+        };
+        let j: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         let archs = j["architectures"].as_array().cloned().unwrap_or_default();
         let arch_name = archs.first().and_then(|v| v.as_str()).unwrap_or("");
         let arch = match arch_name {
             "LlamaForCausalLM" => Arch::Llama,
             "Qwen2ForCausalLM" => Arch::Qwen2,
-            other => return Err(ModelError::UnsupportedArch { file: file.to_path_buf(), arch: other.to_string() }),
+            other => {
+                return Err(ModelError::UnsupportedArch {
+                    file: file.to_path_buf(),
+                    arch: other.to_string(),
+                })
+            }
         };
-        let u = |k: &str| j[k].as_u64().map(|v| v as usize).ok_or_else(|| bad(format!("missing or non-integer `{k}`")));
+        let u = |k: &str| {
+            j[k].as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(format!("missing or non-integer `{k}`")))
+        };
         let hidden = u("hidden_size")?;
         let heads = u("num_attention_heads")?;
         let head_dim = u("head_dim").unwrap_or(hidden / heads.max(1));
         let rs = &j["rope_scaling"];
-        let llama3 = (rs["rope_type"].as_str() == Some("llama3") || rs["type"].as_str() == Some("llama3")).then(|| {
-            Llama3Scaling {
-                factor: rs["factor"].as_f64().unwrap_or(8.0) as f32,
-                low_freq_factor: rs["low_freq_factor"].as_f64().unwrap_or(1.0) as f32,
-                high_freq_factor: rs["high_freq_factor"].as_f64().unwrap_or(4.0) as f32,
-                original_max_position: rs["original_max_position_embeddings"].as_u64().unwrap_or(8192) as usize,
-            }
+        let llama3 = (rs["rope_type"].as_str() == Some("llama3")
+            || rs["type"].as_str() == Some("llama3"))
+        .then(|| Llama3Scaling {
+            factor: rs["factor"].as_f64().unwrap_or(8.0) as f32,
+            low_freq_factor: rs["low_freq_factor"].as_f64().unwrap_or(1.0) as f32,
+            high_freq_factor: rs["high_freq_factor"].as_f64().unwrap_or(4.0) as f32,
+            original_max_position: rs["original_max_position_embeddings"]
+                .as_u64()
+                .unwrap_or(8192) as usize,
         });
         ModelConfig {
             arch,
@@ -252,9 +299,22 @@ mod tests {
 
     #[test]
     fn llama3_scaling_keeps_high_and_divides_low_frequencies() {
-        let s = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position: 8192 };
-        let rope = RopeConfig { theta: 500_000.0, layout: RopeLayout::Neox, dim: 128, llama3: Some(s) };
-        let plain = RopeConfig { llama3: None, ..rope.clone() };
+        let s = Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position: 8192,
+        };
+        let rope = RopeConfig {
+            theta: 500_000.0,
+            layout: RopeLayout::Neox,
+            dim: 128,
+            llama3: Some(s),
+        };
+        let plain = RopeConfig {
+            llama3: None,
+            ..rope.clone()
+        };
         let (a, b) = (rope.inv_freqs(), plain.inv_freqs());
         assert_eq!(a[0], b[0]);
         assert!((a[63] - b[63] / 8.0).abs() < 1e-12);

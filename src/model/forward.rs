@@ -52,7 +52,9 @@ impl Linear {
                 }
             }
             WeightData::Candle(_) => {
-                return Err(ModelError::Input("embedding rows of candle-only weight types are dequantized at load".into()))
+                return Err(ModelError::Input(
+                    "embedding rows of candle-only weight types are dequantized at load".into(),
+                ))
             }
         }
         Ok(())
@@ -65,7 +67,10 @@ impl Model {
         let d = self.config.head_dim;
         let half = d / 2;
         for (ti, tok) in x.chunks_exact_mut(heads * d).enumerate() {
-            let (c, s) = (&cos[ti * half..(ti + 1) * half], &sin[ti * half..(ti + 1) * half]);
+            let (c, s) = (
+                &cos[ti * half..(ti + 1) * half],
+                &sin[ti * half..(ti + 1) * half],
+            );
             for head in tok.chunks_exact_mut(d) {
                 match self.config.rope.layout {
                     RopeLayout::Interleaved => {
@@ -96,15 +101,24 @@ impl Model {
         mode: LogitsMode,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         if seqs.len() != kv.len() {
-            return Err(ModelError::Input(format!("{} sequences but {} kv stores", seqs.len(), kv.len())));
+            return Err(ModelError::Input(format!(
+                "{} sequences but {} kv stores",
+                seqs.len(),
+                kv.len()
+            )));
         }
         let cfg = &self.config;
         for s in seqs {
             if s.tokens.len() != s.positions.len() {
-                return Err(ModelError::Input("tokens and positions differ in length".into()));
+                return Err(ModelError::Input(
+                    "tokens and positions differ in length".into(),
+                ));
             }
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(ModelError::Input(format!("token id {bad} out of range (vocab size {})", cfg.vocab_size)));
+                return Err(ModelError::Input(format!(
+                    "token id {bad} out of range (vocab size {})",
+                    cfg.vocab_size
+                )));
             }
         }
         let t_total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
@@ -122,15 +136,24 @@ impl Model {
         t: usize,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.config;
-        let (h, qd, kd, half) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_dim(), cfg.head_dim / 2);
+        let (h, qd, kd, half) = (
+            cfg.hidden,
+            cfg.heads * cfg.head_dim,
+            cfg.kv_dim(),
+            cfg.head_dim / 2,
+        );
         let mut x = vec![0.0f32; t * h];
-        for (row, &tok) in x.chunks_exact_mut(h).zip(seqs.iter().flat_map(|s| s.tokens)) {
+        for (row, &tok) in x
+            .chunks_exact_mut(h)
+            .zip(seqs.iter().flat_map(|s| s.tokens))
+        {
             self.embed.row_f32(tok as usize, row)?;
         }
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for &p in seqs.iter().flat_map(|s| s.positions) {
-            cfg.rope.angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
+            cfg.rope
+                .angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
         }
         let mut hbuf = Vec::with_capacity(t * h);
         let mut attn = vec![0.0f32; t * qd];
@@ -226,7 +249,14 @@ impl Model {
                 LogitsMode::Last if ci + 1 == n_chunks => LogitsMode::Last,
                 _ => LogitsMode::None,
             };
-            let mut out = self.forward(&[SeqInput { tokens: c, positions: &positions }], &mut [kv], m)?;
+            let mut out = self.forward(
+                &[SeqInput {
+                    tokens: c,
+                    positions: &positions,
+                }],
+                &mut [kv],
+                m,
+            )?;
             all.append(&mut out[0]);
             pos0 += c.len() as u32;
         }

@@ -1,4 +1,4 @@
-//! GGUF v2/v3 loading: candle's reader parses the header; tensor bytes are read from a memory map of the file.
+//! GGUF v2/v3 loading: candle's reader parses the header; tensor bytes are read with positioned reads.
 
 use super::config::ModelConfig;
 use super::kernels::{BlockFormat, QK};
@@ -10,44 +10,67 @@ use candle_core::quantized::{GgmlDType, QMatMul};
 use half::{bf16, f16};
 use std::path::{Path, PathBuf};
 
+/// Tensors are read with positioned reads straight into the buffers the model keeps, so loading never holds a
+/// second copy of the weights (a memory map plus owned copies would double peak RSS on a small board).
 struct GgufSource {
     file: PathBuf,
-    map: memmap2::Mmap,
+    handle: std::fs::File,
+    len: u64,
     content: Content,
 }
 
-pub(crate) fn open(path: &Path) -> Result<(memmap2::Mmap, Content), ModelError> {
-    let io = |source| ModelError::Io { file: path.to_path_buf(), source };
+pub(crate) fn open(path: &Path) -> Result<(std::fs::File, Content), ModelError> {
+    let io = |source| ModelError::Io {
+        file: path.to_path_buf(),
+        source,
+    };
     let f = std::fs::File::open(path).map_err(io)?;
-    // SAFETY: the map is read-only and private to this process; a model file changed underneath a running
-    // daemon is outside what we support (llama.cpp maps model files the same way).
-    let map = unsafe { memmap2::Mmap::map(&f) }.map_err(io)?;
-    let content = Content::read(&mut std::io::Cursor::new(&map[..]))
-        .map_err(|e| ModelError::Format { file: path.to_path_buf(), what: format!("not a readable GGUF file: {e}") })?;
-    Ok((map, content))
+    let mut reader = std::io::BufReader::new(&f);
+    let content = Content::read(&mut reader).map_err(|e| ModelError::Format {
+        file: path.to_path_buf(),
+        what: format!("not a readable GGUF file: {e}"),
+    })?;
+    Ok((f, content))
 }
 
 fn strings(md: &std::collections::HashMap<String, Value>, key: &str) -> Option<Vec<String>> {
-    md.get(key)?.to_vec().ok()?.iter().map(|v| v.to_string().ok().cloned()).collect()
+    md.get(key)?
+        .to_vec()
+        .ok()?
+        .iter()
+        .map(|v| v.to_string().ok().cloned())
+        .collect()
 }
 
 fn read_tokenizer(c: &Content, file: &Path) -> Result<Tokenizer, ModelError> {
     let md = &c.metadata;
-    let bad = |what: &str| ModelError::Format { file: file.to_path_buf(), what: what.to_string() };
-    let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).ok_or_else(|| bad("missing tokenizer.ggml.model"))?;
-    let tokens = strings(md, "tokenizer.ggml.tokens").ok_or_else(|| bad("missing tokenizer.ggml.tokens"))?;
+    let bad = |what: &str| ModelError::Format {
+        file: file.to_path_buf(),
+        what: what.to_string(),
+    };
+    let model = md
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.to_string().ok())
+        .ok_or_else(|| bad("missing tokenizer.ggml.model"))?;
+    let tokens =
+        strings(md, "tokenizer.ggml.tokens").ok_or_else(|| bad("missing tokenizer.ggml.tokens"))?;
     let types: Vec<i32> = md
         .get("tokenizer.ggml.token_type")
         .and_then(|v| v.to_vec().ok())
         .map(|v| v.iter().map(|x| x.to_i32().unwrap_or(1)).collect())
         .unwrap_or_default();
-    let scores: Option<Vec<f32>> =
-        md.get("tokenizer.ggml.scores").and_then(|v| v.to_vec().ok()).map(|v| v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect());
+    let scores: Option<Vec<f32>> = md
+        .get("tokenizer.ggml.scores")
+        .and_then(|v| v.to_vec().ok())
+        .map(|v| v.iter().map(|x| x.to_f32().unwrap_or(0.0)).collect());
     let id = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
     let flag = |k: &str| md.get(k).and_then(|v| v.to_bool().ok());
     Tokenizer::from_gguf(GgufVocab {
         model: model.as_str(),
-        pre: md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(|s| s.as_str()),
+        pre: md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str()),
         kinds: GgufVocab::raw_kinds(&types),
         tokens,
         scores,
@@ -57,56 +80,127 @@ fn read_tokenizer(c: &Content, file: &Path) -> Result<Tokenizer, ModelError> {
         eot: id("tokenizer.ggml.eot_token_id"),
         add_bos: flag("tokenizer.ggml.add_bos_token"),
         add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
-        chat_template: md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned(),
+        chat_template: md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned(),
     })
 }
 
 pub(crate) fn load(path: &Path) -> Result<(ModelParts, Tokenizer), ModelError> {
-    let (map, content) = open(path)?;
+    let (handle, content) = open(path)?;
     let tokenizer = read_tokenizer(&content, path)?;
     let mut cfg = ModelConfig::from_gguf(&content.metadata, tokenizer.vocab_size(), path)?;
     cfg.tie_embeddings = !content.tensor_infos.contains_key("output.weight");
-    let src = GgufSource { file: path.to_path_buf(), map, content };
+    let len = handle
+        .metadata()
+        .map_err(|source| ModelError::Io {
+            file: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    let src = GgufSource {
+        file: path.to_path_buf(),
+        handle,
+        len,
+        content,
+    };
     Ok((build_parts(cfg, &src)?, tokenizer))
 }
 
 impl GgufSource {
     /// The tensor's bytes, bounds-checked against the file, and its dtype.
-    fn bytes(&self, name: &str, want: &[usize]) -> Result<(&[u8], GgmlDType), ModelError> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor { file: self.file.clone(), name: name.to_string() })?;
+    fn bytes(&self, name: &str, want: &[usize]) -> Result<(Vec<u8>, GgmlDType), ModelError> {
+        let info =
+            self.content
+                .tensor_infos
+                .get(name)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    file: self.file.clone(),
+                    name: name.to_string(),
+                })?;
         let dims = info.shape.dims();
         // Vectors may be stored as [n] or [1, n].
-        let squeezed: Vec<usize> = dims.iter().copied().skip_while(|&d| d == 1 && dims.len() > want.len()).collect();
+        let squeezed: Vec<usize> = dims
+            .iter()
+            .copied()
+            .skip_while(|&d| d == 1 && dims.len() > want.len())
+            .collect();
         if squeezed != want {
-            return Err(ModelError::BadShape { file: self.file.clone(), tensor: name.into(), expected: want.to_vec(), got: dims.to_vec() });
+            return Err(ModelError::BadShape {
+                file: self.file.clone(),
+                tensor: name.into(),
+                expected: want.to_vec(),
+                got: dims.to_vec(),
+            });
         }
         let elems: usize = want.iter().product();
         let bs = info.ggml_dtype.block_size();
         if !elems.is_multiple_of(bs) || !want.last().copied().unwrap_or(0).is_multiple_of(bs) {
-            return Err(ModelError::Format { file: self.file.clone(), what: format!("tensor `{name}`: row length not a multiple of the {bs}-element block") });
+            return Err(ModelError::Format {
+                file: self.file.clone(),
+                what: format!(
+                    "tensor `{name}`: row length not a multiple of the {bs}-element block"
+                ),
+            });
         }
         let size = elems / bs * info.ggml_dtype.type_size();
-        let start = self.content.tensor_data_offset.saturating_add(info.offset) as usize;
-        let end = start.checked_add(size).filter(|&e| e <= self.map.len()).ok_or_else(|| ModelError::Format {
-            file: self.file.clone(),
-            what: format!("tensor `{name}` needs bytes {start}..{} but the file has {} (truncated?)", start.saturating_add(size), self.map.len()),
-        })?;
-        Ok((&self.map[start..end], info.ggml_dtype))
+        let start = self.content.tensor_data_offset.saturating_add(info.offset);
+        if start.checked_add(size as u64).is_none_or(|e| e > self.len) {
+            return Err(ModelError::Format {
+                file: self.file.clone(),
+                what: format!(
+                    "tensor `{name}` needs bytes {start}..{} but the file has {} (truncated?)",
+                    start.saturating_add(size as u64),
+                    self.len
+                ),
+            });
+        }
+        let mut buf = vec![0u8; size];
+        std::os::unix::fs::FileExt::read_exact_at(&self.handle, &mut buf, start).map_err(
+            |source| ModelError::Io {
+                file: self.file.clone(),
+                source,
+            },
+        )?;
+        Ok((buf, info.ggml_dtype))
     }
 
-    fn to_f32(&self, name: &str, bytes: &[u8], dtype: GgmlDType, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
+    fn to_f32(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        dtype: GgmlDType,
+        shape: &[usize],
+    ) -> Result<Vec<f32>, ModelError> {
         Ok(match dtype {
-            GgmlDType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            GgmlDType::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            GgmlDType::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            GgmlDType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            GgmlDType::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            GgmlDType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             other => {
-                let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(other, bytes, shape.to_vec(), &candle_core::Device::Cpu)
-                    .map_err(|e| ModelError::UnsupportedDtype { file: self.file.clone(), tensor: name.into(), dtype: format!("{other:?} ({e})") })?;
-                qt.dequantize(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?
+                let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    other,
+                    bytes,
+                    shape.to_vec(),
+                    &candle_core::Device::Cpu,
+                )
+                .map_err(|e| ModelError::UnsupportedDtype {
+                    file: self.file.clone(),
+                    tensor: name.into(),
+                    dtype: format!("{other:?} ({e})"),
+                })?;
+                qt.dequantize(&candle_core::Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
             }
         })
     }
@@ -147,23 +241,46 @@ impl WeightSource for GgufSource {
             _ => None,
         };
         let data = match (native, dtype) {
-            (Some(format), _) if cols.is_multiple_of(QK) => WeightData::Blocks { format, bytes: bytes.to_vec() },
-            (_, GgmlDType::F32) | (_, GgmlDType::BF16) => WeightData::F32(self.to_f32(&name, bytes, dtype, &[rows, cols])?),
-            (_, GgmlDType::F16) => WeightData::F16(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
+            (Some(format), _) if cols.is_multiple_of(QK) => WeightData::Blocks { format, bytes },
+            (_, GgmlDType::F32) | (_, GgmlDType::BF16) => {
+                WeightData::F32(self.to_f32(&name, &bytes, dtype, &[rows, cols])?)
+            }
+            (_, GgmlDType::F16) => WeightData::F16(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
+            ),
             // Embedding rows are looked up one at a time: keep them in a format we can slice.
-            _ if matches!(role, Role::Embed) => WeightData::F32(self.to_f32(&name, bytes, dtype, &[rows, cols])?),
+            _ if matches!(role, Role::Embed) => {
+                WeightData::F32(self.to_f32(&name, &bytes, dtype, &[rows, cols])?)
+            }
             _ => {
-                let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, bytes, vec![rows, cols], &candle_core::Device::Cpu)
-                    .map_err(|e| ModelError::UnsupportedDtype { file: self.file.clone(), tensor: name.clone(), dtype: format!("{dtype:?} ({e})") })?;
+                let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    &bytes,
+                    vec![rows, cols],
+                    &candle_core::Device::Cpu,
+                )
+                .map_err(|e| ModelError::UnsupportedDtype {
+                    file: self.file.clone(),
+                    tensor: name.clone(),
+                    dtype: format!("{dtype:?} ({e})"),
+                })?;
                 WeightData::Candle(QMatMul::from_qtensor(qt)?)
             }
         };
-        Ok(Linear { rows, cols, data, bias: None })
+        Ok(Linear {
+            rows,
+            cols,
+            data,
+            bias: None,
+        })
     }
 
     fn vector(&self, role: Role, len: usize) -> Result<Vec<f32>, ModelError> {
         let name = self.name(role);
         let (bytes, dtype) = self.bytes(&name, &[len])?;
-        self.to_f32(&name, bytes, dtype, &[len])
+        self.to_f32(&name, &bytes, dtype, &[len])
     }
 }

@@ -10,7 +10,10 @@ use rayon::prelude::*;
 
 pub enum WeightData {
     /// GGUF blocks, row-major: each row is `cols/32` blocks.
-    Blocks { format: BlockFormat, bytes: Vec<u8> },
+    Blocks {
+        format: BlockFormat,
+        bytes: Vec<u8>,
+    },
     F32(Vec<f32>),
     F16(Vec<f16>),
     /// Any other type candle can multiply (K-quants, IQ-quants, ...).
@@ -49,7 +52,8 @@ impl Linear {
     pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>, ModelError> {
         debug_assert_eq!(x.len(), t * self.cols);
         let rows = self.rows;
-        let parallel = rayon::current_num_threads() > 1 && rows * self.cols * t >= PARALLEL_MIN_MACS;
+        let parallel =
+            rayon::current_num_threads() > 1 && rows * self.cols * t >= PARALLEL_MIN_MACS;
         // Work on the transposed output (row-major over weight rows) so tasks own contiguous chunks.
         let mut out_t = vec![0.0f32; rows * t];
         let k = kernels();
@@ -75,7 +79,10 @@ impl Linear {
                     }
                 };
                 if parallel {
-                    out_t.par_chunks_mut(chunk_rows * t).enumerate().for_each(body);
+                    out_t
+                        .par_chunks_mut(chunk_rows * t)
+                        .enumerate()
+                        .for_each(body);
                 } else {
                     out_t.chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 }
@@ -92,7 +99,10 @@ impl Linear {
                     }
                 };
                 if parallel {
-                    out_t.par_chunks_mut(chunk_rows * t).enumerate().for_each(body);
+                    out_t
+                        .par_chunks_mut(chunk_rows * t)
+                        .enumerate()
+                        .for_each(body);
                 } else {
                     out_t.chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 }
@@ -109,7 +119,10 @@ impl Linear {
                     }
                 };
                 if parallel {
-                    out_t.par_chunks_mut(chunk_rows * t).enumerate().for_each(body);
+                    out_t
+                        .par_chunks_mut(chunk_rows * t)
+                        .enumerate()
+                        .for_each(body);
                 } else {
                     out_t.chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 }
@@ -153,8 +166,12 @@ impl Linear {
         let same = parts.windows(2).all(|w| {
             w[0].cols == w[1].cols
                 && match (&w[0].data, &w[1].data) {
-                    (WeightData::Blocks { format: a, .. }, WeightData::Blocks { format: b, .. }) => a == b,
-                    (WeightData::F32(_), WeightData::F32(_)) | (WeightData::F16(_), WeightData::F16(_)) => true,
+                    (
+                        WeightData::Blocks { format: a, .. },
+                        WeightData::Blocks { format: b, .. },
+                    ) => a == b,
+                    (WeightData::F32(_), WeightData::F32(_))
+                    | (WeightData::F16(_), WeightData::F16(_)) => true,
                     _ => false,
                 }
         });
@@ -175,12 +192,19 @@ impl Linear {
         let mut data = first.data;
         for p in it {
             match (&mut data, p.data) {
-                (WeightData::Blocks { bytes, .. }, WeightData::Blocks { bytes: b, .. }) => bytes.extend(b),
+                (WeightData::Blocks { bytes, .. }, WeightData::Blocks { bytes: b, .. }) => {
+                    bytes.extend(b)
+                }
                 (WeightData::F32(v), WeightData::F32(b)) => v.extend(b),
                 (WeightData::F16(v), WeightData::F16(b)) => v.extend(b),
                 _ => unreachable!("checked above"),
             }
         }
-        Ok(Linear { rows, cols, data, bias })
+        Ok(Linear {
+            rows,
+            cols,
+            data,
+            bias,
+        })
     }
 }

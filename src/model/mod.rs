@@ -26,17 +26,29 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{file}: {source}")]
-    Io { file: PathBuf, source: std::io::Error },
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{file}: {what}")]
     Format { file: PathBuf, what: String },
     #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen2 / LlamaForCausalLM, Qwen2ForCausalLM)")]
     UnsupportedArch { file: PathBuf, arch: String },
     #[error("{file}: tensor `{tensor}` has unsupported type {dtype}")]
-    UnsupportedDtype { file: PathBuf, tensor: String, dtype: String },
+    UnsupportedDtype {
+        file: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
     #[error("{file}: missing tensor `{name}`")]
     MissingTensor { file: PathBuf, name: String },
     #[error("{file}: tensor `{tensor}` has shape {got:?}, expected {expected:?}")]
-    BadShape { file: PathBuf, tensor: String, expected: Vec<usize>, got: Vec<usize> },
+    BadShape {
+        file: PathBuf,
+        tensor: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
@@ -52,16 +64,10 @@ pub enum ModelError {
 }
 
 /// Runtime options that do not change the model's numerics.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     /// Worker threads for matmuls and attention (0 = one per available core).
     pub threads: usize,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        LoadOptions { threads: 0 }
-    }
 }
 
 pub(crate) struct Layer {
@@ -95,7 +101,8 @@ impl Projection {
             Projection::Split(parts) => parts.iter().map(|p| p.forward(x, t)).collect(),
             Projection::Fused { linear, splits } => {
                 let all = linear.forward(x, t)?;
-                let mut outs: Vec<Vec<f32>> = splits.iter().map(|&r| Vec::with_capacity(r * t)).collect();
+                let mut outs: Vec<Vec<f32>> =
+                    splits.iter().map(|&r| Vec::with_capacity(r * t)).collect();
                 for row in all.chunks_exact(linear.rows) {
                     let mut off = 0;
                     for (o, &r) in outs.iter_mut().zip(splits) {
@@ -133,7 +140,11 @@ pub struct Model {
 impl Model {
     /// Load a `.gguf` file or an HF directory (config.json + *.safetensors); returns the model and its tokenizer.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<(Model, Tokenizer), ModelError> {
-        let (mut parts, tok) = if path.is_dir() { safetensors::load(path)? } else { gguf::load(path)? };
+        let (mut parts, tok) = if path.is_dir() {
+            safetensors::load(path)?
+        } else {
+            gguf::load(path)?
+        };
         let threads = if opts.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -158,7 +169,12 @@ impl Model {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| l.qkv.weight_bytes() + l.o.weight_bytes() + l.gate_up.weight_bytes() + l.down.weight_bytes())
+            .map(|l| {
+                l.qkv.weight_bytes()
+                    + l.o.weight_bytes()
+                    + l.gate_up.weight_bytes()
+                    + l.down.weight_bytes()
+            })
             .sum();
         layers + self.embed.weight_bytes() + self.lm_head.as_ref().map_or(0, Linear::weight_bytes)
     }
@@ -198,7 +214,9 @@ impl ModelParts {
             norm: self.norm,
             lm_head: self.lm_head,
             rope_factors,
-            pool: self.pool.ok_or_else(|| ModelError::ThreadPool("no pool".into()))?,
+            pool: self
+                .pool
+                .ok_or_else(|| ModelError::ThreadPool("no pool".into()))?,
         })
     }
 }
@@ -234,7 +252,10 @@ pub(crate) trait WeightSource {
 }
 
 /// Build every layer from a source, checking each shape against the config.
-pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<ModelParts, ModelError> {
+pub(crate) fn build_parts(
+    cfg: ModelConfig,
+    src: &dyn WeightSource,
+) -> Result<ModelParts, ModelError> {
     let (h, qd, kd, f) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn);
     let with_bias = |mut lin: Linear, role: Role| -> Result<Linear, ModelError> {
         if src.has(role) {
@@ -252,7 +273,10 @@ pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<Mo
             qkv: Projection::new(vec![q, k, v]),
             o: src.matrix(Role::O(l), h, qd)?,
             ffn_norm: src.vector(Role::FfnNorm(l), h)?,
-            gate_up: Projection::new(vec![src.matrix(Role::Gate(l), f, h)?, src.matrix(Role::Up(l), f, h)?]),
+            gate_up: Projection::new(vec![
+                src.matrix(Role::Gate(l), f, h)?,
+                src.matrix(Role::Up(l), f, h)?,
+            ]),
             down: src.matrix(Role::Down(l), h, f)?,
         });
     }
@@ -263,5 +287,12 @@ pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<Mo
         None
     };
     let norm = src.vector(Role::OutputNorm, h)?;
-    Ok(ModelParts { config: cfg, embed, layers, norm, lm_head, pool: None })
+    Ok(ModelParts {
+        config: cfg,
+        embed,
+        layers,
+        norm,
+        lm_head,
+        pool: None,
+    })
 }

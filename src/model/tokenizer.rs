@@ -66,7 +66,9 @@ fn byte_to_char() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (b'!' as u32..=b'~' as u32).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
+            || (0xA1..=0xAC).contains(&b)
+            || (0xAE..=0xFF).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap_or('?')
         } else {
@@ -77,14 +79,27 @@ fn byte_to_char() -> [char; 256] {
     table
 }
 
-fn token_bytes(text: &str, kind: TokenKind, style: VocabStyle, inverse: &HashMap<char, u8>) -> Vec<u8> {
-    if matches!(kind, TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown | TokenKind::Unused) {
+fn token_bytes(
+    text: &str,
+    kind: TokenKind,
+    style: VocabStyle,
+    inverse: &HashMap<char, u8>,
+) -> Vec<u8> {
+    if matches!(
+        kind,
+        TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown | TokenKind::Unused
+    ) {
         return text.as_bytes().to_vec();
     }
     match style {
-        VocabStyle::ByteLevel => text.chars().map(|c| inverse.get(&c).copied().unwrap_or(b'?')).collect(),
+        VocabStyle::ByteLevel => text
+            .chars()
+            .map(|c| inverse.get(&c).copied().unwrap_or(b'?'))
+            .collect(),
         VocabStyle::SentencePiece => {
-            if kind == TokenKind::Byte || (text.len() == 6 && text.starts_with("<0x") && text.ends_with('>')) {
+            if kind == TokenKind::Byte
+                || (text.len() == 6 && text.starts_with("<0x") && text.ends_with('>'))
+            {
                 if let Ok(b) = u8::from_str_radix(&text[3..5], 16) {
                     return vec![b];
                 }
@@ -125,39 +140,75 @@ impl Tokenizer {
         let n = v.tokens.len();
         let mut kinds = v.kinds.clone();
         kinds.resize(n, TokenKind::Normal);
-        let vocab: HashMap<String, u32> = v.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let vocab: HashMap<String, u32> = v
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let (style, mut tk) = match v.model {
             "gpt2" => {
-                let merges = v.merges.as_ref().ok_or_else(|| tok_err("gpt2 vocab without tokenizer.ggml.merges"))?;
+                let merges = v
+                    .merges
+                    .as_ref()
+                    .ok_or_else(|| tok_err("gpt2 vocab without tokenizer.ggml.merges"))?;
                 let merges: Vec<(String, String)> = merges
                     .iter()
-                    .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| tok_err(format!("bad merge `{m}`"))))
+                    .map(|m| {
+                        m.split_once(' ')
+                            .map(|(a, b)| (a.to_string(), b.to_string()))
+                            .ok_or_else(|| tok_err(format!("bad merge `{m}`")))
+                    })
                     .collect::<Result<_, _>>()?;
-                let bpe = BPE::builder().vocab_and_merges(bpe_vocab(&vocab), merges).build().map_err(tok_err)?;
+                let bpe = BPE::builder()
+                    .vocab_and_merges(bpe_vocab(&vocab), merges)
+                    .build()
+                    .map_err(tok_err)?;
                 let mut tk = tokenizers::Tokenizer::new(bpe);
                 let regex = match v.pre.unwrap_or("default") {
                     "llama3" | "llama-bpe" | "llama-v3" | "smaug-bpe" => Some(LLAMA3_REGEX),
                     "qwen2" | "deepseek-r1-qwen" => Some(QWEN2_REGEX),
                     _ => None,
                 };
-                let digits_first = matches!(v.pre, Some("smollm" | "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b"));
+                let digits_first = matches!(
+                    v.pre,
+                    Some("smollm" | "starcoder" | "refact" | "codeshell" | "exaone" | "minerva-7b")
+                );
                 let pre: PreTokenizerWrapper = match regex {
                     Some(r) => Sequence::new(vec![
-                        Split::new(SplitPattern::Regex(r.into()), SplitDelimiterBehavior::Isolated, false).map_err(tok_err)?.into(),
+                        Split::new(
+                            SplitPattern::Regex(r.into()),
+                            SplitDelimiterBehavior::Isolated,
+                            false,
+                        )
+                        .map_err(tok_err)?
+                        .into(),
                         ByteLevel::new(false, false, false).into(),
                     ])
                     .into(),
-                    None if digits_first => Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, false, true).into()]).into(),
+                    None if digits_first => Sequence::new(vec![
+                        Digits::new(true).into(),
+                        ByteLevel::new(false, false, true).into(),
+                    ])
+                    .into(),
                     None => ByteLevel::new(false, false, true).into(),
                 };
                 tk.with_pre_tokenizer(Some(pre));
                 (VocabStyle::ByteLevel, tk)
             }
             "llama" => {
-                let scores = v.scores.clone().unwrap_or_else(|| (0..n).map(|i| -(i as f32)).collect());
+                let scores = v
+                    .scores
+                    .clone()
+                    .unwrap_or_else(|| (0..n).map(|i| -(i as f32)).collect());
                 let merges = spm_merges(&v.tokens, &scores, &vocab);
-                let unk = kinds.iter().position(|k| *k == TokenKind::Unknown).map(|i| v.tokens[i].clone());
-                let mut b = BPE::builder().vocab_and_merges(bpe_vocab(&vocab), merges).byte_fallback(true);
+                let unk = kinds
+                    .iter()
+                    .position(|k| *k == TokenKind::Unknown)
+                    .map(|i| v.tokens[i].clone());
+                let mut b = BPE::builder()
+                    .vocab_and_merges(bpe_vocab(&vocab), merges)
+                    .byte_fallback(true);
                 if let Some(u) = unk {
                     b = b.unk_token(u);
                 }
@@ -167,10 +218,15 @@ impl Tokenizer {
                     norms.push(Prepend::new("\u{2581}".into()).into());
                 }
                 norms.push(Replace::new(" ", "\u{2581}").map_err(tok_err)?.into());
-                tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms))).map_err(tok_err)?;
+                tk.with_normalizer(Some(tokenizers::normalizers::Sequence::new(norms)))
+                    .map_err(tok_err)?;
                 (VocabStyle::SentencePiece, tk)
             }
-            other => return Err(tok_err(format!("unsupported tokenizer model `{other}` (supported: gpt2, llama)"))),
+            other => {
+                return Err(tok_err(format!(
+                    "unsupported tokenizer model `{other}` (supported: gpt2, llama)"
+                )))
+            }
         };
         let specials: Vec<AddedToken> = kinds
             .iter()
@@ -180,12 +236,27 @@ impl Tokenizer {
             .collect();
         tk.add_special_tokens(specials).map_err(tok_err)?;
         let b2c = byte_to_char();
-        let inverse: HashMap<char, u8> = b2c.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
-        let bytes = v.tokens.iter().zip(&kinds).map(|(t, &k)| token_bytes(t, k, style, &inverse)).collect();
+        let inverse: HashMap<char, u8> =
+            b2c.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let bytes = v
+            .tokens
+            .iter()
+            .zip(&kinds)
+            .map(|(t, &k)| token_bytes(t, k, style, &inverse))
+            .collect();
         let mut eos: Vec<u32> = v.eos.into_iter().chain(v.eot).collect();
-        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"] {
+        for name in [
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|end_of_text|>",
+            "<|endoftext|>",
+            "</s>",
+        ] {
             if let Some(&id) = vocab.get(name) {
-                if kinds[id as usize] == TokenKind::Control && !eos.contains(&id) && Some(id) != v.bos {
+                if kinds[id as usize] == TokenKind::Control
+                    && !eos.contains(&id)
+                    && Some(id) != v.bos
+                {
                     eos.push(id);
                 }
             }
@@ -202,14 +273,25 @@ impl Tokenizer {
     }
 
     /// From an HF `tokenizer.json` (+ `tokenizer_config.json` for BOS/EOS and the chat template).
-    pub fn from_hf_files(tokenizer_json: &[u8], config_json: Option<&str>) -> Result<Tokenizer, ModelError> {
+    pub fn from_hf_files(
+        tokenizer_json: &[u8],
+        config_json: Option<&str>,
+    ) -> Result<Tokenizer, ModelError> {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(tok_err)?;
         let n = inner.get_vocab_size(true);
         let added = inner.get_added_tokens_decoder();
-        let byte_level = matches!(inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
-        let style = if byte_level { VocabStyle::ByteLevel } else { VocabStyle::SentencePiece };
+        let byte_level = matches!(
+            inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        let style = if byte_level {
+            VocabStyle::ByteLevel
+        } else {
+            VocabStyle::SentencePiece
+        };
         let b2c = byte_to_char();
-        let inverse: HashMap<char, u8> = b2c.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let inverse: HashMap<char, u8> =
+            b2c.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         let mut kinds = vec![TokenKind::Normal; n];
         let mut bytes = vec![Vec::new(); n];
         for id in 0..n as u32 {
@@ -222,15 +304,23 @@ impl Tokenizer {
             let text = inner.id_to_token(id).unwrap_or_default();
             bytes[id as usize] = token_bytes(&text, kind, style, &inverse);
         }
-        let cfg: serde_json::Value = config_json.and_then(|c| serde_json::from_str(c).ok()).unwrap_or_default();
+        let cfg: serde_json::Value = config_json
+            .and_then(|c| serde_json::from_str(c).ok())
+            .unwrap_or_default();
         let tok_text = |v: &serde_json::Value| -> Option<String> {
-            v.as_str().map(str::to_string).or_else(|| v["content"].as_str().map(str::to_string))
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v["content"].as_str().map(str::to_string))
         };
         let bos = tok_text(&cfg["bos_token"]).and_then(|t| inner.token_to_id(&t));
-        let mut eos: Vec<u32> = tok_text(&cfg["eos_token"]).and_then(|t| inner.token_to_id(&t)).into_iter().collect();
+        let mut eos: Vec<u32> = tok_text(&cfg["eos_token"])
+            .and_then(|t| inner.token_to_id(&t))
+            .into_iter()
+            .collect();
         for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
             if let Some(id) = inner.token_to_id(name) {
-                if kinds[id as usize] == TokenKind::Control && !eos.contains(&id) && Some(id) != bos {
+                if kinds[id as usize] == TokenKind::Control && !eos.contains(&id) && Some(id) != bos
+                {
                     eos.push(id);
                 }
             }
@@ -277,7 +367,10 @@ impl Tokenizer {
 
     /// Decode a whole sequence (lossy at invalid UTF-8).
     pub fn decode(&self, ids: &[u32], special: bool) -> String {
-        let bytes: Vec<u8> = ids.iter().flat_map(|&i| self.token_bytes(i, special).iter().copied()).collect();
+        let bytes: Vec<u8> = ids
+            .iter()
+            .flat_map(|&i| self.token_bytes(i, special).iter().copied())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
@@ -296,14 +389,24 @@ fn bpe_vocab(v: &HashMap<String, u32>) -> tokenizers::models::bpe::Vocab {
 
 /// Merges for a SentencePiece vocab: every way of writing a piece as two vocab pieces, ranked by the merged
 /// piece's score (higher first) — the conversion HF's `SentencePieceExtractor` performs.
-fn spm_merges(tokens: &[String], scores: &[f32], vocab: &HashMap<String, u32>) -> Vec<(String, String)> {
+fn spm_merges(
+    tokens: &[String],
+    scores: &[f32],
+    vocab: &HashMap<String, u32>,
+) -> Vec<(String, String)> {
     let mut merges: Vec<(f32, u32, u32, String, String)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         let chars: Vec<(usize, char)> = piece.char_indices().collect();
         for &(i, _) in chars.iter().skip(1) {
             let (l, r) = piece.split_at(i);
             if let (Some(&li), Some(&ri)) = (vocab.get(l), vocab.get(r)) {
-                merges.push((scores.get(id).copied().unwrap_or(0.0), li, ri, l.to_string(), r.to_string()));
+                merges.push((
+                    scores.get(id).copied().unwrap_or(0.0),
+                    li,
+                    ri,
+                    l.to_string(),
+                    r.to_string(),
+                ));
             }
         }
     }
@@ -326,8 +429,36 @@ mod tests {
 
     #[test]
     fn sentencepiece_vocab_encodes_with_score_merges_and_byte_fallback() {
-        let toks = ["<unk>", "<s>", "</s>", "<0x0A>", "<0x21>", "\u{2581}", "h", "e", "l", "o", "he", "ll", "\u{2581}he", "hell", "\u{2581}hell", "\u{2581}hello", "lo", "llo"];
-        let kinds: Vec<i32> = toks.iter().enumerate().map(|(i, _)| match i { 0 => 2, 1 | 2 => 3, 3 | 4 => 6, _ => 1 }).collect();
+        let toks = [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "<0x0A>",
+            "<0x21>",
+            "\u{2581}",
+            "h",
+            "e",
+            "l",
+            "o",
+            "he",
+            "ll",
+            "\u{2581}he",
+            "hell",
+            "\u{2581}hell",
+            "\u{2581}hello",
+            "lo",
+            "llo",
+        ];
+        let kinds: Vec<i32> = toks
+            .iter()
+            .enumerate()
+            .map(|(i, _)| match i {
+                0 => 2,
+                1 | 2 => 3,
+                3 | 4 => 6,
+                _ => 1,
+            })
+            .collect();
         let scores: Vec<f32> = (0..toks.len()).map(|i| -(i as f32)).collect();
         let tk = Tokenizer::from_gguf(GgufVocab {
             model: "llama",
@@ -347,7 +478,10 @@ mod tests {
         let ids = tk.encode("hello\n!", true).unwrap();
         assert_eq!(ids[0], 1, "bos first");
         assert_eq!(tk.decode(&ids, false), " hello\n!");
-        assert!(ids.contains(&3) && ids.contains(&4), "newline and '!' fall back to byte tokens: {ids:?}");
+        assert!(
+            ids.contains(&3) && ids.contains(&4),
+            "newline and '!' fall back to byte tokens: {ids:?}"
+        );
         assert!(tk.is_eos(2));
     }
 }

@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: the real default model and the shared reference data.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use pmkvq::model::{LoadOptions, Model, Tokenizer};
 use std::path::PathBuf;
 
@@ -16,8 +18,16 @@ pub fn shared_dir() -> PathBuf {
 pub fn default_model_path() -> PathBuf {
     let p = std::env::var_os("PMKVQ_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models").join(pmkvq::fetch::DEFAULT_MODEL_FILE));
-    assert!(p.exists(), "default model missing at {}: run `deploy/fetch-model.sh` (the test command does)", p.display());
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("models")
+                .join(pmkvq::fetch::DEFAULT_MODEL_FILE)
+        });
+    assert!(
+        p.exists(),
+        "default model missing at {}: run `deploy/fetch-model.sh` (the test command does)",
+        p.display()
+    );
     p
 }
 
@@ -44,7 +54,13 @@ pub fn golden() -> Golden {
     let path = shared_dir().join("golden/smollm2-135m-instruct-q4_1.greedy.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let j: serde_json::Value = serde_json::from_str(&text).expect("golden JSON");
-    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
     let cases = j["cases"]
         .as_array()
         .unwrap()
@@ -55,21 +71,39 @@ pub fn golden() -> Golden {
             prompt_text: c["prompt_text"].as_str().unwrap().to_string(),
             prompt_ids: ids(&c["prompt_ids"]),
             greedy_ids: ids(&c["greedy_ids"]),
-            greedy_margins: c["greedy_margins"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect(),
+            greedy_margins: c["greedy_margins"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect(),
             last_prompt_top10: c["last_prompt_top10"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|t| (t["token"].as_u64().unwrap() as u32, t["logprob"].as_f64().unwrap()))
+                .map(|t| {
+                    (
+                        t["token"].as_u64().unwrap() as u32,
+                        t["logprob"].as_f64().unwrap(),
+                    )
+                })
                 .collect(),
         })
         .collect();
-    Golden { chat_template: j["chat_template"].as_str().unwrap().to_string(), cases }
+    Golden {
+        chat_template: j["chat_template"].as_str().unwrap().to_string(),
+        cases,
+    }
 }
 
 /// log-softmax in f64.
 pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
+    let lse = logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
     logits.iter().map(|&l| l as f64 - lse).collect()
 }

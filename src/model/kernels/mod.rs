@@ -6,9 +6,9 @@
 //! start-up when the CPU has AVX2+FMA+F16C and is tested equal to the scalar kernels.
 //! Does not own: threading or matrix shapes (see `linear.rs`).
 
-mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod scalar;
 
 use half::f16;
 use std::sync::OnceLock;
@@ -135,7 +135,9 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     }
 
@@ -184,11 +186,16 @@ mod tests {
             let mut wd = vec![0.0; blocks * QK];
             dequantize_row(format, &w, &mut wd);
             // reference: dequantized weights against the *dequantized* activations
-            let xq: Vec<f32> = (0..blocks * QK).map(|i| q.d[i / QK] * q.qs[i] as f32).collect();
+            let xq: Vec<f32> = (0..blocks * QK)
+                .map(|i| q.d[i / QK] * q.qs[i] as f32)
+                .collect();
             let want: f32 = wd.iter().zip(&xq).map(|(a, b)| a * b).sum();
             let got = format.dot(&SCALAR, &w, &q);
             // Q4_1's min term uses the f16-rounded block sum, as llama.cpp does.
-            assert!((got - want).abs() <= 1e-2 * want.abs().max(1.0), "{format:?}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-2 * want.abs().max(1.0),
+                "{format:?}: {got} vs {want}"
+            );
         }
     }
 
@@ -213,7 +220,10 @@ mod tests {
                 let w = random_blocks(format, blocks, &mut seed);
                 let a = format.dot(&SCALAR, &w, &qa);
                 let b = format.dot(k, &w, &qa);
-                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{format:?} {blocks}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                    "{format:?} {blocks}: {a} vs {b}"
+                );
             }
         }
         for n in [1usize, 7, 8, 31, 64, 67, 200] {

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh checkout: fetch the default model (tests run on the real model), then
+# formatting, lints and every test. Used by CI (.ci/run) and documented in README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pmkvq-target}
+[[ -d ../shared/golden ]] || { echo "test: ../shared (golden outputs, data) is missing beside the checkout" >&2; exit 66; }
+echo "== default model"
+deploy/fetch-model.sh models
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --release --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --release --all-targets

@@ -1,0 +1,334 @@
+//! Tiny random models written to disk in both formats we load, for tests that need control over the weights:
+//! the same network as an HF safetensors directory (NeoX RoPE) and as a GGUF file (llama: rows of Q/K permuted
+//! to the interleaved layout, exactly as llama.cpp's converter does; qwen2: unpermuted, with q/k/v biases).
+#![allow(dead_code)]
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TinyArch {
+    Llama,
+    Qwen2,
+}
+
+pub struct TinySpec {
+    pub arch: TinyArch,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub seed: u64,
+}
+
+impl TinySpec {
+    pub fn new(arch: TinyArch) -> Self {
+        TinySpec {
+            arch,
+            vocab: 64,
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 96,
+            seed: 1,
+        }
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// Token strings: three control tokens, then printable ASCII (byte-level BPE maps these bytes to themselves)
+/// and 'Ġ' (the byte-level stand-in for a space).
+pub fn vocab(n: usize) -> Vec<String> {
+    let mut v = vec![
+        "<|endoftext|>".to_string(),
+        "<|im_start|>".to_string(),
+        "<|im_end|>".to_string(),
+        "\u{120}".to_string(),
+    ];
+    let mut c = b'a';
+    while v.len() < n {
+        v.push((c as char).to_string());
+        c = if c == b'z' { b'A' } else { c + 1 };
+    }
+    v
+}
+
+/// HF-named tensors, `[rows, cols]` row-major.
+pub fn weights(s: &TinySpec) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let mut seed = s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rnd = move |scale: f32| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 2.0 * scale
+    };
+    let mut m = BTreeMap::new();
+    let (h, d, f) = (s.hidden, s.head_dim(), s.ffn);
+    let (qd, kd) = (s.heads * d, s.kv_heads * d);
+    fn mat(
+        m: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+        name: String,
+        r: usize,
+        c: usize,
+        scale: f32,
+        rnd: &mut dyn FnMut(f32) -> f32,
+    ) {
+        m.insert(
+            name,
+            (
+                vec![r, c],
+                (0..r * c).map(|_| rnd(scale)).collect::<Vec<f32>>(),
+            ),
+        );
+    }
+    mat(
+        &mut m,
+        "model.embed_tokens.weight".into(),
+        s.vocab,
+        h,
+        1.0,
+        &mut rnd,
+    );
+    mat(&mut m, "lm_head.weight".into(), s.vocab, h, 0.3, &mut rnd);
+    for l in 0..s.layers {
+        let p = |n: &str| format!("model.layers.{l}.{n}");
+        mat(&mut m, p("self_attn.q_proj.weight"), qd, h, 0.4, &mut rnd);
+        mat(&mut m, p("self_attn.k_proj.weight"), kd, h, 0.4, &mut rnd);
+        mat(&mut m, p("self_attn.v_proj.weight"), kd, h, 0.3, &mut rnd);
+        mat(&mut m, p("self_attn.o_proj.weight"), h, qd, 0.2, &mut rnd);
+        mat(&mut m, p("mlp.gate_proj.weight"), f, h, 0.3, &mut rnd);
+        mat(&mut m, p("mlp.up_proj.weight"), f, h, 0.3, &mut rnd);
+        mat(&mut m, p("mlp.down_proj.weight"), h, f, 0.2, &mut rnd);
+        if s.arch == TinyArch::Qwen2 {
+            for (n, r) in [("q", qd), ("k", kd), ("v", kd)] {
+                m.insert(
+                    p(&format!("self_attn.{n}_proj.bias")),
+                    (vec![r], (0..r).map(|_| rnd(0.5)).collect()),
+                );
+            }
+        }
+        for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
+            m.insert(p(n), (vec![h], (0..h).map(|_| 1.0 + rnd(0.2)).collect()));
+        }
+    }
+    m.insert(
+        "model.norm.weight".into(),
+        (vec![h], (0..h).map(|_| 1.0 + rnd(0.2)).collect()),
+    );
+    m
+}
+
+/// llama.cpp's `permute` for Q/K rows: HF row `(head, half, j)` becomes GGUF row `(head, j, half)`.
+fn permute_rows(data: &[f32], heads: usize, d: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for h in 0..heads {
+        for half in 0..2 {
+            for j in 0..d / 2 {
+                let src = h * d + half * (d / 2) + j;
+                let dst = h * d + 2 * j + half;
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+pub fn write_hf_dir(s: &TinySpec, dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let w = weights(s);
+    let arch = match s.arch {
+        TinyArch::Llama => "LlamaForCausalLM",
+        TinyArch::Qwen2 => "Qwen2ForCausalLM",
+    };
+    let cfg = serde_json::json!({
+        "architectures": [arch], "hidden_size": s.hidden, "intermediate_size": s.ffn,
+        "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads, "num_hidden_layers": s.layers,
+        "vocab_size": s.vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": false
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap(),
+    )
+    .unwrap();
+    let bytes: BTreeMap<String, (Vec<usize>, Vec<u8>)> = w
+        .iter()
+        .map(|(k, (shape, v))| {
+            (
+                k.clone(),
+                (
+                    shape.clone(),
+                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                ),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, (shape, b))| {
+            (
+                k.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    let toks = vocab(s.vocab);
+    let vocab_json: serde_json::Map<String, serde_json::Value> = toks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), serde_json::json!(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = (0..3)
+        .map(|i| serde_json::json!({"id": i, "content": toks[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tj = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab_json, "merges": []}
+    });
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_string(&tj).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"eos_token": "<|im_end|>", "add_bos_token": false}"#,
+    )
+    .unwrap();
+    dir.to_path_buf()
+}
+
+/// What to break when writing a GGUF file (for error tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Damage {
+    None,
+    /// Write `attn_q` of layer 0 with one row too few.
+    ShortQ,
+    /// Leave out `ffn_down` of layer 1.
+    MissingDown,
+    /// Declare an architecture we do not support.
+    UnknownArch,
+}
+
+pub fn write_gguf(s: &TinySpec, path: &Path, damage: Damage) -> PathBuf {
+    let w = weights(s);
+    let d = s.head_dim();
+    let arch = match (damage, s.arch) {
+        (Damage::UnknownArch, _) => "gpt5",
+        (_, TinyArch::Llama) => "llama",
+        (_, TinyArch::Qwen2) => "qwen2",
+    };
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut put = |name: String, shape: &[usize], data: Vec<f32>| {
+        let t = Tensor::from_vec(data, shape, &Device::Cpu).unwrap();
+        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+    };
+    let get = |k: &str| w.get(k).unwrap_or_else(|| panic!("{k}")).clone();
+    let (e_shape, e) = get("model.embed_tokens.weight");
+    put("token_embd.weight".into(), &e_shape, e);
+    let (o_shape, o) = get("lm_head.weight");
+    put("output.weight".into(), &o_shape, o);
+    let (n_shape, n) = get("model.norm.weight");
+    put("output_norm.weight".into(), &n_shape, n);
+    for l in 0..s.layers {
+        let hf = |n: &str| get(&format!("model.layers.{l}.{n}"));
+        let names = [
+            ("self_attn.q_proj.weight", "attn_q.weight"),
+            ("self_attn.k_proj.weight", "attn_k.weight"),
+            ("self_attn.v_proj.weight", "attn_v.weight"),
+            ("self_attn.o_proj.weight", "attn_output.weight"),
+            ("mlp.gate_proj.weight", "ffn_gate.weight"),
+            ("mlp.up_proj.weight", "ffn_up.weight"),
+            ("mlp.down_proj.weight", "ffn_down.weight"),
+            ("input_layernorm.weight", "attn_norm.weight"),
+            ("post_attention_layernorm.weight", "ffn_norm.weight"),
+        ];
+        for (hf_name, gg) in names {
+            if damage == Damage::MissingDown && l == 1 && gg == "ffn_down.weight" {
+                continue;
+            }
+            let (mut shape, mut data) = hf(hf_name);
+            if s.arch == TinyArch::Llama && (gg == "attn_q.weight" || gg == "attn_k.weight") {
+                data = permute_rows(&data, shape[0] / d, d, shape[1]);
+            }
+            if damage == Damage::ShortQ && l == 0 && gg == "attn_q.weight" {
+                shape[0] -= 1;
+                data.truncate(shape[0] * shape[1]);
+            }
+            put(format!("blk.{l}.{gg}"), &shape, data);
+        }
+        if s.arch == TinyArch::Qwen2 {
+            for n in ["q", "k", "v"] {
+                let (shape, data) = hf(&format!("self_attn.{n}_proj.bias"));
+                put(format!("blk.{l}.attn_{n}.bias"), &shape, data);
+            }
+        }
+    }
+    let toks = vocab(s.vocab);
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.block_count"), Value::U32(s.layers as u32)),
+        (format!("{arch}.context_length"), Value::U32(256)),
+        (
+            format!("{arch}.embedding_length"),
+            Value::U32(s.hidden as u32),
+        ),
+        (
+            format!("{arch}.feed_forward_length"),
+            Value::U32(s.ffn as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            Value::U32(s.heads as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            Value::U32(s.kv_heads as u32),
+        ),
+        (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(toks.iter().map(|t| Value::String(t.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(
+                (0..s.vocab)
+                    .map(|i| Value::I32(if i < 3 { 3 } else { 1 }))
+                    .collect(),
+            ),
+        ),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+    ];
+    md.push(("tokenizer.chat_template".into(), Value::String("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into())));
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
+    path.to_path_buf()
+}
