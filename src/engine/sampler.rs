@@ -252,11 +252,15 @@ mod tests {
             ..p.clone()
         });
         assert!(tiny_p.iter().all(|&t| t == top3[0]));
-        let strict_min = draw(SamplingParams {
-            min_p: 0.999,
+        // min-p 0.9 keeps only tokens whose probability is ≥ 0.9 × the best one's
+        let best = logits[top3[0] as usize];
+        let kept = draw(SamplingParams {
+            min_p: 0.9,
             ..p.clone()
         });
-        assert!(strict_min.iter().all(|&t| t == top3[0]));
+        assert!(kept
+            .iter()
+            .all(|&t| (logits[t as usize] - best).exp() >= 0.9 - 1e-6));
         // temperature 1 over all 50 tokens should visit many of them
         let mut distinct = draw(p);
         distinct.sort();

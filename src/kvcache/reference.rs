@@ -119,7 +119,8 @@ impl KvStore for F16KvStore {
 mod tests {
     use super::*;
 
-    /// Plain f64 causal attention over f16-rounded K/V, the definition the store must meet.
+    /// Plain f64 causal attention with llama.cpp's f16 roundings (K, V, Q and the probabilities), the definition
+    /// the store must meet.
     fn naive(g: KvGeometry, qs: &[f32], ks: &[f32], vs: &[f32], t: usize) -> Vec<f32> {
         let (d, kv) = (g.head_dim, g.kv_dim());
         let r = |x: f32| f16::from_f32(x).to_f32() as f64;
@@ -189,8 +190,9 @@ mod tests {
             start += n;
         }
         assert_eq!(store.len(0), t);
+        // f32 vs f64 softmax may round a probability to the neighbouring f16 value: ≤ 2^-11 relative.
         for (a, b) in got.iter().zip(&want) {
-            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+            assert!((a - b).abs() < 5e-4, "{a} vs {b}");
         }
         assert_eq!(store.true_bytes(), 2 * t * g.kv_dim() * 2);
         let err = store.attend_and_store(

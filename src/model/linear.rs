@@ -61,20 +61,32 @@ impl Linear {
         match &self.data {
             WeightData::Blocks { format, bytes } => {
                 let rb = self.row_bytes();
-                let xq: Vec<Q8Row> = x
-                    .chunks_exact(self.cols)
-                    .map(|xr| {
-                        let mut q = Q8Row::default();
-                        (k.quantize_q8)(xr, &mut q);
-                        q
-                    })
-                    .collect();
+                let quantize = |xr: &[f32]| {
+                    let mut q = Q8Row::default();
+                    (k.quantize_q8)(xr, &mut q);
+                    q
+                };
+                let xq: Vec<Q8Row> = if parallel && t > 1 {
+                    x.par_chunks_exact(self.cols).map(quantize).collect()
+                } else {
+                    x.chunks_exact(self.cols).map(quantize).collect()
+                };
                 let body = |(ci, chunk): (usize, &mut [f32])| {
                     for (j, o) in chunk.chunks_exact_mut(t).enumerate() {
                         let r = ci * chunk_rows + j;
                         let row = &bytes[r * rb..(r + 1) * rb];
-                        for (ti, q) in xq.iter().enumerate() {
-                            o[ti] = format.dot(k, row, q);
+                        let mut ti = 0;
+                        while ti + 4 <= t {
+                            let r4 = format.dot4(
+                                k,
+                                row,
+                                [&xq[ti], &xq[ti + 1], &xq[ti + 2], &xq[ti + 3]],
+                            );
+                            o[ti..ti + 4].copy_from_slice(&r4);
+                            ti += 4;
+                        }
+                        for (o, q) in o[ti..].iter_mut().zip(&xq[ti..]) {
+                            *o = format.dot(k, row, q);
                         }
                     }
                 };
@@ -139,10 +151,15 @@ impl Linear {
             out_t
         } else {
             let mut o = vec![0.0f32; rows * t];
-            for r in 0..rows {
-                for ti in 0..t {
-                    o[ti * rows + r] = out_t[r * t + ti];
+            let transpose = |(ti, orow): (usize, &mut [f32])| {
+                for (r, v) in orow.iter_mut().enumerate() {
+                    *v = out_t[r * t + ti];
                 }
+            };
+            if parallel {
+                o.par_chunks_mut(rows).enumerate().for_each(transpose);
+            } else {
+                o.chunks_mut(rows).enumerate().for_each(transpose);
             }
             o
         };

@@ -17,6 +17,9 @@ pub static AVX2: Kernels = Kernels {
     dot_q4_0,
     dot_q4_1,
     dot_q8_0,
+    dot4_q4_0,
+    dot4_q4_1,
+    dot4_q8_0,
     dot_f32,
     dot_f16,
     axpy_f16,
@@ -39,6 +42,18 @@ fn dot_q4_1(row: &[u8], x: &Q8Row) -> f32 {
 fn dot_q8_0(row: &[u8], x: &Q8Row) -> f32 {
     // SAFETY: as above; lengths are checked inside.
     unsafe { dot_q8_0_impl(row, x) }
+}
+fn dot4_q4_0(row: &[u8], x: [&Q8Row; 4]) -> [f32; 4] {
+    // SAFETY: as above; lengths are checked inside.
+    unsafe { dot4_impl::<0>(row, x) }
+}
+fn dot4_q4_1(row: &[u8], x: [&Q8Row; 4]) -> [f32; 4] {
+    // SAFETY: as above; lengths are checked inside.
+    unsafe { dot4_impl::<1>(row, x) }
+}
+fn dot4_q8_0(row: &[u8], x: [&Q8Row; 4]) -> [f32; 4] {
+    // SAFETY: as above; lengths are checked inside.
+    unsafe { dot4_impl::<2>(row, x) }
 }
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     // SAFETY: as above; lengths are checked inside.
@@ -180,6 +195,70 @@ unsafe fn dot_q8_0_impl(row: &[u8], x: &Q8Row) -> f32 {
         acc = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(mul_sum_i8_pairs(w, y)), acc);
     }
     hsum_ps(acc)
+}
+
+/// One weight row against four activation rows; `KIND` 0 = Q4_0, 1 = Q4_1, 2 = Q8_0. Per activation row the
+/// operations and their order are exactly those of the single-row kernels above.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_impl<const KIND: u8>(row: &[u8], x: [&Q8Row; 4]) -> [f32; 4] {
+    let bb = match KIND {
+        0 => 18,
+        1 => 20,
+        _ => 34,
+    };
+    let nb = row.len() / bb;
+    assert!(row.len() == nb * bb);
+    for xi in &x {
+        assert!(xi.d.len() >= nb && xi.s.len() >= nb && xi.qs.len() >= nb * QK);
+    }
+    let low = _mm256_set1_epi8(0x0F);
+    let eight = _mm256_set1_epi8(8);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc_min = [0.0f32; 4];
+    for b in 0..nb {
+        let blk = row.as_ptr().add(b * bb);
+        let w = match KIND {
+            2 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+            _ => {
+                let tmp = _mm_loadu_si128(blk.add(if KIND == 1 { 4 } else { 2 }) as *const __m128i);
+                let nib = _mm256_and_si256(
+                    _mm256_insertf128_si256(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4), 1),
+                    low,
+                );
+                if KIND == 0 {
+                    _mm256_sub_epi8(nib, eight)
+                } else {
+                    nib
+                }
+            }
+        };
+        let dw = f16_at(blk);
+        let mw = if KIND == 1 { f16_at(blk.add(2)) } else { 0.0 };
+        for j in 0..4 {
+            let xj = x[j];
+            let y = _mm256_loadu_si256(xj.qs.as_ptr().add(b * QK) as *const __m256i);
+            let sumi = if KIND == 1 {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(w, y), ones)
+            } else {
+                mul_sum_i8_pairs(w, y)
+            };
+            let dd = _mm256_set1_ps(dw * *xj.d.get_unchecked(b));
+            acc[j] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(sumi), acc[j]);
+            if KIND == 1 {
+                acc_min[j] += mw * *xj.s.get_unchecked(b);
+            }
+        }
+    }
+    [
+        hsum_ps(acc[0]) + acc_min[0],
+        hsum_ps(acc[1]) + acc_min[1],
+        hsum_ps(acc[2]) + acc_min[2],
+        hsum_ps(acc[3]) + acc_min[3],
+    ]
 }
 
 /// # Safety

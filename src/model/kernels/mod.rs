@@ -61,6 +61,11 @@ pub struct Kernels {
     pub dot_q4_0: fn(&[u8], &Q8Row) -> f32,
     pub dot_q4_1: fn(&[u8], &Q8Row) -> f32,
     pub dot_q8_0: fn(&[u8], &Q8Row) -> f32,
+    /// The same dot products of one weight row with four activation rows at once (prefill, batched decode):
+    /// the weight block is loaded and unpacked once. Each result equals the single-row kernel's bit for bit.
+    pub dot4_q4_0: fn(&[u8], [&Q8Row; 4]) -> [f32; 4],
+    pub dot4_q4_1: fn(&[u8], [&Q8Row; 4]) -> [f32; 4],
+    pub dot4_q8_0: fn(&[u8], [&Q8Row; 4]) -> [f32; 4],
     pub dot_f32: fn(&[f32], &[f32]) -> f32,
     /// Dot of an f16 row (little-endian bytes) with f32 values.
     pub dot_f16: fn(&[f16], &[f32]) -> f32,
@@ -74,6 +79,9 @@ pub static SCALAR: Kernels = Kernels {
     dot_q4_0: scalar::dot_q4_0,
     dot_q4_1: scalar::dot_q4_1,
     dot_q8_0: scalar::dot_q8_0,
+    dot4_q4_0: |w, x| x.map(|xi| scalar::dot_q4_0(w, xi)),
+    dot4_q4_1: |w, x| x.map(|xi| scalar::dot_q4_1(w, xi)),
+    dot4_q8_0: |w, x| x.map(|xi| scalar::dot_q8_0(w, xi)),
     dot_f32: scalar::dot_f32,
     dot_f16: scalar::dot_f16,
     axpy_f16: scalar::axpy_f16,
@@ -97,6 +105,14 @@ impl BlockFormat {
             BlockFormat::Q4_0 => (k.dot_q4_0)(row, x),
             BlockFormat::Q4_1 => (k.dot_q4_1)(row, x),
             BlockFormat::Q8_0 => (k.dot_q8_0)(row, x),
+        }
+    }
+
+    pub fn dot4(self, k: &Kernels, row: &[u8], x: [&Q8Row; 4]) -> [f32; 4] {
+        match self {
+            BlockFormat::Q4_0 => (k.dot4_q4_0)(row, x),
+            BlockFormat::Q4_1 => (k.dot4_q4_1)(row, x),
+            BlockFormat::Q8_0 => (k.dot4_q8_0)(row, x),
         }
     }
 }
