@@ -47,6 +47,7 @@ struct ModelArgs {
 }
 
 #[derive(Args)]
+#[command(allow_negative_numbers = true)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -110,7 +111,14 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("PMKVQ_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let res = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
