@@ -20,8 +20,7 @@ fn setup() -> (Model, Vec<u32>) {
     let (model, tok) = Model::load(&model_path, &LoadOptions { threads })
         .unwrap_or_else(|e| panic!("{e} (run deploy/fetch-model.sh first)"));
     let text_path = root.join("../shared/data/text/botchan.txt");
-    let text = std::fs::read_to_string(&text_path)
-        .unwrap_or_else(|e| panic!("{}: {e}", text_path.display()));
+    let text = std::fs::read_to_string(&text_path).unwrap_or_else(|e| panic!("{}: {e}", text_path.display()));
     let ids = tok.encode(&text, false).expect("tokenize");
     assert!(ids.len() > 2200, "need 2200 tokens of text");
     (model, ids)

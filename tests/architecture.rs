@@ -11,10 +11,7 @@ fn sources(dir: &Path, out: &mut Vec<(String, String)>) {
         if p.is_dir() {
             sources(&p, out);
         } else if p.extension().is_some_and(|x| x == "rs") {
-            out.push((
-                p.display().to_string(),
-                std::fs::read_to_string(&p).unwrap(),
-            ));
+            out.push((p.display().to_string(), std::fs::read_to_string(&p).unwrap()));
         }
     }
 }
@@ -22,9 +19,7 @@ fn sources(dir: &Path, out: &mut Vec<(String, String)>) {
 fn assert_module_avoids(module: &str, forbidden: &[&str]) {
     let mut files = Vec::new();
     sources(
-        &Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("src")
-            .join(module),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(module),
         &mut files,
     );
     for (path, text) in files {
@@ -48,10 +43,7 @@ fn engine_does_not_see_transport_or_memory_sampling() {
 
 #[test]
 fn kvcache_does_not_know_requests_or_async() {
-    assert_module_avoids(
-        "kvcache",
-        &["tonic::", "prost::", "tokio::", "crate::engine"],
-    );
+    assert_module_avoids("kvcache", &["tonic::", "prost::", "tokio::", "crate::engine"]);
 }
 
 #[test]
@@ -62,10 +54,7 @@ fn model_does_not_know_sequences_or_budgets() {
 #[test]
 fn every_unsafe_block_has_a_safety_comment() {
     let mut files = Vec::new();
-    sources(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-        &mut files,
-    );
+    sources(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut files);
     for (path, text) in files {
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {

@@ -16,39 +16,15 @@ fn bad_arguments_exit_64_naming_the_field() {
     let model = common::default_model_path();
     let m = model.to_str().unwrap();
     // clap's own parse errors are usage errors too
-    let out = pmkvq(&[
-        "generate",
-        "--model",
-        m,
-        "--prompt",
-        "hi",
-        "--max-tokens",
-        "many",
-    ]);
+    let out = pmkvq(&["generate", "--model", m, "--prompt", "hi", "--max-tokens", "many"]);
     assert_eq!(out.status.code(), Some(64));
     for (args, field) in [
         (
-            vec![
-                "generate",
-                "--model",
-                m,
-                "--prompt",
-                "hi",
-                "--max-tokens",
-                "0",
-            ],
+            vec!["generate", "--model", m, "--prompt", "hi", "--max-tokens", "0"],
             "--max-tokens",
         ),
         (
-            vec![
-                "generate",
-                "--model",
-                m,
-                "--prompt",
-                "hi",
-                "--temperature",
-                "-1",
-            ],
+            vec!["generate", "--model", m, "--prompt", "hi", "--temperature", "-1"],
             "temperature",
         ),
         (
@@ -63,40 +39,20 @@ fn bad_arguments_exit_64_naming_the_field() {
         let out = pmkvq(&args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
-        assert!(
-            err.contains(field),
-            "{args:?}: message should name {field}: {err}"
-        );
+        assert!(err.contains(field), "{args:?}: message should name {field}: {err}");
     }
 }
 
 #[test]
 fn missing_or_broken_model_has_its_own_exit_codes() {
-    let out = pmkvq(&[
-        "generate",
-        "--model",
-        "/nonexistent/model.gguf",
-        "--prompt",
-        "hi",
-    ]);
+    let out = pmkvq(&["generate", "--model", "/nonexistent/model.gguf", "--prompt", "hi"]);
     assert_eq!(out.status.code(), Some(66));
     assert!(String::from_utf8_lossy(&out.stderr).contains("fetch-model"));
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.gguf");
     std::fs::write(&bad, b"GGUF but not really").unwrap();
-    let out = pmkvq(&[
-        "generate",
-        "--model",
-        bad.to_str().unwrap(),
-        "--prompt",
-        "hi",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(65),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = pmkvq(&["generate", "--model", bad.to_str().unwrap(), "--prompt", "hi"]);
+    assert_eq!(out.status.code(), Some(65), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -117,11 +73,7 @@ fn json_output_has_the_documented_fields_and_streams_match() {
     let mut json_args = args.to_vec();
     json_args.push("--json");
     let out = pmkvq(&json_args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     for field in [
         "prompt_ids",
@@ -135,10 +87,7 @@ fn json_output_has_the_documented_fields_and_streams_match() {
     }
     let n = v["ids"].as_array().unwrap().len();
     assert!((1..=12).contains(&n), "{n} tokens");
-    assert!(
-        matches!(v["finish_reason"].as_str(), Some("length" | "eos")),
-        "{v}"
-    );
+    assert!(matches!(v["finish_reason"].as_str(), Some("length" | "eos")), "{v}");
     assert!(v["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     // the streamed text is the same text
     let streamed = pmkvq(&args);

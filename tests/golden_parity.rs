@@ -32,14 +32,8 @@ const SURE_MARGIN: f64 = 1.0;
 fn tokenizer_and_chat_template_match_llama_cpp() {
     let (_model, tok) = load_default(1);
     let g = golden();
-    let tmpl_src = tok
-        .chat_template
-        .clone()
-        .expect("model ships a chat template");
-    assert_eq!(
-        tmpl_src, g.chat_template,
-        "template read from GGUF metadata"
-    );
+    let tmpl_src = tok.chat_template.clone().expect("model ships a chat template");
+    assert_eq!(tmpl_src, g.chat_template, "template read from GGUF metadata");
     let tmpl = ChatTemplate::new(&tmpl_src).unwrap();
     for c in &g.cases {
         let rendered = tmpl.render(&c.messages, true, "", "").unwrap();
@@ -61,9 +55,7 @@ fn teacher_forced_logits_match_llama_cpp() {
         let mut kv = F16KvStore::new(model.kv_geometry(), model.config.context_length);
         let mut all: Vec<u32> = c.prompt_ids.clone();
         all.extend(&c.greedy_ids);
-        let logits = model
-            .forward_chunked(&all, &mut kv, 64, LogitsMode::All)
-            .unwrap();
+        let logits = model.forward_chunked(&all, &mut kv, 64, LogitsMode::All).unwrap();
         let vocab = model.config.vocab_size;
         let row = |i: usize| &logits[i * vocab..(i + 1) * vocab];
         let p = c.prompt_ids.len();
@@ -102,7 +94,10 @@ fn teacher_forced_logits_match_llama_cpp() {
     }
     let mean = deltas.iter().sum::<f64>() / deltas.len() as f64;
     let share = agreed as f64 / compared as f64;
-    eprintln!("top-10 |Δ logprob| mean {mean:.4} over {}; argmax agreement {agreed}/{compared} = {share:.4}", deltas.len());
+    eprintln!(
+        "top-10 |Δ logprob| mean {mean:.4} over {}; argmax agreement {agreed}/{compared} = {share:.4}",
+        deltas.len()
+    );
     assert!(
         mean <= MEAN_LOGPROB_DELTA,
         "mean |Δ logprob| {mean:.4} > {MEAN_LOGPROB_DELTA}"
@@ -134,7 +129,7 @@ fn free_running_greedy_reproduces_llama_cpp() {
             stop: vec![],
             prefill_chunk: 512,
         };
-        let out = generate(&model, &tok, &mut kv, &req, |_| {}).unwrap();
+        let out = generate(&model, &tok, &mut kv, &req, |_| {}, |_| {}).unwrap();
         let want = &c.greedy_ids[..upto.min(out.ids.len())];
         assert_eq!(
             &out.ids[..want.len()],

@@ -11,9 +11,7 @@ fn logits(path: &Path, tokens: &[u32]) -> (Vec<f32>, Model) {
     let (model, _tok) = Model::load(path, &LoadOptions { threads: 1 }).expect("tiny model loads");
     let mut kv = F16KvStore::new(model.kv_geometry(), 256);
     // two chunks, so attention over stored tokens and over the new chunk are both exercised
-    let l = model
-        .forward_chunked(tokens, &mut kv, 5, LogitsMode::All)
-        .unwrap();
+    let l = model.forward_chunked(tokens, &mut kv, 5, LogitsMode::All).unwrap();
     (l, model)
 }
 
@@ -36,11 +34,7 @@ fn gguf_and_safetensors_give_the_same_logits() {
     let tokens: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % 64).collect();
     for arch in [TinyArch::Llama, TinyArch::Qwen2] {
         let spec = TinySpec::new(arch);
-        let g = write_gguf(
-            &spec,
-            &dir.path().join(format!("{arch:?}.gguf")),
-            Damage::None,
-        );
+        let g = write_gguf(&spec, &dir.path().join(format!("{arch:?}.gguf")), Damage::None);
         let h = write_hf_dir(&spec, &dir.path().join(format!("{arch:?}-hf")));
         let (lg, mg) = logits(&g, &tokens);
         let (lh, mh) = logits(&h, &tokens);
@@ -64,11 +58,7 @@ fn tokenizers_from_both_formats_agree() {
         &LoadOptions::default(),
     )
     .unwrap();
-    let (_, th) = Model::load(
-        &write_hf_dir(&spec, &dir.path().join("hf")),
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let (_, th) = Model::load(&write_hf_dir(&spec, &dir.path().join("hf")), &LoadOptions::default()).unwrap();
     let text = "<|im_start|>abc de<|im_end|>";
     let a = tg.encode(text, false).unwrap();
     assert_eq!(a, th.encode(text, false).unwrap());
@@ -96,10 +86,7 @@ fn malformed_gguf_files_give_errors_not_panics() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = load_err(&p);
     assert!(matches!(e, ModelError::Format { .. }), "{e}");
-    assert!(
-        e.to_string().contains("truncated.gguf"),
-        "names the file: {e}"
-    );
+    assert!(e.to_string().contains("truncated.gguf"), "names the file: {e}");
 
     // truncated inside the header
     let p = dir.path().join("header.gguf");
@@ -123,17 +110,10 @@ fn malformed_gguf_files_give_errors_not_panics() {
     assert!(matches!(load_err(&p), ModelError::Format { .. }));
 
     // wrong tensor shape
-    let e = load_err(&write_gguf(
-        &spec,
-        &dir.path().join("short.gguf"),
-        Damage::ShortQ,
-    ));
+    let e = load_err(&write_gguf(&spec, &dir.path().join("short.gguf"), Damage::ShortQ));
     match &e {
         ModelError::BadShape {
-            tensor,
-            expected,
-            got,
-            ..
+            tensor, expected, got, ..
         } => {
             assert_eq!(tensor, "blk.0.attn_q.weight");
             assert_eq!(expected, &vec![64, 64]);
@@ -154,21 +134,14 @@ fn malformed_gguf_files_give_errors_not_panics() {
     );
 
     // unknown architecture
-    let e = load_err(&write_gguf(
-        &spec,
-        &dir.path().join("arch.gguf"),
-        Damage::UnknownArch,
-    ));
+    let e = load_err(&write_gguf(&spec, &dir.path().join("arch.gguf"), Damage::UnknownArch));
     assert!(
         matches!(&e, ModelError::UnsupportedArch { arch, .. } if arch == "gpt5"),
         "{e}"
     );
 
     // no such file
-    assert!(matches!(
-        load_err(&dir.path().join("nope.gguf")),
-        ModelError::Io { .. }
-    ));
+    assert!(matches!(load_err(&dir.path().join("nope.gguf")), ModelError::Io { .. }));
 }
 
 #[test]

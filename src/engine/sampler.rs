@@ -146,11 +146,7 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits);
         }
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l))
-            .collect();
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         if p.top_k > 0 && p.top_k < cand.len() {
             cand.truncate(p.top_k);
@@ -176,10 +172,7 @@ impl Sampler {
         }
         cand.truncate(keep);
         let t = p.temperature as f64;
-        let w: Vec<f64> = cand
-            .iter()
-            .map(|c| (((c.1 - max) as f64) / t).exp())
-            .collect();
+        let w: Vec<f64> = cand.iter().map(|c| (((c.1 - max) as f64) / t).exp()).collect();
         let total: f64 = w.iter().sum();
         let mut r = self.rng.next_f64() * total;
         for (c, wi) in cand.iter().zip(&w) {
@@ -220,33 +213,22 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let draw = |p: SamplingParams| {
             let mut s = Sampler::new(p).unwrap();
-            (0..200)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
-                .collect::<Vec<_>>()
+            (0..200).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
         };
         let p = SamplingParams {
             seed: 42,
             ..params(1.0)
         };
         assert_eq!(draw(p.clone()), draw(p.clone()));
-        assert_ne!(
-            draw(p.clone()),
-            draw(SamplingParams {
-                seed: 43,
-                ..p.clone()
-            })
-        );
+        assert_ne!(draw(p.clone()), draw(SamplingParams { seed: 43, ..p.clone() }));
         let top3: Vec<u32> = {
             let mut idx: Vec<u32> = (0..50).collect();
             idx.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
             idx[..3].to_vec()
         };
-        assert!(draw(SamplingParams {
-            top_k: 3,
-            ..p.clone()
-        })
-        .iter()
-        .all(|t| top3.contains(t)));
+        assert!(draw(SamplingParams { top_k: 3, ..p.clone() })
+            .iter()
+            .all(|t| top3.contains(t)));
         let tiny_p = draw(SamplingParams {
             top_p: 1e-6,
             ..p.clone()
@@ -258,9 +240,7 @@ mod tests {
             min_p: 0.9,
             ..p.clone()
         });
-        assert!(kept
-            .iter()
-            .all(|&t| (logits[t as usize] - best).exp() >= 0.9 - 1e-6));
+        assert!(kept.iter().all(|&t| (logits[t as usize] - best).exp() >= 0.9 - 1e-6));
         // temperature 1 over all 50 tokens should visit many of them
         let mut distinct = draw(p);
         distinct.sort();

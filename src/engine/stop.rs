@@ -41,10 +41,7 @@ impl StopChecker {
         if let Some((i, s)) = hit {
             let emit = self.held[..i].to_string();
             self.held.clear();
-            return StopFeed {
-                emit,
-                matched: Some(s),
-            };
+            return StopFeed { emit, matched: Some(s) };
         }
         // Hold back the longest suffix that is a proper prefix of some stop string.
         let mut keep_from = self.held.len();
@@ -57,10 +54,7 @@ impl StopChecker {
         }
         let emit = self.held[..keep_from].to_string();
         self.held.drain(..keep_from);
-        StopFeed {
-            emit,
-            matched: None,
-        }
+        StopFeed { emit, matched: None }
     }
 
     /// End of generation without a match: release what was held.

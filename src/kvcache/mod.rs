@@ -10,8 +10,14 @@
 //! stored only after attention (spec §3.3).
 
 pub mod attention;
+pub mod kivi;
+pub mod method;
+mod pmkvq;
+pub mod quant;
 mod reference;
 
+pub use method::{parse_bytes, KvMethod};
+pub use pmkvq::{PmKvqConfig, PmKvqStore, Quantizer};
 pub use reference::F16KvStore;
 
 /// Shape of the KV state of one sequence.
@@ -39,16 +45,23 @@ impl KvGeometry {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KvError {
     #[error("kv cache for layer {layer} holds {stored} tokens, limit is {limit}")]
-    CapacityExceeded {
-        layer: usize,
-        stored: usize,
-        limit: usize,
-    },
+    CapacityExceeded { layer: usize, stored: usize, limit: usize },
     #[error("layer {layer} out of range (model has {layers})")]
     BadLayer { layer: usize, layers: usize },
     #[error("kv input for layer {layer}: expected {expected} values, got {got}")]
-    BadShape {
+    BadShape { layer: usize, expected: usize, got: usize },
+    #[error(
+        "kv budget exhausted in layer {layer}: {need} bytes needed even at the {floor_bits}-bit floor, budget is {budget}"
+    )]
+    OutOfBudget {
         layer: usize,
+        need: usize,
+        budget: usize,
+        floor_bits: u32,
+    },
+    #[error("{what} must have {expected} entries (one per layer), got {got}")]
+    BadBudgets {
+        what: &'static str,
         expected: usize,
         got: usize,
     },
@@ -79,6 +92,28 @@ pub trait KvStore: Send {
     fn truncate(&mut self, tokens: usize);
     /// Bytes held: payload plus scales, offsets and bookkeeping.
     fn true_bytes(&self) -> usize;
+    /// Bytes of codes only (the reference implementation's accounting, spec §3.5).
+    fn payload_bytes(&self) -> usize {
+        self.true_bytes()
+    }
+    /// Check that `n` more tokens can be stored in every layer (capacity, budget at the precision floor) before
+    /// a forward pass touches any layer, so a refused step leaves every layer as it was.
+    fn reserve(&mut self, n: usize) -> Result<(), KvError> {
+        let _ = n;
+        Ok(())
+    }
+    /// Current storage bit-width of each layer's body (16 for an f16 cache).
+    fn layer_bits(&self) -> Vec<u32> {
+        vec![16; self.geometry().layers]
+    }
+    /// Set per-layer budgets in true bytes; a layer over its new budget shrinks now, before the next attention.
+    /// Stores without adaptive precision only check that what they hold fits.
+    fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
+        let _ = budgets;
+        Ok(())
+    }
+    /// Short name of the method (`fp16`, `pmkvq`, `rtn:2`, ...).
+    fn method(&self) -> String;
 }
 
 /// Shape checks shared by every store.

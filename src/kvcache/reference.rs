@@ -34,9 +34,7 @@ impl KvStore for F16KvStore {
     }
 
     fn len(&self, layer: usize) -> usize {
-        self.k
-            .get(layer)
-            .map_or(0, |k| k.len() / self.geom.kv_dim())
+        self.k.get(layer).map_or(0, |k| k.len() / self.geom.kv_dim())
     }
 
     fn attend_and_store(
@@ -113,6 +111,22 @@ impl KvStore for F16KvStore {
     fn true_bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|l| l.len() * 2).sum()
     }
+
+    fn reserve(&mut self, n: usize) -> Result<(), KvError> {
+        let stored = self.len(0);
+        if stored + n > self.max_tokens {
+            return Err(KvError::CapacityExceeded {
+                layer: 0,
+                stored: stored + n,
+                limit: self.max_tokens,
+            });
+        }
+        Ok(())
+    }
+
+    fn method(&self) -> String {
+        "fp16".into()
+    }
 }
 
 #[cfg(test)]
@@ -130,12 +144,7 @@ mod tests {
                 let kvh = h / g.group();
                 let q = &qs[(i * g.q_heads + h) * d..][..d];
                 let s: Vec<f64> = (0..=i)
-                    .map(|j| {
-                        (0..d)
-                            .map(|c| q[c] as f64 * r(ks[j * kv + kvh * d + c]))
-                            .sum::<f64>()
-                            / (d as f64).sqrt()
-                    })
+                    .map(|j| (0..d).map(|c| q[c] as f64 * r(ks[j * kv + kvh * d + c])).sum::<f64>() / (d as f64).sqrt())
                     .collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
@@ -165,12 +174,8 @@ mod tests {
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
         let q: Vec<f32> = (0..t * g.q_dim()).map(|_| rnd()).collect();
-        let k: Vec<f32> = (0..t * g.kv_dim())
-            .map(|_| f16::from_f32(rnd()).to_f32())
-            .collect();
-        let v: Vec<f32> = (0..t * g.kv_dim())
-            .map(|_| f16::from_f32(rnd()).to_f32())
-            .collect();
+        let k: Vec<f32> = (0..t * g.kv_dim()).map(|_| f16::from_f32(rnd()).to_f32()).collect();
+        let v: Vec<f32> = (0..t * g.kv_dim()).map(|_| f16::from_f32(rnd()).to_f32()).collect();
         let want = naive(g, &q, &k, &v, t);
         let mut store = F16KvStore::new(g, 64);
         let mut got = vec![0.0f32; t * g.q_dim()];
@@ -195,14 +200,7 @@ mod tests {
             assert!((a - b).abs() < 5e-4, "{a} vs {b}");
         }
         assert_eq!(store.true_bytes(), 2 * t * g.kv_dim() * 2);
-        let err = store.attend_and_store(
-            0,
-            &q[..g.q_dim()],
-            &k[..1],
-            &v[..1],
-            1,
-            &mut got[..g.q_dim()],
-        );
+        let err = store.attend_and_store(0, &q[..g.q_dim()], &k[..1], &v[..1], 1, &mut got[..g.q_dim()]);
         assert!(matches!(err, Err(KvError::BadShape { .. })));
     }
 }

@@ -128,12 +128,7 @@ impl ModelConfig {
             file: file.to_path_buf(),
             what,
         };
-        if self.layers == 0
-            || self.heads == 0
-            || self.kv_heads == 0
-            || self.hidden == 0
-            || self.vocab_size == 0
-        {
+        if self.layers == 0 || self.heads == 0 || self.kv_heads == 0 || self.hidden == 0 || self.vocab_size == 0 {
             return Err(bad(format!("zero-sized geometry: {self:?}")));
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
@@ -151,11 +146,7 @@ impl ModelConfig {
         Ok(self)
     }
 
-    pub fn from_gguf(
-        md: &HashMap<String, Value>,
-        vocab_len: usize,
-        file: &Path,
-    ) -> Result<Self, ModelError> {
+    pub fn from_gguf(md: &HashMap<String, Value>, vocab_len: usize, file: &Path) -> Result<Self, ModelError> {
         let bad = |what: String| ModelError::Format {
             file: file.to_path_buf(),
             what,
@@ -201,8 +192,7 @@ impl ModelConfig {
                 factor: get_f("rope.scaling.factor").unwrap_or(8.0),
                 low_freq_factor: get_f("rope.scaling.low_freq_factor").unwrap_or(1.0),
                 high_freq_factor: get_f("rope.scaling.high_freq_factor").unwrap_or(4.0),
-                original_max_position: get_u("rope.scaling.original_context_length")
-                    .unwrap_or(8192),
+                original_max_position: get_u("rope.scaling.original_context_length").unwrap_or(8192),
             }),
             _ => None,
         };
@@ -237,8 +227,7 @@ impl ModelConfig {
             file: file.to_path_buf(),
             what,
         };
-        let j: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        let j: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         let archs = j["architectures"].as_array().cloned().unwrap_or_default();
         let arch_name = archs.first().and_then(|v| v.as_str()).unwrap_or("");
         let arch = match arch_name {
@@ -260,15 +249,13 @@ impl ModelConfig {
         let heads = u("num_attention_heads")?;
         let head_dim = u("head_dim").unwrap_or(hidden / heads.max(1));
         let rs = &j["rope_scaling"];
-        let llama3 = (rs["rope_type"].as_str() == Some("llama3")
-            || rs["type"].as_str() == Some("llama3"))
-        .then(|| Llama3Scaling {
-            factor: rs["factor"].as_f64().unwrap_or(8.0) as f32,
-            low_freq_factor: rs["low_freq_factor"].as_f64().unwrap_or(1.0) as f32,
-            high_freq_factor: rs["high_freq_factor"].as_f64().unwrap_or(4.0) as f32,
-            original_max_position: rs["original_max_position_embeddings"]
-                .as_u64()
-                .unwrap_or(8192) as usize,
+        let llama3 = (rs["rope_type"].as_str() == Some("llama3") || rs["type"].as_str() == Some("llama3")).then(|| {
+            Llama3Scaling {
+                factor: rs["factor"].as_f64().unwrap_or(8.0) as f32,
+                low_freq_factor: rs["low_freq_factor"].as_f64().unwrap_or(1.0) as f32,
+                high_freq_factor: rs["high_freq_factor"].as_f64().unwrap_or(4.0) as f32,
+                original_max_position: rs["original_max_position_embeddings"].as_u64().unwrap_or(8192) as usize,
+            }
         });
         ModelConfig {
             arch,

@@ -67,10 +67,7 @@ impl Model {
         let d = self.config.head_dim;
         let half = d / 2;
         for (ti, tok) in x.chunks_exact_mut(heads * d).enumerate() {
-            let (c, s) = (
-                &cos[ti * half..(ti + 1) * half],
-                &sin[ti * half..(ti + 1) * half],
-            );
+            let (c, s) = (&cos[ti * half..(ti + 1) * half], &sin[ti * half..(ti + 1) * half]);
             for head in tok.chunks_exact_mut(d) {
                 match self.config.rope.layout {
                     RopeLayout::Interleaved => {
@@ -110,9 +107,7 @@ impl Model {
         let cfg = &self.config;
         for s in seqs {
             if s.tokens.len() != s.positions.len() {
-                return Err(ModelError::Input(
-                    "tokens and positions differ in length".into(),
-                ));
+                return Err(ModelError::Input("tokens and positions differ in length".into()));
             }
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 return Err(ModelError::Input(format!(
@@ -125,6 +120,10 @@ impl Model {
         if t_total == 0 {
             return Ok(vec![Vec::new(); seqs.len()]);
         }
+        // Every store confirms it can take its tokens in every layer before any layer is touched.
+        for (s, store) in seqs.iter().zip(kv.iter_mut()) {
+            store.reserve(s.tokens.len())?;
+        }
         self.install(|| self.forward_inner(seqs, kv, mode, t_total))
     }
 
@@ -136,24 +135,15 @@ impl Model {
         t: usize,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.config;
-        let (h, qd, kd, half) = (
-            cfg.hidden,
-            cfg.heads * cfg.head_dim,
-            cfg.kv_dim(),
-            cfg.head_dim / 2,
-        );
+        let (h, qd, kd, half) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_dim(), cfg.head_dim / 2);
         let mut x = vec![0.0f32; t * h];
-        for (row, &tok) in x
-            .chunks_exact_mut(h)
-            .zip(seqs.iter().flat_map(|s| s.tokens))
-        {
+        for (row, &tok) in x.chunks_exact_mut(h).zip(seqs.iter().flat_map(|s| s.tokens)) {
             self.embed.row_f32(tok as usize, row)?;
         }
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for &p in seqs.iter().flat_map(|s| s.positions) {
-            cfg.rope
-                .angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
+            cfg.rope.angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
         }
         let mut hbuf = Vec::with_capacity(t * h);
         let mut attn = vec![0.0f32; t * qd];

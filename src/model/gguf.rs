@@ -52,8 +52,7 @@ fn read_tokenizer(c: &Content, file: &Path) -> Result<Tokenizer, ModelError> {
         .get("tokenizer.ggml.model")
         .and_then(|v| v.to_string().ok())
         .ok_or_else(|| bad("missing tokenizer.ggml.model"))?;
-    let tokens =
-        strings(md, "tokenizer.ggml.tokens").ok_or_else(|| bad("missing tokenizer.ggml.tokens"))?;
+    let tokens = strings(md, "tokenizer.ggml.tokens").ok_or_else(|| bad("missing tokenizer.ggml.tokens"))?;
     let types: Vec<i32> = md
         .get("tokenizer.ggml.token_type")
         .and_then(|v| v.to_vec().ok())
@@ -111,14 +110,14 @@ pub(crate) fn load(path: &Path) -> Result<(ModelParts, Tokenizer), ModelError> {
 impl GgufSource {
     /// The tensor's bytes, bounds-checked against the file, and its dtype.
     fn bytes(&self, name: &str, want: &[usize]) -> Result<(Vec<u8>, GgmlDType), ModelError> {
-        let info =
-            self.content
-                .tensor_infos
-                .get(name)
-                .ok_or_else(|| ModelError::MissingTensor {
-                    file: self.file.clone(),
-                    name: name.to_string(),
-                })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                file: self.file.clone(),
+                name: name.to_string(),
+            })?;
         let dims = info.shape.dims();
         // Vectors may be stored as [n] or [1, n].
         let squeezed: Vec<usize> = dims
@@ -139,9 +138,7 @@ impl GgufSource {
         if !elems.is_multiple_of(bs) || !want.last().copied().unwrap_or(0).is_multiple_of(bs) {
             return Err(ModelError::Format {
                 file: self.file.clone(),
-                what: format!(
-                    "tensor `{name}`: row length not a multiple of the {bs}-element block"
-                ),
+                what: format!("tensor `{name}`: row length not a multiple of the {bs}-element block"),
             });
         }
         let size = elems / bs * info.ggml_dtype.type_size();
@@ -157,22 +154,14 @@ impl GgufSource {
             });
         }
         let mut buf = vec![0u8; size];
-        std::os::unix::fs::FileExt::read_exact_at(&self.handle, &mut buf, start).map_err(
-            |source| ModelError::Io {
-                file: self.file.clone(),
-                source,
-            },
-        )?;
+        std::os::unix::fs::FileExt::read_exact_at(&self.handle, &mut buf, start).map_err(|source| ModelError::Io {
+            file: self.file.clone(),
+            source,
+        })?;
         Ok((buf, info.ggml_dtype))
     }
 
-    fn to_f32(
-        &self,
-        name: &str,
-        bytes: &[u8],
-        dtype: GgmlDType,
-        shape: &[usize],
-    ) -> Result<Vec<f32>, ModelError> {
+    fn to_f32(&self, name: &str, bytes: &[u8], dtype: GgmlDType, shape: &[usize]) -> Result<Vec<f32>, ModelError> {
         Ok(match dtype {
             GgmlDType::F32 => bytes
                 .chunks_exact(4)
@@ -252,9 +241,7 @@ impl WeightSource for GgufSource {
                     .collect(),
             ),
             // Embedding rows are looked up one at a time: keep them in a format we can slice.
-            _ if matches!(role, Role::Embed) => {
-                WeightData::F32(self.to_f32(&name, &bytes, dtype, &[rows, cols])?)
-            }
+            _ if matches!(role, Role::Embed) => WeightData::F32(self.to_f32(&name, &bytes, dtype, &[rows, cols])?),
             _ => {
                 let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     dtype,

@@ -52,8 +52,7 @@ impl Linear {
     pub fn forward(&self, x: &[f32], t: usize) -> Result<Vec<f32>, ModelError> {
         debug_assert_eq!(x.len(), t * self.cols);
         let rows = self.rows;
-        let parallel =
-            rayon::current_num_threads() > 1 && rows * self.cols * t >= PARALLEL_MIN_MACS;
+        let parallel = rayon::current_num_threads() > 1 && rows * self.cols * t >= PARALLEL_MIN_MACS;
         // Work on the transposed output (row-major over weight rows) so tasks own contiguous chunks.
         let mut out_t = vec![0.0f32; rows * t];
         let k = kernels();
@@ -77,11 +76,7 @@ impl Linear {
                         let row = &bytes[r * rb..(r + 1) * rb];
                         let mut ti = 0;
                         while ti + 4 <= t {
-                            let r4 = format.dot4(
-                                k,
-                                row,
-                                [&xq[ti], &xq[ti + 1], &xq[ti + 2], &xq[ti + 3]],
-                            );
+                            let r4 = format.dot4(k, row, [&xq[ti], &xq[ti + 1], &xq[ti + 2], &xq[ti + 3]]);
                             o[ti..ti + 4].copy_from_slice(&r4);
                             ti += 4;
                         }
@@ -91,10 +86,7 @@ impl Linear {
                     }
                 };
                 if parallel {
-                    out_t
-                        .par_chunks_mut(chunk_rows * t)
-                        .enumerate()
-                        .for_each(body);
+                    out_t.par_chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 } else {
                     out_t.chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 }
@@ -111,10 +103,7 @@ impl Linear {
                     }
                 };
                 if parallel {
-                    out_t
-                        .par_chunks_mut(chunk_rows * t)
-                        .enumerate()
-                        .for_each(body);
+                    out_t.par_chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 } else {
                     out_t.chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 }
@@ -131,10 +120,7 @@ impl Linear {
                     }
                 };
                 if parallel {
-                    out_t
-                        .par_chunks_mut(chunk_rows * t)
-                        .enumerate()
-                        .for_each(body);
+                    out_t.par_chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 } else {
                     out_t.chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 }
@@ -183,12 +169,8 @@ impl Linear {
         let same = parts.windows(2).all(|w| {
             w[0].cols == w[1].cols
                 && match (&w[0].data, &w[1].data) {
-                    (
-                        WeightData::Blocks { format: a, .. },
-                        WeightData::Blocks { format: b, .. },
-                    ) => a == b,
-                    (WeightData::F32(_), WeightData::F32(_))
-                    | (WeightData::F16(_), WeightData::F16(_)) => true,
+                    (WeightData::Blocks { format: a, .. }, WeightData::Blocks { format: b, .. }) => a == b,
+                    (WeightData::F32(_), WeightData::F32(_)) | (WeightData::F16(_), WeightData::F16(_)) => true,
                     _ => false,
                 }
         });
@@ -209,19 +191,12 @@ impl Linear {
         let mut data = first.data;
         for p in it {
             match (&mut data, p.data) {
-                (WeightData::Blocks { bytes, .. }, WeightData::Blocks { bytes: b, .. }) => {
-                    bytes.extend(b)
-                }
+                (WeightData::Blocks { bytes, .. }, WeightData::Blocks { bytes: b, .. }) => bytes.extend(b),
                 (WeightData::F32(v), WeightData::F32(b)) => v.extend(b),
                 (WeightData::F16(v), WeightData::F16(b)) => v.extend(b),
                 _ => unreachable!("checked above"),
             }
         }
-        Ok(Linear {
-            rows,
-            cols,
-            data,
-            bias,
-        })
+        Ok(Linear { rows, cols, data, bias })
     }
 }

@@ -26,13 +26,12 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("{file}: {source}")]
-    Io {
-        file: PathBuf,
-        source: std::io::Error,
-    },
+    Io { file: PathBuf, source: std::io::Error },
     #[error("{file}: {what}")]
     Format { file: PathBuf, what: String },
-    #[error("{file}: unsupported architecture `{arch}` (supported: llama, qwen2 / LlamaForCausalLM, Qwen2ForCausalLM)")]
+    #[error(
+        "{file}: unsupported architecture `{arch}` (supported: llama, qwen2 / LlamaForCausalLM, Qwen2ForCausalLM)"
+    )]
     UnsupportedArch { file: PathBuf, arch: String },
     #[error("{file}: tensor `{tensor}` has unsupported type {dtype}")]
     UnsupportedDtype {
@@ -101,8 +100,7 @@ impl Projection {
             Projection::Split(parts) => parts.iter().map(|p| p.forward(x, t)).collect(),
             Projection::Fused { linear, splits } => {
                 let all = linear.forward(x, t)?;
-                let mut outs: Vec<Vec<f32>> =
-                    splits.iter().map(|&r| Vec::with_capacity(r * t)).collect();
+                let mut outs: Vec<Vec<f32>> = splits.iter().map(|&r| Vec::with_capacity(r * t)).collect();
                 for row in all.chunks_exact(linear.rows) {
                     let mut off = 0;
                     for (o, &r) in outs.iter_mut().zip(splits) {
@@ -169,12 +167,7 @@ impl Model {
         let layers: usize = self
             .layers
             .iter()
-            .map(|l| {
-                l.qkv.weight_bytes()
-                    + l.o.weight_bytes()
-                    + l.gate_up.weight_bytes()
-                    + l.down.weight_bytes()
-            })
+            .map(|l| l.qkv.weight_bytes() + l.o.weight_bytes() + l.gate_up.weight_bytes() + l.down.weight_bytes())
             .sum();
         layers + self.embed.weight_bytes() + self.lm_head.as_ref().map_or(0, Linear::weight_bytes)
     }
@@ -214,9 +207,7 @@ impl ModelParts {
             norm: self.norm,
             lm_head: self.lm_head,
             rope_factors,
-            pool: self
-                .pool
-                .ok_or_else(|| ModelError::ThreadPool("no pool".into()))?,
+            pool: self.pool.ok_or_else(|| ModelError::ThreadPool("no pool".into()))?,
         })
     }
 }
@@ -252,10 +243,7 @@ pub(crate) trait WeightSource {
 }
 
 /// Build every layer from a source, checking each shape against the config.
-pub(crate) fn build_parts(
-    cfg: ModelConfig,
-    src: &dyn WeightSource,
-) -> Result<ModelParts, ModelError> {
+pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<ModelParts, ModelError> {
     let (h, qd, kd, f) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn);
     let with_bias = |mut lin: Linear, role: Role| -> Result<Linear, ModelError> {
         if src.has(role) {
@@ -273,10 +261,7 @@ pub(crate) fn build_parts(
             qkv: Projection::new(vec![q, k, v]),
             o: src.matrix(Role::O(l), h, qd)?,
             ffn_norm: src.vector(Role::FfnNorm(l), h)?,
-            gate_up: Projection::new(vec![
-                src.matrix(Role::Gate(l), f, h)?,
-                src.matrix(Role::Up(l), f, h)?,
-            ]),
+            gate_up: Projection::new(vec![src.matrix(Role::Gate(l), f, h)?, src.matrix(Role::Up(l), f, h)?]),
             down: src.matrix(Role::Down(l), h, f)?,
         });
     }

@@ -85,21 +85,15 @@ pub(crate) fn load(dir: &Path) -> Result<(ModelParts, Tokenizer), ModelError> {
 
 impl SafetensorsSource {
     fn values(&self, name: &str, want: &[usize]) -> Result<(Dtype, &[u8], &Path), ModelError> {
-        let &si = self
-            .index
-            .get(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                file: self.dir.clone(),
-                name: name.into(),
-            })?;
+        let &si = self.index.get(name).ok_or_else(|| ModelError::MissingTensor {
+            file: self.dir.clone(),
+            name: name.into(),
+        })?;
         let shard = &self.shards[si];
-        let info = shard
-            .meta
-            .info(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                file: shard.file.clone(),
-                name: name.into(),
-            })?;
+        let info = shard.meta.info(name).ok_or_else(|| ModelError::MissingTensor {
+            file: shard.file.clone(),
+            name: name.into(),
+        })?;
         if info.shape != want {
             return Err(ModelError::BadShape {
                 file: shard.file.clone(),

@@ -14,7 +14,8 @@ use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimi
 
 /// Llama 3 / Qwen2 style: case-insensitive contractions, numbers in groups (llama3: up to 3 digits).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Token kinds as GGUF `tokenizer.ggml.token_type` numbers them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,9 +67,8 @@ fn byte_to_char() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
-            || (0xA1..=0xAC).contains(&b)
-            || (0xAE..=0xFF).contains(&b);
+        let printable =
+            (b'!' as u32..=b'~' as u32).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         table[b as usize] = if printable {
             char::from_u32(b).unwrap_or('?')
         } else {
@@ -79,12 +79,7 @@ fn byte_to_char() -> [char; 256] {
     table
 }
 
-fn token_bytes(
-    text: &str,
-    kind: TokenKind,
-    style: VocabStyle,
-    inverse: &HashMap<char, u8>,
-) -> Vec<u8> {
+fn token_bytes(text: &str, kind: TokenKind, style: VocabStyle, inverse: &HashMap<char, u8>) -> Vec<u8> {
     if matches!(
         kind,
         TokenKind::Control | TokenKind::UserDefined | TokenKind::Unknown | TokenKind::Unused
@@ -92,14 +87,9 @@ fn token_bytes(
         return text.as_bytes().to_vec();
     }
     match style {
-        VocabStyle::ByteLevel => text
-            .chars()
-            .map(|c| inverse.get(&c).copied().unwrap_or(b'?'))
-            .collect(),
+        VocabStyle::ByteLevel => text.chars().map(|c| inverse.get(&c).copied().unwrap_or(b'?')).collect(),
         VocabStyle::SentencePiece => {
-            if kind == TokenKind::Byte
-                || (text.len() == 6 && text.starts_with("<0x") && text.ends_with('>'))
-            {
+            if kind == TokenKind::Byte || (text.len() == 6 && text.starts_with("<0x") && text.ends_with('>')) {
                 if let Ok(b) = u8::from_str_radix(&text[3..5], 16) {
                     return vec![b];
                 }
@@ -176,13 +166,9 @@ impl Tokenizer {
                 );
                 let pre: PreTokenizerWrapper = match regex {
                     Some(r) => Sequence::new(vec![
-                        Split::new(
-                            SplitPattern::Regex(r.into()),
-                            SplitDelimiterBehavior::Isolated,
-                            false,
-                        )
-                        .map_err(tok_err)?
-                        .into(),
+                        Split::new(SplitPattern::Regex(r.into()), SplitDelimiterBehavior::Isolated, false)
+                            .map_err(tok_err)?
+                            .into(),
                         ByteLevel::new(false, false, false).into(),
                     ])
                     .into(),
@@ -236,8 +222,7 @@ impl Tokenizer {
             .collect();
         tk.add_special_tokens(specials).map_err(tok_err)?;
         let b2c = byte_to_char();
-        let inverse: HashMap<char, u8> =
-            b2c.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let inverse: HashMap<char, u8> = b2c.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         let bytes = v
             .tokens
             .iter()
@@ -245,18 +230,9 @@ impl Tokenizer {
             .map(|(t, &k)| token_bytes(t, k, style, &inverse))
             .collect();
         let mut eos: Vec<u32> = v.eos.into_iter().chain(v.eot).collect();
-        for name in [
-            "<|im_end|>",
-            "<|eot_id|>",
-            "<|end_of_text|>",
-            "<|endoftext|>",
-            "</s>",
-        ] {
+        for name in ["<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>"] {
             if let Some(&id) = vocab.get(name) {
-                if kinds[id as usize] == TokenKind::Control
-                    && !eos.contains(&id)
-                    && Some(id) != v.bos
-                {
+                if kinds[id as usize] == TokenKind::Control && !eos.contains(&id) && Some(id) != v.bos {
                     eos.push(id);
                 }
             }
@@ -273,25 +249,18 @@ impl Tokenizer {
     }
 
     /// From an HF `tokenizer.json` (+ `tokenizer_config.json` for BOS/EOS and the chat template).
-    pub fn from_hf_files(
-        tokenizer_json: &[u8],
-        config_json: Option<&str>,
-    ) -> Result<Tokenizer, ModelError> {
+    pub fn from_hf_files(tokenizer_json: &[u8], config_json: Option<&str>) -> Result<Tokenizer, ModelError> {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(tok_err)?;
         let n = inner.get_vocab_size(true);
         let added = inner.get_added_tokens_decoder();
-        let byte_level = matches!(
-            inner.get_decoder(),
-            Some(tokenizers::DecoderWrapper::ByteLevel(_))
-        );
+        let byte_level = matches!(inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
         let style = if byte_level {
             VocabStyle::ByteLevel
         } else {
             VocabStyle::SentencePiece
         };
         let b2c = byte_to_char();
-        let inverse: HashMap<char, u8> =
-            b2c.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
+        let inverse: HashMap<char, u8> = b2c.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
         let mut kinds = vec![TokenKind::Normal; n];
         let mut bytes = vec![Vec::new(); n];
         for id in 0..n as u32 {
@@ -319,8 +288,7 @@ impl Tokenizer {
             .collect();
         for name in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
             if let Some(id) = inner.token_to_id(name) {
-                if kinds[id as usize] == TokenKind::Control && !eos.contains(&id) && Some(id) != bos
-                {
+                if kinds[id as usize] == TokenKind::Control && !eos.contains(&id) && Some(id) != bos {
                     eos.push(id);
                 }
             }
@@ -389,11 +357,7 @@ fn bpe_vocab(v: &HashMap<String, u32>) -> tokenizers::models::bpe::Vocab {
 
 /// Merges for a SentencePiece vocab: every way of writing a piece as two vocab pieces, ranked by the merged
 /// piece's score (higher first) — the conversion HF's `SentencePieceExtractor` performs.
-fn spm_merges(
-    tokens: &[String],
-    scores: &[f32],
-    vocab: &HashMap<String, u32>,
-) -> Vec<(String, String)> {
+fn spm_merges(tokens: &[String], scores: &[f32], vocab: &HashMap<String, u32>) -> Vec<(String, String)> {
     let mut merges: Vec<(f32, u32, u32, String, String)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         let chars: Vec<(usize, char)> = piece.char_indices().collect();

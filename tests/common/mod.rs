@@ -16,13 +16,11 @@ pub fn shared_dir() -> PathBuf {
 /// The default model. The test command (`.ci/run`, README) fetches it first; a missing model is a failure,
 /// never a skip.
 pub fn default_model_path() -> PathBuf {
-    let p = std::env::var_os("PMKVQ_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("models")
-                .join(pmkvq::fetch::DEFAULT_MODEL_FILE)
-        });
+    let p = std::env::var_os("PMKVQ_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(pmkvq::fetch::DEFAULT_MODEL_FILE)
+    });
     assert!(
         p.exists(),
         "default model missing at {}: run `deploy/fetch-model.sh` (the test command does)",
@@ -81,12 +79,7 @@ pub fn golden() -> Golden {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|t| {
-                    (
-                        t["token"].as_u64().unwrap() as u32,
-                        t["logprob"].as_f64().unwrap(),
-                    )
-                })
+                .map(|t| (t["token"].as_u64().unwrap() as u32, t["logprob"].as_f64().unwrap()))
                 .collect(),
         })
         .collect();
@@ -99,11 +92,6 @@ pub fn golden() -> Golden {
 /// log-softmax in f64.
 pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits
-        .iter()
-        .map(|&l| (l as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
+    let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
     logits.iter().map(|&l| l as f64 - lse).collect()
 }

@@ -65,9 +65,7 @@ pub fn vocab(n: usize) -> Vec<String> {
 pub fn weights(s: &TinySpec) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let mut seed = s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut rnd = move |scale: f32| {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 2.0 * scale
     };
     let mut m = BTreeMap::new();
@@ -81,22 +79,9 @@ pub fn weights(s: &TinySpec) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
         scale: f32,
         rnd: &mut dyn FnMut(f32) -> f32,
     ) {
-        m.insert(
-            name,
-            (
-                vec![r, c],
-                (0..r * c).map(|_| rnd(scale)).collect::<Vec<f32>>(),
-            ),
-        );
+        m.insert(name, (vec![r, c], (0..r * c).map(|_| rnd(scale)).collect::<Vec<f32>>()));
     }
-    mat(
-        &mut m,
-        "model.embed_tokens.weight".into(),
-        s.vocab,
-        h,
-        1.0,
-        &mut rnd,
-    );
+    mat(&mut m, "model.embed_tokens.weight".into(), s.vocab, h, 1.0, &mut rnd);
     mat(&mut m, "lm_head.weight".into(), s.vocab, h, 0.3, &mut rnd);
     for l in 0..s.layers {
         let p = |n: &str| format!("model.layers.{l}.{n}");
@@ -134,8 +119,7 @@ fn permute_rows(data: &[f32], heads: usize, d: usize, cols: usize) -> Vec<f32> {
             for j in 0..d / 2 {
                 let src = h * d + half * (d / 2) + j;
                 let dst = h * d + 2 * j + half;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -155,20 +139,13 @@ pub fn write_hf_dir(s: &TinySpec, dir: &Path) -> PathBuf {
         "vocab_size": s.vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
         "tie_word_embeddings": false
     });
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     let bytes: BTreeMap<String, (Vec<usize>, Vec<u8>)> = w
         .iter()
         .map(|(k, (shape, v))| {
             (
                 k.clone(),
-                (
-                    shape.clone(),
-                    v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                ),
+                (shape.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             )
         })
         .collect();
@@ -177,8 +154,7 @@ pub fn write_hf_dir(s: &TinySpec, dir: &Path) -> PathBuf {
         .map(|(k, (shape, b))| {
             (
                 k.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                    .unwrap(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).unwrap(),
             )
         })
         .collect();
@@ -204,11 +180,7 @@ pub fn write_hf_dir(s: &TinySpec, dir: &Path) -> PathBuf {
         "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab_json, "merges": []}
     });
-    std::fs::write(
-        dir.join("tokenizer.json"),
-        serde_json::to_string(&tj).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tj).unwrap()).unwrap();
     std::fs::write(
         dir.join("tokenizer_config.json"),
         r#"{"eos_token": "<|im_end|>", "add_bos_token": false}"#,
@@ -288,27 +260,12 @@ pub fn write_gguf(s: &TinySpec, path: &Path, damage: Damage) -> PathBuf {
         ("general.architecture".into(), Value::String(arch.into())),
         (format!("{arch}.block_count"), Value::U32(s.layers as u32)),
         (format!("{arch}.context_length"), Value::U32(256)),
-        (
-            format!("{arch}.embedding_length"),
-            Value::U32(s.hidden as u32),
-        ),
-        (
-            format!("{arch}.feed_forward_length"),
-            Value::U32(s.ffn as u32),
-        ),
-        (
-            format!("{arch}.attention.head_count"),
-            Value::U32(s.heads as u32),
-        ),
-        (
-            format!("{arch}.attention.head_count_kv"),
-            Value::U32(s.kv_heads as u32),
-        ),
+        (format!("{arch}.embedding_length"), Value::U32(s.hidden as u32)),
+        (format!("{arch}.feed_forward_length"), Value::U32(s.ffn as u32)),
+        (format!("{arch}.attention.head_count"), Value::U32(s.heads as u32)),
+        (format!("{arch}.attention.head_count_kv"), Value::U32(s.kv_heads as u32)),
         (format!("{arch}.rope.freq_base"), Value::F32(10000.0)),
-        (
-            format!("{arch}.attention.layer_norm_rms_epsilon"),
-            Value::F32(1e-5),
-        ),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         (
             "tokenizer.ggml.tokens".into(),
@@ -316,16 +273,17 @@ pub fn write_gguf(s: &TinySpec, path: &Path, damage: Damage) -> PathBuf {
         ),
         (
             "tokenizer.ggml.token_type".into(),
-            Value::Array(
-                (0..s.vocab)
-                    .map(|i| Value::I32(if i < 3 { 3 } else { 1 }))
-                    .collect(),
-            ),
+            Value::Array((0..s.vocab).map(|i| Value::I32(if i < 3 { 3 } else { 1 })).collect()),
         ),
         ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
     ];
-    md.push(("tokenizer.chat_template".into(), Value::String("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into())));
+    md.push((
+        "tokenizer.chat_template".into(),
+        Value::String(
+            "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into(),
+        ),
+    ));
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();

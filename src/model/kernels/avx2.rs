@@ -6,9 +6,7 @@ use half::f16;
 use std::arch::x86_64::*;
 
 pub fn supported() -> bool {
-    is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
 }
 
 pub static AVX2: Kernels = Kernels {
@@ -115,10 +113,7 @@ unsafe fn quantize_q8_impl(x: &[f32], out: &mut Q8Row) {
         let mut sum = _mm256_setzero_si256();
         let q = out.qs.as_mut_ptr().add(b * QK);
         for (i, vi) in v.iter().enumerate() {
-            let r = _mm256_round_ps(
-                _mm256_mul_ps(*vi, id),
-                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-            );
+            let r = _mm256_round_ps(_mm256_mul_ps(*vi, id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             let qi = _mm256_cvtps_epi32(r);
             sum = _mm256_add_epi32(sum, qi);
             let mut tmp = [0i32; 8];
@@ -272,11 +267,7 @@ unsafe fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
     let mut i = 0;
     while i + 16 <= n {
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pb.add(i)), acc0);
-        acc1 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(pa.add(i + 8)),
-            _mm256_loadu_ps(pb.add(i + 8)),
-            acc1,
-        );
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i + 8)), _mm256_loadu_ps(pb.add(i + 8)), acc1);
         i += 16;
     }
     while i + 8 <= n {
@@ -330,10 +321,7 @@ unsafe fn axpy_f16_impl(w: f32, row: &[f16], acc: &mut [f32]) {
     let mut i = 0;
     while i + 8 <= n {
         let h = _mm256_cvtph_ps(_mm_loadu_si128(pr.add(i) as *const __m128i));
-        _mm256_storeu_ps(
-            pa.add(i),
-            _mm256_fmadd_ps(wv, h, _mm256_loadu_ps(pa.add(i))),
-        );
+        _mm256_storeu_ps(pa.add(i), _mm256_fmadd_ps(wv, h, _mm256_loadu_ps(pa.add(i))));
         i += 8;
     }
     while i < n {

@@ -151,9 +151,7 @@ mod tests {
     use super::*;
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     }
 
@@ -202,9 +200,7 @@ mod tests {
             let mut wd = vec![0.0; blocks * QK];
             dequantize_row(format, &w, &mut wd);
             // reference: dequantized weights against the *dequantized* activations
-            let xq: Vec<f32> = (0..blocks * QK)
-                .map(|i| q.d[i / QK] * q.qs[i] as f32)
-                .collect();
+            let xq: Vec<f32> = (0..blocks * QK).map(|i| q.d[i / QK] * q.qs[i] as f32).collect();
             let want: f32 = wd.iter().zip(&xq).map(|(a, b)| a * b).sum();
             let got = format.dot(&SCALAR, &w, &q);
             // Q4_1's min term uses the f16-rounded block sum, as llama.cpp does.

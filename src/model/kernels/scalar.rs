@@ -66,9 +66,7 @@ pub fn dot_q8_0(row: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0.0f32;
     for (b, blk) in row.chunks_exact(34).enumerate() {
         let q8 = &x.qs[b * QK..(b + 1) * QK];
-        let sumi: i32 = (0..QK)
-            .map(|j| (blk[2 + j] as i8) as i32 * q8[j] as i32)
-            .sum();
+        let sumi: i32 = (0..QK).map(|j| (blk[2 + j] as i8) as i32 * q8[j] as i32).sum();
         acc += f16_at(blk, 0) * x.d[b] * sumi as f32;
     }
     acc

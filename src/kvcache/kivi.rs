@@ -1,0 +1,229 @@
+//! KIVI baseline (spec §7): keys quantized per channel in blocks of 128 tokens, values per token, the newest
+//! `T mod 128` tokens kept at f16, no sink. Decode: when the length including the current token reaches a
+//! multiple of 128, the last 128 tokens are quantized *before* attention (the current step already sees them
+//! quantized). Prefill: full-precision attention, then every complete block is quantized.
+
+use super::attention::softmax_in_place;
+use super::quant::{attn_kernels, Bits, OffsetMode, PackedRows};
+use super::{check_inputs, KvError, KvGeometry, KvStore};
+use crate::model::kernels::kernels;
+use half::f16;
+
+/// Tokens per key block (KIVI's residual length).
+pub const KIVI_BLOCK: usize = 128;
+
+struct Layer {
+    /// Per block, per KV head: rows = channels, "elements" = the block's 128 tokens.
+    k_blocks: Vec<Vec<PackedRows>>,
+    v: PackedRows,
+    /// Not yet quantized, token-major `[token][kv_dim]`.
+    k_res: Vec<f16>,
+    v_res: Vec<f16>,
+}
+
+pub struct KiviStore {
+    geom: KvGeometry,
+    bits: Bits,
+    layers: Vec<Layer>,
+    max_tokens: usize,
+}
+
+impl KiviStore {
+    pub fn new(geom: KvGeometry, bits: Bits, max_tokens: usize) -> Self {
+        let layers = (0..geom.layers)
+            .map(|_| Layer {
+                k_blocks: Vec::new(),
+                v: PackedRows::new(bits, geom.head_dim, geom.kv_heads, geom.head_dim, OffsetMode::Stored),
+                k_res: Vec::new(),
+                v_res: Vec::new(),
+            })
+            .collect();
+        KiviStore {
+            geom,
+            bits,
+            layers,
+            max_tokens,
+        }
+    }
+
+    fn res_len(&self, l: &Layer) -> usize {
+        l.k_res.len() / self.geom.kv_dim()
+    }
+
+    /// Quantize the oldest 128 residual tokens of layer `li` into a key block and value rows.
+    fn quantize_block(&mut self, li: usize) {
+        let (h, d, kv) = (self.geom.kv_heads, self.geom.head_dim, self.geom.kv_dim());
+        let bits = self.bits;
+        let l = &mut self.layers[li];
+        let ks: Vec<f32> = l.k_res.drain(..KIVI_BLOCK * kv).map(|x| x.to_f32()).collect();
+        let vs: Vec<f32> = l.v_res.drain(..KIVI_BLOCK * kv).map(|x| x.to_f32()).collect();
+        let mut block = Vec::with_capacity(h);
+        for head in 0..h {
+            // one row per channel holding that channel's 128 values
+            let mut rows = PackedRows::new(bits, KIVI_BLOCK, 1, KIVI_BLOCK, OffsetMode::Stored);
+            let mut col = vec![0f32; KIVI_BLOCK];
+            for c in 0..d {
+                for (t, x) in col.iter_mut().enumerate() {
+                    *x = ks[t * kv + head * d + c];
+                }
+                rows.push_token(&col);
+            }
+            block.push(rows);
+        }
+        l.k_blocks.push(block);
+        for t in vs.chunks_exact(kv) {
+            l.v.push_token(t);
+        }
+    }
+}
+
+impl KvStore for KiviStore {
+    fn geometry(&self) -> KvGeometry {
+        self.geom
+    }
+
+    fn len(&self, layer: usize) -> usize {
+        self.layers
+            .get(layer)
+            .map_or(0, |l| l.k_blocks.len() * KIVI_BLOCK + self.res_len(l))
+    }
+
+    fn attend_and_store(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError> {
+        let g = self.geom;
+        check_inputs(&g, layer, q, k, v, n, out)?;
+        let (d, kv, qh, group) = (g.head_dim, g.kv_dim(), g.q_heads, g.group());
+        let scale = 1.0 / (d as f32).sqrt();
+        // decode step that completes a block: quantize it first, the current token included
+        let decode_flush = n == 1 && (self.len(layer) + 1).is_multiple_of(KIVI_BLOCK);
+        let raw_new = if decode_flush {
+            let l = &mut self.layers[layer];
+            l.k_res.extend(k.iter().map(|&x| f16::from_f32(x)));
+            l.v_res.extend(v.iter().map(|&x| f16::from_f32(x)));
+            self.quantize_block(layer);
+            0
+        } else {
+            n
+        };
+        let l = &self.layers[layer];
+        let (ak, kern) = (attn_kernels(), kernels());
+        let n_blocks = l.k_blocks.len();
+        let n_res = self.res_len(l);
+        let n_quant = n_blocks * KIVI_BLOCK;
+        for (idx, o) in out.chunks_mut(d).enumerate() {
+            let (i, hq) = (idx / qh, idx % qh);
+            let kvh = hq / group;
+            let qv = &q[idx * d..(idx + 1) * d];
+            let visible_new = if raw_new == 0 { 0 } else { i + 1 };
+            let mut p = vec![0.0f32; n_quant + n_res + visible_new];
+            for (b, block) in l.k_blocks.iter().enumerate() {
+                // scores of the block's tokens: Σ_c q_c·x̂[c][t], i.e. `accumulate` with channels as rows
+                let s = &mut p[b * KIVI_BLOCK..(b + 1) * KIVI_BLOCK];
+                (ak.accumulate)(&block[kvh], 0, qv, s);
+                s.iter_mut().for_each(|x| *x *= scale);
+            }
+            for t in 0..n_res {
+                let kr = &l.k_res[t * kv + kvh * d..t * kv + (kvh + 1) * d];
+                p[n_quant + t] = (kern.dot_f16)(kr, qv) * scale;
+            }
+            for j in 0..visible_new {
+                p[n_quant + n_res + j] = (kern.dot_f32)(qv, &k[j * kv + kvh * d..j * kv + (kvh + 1) * d]) * scale;
+            }
+            softmax_in_place(&mut p);
+            o.fill(0.0);
+            (ak.accumulate)(&l.v, kvh, &p[..n_quant], o);
+            for t in 0..n_res {
+                (kern.axpy_f16)(p[n_quant + t], &l.v_res[t * kv + kvh * d..t * kv + (kvh + 1) * d], o);
+            }
+            for j in 0..visible_new {
+                let w = p[n_quant + n_res + j];
+                for (a, x) in o.iter_mut().zip(&v[j * kv + kvh * d..j * kv + (kvh + 1) * d]) {
+                    *a += w * x;
+                }
+            }
+        }
+        if raw_new > 0 {
+            let l = &mut self.layers[layer];
+            l.k_res.extend(k.iter().map(|&x| f16::from_f32(x)));
+            l.v_res.extend(v.iter().map(|&x| f16::from_f32(x)));
+            while self.res_len(&self.layers[layer]) >= KIVI_BLOCK {
+                self.quantize_block(layer);
+            }
+        }
+        Ok(())
+    }
+
+    fn reserve(&mut self, n: usize) -> Result<(), KvError> {
+        let stored = self.len(0);
+        if stored + n > self.max_tokens {
+            return Err(KvError::CapacityExceeded {
+                layer: 0,
+                stored: stored + n,
+                limit: self.max_tokens,
+            });
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    fn truncate(&mut self, tokens: usize) {
+        let kv = self.geom.kv_dim();
+        for l in &mut self.layers {
+            let quant = l.k_blocks.len() * KIVI_BLOCK;
+            if tokens < quant {
+                // blocks cannot be split: drop whole blocks past the cut
+                l.k_blocks.truncate(tokens / KIVI_BLOCK);
+                l.v.truncate(tokens / KIVI_BLOCK * KIVI_BLOCK);
+                l.k_res.clear();
+                l.v_res.clear();
+            } else {
+                l.k_res.truncate((tokens - quant) * kv);
+                l.v_res.truncate((tokens - quant) * kv);
+            }
+        }
+    }
+
+    fn true_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.k_blocks.iter().flatten().map(PackedRows::true_bytes).sum::<usize>()
+                    + l.v.true_bytes()
+                    + 2 * (l.k_res.len() + l.v_res.len())
+            })
+            .sum()
+    }
+
+    fn payload_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| {
+                l.k_blocks
+                    .iter()
+                    .flatten()
+                    .map(PackedRows::payload_bytes)
+                    .sum::<usize>()
+                    + l.v.payload_bytes()
+                    + 2 * (l.k_res.len() + l.v_res.len())
+            })
+            .sum()
+    }
+
+    fn layer_bits(&self) -> Vec<u32> {
+        vec![self.bits.count(); self.geom.layers]
+    }
+
+    fn method(&self) -> String {
+        format!("kivi:{}", self.bits.count())
+    }
+}

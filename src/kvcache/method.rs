@@ -1,0 +1,134 @@
+//! KV methods by name, for the CLI, the evaluation harness and (later) per-request policies.
+
+use super::kivi::KiviStore;
+use super::quant::Bits;
+use super::{F16KvStore, KvError, KvGeometry, KvStore, PmKvqConfig, PmKvqStore};
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum KvMethod {
+    /// f16 K/V, llama.cpp's default cache (the reference).
+    Fp16,
+    /// Progressive mixed precision (this project), with its configuration.
+    Pmkvq(PmKvqConfig),
+    /// Every token quantized at b bits when stored.
+    Rtn(Bits),
+    /// Per-channel keys in 128-token blocks, per-token values, f16 residual.
+    Kivi(Bits),
+    /// llama.cpp's symmetric 32-element `q8_0` / `q4_0`.
+    Llama(Bits),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("unknown kv method `{0}`: use fp16, pmkvq, rtn:<2|4|8>, kivi:<2|4|8>, q8_0 or q4_0")]
+pub struct BadMethod(pub String);
+
+impl FromStr for KvMethod {
+    type Err = BadMethod;
+    fn from_str(s: &str) -> Result<Self, BadMethod> {
+        let bad = || BadMethod(s.to_string());
+        let bits = |b: &str| {
+            b.parse::<u32>()
+                .ok()
+                .and_then(Bits::from_count)
+                .filter(|b| *b != Bits::B16)
+                .ok_or_else(bad)
+        };
+        match s.split_once(':') {
+            None => match s {
+                "fp16" | "f16" => Ok(KvMethod::Fp16),
+                "pmkvq" => Ok(KvMethod::Pmkvq(PmKvqConfig::pmkvq())),
+                "q8_0" => Ok(KvMethod::Llama(Bits::B8)),
+                "q4_0" => Ok(KvMethod::Llama(Bits::B4)),
+                _ => Err(bad()),
+            },
+            Some(("rtn", b)) => Ok(KvMethod::Rtn(bits(b)?)),
+            Some(("kivi", b)) => Ok(KvMethod::Kivi(bits(b)?)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for KvMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvMethod::Fp16 => write!(f, "fp16"),
+            KvMethod::Pmkvq(c) => write!(f, "{}", c.name),
+            KvMethod::Rtn(b) => write!(f, "rtn:{}", b.count()),
+            KvMethod::Kivi(b) => write!(f, "kivi:{}", b.count()),
+            KvMethod::Llama(b) => write!(f, "q{}_0", b.count()),
+        }
+    }
+}
+
+impl KvMethod {
+    /// A store for one sequence. `layer_budgets` (true bytes per layer) bind adaptive methods; fixed-width
+    /// methods are not limited by them (their cost is what their width costs).
+    pub fn new_store(
+        &self,
+        geom: KvGeometry,
+        layer_budgets: Option<&[usize]>,
+        max_tokens: usize,
+    ) -> Result<Box<dyn KvStore>, KvError> {
+        let unlimited = vec![usize::MAX; geom.layers];
+        let budgets = layer_budgets.unwrap_or(&unlimited);
+        Ok(match self {
+            KvMethod::Fp16 => Box::new(F16KvStore::new(geom, max_tokens)),
+            KvMethod::Pmkvq(cfg) => Box::new(PmKvqStore::new(geom, cfg.clone(), budgets, max_tokens)?),
+            KvMethod::Rtn(b) => Box::new(PmKvqStore::new(geom, PmKvqConfig::rtn(*b), &unlimited, max_tokens)?),
+            KvMethod::Llama(b) => Box::new(PmKvqStore::new(geom, PmKvqConfig::llama(*b), &unlimited, max_tokens)?),
+            KvMethod::Kivi(b) => Box::new(KiviStore::new(geom, *b, max_tokens)),
+        })
+    }
+}
+
+/// Parse a byte size: `123`, `512KiB`, `64MiB`, `1.5GiB`, `2GB` (SI units are powers of 1000).
+pub fn parse_bytes(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        _ => return None,
+    };
+    let bytes = v * mult;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < usize::MAX as f64).then_some(bytes as usize)
+}
+
+/// Split a total budget evenly over layers.
+pub fn even_layer_budgets(total: usize, layers: usize) -> Vec<usize> {
+    vec![total / layers.max(1); layers]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_bad_names_are_errors() {
+        for name in ["fp16", "pmkvq", "rtn:2", "rtn:4", "kivi:2", "q8_0", "q4_0"] {
+            assert_eq!(name.parse::<KvMethod>().unwrap().to_string(), name);
+        }
+        for bad in ["rtn:3", "kivi:16", "q5_0", "pm", "rtn:"] {
+            assert!(bad.parse::<KvMethod>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("512"), Some(512));
+        assert_eq!(parse_bytes("64MiB"), Some(64 << 20));
+        assert_eq!(parse_bytes("1.5GiB"), Some(3 << 29));
+        assert_eq!(parse_bytes("2 MB"), Some(2_000_000));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("-5"), None);
+    }
+}

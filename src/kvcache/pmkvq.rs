@@ -1,0 +1,448 @@
+//! The PM-KVQ progressive cache (spec §3) and the fixed-width baselines that share its storage.
+//!
+//! Per layer, separately for K and V: a 16-bit **sink** (first `sink` tokens), a **body** at the layer's current
+//! width, and a chunked 16-bit **window** of 0..W−1 recent tokens. Order, also for attention: sink | body |
+//! window. On every store, the general form of §3.4 runs (multi-token updates take `n_out − w` new tokens into
+//! the flushed chunk, §9 item 6); the flushed chunk is lowered to the body's width by repeated ERS. While a
+//! layer's true bytes exceed its budget, its whole body drops one level (a loop, §9 item 9).
+//!
+//! Invariant: true bytes ≤ budget in every layer after every call that returns Ok. `reserve` refuses a step
+//! that could not fit even at the floor width *before* any layer changes, so a refusal loses nothing.
+
+use super::attention::softmax_in_place;
+use super::quant::{attn_kernels, Bits, OffsetMode, PackedRows, ShiftMode};
+use super::{check_inputs, KvError, KvGeometry, KvStore};
+use crate::model::kernels::kernels;
+use rayon::prelude::*;
+
+/// How body tokens are quantized when they are written directly (no window).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantizer {
+    /// The PM-KVQ quantizer: asymmetric, float offset, per group.
+    Asymmetric,
+    /// llama.cpp's q8_0 / q4_0: symmetric 32-element blocks, one f16 scale each.
+    LlamaSymmetric,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PmKvqConfig {
+    /// Tokens kept at 16 bits at the start (spec default 1).
+    pub sink: usize,
+    /// Chunked 16-bit recent window (spec default 128); 0 = tokens go straight to the body.
+    pub window: usize,
+    /// Quantization group; 0 = head_dim.
+    pub group: usize,
+    /// Width a body starts at.
+    pub init_bits: Bits,
+    /// Lowest width a body may be shrunk to.
+    pub floor_bits: Bits,
+    pub shift: ShiftMode,
+    /// Shrink to meet budgets (PM-KVQ). Off: fixed width; budgets are only checked.
+    pub adaptive: bool,
+    pub quantizer: Quantizer,
+    /// Enforce budgets on code bytes only, as the reference implementation does (§3.5), instead of true bytes.
+    /// For parity checks; a deployment always enforces true bytes.
+    pub payload_accounting: bool,
+    pub name: String,
+}
+
+impl PmKvqConfig {
+    pub fn pmkvq() -> Self {
+        PmKvqConfig {
+            sink: 1,
+            window: 128,
+            group: 0,
+            init_bits: Bits::B16,
+            floor_bits: Bits::B2,
+            shift: ShiftMode::Equivalent,
+            adaptive: true,
+            quantizer: Quantizer::Asymmetric,
+            payload_accounting: false,
+            name: "pmkvq".into(),
+        }
+    }
+    /// Every token quantized at `bits` when stored, per token, no sink or window ("existing methods").
+    pub fn rtn(bits: Bits) -> Self {
+        PmKvqConfig {
+            sink: 0,
+            window: 0,
+            init_bits: bits,
+            floor_bits: bits,
+            adaptive: false,
+            name: format!("rtn:{}", bits.count()),
+            ..Self::pmkvq()
+        }
+    }
+    /// llama.cpp's `q8_0` / `q4_0` cache types: symmetric 32-element blocks.
+    pub fn llama(bits: Bits) -> Self {
+        PmKvqConfig {
+            group: 32,
+            quantizer: Quantizer::LlamaSymmetric,
+            name: format!("q{}_0", bits.count()),
+            ..Self::rtn(bits)
+        }
+    }
+}
+
+struct Side {
+    sink: PackedRows,
+    body: PackedRows,
+    window: PackedRows,
+}
+
+impl Side {
+    fn bytes(&self) -> usize {
+        self.sink.true_bytes() + self.body.true_bytes() + self.window.true_bytes()
+    }
+    fn payload(&self) -> usize {
+        self.sink.payload_bytes() + self.body.payload_bytes() + self.window.payload_bytes()
+    }
+    fn len(&self) -> usize {
+        self.sink.len() + self.body.len() + self.window.len()
+    }
+    fn segments(&self) -> [&PackedRows; 3] {
+        [&self.sink, &self.body, &self.window]
+    }
+}
+
+struct Layer {
+    k: Side,
+    v: Side,
+    budget: usize,
+}
+
+/// Fixed per-layer bookkeeping counted in true bytes (the segment headers themselves).
+const LAYER_BOOKKEEPING: usize = std::mem::size_of::<Layer>();
+
+pub struct PmKvqStore {
+    geom: KvGeometry,
+    cfg: PmKvqConfig,
+    layers: Vec<Layer>,
+    max_tokens: usize,
+}
+
+impl PmKvqStore {
+    /// `budgets`: per-layer true-byte budgets (`usize::MAX` = unlimited).
+    pub fn new(geom: KvGeometry, mut cfg: PmKvqConfig, budgets: &[usize], max_tokens: usize) -> Result<Self, KvError> {
+        if budgets.len() != geom.layers {
+            return Err(KvError::BadBudgets {
+                what: "layer budgets",
+                expected: geom.layers,
+                got: budgets.len(),
+            });
+        }
+        if cfg.group == 0 {
+            cfg.group = geom.head_dim;
+        }
+        let offsets = match (cfg.quantizer, cfg.init_bits) {
+            (Quantizer::LlamaSymmetric, Bits::B4) => OffsetMode::Symmetric { center: 8 },
+            (Quantizer::LlamaSymmetric, _) => OffsetMode::Symmetric { center: 128 },
+            _ => OffsetMode::Stored,
+        };
+        let (g, h, d) = (cfg.group, geom.kv_heads, geom.head_dim);
+        let side = || Side {
+            sink: PackedRows::new(Bits::B16, g, h, d, OffsetMode::Stored),
+            body: PackedRows::new(cfg.init_bits, g, h, d, offsets),
+            window: PackedRows::new(Bits::B16, g, h, d, OffsetMode::Stored),
+        };
+        let layers = budgets
+            .iter()
+            .map(|&budget| Layer {
+                k: side(),
+                v: side(),
+                budget,
+            })
+            .collect();
+        Ok(PmKvqStore {
+            geom,
+            cfg,
+            layers,
+            max_tokens,
+        })
+    }
+
+    pub fn config(&self) -> &PmKvqConfig {
+        &self.cfg
+    }
+
+    pub fn layer_true_bytes(&self, layer: usize) -> usize {
+        let l = &self.layers[layer];
+        l.k.bytes() + l.v.bytes() + LAYER_BOOKKEEPING
+    }
+
+    /// The bytes budgets are enforced on.
+    fn layer_charged_bytes(&self, layer: usize) -> usize {
+        if self.cfg.payload_accounting {
+            let l = &self.layers[layer];
+            l.k.payload() + l.v.payload()
+        } else {
+            self.layer_true_bytes(layer)
+        }
+    }
+
+    pub fn layer_budgets(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.budget).collect()
+    }
+
+    /// True bytes of layer `li` after storing `n` more tokens with its body at `body_bits`.
+    fn projected_bytes(&self, li: usize, n: usize, body_bits: Bits) -> usize {
+        let l = &self.layers[li];
+        let s = &l.k;
+        let sink = (s.sink.len() + n).min(self.cfg.sink);
+        let rem = n - (sink - s.sink.len());
+        let (body, win) = match (s.window.len() + rem).checked_div(self.cfg.window) {
+            None => (s.body.len() + rem, 0),
+            Some(chunks) => (
+                s.body.len() + chunks * self.cfg.window,
+                (s.window.len() + rem) % self.cfg.window,
+            ),
+        };
+        if self.cfg.payload_accounting {
+            let pb = |b: Bits| s.body.groups_per_token() * b.group_bytes(s.body.group);
+            return 2 * ((sink + win) * pb(Bits::B16) + body * pb(body_bits));
+        }
+        let tb16 = s.window.token_bytes();
+        let tbb = s.body.empty_like(body_bits).token_bytes();
+        2 * ((sink + win) * tb16 + body * tbb) + LAYER_BOOKKEEPING
+    }
+
+    fn floor_bits(&self, li: usize) -> Bits {
+        if self.cfg.adaptive {
+            self.cfg.floor_bits
+        } else {
+            self.layers[li].k.body.bits
+        }
+    }
+
+    /// Shrink layer `li` until it fits its budget.
+    fn enforce(&mut self, li: usize) -> Result<(), KvError> {
+        loop {
+            let bytes = self.layer_charged_bytes(li);
+            let l = &mut self.layers[li];
+            if bytes <= l.budget {
+                return Ok(());
+            }
+            let floor = if self.cfg.adaptive {
+                self.cfg.floor_bits
+            } else {
+                l.k.body.bits
+            };
+            if l.k.body.is_empty() || l.k.body.bits <= floor {
+                return Err(KvError::OutOfBudget {
+                    layer: li,
+                    need: bytes,
+                    budget: l.budget,
+                    floor_bits: floor.count(),
+                });
+            }
+            l.k.body.shrink(self.cfg.shift);
+            l.v.body.shrink(self.cfg.shift);
+        }
+    }
+
+    fn store_side(cfg: &PmKvqConfig, side: &mut Side, x: &[f32], kv_dim: usize) {
+        let n = x.len() / kv_dim;
+        let tok = |i: usize| &x[i * kv_dim..(i + 1) * kv_dim];
+        let mut i = 0;
+        while side.sink.len() < cfg.sink && i < n {
+            side.sink.push_token(tok(i));
+            i += 1;
+        }
+        let rem = n - i;
+        if rem == 0 {
+            return;
+        }
+        if cfg.window == 0 {
+            for j in i..n {
+                match cfg.quantizer {
+                    Quantizer::Asymmetric => side.body.push_token(tok(j)),
+                    Quantizer::LlamaSymmetric => side.body.push_token_symmetric(tok(j)),
+                }
+            }
+            return;
+        }
+        let w = side.window.len();
+        let t = w + rem;
+        let n_out = t / cfg.window * cfg.window;
+        if n_out == 0 {
+            for j in i..n {
+                side.window.push_token(tok(j));
+            }
+            return;
+        }
+        // flush: the old window plus the first n_out − w new tokens leave at 16 bits, then drop to the body's width
+        let fresh = side.window.empty_like(Bits::B16);
+        let mut chunk = std::mem::replace(&mut side.window, fresh);
+        for j in i..i + (n_out - w) {
+            chunk.push_token(tok(j));
+        }
+        chunk.shrink_to(side.body.bits, cfg.shift);
+        side.body.append(&mut chunk);
+        for j in i + (n_out - w)..n {
+            side.window.push_token(tok(j));
+        }
+    }
+}
+
+/// Below this many score multiply-adds per call, heads run on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 15;
+
+impl KvStore for PmKvqStore {
+    fn geometry(&self) -> KvGeometry {
+        self.geom
+    }
+
+    fn len(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |l| l.k.len())
+    }
+
+    fn attend_and_store(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError> {
+        let g = self.geom;
+        check_inputs(&g, layer, q, k, v, n, out)?;
+        let (d, kv_dim, qh, group) = (g.head_dim, g.kv_dim(), g.q_heads, g.group());
+        let scale = 1.0 / (d as f32).sqrt();
+        let l = &self.layers[layer];
+        let stored = l.k.len();
+        let (segs_k, segs_v) = (l.k.segments(), l.v.segments());
+        let (ak, kern) = (attn_kernels(), kernels());
+        let head = |(idx, o): (usize, &mut [f32])| {
+            let (i, h) = (idx / qh, idx % qh);
+            let kvh = h / group;
+            let qv = &q[idx * d..(idx + 1) * d];
+            let mut p = vec![0.0f32; stored + i + 1];
+            let mut off = 0;
+            for seg in segs_k {
+                (ak.scores)(seg, kvh, qv, scale, &mut p[off..off + seg.len()]);
+                off += seg.len();
+            }
+            // the new tokens attend to themselves unquantized (spec §3.3)
+            for j in 0..=i {
+                p[stored + j] = (kern.dot_f32)(qv, &k[j * kv_dim + kvh * d..j * kv_dim + (kvh + 1) * d]) * scale;
+            }
+            softmax_in_place(&mut p);
+            o.fill(0.0);
+            let mut off = 0;
+            for seg in segs_v {
+                (ak.accumulate)(seg, kvh, &p[off..off + seg.len()], o);
+                off += seg.len();
+            }
+            for j in 0..=i {
+                let w = p[stored + j];
+                for (a, x) in o.iter_mut().zip(&v[j * kv_dim + kvh * d..j * kv_dim + (kvh + 1) * d]) {
+                    *a += w * x;
+                }
+            }
+        };
+        if rayon::current_num_threads() > 1 && n * qh * (stored + n) * d >= PARALLEL_MIN_MACS {
+            out.par_chunks_mut(d).enumerate().for_each(head);
+        } else {
+            out.chunks_mut(d).enumerate().for_each(head);
+        }
+        // store after attention (post-attention quantization, WKVQuant-style)
+        let cfg = &self.cfg;
+        let l = &mut self.layers[layer];
+        Self::store_side(cfg, &mut l.k, k, kv_dim);
+        Self::store_side(cfg, &mut l.v, v, kv_dim);
+        self.enforce(layer)
+    }
+
+    fn reserve(&mut self, n: usize) -> Result<(), KvError> {
+        let stored = self.len(0);
+        if stored + n > self.max_tokens {
+            return Err(KvError::CapacityExceeded {
+                layer: 0,
+                stored: stored + n,
+                limit: self.max_tokens,
+            });
+        }
+        for li in 0..self.layers.len() {
+            let need = self.projected_bytes(li, n, self.floor_bits(li));
+            let budget = self.layers[li].budget;
+            if need > budget {
+                return Err(KvError::OutOfBudget {
+                    layer: li,
+                    need,
+                    budget,
+                    floor_bits: self.floor_bits(li).count(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn clear(&mut self) {
+        for l in &mut self.layers {
+            for s in [&mut l.k, &mut l.v] {
+                s.sink.clear();
+                s.window.clear();
+                s.body = s.body.empty_like(self.cfg.init_bits);
+            }
+        }
+    }
+
+    fn truncate(&mut self, tokens: usize) {
+        // Only whole segments can be rolled back exactly; tokens in a flushed/shrunk body stay as they are.
+        for l in &mut self.layers {
+            for s in [&mut l.k, &mut l.v] {
+                let (ns, nb) = (s.sink.len(), s.body.len());
+                if tokens <= ns {
+                    s.sink.truncate(tokens);
+                    s.body.truncate(0);
+                    s.window.truncate(0);
+                } else if tokens <= ns + nb {
+                    s.body.truncate(tokens - ns);
+                    s.window.truncate(0);
+                } else {
+                    s.window.truncate(tokens - ns - nb);
+                }
+            }
+        }
+    }
+
+    fn true_bytes(&self) -> usize {
+        (0..self.layers.len()).map(|l| self.layer_true_bytes(l)).sum()
+    }
+
+    fn payload_bytes(&self) -> usize {
+        self.layers.iter().map(|l| l.k.payload() + l.v.payload()).sum()
+    }
+
+    fn layer_bits(&self) -> Vec<u32> {
+        self.layers.iter().map(|l| l.k.body.bits.count()).collect()
+    }
+
+    fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
+        if budgets.len() != self.layers.len() {
+            return Err(KvError::BadBudgets {
+                what: "layer budgets",
+                expected: self.layers.len(),
+                got: budgets.len(),
+            });
+        }
+        for (l, &b) in self.layers.iter_mut().zip(budgets) {
+            l.budget = b;
+        }
+        let mut first_err = None;
+        for li in 0..self.layers.len() {
+            if let Err(e) = self.enforce(li) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn method(&self) -> String {
+        self.cfg.name.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;

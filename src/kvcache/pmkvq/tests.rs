@@ -1,0 +1,262 @@
+//! Spec §10 items 4–5: the sink/body/window state machine and the budget timeline.
+
+use super::*;
+use crate::kvcache::quant::Bits;
+
+fn geom(kv_heads: usize, head_dim: usize) -> KvGeometry {
+    KvGeometry {
+        layers: 1,
+        q_heads: kv_heads,
+        kv_heads,
+        head_dim,
+    }
+}
+
+fn token(seed: u64, dim: usize) -> Vec<f32> {
+    (0..dim)
+        .map(|c| (((seed * 7919 + c as u64 * 104729) % 1000) as f32 / 500.0) - 1.0)
+        .collect()
+}
+
+/// Store without attending (the storage path alone), as the model's call would after attention.
+fn store(s: &mut PmKvqStore, toks: &[Vec<f32>]) -> Result<(), KvError> {
+    let kv_dim = s.geom.kv_dim();
+    let x: Vec<f32> = toks.iter().flatten().copied().collect();
+    s.reserve(toks.len())?;
+    let cfg = s.cfg.clone();
+    let l = &mut s.layers[0];
+    PmKvqStore::store_side(&cfg, &mut l.k, &x, kv_dim);
+    PmKvqStore::store_side(&cfg, &mut l.v, &x, kv_dim);
+    s.enforce(0)
+}
+
+fn counts(s: &PmKvqStore) -> (usize, usize, usize) {
+    let k = &s.layers[0].k;
+    (k.sink.len(), k.body.len(), k.window.len())
+}
+
+#[test]
+fn prompt_splits_into_sink_body_and_window() {
+    for p in [1usize, 2, 128, 129, 130, 300, 1000] {
+        let g = geom(2, 64);
+        let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX], 4096).unwrap();
+        let toks: Vec<Vec<f32>> = (0..p as u64).map(|i| token(i, g.kv_dim())).collect();
+        store(&mut s, &toks).unwrap();
+        assert_eq!(counts(&s), (1, (p - 1) / 128 * 128, (p - 1) % 128), "prompt {p}");
+    }
+}
+
+#[test]
+fn decode_flushes_every_128_tokens_and_keeps_chronological_order() {
+    let g = geom(2, 64);
+    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX], 4096).unwrap();
+    let toks: Vec<Vec<f32>> = (0..400u64).map(|i| token(i, g.kv_dim())).collect();
+    store(&mut s, &toks[..10]).unwrap();
+    let mut flushes = vec![];
+    for (i, t) in toks.iter().enumerate().skip(10) {
+        let before = counts(&s).1;
+        store(&mut s, std::slice::from_ref(t)).unwrap();
+        if counts(&s).1 != before {
+            flushes.push(i + 1); // stored length after the step
+            assert_eq!(counts(&s).1 - before, 128, "a flush moves exactly 128 tokens");
+            assert_eq!(counts(&s).2, 0, "the window empties on a flush");
+        }
+    }
+    assert_eq!(flushes, vec![129, 257, 385]);
+    // chronological: segments dequantize back to the tokens in order (16-bit: tiny error)
+    let k = &s.layers[0].k;
+    let mut t = 0;
+    let mut buf = vec![0f32; g.kv_dim()];
+    for seg in [&k.sink, &k.body, &k.window] {
+        for i in 0..seg.len() {
+            seg.dequantize_token(i, &mut buf);
+            for (a, b) in buf.iter().zip(&toks[t]) {
+                assert!((a - b).abs() < 2e-3, "token {t}: {a} vs {b}");
+            }
+            t += 1;
+        }
+    }
+    assert_eq!(t, 400);
+}
+
+#[test]
+fn multi_token_updates_after_prefill_flush_the_general_form() {
+    let g = geom(1, 64);
+    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX], 4096).unwrap();
+    let toks: Vec<Vec<f32>> = (0..300u64).map(|i| token(i, g.kv_dim())).collect();
+    store(&mut s, &toks[..100]).unwrap(); // sink 1, window 99
+    store(&mut s, &toks[100..160]).unwrap(); // window 99 + 60 = 159 -> flush 128, keep 31
+    assert_eq!(counts(&s), (1, 128, 31));
+    let k = &s.layers[0].k;
+    let mut buf = vec![0f32; 64];
+    k.body.dequantize_token(127, &mut buf); // the last flushed token is token 128
+    assert!(buf.iter().zip(&toks[128]).all(|(a, b)| (a - b).abs() < 2e-3));
+}
+
+#[test]
+fn current_token_is_unquantized_in_its_own_step() {
+    // A store holding only 2-bit tokens: the output of one new token over [stored..., itself] must use its raw
+    // K/V. Build the expected output with the stored tokens dequantized and the new one raw.
+    let g = KvGeometry {
+        layers: 1,
+        q_heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    let mut s = PmKvqStore::new(g, PmKvqConfig::rtn(Bits::B2), &[usize::MAX], 64).unwrap();
+    let toks: Vec<Vec<f32>> = (0..5u64).map(|i| token(i, 64)).collect();
+    store(&mut s, &toks).unwrap();
+    let q: Vec<f32> = (0..128).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+    let k_new: Vec<f32> = (0..64)
+        .map(|i| if i == 3 { 9.0 } else { 0.1 * i as f32 / 64.0 })
+        .collect();
+    let v_new: Vec<f32> = (0..64).map(|i| (i as f32).sin()).collect();
+    let mut out = vec![0f32; 128];
+    s.attend_and_store(0, &q, &k_new, &v_new, 1, &mut out).unwrap();
+    let body = &s.layers[0].k.body;
+    let vbody = &s.layers[0].v.body;
+    for h in 0..2 {
+        let qh = &q[h * 64..(h + 1) * 64];
+        let mut keys: Vec<Vec<f32>> = (0..5)
+            .map(|t| {
+                let mut b = vec![0f32; 64];
+                body.dequantize_token(t, &mut b);
+                b
+            })
+            .collect();
+        let mut vals: Vec<Vec<f32>> = (0..5)
+            .map(|t| {
+                let mut b = vec![0f32; 64];
+                vbody.dequantize_token(t, &mut b);
+                b
+            })
+            .collect();
+        keys.push(k_new.clone());
+        vals.push(v_new.clone());
+        let sc: Vec<f64> = keys
+            .iter()
+            .map(|kk| kk.iter().zip(qh).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / 8.0)
+            .collect();
+        let m = sc.iter().cloned().fold(f64::MIN, f64::max);
+        let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+        for c in 0..64 {
+            let want: f64 = (0..6).map(|t| (sc[t] - m).exp() / z * vals[t][c] as f64).sum();
+            assert!(
+                (out[h * 64 + c] as f64 - want).abs() < 1e-4,
+                "head {h} ch {c}: {} vs {want}",
+                out[h * 64 + c]
+            );
+        }
+    }
+}
+
+/// Spec §3.8 with the reference's own accounting (codes only) and its geometry (D_kv = 512, group 128):
+/// an Fbit-2 layer sized for 32768 tokens stays at 16 bits up to L = 4096, halves on L = 4097, and runs out of
+/// budget between L ≈ 31872 and 32761.
+#[test]
+fn fbit2_budget_timeline_matches_the_reference_accounting() {
+    let g = geom(4, 128);
+    let budget = 2 * 2 * 512 * 32768 / 8;
+    let cfg = PmKvqConfig {
+        payload_accounting: true,
+        ..PmKvqConfig::pmkvq()
+    };
+    let mut s = PmKvqStore::new(g, cfg, &[budget], 40_000).unwrap();
+    let tok = token(1, g.kv_dim());
+    let mut changes = vec![];
+    let mut bits = 16;
+    let mut l = 0usize;
+    let oob = loop {
+        match store(&mut s, std::slice::from_ref(&tok)) {
+            Ok(()) => {
+                l += 1;
+                let b = s.layer_bits()[0];
+                if b != bits {
+                    changes.push((l, b));
+                    bits = b;
+                }
+                assert!(s.layer_charged_bytes(0) <= budget, "over budget at L = {l}");
+            }
+            Err(KvError::OutOfBudget { .. }) => break l + 1,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(changes[0], (4097, 8), "first halving");
+    assert!(
+        (8064..=8192).contains(&changes[1].0) && changes[1].1 == 4,
+        "{changes:?}"
+    );
+    assert!(
+        (16000..=16381).contains(&changes[2].0) && changes[2].1 == 2,
+        "{changes:?}"
+    );
+    assert!((31872..=32761).contains(&oob), "out of budget at L = {oob}");
+    assert_eq!(s.len(0), oob - 1, "the refused token was not stored");
+}
+
+/// The same timeline with our geometry (SmolLM2: D_kv = 192, head_dim 64) and true-byte accounting: each level
+/// holds until its true bytes pass the budget, computed here from the byte formula independently of the store.
+#[test]
+fn fbit2_budget_timeline_with_our_geometry_and_true_bytes() {
+    let g = geom(3, 64);
+    let budget = 2 * 2 * 192 * 32768 / 8; // Fbit 2, payload-sized, as the paper sizes budgets
+    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[budget], 40_000).unwrap();
+    // true bytes of one token in one of K/V at b bits: 3 groups of 64 codes + f16 scale + f16 offset each
+    let tb = |b: usize| 3 * (64 * b / 8 + 4);
+    let tok = token(3, g.kv_dim());
+    let mut bits = 16usize;
+    let mut l = 0usize;
+    loop {
+        match store(&mut s, std::slice::from_ref(&tok)) {
+            Ok(()) => {
+                l += 1;
+                let (sink, body, win) = counts(&s);
+                let at = |b: usize| 2 * ((sink + win) * tb(16) + body * tb(b)) + LAYER_BOOKKEEPING;
+                let b = s.layer_bits()[0] as usize;
+                assert!(at(b) <= budget, "L = {l}: {b} bits do not fit");
+                assert!(b <= bits, "widths only go down");
+                // a level is left only on the step where it stopped fitting
+                if b < bits {
+                    assert!(
+                        at(b * 2) > budget,
+                        "L = {l}: dropped to {b} bits although {} still fit",
+                        b * 2
+                    );
+                }
+                bits = b;
+            }
+            Err(KvError::OutOfBudget {
+                need,
+                budget: bud,
+                floor_bits,
+                ..
+            }) => {
+                assert_eq!(floor_bits, 2);
+                assert!(need > bud);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // ≈ 2.5 bits per element at the floor plus 16-bit sink/window: the 2-bit body holds ~26.5k tokens here
+    assert!((25_000..30_000).contains(&l), "stored {l} tokens");
+}
+
+#[test]
+fn lowering_the_budget_shrinks_before_the_next_step_and_refusals_change_nothing() {
+    let g = geom(3, 64);
+    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX], 10_000).unwrap();
+    let toks: Vec<Vec<f32>> = (0..1000u64).map(|i| token(i, g.kv_dim())).collect();
+    store(&mut s, &toks).unwrap();
+    assert_eq!(s.layer_bits(), vec![16]);
+    let used = s.true_bytes();
+    s.set_layer_budgets(&[used / 3]).unwrap();
+    assert!(s.true_bytes() <= used / 3);
+    assert!(s.layer_bits()[0] <= 4, "{:?}", s.layer_bits());
+    // a budget below the floor: typed error; nothing stored by a refused step
+    let len = s.len(0);
+    assert!(matches!(s.set_layer_budgets(&[1000]), Err(KvError::OutOfBudget { .. })));
+    assert!(matches!(store(&mut s, &toks[..1]), Err(KvError::OutOfBudget { .. })));
+    assert_eq!(s.len(0), len);
+    assert!(matches!(s.set_layer_budgets(&[1, 2]), Err(KvError::BadBudgets { .. })));
+}

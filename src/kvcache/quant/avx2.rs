@@ -1,0 +1,141 @@
+//! AVX2 fused attention over packed rows (groups that are multiples of 32; others use the scalar kernels).
+
+use super::{scalar, AttnKernels, Bits, PackedRows};
+use std::arch::x86_64::*;
+
+pub fn supported() -> bool {
+    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+}
+
+pub static AVX2: AttnKernels = AttnKernels {
+    name: "avx2",
+    scores,
+    accumulate,
+};
+
+fn scores(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
+    if !rows.group.is_multiple_of(32) {
+        return scalar::scores(rows, head, q, scale, out);
+    }
+    // SAFETY: selected only when the CPU has AVX2+FMA; the group is a multiple of 32 (checked above) and all
+    // pointer reads stay inside the group slices returned by `group_at` (checked inside).
+    unsafe { scores_impl(rows, head, q, scale, out) }
+}
+
+fn accumulate(rows: &PackedRows, head: usize, p: &[f32], acc: &mut [f32]) {
+    if !rows.group.is_multiple_of(32) {
+        return scalar::accumulate(rows, head, p, acc);
+    }
+    // SAFETY: as for `scores`.
+    unsafe { accumulate_impl(rows, head, p, acc) }
+}
+
+/// Codes of channels `c0..c0+8` of one packed group of `g` codes, as f32.
+///
+/// # Safety
+/// AVX2 must be available; `c0` a multiple of 8 below `g`, `g` a multiple of 32, `bytes` the whole group.
+#[inline(always)]
+unsafe fn codes8(bytes: &[u8], bits: Bits, c0: usize, g: usize) -> __m256 {
+    let p = bytes.as_ptr();
+    let v = match bits {
+        Bits::B16 => _mm256_cvtepu16_epi32(_mm_loadu_si128(p.add(2 * c0) as *const __m128i)),
+        Bits::B8 => _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(c0) as *const __m128i)),
+        Bits::B4 => {
+            let h = g / 2;
+            if c0 < h {
+                _mm256_and_si256(
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(c0) as *const __m128i)),
+                    _mm256_set1_epi32(0x0F),
+                )
+            } else {
+                _mm256_srli_epi32(
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(c0 - h) as *const __m128i)),
+                    4,
+                )
+            }
+        }
+        Bits::B2 => {
+            let qd = g / 4;
+            let (k, j0) = (c0 / qd, c0 % qd);
+            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.add(j0) as *const __m128i));
+            _mm256_and_si256(
+                _mm256_srlv_epi32(b, _mm256_set1_epi32(2 * k as i32)),
+                _mm256_set1_epi32(3),
+            )
+        }
+    };
+    _mm256_cvtepi32_ps(v)
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// # Safety
+/// See `scores`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
+    let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
+    assert!(q.len() >= gph * g && out.len() >= rows.len());
+    let qsum: Vec<f32> = q.chunks_exact(g).map(|c| c.iter().sum()).collect();
+    for (t, o) in out.iter_mut().enumerate().take(rows.len()) {
+        let mut s = 0.0f32;
+        for (k, &qs) in qsum.iter().enumerate().take(gph) {
+            let (bytes, sc, mn) = rows.group_at(t * gpt + head * gph + k);
+            assert!(bytes.len() == rows.bits.group_bytes(g));
+            let qk = q.as_ptr().add(k * g);
+            let mut a0 = _mm256_setzero_ps();
+            let mut a1 = _mm256_setzero_ps();
+            let mut c0 = 0;
+            while c0 + 16 <= g {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qk.add(c0)), codes8(bytes, rows.bits, c0, g), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qk.add(c0 + 8)), codes8(bytes, rows.bits, c0 + 8, g), a1);
+                c0 += 16;
+            }
+            s += sc * hsum(_mm256_add_ps(a0, a1)) + mn * qs;
+        }
+        *o = s * scale;
+    }
+}
+
+/// # Safety
+/// See `accumulate`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_impl(rows: &PackedRows, head: usize, p: &[f32], acc: &mut [f32]) {
+    let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
+    let n = rows.len().min(p.len());
+    assert!(acc.len() >= gph * g);
+    for k in 0..gph {
+        let mut base = 0.0f32;
+        let mut cb = 0;
+        while cb < g {
+            // up to 64 channels (8 registers) stay in registers across all tokens
+            let nreg = ((g - cb) / 8).min(8);
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (t, &pt) in p.iter().enumerate().take(n) {
+                let (bytes, sc, mn) = rows.group_at(t * gpt + head * gph + k);
+                assert!(bytes.len() == rows.bits.group_bytes(g));
+                if cb == 0 {
+                    base += pt * mn;
+                }
+                let w = _mm256_set1_ps(pt * sc);
+                for (i, ri) in r.iter_mut().enumerate().take(nreg) {
+                    *ri = _mm256_fmadd_ps(w, codes8(bytes, rows.bits, cb + 8 * i, g), *ri);
+                }
+            }
+            for (i, ri) in r.iter().enumerate().take(nreg) {
+                let dst = acc.as_mut_ptr().add(k * g + cb + 8 * i);
+                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), *ri));
+            }
+            cb += 8 * nreg;
+        }
+        let b = _mm256_set1_ps(base);
+        for c0 in (0..g).step_by(8) {
+            let dst = acc.as_mut_ptr().add(k * g + c0);
+            _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), b));
+        }
+    }
+}

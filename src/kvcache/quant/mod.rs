@@ -1,0 +1,233 @@
+//! The KV quantizer (spec §2), its packed layout, and the shifts that lower a code's bit-width (§3.6).
+//!
+//! Quantizer: asymmetric per group (group = head_dim by default), float offset `mn` (`round_zeros=False`),
+//! `S = (max − min)/(2^b − 1)`, codes `round_half_even((x − mn)/S)` clamped to `[0, 2^b − 1]`, reconstruction
+//! `q·S + mn`. No 1e-5 floor on the scale (§3.9, §9 item 3): a constant group has `S = 0` and is exact.
+//!
+//! Packed layout ("planes", chosen so SIMD unpacks a whole group with shifts and one mask): a group of `g` codes
+//! at `b` bits takes `g·b/8` bytes. 8-bit: byte `j` = code `j`. 4-bit: byte `j < g/2` holds code `j` in its low
+//! nibble and code `j + g/2` in its high nibble. 2-bit: byte `j < g/4` holds codes `j, j+g/4, j+g/2, j+3g/4` at
+//! bits 0, 2, 4, 6. 16-bit: code `j` as little-endian `u16` at bytes `2j, 2j+1`. Groups must be multiples of 4.
+//!
+//! Scales and offsets are stored as f16 (0.5 bit per element at g = 64).
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+pub mod rows;
+pub mod scalar;
+
+pub use rows::{OffsetMode, PackedRows};
+
+use half::f16;
+
+/// Storage bit-widths. `#[repr(i32)]` values are the bit counts (mirrored by the CUDA header).
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Bits {
+    B2 = 2,
+    B4 = 4,
+    B8 = 8,
+    B16 = 16,
+}
+
+impl Bits {
+    pub const fn count(self) -> u32 {
+        self as u32
+    }
+    pub const fn max_code(self) -> u32 {
+        (1u32 << self.count()) - 1
+    }
+    /// One level down (16→8→4→2); `None` at the floor.
+    pub const fn halved(self) -> Option<Bits> {
+        match self {
+            Bits::B16 => Some(Bits::B8),
+            Bits::B8 => Some(Bits::B4),
+            Bits::B4 => Some(Bits::B2),
+            Bits::B2 => None,
+        }
+    }
+    pub fn from_count(n: u32) -> Option<Bits> {
+        match n {
+            2 => Some(Bits::B2),
+            4 => Some(Bits::B4),
+            8 => Some(Bits::B8),
+            16 => Some(Bits::B16),
+            _ => None,
+        }
+    }
+    /// Packed bytes of one group of `g` codes.
+    pub const fn group_bytes(self, g: usize) -> usize {
+        g * self.count() as usize / 8
+    }
+}
+
+/// How a code is lowered from `2n` to `n` bits (the paper's ablation, §3.6).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum ShiftMode {
+    /// Equivalent Right Shift: `round(q/(2^n+1))` in integers; scale ×(2^n+1); offset unchanged. Exact.
+    Equivalent,
+    /// Direct Right Shift: `q >> n`; scale ×(2^n+1); offset unchanged (biased).
+    Direct,
+    /// Modified Right Shift: `q >> n`; scale ×2^n; offset moved to the bucket mean, `+ S·(2^n − 1)/2`.
+    Modified,
+}
+
+/// Parameters of one quantized group.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GroupParams {
+    pub scale: f32,
+    pub offset: f32,
+}
+
+/// Quantize one group at `bits` (codes as u16, unpacked). Returns the exact (f32) parameters.
+pub fn quantize_group(x: &[f32], bits: Bits, codes: &mut [u16]) -> GroupParams {
+    let (mn, mx) = x
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    let qmax = bits.max_code() as f32;
+    let scale = (mx - mn) / qmax;
+    if scale.is_nan() || scale <= 0.0 || !scale.is_finite() {
+        // constant (or non-finite) group: every code 0, reconstructs to mn exactly
+        codes.iter_mut().for_each(|c| *c = 0);
+        return GroupParams {
+            scale: 0.0,
+            offset: if mn.is_finite() { mn } else { 0.0 },
+        };
+    }
+    let inv = 1.0 / scale;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = ((v - mn) * inv).round_ties_even().clamp(0.0, qmax) as u16;
+    }
+    GroupParams { scale, offset: mn }
+}
+
+/// Equivalent Right Shift of one code from `2n` to `n` bits: `((2^{2n} − 2^n + 1)(q + 2^{n−1})) >> 3n`,
+/// which equals `round(q/(2^n+1))` for every `q` (proof in spec §3.6).
+#[inline]
+pub const fn ers(q: u32, n: u32) -> u32 {
+    let m = (1u64 << (2 * n)) - (1u64 << n) + 1;
+    ((m * (q as u64 + (1u64 << (n - 1)))) >> (3 * n)) as u32
+}
+
+/// Lower one code by one level under `mode`.
+#[inline]
+pub fn shift_code(q: u32, n: u32, mode: ShiftMode) -> u32 {
+    match mode {
+        ShiftMode::Equivalent => ers(q, n),
+        ShiftMode::Direct | ShiftMode::Modified => q >> n,
+    }
+}
+
+/// The group parameters after lowering from `2n` to `n` bits under `mode`.
+pub fn shift_params(p: GroupParams, n: u32, mode: ShiftMode) -> GroupParams {
+    let two_n = (1u32 << n) as f32;
+    match mode {
+        ShiftMode::Equivalent | ShiftMode::Direct => GroupParams {
+            scale: p.scale * (two_n + 1.0),
+            offset: p.offset,
+        },
+        ShiftMode::Modified => GroupParams {
+            scale: p.scale * two_n,
+            offset: p.offset + p.scale * (two_n - 1.0) / 2.0,
+        },
+    }
+}
+
+/// Pack `codes` (one group) at `bits` into `out` (`bits.group_bytes(g)` bytes).
+pub fn pack(codes: &[u16], bits: Bits, out: &mut [u8]) {
+    let g = codes.len();
+    match bits {
+        Bits::B16 => {
+            for (j, &c) in codes.iter().enumerate() {
+                out[2 * j..2 * j + 2].copy_from_slice(&c.to_le_bytes());
+            }
+        }
+        Bits::B8 => {
+            for (o, &c) in out.iter_mut().zip(codes) {
+                *o = c as u8;
+            }
+        }
+        Bits::B4 => {
+            let h = g / 2;
+            for j in 0..h {
+                out[j] = (codes[j] as u8 & 0x0F) | ((codes[j + h] as u8 & 0x0F) << 4);
+            }
+        }
+        Bits::B2 => {
+            let qd = g / 4;
+            for j in 0..qd {
+                out[j] = (codes[j] as u8 & 3)
+                    | ((codes[j + qd] as u8 & 3) << 2)
+                    | ((codes[j + 2 * qd] as u8 & 3) << 4)
+                    | ((codes[j + 3 * qd] as u8 & 3) << 6);
+            }
+        }
+    }
+}
+
+/// Unpack one group of `codes.len()` codes.
+pub fn unpack(packed: &[u8], bits: Bits, codes: &mut [u16]) {
+    let g = codes.len();
+    match bits {
+        Bits::B16 => {
+            for (j, c) in codes.iter_mut().enumerate() {
+                *c = u16::from_le_bytes([packed[2 * j], packed[2 * j + 1]]);
+            }
+        }
+        Bits::B8 => {
+            for (c, &b) in codes.iter_mut().zip(packed) {
+                *c = b as u16;
+            }
+        }
+        Bits::B4 => {
+            let h = g / 2;
+            for j in 0..h {
+                codes[j] = (packed[j] & 0x0F) as u16;
+                codes[j + h] = (packed[j] >> 4) as u16;
+            }
+        }
+        Bits::B2 => {
+            let qd = g / 4;
+            for j in 0..qd {
+                for k in 0..4 {
+                    codes[j + k * qd] = ((packed[j] >> (2 * k)) & 3) as u16;
+                }
+            }
+        }
+    }
+}
+
+/// f16 storage of a group parameter (what the cache keeps).
+#[inline]
+pub fn store_param(v: f32) -> f16 {
+    f16::from_f32(v)
+}
+
+/// Fused attention kernels over packed rows, chosen once per process.
+pub struct AttnKernels {
+    pub name: &'static str,
+    /// `out[t] = scale · Σ_c q[c]·x̂[t][c]` for tokens `t` of `rows`, head `head`.
+    pub scores: fn(&PackedRows, usize, &[f32], f32, &mut [f32]),
+    /// `acc[c] += Σ_t p[t]·x̂[t][c]` for tokens `t` of `rows`, head `head`.
+    pub accumulate: fn(&PackedRows, usize, &[f32], &mut [f32]),
+}
+
+pub static SCALAR: AttnKernels = AttnKernels {
+    name: "scalar",
+    scores: scalar::scores,
+    accumulate: scalar::accumulate,
+};
+
+pub fn attn_kernels() -> &'static AttnKernels {
+    static CHOSEN: std::sync::OnceLock<&'static AttnKernels> = std::sync::OnceLock::new();
+    CHOSEN.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::supported() {
+            return &avx2::AVX2;
+        }
+        &SCALAR
+    })
+}
+
+#[cfg(test)]
+mod tests;

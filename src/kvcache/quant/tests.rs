@@ -1,0 +1,278 @@
+//! Spec §10 items 1–3 (quantizer, packing, ERS) and the fused kernels against dequantized attention.
+
+use super::*;
+
+fn lcg(seed: &mut u64) -> f32 {
+    *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+}
+
+const ALL: [Bits; 4] = [Bits::B16, Bits::B8, Bits::B4, Bits::B2];
+
+#[test]
+fn quantizer_error_is_within_half_a_step_and_extremes_map_to_the_ends() {
+    let mut seed = 5;
+    for bits in ALL {
+        for _ in 0..200 {
+            let x: Vec<f32> = (0..64).map(|_| lcg(&mut seed) * 3.0).collect();
+            let mut codes = vec![0u16; 64];
+            let p = quantize_group(&x, bits, &mut codes);
+            let (imin, imax) = (
+                x.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0,
+                x.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0,
+            );
+            assert_eq!(codes[imin], 0);
+            assert_eq!(codes[imax] as u32, bits.max_code());
+            for (&v, &c) in x.iter().zip(&codes) {
+                let xh = c as f32 * p.scale + p.offset;
+                assert!(
+                    (v - xh).abs() <= p.scale / 2.0 * (1.0 + 1e-4) + 1e-6,
+                    "{bits:?}: {v} vs {xh}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn constant_groups_are_exact_and_ties_round_half_to_even() {
+    let mut codes = vec![0u16; 4];
+    let p = quantize_group(&[0.7; 4], Bits::B2, &mut codes);
+    assert_eq!((p.scale, p.offset, codes.clone()), (0.0, 0.7, vec![0, 0, 0, 0]));
+    // spec §2.2: x = [-1, 0, 0.5, 2] at 2 bits: S = 1, Z = 1, (x+Z)/S = [0, 1, 1.5, 3] -> [0, 2, 2, 3]
+    let p = quantize_group(&[-1.0, 0.0, 0.5, 2.0], Bits::B2, &mut codes);
+    assert_eq!((p.scale, p.offset), (1.0, -1.0));
+    assert_eq!(codes, vec![0, 1, 2, 3]);
+    // a tie at 0.5 goes down to the even 0, a tie at 2.5 to 2
+    let p = quantize_group(&[0.0, 0.5, 2.5, 3.0], Bits::B2, &mut codes);
+    assert_eq!(p.scale, 1.0);
+    assert_eq!(codes, vec![0, 0, 2, 3]);
+}
+
+#[test]
+fn packing_round_trips_and_matches_the_documented_layout() {
+    let mut out = vec![0u8; 4];
+    pack(&[1, 2, 3, 4, 5, 6, 7, 8], Bits::B4, &mut out);
+    assert_eq!(out, vec![0x51, 0x62, 0x73, 0x84]);
+    let mut out2 = vec![0u8; 2];
+    pack(&[3, 0, 1, 2, 3, 3, 0, 1], Bits::B2, &mut out2);
+    assert_eq!(out2, vec![0x37, 0x78]);
+    let mut out8 = vec![0u8; 2];
+    pack(&[0xAB, 0xCD], Bits::B8, &mut out8);
+    assert_eq!(out8, vec![0xAB, 0xCD]);
+    let mut out16 = vec![0u8; 2];
+    pack(&[0xABCD], Bits::B16, &mut out16);
+    assert_eq!(out16, vec![0xCD, 0xAB]);
+    let mut seed = 9;
+    for bits in ALL {
+        for g in [4usize, 32, 64, 128] {
+            let codes: Vec<u16> = (0..g)
+                .map(|_| ((lcg(&mut seed).abs() * 70000.0) as u32 % (bits.max_code() + 1)) as u16)
+                .collect();
+            let mut packed = vec![0u8; bits.group_bytes(g)];
+            pack(&codes, bits, &mut packed);
+            let mut back = vec![0u16; g];
+            unpack(&packed, bits, &mut back);
+            assert_eq!(back, codes, "{bits:?} g={g}");
+        }
+    }
+}
+
+/// round(q/d) for odd d, exactly (no ties exist).
+fn round_div(q: u32, d: u32) -> u32 {
+    (2 * q + d) / (2 * d)
+}
+
+#[test]
+fn ers_equals_rounded_division_for_every_code_and_chains_nest() {
+    for n in [8u32, 4, 2] {
+        for q in 0..(1u32 << (2 * n)) {
+            let got = ers(q, n);
+            assert_eq!(got, round_div(q, (1 << n) + 1), "n={n} q={q}");
+            assert!(got < (1 << n));
+        }
+    }
+    for q in 0..65536u32 {
+        assert_eq!(ers(ers(q, 8), 4), round_div(q, 4369), "16→8→4 q={q}");
+        assert_eq!(ers(ers(ers(q, 8), 4), 2), round_div(q, 21845), "16→2 q={q}");
+    }
+    for q in 0..256u32 {
+        assert_eq!(ers(ers(q, 4), 2), round_div(q, 85));
+    }
+    // spec §3.6 tables
+    let t42: Vec<u32> = (0..16).map(|q| ers(q, 2)).collect();
+    assert_eq!(t42, vec![0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3]);
+    let direct: Vec<u32> = (0..16).map(|q| shift_code(q, 2, ShiftMode::Direct)).collect();
+    assert_eq!(direct, vec![0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]);
+    for (q, want) in [
+        (8, 0),
+        (9, 1),
+        (25, 1),
+        (26, 2),
+        (42, 2),
+        (43, 3),
+        (127, 7),
+        (128, 8),
+        (255, 15),
+    ] {
+        assert_eq!(ers(q, 4), want);
+    }
+    for (q, want) in [
+        (128, 0),
+        (129, 1),
+        (385, 1),
+        (386, 2),
+        (32767, 127),
+        (32768, 128),
+        (65535, 255),
+    ] {
+        assert_eq!(ers(q, 8), want);
+    }
+}
+
+#[test]
+fn quantize_at_16_then_shrink_equals_quantize_directly() {
+    let mut seed = 77;
+    for target in [Bits::B8, Bits::B4, Bits::B2] {
+        let (mut same, mut total) = (0usize, 0usize);
+        for _ in 0..2000 {
+            let x: Vec<f32> = (0..64).map(|_| lcg(&mut seed) * 4.0).collect();
+            let (mut c16, mut cb) = (vec![0u16; 64], vec![0u16; 64]);
+            quantize_group(&x, Bits::B16, &mut c16);
+            quantize_group(&x, target, &mut cb);
+            let mut cur = c16.iter().map(|&c| c as u32).collect::<Vec<_>>();
+            let mut bits = Bits::B16;
+            while bits > target {
+                let lower = bits.halved().unwrap();
+                cur.iter_mut().for_each(|c| *c = ers(*c, lower.count()));
+                bits = lower;
+            }
+            same += cur.iter().zip(&cb).filter(|(a, b)| **a == **b as u32).count();
+            total += 64;
+        }
+        let share = same as f64 / total as f64;
+        assert!(share >= 0.9999, "{target:?}: {share}");
+    }
+}
+
+#[test]
+fn modified_shift_moves_the_offset_to_the_bucket_mean() {
+    let p = shift_params(
+        GroupParams {
+            scale: 1.0,
+            offset: 0.0,
+        },
+        2,
+        ShiftMode::Modified,
+    );
+    assert_eq!((p.scale, p.offset), (4.0, 1.5));
+    let p = shift_params(
+        GroupParams {
+            scale: 1.0,
+            offset: 0.0,
+        },
+        2,
+        ShiftMode::Equivalent,
+    );
+    assert_eq!((p.scale, p.offset), (5.0, 0.0));
+}
+
+fn random_rows(bits: Bits, g: usize, heads: usize, d: usize, n: usize, mode: OffsetMode, seed: &mut u64) -> PackedRows {
+    let mut r = PackedRows::new(bits, g, heads, d, mode);
+    for _ in 0..n {
+        let x: Vec<f32> = (0..heads * d).map(|_| lcg(seed) * 2.0 + 0.3).collect();
+        match mode {
+            OffsetMode::Stored => r.push_token(&x),
+            OffsetMode::Symmetric { .. } => r.push_token_symmetric(&x),
+        }
+    }
+    r
+}
+
+#[test]
+fn fused_kernels_equal_attention_over_the_dequantized_rows() {
+    let mut seed = 21;
+    let cases = [
+        (Bits::B16, OffsetMode::Stored, 64),
+        (Bits::B8, OffsetMode::Stored, 64),
+        (Bits::B4, OffsetMode::Stored, 64),
+        (Bits::B2, OffsetMode::Stored, 64),
+        (Bits::B2, OffsetMode::Stored, 128),
+        (Bits::B4, OffsetMode::Stored, 32),
+        (Bits::B4, OffsetMode::Stored, 16),
+        (Bits::B8, OffsetMode::Symmetric { center: 128 }, 32),
+        (Bits::B4, OffsetMode::Symmetric { center: 8 }, 32),
+    ];
+    let (heads, d) = (3, 128);
+    for (bits, mode, g) in cases {
+        for n in [1usize, 7, 33] {
+            let rows = random_rows(bits, g, heads, d, n, mode, &mut seed);
+            let q: Vec<f32> = (0..d).map(|_| lcg(&mut seed)).collect();
+            let p: Vec<f32> = (0..n).map(|_| lcg(&mut seed).abs()).collect();
+            for head in [0usize, 2] {
+                // reference: dequantize, then plain dot products in f64
+                let mut want_s = vec![0f64; n];
+                let mut want_a = vec![0f64; d];
+                let mut tok = vec![0f32; heads * d];
+                for t in 0..n {
+                    rows.dequantize_token(t, &mut tok);
+                    let kv = &tok[head * d..(head + 1) * d];
+                    want_s[t] = kv.iter().zip(&q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * 0.125;
+                    for c in 0..d {
+                        want_a[c] += p[t] as f64 * kv[c] as f64;
+                    }
+                }
+                let kernels: Vec<&AttnKernels> = vec![&SCALAR, attn_kernels()];
+                for k in kernels {
+                    let mut s = vec![0f32; n];
+                    (k.scores)(&rows, head, &q, 0.125, &mut s);
+                    let norm_s = want_s.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
+                    for (a, b) in s.iter().zip(&want_s) {
+                        assert!(
+                            ((*a as f64) - b).abs() <= 1e-4 * norm_s,
+                            "{} {bits:?} g{g} n{n}: score {a} vs {b}",
+                            k.name
+                        );
+                    }
+                    let mut acc = vec![0f32; d];
+                    (k.accumulate)(&rows, head, &p, &mut acc);
+                    let norm_a = want_a.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-3);
+                    for (a, b) in acc.iter().zip(&want_a) {
+                        assert!(
+                            ((*a as f64) - b).abs() <= 1e-4 * norm_a,
+                            "{} {bits:?} g{g} n{n}: acc {a} vs {b}",
+                            k.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn shrinking_rows_matches_requantizing_the_original_values() {
+    let mut seed = 3;
+    let x: Vec<Vec<f32>> = (0..20)
+        .map(|_| (0..128).map(|_| lcg(&mut seed) * 5.0).collect())
+        .collect();
+    let mut r16 = PackedRows::new(Bits::B16, 64, 2, 64, OffsetMode::Stored);
+    let mut r2 = PackedRows::new(Bits::B2, 64, 2, 64, OffsetMode::Stored);
+    for t in &x {
+        r16.push_token(t);
+        r2.push_token(t);
+    }
+    r16.shrink_to(Bits::B2, ShiftMode::Equivalent);
+    assert_eq!(r16.bits, Bits::B2);
+    let (mut a, mut b) = (vec![0f32; 128], vec![0f32; 128]);
+    for t in 0..20 {
+        r16.dequantize_token(t, &mut a);
+        r2.dequantize_token(t, &mut b);
+        for (u, v) in a.iter().zip(&b) {
+            // codes agree (≥ 99.99%); params differ only by f16 storage of the 16-bit scale
+            assert!((u - v).abs() <= 0.02 * 10.0 / 3.0, "{u} vs {v}");
+        }
+    }
+    assert_eq!(r16.true_bytes(), r2.true_bytes());
+    assert!(!r16.clone().shrink(ShiftMode::Equivalent), "2 bits is the floor");
+}
