@@ -1,0 +1,209 @@
+//! KV methods on the real default model: PM-KVQ with room to spare behaves like the f16 cache, and a tight
+//! budget is never exceeded while the sequence runs on and the budget moves.
+
+mod common;
+
+use common::{golden, load_default};
+use pmkvq::engine::sampler::argmax;
+use pmkvq::engine::{generate, FinishReason, GenerateRequest, SamplingParams};
+use pmkvq::kvcache::method::even_layer_budgets;
+use pmkvq::kvcache::{KvMethod, KvStore};
+use pmkvq::model::{LogitsMode, SeqInput};
+
+/// Greedy decoding flips where two logits are within numerical noise of each other. On this model that noise
+/// reaches ±0.3 in log-prob between two correct implementations (see `golden_parity.rs`), so a flip at a golden
+/// margin below this is not evidence of a defect.
+const NOISE_MARGIN: f64 = 0.5;
+
+#[test]
+fn pmkvq_with_an_unbinding_budget_reproduces_llama_cpp_greedy_tokens() {
+    let (model, tok) = load_default(2);
+    let g = golden();
+    let mut exact = 0;
+    for c in &g.cases {
+        let upto = c
+            .greedy_margins
+            .iter()
+            .position(|&m| m < 0.1)
+            .unwrap_or(c.greedy_ids.len());
+        let mut kv = KvMethod::Pmkvq(pmkvq::kvcache::PmKvqConfig::pmkvq())
+            .new_store(model.kv_geometry(), None, model.config.context_length)
+            .unwrap();
+        let req = GenerateRequest {
+            prompt_ids: c.prompt_ids.clone(),
+            max_tokens: upto.max(1),
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            prefill_chunk: 512,
+        };
+        let out = generate(
+            &model,
+            &tok,
+            kv.as_mut(),
+            &req,
+            |_| {},
+            |s| assert!(s.layer_bits().iter().all(|&b| b == 16)),
+        )
+        .unwrap();
+        match out.ids.iter().zip(&c.greedy_ids).position(|(a, b)| a != b) {
+            None => exact += 1,
+            Some(i) => {
+                let m = c.greedy_margins[i];
+                eprintln!(
+                    "{}: pmkvq (16-bit) departs from llama.cpp at step {i}, golden margin {m:.3}",
+                    c.id
+                );
+                assert!(
+                    m < NOISE_MARGIN,
+                    "{}: departs at step {i} where llama.cpp's margin is {m:.3}",
+                    c.id
+                );
+            }
+        }
+    }
+    assert!(
+        exact >= g.cases.len() - 1,
+        "only {exact} of {} cases reproduced exactly",
+        g.cases.len()
+    );
+}
+
+#[test]
+fn a_tight_budget_is_never_exceeded_and_a_lowered_one_applies_before_the_next_step() {
+    let (model, tok) = load_default(2);
+    let prompt = tok
+        .encode(
+            "<|im_start|>user\nWrite a long story about a dragon.<|im_end|>\n<|im_start|>assistant\n",
+            false,
+        )
+        .unwrap();
+    let layers = model.config.layers;
+    let total = 6 << 20;
+    let mut budgets = even_layer_budgets(total, layers);
+    let mut kv = KvMethod::Pmkvq(pmkvq::kvcache::PmKvqConfig::pmkvq())
+        .new_store(model.kv_geometry(), Some(&budgets), model.config.context_length)
+        .unwrap();
+    let mut logits = model
+        .forward_chunked(&prompt, kv.as_mut(), 512, LogitsMode::Last)
+        .unwrap();
+    let mut seen_bits = std::collections::BTreeSet::new();
+    let mut ids = prompt.clone();
+    let mut refused = false;
+    for step in 0..3000 {
+        if step == 450 {
+            // the operator cuts the budget mid-sequence: the store shrinks now, not at the next step
+            let before = kv.layer_bits();
+            budgets = even_layer_budgets(kv.true_bytes() * 4 / 5, layers);
+            kv.set_layer_budgets(&budgets).unwrap();
+            assert!(kv.true_bytes() <= budgets.iter().sum::<usize>());
+            assert!(
+                kv.layer_bits().iter().zip(&before).any(|(a, b)| a < b),
+                "{before:?} -> {:?}",
+                kv.layer_bits()
+            );
+        }
+        let next = argmax(&logits);
+        ids.push(next);
+        let pos = [(ids.len() - 1) as u32];
+        let out = model.forward(
+            &[SeqInput {
+                tokens: &[next],
+                positions: &pos,
+            }],
+            &mut [kv.as_mut()],
+            LogitsMode::Last,
+        );
+        match out {
+            Ok(mut l) => logits = l.pop().unwrap(),
+            // after the cut the 2-bit floor may fill up: a typed refusal, with nothing stored
+            Err(pmkvq::model::ModelError::Kv(pmkvq::kvcache::KvError::OutOfBudget { .. })) if step > 450 => {
+                ids.pop();
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("step {step}: {e}"),
+        }
+        assert!(
+            kv.true_bytes() <= budgets.iter().sum::<usize>(),
+            "step {step}: {} bytes",
+            kv.true_bytes()
+        );
+        seen_bits.extend(kv.layer_bits());
+    }
+    assert_eq!(kv.len(0), ids.len());
+    assert!(
+        seen_bits.contains(&2) && seen_bits.contains(&8),
+        "passed several shrink points: {seen_bits:?}"
+    );
+    assert!(
+        refused,
+        "the 2-bit floor eventually refuses a token, with a typed error"
+    );
+    // the engine's loop turns that refusal into a finish reason
+    let req = GenerateRequest {
+        prompt_ids: vec![argmax(&logits)],
+        max_tokens: 10,
+        sampling: SamplingParams::default(),
+        stop: vec![],
+        prefill_chunk: 512,
+    };
+    let err = generate(&model, &tok, kv.as_mut(), &req, |_| {}, |_| {}).unwrap_err();
+    assert!(err.to_string().contains("kv budget exhausted"), "{err}");
+}
+
+#[test]
+fn every_method_runs_and_fixed_widths_cost_what_they_should() {
+    let (model, tok) = load_default(2);
+    let prompt = tok
+        .encode(
+            "<|im_start|>user\nCount from one to fifty in words.<|im_end|>\n<|im_start|>assistant\n",
+            false,
+        )
+        .unwrap();
+    let mut bytes = std::collections::BTreeMap::new();
+    let mut payload = std::collections::BTreeMap::new();
+    for name in [
+        "fp16", "pmkvq", "rtn:8", "rtn:4", "rtn:2", "kivi:4", "kivi:2", "q8_0", "q4_0",
+    ] {
+        let method: KvMethod = name.parse().unwrap();
+        let mut kv = method.new_store(model.kv_geometry(), None, 4096).unwrap();
+        let req = GenerateRequest {
+            prompt_ids: prompt.clone(),
+            max_tokens: 250,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            prefill_chunk: 64,
+        };
+        let out = generate(&model, &tok, kv.as_mut(), &req, |_| {}, |_| {}).unwrap();
+        // every generated token but the last was fed back
+        assert_eq!(kv.len(0), prompt.len() + out.ids.len() - 1);
+        assert_eq!(kv.method(), name);
+        bytes.insert(name, kv.true_bytes() as f64 / kv.len(0) as f64);
+        payload.insert(name, kv.payload_bytes() as f64 / kv.len(0) as f64);
+    }
+    let elems = (2 * model.config.layers * model.config.kv_dim()) as f64; // K and V values per token
+    let bits = |m: &str| bytes[m] * 8.0 / elems;
+    // codes alone cost exactly the width; true bytes add an f16 scale (+ f16 offset) per group and a few hundred
+    // bytes of per-layer bookkeeping (≈ 0.25 bit per element over this ~280-token sequence)
+    for (m, w) in [
+        ("q8_0", 8.0),
+        ("q4_0", 4.0),
+        ("rtn:8", 8.0),
+        ("rtn:4", 4.0),
+        ("rtn:2", 2.0),
+    ] {
+        assert!(
+            (payload[m] * 8.0 / elems - w).abs() < 1e-9,
+            "{m}: payload {} bits",
+            payload[m] * 8.0 / elems
+        );
+    }
+    let close = |m: &str, want: f64| assert!((bits(m) - want).abs() < 0.3, "{m}: {} bits per element", bits(m));
+    assert!((bits("fp16") - 16.0).abs() < 1e-9);
+    close("q8_0", 8.5);
+    close("q4_0", 4.5);
+    close("rtn:8", 8.5);
+    close("rtn:4", 4.5);
+    close("rtn:2", 2.5);
+    assert!(bits("kivi:2") < bits("kivi:4") && bits("kivi:4") < 16.0);
+}
