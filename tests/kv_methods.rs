@@ -5,9 +5,9 @@ mod common;
 
 use common::{golden, load_default};
 use pmkvq::engine::sampler::argmax;
-use pmkvq::engine::{generate, FinishReason, GenerateRequest, SamplingParams};
+use pmkvq::engine::{generate, GenerateRequest, SamplingParams};
 use pmkvq::kvcache::method::even_layer_budgets;
-use pmkvq::kvcache::{KvMethod, KvStore};
+use pmkvq::kvcache::KvMethod;
 use pmkvq::model::{LogitsMode, SeqInput};
 
 /// Greedy decoding flips where two logits are within numerical noise of each other. On this model that noise
