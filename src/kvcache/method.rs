@@ -1,7 +1,7 @@
 //! KV methods by name, for the CLI, the evaluation harness and (later) per-request policies.
 
 use super::kivi::KiviStore;
-use super::quant::Bits;
+use super::quant::{Bits, ShiftMode};
 use super::{F16KvStore, KvError, KvGeometry, KvStore, PmKvqConfig, PmKvqStore};
 use std::fmt;
 use std::str::FromStr;
@@ -21,7 +21,9 @@ pub enum KvMethod {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("unknown kv method `{0}`: use fp16, pmkvq, rtn:<2|4|8>, kivi:<2|4|8>, q8_0 or q4_0")]
+#[error(
+    "unknown kv method `{0}`: use fp16, pmkvq, pmkvq:direct, pmkvq:modified, rtn:<2|4|8>, kivi:<2|4|8>, q8_0 or q4_0"
+)]
 pub struct BadMethod(pub String);
 
 impl FromStr for KvMethod {
@@ -43,6 +45,16 @@ impl FromStr for KvMethod {
                 "q4_0" => Ok(KvMethod::Llama(Bits::B4)),
                 _ => Err(bad()),
             },
+            Some(("pmkvq", "direct")) => Ok(KvMethod::Pmkvq(PmKvqConfig {
+                shift: ShiftMode::Direct,
+                name: s.to_string(),
+                ..PmKvqConfig::pmkvq()
+            })),
+            Some(("pmkvq", "modified")) => Ok(KvMethod::Pmkvq(PmKvqConfig {
+                shift: ShiftMode::Modified,
+                name: s.to_string(),
+                ..PmKvqConfig::pmkvq()
+            })),
             Some(("rtn", b)) => Ok(KvMethod::Rtn(bits(b)?)),
             Some(("kivi", b)) => Ok(KvMethod::Kivi(bits(b)?)),
             _ => Err(bad()),
@@ -114,7 +126,17 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_bad_names_are_errors() {
-        for name in ["fp16", "pmkvq", "rtn:2", "rtn:4", "kivi:2", "q8_0", "q4_0"] {
+        for name in [
+            "fp16",
+            "pmkvq",
+            "pmkvq:direct",
+            "pmkvq:modified",
+            "rtn:2",
+            "rtn:4",
+            "kivi:2",
+            "q8_0",
+            "q4_0",
+        ] {
             assert_eq!(name.parse::<KvMethod>().unwrap().to_string(), name);
         }
         for bad in ["rtn:3", "kivi:16", "q5_0", "pm", "rtn:"] {

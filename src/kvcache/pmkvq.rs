@@ -43,6 +43,10 @@ pub struct PmKvqConfig {
     /// Enforce budgets on code bytes only, as the reference implementation does (§3.5), instead of true bytes.
     /// For parity checks; a deployment always enforces true bytes.
     pub payload_accounting: bool,
+    /// llama.cpp's semantics for its quantized cache types: a step's K/V are written (quantized) before attention
+    /// reads them back, and the query is rounded through q8_0 for the K·Q product (flash attention's
+    /// `vec_dot_type`). Off for PM-KVQ, whose current token attends to itself unquantized (§3.3).
+    pub llama_semantics: bool,
     pub name: String,
 }
 
@@ -58,6 +62,7 @@ impl PmKvqConfig {
             adaptive: true,
             quantizer: Quantizer::Asymmetric,
             payload_accounting: false,
+            llama_semantics: false,
             name: "pmkvq".into(),
         }
     }
@@ -78,6 +83,7 @@ impl PmKvqConfig {
         PmKvqConfig {
             group: 32,
             quantizer: Quantizer::LlamaSymmetric,
+            llama_semantics: true,
             name: format!("q{}_0", bits.count()),
             ..Self::rtn(bits)
         }
@@ -159,6 +165,24 @@ impl PmKvqStore {
             layers,
             max_tokens,
         })
+    }
+
+    /// The largest true bytes a sequence of up to `tokens` tokens needs with every body at the floor width: the
+    /// smallest total budget under which PM-KVQ can hold it (window fill varies, so the maximum over lengths).
+    pub fn floor_bytes(geom: KvGeometry, cfg: &PmKvqConfig, tokens: usize) -> usize {
+        let group = if cfg.group == 0 { geom.head_dim } else { cfg.group };
+        let gpt = geom.kv_heads * geom.head_dim / group;
+        let tb = |b: Bits| gpt * (b.group_bytes(group) + 4);
+        let per_layer = |t: usize| {
+            let sink = t.min(cfg.sink);
+            let rest = t - sink;
+            let (body, win) = match rest.checked_div(cfg.window) {
+                None => (rest, 0),
+                Some(c) => (c * cfg.window, rest % cfg.window),
+            };
+            2 * ((sink + win) * tb(Bits::B16) + body * tb(cfg.floor_bits)) + LAYER_BOOKKEEPING
+        };
+        (0..=tokens).map(per_layer).max().unwrap_or(0) * geom.layers
     }
 
     pub fn config(&self) -> &PmKvqConfig {
@@ -284,6 +308,20 @@ impl PmKvqStore {
     }
 }
 
+/// q8_0 round trip of a query (32-element blocks, llama.cpp's reference rounding).
+fn round_through_q8_0(q: &[f32]) -> Vec<f32> {
+    let mut out = q.to_vec();
+    for blk in out.chunks_mut(32) {
+        let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = half::f16::from_f32(amax / 127.0).to_f32();
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        for v in blk.iter_mut() {
+            *v = (*v * id).round() * d;
+        }
+    }
+    out
+}
+
 /// Below this many score multiply-adds per call, heads run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 15;
 
@@ -309,32 +347,47 @@ impl KvStore for PmKvqStore {
         check_inputs(&g, layer, q, k, v, n, out)?;
         let (d, kv_dim, qh, group) = (g.head_dim, g.kv_dim(), g.q_heads, g.group());
         let scale = 1.0 / (d as f32).sqrt();
+        let llama = self.cfg.llama_semantics;
+        let rounded_q;
+        let (q, n_raw) = if llama {
+            let l = &mut self.layers[layer];
+            Self::store_side(&self.cfg, &mut l.k, k, kv_dim);
+            Self::store_side(&self.cfg, &mut l.v, v, kv_dim);
+            rounded_q = round_through_q8_0(q);
+            (&rounded_q[..], 0)
+        } else {
+            (q, n)
+        };
         let l = &self.layers[layer];
-        let stored = l.k.len();
+        // with llama semantics the new tokens are already stored: token i sees the stored prefix up to itself
+        let stored = l.k.len() - (n - n_raw);
         let (segs_k, segs_v) = (l.k.segments(), l.v.segments());
         let (ak, kern) = (attn_kernels(), kernels());
         let head = |(idx, o): (usize, &mut [f32])| {
             let (i, h) = (idx / qh, idx % qh);
             let kvh = h / group;
             let qv = &q[idx * d..(idx + 1) * d];
-            let mut p = vec![0.0f32; stored + i + 1];
+            let visible = if n_raw == 0 { stored + i + 1 } else { stored };
+            let mut p = vec![0.0f32; visible + if n_raw == 0 { 0 } else { i + 1 }];
             let mut off = 0;
             for seg in segs_k {
-                (ak.scores)(seg, kvh, qv, scale, &mut p[off..off + seg.len()]);
-                off += seg.len();
+                let take = seg.len().min(visible - off);
+                (ak.scores)(seg, kvh, qv, scale, &mut p[off..off + take]);
+                off += take;
             }
             // the new tokens attend to themselves unquantized (spec §3.3)
-            for j in 0..=i {
+            for j in 0..(if n_raw == 0 { 0 } else { i + 1 }) {
                 p[stored + j] = (kern.dot_f32)(qv, &k[j * kv_dim + kvh * d..j * kv_dim + (kvh + 1) * d]) * scale;
             }
             softmax_in_place(&mut p);
             o.fill(0.0);
             let mut off = 0;
             for seg in segs_v {
-                (ak.accumulate)(seg, kvh, &p[off..off + seg.len()], o);
-                off += seg.len();
+                let take = seg.len().min(visible - off);
+                (ak.accumulate)(seg, kvh, &p[off..off + take], o);
+                off += take;
             }
-            for j in 0..=i {
+            for j in 0..(if n_raw == 0 { 0 } else { i + 1 }) {
                 let w = p[stored + j];
                 for (a, x) in o.iter_mut().zip(&v[j * kv_dim + kvh * d..j * kv_dim + (kvh + 1) * d]) {
                     *a += w * x;
@@ -347,10 +400,12 @@ impl KvStore for PmKvqStore {
             out.chunks_mut(d).enumerate().for_each(head);
         }
         // store after attention (post-attention quantization, WKVQuant-style)
-        let cfg = &self.cfg;
-        let l = &mut self.layers[layer];
-        Self::store_side(cfg, &mut l.k, k, kv_dim);
-        Self::store_side(cfg, &mut l.v, v, kv_dim);
+        if !llama {
+            let cfg = &self.cfg;
+            let l = &mut self.layers[layer];
+            Self::store_side(cfg, &mut l.k, k, kv_dim);
+            Self::store_side(cfg, &mut l.v, v, kv_dim);
+        }
         self.enforce(layer)
     }
 
