@@ -160,6 +160,30 @@ impl KvStore for KiviStore {
         Ok(())
     }
 
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
+        let kv = self.geom.kv_dim();
+        if layer >= self.layers.len() {
+            return Err(KvError::BadLayer {
+                layer,
+                layers: self.layers.len(),
+            });
+        }
+        if k.len() != n * kv || v.len() != n * kv {
+            return Err(KvError::BadShape {
+                layer,
+                expected: n * kv,
+                got: k.len().min(v.len()),
+            });
+        }
+        let l = &mut self.layers[layer];
+        l.k_res.extend(k.iter().map(|&x| f16::from_f32(x)));
+        l.v_res.extend(v.iter().map(|&x| f16::from_f32(x)));
+        while self.res_len(&self.layers[layer]) >= KIVI_BLOCK {
+            self.quantize_block(layer);
+        }
+        Ok(())
+    }
+
     fn reserve(&mut self, n: usize) -> Result<(), KvError> {
         let stored = self.len(0);
         if stored + n > self.max_tokens {
@@ -225,5 +249,49 @@ impl KvStore for KiviStore {
 
     fn method(&self) -> String {
         format!("kivi:{}", self.bits.count())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvcache::F16KvStore;
+
+    fn vals(n: usize, seed: u64) -> Vec<f32> {
+        (0..n).map(|i| (((i as u64 * 2654435761 + seed * 40503) % 2000) as f32 / 1000.0) - 1.0).collect()
+    }
+
+    #[test]
+    fn blocks_form_every_128_tokens_and_a_completing_decode_step_sees_them_quantized() {
+        let g = KvGeometry { layers: 1, q_heads: 2, kv_heads: 1, head_dim: 64 };
+        let mut s = KiviStore::new(g, Bits::B8, 1024);
+        let mut f = F16KvStore::new(g, 1024);
+        // prefill of 200: one block, 72 residual
+        let (k, v, q) = (vals(200 * 64, 1), vals(200 * 64, 2), vals(200 * 128, 3));
+        let (mut o1, mut o2) = (vec![0f32; 200 * 128], vec![0f32; 200 * 128]);
+        s.attend_and_store(0, &q, &k, &v, 200, &mut o1).unwrap();
+        f.attend_and_store(0, &q, &k, &v, 200, &mut o2).unwrap();
+        assert_eq!((s.layers[0].k_blocks.len(), s.res_len(&s.layers[0])), (1, 72));
+        // prefill attends in full precision: equal to the f16 cache up to f16 rounding
+        for (a, b) in o1.iter().zip(&o2) {
+            assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+        }
+        // decode to 255 tokens: still one block; the step that makes 256 quantizes the second block first
+        for t in 200..256 {
+            let (k, v, q) = (vals(64, 10 + t as u64), vals(64, 500 + t as u64), vals(128, 900 + t as u64));
+            let (mut a, mut b) = (vec![0f32; 128], vec![0f32; 128]);
+            s.attend_and_store(0, &q, &k, &v, 1, &mut a).unwrap();
+            f.attend_and_store(0, &q, &k, &v, 1, &mut b).unwrap();
+            let want_blocks = if t + 1 == 256 { 2 } else { 1 };
+            assert_eq!(s.layers[0].k_blocks.len(), want_blocks, "after token {t}");
+            // 8-bit per-channel keys and per-token values stay close to f16
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() < 0.05, "token {t}: {x} vs {y}");
+            }
+        }
+        assert_eq!(s.len(0), 256);
+        assert_eq!(s.res_len(&s.layers[0]), 0);
+        s.truncate(130);
+        assert_eq!(s.len(0), 128, "a cut inside a block drops to the block boundary");
     }
 }

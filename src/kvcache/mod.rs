@@ -86,6 +86,9 @@ pub trait KvStore: Send {
         n: usize,
         out: &mut [f32],
     ) -> Result<(), KvError>;
+    /// Store `n` tokens' K/V (`n × kv_heads × d`, post-RoPE) in `layer` without attending (restoring a spilled
+    /// sequence, filling a benchmark).
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError>;
     /// Forget every stored token.
     fn clear(&mut self);
     /// Keep only the first `tokens` stored tokens of every layer (rollback after a speculative or benchmark step).

@@ -409,6 +409,27 @@ impl KvStore for PmKvqStore {
         self.enforce(layer)
     }
 
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
+        let kv = self.geom.kv_dim();
+        if layer >= self.layers.len() {
+            return Err(KvError::BadLayer {
+                layer,
+                layers: self.layers.len(),
+            });
+        }
+        if k.len() != n * kv || v.len() != n * kv {
+            return Err(KvError::BadShape {
+                layer,
+                expected: n * kv,
+                got: k.len().min(v.len()),
+            });
+        }
+        let l = &mut self.layers[layer];
+        Self::store_side(&self.cfg, &mut l.k, k, kv);
+        Self::store_side(&self.cfg, &mut l.v, v, kv);
+        self.enforce(layer)
+    }
+
     fn reserve(&mut self, n: usize) -> Result<(), KvError> {
         let stored = self.len(0);
         if stored + n > self.max_tokens {

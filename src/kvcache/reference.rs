@@ -93,6 +93,26 @@ impl KvStore for F16KvStore {
         Ok(())
     }
 
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
+        let kv = self.geom.kv_dim();
+        if layer >= self.geom.layers {
+            return Err(KvError::BadLayer {
+                layer,
+                layers: self.geom.layers,
+            });
+        }
+        if k.len() != n * kv || v.len() != n * kv {
+            return Err(KvError::BadShape {
+                layer,
+                expected: n * kv,
+                got: k.len().min(v.len()),
+            });
+        }
+        self.k[layer].extend(k.iter().map(|&x| f16::from_f32(x)));
+        self.v[layer].extend(v.iter().map(|&x| f16::from_f32(x)));
+        Ok(())
+    }
+
     fn clear(&mut self) {
         for l in 0..self.geom.layers {
             self.k[l].clear();
