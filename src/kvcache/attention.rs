@@ -6,12 +6,8 @@ pub fn softmax_in_place(scores: &mut [f32]) {
     if !max.is_finite() {
         return;
     }
-    let mut sum = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    let inv = 1.0 / sum;
+    let sum = (crate::model::kernels::kernels().exp_sum)(scores, max);
+    let inv = (1.0 / sum) as f32;
     for s in scores.iter_mut() {
         *s *= inv;
     }

@@ -258,12 +258,19 @@ mod tests {
     use crate::kvcache::F16KvStore;
 
     fn vals(n: usize, seed: u64) -> Vec<f32> {
-        (0..n).map(|i| (((i as u64 * 2654435761 + seed * 40503) % 2000) as f32 / 1000.0) - 1.0).collect()
+        (0..n)
+            .map(|i| (((i as u64 * 2654435761 + seed * 40503) % 2000) as f32 / 1000.0) - 1.0)
+            .collect()
     }
 
     #[test]
     fn blocks_form_every_128_tokens_and_a_completing_decode_step_sees_them_quantized() {
-        let g = KvGeometry { layers: 1, q_heads: 2, kv_heads: 1, head_dim: 64 };
+        let g = KvGeometry {
+            layers: 1,
+            q_heads: 2,
+            kv_heads: 1,
+            head_dim: 64,
+        };
         let mut s = KiviStore::new(g, Bits::B8, 1024);
         let mut f = F16KvStore::new(g, 1024);
         // prefill of 200: one block, 72 residual
@@ -278,7 +285,11 @@ mod tests {
         }
         // decode to 255 tokens: still one block; the step that makes 256 quantizes the second block first
         for t in 200..256 {
-            let (k, v, q) = (vals(64, 10 + t as u64), vals(64, 500 + t as u64), vals(128, 900 + t as u64));
+            let (k, v, q) = (
+                vals(64, 10 + t as u64),
+                vals(64, 500 + t as u64),
+                vals(128, 900 + t as u64),
+            );
             let (mut a, mut b) = (vec![0f32; 128], vec![0f32; 128]);
             s.attend_and_store(0, &q, &k, &v, 1, &mut a).unwrap();
             f.attend_and_store(0, &q, &k, &v, 1, &mut b).unwrap();

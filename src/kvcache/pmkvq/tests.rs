@@ -260,3 +260,34 @@ fn lowering_the_budget_shrinks_before_the_next_step_and_refusals_change_nothing(
     assert_eq!(s.len(0), len);
     assert!(matches!(s.set_layer_budgets(&[1, 2]), Err(KvError::BadBudgets { .. })));
 }
+
+#[test]
+fn llama_semantics_attend_over_the_stored_prefix_including_the_token_itself() {
+    let g = KvGeometry {
+        layers: 1,
+        q_heads: 2,
+        kv_heads: 1,
+        head_dim: 64,
+    };
+    let mut s = PmKvqStore::new(g, PmKvqConfig::llama(Bits::B4), &[usize::MAX], 64).unwrap();
+    let n = 5;
+    let k: Vec<f32> = (0..n).flat_map(|t| token(t as u64, 64)).collect();
+    let v: Vec<f32> = (0..n).flat_map(|t| token(100 + t as u64, 64)).collect();
+    let q: Vec<f32> = (0..n * 128).map(|i| ((i % 13) as f32 - 6.0) / 6.0).collect();
+    let mut out = vec![0f32; n * 128];
+    s.attend_and_store(0, &q, &k, &v, n, &mut out).unwrap();
+    assert_eq!(s.len(0), n);
+    // token 0 sees only itself: its output is its own stored (quantized) value
+    let mut v0 = vec![0f32; 64];
+    s.layers[0].v.body.dequantize_token(0, &mut v0);
+    for h in 0..2 {
+        for c in 0..64 {
+            assert!(
+                (out[h * 64 + c] - v0[c]).abs() < 1e-5,
+                "{} vs {}",
+                out[h * 64 + c],
+                v0[c]
+            );
+        }
+    }
+}

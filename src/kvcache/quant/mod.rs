@@ -206,9 +206,9 @@ pub fn store_param(v: f32) -> f16 {
 /// Fused attention kernels over packed rows, chosen once per process.
 pub struct AttnKernels {
     pub name: &'static str,
-    /// `out[t] = scale · Σ_c q[c]·x̂[t][c]` for tokens `t` of `rows`, head `head`.
+    /// `out[t] = scale · Σ_c q[c]·x̂[t][c]` for the first `min(out.len(), rows.len())` tokens of `rows`, head `head`.
     pub scores: fn(&PackedRows, usize, &[f32], f32, &mut [f32]),
-    /// `acc[c] += Σ_t p[t]·x̂[t][c]` for tokens `t` of `rows`, head `head`.
+    /// `acc[c] += Σ_t p[t]·x̂[t][c]` for the first `min(p.len(), rows.len())` tokens of `rows`, head `head`.
     pub accumulate: fn(&PackedRows, usize, &[f32], &mut [f32]),
 }
 

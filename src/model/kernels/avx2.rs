@@ -21,6 +21,7 @@ pub static AVX2: Kernels = Kernels {
     dot_f32,
     dot_f16,
     axpy_f16,
+    exp_sum,
 };
 
 // Each safe wrapper is only reachable through `AVX2`, which `kernels()` selects only when `supported()`.
@@ -64,6 +65,11 @@ fn dot_f16(a: &[f16], b: &[f32]) -> f32 {
 fn axpy_f16(w: f32, row: &[f16], acc: &mut [f32]) {
     // SAFETY: as above; lengths are checked inside.
     unsafe { axpy_f16_impl(w, row, acc) }
+}
+
+fn exp_sum(x: &mut [f32], max: f32) -> f64 {
+    // SAFETY: as above; all accesses are within `x`.
+    unsafe { exp_sum_impl(x, max) }
 }
 
 #[inline(always)]
@@ -328,4 +334,94 @@ unsafe fn axpy_f16_impl(w: f32, row: &[f16], acc: &mut [f32]) {
         acc[i] += w * row[i].to_f32();
         i += 1;
     }
+}
+
+#[inline(always)]
+fn c(bits: u32) -> f32 {
+    f32::from_bits(bits)
+}
+
+/// exp(x) for 8 lanes: ggml's `ggml_v_expf` (range reduction by ln 2, degree-5 polynomial, ≤ 1.5 ulp), so our
+/// softmax rounds like llama.cpp's.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[inline(always)]
+unsafe fn v_expf(x: __m256) -> __m256 {
+    let r = _mm256_set1_ps(12582912.0); // 0x1.8p23
+    let z = _mm256_fmadd_ps(x, _mm256_set1_ps(c(0x3FB8AA3B)), r);
+    let n = _mm256_sub_ps(z, r);
+    let b = _mm256_fnmadd_ps(
+        n,
+        _mm256_set1_ps(c(0x35BFBE8E)),
+        _mm256_fnmadd_ps(n, _mm256_set1_ps(c(0x3F317200)), x),
+    );
+    let e = _mm256_slli_epi32(_mm256_castps_si256(z), 23);
+    let k = _mm256_castsi256_ps(_mm256_add_epi32(e, _mm256_castps_si256(_mm256_set1_ps(1.0))));
+    let cmask = _mm256_castps_si256(_mm256_cmp_ps(
+        _mm256_andnot_ps(_mm256_set1_ps(-0.0), n),
+        _mm256_set1_ps(126.0),
+        _CMP_GT_OQ,
+    ));
+    let u = _mm256_mul_ps(b, b);
+    let j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(
+            _mm256_fmadd_ps(_mm256_set1_ps(c(0x3C072010)), b, _mm256_set1_ps(c(0x3D2B9F17))),
+            u,
+            _mm256_fmadd_ps(_mm256_set1_ps(c(0x3E2AAF33)), b, _mm256_set1_ps(c(0x3EFFFEDB))),
+        ),
+        u,
+        _mm256_mul_ps(_mm256_set1_ps(c(0x3F7FFFF6)), b),
+    );
+    if _mm256_movemask_ps(_mm256_castsi256_ps(cmask)) == 0 {
+        return _mm256_fmadd_ps(j, k, k);
+    }
+    let g = _mm256_and_si256(
+        _mm256_castps_si256(_mm256_cmp_ps(n, _mm256_setzero_ps(), _CMP_LE_OQ)),
+        _mm256_set1_epi32(0x82000000u32 as i32),
+    );
+    let s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f000000)));
+    let s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+    let d = _mm256_castps_si256(_mm256_cmp_ps(
+        _mm256_andnot_ps(_mm256_set1_ps(-0.0), n),
+        _mm256_set1_ps(192.0),
+        _CMP_GT_OQ,
+    ));
+    _mm256_or_ps(
+        _mm256_and_ps(_mm256_castsi256_ps(d), _mm256_mul_ps(s1, s1)),
+        _mm256_andnot_ps(
+            _mm256_castsi256_ps(d),
+            _mm256_or_ps(
+                _mm256_and_ps(
+                    _mm256_castsi256_ps(cmask),
+                    _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1),
+                ),
+                _mm256_andnot_ps(_mm256_castsi256_ps(cmask), _mm256_fmadd_ps(k, j, k)),
+            ),
+        ),
+    )
+}
+
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn exp_sum_impl(x: &mut [f32], max: f32) -> f64 {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    let m = _mm256_set1_ps(max);
+    let mut sum = 0.0f64;
+    let mut i = 0;
+    while i + 8 <= n {
+        let v = v_expf(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m));
+        _mm256_storeu_ps(p.add(i), v);
+        sum += hsum_ps(v) as f64;
+        i += 8;
+    }
+    while i < n {
+        let v = (x[i] - max).exp();
+        x[i] = v;
+        sum += v as f64;
+        i += 1;
+    }
+    sum
 }

@@ -71,6 +71,8 @@ pub struct Kernels {
     pub dot_f16: fn(&[f16], &[f32]) -> f32,
     /// `acc += w · row` for an f16 row (attention's value accumulation).
     pub axpy_f16: fn(f32, &[f16], &mut [f32]),
+    /// `x[i] = exp(x[i] − max)` in place; returns the sum (f64, as ggml's softmax keeps it).
+    pub exp_sum: fn(&mut [f32], f32) -> f64,
 }
 
 pub static SCALAR: Kernels = Kernels {
@@ -85,6 +87,7 @@ pub static SCALAR: Kernels = Kernels {
     dot_f32: scalar::dot_f32,
     dot_f16: scalar::dot_f16,
     axpy_f16: scalar::axpy_f16,
+    exp_sum: scalar::exp_sum,
 };
 
 /// The kernels for this CPU, detected on first use.
@@ -246,6 +249,15 @@ mod tests {
             assert!((s - v).abs() < 1e-4, "dot_f32 {n}: {s} vs {v}");
             let (s, v) = ((SCALAR.dot_f16)(&h, &b), (k.dot_f16)(&h, &b));
             assert!((s - v).abs() < 1e-4, "dot_f16 {n}: {s} vs {v}");
+            let (mut e_s, mut e_v) = (
+                a.iter().map(|x| x * 30.0).collect::<Vec<f32>>(),
+                a.iter().map(|x| x * 30.0).collect::<Vec<f32>>(),
+            );
+            let (ss, sv) = ((SCALAR.exp_sum)(&mut e_s, 5.0), (k.exp_sum)(&mut e_v, 5.0));
+            assert!((ss - sv).abs() <= 1e-6 * ss, "exp_sum {n}: {ss} vs {sv}");
+            for (x, y) in e_s.iter().zip(&e_v) {
+                assert!((x - y).abs() <= 1e-6 * x.abs().max(1e-30), "exp {x} vs {y}");
+            }
             let (mut acc_s, mut acc_v) = (b.clone(), b.clone());
             (SCALAR.axpy_f16)(0.37, &h, &mut acc_s);
             (k.axpy_f16)(0.37, &h, &mut acc_v);

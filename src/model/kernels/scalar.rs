@@ -85,3 +85,12 @@ pub fn axpy_f16(w: f32, row: &[f16], acc: &mut [f32]) {
         *a += w * v.to_f32();
     }
 }
+
+pub fn exp_sum(x: &mut [f32], max: f32) -> f64 {
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v as f64;
+    }
+    sum
+}
