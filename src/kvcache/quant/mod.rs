@@ -13,6 +13,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 pub mod rows;
 pub mod scalar;
 
@@ -224,6 +226,10 @@ pub fn attn_kernels() -> &'static AttnKernels {
         #[cfg(target_arch = "x86_64")]
         if avx2::supported() {
             return &avx2::AVX2;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if neon::supported() {
+            return &neon::NEON;
         }
         &SCALAR
     })

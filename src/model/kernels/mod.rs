@@ -8,6 +8,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod scalar;
 
 use half::f16;
@@ -97,6 +99,10 @@ pub fn kernels() -> &'static Kernels {
         #[cfg(target_arch = "x86_64")]
         if avx2::supported() {
             return &avx2::AVX2;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if neon::supported() {
+            return &neon::NEON;
         }
         &SCALAR
     })
@@ -217,11 +223,21 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn kernels_avx2_match_scalar() {
-        if !avx2::supported() {
-            eprintln!("no AVX2 on this CPU: the AVX2 kernels cannot run here");
-            return;
-        }
-        let k = &avx2::AVX2;
+        assert!(
+            avx2::supported(),
+            "this test machine has AVX2; a CPU without it needs its own test run"
+        );
+        simd_matches_scalar(&avx2::AVX2);
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn kernels_neon_match_scalar() {
+        simd_matches_scalar(&neon::NEON);
+    }
+
+    #[allow(dead_code)]
+    fn simd_matches_scalar(k: &Kernels) {
         let mut seed = 11;
         for blocks in [1usize, 3, 18, 48] {
             let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed) * 3.0).collect();
