@@ -74,10 +74,84 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
+/// Codes `c0..c0+16` (c0 a multiple of 16) of one packed 8/4/2-bit group as 16 i16 lanes.
+///
+/// # Safety
+/// AVX2; `g` a multiple of 32, `bytes` the whole group, `bits` not 16.
+#[inline(always)]
+unsafe fn codes16(bytes: &[u8], bits: Bits, c0: usize, g: usize) -> __m256i {
+    let p = bytes.as_ptr();
+    let b = match bits {
+        Bits::B8 | Bits::B16 => _mm_loadu_si128(p.add(c0) as *const __m128i),
+        Bits::B4 => {
+            let h = g / 2;
+            let v = _mm_loadu_si128(p.add(c0 % h) as *const __m128i);
+            let v = if c0 < h { v } else { _mm_srli_epi16(v, 4) };
+            _mm_and_si128(v, _mm_set1_epi8(0x0F))
+        }
+        Bits::B2 => {
+            // two 8-code halves, each from one plane (a plane is g/4 ≥ 8 codes)
+            let qd = g / 4;
+            let half = |c: usize| {
+                let (k, j) = (c / qd, c % qd);
+                let v = _mm_loadl_epi64(p.add(j) as *const __m128i);
+                _mm_and_si128(_mm_srl_epi16(v, _mm_cvtsi32_si128(2 * k as i32)), _mm_set1_epi8(3))
+            };
+            _mm_unpacklo_epi64(half(c0), half(c0 + 8))
+        }
+    };
+    _mm256_cvtepu8_epi16(b)
+}
+
+/// Scores over 8/4/2-bit codes in integers: the query is rounded to i16 per group (relative error ≤ 2^-16 of
+/// its largest element), so `Σ q·code` is one `pmaddwd` per 16 codes and the bytes read shrink with the width.
+///
+/// # Safety
+/// See `scores`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_int_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
+    let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
+    assert!(q.len() >= gph * g && rows.bits != Bits::B16);
+    let mut q16 = vec![0i16; gph * g];
+    let mut qscale = vec![0f32; gph];
+    let mut qsum = vec![0f32; gph];
+    for k in 0..gph {
+        let qk = &q[k * g..(k + 1) * g];
+        let amax = qk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        qscale[k] = amax / 32767.0;
+        let inv = if amax > 0.0 { 32767.0 / amax } else { 0.0 };
+        for (d, &v) in q16[k * g..(k + 1) * g].iter_mut().zip(qk) {
+            *d = (v * inv).round() as i16;
+        }
+        qsum[k] = qk.iter().sum();
+    }
+    for (t, o) in out.iter_mut().enumerate().take(rows.len()) {
+        let mut s = 0.0f32;
+        for k in 0..gph {
+            let (bytes, sc, mn) = rows.group_at(t * gpt + head * gph + k);
+            assert!(bytes.len() == rows.bits.group_bytes(g));
+            let qk = q16.as_ptr().add(k * g);
+            let mut acc = _mm256_setzero_si256();
+            let mut c0 = 0;
+            while c0 < g {
+                let qv = _mm256_loadu_si256(qk.add(c0) as *const __m256i);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(codes16(bytes, rows.bits, c0, g), qv));
+                c0 += 16;
+            }
+            let dot = hsum(_mm256_cvtepi32_ps(acc));
+            s += sc * qscale[k] * dot + mn * qsum[k];
+        }
+        *o = s * scale;
+    }
+}
+
 /// # Safety
 /// See `scores`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn scores_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
+    if rows.bits != Bits::B16 {
+        return scores_int_impl(rows, head, q, scale, out);
+    }
     let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
     assert!(q.len() >= gph * g);
     let qsum: Vec<f32> = q.chunks_exact(g).map(|c| c.iter().sum()).collect();
