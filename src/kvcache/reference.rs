@@ -1,25 +1,76 @@
-//! The reference store: every token's K and V at f16, as llama.cpp's default cache keeps them.
+//! The reference stores: every token's K and V at f16, as llama.cpp's default cache keeps them (the parity
+//! reference), or at f32 (no rounding at all: the baseline for calibration and exactness tests).
 
 use super::attention::softmax_in_place;
 use super::{check_inputs, KvError, KvGeometry, KvStore};
-use crate::model::kernels::kernels;
+use crate::model::kernels::{kernels, Kernels};
 use half::f16;
 use rayon::prelude::*;
 
-pub struct F16KvStore {
+/// An element type of a reference store.
+pub trait RefElem: Copy + Send + Sync + 'static {
+    const NAME: &'static str;
+    fn from_f32(x: f32) -> Self;
+    /// What storing a value does to it (f16: rounding; f32: nothing). Queries and probabilities get the same
+    /// treatment, as llama.cpp's f16 path converts them to the cache's type.
+    fn round(x: f32) -> f32;
+    fn dot(k: &Kernels, row: &[Self], q: &[f32]) -> f32;
+    fn axpy(k: &Kernels, w: f32, row: &[Self], acc: &mut [f32]);
+}
+
+impl RefElem for f16 {
+    const NAME: &'static str = "fp16";
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn round(x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+    fn dot(k: &Kernels, row: &[Self], q: &[f32]) -> f32 {
+        (k.dot_f16)(row, q)
+    }
+    fn axpy(k: &Kernels, w: f32, row: &[Self], acc: &mut [f32]) {
+        (k.axpy_f16)(w, row, acc)
+    }
+}
+
+impl RefElem for f32 {
+    const NAME: &'static str = "fp32";
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn round(x: f32) -> f32 {
+        x
+    }
+    fn dot(k: &Kernels, row: &[Self], q: &[f32]) -> f32 {
+        (k.dot_f32)(row, q)
+    }
+    fn axpy(_: &Kernels, w: f32, row: &[Self], acc: &mut [f32]) {
+        for (a, x) in acc.iter_mut().zip(row) {
+            *a += w * x;
+        }
+    }
+}
+
+pub struct RefKvStore<T: RefElem> {
     geom: KvGeometry,
     /// Per layer, token-major: `[token][kv_head][d]`.
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
     max_tokens: usize,
 }
+
+/// llama.cpp's default cache.
+pub type F16KvStore = RefKvStore<f16>;
+/// Full precision.
+pub type F32KvStore = RefKvStore<f32>;
 
 /// Below this many score multiply-adds per call, heads run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 15;
 
-impl F16KvStore {
+impl<T: RefElem> RefKvStore<T> {
     pub fn new(geom: KvGeometry, max_tokens: usize) -> Self {
-        F16KvStore {
+        RefKvStore {
             geom,
             k: vec![Vec::new(); geom.layers],
             v: vec![Vec::new(); geom.layers],
@@ -28,7 +79,7 @@ impl F16KvStore {
     }
 }
 
-impl KvStore for F16KvStore {
+impl<T: RefElem> KvStore for RefKvStore<T> {
     fn geometry(&self) -> KvGeometry {
         self.geom
     }
@@ -60,29 +111,26 @@ impl KvStore for F16KvStore {
         let scale = 1.0 / (d as f32).sqrt();
         // llama.cpp writes the batch's K/V into its f16 cache before attention reads it back; doing the same
         // keeps our f16 reference bit-compatible with the peer's numerics.
-        self.k[layer].extend(k.iter().map(|&x| f16::from_f32(x)));
-        self.v[layer].extend(v.iter().map(|&x| f16::from_f32(x)));
+        self.k[layer].extend(k.iter().map(|&x| T::from_f32(x)));
+        self.v[layer].extend(v.iter().map(|&x| T::from_f32(x)));
         let (ks, vs) = (&self.k[layer], &self.v[layer]);
         let kern = kernels();
         let head = |(idx, o): (usize, &mut [f32])| {
             let (i, h) = (idx / qh, idx % qh);
             let kvh = h / group;
             // llama.cpp converts Q to the cache's f16 for the K·Q product, and the probabilities to f16 for P·V.
-            let qv: Vec<f32> = q[idx * d..(idx + 1) * d]
-                .iter()
-                .map(|&x| f16::from_f32(x).to_f32())
-                .collect();
+            let qv: Vec<f32> = q[idx * d..(idx + 1) * d].iter().map(|&x| T::round(x)).collect();
             let n_ctx = stored + i + 1;
             let mut scores = vec![0.0f32; n_ctx];
             for (t, s) in scores.iter_mut().enumerate() {
                 let off = t * kv_dim + kvh * d;
-                *s = (kern.dot_f16)(&ks[off..off + d], &qv) * scale;
+                *s = T::dot(kern, &ks[off..off + d], &qv) * scale;
             }
             softmax_in_place(&mut scores);
             o.fill(0.0);
             for (t, &p) in scores.iter().enumerate() {
                 let off = t * kv_dim + kvh * d;
-                (kern.axpy_f16)(f16::from_f32(p).to_f32(), &vs[off..off + d], o);
+                T::axpy(kern, T::round(p), &vs[off..off + d], o);
             }
         };
         if rayon::current_num_threads() > 1 && n * qh * (stored + n) * d >= PARALLEL_MIN_MACS {
@@ -108,8 +156,8 @@ impl KvStore for F16KvStore {
                 got: k.len().min(v.len()),
             });
         }
-        self.k[layer].extend(k.iter().map(|&x| f16::from_f32(x)));
-        self.v[layer].extend(v.iter().map(|&x| f16::from_f32(x)));
+        self.k[layer].extend(k.iter().map(|&x| T::from_f32(x)));
+        self.v[layer].extend(v.iter().map(|&x| T::from_f32(x)));
         Ok(())
     }
 
@@ -129,7 +177,7 @@ impl KvStore for F16KvStore {
     }
 
     fn true_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.len() * 2).sum()
+        self.k.iter().chain(&self.v).map(|l| l.len() * std::mem::size_of::<T>()).sum()
     }
 
     fn reserve(&mut self, n: usize) -> Result<(), KvError> {
@@ -145,7 +193,7 @@ impl KvStore for F16KvStore {
     }
 
     fn method(&self) -> String {
-        "fp16".into()
+        T::NAME.into()
     }
 }
 

@@ -2,11 +2,11 @@
 
 use super::ModelError;
 use candle_core::quantized::gguf_file::Value;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Llama,
@@ -14,7 +14,7 @@ pub enum Arch {
 }
 
 /// Which channels RoPE rotates together. KV calibration (key scales shared per rotary pair) depends on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RopeLayout {
     /// Pairs `(2j, 2j+1)`: GGUF files converted from HF Llama (llama.cpp permutes q/k rows for this).

@@ -135,53 +135,14 @@ impl Model {
         t: usize,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.config;
-        let (h, qd, kd, half) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_dim(), cfg.head_dim / 2);
+        let h = cfg.hidden;
         let mut x = vec![0.0f32; t * h];
         for (row, &tok) in x.chunks_exact_mut(h).zip(seqs.iter().flat_map(|s| s.tokens)) {
             self.embed.row_f32(tok as usize, row)?;
         }
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for &p in seqs.iter().flat_map(|s| s.positions) {
-            cfg.rope.angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
-        }
-        let mut hbuf = Vec::with_capacity(t * h);
-        let mut attn = vec![0.0f32; t * qd];
-        for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, cfg.rms_eps, &mut hbuf);
-            let mut qkv = layer.qkv.forward(&hbuf, t)?;
-            let v = qkv.pop().unwrap_or_default();
-            let mut k = qkv.pop().unwrap_or_default();
-            let mut q = qkv.pop().unwrap_or_default();
-            self.rope(&mut q, cfg.heads, &cos, &sin);
-            self.rope(&mut k, cfg.kv_heads, &cos, &sin);
-            let mut start = 0;
-            for (s, store) in seqs.iter().zip(kv.iter_mut()) {
-                let n = s.tokens.len();
-                store.attend_and_store(
-                    li,
-                    &q[start * qd..(start + n) * qd],
-                    &k[start * kd..(start + n) * kd],
-                    &v[start * kd..(start + n) * kd],
-                    n,
-                    &mut attn[start * qd..(start + n) * qd],
-                )?;
-                start += n;
-            }
-            let o = layer.o.forward(&attn, t)?;
-            for (xv, ov) in x.iter_mut().zip(&o) {
-                *xv += ov;
-            }
-            rms_norm(&x, &layer.ffn_norm, cfg.rms_eps, &mut hbuf);
-            let gu = layer.gate_up.forward(&hbuf, t)?;
-            let mut act = gu[0].clone();
-            for (a, u) in act.iter_mut().zip(&gu[1]) {
-                *a = *a / (1.0 + (-*a).exp()) * u;
-            }
-            let down = layer.down.forward(&act, t)?;
-            for (xv, dv) in x.iter_mut().zip(&down) {
-                *xv += dv;
-            }
+        let (cos, sin) = self.angle_tables(seqs.iter().flat_map(|s| s.positions), t);
+        for li in 0..self.layers.len() {
+            self.run_layer(li, &mut x, t, &cos, &sin, seqs, kv, false)?;
         }
         // Rows that need logits.
         let mut rows = Vec::new();
@@ -207,6 +168,7 @@ impl Model {
         for &r in &rows {
             sel.extend_from_slice(&x[r * h..(r + 1) * h]);
         }
+        let mut hbuf = Vec::with_capacity(sel.len());
         rms_norm(&sel, &self.norm, cfg.rms_eps, &mut hbuf);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = head.forward(&hbuf, rows.len())?;
@@ -217,6 +179,158 @@ impl Model {
             off += c;
         }
         Ok(out)
+    }
+
+    fn angle_tables<'a>(&self, positions: impl Iterator<Item = &'a u32>, t: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.config.head_dim / 2;
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for &p in positions {
+            self.config.rope.angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
+        }
+        (cos, sin)
+    }
+
+    /// One decoder layer over `x` (`t × hidden`, all sequences' rows) in place. With `attn_only`, returns the
+    /// attention block's output (after the output projection, before the residual add) and leaves `x` as it was.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layer(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        t: usize,
+        cos: &[f32],
+        sin: &[f32],
+        seqs: &[SeqInput<'_>],
+        kv: &mut [&mut dyn KvStore],
+        attn_only: bool,
+    ) -> Result<Option<Vec<f32>>, ModelError> {
+        let cfg = &self.config;
+        let (qd, kd) = (cfg.heads * cfg.head_dim, cfg.kv_dim());
+        let layer = &self.layers[li];
+        let mut hbuf = Vec::with_capacity(x.len());
+        rms_norm(x, &layer.attn_norm, cfg.rms_eps, &mut hbuf);
+        let mut qkv = layer.qkv.forward(&hbuf, t)?;
+        let v = qkv.pop().unwrap_or_default();
+        let mut k = qkv.pop().unwrap_or_default();
+        let mut q = qkv.pop().unwrap_or_default();
+        self.rope(&mut q, cfg.heads, cos, sin);
+        self.rope(&mut k, cfg.kv_heads, cos, sin);
+        let mut attn = vec![0.0f32; t * qd];
+        let mut start = 0;
+        for (s, store) in seqs.iter().zip(kv.iter_mut()) {
+            let n = s.tokens.len();
+            store.attend_and_store(
+                li,
+                &q[start * qd..(start + n) * qd],
+                &k[start * kd..(start + n) * kd],
+                &v[start * kd..(start + n) * kd],
+                n,
+                &mut attn[start * qd..(start + n) * qd],
+            )?;
+            start += n;
+        }
+        let o = layer.o.forward(&attn, t)?;
+        if attn_only {
+            return Ok(Some(o));
+        }
+        for (xv, ov) in x.iter_mut().zip(&o) {
+            *xv += ov;
+        }
+        rms_norm(x, &layer.ffn_norm, cfg.rms_eps, &mut hbuf);
+        let gu = layer.gate_up.forward(&hbuf, t)?;
+        let mut act = gu[0].clone();
+        for (a, u) in act.iter_mut().zip(&gu[1]) {
+            *a = *a / (1.0 + (-*a).exp()) * u;
+        }
+        let down = layer.down.forward(&act, t)?;
+        for (xv, dv) in x.iter_mut().zip(&down) {
+            *xv += dv;
+        }
+        Ok(None)
+    }
+
+    /// Calibration: the hidden state entering every layer (`layers + 1` entries; the last enters the final
+    /// norm) for one sequence, run through `kv`.
+    pub fn layer_inputs(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        kv: &mut dyn KvStore,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let seqs = [SeqInput { tokens, positions }];
+        self.check_seq(&seqs[0])?;
+        let t = tokens.len();
+        self.install(|| {
+            let mut x = self.embed_rows(tokens)?;
+            let (cos, sin) = self.angle_tables(positions.iter(), t);
+            let mut out = Vec::with_capacity(self.layers.len() + 1);
+            for li in 0..self.layers.len() {
+                out.push(x.clone());
+                self.run_layer(li, &mut x, t, &cos, &sin, &seqs, &mut [&mut *kv], false)?;
+            }
+            out.push(x);
+            Ok(out)
+        })
+    }
+
+    /// Calibration: run layers `first..` on hidden state `x` (`t × hidden`) and return the logits of every row.
+    pub fn forward_from(
+        &self,
+        first: usize,
+        mut x: Vec<f32>,
+        positions: &[u32],
+        kv: &mut dyn KvStore,
+    ) -> Result<Vec<f32>, ModelError> {
+        let t = positions.len();
+        let dummy = vec![0u32; t];
+        let seqs = [SeqInput { tokens: &dummy, positions }];
+        self.install(|| {
+            let (cos, sin) = self.angle_tables(positions.iter(), t);
+            for li in first..self.layers.len() {
+                self.run_layer(li, &mut x, t, &cos, &sin, &seqs, &mut [&mut *kv], false)?;
+            }
+            let mut hbuf = Vec::new();
+            rms_norm(&x, &self.norm, self.config.rms_eps, &mut hbuf);
+            self.lm_head.as_ref().unwrap_or(&self.embed).forward(&hbuf, t)
+        })
+    }
+
+    /// Calibration: layer `li`'s attention block output for hidden input `x`, attending through `kv`.
+    pub fn attention_block(
+        &self,
+        li: usize,
+        x: &[f32],
+        positions: &[u32],
+        kv: &mut dyn KvStore,
+    ) -> Result<Vec<f32>, ModelError> {
+        let t = positions.len();
+        let dummy = vec![0u32; t];
+        let seqs = [SeqInput { tokens: &dummy, positions }];
+        let mut xm = x.to_vec();
+        self.install(|| {
+            let (cos, sin) = self.angle_tables(positions.iter(), t);
+            Ok(self.run_layer(li, &mut xm, t, &cos, &sin, &seqs, &mut [&mut *kv], true)?.unwrap_or_default())
+        })
+    }
+
+    fn embed_rows(&self, tokens: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let h = self.config.hidden;
+        let mut x = vec![0.0f32; tokens.len() * h];
+        for (row, &tok) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embed.row_f32(tok as usize, row)?;
+        }
+        Ok(x)
+    }
+
+    fn check_seq(&self, s: &SeqInput<'_>) -> Result<(), ModelError> {
+        if s.tokens.len() != s.positions.len() {
+            return Err(ModelError::Input("tokens and positions differ in length".into()));
+        }
+        if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(ModelError::Input(format!("token id {bad} out of range (vocab size {})", self.config.vocab_size)));
+        }
+        Ok(())
     }
 
     /// Prefill (or teacher-force) one sequence in chunks of at most `chunk` tokens, continuing from what `kv`

@@ -1,0 +1,124 @@
+//! The calibration profile: one versioned JSON file bound to the model it was measured on.
+
+use crate::kvcache::KeyScales;
+use crate::model::{Arch, Model, RopeLayout};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+
+pub const PROFILE_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibSettings {
+    pub samples: usize,
+    pub seq_len: usize,
+    pub effective_len: usize,
+    /// Positional-interpolation stride `effective_len / seq_len`.
+    pub pi_stride: usize,
+    pub choices: Vec<u32>,
+    /// Average width per layer the allocation was solved for.
+    pub avg_bits: f64,
+    pub alpha_bits: u32,
+    pub data: Vec<String>,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub version: u32,
+    pub model_sha256: String,
+    pub model_file: String,
+    pub arch: Arch,
+    pub layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// `kv_heads · head_dim`.
+    pub d_kv: usize,
+    pub rope_layout: RopeLayout,
+    pub settings: CalibSettings,
+    /// Widths sensitivity was measured at (columns of the two tables below).
+    pub widths: Vec<u32>,
+    /// Mean KL(p_fp ‖ p_quant) per token with only that layer's K/V quantized: `[layer][width]`.
+    pub sensitivity_kl: Vec<Vec<f64>>,
+    /// Increase in mean next-token loss, same setting: `[layer][width]`.
+    pub sensitivity_loss: Vec<Vec<f64>>,
+    /// Chosen final width per layer and each layer's share of any total budget.
+    pub bits: Vec<u32>,
+    pub shares: Vec<f64>,
+    /// α per layer and the resulting key scales `max|K|^α` per KV head and rotary pair:
+    /// `[layer][kv_head·(d/2) + pair]`.
+    pub alpha: Vec<f64>,
+    pub key_scales: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("{file}: {source}")]
+    Io { file: String, source: std::io::Error },
+    #[error("{file}: not a profile: {what}")]
+    Format { file: String, what: String },
+    #[error("{file}: profile version {got}, this build reads version {want}")]
+    Version { file: String, got: u32, want: u32 },
+    #[error("{file}: profile belongs to another model: {what}")]
+    WrongModel { file: String, what: String },
+}
+
+impl Profile {
+    pub fn load(path: &Path) -> Result<Profile, ProfileError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io { file: file.clone(), source })?;
+        let p: Profile =
+            serde_json::from_str(&text).map_err(|e| ProfileError::Format { file: file.clone(), what: e.to_string() })?;
+        if p.version != PROFILE_VERSION {
+            return Err(ProfileError::Version { file, got: p.version, want: PROFILE_VERSION });
+        }
+        let n = p.layers;
+        let ok = p.bits.len() == n
+            && p.shares.len() == n
+            && p.alpha.len() == n
+            && p.key_scales.len() == n
+            && p.key_scales.iter().all(|s| s.len() == p.kv_heads * p.head_dim / 2)
+            && p.key_scales.iter().flatten().all(|s| s.is_finite() && *s > 0.0);
+        if !ok {
+            return Err(ProfileError::Format { file, what: "per-layer tables do not match the layer count".into() });
+        }
+        Ok(p)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), ProfileError> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| ProfileError::Format {
+            file: path.display().to_string(),
+            what: e.to_string(),
+        })?;
+        std::fs::write(path, text).map_err(|source| ProfileError::Io { file: path.display().to_string(), source })
+    }
+
+    /// Check the profile was made for `model` (whose file hashes to `sha256`).
+    pub fn check(&self, model: &Model, sha256: &str, file: &Path) -> Result<(), ProfileError> {
+        let c = &model.config;
+        let wrong = |what: String| ProfileError::WrongModel { file: file.display().to_string(), what };
+        if self.model_sha256 != sha256 {
+            return Err(wrong(format!("model sha256 {}, profile made for {}", sha256, self.model_sha256)));
+        }
+        if self.layers != c.layers || self.kv_heads != c.kv_heads || self.head_dim != c.head_dim {
+            return Err(wrong(format!(
+                "geometry {}x{}x{}, profile {}x{}x{}",
+                c.layers, c.kv_heads, c.head_dim, self.layers, self.kv_heads, self.head_dim
+            )));
+        }
+        if self.rope_layout != c.rope.layout {
+            return Err(wrong(format!("rope layout {:?}, profile {:?}", c.rope.layout, self.rope_layout)));
+        }
+        Ok(())
+    }
+
+    /// Per-channel key scales for `KeyScaled`.
+    pub fn channel_scales(&self) -> KeyScales {
+        Arc::new(
+            self.key_scales
+                .iter()
+                .map(|l| super::capture::expand_pair_scales(l, self.kv_heads, self.head_dim, self.rope_layout))
+                .collect(),
+        )
+    }
+}
