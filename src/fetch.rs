@@ -55,11 +55,19 @@ pub fn model_sha256(path: &Path) -> std::io::Result<String> {
         return sha256_file(path);
     }
     use sha2::{Digest, Sha256};
-    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
     files.sort();
     let mut h = Sha256::new();
     for f in files {
-        h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
+        h.update(
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
         h.update(sha256_file(&f)?.as_bytes());
     }
     Ok(format!("{:x}", h.finalize()))

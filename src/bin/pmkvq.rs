@@ -510,14 +510,18 @@ fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
         let mut spec = MethodSpec::plain(method, budget, item);
         for flag in parts {
             let need = |p: &Option<pmkvq::calib::Profile>, opt: &str| {
-                p.clone().ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("method `{item}` needs {opt}")))
+                p.clone()
+                    .ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("method `{item}` needs {opt}")))
             };
             match flag {
                 "alloc" => spec.shares = Some(need(&profile, "--profile")?.shares),
                 "rep" => spec.key_scales = Some(need(&profile, "--profile")?.channel_scales()),
                 "rep-alt" => spec.key_scales = Some(need(&alt_profile, "--alt-profile")?.channel_scales()),
                 other => {
-                    return Err(fail(EX_USAGE, anyhow::anyhow!("unknown method flag `+{other}` (alloc, rep, rep-alt)")))
+                    return Err(fail(
+                        EX_USAGE,
+                        anyhow::anyhow!("unknown method flag `+{other}` (alloc, rep, rep-alt)"),
+                    ))
                 }
             }
         }
@@ -586,7 +590,10 @@ fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
     let mut out = Vec::new();
     for p in paths {
         if !p.exists() {
-            return Err(fail(EX_NOINPUT, anyhow::anyhow!("calibration data {} not found", p.display())));
+            return Err(fail(
+                EX_NOINPUT,
+                anyhow::anyhow!("calibration data {} not found", p.display()),
+            ));
         }
         if p.is_file() {
             out.push(p.clone());
@@ -595,7 +602,10 @@ fn data_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Failure> {
         }
     }
     if out.is_empty() {
-        return Err(fail(EX_NOINPUT, anyhow::anyhow!("no .txt or .tex files in the calibration data")));
+        return Err(fail(
+            EX_NOINPUT,
+            anyhow::anyhow!("no .txt or .tex files in the calibration data"),
+        ));
     }
     Ok(out)
 }
@@ -625,11 +635,13 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<(), Failure> {
             if let Some((_, b)) = bar.take() {
                 b.finish();
             }
-            let b = ProgressBar::new(total as u64).with_style(style.clone()).with_prefix(match stage {
-                Stage::Reference => "reference",
-                Stage::Sensitivity => "sensitivity",
-                Stage::AlphaSearch => "alpha search",
-            });
+            let b = ProgressBar::new(total as u64)
+                .with_style(style.clone())
+                .with_prefix(match stage {
+                    Stage::Reference => "reference",
+                    Stage::Sensitivity => "sensitivity",
+                    Stage::AlphaSearch => "alpha search",
+                });
             bar = Some((stage, b));
         }
         if let Some((_, b)) = &bar {

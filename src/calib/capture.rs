@@ -16,11 +16,17 @@ pub struct FakeQuantStore {
 
 impl FakeQuantStore {
     pub fn new(geom: KvGeometry, bits: Vec<Option<Bits>>, max_tokens: usize) -> Self {
-        FakeQuantStore { inner: F32KvStore::new(geom, max_tokens), bits, group: geom.head_dim }
+        FakeQuantStore {
+            inner: F32KvStore::new(geom, max_tokens),
+            bits,
+            group: geom.head_dim,
+        }
     }
 
     fn round(&self, layer: usize, x: &[f32]) -> Vec<f32> {
-        let Some(b) = self.bits.get(layer).copied().flatten() else { return x.to_vec() };
+        let Some(b) = self.bits.get(layer).copied().flatten() else {
+            return x.to_vec();
+        };
         let mut out = x.to_vec();
         let mut codes = vec![0u16; self.group];
         for g in out.chunks_exact_mut(self.group) {

@@ -66,11 +66,20 @@ pub enum ProfileError {
 impl Profile {
     pub fn load(path: &Path) -> Result<Profile, ProfileError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io { file: file.clone(), source })?;
-        let p: Profile =
-            serde_json::from_str(&text).map_err(|e| ProfileError::Format { file: file.clone(), what: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
+            file: file.clone(),
+            source,
+        })?;
+        let p: Profile = serde_json::from_str(&text).map_err(|e| ProfileError::Format {
+            file: file.clone(),
+            what: e.to_string(),
+        })?;
         if p.version != PROFILE_VERSION {
-            return Err(ProfileError::Version { file, got: p.version, want: PROFILE_VERSION });
+            return Err(ProfileError::Version {
+                file,
+                got: p.version,
+                want: PROFILE_VERSION,
+            });
         }
         let n = p.layers;
         let ok = p.bits.len() == n
@@ -80,7 +89,10 @@ impl Profile {
             && p.key_scales.iter().all(|s| s.len() == p.kv_heads * p.head_dim / 2)
             && p.key_scales.iter().flatten().all(|s| s.is_finite() && *s > 0.0);
         if !ok {
-            return Err(ProfileError::Format { file, what: "per-layer tables do not match the layer count".into() });
+            return Err(ProfileError::Format {
+                file,
+                what: "per-layer tables do not match the layer count".into(),
+            });
         }
         Ok(p)
     }
@@ -90,15 +102,24 @@ impl Profile {
             file: path.display().to_string(),
             what: e.to_string(),
         })?;
-        std::fs::write(path, text).map_err(|source| ProfileError::Io { file: path.display().to_string(), source })
+        std::fs::write(path, text).map_err(|source| ProfileError::Io {
+            file: path.display().to_string(),
+            source,
+        })
     }
 
     /// Check the profile was made for `model` (whose file hashes to `sha256`).
     pub fn check(&self, model: &Model, sha256: &str, file: &Path) -> Result<(), ProfileError> {
         let c = &model.config;
-        let wrong = |what: String| ProfileError::WrongModel { file: file.display().to_string(), what };
+        let wrong = |what: String| ProfileError::WrongModel {
+            file: file.display().to_string(),
+            what,
+        };
         if self.model_sha256 != sha256 {
-            return Err(wrong(format!("model sha256 {}, profile made for {}", sha256, self.model_sha256)));
+            return Err(wrong(format!(
+                "model sha256 {}, profile made for {}",
+                sha256, self.model_sha256
+            )));
         }
         if self.layers != c.layers || self.kv_heads != c.kv_heads || self.head_dim != c.head_dim {
             return Err(wrong(format!(
@@ -107,7 +128,10 @@ impl Profile {
             )));
         }
         if self.rope_layout != c.rope.layout {
-            return Err(wrong(format!("rope layout {:?}, profile {:?}", c.rope.layout, self.rope_layout)));
+            return Err(wrong(format!(
+                "rope layout {:?}, profile {:?}",
+                c.rope.layout, self.rope_layout
+            )));
         }
         Ok(())
     }

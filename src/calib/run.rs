@@ -34,7 +34,12 @@ pub enum CalibError {
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
     #[error("calibration data has {got} tokens, {samples} samples of {seq_len} need {need}")]
-    NotEnoughData { got: usize, need: usize, samples: usize, seq_len: usize },
+    NotEnoughData {
+        got: usize,
+        need: usize,
+        samples: usize,
+        seq_len: usize,
+    },
     #[error("invalid setting: {0}")]
     Setting(String),
 }
@@ -83,7 +88,12 @@ pub fn calibration_samples(tok: &Tokenizer, cfg: &CalibConfig) -> Result<Vec<Vec
         }
     }
     if stream.len() < need {
-        return Err(CalibError::NotEnoughData { got: stream.len(), need, samples: cfg.samples, seq_len: cfg.seq_len });
+        return Err(CalibError::NotEnoughData {
+            got: stream.len(),
+            need,
+            samples: cfg.samples,
+            seq_len: cfg.seq_len,
+        });
     }
     Ok(stream[..need].chunks_exact(cfg.seq_len).map(<[u32]>::to_vec).collect())
 }
@@ -105,7 +115,17 @@ fn compare(ref_lp: &[f32], logits: &[f32], tokens: &[u32], vocab: usize) -> (f64
     let (mut kl, mut nll) = (0.0f64, 0.0f64);
     for i in 0..n {
         let (r, g) = (&ref_lp[i * vocab..(i + 1) * vocab], &lp[i * vocab..(i + 1) * vocab]);
-        kl += r.iter().zip(g).map(|(&a, &b)| if a > -40.0 { (a as f64).exp() * (a - b) as f64 } else { 0.0 }).sum::<f64>();
+        kl += r
+            .iter()
+            .zip(g)
+            .map(|(&a, &b)| {
+                if a > -40.0 {
+                    (a as f64).exp() * (a - b) as f64
+                } else {
+                    0.0
+                }
+            })
+            .sum::<f64>();
         nll -= g[tokens[i + 1] as usize] as f64;
     }
     (kl / n as f64, nll / n as f64)
@@ -120,7 +140,9 @@ pub fn calibrate(
     progress: &mut dyn FnMut(Stage, usize, usize),
 ) -> Result<Profile, CalibError> {
     if cfg.seq_len < 2 || cfg.samples == 0 || cfg.effective_len < cfg.seq_len {
-        return Err(CalibError::Setting("need seq_len >= 2, samples >= 1 and effective_len >= seq_len".into()));
+        return Err(CalibError::Setting(
+            "need seq_len >= 2, samples >= 1 and effective_len >= seq_len".into(),
+        ));
     }
     let choices: Vec<Bits> = cfg
         .choices
@@ -181,8 +203,14 @@ pub fn calibrate(
     }
 
     // 3. allocation on the measured KL (always ≥ 0 and less noisy than the loss difference)
-    let choice_idx: Vec<usize> = choices.iter().map(|b| widths.iter().position(|w| w == b).unwrap_or(0)).collect();
-    let sens_for_choices: Vec<Vec<f64>> = sens_kl.iter().map(|row| choice_idx.iter().map(|&i| row[i]).collect()).collect();
+    let choice_idx: Vec<usize> = choices
+        .iter()
+        .map(|b| widths.iter().position(|w| w == b).unwrap_or(0))
+        .collect();
+    let sens_for_choices: Vec<Vec<f64>> = sens_kl
+        .iter()
+        .map(|row| choice_idx.iter().map(|&i| row[i]).collect())
+        .collect();
     let budget_bits = (cfg.avg_bits * layers as f64).floor() as u64;
     let bits = allocate(&sens_for_choices, &cfg.choices, budget_bits)?;
 
@@ -197,7 +225,10 @@ pub fn calibrate(
             .collect::<Result<_, _>>()?;
         let mut best = (f64::INFINITY, 1.0f64, vec![]);
         for &a in &grid {
-            let pair: Vec<f32> = stats[l].iter().map(|&m| (m.max(1e-30) as f64).powf(a).clamp(1e-4, 1e4) as f32).collect();
+            let pair: Vec<f32> = stats[l]
+                .iter()
+                .map(|&m| (m.max(1e-30) as f64).powf(a).clamp(1e-4, 1e4) as f32)
+                .collect();
             let mut per_layer = vec![vec![1.0f32; geom.kv_dim()]; layers];
             per_layer[l] = expand_pair_scales(&pair, geom.kv_heads, geom.head_dim, c.rope.layout);
             let scales = Arc::new(per_layer);
@@ -208,7 +239,12 @@ pub fn calibrate(
                 let inner = Box::new(FakeQuantStore::new(geom, bits, max));
                 let mut store = KeyScaled::new(inner, scales.clone(), "").map_err(ModelError::from)?;
                 let out = model.attention_block(l, &xs[l], &pos, &mut store as &mut dyn KvStore)?;
-                loss += out.iter().zip(&teacher[si]).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>() / out.len() as f64;
+                loss += out
+                    .iter()
+                    .zip(&teacher[si])
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+                    / out.len() as f64;
             }
             // strictly better only: ties keep the larger α (the grid runs from 1.0 down)
             if loss < best.0 {
@@ -223,7 +259,11 @@ pub fn calibrate(
     Ok(Profile {
         version: PROFILE_VERSION,
         model_sha256: model_sha256.to_string(),
-        model_file: model.source.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        model_file: model
+            .source
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         arch: c.arch,
         layers,
         kv_heads: c.kv_heads,

@@ -1,7 +1,7 @@
 //! Teacher-forced divergence from the f16 cache (KL, top-1 agreement, perplexity) and greedy agreement.
 
-use crate::engine::sampler::argmax;
 use crate::calib::allocate::budgets_from_shares;
+use crate::engine::sampler::argmax;
 use crate::kvcache::method::even_layer_budgets;
 use crate::kvcache::{KeyScaled, KeyScales, KvError, KvMethod, KvStore};
 use crate::model::{LogitsMode, Model, ModelError, SeqInput};
@@ -23,7 +23,13 @@ pub struct MethodSpec {
 
 impl MethodSpec {
     pub fn plain(method: KvMethod, budget: Option<usize>, label: &str) -> Self {
-        MethodSpec { method, budget, label: label.to_string(), shares: None, key_scales: None }
+        MethodSpec {
+            method,
+            budget,
+            label: label.to_string(),
+            shares: None,
+            key_scales: None,
+        }
     }
 
     /// A store for this method: its budget split by the shares, wrapped in the key scaling if any.
@@ -33,7 +39,9 @@ impl MethodSpec {
             Some(sh) => budgets_from_shares(b, sh),
             None => even_layer_budgets(b, layers),
         });
-        let store = self.method.new_store(model.kv_geometry(), budgets.as_deref(), max_tokens)?;
+        let store = self
+            .method
+            .new_store(model.kv_geometry(), budgets.as_deref(), max_tokens)?;
         match &self.key_scales {
             None => Ok(store),
             Some(s) => Ok(Box::new(KeyScaled::new(store, s.clone(), "")?)),

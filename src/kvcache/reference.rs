@@ -177,7 +177,11 @@ impl<T: RefElem> KvStore for RefKvStore<T> {
     }
 
     fn true_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.len() * std::mem::size_of::<T>()).sum()
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|l| l.len() * std::mem::size_of::<T>())
+            .sum()
     }
 
     fn reserve(&mut self, n: usize) -> Result<(), KvError> {

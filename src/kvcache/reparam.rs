@@ -21,14 +21,27 @@ impl KeyScaled {
     pub fn new(inner: Box<dyn KvStore>, scales: KeyScales, label: &str) -> Result<Self, KvError> {
         let g = inner.geometry();
         if scales.len() != g.layers {
-            return Err(KvError::BadBudgets { what: "key scales", expected: g.layers, got: scales.len() });
+            return Err(KvError::BadBudgets {
+                what: "key scales",
+                expected: g.layers,
+                got: scales.len(),
+            });
         }
         if let Some(bad) = scales.iter().find(|s| s.len() != g.kv_dim()) {
-            return Err(KvError::BadShape { layer: 0, expected: g.kv_dim(), got: bad.len() });
+            return Err(KvError::BadShape {
+                layer: 0,
+                expected: g.kv_dim(),
+                got: bad.len(),
+            });
         }
         let inv = scales.iter().map(|l| l.iter().map(|&x| 1.0 / x).collect()).collect();
         let label = format!("{}{}", inner.method(), label);
-        Ok(KeyScaled { inner, scales, inv, label })
+        Ok(KeyScaled {
+            inner,
+            scales,
+            inv,
+            label,
+        })
     }
 
     fn scaled_q(&self, layer: usize, q: &[f32]) -> Vec<f32> {
@@ -76,14 +89,20 @@ impl KvStore for KeyScaled {
         out: &mut [f32],
     ) -> Result<(), KvError> {
         if layer >= self.scales.len() {
-            return Err(KvError::BadLayer { layer, layers: self.scales.len() });
+            return Err(KvError::BadLayer {
+                layer,
+                layers: self.scales.len(),
+            });
         }
         let (q2, k2) = (self.scaled_q(layer, q), self.scaled_k(layer, k));
         self.inner.attend_and_store(layer, &q2, &k2, v, n, out)
     }
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
         if layer >= self.scales.len() {
-            return Err(KvError::BadLayer { layer, layers: self.scales.len() });
+            return Err(KvError::BadLayer {
+                layer,
+                layers: self.scales.len(),
+            });
         }
         let k2 = self.scaled_k(layer, k);
         self.inner.append(layer, &k2, v, n)

@@ -186,7 +186,9 @@ impl Model {
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
         for &p in positions {
-            self.config.rope.angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
+            self.config
+                .rope
+                .angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
         }
         (cos, sin)
     }
@@ -284,7 +286,10 @@ impl Model {
     ) -> Result<Vec<f32>, ModelError> {
         let t = positions.len();
         let dummy = vec![0u32; t];
-        let seqs = [SeqInput { tokens: &dummy, positions }];
+        let seqs = [SeqInput {
+            tokens: &dummy,
+            positions,
+        }];
         self.install(|| {
             let (cos, sin) = self.angle_tables(positions.iter(), t);
             for li in first..self.layers.len() {
@@ -306,11 +311,16 @@ impl Model {
     ) -> Result<Vec<f32>, ModelError> {
         let t = positions.len();
         let dummy = vec![0u32; t];
-        let seqs = [SeqInput { tokens: &dummy, positions }];
+        let seqs = [SeqInput {
+            tokens: &dummy,
+            positions,
+        }];
         let mut xm = x.to_vec();
         self.install(|| {
             let (cos, sin) = self.angle_tables(positions.iter(), t);
-            Ok(self.run_layer(li, &mut xm, t, &cos, &sin, &seqs, &mut [&mut *kv], true)?.unwrap_or_default())
+            Ok(self
+                .run_layer(li, &mut xm, t, &cos, &sin, &seqs, &mut [&mut *kv], true)?
+                .unwrap_or_default())
         })
     }
 
@@ -328,7 +338,10 @@ impl Model {
             return Err(ModelError::Input("tokens and positions differ in length".into()));
         }
         if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(ModelError::Input(format!("token id {bad} out of range (vocab size {})", self.config.vocab_size)));
+            return Err(ModelError::Input(format!(
+                "token id {bad} out of range (vocab size {})",
+                self.config.vocab_size
+            )));
         }
         Ok(())
     }
