@@ -193,6 +193,10 @@ struct GenerateArgs {
     /// Write one JSON line per step: tokens stored, true and payload bytes, bits per layer.
     #[arg(long)]
     kv_trace: Option<PathBuf>,
+    /// Calibration profile (`pmkvq calibrate`): its per-layer shares split --kv-budget and its key scales
+    /// reparameterize the cache.
+    #[arg(long, env = "PMKVQ_PROFILE")]
+    profile: Option<PathBuf>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -312,23 +316,23 @@ fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     let method: KvMethod =
         a.kv.parse()
             .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?;
-    let layers = model.config.layers;
-    let budgets = match &a.kv_budget {
+    let profile = a.profile.as_deref().map(|p| load_profile(p, &model)).transpose()?;
+    let budget = match &a.kv_budget {
         None => None,
-        Some(b) => {
-            let total = parse_bytes(b).ok_or_else(|| {
-                fail(
-                    EX_USAGE,
-                    anyhow::anyhow!("`--kv-budget` must be a byte size such as 4MiB or 1048576, got `{b}`"),
-                )
-            })?;
-            Some(pmkvq::kvcache::method::even_layer_budgets(total, layers))
-        }
+        Some(b) => Some(parse_bytes(b).ok_or_else(|| {
+            fail(
+                EX_USAGE,
+                anyhow::anyhow!("`--kv-budget` must be a byte size such as 4MiB or 1048576, got `{b}`"),
+            )
+        })?),
+    };
+    let spec = pmkvq::eval::MethodSpec {
+        shares: profile.as_ref().map(|p| p.shares.clone()),
+        key_scales: profile.as_ref().map(|p| p.channel_scales()),
+        ..pmkvq::eval::MethodSpec::plain(method, budget, &a.kv)
     };
     let ctx = model.config.context_length;
-    let mut kv = method
-        .new_store(model.kv_geometry(), budgets.as_deref(), ctx)
-        .map_err(|e| fail(EX_USAGE, e.into()))?;
+    let mut kv = spec.new_store(&model, ctx).map_err(|e| fail(EX_USAGE, e.into()))?;
     let mut trace = match &a.kv_trace {
         None => None,
         Some(p) => Some(std::io::BufWriter::new(
