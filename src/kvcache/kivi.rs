@@ -5,7 +5,7 @@
 
 use super::attention::softmax_in_place;
 use super::quant::{attn_kernels, Bits, OffsetMode, PackedRows};
-use super::{check_inputs, KvError, KvGeometry, KvStore};
+use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use crate::model::kernels::kernels;
 use half::f16;
 
@@ -161,20 +161,7 @@ impl KvStore for KiviStore {
     }
 
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
-        let kv = self.geom.kv_dim();
-        if layer >= self.layers.len() {
-            return Err(KvError::BadLayer {
-                layer,
-                layers: self.layers.len(),
-            });
-        }
-        if k.len() != n * kv || v.len() != n * kv {
-            return Err(KvError::BadShape {
-                layer,
-                expected: n * kv,
-                got: k.len().min(v.len()),
-            });
-        }
+        check_append(&self.geom, layer, k, v, n)?;
         let l = &mut self.layers[layer];
         l.k_res.extend(k.iter().map(|&x| f16::from_f32(x)));
         l.v_res.extend(v.iter().map(|&x| f16::from_f32(x)));

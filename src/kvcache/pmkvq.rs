@@ -11,7 +11,7 @@
 
 use super::attention::softmax_in_place;
 use super::quant::{attn_kernels, Bits, OffsetMode, PackedRows, ShiftMode};
-use super::{check_inputs, KvError, KvGeometry, KvStore};
+use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use crate::model::kernels::kernels;
 use rayon::prelude::*;
 
@@ -411,19 +411,7 @@ impl KvStore for PmKvqStore {
 
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
         let kv = self.geom.kv_dim();
-        if layer >= self.layers.len() {
-            return Err(KvError::BadLayer {
-                layer,
-                layers: self.layers.len(),
-            });
-        }
-        if k.len() != n * kv || v.len() != n * kv {
-            return Err(KvError::BadShape {
-                layer,
-                expected: n * kv,
-                got: k.len().min(v.len()),
-            });
-        }
+        check_append(&self.geom, layer, k, v, n)?;
         let l = &mut self.layers[layer];
         Self::store_side(&self.cfg, &mut l.k, k, kv);
         Self::store_side(&self.cfg, &mut l.v, v, kv);

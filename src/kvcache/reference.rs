@@ -2,7 +2,7 @@
 //! reference), or at f32 (no rounding at all: the baseline for calibration and exactness tests).
 
 use super::attention::softmax_in_place;
-use super::{check_inputs, KvError, KvGeometry, KvStore};
+use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use crate::model::kernels::{kernels, Kernels};
 use half::f16;
 use rayon::prelude::*;
@@ -142,20 +142,7 @@ impl<T: RefElem> KvStore for RefKvStore<T> {
     }
 
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
-        let kv = self.geom.kv_dim();
-        if layer >= self.geom.layers {
-            return Err(KvError::BadLayer {
-                layer,
-                layers: self.geom.layers,
-            });
-        }
-        if k.len() != n * kv || v.len() != n * kv {
-            return Err(KvError::BadShape {
-                layer,
-                expected: n * kv,
-                got: k.len().min(v.len()),
-            });
-        }
+        check_append(&self.geom, layer, k, v, n)?;
         self.k[layer].extend(k.iter().map(|&x| T::from_f32(x)));
         self.v[layer].extend(v.iter().map(|&x| T::from_f32(x)));
         Ok(())
