@@ -72,7 +72,7 @@ pub struct MethodResult {
     /// Peak true bytes over the run.
     pub true_bytes: usize,
     pub payload_bytes: usize,
-    /// Peak true bits per stored K/V element.
+    /// True bits per stored K/V element at the end of the run (all tokens stored).
     pub bits_per_element: f64,
     pub within_budget: bool,
     /// Tokens scored before the method stopped (a budget can end a run early).
@@ -106,7 +106,6 @@ struct Run {
     nll: f64,
     peak_true: usize,
     peak_payload: usize,
-    peak_tokens: usize,
     stopped: Option<String>,
     bits_trace: Vec<(usize, Vec<u32>)>,
 }
@@ -142,7 +141,6 @@ pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> 
             nll: 0.0,
             peak_true: 0,
             peak_payload: 0,
-            peak_tokens: 0,
             stopped: None,
             bits_trace: Vec::new(),
         });
@@ -198,10 +196,7 @@ pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> 
                 }
             }
             let (tb, pb) = (r.store.true_bytes(), r.store.payload_bytes());
-            if tb > r.peak_true {
-                r.peak_true = tb;
-                r.peak_tokens = r.store.len(0);
-            }
+            r.peak_true = r.peak_true.max(tb);
             r.peak_payload = r.peak_payload.max(pb);
             if matches!(r.spec.method, KvMethod::Pmkvq(_)) {
                 let bits = r.store.layer_bits();
@@ -231,7 +226,7 @@ pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> 
             ppl: (r.nll / n).exp(),
             true_bytes: r.peak_true,
             payload_bytes: r.peak_payload,
-            bits_per_element: r.peak_true as f64 * 8.0 / (elems_per_token * r.peak_tokens.max(1) as f64),
+            bits_per_element: r.store.true_bytes() as f64 * 8.0 / (elems_per_token * r.store.len(0).max(1) as f64),
             within_budget: r.spec.budget.is_none_or(|b| r.peak_true <= b),
             scored_tokens: r.kls.len(),
             stopped: r.stopped,

@@ -22,7 +22,7 @@ pub fn markdown(r: &DivergenceReport, title: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| method | budget | mean KL | p99 KL | top-1 agree | ppl | peak true bytes | bits/elem | in budget | greedy diverges at | note |"
+        "| method | budget | mean KL | p99 KL | top-1 agree | ppl | peak true bytes | final bits/elem | in budget | greedy diverges at | note |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
     for m in &r.methods {
@@ -47,7 +47,7 @@ pub fn markdown(r: &DivergenceReport, title: &str) -> String {
     s
 }
 
-const COLORS: [RGBColor; 8] = [
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -56,6 +56,8 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// Moving average over `w` positions (the per-token KL is too noisy to read).
