@@ -35,6 +35,7 @@ fn accumulate(rows: &PackedRows, head: usize, p: &[f32], acc: &mut [f32]) {
 /// # Safety
 /// AVX2 must be available; `c0` a multiple of 8 below `g`, `g` a multiple of 32, `bytes` the whole group.
 #[inline(always)]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn codes8(bytes: &[u8], bits: Bits, c0: usize, g: usize) -> __m256 {
     let p = bytes.as_ptr();
     let v = match bits {
@@ -68,6 +69,9 @@ unsafe fn codes8(bytes: &[u8], bits: Bits, c0: usize, g: usize) -> __m256 {
 }
 
 #[inline(always)]
+/// # Safety
+/// Only called from kernels compiled for, and selected on, a CPU with these SIMD features; slices in bounds.
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -79,6 +83,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// # Safety
 /// AVX2; `g` a multiple of 32, `bytes` the whole group, `bits` not 16.
 #[inline(always)]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn codes16(bytes: &[u8], bits: Bits, c0: usize, g: usize) -> __m256i {
     let p = bytes.as_ptr();
     let b = match bits {
@@ -109,6 +114,7 @@ unsafe fn codes16(bytes: &[u8], bits: Bits, c0: usize, g: usize) -> __m256i {
 /// # Safety
 /// See `scores`.
 #[target_feature(enable = "avx2,fma")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn scores_int_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
     let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
     assert!(q.len() >= gph * g && rows.bits != Bits::B16);
@@ -148,6 +154,7 @@ unsafe fn scores_int_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32,
 /// # Safety
 /// See `scores`.
 #[target_feature(enable = "avx2,fma")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn scores_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
     if rows.bits != Bits::B16 {
         return scores_int_impl(rows, head, q, scale, out);
@@ -178,6 +185,7 @@ unsafe fn scores_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out
 /// # Safety
 /// See `accumulate`.
 #[target_feature(enable = "avx2,fma")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn accumulate_impl(rows: &PackedRows, head: usize, p: &[f32], acc: &mut [f32]) {
     let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
     let n = rows.len().min(p.len());

@@ -18,6 +18,7 @@ pub static NEON: AttnKernels = AttnKernels {
 /// # Safety
 /// `c0` a multiple of 8 below `g`, `g` a multiple of 32, `bytes` the whole packed group.
 #[inline(always)]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn codes8(bytes: &[u8], bits: Bits, c0: usize, g: usize) -> (float32x4_t, float32x4_t) {
     let p = bytes.as_ptr();
     let wide: uint16x8_t = match bits {

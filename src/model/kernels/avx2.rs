@@ -73,6 +73,9 @@ fn exp_sum(x: &mut [f32], max: f32) -> f64 {
 }
 
 #[inline(always)]
+/// # Safety
+/// Only called from kernels compiled for, and selected on, a CPU with these SIMD features; slices in bounds.
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn hsum_ps(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);
@@ -83,6 +86,9 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
 }
 
 #[inline(always)]
+/// # Safety
+/// Only called from kernels compiled for, and selected on, a CPU with these SIMD features; slices in bounds.
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn f16_at(p: *const u8) -> f32 {
     f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32()
 }
@@ -90,6 +96,7 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn quantize_q8_impl(x: &[f32], out: &mut Q8Row) {
     assert!(x.len().is_multiple_of(QK));
     let nb = x.len() / QK;
@@ -138,6 +145,9 @@ unsafe fn quantize_q8_impl(x: &[f32], out: &mut Q8Row) {
 
 /// Sum of signed products of 32 i8 pairs in 8 i32 lanes (the sign trick lets `maddubs` take signed x).
 #[inline(always)]
+/// # Safety
+/// Only called from kernels compiled for, and selected on, a CPU with these SIMD features; slices in bounds.
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn mul_sum_i8_pairs(x: __m256i, y: __m256i) -> __m256i {
     let ax = _mm256_sign_epi8(x, x);
     let sy = _mm256_sign_epi8(y, x);
@@ -148,6 +158,7 @@ unsafe fn mul_sum_i8_pairs(x: __m256i, y: __m256i) -> __m256i {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn dot_q4_impl<const WITH_MIN: bool>(row: &[u8], x: &Q8Row) -> f32 {
     let bb = if WITH_MIN { 20 } else { 18 };
     let nb = row.len() / bb;
@@ -184,6 +195,7 @@ unsafe fn dot_q4_impl<const WITH_MIN: bool>(row: &[u8], x: &Q8Row) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn dot_q8_0_impl(row: &[u8], x: &Q8Row) -> f32 {
     let nb = row.len() / 34;
     assert!(row.len() == nb * 34 && x.d.len() >= nb && x.qs.len() >= nb * QK);
@@ -204,6 +216,7 @@ unsafe fn dot_q8_0_impl(row: &[u8], x: &Q8Row) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn dot4_impl<const KIND: u8>(row: &[u8], x: [&Q8Row; 4]) -> [f32; 4] {
     let bb = match KIND {
         0 => 18,
@@ -265,6 +278,7 @@ unsafe fn dot4_impl<const KIND: u8>(row: &[u8], x: [&Q8Row; 4]) -> [f32; 4] {
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma,f16c")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr(), b.as_ptr());
@@ -291,6 +305,7 @@ unsafe fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn dot_f16_impl(a: &[f16], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (pa, pb) = (a.as_ptr() as *const u16, b.as_ptr());
@@ -320,6 +335,7 @@ unsafe fn dot_f16_impl(a: &[f16], b: &[f32]) -> f32 {
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn axpy_f16_impl(w: f32, row: &[f16], acc: &mut [f32]) {
     let n = row.len().min(acc.len());
     let (pr, pa) = (row.as_ptr() as *const u16, acc.as_mut_ptr());
@@ -347,6 +363,7 @@ fn c(bits: u32) -> f32 {
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[inline(always)]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn v_expf(x: __m256) -> __m256 {
     let r = _mm256_set1_ps(12582912.0); // 0x1.8p23
     let z = _mm256_fmadd_ps(x, _mm256_set1_ps(c(0x3FB8AA3B)), r);
@@ -405,6 +422,7 @@ unsafe fn v_expf(x: __m256) -> __m256 {
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma,f16c")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn exp_sum_impl(x: &mut [f32], max: f32) -> f64 {
     let n = x.len();
     let p = x.as_mut_ptr();

@@ -35,6 +35,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// # Safety
 /// NEON must be available (always on aarch64).
 #[inline(always)]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
 unsafe fn dot32_i8(x0: int8x16_t, x1: int8x16_t, y0: int8x16_t, y1: int8x16_t) -> i32 {
     let mut acc = vdupq_n_s32(0);
     acc = vpadalq_s16(acc, vmull_s8(vget_low_s8(x0), vget_low_s8(y0)));
