@@ -3,7 +3,7 @@
 use crate::calib::allocate::budgets_from_shares;
 use crate::engine::sampler::argmax;
 use crate::kvcache::method::even_layer_budgets;
-use crate::kvcache::{KeyScaled, KeyScales, KvError, KvMethod, KvStore};
+use crate::kvcache::{KeyScaled, KeyScales, KvError, KvMethod, KvStore, PmKvqStore};
 use crate::model::{LogitsMode, Model, ModelError, SeqInput};
 use serde::Serialize;
 
@@ -35,9 +35,10 @@ impl MethodSpec {
     /// A store for this method: its budget split by the shares, wrapped in the key scaling if any.
     pub fn new_store(&self, model: &Model, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
         let layers = model.config.layers;
-        let budgets = self.budget.map(|b| match &self.shares {
-            Some(sh) => budgets_from_shares(b, sh),
-            None => even_layer_budgets(b, layers),
+        let budgets = self.budget.map(|b| match (&self.shares, &self.method) {
+            (Some(sh), KvMethod::Pmkvq(cfg)) => PmKvqStore::budgets_from_shares(model.kv_geometry(), cfg, b, sh),
+            (Some(sh), _) => budgets_from_shares(b, sh),
+            (None, _) => even_layer_budgets(b, layers),
         });
         let store = self
             .method

@@ -185,6 +185,22 @@ impl PmKvqStore {
         (0..=tokens).map(per_layer).max().unwrap_or(0) * geom.layers
     }
 
+    /// Split a total budget over layers by calibrated shares (spec §11). The 16-bit sink and a full window cost
+    /// every layer the same whatever its width, so each layer first gets that fixed part and the rest is split
+    /// by share; splitting the whole total by share would starve the narrow layers' windows on long sequences.
+    pub fn budgets_from_shares(geom: KvGeometry, cfg: &PmKvqConfig, total: usize, shares: &[f64]) -> Vec<usize> {
+        let group = if cfg.group == 0 { geom.head_dim } else { cfg.group };
+        let tb16 = geom.kv_heads * geom.head_dim / group * (Bits::B16.group_bytes(group) + 4);
+        let fixed = 2 * (cfg.sink + cfg.window.saturating_sub(1)) * tb16 + LAYER_BOOKKEEPING;
+        let layers = shares.len().max(1);
+        let rest = total.saturating_sub(fixed * layers);
+        if rest == 0 {
+            return vec![total / layers; shares.len()];
+        }
+        let sum: f64 = shares.iter().sum::<f64>().max(f64::MIN_POSITIVE);
+        shares.iter().map(|s| fixed + (rest as f64 * s / sum).floor() as usize).collect()
+    }
+
     pub fn config(&self) -> &PmKvqConfig {
         &self.cfg
     }

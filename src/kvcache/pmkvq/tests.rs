@@ -291,3 +291,15 @@ fn llama_semantics_attend_over_the_stored_prefix_including_the_token_itself() {
         }
     }
 }
+
+#[test]
+fn shares_split_the_budget_after_every_layer_gets_its_sink_and_window() {
+    let g = KvGeometry { layers: 3, q_heads: 3, kv_heads: 3, head_dim: 64 };
+    let cfg = PmKvqConfig::pmkvq();
+    let fixed = 2 * 128 * 3 * (128 + 4) + LAYER_BOOKKEEPING;
+    let b = PmKvqStore::budgets_from_shares(g, &cfg, 3 * fixed + 4000, &[0.25, 0.25, 0.5]);
+    assert_eq!(b, vec![fixed + 1000, fixed + 1000, fixed + 2000]);
+    assert!(b.iter().sum::<usize>() <= 3 * fixed + 4000);
+    // below the fixed part: an even split
+    assert_eq!(PmKvqStore::budgets_from_shares(g, &cfg, 300, &[0.25, 0.25, 0.5]), vec![100, 100, 100]);
+}
