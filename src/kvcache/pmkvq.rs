@@ -198,7 +198,10 @@ impl PmKvqStore {
             return vec![total / layers; shares.len()];
         }
         let sum: f64 = shares.iter().sum::<f64>().max(f64::MIN_POSITIVE);
-        shares.iter().map(|s| fixed + (rest as f64 * s / sum).floor() as usize).collect()
+        shares
+            .iter()
+            .map(|s| fixed + (rest as f64 * s / sum).floor() as usize)
+            .collect()
     }
 
     pub fn config(&self) -> &PmKvqConfig {
@@ -443,16 +446,57 @@ impl KvStore for PmKvqStore {
                 limit: self.max_tokens,
             });
         }
-        for li in 0..self.layers.len() {
-            let need = self.projected_bytes(li, n, self.floor_bits(li));
-            let budget = self.layers[li].budget;
-            if need > budget {
-                return Err(KvError::OutOfBudget {
-                    layer: li,
-                    need,
-                    budget,
-                    floor_bits: self.floor_bits(li).count(),
-                });
+        let needs: Vec<usize> = (0..self.layers.len())
+            .map(|li| self.projected_bytes(li, n, self.floor_bits(li)))
+            .collect();
+        let starved: Vec<usize> = (0..needs.len())
+            .filter(|&li| needs[li] > self.layers[li].budget)
+            .collect();
+        if starved.is_empty() {
+            return Ok(());
+        }
+        // A layer that cannot take the step even at the floor borrows from layers with room to spare (which
+        // then shrink further), as long as the total still fits: shares weight precision, they must not strand
+        // memory. Budgets only move between layers; their sum never grows.
+        let total_need: usize = needs.iter().sum();
+        let total_budget: usize = self.layers.iter().map(|l| l.budget).sum();
+        if !self.cfg.adaptive || total_need > total_budget {
+            let li = starved[0];
+            return Err(KvError::OutOfBudget {
+                layer: li,
+                need: if self.cfg.adaptive { total_need } else { needs[li] },
+                budget: if self.cfg.adaptive {
+                    total_budget
+                } else {
+                    self.layers[li].budget
+                },
+                floor_bits: self.floor_bits(li).count(),
+            });
+        }
+        let deficit: usize = starved.iter().map(|&li| needs[li] - self.layers[li].budget).sum();
+        let slack: Vec<usize> = (0..needs.len())
+            .map(|li| self.layers[li].budget.saturating_sub(needs[li]))
+            .collect();
+        let total_slack: usize = slack.iter().sum();
+        let mut taken = 0usize;
+        for li in 0..needs.len() {
+            if slack[li] == 0 {
+                continue;
+            }
+            let give = ((deficit as u128 * slack[li] as u128).div_ceil(total_slack as u128) as usize)
+                .min(slack[li])
+                .min(deficit - taken);
+            self.layers[li].budget -= give;
+            taken += give;
+        }
+        for &li in &starved {
+            self.layers[li].budget = needs[li];
+        }
+        debug_assert!(taken >= deficit);
+        // donors shrink now so every layer is within its new budget before the step
+        for li in 0..needs.len() {
+            if slack[li] > 0 {
+                self.enforce(li)?;
             }
         }
         Ok(())

@@ -294,12 +294,46 @@ fn llama_semantics_attend_over_the_stored_prefix_including_the_token_itself() {
 
 #[test]
 fn shares_split_the_budget_after_every_layer_gets_its_sink_and_window() {
-    let g = KvGeometry { layers: 3, q_heads: 3, kv_heads: 3, head_dim: 64 };
+    let g = KvGeometry {
+        layers: 3,
+        q_heads: 3,
+        kv_heads: 3,
+        head_dim: 64,
+    };
     let cfg = PmKvqConfig::pmkvq();
     let fixed = 2 * 128 * 3 * (128 + 4) + LAYER_BOOKKEEPING;
     let b = PmKvqStore::budgets_from_shares(g, &cfg, 3 * fixed + 4000, &[0.25, 0.25, 0.5]);
     assert_eq!(b, vec![fixed + 1000, fixed + 1000, fixed + 2000]);
     assert!(b.iter().sum::<usize>() <= 3 * fixed + 4000);
     // below the fixed part: an even split
-    assert_eq!(PmKvqStore::budgets_from_shares(g, &cfg, 300, &[0.25, 0.25, 0.5]), vec![100, 100, 100]);
+    assert_eq!(
+        PmKvqStore::budgets_from_shares(g, &cfg, 300, &[0.25, 0.25, 0.5]),
+        vec![100, 100, 100]
+    );
+}
+
+#[test]
+fn a_starved_layer_borrows_from_layers_with_room_and_the_total_never_grows() {
+    let g = KvGeometry {
+        layers: 2,
+        q_heads: 3,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    // layer 0 gets a budget too small for 400 tokens even at 2 bits; layer 1 plenty
+    let fixed = 2 * 128 * 3 * (128 + 4) + LAYER_BOOKKEEPING;
+    let budgets = [fixed + 20_000, fixed + 400_000];
+    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &budgets, 10_000).unwrap();
+    let k: Vec<f32> = (0..400u64).flat_map(|t| token(t, g.kv_dim())).collect();
+    for t in 0..400 {
+        s.reserve(1).unwrap();
+        for l in 0..2 {
+            s.append(l, &k[t * 192..(t + 1) * 192], &k[t * 192..(t + 1) * 192], 1)
+                .unwrap();
+        }
+        let sum: usize = s.layer_budgets().iter().sum();
+        assert_eq!(sum, budgets.iter().sum::<usize>(), "budgets move, the total stays");
+        assert!((0..2).all(|l| s.layer_true_bytes(l) <= s.layer_budgets()[l]));
+    }
+    assert!(s.layer_budgets()[0] > budgets[0], "layer 0 borrowed");
 }
