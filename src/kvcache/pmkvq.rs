@@ -479,14 +479,14 @@ impl KvStore for PmKvqStore {
             .collect();
         let total_slack: usize = slack.iter().sum();
         let mut taken = 0usize;
-        for li in 0..needs.len() {
-            if slack[li] == 0 {
+        for (layer, &sl) in self.layers.iter_mut().zip(&slack) {
+            if sl == 0 {
                 continue;
             }
-            let give = ((deficit as u128 * slack[li] as u128).div_ceil(total_slack as u128) as usize)
-                .min(slack[li])
+            let give = ((deficit as u128 * sl as u128).div_ceil(total_slack as u128) as usize)
+                .min(sl)
                 .min(deficit - taken);
-            self.layers[li].budget -= give;
+            layer.budget -= give;
             taken += give;
         }
         for &li in &starved {
@@ -494,8 +494,8 @@ impl KvStore for PmKvqStore {
         }
         debug_assert!(taken >= deficit);
         // donors shrink now so every layer is within its new budget before the step
-        for li in 0..needs.len() {
-            if slack[li] > 0 {
+        for (li, &sl) in slack.iter().enumerate() {
+            if sl > 0 {
                 self.enforce(li)?;
             }
         }
