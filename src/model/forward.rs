@@ -104,17 +104,8 @@ impl Model {
                 kv.len()
             )));
         }
-        let cfg = &self.config;
         for s in seqs {
-            if s.tokens.len() != s.positions.len() {
-                return Err(ModelError::Input("tokens and positions differ in length".into()));
-            }
-            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-                return Err(ModelError::Input(format!(
-                    "token id {bad} out of range (vocab size {})",
-                    cfg.vocab_size
-                )));
-            }
+            self.check_seq(s)?;
         }
         let t_total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
         if t_total == 0 {
