@@ -2,31 +2,36 @@
 //! before attention", also the perturbation sensitivity is measured with) and max-|K| statistics per rotary pair.
 
 use crate::kvcache::quant::{quantize_group, Bits};
-use crate::kvcache::{F32KvStore, KvError, KvGeometry, KvStore};
+use crate::kvcache::{F32KvStore, KvGeometry, KvTap, Tapped};
 use crate::model::RopeLayout;
 
-/// Full-precision store whose chosen layers see their K and V rounded through the PM-KVQ quantizer at a given
-/// width — every token, the current one included — before attention.
-pub struct FakeQuantStore {
-    inner: F32KvStore,
+/// Rounds the chosen layers' K and V through the PM-KVQ quantizer at a given width — every token, the current
+/// one included — before attention.
+pub struct FakeQuant {
     /// Width per layer; `None` = full precision.
     bits: Vec<Option<Bits>>,
     group: usize,
 }
 
-impl FakeQuantStore {
-    pub fn new(geom: KvGeometry, bits: Vec<Option<Bits>>, max_tokens: usize) -> Self {
-        FakeQuantStore {
-            inner: F32KvStore::new(geom, max_tokens),
-            bits,
-            group: geom.head_dim,
-        }
-    }
+/// A full-precision store whose chosen layers see quantized K/V.
+pub type FakeQuantStore = Tapped<FakeQuant>;
 
-    fn round(&self, layer: usize, x: &[f32]) -> Vec<f32> {
-        let Some(b) = self.bits.get(layer).copied().flatten() else {
-            return x.to_vec();
-        };
+impl Tapped<FakeQuant> {
+    pub fn new(geom: KvGeometry, bits: Vec<Option<Bits>>, max_tokens: usize) -> Self {
+        Tapped::wrap(
+            Box::new(F32KvStore::new(geom, max_tokens)),
+            FakeQuant {
+                bits,
+                group: geom.head_dim,
+            },
+            "+fake-quant",
+        )
+    }
+}
+
+impl FakeQuant {
+    fn round(&self, layer: usize, x: &[f32]) -> Option<Vec<f32>> {
+        let b = self.bits.get(layer).copied().flatten()?;
         let mut out = x.to_vec();
         let mut codes = vec![0u16; self.group];
         for g in out.chunks_exact_mut(self.group) {
@@ -35,44 +40,16 @@ impl FakeQuantStore {
                 *v = c as f32 * p.scale + p.offset;
             }
         }
-        out
+        Some(out)
     }
 }
 
-impl KvStore for FakeQuantStore {
-    fn geometry(&self) -> KvGeometry {
-        self.inner.geometry()
+impl KvTap for FakeQuant {
+    fn key(&mut self, layer: usize, _g: &KvGeometry, k: &[f32]) -> Option<Vec<f32>> {
+        self.round(layer, k)
     }
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
-    fn attend_and_store(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) -> Result<(), KvError> {
-        let (kq, vq) = (self.round(layer, k), self.round(layer, v));
-        self.inner.attend_and_store(layer, q, &kq, &vq, n, out)
-    }
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
-        let (kq, vq) = (self.round(layer, k), self.round(layer, v));
-        self.inner.append(layer, &kq, &vq, n)
-    }
-    fn clear(&mut self) {
-        self.inner.clear()
-    }
-    fn truncate(&mut self, tokens: usize) {
-        self.inner.truncate(tokens)
-    }
-    fn true_bytes(&self) -> usize {
-        self.inner.true_bytes()
-    }
-    fn method(&self) -> String {
-        "fake-quant".into()
+    fn value(&mut self, layer: usize, _g: &KvGeometry, v: &[f32]) -> Option<Vec<f32>> {
+        self.round(layer, v)
     }
 }
 
@@ -101,34 +78,36 @@ pub fn expand_pair_scales(pair_scales: &[f32], kv_heads: usize, d: usize, layout
     out
 }
 
-/// Full-precision store that records, per layer, KV head and rotary pair, the largest |K| seen on either
-/// channel of the pair (spec §5.3).
-pub struct KeyStatsStore {
-    inner: F32KvStore,
+/// Records, per layer, KV head and rotary pair, the largest |K| seen on either channel of the pair (spec §5.3).
+pub struct KeyStats {
     pairs: Vec<(usize, usize)>,
     /// `[layer][kv_head·(d/2) + pair]`.
     pub max_abs: Vec<Vec<f32>>,
 }
 
-impl KeyStatsStore {
+/// A full-precision store that collects key statistics.
+pub type KeyStatsStore = Tapped<KeyStats>;
+
+impl Tapped<KeyStats> {
     pub fn new(geom: KvGeometry, layout: RopeLayout, max_tokens: usize) -> Self {
-        KeyStatsStore {
-            inner: F32KvStore::new(geom, max_tokens),
+        let tap = KeyStats {
             pairs: rotary_pairs(layout, geom.head_dim),
             max_abs: vec![vec![0.0; geom.kv_heads * geom.head_dim / 2]; geom.layers],
-        }
+        };
+        Tapped::wrap(Box::new(F32KvStore::new(geom, max_tokens)), tap, "+key-stats")
     }
 
     /// Continue collecting into existing statistics (several samples, one store each).
     pub fn with_stats(mut self, stats: Vec<Vec<f32>>) -> Self {
-        self.max_abs = stats;
+        self.tap.max_abs = stats;
         self
     }
+}
 
-    fn record(&mut self, layer: usize, k: &[f32]) {
-        let g = self.inner.geometry();
+impl KvTap for KeyStats {
+    fn key(&mut self, layer: usize, g: &KvGeometry, k: &[f32]) -> Option<Vec<f32>> {
         let (d, half) = (g.head_dim, g.head_dim / 2);
-        let m = &mut self.max_abs[layer];
+        let m = self.max_abs.get_mut(layer)?;
         for tok in k.chunks_exact(g.kv_dim()) {
             for (h, head) in tok.chunks_exact(d).enumerate() {
                 for (j, &(a, b)) in self.pairs.iter().enumerate() {
@@ -140,46 +119,6 @@ impl KeyStatsStore {
                 }
             }
         }
-    }
-}
-
-impl KvStore for KeyStatsStore {
-    fn geometry(&self) -> KvGeometry {
-        self.inner.geometry()
-    }
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
-    fn attend_and_store(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) -> Result<(), KvError> {
-        if layer < self.max_abs.len() {
-            self.record(layer, k);
-        }
-        self.inner.attend_and_store(layer, q, k, v, n, out)
-    }
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
-        if layer < self.max_abs.len() {
-            self.record(layer, k);
-        }
-        self.inner.append(layer, k, v, n)
-    }
-    fn clear(&mut self) {
-        self.inner.clear()
-    }
-    fn truncate(&mut self, tokens: usize) {
-        self.inner.truncate(tokens)
-    }
-    fn true_bytes(&self) -> usize {
-        self.inner.true_bytes()
-    }
-    fn method(&self) -> String {
-        "key-stats".into()
+        None
     }
 }

@@ -165,7 +165,7 @@ pub fn calibrate(
     for (i, s) in samples.iter().enumerate() {
         let mut store = KeyStatsStore::new(geom, c.rope.layout, max).with_stats(stats);
         let xs = model.layer_inputs(s, &pos, &mut store)?;
-        stats = std::mem::take(&mut store.max_abs);
+        stats = std::mem::take(&mut store.tap.max_abs);
         let logits = model.forward_from(layers, xs[layers].clone(), &pos, &mut F32KvStore::new(geom, max))?;
         let lp = log_softmax_rows(&logits, vocab);
         base_nll += compare(&lp, &logits, s, vocab).1;

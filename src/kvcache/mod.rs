@@ -16,11 +16,13 @@ mod pmkvq;
 pub mod quant;
 mod reference;
 pub mod reparam;
+pub mod tap;
 
 pub use method::{parse_bytes, KvMethod};
 pub use pmkvq::{PmKvqConfig, PmKvqStore, Quantizer};
 pub use reference::{F16KvStore, F32KvStore, RefElem, RefKvStore};
 pub use reparam::{KeyScaled, KeyScales};
+pub use tap::{KvTap, Tapped};
 
 /// Shape of the KV state of one sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

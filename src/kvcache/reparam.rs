@@ -3,21 +3,24 @@
 //! only the keys the quantizer sees are flattened. Wrapping a store keeps this outside the model and works for
 //! quantized weights, where the scales cannot be folded into the projections.
 
+use super::tap::{KvTap, Tapped};
 use super::{KvError, KvGeometry, KvStore};
 use std::sync::Arc;
 
 /// Per-layer channel scales `λ̃[kv_head·d + c]`, one scale per rotary pair repeated on both of its channels.
 pub type KeyScales = Arc<Vec<Vec<f32>>>;
 
-pub struct KeyScaled {
-    inner: Box<dyn KvStore>,
+/// The key-scaling tap: queries × λ, keys × 1/λ.
+pub struct KeyScale {
     scales: KeyScales,
     /// Reciprocals, so keys are multiplied rather than divided on the hot path.
     inv: Vec<Vec<f32>>,
-    label: String,
 }
 
-impl KeyScaled {
+/// A store whose keys are reparameterized.
+pub type KeyScaled = Tapped<KeyScale>;
+
+impl Tapped<KeyScale> {
     pub fn new(inner: Box<dyn KvStore>, scales: KeyScales, label: &str) -> Result<Self, KvError> {
         let g = inner.geometry();
         if scales.len() != g.layers {
@@ -35,21 +38,16 @@ impl KeyScaled {
             });
         }
         let inv = scales.iter().map(|l| l.iter().map(|&x| 1.0 / x).collect()).collect();
-        let label = format!("{}{}", inner.method(), label);
-        Ok(KeyScaled {
-            inner,
-            scales,
-            inv,
-            label,
-        })
+        Ok(Tapped::wrap(inner, KeyScale { scales, inv }, label))
     }
+}
 
-    fn scaled_q(&self, layer: usize, q: &[f32]) -> Vec<f32> {
-        let g = self.inner.geometry();
-        let (d, group, qd) = (g.head_dim, g.group(), g.q_dim());
-        let lam = &self.scales[layer];
+impl KvTap for KeyScale {
+    fn query(&self, layer: usize, g: &KvGeometry, q: &[f32]) -> Option<Vec<f32>> {
+        let lam = self.scales.get(layer)?;
+        let (d, group) = (g.head_dim, g.group());
         let mut out = q.to_vec();
-        for tok in out.chunks_exact_mut(qd) {
+        for tok in out.chunks_exact_mut(g.q_dim()) {
             for (h, head) in tok.chunks_exact_mut(d).enumerate() {
                 let kvh = h / group;
                 for (x, s) in head.iter_mut().zip(&lam[kvh * d..(kvh + 1) * d]) {
@@ -57,78 +55,17 @@ impl KeyScaled {
                 }
             }
         }
-        out
+        Some(out)
     }
 
-    fn scaled_k(&self, layer: usize, k: &[f32]) -> Vec<f32> {
-        let inv = &self.inv[layer];
+    fn key(&mut self, layer: usize, _g: &KvGeometry, k: &[f32]) -> Option<Vec<f32>> {
+        let inv = self.inv.get(layer)?;
         let mut out = k.to_vec();
         for tok in out.chunks_exact_mut(inv.len()) {
             for (x, s) in tok.iter_mut().zip(inv) {
                 *x *= s;
             }
         }
-        out
-    }
-}
-
-impl KvStore for KeyScaled {
-    fn geometry(&self) -> KvGeometry {
-        self.inner.geometry()
-    }
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
-    fn attend_and_store(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) -> Result<(), KvError> {
-        if layer >= self.scales.len() {
-            return Err(KvError::BadLayer {
-                layer,
-                layers: self.scales.len(),
-            });
-        }
-        let (q2, k2) = (self.scaled_q(layer, q), self.scaled_k(layer, k));
-        self.inner.attend_and_store(layer, &q2, &k2, v, n, out)
-    }
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
-        if layer >= self.scales.len() {
-            return Err(KvError::BadLayer {
-                layer,
-                layers: self.scales.len(),
-            });
-        }
-        let k2 = self.scaled_k(layer, k);
-        self.inner.append(layer, &k2, v, n)
-    }
-    fn clear(&mut self) {
-        self.inner.clear()
-    }
-    fn truncate(&mut self, tokens: usize) {
-        self.inner.truncate(tokens)
-    }
-    fn true_bytes(&self) -> usize {
-        self.inner.true_bytes()
-    }
-    fn payload_bytes(&self) -> usize {
-        self.inner.payload_bytes()
-    }
-    fn reserve(&mut self, n: usize) -> Result<(), KvError> {
-        self.inner.reserve(n)
-    }
-    fn layer_bits(&self) -> Vec<u32> {
-        self.inner.layer_bits()
-    }
-    fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
-        self.inner.set_layer_budgets(budgets)
-    }
-    fn method(&self) -> String {
-        self.label.clone()
+        Some(out)
     }
 }
