@@ -1,9 +1,7 @@
 //! Teacher-forced divergence from the f16 cache (KL, top-1 agreement, perplexity) and greedy agreement.
 
-use crate::calib::allocate::budgets_from_shares;
 use crate::engine::sampler::argmax;
-use crate::kvcache::method::even_layer_budgets;
-use crate::kvcache::{KeyScaled, KeyScales, KvError, KvMethod, KvStore, PmKvqStore};
+use crate::kvcache::{KeyScaled, KeyScales, KvError, KvMethod, KvStore};
 use crate::model::{LogitsMode, Model, ModelError, SeqInput};
 use serde::Serialize;
 
@@ -34,11 +32,9 @@ impl MethodSpec {
 
     /// A store for this method: its budget split by the shares, wrapped in the key scaling if any.
     pub fn new_store(&self, model: &Model, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
-        let layers = model.config.layers;
-        let budgets = self.budget.map(|b| match (&self.shares, &self.method) {
-            (Some(sh), KvMethod::Pmkvq(cfg)) => PmKvqStore::budgets_from_shares(model.kv_geometry(), cfg, b, sh),
-            (Some(sh), _) => budgets_from_shares(b, sh),
-            (None, _) => even_layer_budgets(b, layers),
+        let budgets = self.budget.map(|b| {
+            self.method
+                .layer_budgets(model.kv_geometry(), b, self.shares.as_deref())
         });
         let store = self
             .method

@@ -95,6 +95,17 @@ impl KvMethod {
     }
 }
 
+impl KvMethod {
+    /// Per-layer budgets for a total: PM-KVQ splits it by calibrated `shares` after each layer's fixed
+    /// sink/window cost; without shares, and for fixed-width methods (which budgets do not bind), evenly.
+    pub fn layer_budgets(&self, geom: KvGeometry, total: usize, shares: Option<&[f64]>) -> Vec<usize> {
+        match (self, shares) {
+            (KvMethod::Pmkvq(cfg), Some(sh)) => PmKvqStore::budgets_from_shares(geom, cfg, total, sh),
+            _ => even_layer_budgets(total, geom.layers),
+        }
+    }
+}
+
 /// Parse a byte size: `123`, `512KiB`, `64MiB`, `1.5GiB`, `2GB` (SI units are powers of 1000).
 pub fn parse_bytes(s: &str) -> Option<usize> {
     let s = s.trim();
