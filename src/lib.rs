@@ -14,9 +14,12 @@
 //! text → `Tokenizer::encode` → `Model::forward(tokens, positions, &mut dyn KvStore)` per chunk → logits →
 //! `engine::Sampler` → token → `engine::Detokenizer` (whole UTF-8 characters only) → stop checks → output.
 
+pub mod app;
 pub mod calib;
+pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod fetch;
 pub mod kvcache;
 pub mod model;
+pub mod server;

@@ -22,6 +22,12 @@ pub enum FinishReason {
     ContextLimit,
     /// The KV budget cannot hold another token even at the lowest precision.
     KvBudget,
+    /// The client went away or the daemon shut down before the sequence finished.
+    Cancelled,
+    /// The request's time limit passed.
+    TimeLimit,
+    /// The engine failed this sequence.
+    Error,
 }
 
 #[derive(Clone, Debug)]

@@ -1,50 +1,9 @@
 //! Teacher-forced divergence from the f16 cache (KL, top-1 agreement, perplexity) and greedy agreement.
 
 use crate::engine::sampler::argmax;
-use crate::kvcache::{KeyScaled, KeyScales, KvError, KvMethod, KvStore};
+use crate::kvcache::{KvError, KvMethod, KvStore, MethodSpec};
 use crate::model::{LogitsMode, Model, ModelError, SeqInput};
 use serde::Serialize;
-
-/// One method to evaluate, with the budget it runs under.
-#[derive(Clone, Debug)]
-pub struct MethodSpec {
-    pub method: KvMethod,
-    /// Total true-byte budget: binds adaptive methods; fixed-width methods are checked against it.
-    pub budget: Option<usize>,
-    /// Name in reports (`pmkvq@1/4` when several budgets run side by side).
-    pub label: String,
-    /// Per-layer shares of the budget (calibrated allocation); `None` = equal shares.
-    pub shares: Option<Vec<f64>>,
-    /// Key reparameterization scales applied after RoPE.
-    pub key_scales: Option<KeyScales>,
-}
-
-impl MethodSpec {
-    pub fn plain(method: KvMethod, budget: Option<usize>, label: &str) -> Self {
-        MethodSpec {
-            method,
-            budget,
-            label: label.to_string(),
-            shares: None,
-            key_scales: None,
-        }
-    }
-
-    /// A store for this method: its budget split by the shares, wrapped in the key scaling if any.
-    pub fn new_store(&self, model: &Model, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
-        let budgets = self.budget.map(|b| {
-            self.method
-                .layer_budgets(model.kv_geometry(), b, self.shares.as_deref())
-        });
-        let store = self
-            .method
-            .new_store(model.kv_geometry(), budgets.as_deref(), max_tokens)?;
-        match &self.key_scales {
-            None => Ok(store),
-            Some(s) => Ok(Box::new(KeyScaled::new(store, s.clone(), "")?)),
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct DivergenceConfig {
@@ -129,7 +88,7 @@ pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> 
     let mut reference = KvMethod::Fp16.new_store(geom, None, max)?;
     let mut runs: Vec<Run> = Vec::new();
     for m in &cfg.methods {
-        let store = m.new_store(model, max)?;
+        let store = m.new_store(model.kv_geometry(), max)?;
         runs.push(Run {
             spec: m.clone(),
             store,
@@ -274,7 +233,7 @@ fn greedy_divergence(
     };
     let mut f = KvMethod::Fp16.new_store(geom, None, ctx + n + 8)?;
     let reference = run(f.as_mut())?;
-    let mut s = spec.new_store(model, ctx + n + 8)?;
+    let mut s = spec.new_store(model.kv_geometry(), ctx + n + 8)?;
     let ours = run(s.as_mut())?;
     Ok(ours
         .iter()

@@ -9,4 +9,5 @@
 pub mod divergence;
 pub mod report;
 
-pub use divergence::{run_divergence, DivergenceConfig, DivergenceReport, MethodResult, MethodSpec};
+pub use crate::kvcache::MethodSpec;
+pub use divergence::{run_divergence, DivergenceConfig, DivergenceReport, MethodResult};

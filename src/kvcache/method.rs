@@ -2,7 +2,7 @@
 
 use super::kivi::KiviStore;
 use super::quant::{Bits, ShiftMode};
-use super::{F16KvStore, KvError, KvGeometry, KvStore, PmKvqConfig, PmKvqStore};
+use super::{F16KvStore, KeyScaled, KeyScales, KvError, KvGeometry, KvStore, PmKvqConfig, PmKvqStore};
 use std::fmt;
 use std::str::FromStr;
 
@@ -102,6 +102,47 @@ impl KvMethod {
         match (self, shares) {
             (KvMethod::Pmkvq(cfg), Some(sh)) => PmKvqStore::budgets_from_shares(geom, cfg, total, sh),
             _ => even_layer_budgets(total, geom.layers),
+        }
+    }
+}
+
+/// A KV method with what configures one sequence's store: its budget, calibrated shares and key scales.
+#[derive(Clone, Debug)]
+pub struct MethodSpec {
+    pub method: KvMethod,
+    /// Total true-byte budget: binds adaptive methods; fixed-width methods are checked against it.
+    pub budget: Option<usize>,
+    /// Name in reports (`pmkvq@1/4` when several budgets run side by side).
+    pub label: String,
+    /// Per-layer shares of the budget (calibrated allocation); `None` = equal shares.
+    pub shares: Option<Vec<f64>>,
+    /// Key reparameterization scales applied after RoPE.
+    pub key_scales: Option<KeyScales>,
+}
+
+impl MethodSpec {
+    pub fn plain(method: KvMethod, budget: Option<usize>, label: &str) -> Self {
+        MethodSpec {
+            method,
+            budget,
+            label: label.to_string(),
+            shares: None,
+            key_scales: None,
+        }
+    }
+
+    /// A store for this method: its budget split by the shares, wrapped in the key scaling if any.
+    pub fn new_store(&self, geom: KvGeometry, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
+        let budgets = self.budget.map(|b| {
+            self.method
+                .layer_budgets(geom, b, self.shares.as_deref())
+        });
+        let store = self
+            .method
+            .new_store(geom, budgets.as_deref(), max_tokens)?;
+        match &self.key_scales {
+            None => Ok(store),
+            Some(s) => Ok(Box::new(KeyScaled::new(store, s.clone(), "")?)),
         }
     }
 }

@@ -18,7 +18,7 @@ mod reference;
 pub mod reparam;
 pub mod tap;
 
-pub use method::{parse_bytes, KvMethod};
+pub use method::{parse_bytes, KvMethod, MethodSpec};
 pub use pmkvq::{PmKvqConfig, PmKvqStore, Quantizer};
 pub use reference::{F16KvStore, F32KvStore, RefElem, RefKvStore};
 pub use reparam::{KeyScaled, KeyScales};

@@ -167,6 +167,13 @@ impl PmKvqStore {
         })
     }
 
+    /// True bytes one token costs in every layer (K and V) with its body at `bits`.
+    pub fn token_bytes(geom: KvGeometry, cfg: &PmKvqConfig, bits: Bits) -> usize {
+        let group = if cfg.group == 0 { geom.head_dim } else { cfg.group };
+        let gpt = geom.kv_heads * geom.head_dim / group;
+        2 * gpt * (bits.group_bytes(group) + 4) * geom.layers
+    }
+
     /// The largest true bytes a sequence of up to `tokens` tokens needs with every body at the floor width: the
     /// smallest total budget under which PM-KVQ can hold it (window fill varies, so the maximum over lengths).
     pub fn floor_bytes(geom: KvGeometry, cfg: &PmKvqConfig, tokens: usize) -> usize {

@@ -17,6 +17,20 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
         seed: a.seed,
     };
     sampling.validate().map_err(|e| fail(EX_USAGE, e.into()))?;
+    if let Some(server) = &a.server {
+        let local_only = [
+            ("--kv-budget", a.kv_budget.is_some()),
+            ("--kv-trace", a.kv_trace.is_some()),
+            ("--profile", a.profile.is_some()),
+        ];
+        if let Some((flag, _)) = local_only.iter().find(|(_, given)| *given) {
+            return Err(fail(
+                EX_USAGE,
+                anyhow::anyhow!("{flag} applies to local generation; the server has its own (drop it or --server)"),
+            ));
+        }
+        return super::client::generate_remote(&a, server);
+    }
     let (model, tok) = load(&a.model)?;
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => tok.encode(p, true).map_err(|e| fail(EX_USAGE, e.into()))?,
@@ -49,8 +63,9 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
         }
         (None, None) => return Err(fail(EX_USAGE, anyhow::anyhow!("one of --prompt or --chat is required"))),
     };
-    let method: KvMethod =
-        a.kv.parse()
+    let kv_name = a.kv.as_deref().unwrap_or("fp16");
+    let method: KvMethod = kv_name
+        .parse()
             .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?;
     let profile = a.profile.as_deref().map(|p| load_profile(p, &model)).transpose()?;
     let budget = match &a.kv_budget {
@@ -65,10 +80,10 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     let spec = pmkvq::eval::MethodSpec {
         shares: profile.as_ref().map(|p| p.shares.clone()),
         key_scales: profile.as_ref().map(|p| p.channel_scales()),
-        ..pmkvq::eval::MethodSpec::plain(method, budget, &a.kv)
+        ..pmkvq::eval::MethodSpec::plain(method, budget, kv_name)
     };
     let ctx = model.config.context_length;
-    let mut kv = spec.new_store(&model, ctx).map_err(|e| fail(EX_USAGE, e.into()))?;
+    let mut kv = spec.new_store(model.kv_geometry(), ctx).map_err(|e| fail(EX_USAGE, e.into()))?;
     let mut trace = match &a.kv_trace {
         None => None,
         Some(p) => Some(std::io::BufWriter::new(

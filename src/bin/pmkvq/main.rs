@@ -11,10 +11,12 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 mod calibrate;
+mod client;
 mod eval;
 mod generate;
 
 use calibrate::cmd_calibrate;
+use client::cmd_status;
 use eval::cmd_divergence;
 use generate::cmd_generate;
 
@@ -22,6 +24,7 @@ use generate::cmd_generate;
 const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
 const EX_NOINPUT: u8 = 66;
+const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
 
 #[derive(Parser)]
@@ -33,8 +36,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Generate text locally from a prompt or a chat message, streaming it to stdout.
+    /// Generate text from a prompt or a chat message, streaming it to stdout: locally, or from pmkvqd with --server.
     Generate(Box<GenerateArgs>),
+    /// Show pmkvqd's running and queued sequences with their KV bytes and bits per layer.
+    Status(StatusArgs),
     /// Offline evaluation tools.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -46,6 +51,22 @@ enum Cmd {
         #[arg(long, env = "PMKVQ_MODEL_DIR", default_value = "models")]
         dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// pmkvqd's address.
+    #[arg(long, env = "PMKVQ_SERVER", default_value = "127.0.0.1:50051")]
+    server: String,
+    /// Refresh until interrupted.
+    #[arg(long)]
+    watch: bool,
+    /// Refresh interval for --watch.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// One JSON object per refresh.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -190,9 +211,13 @@ struct GenerateArgs {
     /// Tokens per prefill forward pass.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
-    /// KV cache: fp16, pmkvq, rtn:<2|4|8>, kivi:<2|4|8>, q8_0, q4_0.
-    #[arg(long, default_value = "fp16")]
-    kv: String,
+    /// KV cache: fp16, pmkvq, rtn:<2|4|8>, kivi:<2|4|8>, q8_0, q4_0 [default: fp16 locally, the server's with
+    /// --server].
+    #[arg(long)]
+    kv: Option<String>,
+    /// Generate on a running pmkvqd (HOST:PORT) instead of loading the model here.
+    #[arg(long, env = "PMKVQ_SERVER")]
+    server: Option<String>,
     /// KV budget for the whole sequence (true bytes: codes, scales, offsets), e.g. 4MiB; split evenly over
     /// layers. Binds `pmkvq`; fixed-width methods cost what their width costs.
     #[arg(long)]
@@ -242,6 +267,7 @@ fn main() -> ExitCode {
     };
     let res = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(*a),
+        Cmd::Status(a) => cmd_status(a),
         Cmd::Eval(EvalCmd::Divergence(a)) => cmd_divergence(*a),
         Cmd::Calibrate(a) => cmd_calibrate(*a),
         Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)

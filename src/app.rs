@@ -1,0 +1,192 @@
+//! Wiring for the daemon: bind → serve health (NOT_SERVING) → load and warm the model → SERVING → on shutdown:
+//! NOT_SERVING, stop accepting, drain the engine within the grace period, exit.
+//!
+//! `pmkvqd` and the integration tests both start the daemon through [`run`], with a listener they bound and a
+//! future that resolves on shutdown (mini-redis's pattern), so tests exercise exactly what ships.
+
+use crate::calib::Profile;
+use crate::config::{Config, ProfileChoice};
+use crate::engine::{EngineConfig, EngineHandle, EngineSetup};
+use crate::model::{LoadOptions, Model, ModelError};
+use crate::server::{self, GrpcService, ServingStatus};
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where `profile = "auto"` looks.
+pub const AUTO_PROFILE: &str = "profiles/default.profile.json";
+/// After the engine has drained, how long the transport gets to flush the last messages and close.
+const TRANSPORT_CLOSE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("model {path}: {source}")]
+    Model { path: PathBuf, source: ModelError },
+    #[error("model {0} not found (run `pmkvq fetch-model` or set `model`)")]
+    ModelMissing(PathBuf),
+    #[error("profile {path}: {msg}")]
+    Profile { path: PathBuf, msg: String },
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("loading the model: {0}")]
+    Join(String),
+}
+
+impl AppError {
+    /// sysexits-style code for the binary.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AppError::ModelMissing(_) => 66,
+            AppError::Model { .. } | AppError::Profile { .. } => 65,
+            AppError::Transport(_) | AppError::Join(_) => 70,
+        }
+    }
+}
+
+/// Serve until `shutdown` resolves, then drain. Returns when the daemon has stopped.
+pub async fn run(
+    cfg: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AppError> {
+    let (health, health_svc) = server::health_service().await;
+    let service = GrpcService::new();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let addr = listener.local_addr().ok();
+    let mut transport = tokio::spawn(server::serve(listener, service.clone(), health_svc, async {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(listen = ?addr, model = %cfg.model.display(), "listening; loading the model");
+
+    tokio::pin!(shutdown);
+    let load_cfg = cfg.clone();
+    let loading = tokio::task::spawn_blocking(move || start_engine(&load_cfg));
+    let engine = tokio::select! {
+        r = loading => r.map_err(|e| AppError::Join(e.to_string()))??,
+        _ = &mut shutdown => {
+            tracing::info!("shutdown requested while loading");
+            let _ = stop_tx.send(());
+            let _ = tokio::time::timeout(TRANSPORT_CLOSE, &mut transport).await;
+            return Ok(());
+        }
+        r = &mut transport => {
+            return match r {
+                Ok(Err(e)) => Err(e.into()),
+                _ => Err(AppError::Join("the gRPC server stopped".into())),
+            };
+        }
+    };
+    service.set_engine(engine.clone());
+    let mut st = engine.watch_status();
+    let shutdown_seen = tokio::select! {
+        _ = st.wait_for(|s| s.ready || s.stopped) => false,
+        _ = &mut shutdown => true,
+    };
+    if !shutdown_seen && engine.status().ready {
+        server::set_health(&health, ServingStatus::Serving).await;
+        let info = engine.model_info();
+        tracing::info!(
+            model = %info.name,
+            layers = info.layers,
+            context = info.context_length,
+            kv_method = %info.default_kv_method,
+            profile = info.profile.as_ref().map(|p| p.path.display().to_string()),
+            "serving"
+        );
+        tokio::select! {
+            _ = &mut shutdown => {}
+            r = &mut transport => {
+                // The transport died under us: nothing can reach the engine any more.
+                engine.drain(Duration::ZERO);
+                return match r {
+                    Ok(Err(e)) => Err(e.into()),
+                    _ => Err(AppError::Join("the gRPC server stopped".into())),
+                };
+            }
+        }
+    }
+
+    // Shutdown: health first, so load balancers stop sending; then refuse new work and drain.
+    let grace = cfg.shutdown_grace;
+    tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: draining");
+    server::set_health(&health, ServingStatus::NotServing).await;
+    engine.drain(grace);
+    let _ = stop_tx.send(());
+    // The engine ends every stream (completed, or cancelled at the deadline) and then exits.
+    if tokio::time::timeout(grace + TRANSPORT_CLOSE, engine.stopped()).await.is_err() {
+        tracing::warn!("the engine did not stop within the grace period");
+    }
+    // Streams that ended are flushed; long-lived ones (health watches) are cut here.
+    let _ = tokio::time::timeout(TRANSPORT_CLOSE, &mut transport).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Load the model and profile, and start the engine thread (blocking: run off the runtime).
+fn start_engine(cfg: &Config) -> Result<EngineHandle, AppError> {
+    if !cfg.model.exists() {
+        return Err(AppError::ModelMissing(cfg.model.clone()));
+    }
+    let (model, tokenizer) = Model::load(&cfg.model, &LoadOptions { threads: cfg.threads }).map_err(|e| {
+        AppError::Model {
+            path: cfg.model.clone(),
+            source: e,
+        }
+    })?;
+    let (profile, sha) = load_profile(cfg, &model)?;
+    let mut limits = cfg.limits.clone();
+    limits.max_tokens_limit = limits.max_tokens_limit.min(model.config.context_length - 1);
+    limits.default_max_tokens = limits.default_max_tokens.min(limits.max_tokens_limit);
+    EngineHandle::spawn(EngineSetup {
+        model,
+        tokenizer,
+        profile,
+        model_sha256: sha,
+        config: EngineConfig {
+            max_running: cfg.max_running,
+            max_queued: cfg.max_queued,
+            prefill_chunk: cfg.prefill_chunk,
+            stream_buffer: cfg.stream_buffer,
+            limits,
+        },
+    })
+    .map_err(|e| AppError::Model {
+        path: cfg.model.clone(),
+        source: e,
+    })
+}
+
+type LoadedProfile = Option<(Arc<Profile>, PathBuf)>;
+
+/// The profile to use and the model's SHA-256 (computed only when a profile must be checked against it).
+fn load_profile(cfg: &Config, model: &Model) -> Result<(LoadedProfile, String), AppError> {
+    let (path, required) = match &cfg.profile {
+        ProfileChoice::None => return Ok((None, String::new())),
+        ProfileChoice::Path(p) => (p.clone(), true),
+        ProfileChoice::Auto => {
+            let p = PathBuf::from(AUTO_PROFILE);
+            if !p.exists() {
+                tracing::info!(path = AUTO_PROFILE, "no calibration profile; equal per-layer shares");
+                return Ok((None, String::new()));
+            }
+            (p, false)
+        }
+    };
+    let err = |msg: String| AppError::Profile {
+        path: path.clone(),
+        msg,
+    };
+    let sha = crate::fetch::model_sha256(&model.source).map_err(|e| err(format!("hashing the model: {e}")))?;
+    let checked = Profile::load(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|p| p.check(model, &sha, Path::new(&path)).map(|_| p).map_err(|e| e.to_string()));
+    match checked {
+        Ok(p) => Ok((Some((Arc::new(p), path)), sha)),
+        Err(msg) if required => Err(err(msg)),
+        Err(msg) => {
+            tracing::warn!(path = %path.display(), error = %msg, "ignoring the automatic profile");
+            Ok((None, sha))
+        }
+    }
+}

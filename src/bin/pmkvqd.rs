@@ -1,0 +1,90 @@
+//! `pmkvqd`: the daemon. Thin: configuration → logging → `app::run` until SIGTERM/SIGINT → exit code.
+
+use pmkvq::config::{self, Action, ConfigError, LogFormat};
+use std::process::ExitCode;
+
+/// sysexits.h: bad configuration or usage.
+const EX_USAGE: u8 = 64;
+const EX_OSERR: u8 = 71;
+
+fn main() -> ExitCode {
+    let action = match config::load(std::env::args_os().collect(), &|k| std::env::var(k).ok()) {
+        Ok(a) => a,
+        Err(ConfigError::Cli(e)) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+        Err(e) => {
+            eprintln!("pmkvqd: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let (cfg, _raw) = match action {
+        Action::PrintConfig(raw) => {
+            print!("{}", raw.render());
+            return ExitCode::SUCCESS;
+        }
+        Action::Run(cfg, raw) => (*cfg, raw),
+    };
+    let filter = tracing_subscriber::EnvFilter::new(&cfg.log_filter);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    match cfg.log_format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        // The runtime only moves bytes; compute runs on the engine thread and its pool.
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pmkvqd: cannot start the async runtime: {e}");
+            return ExitCode::from(EX_OSERR);
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listen = %cfg.listen, error = %e, "cannot bind");
+                return ExitCode::from(EX_OSERR);
+            }
+        };
+        match pmkvq::app::run(cfg, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "pmkvqd failed");
+                ExitCode::from(e.exit_code())
+            }
+        }
+    })
+}
+
+/// Resolves on SIGTERM (systemd, docker stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT"),
+        _ = term => tracing::info!("SIGTERM"),
+    }
+}

@@ -1,0 +1,524 @@
+//! pmkvqd's configuration: the only place that reads config files, `PMKVQ_*` environment variables and argv.
+//!
+//! Owns: the list of keys ([`KEYS`], each with its default and documentation), merging the sources
+//! (defaults < file < env < flags), and one validation pass into a typed [`Config`] that reports every error at
+//! once. Does not own: what the values do. Invariants: a key not in [`KEYS`] is an error wherever it appears;
+//! every effective value remembers its source (`pmkvqd --print-config`).
+#![forbid(unsafe_code)]
+
+mod args;
+
+pub use args::DaemonArgs;
+
+use crate::engine::RequestLimits;
+use crate::kvcache::KvMethod;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One configuration key.
+pub struct KeyDef {
+    /// `section.name` (or `name` at the top level); env var `PMKVQ_SECTION_NAME`.
+    pub key: &'static str,
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+/// Every key pmkvqd reads. `deploy/pmkvqd.example.toml` lists exactly these with these defaults (tested).
+pub const KEYS: &[KeyDef] = &[
+    KeyDef {
+        key: "model",
+        default: "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        doc: "GGUF file or HF safetensors directory to serve",
+    },
+    KeyDef {
+        key: "profile",
+        default: "auto",
+        doc: "calibration profile: a path, `none`, or `auto` (profiles/default.profile.json when it exists and matches the model)",
+    },
+    KeyDef {
+        key: "listen",
+        default: "127.0.0.1:50051",
+        doc: "gRPC listen address (HOST:PORT)",
+    },
+    KeyDef {
+        key: "threads",
+        default: "0",
+        doc: "compute threads (0 = all cores)",
+    },
+    KeyDef {
+        key: "log.format",
+        default: "pretty",
+        doc: "`pretty` or `json` (one object per line)",
+    },
+    KeyDef {
+        key: "log.filter",
+        default: "info",
+        doc: "tracing env-filter directives, e.g. `info,pmkvq=debug`",
+    },
+    KeyDef {
+        key: "engine.max_running",
+        default: "8",
+        doc: "sequences decoded together in one batch",
+    },
+    KeyDef {
+        key: "engine.max_queued",
+        default: "64",
+        doc: "accepted requests waiting for a batch slot; beyond this, RESOURCE_EXHAUSTED",
+    },
+    KeyDef {
+        key: "engine.prefill_chunk",
+        default: "512",
+        doc: "prompt tokens per step (bounds how long a long prompt delays other streams)",
+    },
+    KeyDef {
+        key: "engine.stream_buffer",
+        default: "32",
+        doc: "messages buffered per stream before a slow client pauses its sequence",
+    },
+    KeyDef {
+        key: "engine.kv_method",
+        default: "pmkvq",
+        doc: "default KV cache: fp16, pmkvq, pmkvq:direct, pmkvq:modified, rtn:<b>, kivi:<b>, q8_0, q4_0",
+    },
+    KeyDef {
+        key: "engine.default_max_tokens",
+        default: "256",
+        doc: "max_tokens when a request does not say",
+    },
+    KeyDef {
+        key: "engine.max_tokens_limit",
+        default: "8192",
+        doc: "largest max_tokens a request may ask for",
+    },
+    KeyDef {
+        key: "engine.max_stop",
+        default: "16",
+        doc: "most stop strings (and, separately, stop token ids) per request",
+    },
+    KeyDef {
+        key: "engine.kv_state_every",
+        default: "16",
+        doc: "attach the KV state to a stream every this many tokens (0 = only at the end)",
+    },
+    KeyDef {
+        key: "shutdown.grace",
+        default: "30s",
+        doc: "on SIGTERM/SIGINT, how long in-flight streams may run before they are cancelled",
+    },
+];
+
+/// Where an effective value came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File(PathBuf),
+    Env(String),
+    Flag(String),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Default => write!(f, "default"),
+            Source::File(p) => write!(f, "file {}", p.display()),
+            Source::Env(v) => write!(f, "env {v}"),
+            Source::Flag(s) => write!(f, "flag {s}"),
+        }
+    }
+}
+
+/// Merged but unvalidated values, each with its source.
+#[derive(Clone, Debug)]
+pub struct RawConfig {
+    values: BTreeMap<&'static str, (String, Source)>,
+}
+
+/// The environment variable for a key: `engine.max_running` → `PMKVQ_ENGINE_MAX_RUNNING`.
+pub fn env_name(key: &str) -> String {
+    format!("PMKVQ_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+fn key_def(key: &str) -> Option<&'static KeyDef> {
+    KEYS.iter().find(|k| k.key == key)
+}
+
+/// Calibration profile choice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProfileChoice {
+    /// `profiles/default.profile.json` if it exists and was calibrated for this model.
+    Auto,
+    None,
+    Path(PathBuf),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub model: PathBuf,
+    pub profile: ProfileChoice,
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub log_format: LogFormat,
+    pub log_filter: String,
+    pub max_running: usize,
+    pub max_queued: usize,
+    pub prefill_chunk: usize,
+    pub stream_buffer: usize,
+    pub limits: RequestLimits,
+    pub shutdown_grace: Duration,
+}
+
+/// What `pmkvqd` was asked to do.
+pub enum Action {
+    Run(Box<Config>, RawConfig),
+    PrintConfig(RawConfig),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--help`, `--version` or a malformed command line (clap formats it).
+    #[error("{0}")]
+    Cli(#[from] clap::Error),
+    /// Every problem found, one per line.
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+impl RawConfig {
+    fn defaults() -> Self {
+        RawConfig {
+            values: KEYS
+                .iter()
+                .map(|k| (k.key, (k.default.to_string(), Source::Default)))
+                .collect(),
+        }
+    }
+
+    fn set(&mut self, key: &str, value: String, src: Source, errors: &mut Vec<String>) {
+        match key_def(key) {
+            Some(k) => {
+                self.values.insert(k.key, (value, src));
+            }
+            None => errors.push(format!("unknown key `{key}` (from {src})")),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&(String, Source)> {
+        self.values.get(key)
+    }
+
+    /// The effective configuration as TOML, each value annotated with its source.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut section = "";
+        for k in KEYS {
+            let (v, src) = &self.values[k.key];
+            let (sec, name) = k.key.split_once('.').unwrap_or(("", k.key));
+            if sec != section {
+                let _ = write!(out, "\n[{sec}]\n");
+                section = sec;
+            }
+            let _ = writeln!(out, "{name} = {}  # {src}", toml_value(v));
+        }
+        out
+    }
+}
+
+/// Numbers stay bare; everything else is a quoted TOML string.
+fn toml_value(v: &str) -> String {
+    if !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()) {
+        v.to_string()
+    } else {
+        toml::Value::String(v.to_string()).to_string()
+    }
+}
+
+/// Merge defaults, `file` (if any), the environment and the flags; then validate. `env` looks a variable up
+/// (tests pass a map; the binary passes `std::env::var`).
+pub fn load(argv: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> Result<Action, ConfigError> {
+    let args = <DaemonArgs as clap::Parser>::try_parse_from(argv)?;
+    let mut errors = Vec::new();
+    let mut raw = RawConfig::defaults();
+    let file = args.config.clone().or_else(|| env("PMKVQ_CONFIG").map(PathBuf::from));
+    if let Some(path) = &file {
+        read_file(path, &mut raw, &mut errors);
+    }
+    for k in KEYS {
+        let var = env_name(k.key);
+        if let Some(v) = env(&var) {
+            raw.set(k.key, v, Source::Env(var), &mut errors);
+        }
+    }
+    for (key, value, flag) in args.overrides(&mut errors) {
+        raw.set(&key, value, Source::Flag(flag), &mut errors);
+    }
+    if args.print_config {
+        return if errors.is_empty() {
+            Ok(Action::PrintConfig(raw))
+        } else {
+            Err(ConfigError::Invalid(errors))
+        };
+    }
+    let cfg = validate(&raw, &mut errors);
+    match cfg {
+        Some(c) if errors.is_empty() => Ok(Action::Run(Box::new(c), raw)),
+        _ => Err(ConfigError::Invalid(errors)),
+    }
+}
+
+fn read_file(path: &Path, raw: &mut RawConfig, errors: &mut Vec<String>) {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return errors.push(format!("config file {}: {e}", path.display())),
+    };
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => return errors.push(format!("config file {}: {e}", path.display())),
+    };
+    let src = Source::File(path.to_path_buf());
+    for (key, value) in flatten(&table) {
+        match value {
+            Ok(v) => raw.set(&key, v, src.clone(), errors),
+            Err(kind) => errors.push(format!(
+                "`{key}` in {} must be a string, number or boolean, got {kind}",
+                path.display()
+            )),
+        }
+    }
+}
+
+/// `[engine] max_running = 8` → (`engine.max_running`, "8").
+pub fn flatten(table: &toml::Table) -> Vec<(String, Result<String, &'static str>)> {
+    let mut out = Vec::new();
+    for (k, v) in table {
+        match v {
+            toml::Value::Table(t) => {
+                for (k2, v2) in t {
+                    out.push((format!("{k}.{k2}"), scalar(v2)));
+                }
+            }
+            other => out.push((k.clone(), scalar(other))),
+        }
+    }
+    out
+}
+
+fn scalar(v: &toml::Value) -> Result<String, &'static str> {
+    match v {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        toml::Value::Datetime(_) => Err("a datetime"),
+        toml::Value::Array(_) => Err("an array"),
+        toml::Value::Table(_) => Err("a table"),
+    }
+}
+
+/// Parse `30s`, `250ms`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "ms" => v / 1e3,
+        "s" => v,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
+    let mut bad = |key: &str, what: String| {
+        let src = &raw.values[key].1;
+        errors.push(format!("`{key}` (from {src}) {what}"));
+    };
+    let val = |key: &str| raw.values[key].0.as_str();
+    let count = |key: &str, min: usize, max: usize, bad: &mut dyn FnMut(&str, String)| -> usize {
+        match val(key).trim().parse::<usize>() {
+            Ok(n) if (min..=max).contains(&n) => n,
+            Ok(n) => {
+                bad(key, format!("must be in {min}..={max}, got {n}"));
+                min
+            }
+            Err(_) => {
+                bad(key, format!("must be a whole number, got `{}`", val(key)));
+                min
+            }
+        }
+    };
+    let model = PathBuf::from(val("model"));
+    if val("model").is_empty() {
+        bad("model", "must not be empty".into());
+    }
+    let profile = match val("profile") {
+        "auto" => ProfileChoice::Auto,
+        "none" | "" => ProfileChoice::None,
+        p => ProfileChoice::Path(PathBuf::from(p)),
+    };
+    let listen = val("listen").parse::<SocketAddr>().unwrap_or_else(|_| {
+        bad(
+            "listen",
+            format!("must be HOST:PORT with an IP address, e.g. 127.0.0.1:50051, got `{}`", val("listen")),
+        );
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    });
+    let threads = count("threads", 0, 1024, &mut bad);
+    let log_format = match val("log.format") {
+        "pretty" => LogFormat::Pretty,
+        "json" => LogFormat::Json,
+        other => {
+            bad("log.format", format!("must be `pretty` or `json`, got `{other}`"));
+            LogFormat::Pretty
+        }
+    };
+    let log_filter = val("log.filter").to_string();
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
+        bad("log.filter", format!("is not a valid filter: {e}"));
+    }
+    let max_running = count("engine.max_running", 1, 256, &mut bad);
+    let max_queued = count("engine.max_queued", 1, 65_536, &mut bad);
+    let prefill_chunk = count("engine.prefill_chunk", 1, 65_536, &mut bad);
+    let stream_buffer = count("engine.stream_buffer", 2, 4096, &mut bad);
+    let default_kv_method = val("engine.kv_method").parse::<KvMethod>().unwrap_or_else(|e| {
+        bad("engine.kv_method", e.to_string());
+        KvMethod::Fp16
+    });
+    let max_tokens_limit = count("engine.max_tokens_limit", 1, 1 << 20, &mut bad);
+    let default_max_tokens = count("engine.default_max_tokens", 1, 1 << 20, &mut bad);
+    if default_max_tokens > max_tokens_limit {
+        bad(
+            "engine.default_max_tokens",
+            format!("must be <= engine.max_tokens_limit ({max_tokens_limit}), got {default_max_tokens}"),
+        );
+    }
+    let max_stop = count("engine.max_stop", 0, 1024, &mut bad);
+    let kv_state_every = count("engine.kv_state_every", 0, 1 << 20, &mut bad);
+    let shutdown_grace = parse_duration(val("shutdown.grace")).unwrap_or_else(|| {
+        bad(
+            "shutdown.grace",
+            format!("must be a duration such as 30s or 500ms, got `{}`", val("shutdown.grace")),
+        );
+        Duration::ZERO
+    });
+    Some(Config {
+        model,
+        profile,
+        listen,
+        threads,
+        log_format,
+        log_filter,
+        max_running,
+        max_queued,
+        prefill_chunk,
+        stream_buffer,
+        limits: RequestLimits {
+            default_max_tokens,
+            max_tokens_limit,
+            max_stop,
+            default_kv_method,
+            default_kv_state_every: kv_state_every,
+        },
+        shutdown_grace,
+    })
+}
+
+/// Configuration for tests and embedders: defaults, then `key=value` pairs as if given with `--set`.
+pub fn from_pairs(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let mut argv: Vec<OsString> = vec!["pmkvqd".into()];
+    for (k, v) in pairs {
+        argv.push("--set".into());
+        argv.push(format!("{k}={v}").into());
+    }
+    match load(argv, &|_| None)? {
+        Action::Run(c, _) => Ok(*c),
+        Action::PrintConfig(_) => unreachable!("--print-config was not passed"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file_beat_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "threads = 3\n[engine]\nmax_running = 5\nmax_queued = 7\n").unwrap();
+        let env = env_of(&[("PMKVQ_ENGINE_MAX_RUNNING", "6"), ("PMKVQ_ENGINE_MAX_QUEUED", "9")]);
+        let argv = vec![
+            "pmkvqd".into(),
+            "--config".into(),
+            f.clone().into_os_string(),
+            "--set".into(),
+            "engine.max_queued=11".into(),
+        ];
+        let Action::Run(c, raw) = load(argv, &env).unwrap() else { panic!() };
+        assert_eq!(c.threads, 3);
+        assert_eq!(c.max_running, 6);
+        assert_eq!(c.max_queued, 11);
+        assert_eq!(c.prefill_chunk, 512);
+        assert_eq!(raw.get("threads").unwrap().1, Source::File(f));
+        assert_eq!(raw.get("engine.max_running").unwrap().1, Source::Env("PMKVQ_ENGINE_MAX_RUNNING".into()));
+        assert_eq!(raw.get("engine.prefill_chunk").unwrap().1, Source::Default);
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let env = env_of(&[("PMKVQ_ENGINE_MAX_RUNNING", "0"), ("PMKVQ_LISTEN", "localhost")]);
+        let argv = vec![
+            "pmkvqd".into(),
+            "--set".into(),
+            "shutdown.grace=soon".into(),
+            "--set".into(),
+            "engine.bogus=1".into(),
+            "--log-format".into(),
+            "xml".into(),
+        ];
+        let Err(ConfigError::Invalid(errs)) = load(argv, &env) else { panic!("must fail") };
+        let all = errs.join("\n");
+        for needle in ["engine.max_running", "listen", "shutdown.grace", "engine.bogus", "log.format"] {
+            assert!(all.contains(needle), "{needle} missing from:\n{all}");
+        }
+        assert_eq!(errs.len(), 5, "{all}");
+    }
+
+    #[test]
+    fn durations_and_env_names() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("30"), None);
+        assert_eq!(env_name("engine.max_running"), "PMKVQ_ENGINE_MAX_RUNNING");
+        assert_eq!(
+            KEYS[0].default,
+            format!("models/{}", crate::fetch::DEFAULT_MODEL_FILE),
+            "the model default must be where fetch-model puts it"
+        );
+    }
+
+    #[test]
+    fn rendered_config_parses_back_to_the_same_values() {
+        let raw = RawConfig::defaults();
+        let table: toml::Table = raw.render().parse().unwrap();
+        for (k, v) in flatten(&table) {
+            assert_eq!(v.unwrap(), key_def(&k).unwrap().default, "{k}");
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! What the engine tells the outside: per-request stream events and whole-engine status snapshots.
+
+use super::generate::FinishReason;
+use crate::kvcache::KvStore;
+use std::time::Instant;
+
+/// A KV cache's state as clients see it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KvState {
+    pub tokens: usize,
+    pub true_bytes: usize,
+    pub layer_bits: Vec<u32>,
+    pub method: String,
+}
+
+impl KvState {
+    pub fn of(store: &dyn KvStore) -> Self {
+        KvState {
+            tokens: store.len(0),
+            true_bytes: store.true_bytes(),
+            layer_bits: store.layer_bits(),
+            method: store.method(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Milliseconds from arrival.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timings {
+    pub queue_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub ttft_ms: f64,
+    pub total_ms: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Completion {
+    pub finish: FinishReason,
+    /// The stop string, or the stop token id as text, that ended the generation.
+    pub stop_matched: Option<String>,
+    pub usage: Usage,
+    pub timings: Timings,
+    pub kv: KvState,
+}
+
+/// One message on a request's stream. A stream always ends with exactly one `Complete` or `Error`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Chunk {
+        text: String,
+        token_ids: Vec<u32>,
+        kv: Option<KvState>,
+    },
+    Complete(Completion),
+    Error(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqPhase {
+    Queued,
+    Prefill,
+    Decode,
+    /// The client is not reading; the sequence waits without decoding.
+    Paused,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqStatus {
+    pub request_id: String,
+    pub phase: SeqPhase,
+    pub prompt_tokens: usize,
+    pub prefilled_tokens: usize,
+    pub generated_tokens: usize,
+    pub priority: i32,
+    /// Empty while queued (no cache yet).
+    pub kv: KvState,
+}
+
+/// The engine's state after its latest step (published on a `watch` channel).
+#[derive(Clone, Debug)]
+pub struct EngineStatus {
+    /// The model is loaded and warmed up.
+    pub ready: bool,
+    pub draining: bool,
+    /// The engine thread has exited.
+    pub stopped: bool,
+    pub sequences: Vec<SeqStatus>,
+    pub kv_true_bytes: usize,
+    pub steps: u64,
+    pub completed: u64,
+    pub generated_tokens: u64,
+    pub started: Instant,
+}
+
+impl EngineStatus {
+    pub fn new() -> Self {
+        EngineStatus {
+            ready: false,
+            draining: false,
+            stopped: false,
+            sequences: Vec::new(),
+            kv_true_bytes: 0,
+            steps: 0,
+            completed: 0,
+            generated_tokens: 0,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn running(&self) -> usize {
+        self.sequences.iter().filter(|s| s.phase != SeqPhase::Queued).count()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.sequences.iter().filter(|s| s.phase == SeqPhase::Queued).count()
+    }
+}
+
+impl Default for EngineStatus {
+    fn default() -> Self {
+        Self::new()
+    }
+}

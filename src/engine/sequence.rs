@@ -1,0 +1,283 @@
+//! One running request inside the engine: its KV store, sampler, detokenizer and stop state, and the events it
+//! still has to deliver. The scheduler decides when it runs; this file decides what a token means.
+
+use super::detok::Detokenizer;
+use super::events::{Completion, Event, KvState, SeqPhase, SeqStatus, Timings, Usage};
+use super::generate::FinishReason;
+use super::request::ValidRequest;
+use super::sampler::Sampler;
+use super::stop::StopChecker;
+use crate::kvcache::KvStore;
+use crate::model::Tokenizer;
+use std::collections::VecDeque;
+use std::time::Instant;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::mpsc::Sender;
+
+/// Ms between two instants (0 when `b` is before `a`).
+fn ms(a: Instant, b: Instant) -> f64 {
+    b.saturating_duration_since(a).as_secs_f64() * 1e3
+}
+
+/// A request that was accepted: its events go to `tx`.
+pub struct Admission {
+    pub req: ValidRequest,
+    pub tx: Sender<Event>,
+    pub arrived: Instant,
+}
+
+pub struct Sequence {
+    pub req: ValidRequest,
+    tx: Sender<Event>,
+    /// `None` once finished (the cache is freed the moment the sequence ends).
+    pub kv: Option<Box<dyn KvStore>>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopChecker,
+    /// Prompt plus generated tokens (repetition penalty window).
+    history: Vec<u32>,
+    pub generated: usize,
+    /// Prompt tokens already in the cache.
+    pub prefilled: usize,
+    /// The token the next decode step feeds.
+    pub next: Option<u32>,
+    /// Events not yet accepted by the client's channel (full): the sequence waits until they are.
+    held: VecDeque<Event>,
+    arrived: Instant,
+    started: Instant,
+    first_token: Option<Instant>,
+    stop_matched: Option<String>,
+    pub finished: bool,
+}
+
+impl Sequence {
+    pub fn new(a: Admission, kv: Box<dyn KvStore>, sampler: Sampler) -> Self {
+        let stops = StopChecker::new(a.req.stop.clone());
+        let history = a.req.prompt_ids.clone();
+        Sequence {
+            req: a.req,
+            tx: a.tx,
+            kv: Some(kv),
+            sampler,
+            detok: Detokenizer::new(),
+            stops,
+            history,
+            generated: 0,
+            prefilled: 0,
+            next: None,
+            held: VecDeque::new(),
+            arrived: a.arrived,
+            started: Instant::now(),
+            first_token: None,
+            stop_matched: None,
+            finished: false,
+        }
+    }
+
+    pub fn arrived(&self) -> Instant {
+        self.arrived
+    }
+
+    pub fn id(&self) -> &str {
+        &self.req.request_id
+    }
+
+    pub fn client_gone(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Waiting for the client to take earlier events.
+    pub fn paused(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.req.prompt_ids.len()
+    }
+
+    /// Tokens the next forward pass feeds: the next prompt chunk (at most `chunk`) or the decode token.
+    pub fn next_input(&self, chunk: usize) -> Option<(Vec<u32>, Vec<u32>)> {
+        if self.finished || self.paused() {
+            return None;
+        }
+        let stored = self.kv.as_ref()?.len(0) as u32;
+        if self.prefilled < self.prompt_len() {
+            let end = (self.prefilled + chunk).min(self.prompt_len());
+            let toks = self.req.prompt_ids[self.prefilled..end].to_vec();
+            let pos = (stored..stored + toks.len() as u32).collect();
+            return Some((toks, pos));
+        }
+        self.next.map(|t| (vec![t], vec![stored]))
+    }
+
+    /// Queue an event and push what the channel takes. Returns false if the client is gone.
+    pub fn emit(&mut self, ev: Event) -> bool {
+        self.held.push_back(ev);
+        self.flush()
+    }
+
+    /// Deliver held events while the channel has room. Returns false if the client is gone.
+    pub fn flush(&mut self) -> bool {
+        while let Some(ev) = self.held.pop_front() {
+            match self.tx.try_send(ev) {
+                Ok(()) => {}
+                Err(TrySendError::Full(ev)) => {
+                    self.held.push_front(ev);
+                    return true;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    self.held.clear();
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Everything delivered (or nobody to deliver to).
+    pub fn drained(&self) -> bool {
+        self.held.is_empty() || self.client_gone()
+    }
+
+    fn kv_state(&self) -> KvState {
+        self.kv.as_deref().map(KvState::of).unwrap_or_default()
+    }
+
+    /// Handle the logits of a forward pass that fed `fed` tokens. Returns the finish reason when the sequence
+    /// ends with this step.
+    pub fn on_logits(&mut self, fed: usize, logits: &mut [f32], tok: &Tokenizer, ctx: usize) -> Option<FinishReason> {
+        if self.prefilled < self.prompt_len() {
+            self.prefilled += fed;
+            if self.prefilled < self.prompt_len() {
+                return None;
+            }
+        }
+        let t = self.sampler.sample(logits, &self.history);
+        self.history.push(t);
+        self.generated += 1;
+        self.first_token.get_or_insert_with(Instant::now);
+        if self.req.stop_token_ids.contains(&t) {
+            self.stop_matched = Some(t.to_string());
+            return Some(FinishReason::Stop);
+        }
+        if tok.is_eos(t) && !self.req.ignore_eos {
+            return Some(FinishReason::Eos);
+        }
+        let piece = self.detok.push(tok.token_bytes(t, false));
+        let fed = self.stops.feed(&piece);
+        let every = self.req.kv_state_every;
+        let kv = (every > 0 && self.generated.is_multiple_of(every)).then(|| self.kv_state());
+        self.emit(Event::Chunk {
+            text: fed.emit,
+            token_ids: vec![t],
+            kv,
+        });
+        if let Some(s) = fed.matched {
+            self.stop_matched = Some(s);
+            return Some(FinishReason::Stop);
+        }
+        if self.generated >= self.req.max_tokens {
+            return Some(FinishReason::Length);
+        }
+        let stored = self.kv.as_ref().map_or(0, |k| k.len(0));
+        if stored + 1 >= ctx {
+            return Some(FinishReason::ContextLimit);
+        }
+        self.next = Some(t);
+        None
+    }
+
+    /// End the sequence: release held-back text (unless a stop string matched), send the completion, free the
+    /// cache. Idempotent.
+    pub fn finish(&mut self, reason: FinishReason, error: Option<String>) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.next = None;
+        if reason != FinishReason::Stop && error.is_none() {
+            let rest = self.stops.feed(&self.detok.finish()).emit + &self.stops.finish();
+            if !rest.is_empty() {
+                self.emit(Event::Chunk {
+                    text: rest,
+                    token_ids: Vec::new(),
+                    kv: None,
+                });
+            }
+        }
+        let now = Instant::now();
+        let ev = match error {
+            Some(msg) => Event::Error(msg),
+            None => Event::Complete(Completion {
+                finish: reason,
+                stop_matched: self.stop_matched.take(),
+                usage: Usage {
+                    prompt_tokens: self.prompt_len(),
+                    completion_tokens: self.generated,
+                },
+                timings: Timings {
+                    queue_ms: ms(self.arrived, self.started),
+                    prefill_ms: ms(self.started, self.first_token.unwrap_or(now)),
+                    decode_ms: self.first_token.map_or(0.0, |f| ms(f, now)),
+                    ttft_ms: self.first_token.map_or(0.0, |f| ms(self.arrived, f)),
+                    total_ms: ms(self.arrived, now),
+                },
+                kv: self.kv_state(),
+            }),
+        };
+        self.kv = None;
+        self.emit(ev);
+    }
+
+    pub fn status(&self) -> SeqStatus {
+        let phase = if self.paused() {
+            SeqPhase::Paused
+        } else if self.prefilled < self.prompt_len() {
+            SeqPhase::Prefill
+        } else {
+            SeqPhase::Decode
+        };
+        SeqStatus {
+            request_id: self.req.request_id.clone(),
+            phase,
+            prompt_tokens: self.prompt_len(),
+            prefilled_tokens: self.prefilled,
+            generated_tokens: self.generated,
+            priority: self.req.priority,
+            kv: self.kv_state(),
+        }
+    }
+}
+
+impl Admission {
+    /// Finish a request that never started (time limit or shutdown while queued).
+    pub fn finish_queued(self, reason: FinishReason) {
+        let now = Instant::now();
+        let _ = self.tx.try_send(Event::Complete(Completion {
+            finish: reason,
+            stop_matched: None,
+            usage: Usage {
+                prompt_tokens: self.req.prompt_ids.len(),
+                completion_tokens: 0,
+            },
+            timings: Timings {
+                queue_ms: ms(self.arrived, now),
+                total_ms: ms(self.arrived, now),
+                ..Timings::default()
+            },
+            kv: KvState::default(),
+        }));
+    }
+
+    pub fn status(&self) -> SeqStatus {
+        SeqStatus {
+            request_id: self.req.request_id.clone(),
+            phase: SeqPhase::Queued,
+            prompt_tokens: self.req.prompt_ids.len(),
+            prefilled_tokens: 0,
+            generated_tokens: 0,
+            priority: self.req.priority,
+            kv: KvState::default(),
+        }
+    }
+}

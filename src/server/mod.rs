@@ -1,0 +1,201 @@
+//! gRPC front end: the `pmkvq.v1` service, standard health checking and server reflection.
+//!
+//! Owns: wire ⇄ engine conversion ([`convert`], also the one error → status mapping), one tracing span per RPC,
+//! turning an engine event stream into a response stream. Does not own: model, KV cache or sampling (it may not
+//! import `candle`, `model` or `kvcache`); it never blocks the runtime (the engine handle's calls do not block).
+//! Invariants: every started Generate stream ends with `complete` or `error`, or the client went away.
+#![forbid(unsafe_code)]
+
+pub mod convert;
+pub mod proto;
+
+use crate::engine::{EngineHandle, Event};
+use proto::pmkvq_service_server::{PmkvqService, PmkvqServiceServer};
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tracing::field::Empty;
+
+pub use tonic_health::server::HealthReporter;
+pub use tonic_health::ServingStatus;
+
+/// The fully qualified name health checks use for our service.
+pub const SERVICE_NAME: &str = "pmkvq.v1.PmkvqService";
+
+/// What the handlers share: the engine, once the model is loaded.
+#[derive(Clone, Default)]
+pub struct GrpcService {
+    engine: Arc<OnceLock<EngineHandle>>,
+}
+
+impl GrpcService {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Install the engine (once; the model is loaded).
+    pub fn set_engine(&self, h: EngineHandle) {
+        let _ = self.engine.set(h);
+    }
+
+    fn engine(&self) -> Result<&EngineHandle, Status> {
+        self.engine
+            .get()
+            .ok_or_else(|| Status::unavailable("the server is loading the model"))
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<proto::GenerateResponse, Status>> + Send>>;
+
+/// Closes the request's span with its outcome, also when the client drops the stream.
+struct RpcOutcome {
+    span: tracing::Span,
+    started: Instant,
+    done: bool,
+    tokens: usize,
+}
+
+impl RpcOutcome {
+    fn observe(&mut self, ev: &Event) {
+        match ev {
+            Event::Chunk { token_ids, .. } => self.tokens += token_ids.len(),
+            Event::Complete(c) => {
+                self.done = true;
+                let reason = format!("{:?}", c.finish).to_lowercase();
+                self.span.record("finish_reason", reason.as_str());
+                self.span.record("completion_tokens", c.usage.completion_tokens);
+                self.span.record("ttft_ms", c.timings.ttft_ms);
+                self.span.record("total_ms", c.timings.total_ms);
+                self.span.in_scope(|| tracing::info!("request finished"));
+            }
+            Event::Error(m) => {
+                self.done = true;
+                self.span.record("finish_reason", "error");
+                self.span.in_scope(|| tracing::error!(error = %m, "request failed"));
+            }
+        }
+    }
+}
+
+impl Drop for RpcOutcome {
+    fn drop(&mut self) {
+        if !self.done {
+            self.span.record("finish_reason", "client_cancelled");
+            self.span.record("completion_tokens", self.tokens);
+            self.span.record("total_ms", self.started.elapsed().as_secs_f64() * 1e3);
+            self.span.in_scope(|| tracing::info!("client went away"));
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PmkvqService for GrpcService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        req: Request<proto::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let started = Instant::now();
+        let engine = self.engine()?;
+        let span = tracing::info_span!(
+            "rpc.generate",
+            request_id = Empty,
+            prompt_tokens = Empty,
+            completion_tokens = Empty,
+            ttft_ms = Empty,
+            total_ms = Empty,
+            finish_reason = Empty
+        );
+        let r = convert::request_of(req.into_inner())?;
+        if !r.request_id.is_empty() {
+            span.record("request_id", r.request_id.as_str());
+        }
+        let sub = engine.submit(r).map_err(|e| {
+            let st = convert::status_of(&e);
+            span.in_scope(|| tracing::info!(code = ?st.code(), error = %e, "request refused"));
+            st
+        })?;
+        span.record("request_id", sub.request_id.as_str());
+        span.record("prompt_tokens", sub.prompt_tokens);
+        let id = sub.request_id;
+        let mut outcome = RpcOutcome {
+            span,
+            started,
+            done: false,
+            tokens: 0,
+        };
+        let stream = tokio_stream::wrappers::ReceiverStream::new(sub.events).map(move |ev| {
+            outcome.observe(&ev);
+            Ok(convert::response_of(&id, &ev))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<proto::TokenizeRequest>,
+    ) -> Result<Response<proto::TokenizeResponse>, Status> {
+        let input = convert::prompt_of_tokenize(req.into_inner().input)?;
+        let (ids, pieces) = self.engine()?.tokenize(&input).map_err(|e| convert::status_of(&e))?;
+        Ok(Response::new(proto::TokenizeResponse { ids, pieces }))
+    }
+
+    async fn get_model_info(
+        &self,
+        _req: Request<proto::GetModelInfoRequest>,
+    ) -> Result<Response<proto::ModelInfo>, Status> {
+        Ok(Response::new(convert::model_info(self.engine()?.model_info())))
+    }
+
+    async fn get_status(&self, _req: Request<proto::GetStatusRequest>) -> Result<Response<proto::ServerStatus>, Status> {
+        let e = self.engine()?;
+        Ok(Response::new(convert::server_status(&e.status(), e.is_draining())))
+    }
+}
+
+/// Serve `pmkvq.v1`, health and reflection on `listener` until `shutdown` resolves; then stop accepting and let
+/// in-flight RPCs finish (the caller bounds how long).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    service: GrpcService,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Both reflection versions: grpcurl speaks v1, many grpcio releases still ask v1alpha.
+    let reflect_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .expect("our descriptor sets are valid");
+    let reflect_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .expect("our descriptor sets are valid");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflect_v1)
+        .add_service(reflect_v1alpha)
+        .add_service(PmkvqServiceServer::new(service))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// A fresh health reporter with the whole server and our service NOT_SERVING (until the model is warm).
+pub async fn health_service() -> (
+    HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, svc) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::NotServing).await;
+    (reporter, svc)
+}
+
+/// Set the overall ("") and `pmkvq.v1.PmkvqService` status together.
+pub async fn set_health(r: &HealthReporter, s: ServingStatus) {
+    r.set_service_status("", s).await;
+    r.set_service_status(SERVICE_NAME, s).await;
+}
