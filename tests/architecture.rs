@@ -3,6 +3,11 @@
 use std::path::Path;
 
 fn sources(dir: &Path, out: &mut Vec<(String, String)>) {
+    if dir.is_file() {
+        out.push((dir.display().to_string(), std::fs::read_to_string(dir).unwrap()));
+        return;
+    }
+    assert!(dir.is_dir(), "{} does not exist", dir.display());
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -68,5 +73,33 @@ fn every_unsafe_block_has_a_safety_comment() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn server_does_not_touch_compute() {
+    assert_module_avoids(
+        "server",
+        &["candle", "crate::model", "crate::kvcache", "crate::calib", "std::env::", "std::fs::"],
+    );
+}
+
+#[test]
+fn config_is_the_only_reader_of_env_and_argv() {
+    for module in ["engine", "server", "kvcache", "model", "calib", "eval", "app.rs"] {
+        assert_module_avoids(module, &["std::env::var", "env::args", "env::var_os"]);
+    }
+}
+
+#[test]
+fn unsafe_is_forbidden_where_architecture_says() {
+    for module in ["config", "server", "engine"] {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(module).join("mod.rs");
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(
+            text.contains("#![forbid(unsafe_code)]"),
+            "{}: must carry #![forbid(unsafe_code)]",
+            p.display()
+        );
     }
 }

@@ -47,6 +47,8 @@ pub struct Sequence {
     started: Instant,
     first_token: Option<Instant>,
     stop_matched: Option<String>,
+    /// A stop string matched: text held back after it is dropped, not released.
+    text_cut: bool,
     pub finished: bool,
 }
 
@@ -70,6 +72,7 @@ impl Sequence {
             started: Instant::now(),
             first_token: None,
             stop_matched: None,
+            text_cut: false,
             finished: false,
         }
     }
@@ -156,17 +159,27 @@ impl Sequence {
         self.history.push(t);
         self.generated += 1;
         self.first_token.get_or_insert_with(Instant::now);
-        if self.req.stop_token_ids.contains(&t) {
+        let every = self.req.kv_state_every;
+        let kv = (every > 0 && self.generated.is_multiple_of(every)).then(|| self.kv_state());
+        // An ending token is streamed by id (clients keep exact token histories) but has no text.
+        let ending = if self.req.stop_token_ids.contains(&t) {
             self.stop_matched = Some(t.to_string());
-            return Some(FinishReason::Stop);
-        }
-        if tok.is_eos(t) && !self.req.ignore_eos {
-            return Some(FinishReason::Eos);
+            Some(FinishReason::Stop)
+        } else if tok.is_eos(t) && !self.req.ignore_eos {
+            Some(FinishReason::Eos)
+        } else {
+            None
+        };
+        if let Some(reason) = ending {
+            self.emit(Event::Chunk {
+                text: String::new(),
+                token_ids: vec![t],
+                kv,
+            });
+            return Some(reason);
         }
         let piece = self.detok.push(tok.token_bytes(t, false));
         let fed = self.stops.feed(&piece);
-        let every = self.req.kv_state_every;
-        let kv = (every > 0 && self.generated.is_multiple_of(every)).then(|| self.kv_state());
         self.emit(Event::Chunk {
             text: fed.emit,
             token_ids: vec![t],
@@ -174,6 +187,7 @@ impl Sequence {
         });
         if let Some(s) = fed.matched {
             self.stop_matched = Some(s);
+            self.text_cut = true;
             return Some(FinishReason::Stop);
         }
         if self.generated >= self.req.max_tokens {
@@ -195,7 +209,7 @@ impl Sequence {
         }
         self.finished = true;
         self.next = None;
-        if reason != FinishReason::Stop && error.is_none() {
+        if !self.text_cut && error.is_none() {
             let rest = self.stops.feed(&self.detok.finish()).emit + &self.stops.finish();
             if !rest.is_empty() {
                 self.emit(Event::Chunk {

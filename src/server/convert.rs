@@ -3,10 +3,9 @@
 
 use super::proto as pb;
 use crate::engine::{
-    Completion, EngineStatus, Event, FinishReason, KvState, ModelSummary, PromptInput, Request, RequestError,
+    ChatMessage, Completion, EngineStatus, Event, FinishReason, KvState, ModelSummary, PromptInput, Request, RequestError,
     SamplingOverrides, SeqPhase, SeqStatus,
 };
-use crate::model::chat::ChatMessage;
 use std::time::Duration;
 use tonic::Status;
 

@@ -1,6 +1,7 @@
 //! Shared helpers for integration tests: the real default model and the shared reference data.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod tiny;
 
 use pmkvq::model::{LoadOptions, Model, Tokenizer};

@@ -1,0 +1,169 @@
+//! Start pmkvqd in-process on 127.0.0.1:0 through the same `app::run` the binary uses, and talk to it with the
+//! generated tonic client.
+
+use pmkvq::server::proto::{self as pb, pmkvq_service_client::PmkvqServiceClient};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub type Client = PmkvqServiceClient<Channel>;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), pmkvq::app::AppError>>>,
+}
+
+/// The default model with the given config overrides (`--set key=value` pairs).
+pub async fn start_server(overrides: &[(&str, &str)]) -> TestServer {
+    let model = super::default_model_path();
+    let model = model.to_str().unwrap().to_string();
+    let mut pairs = vec![("model", model.as_str())];
+    pairs.extend_from_slice(overrides);
+    let cfg = pmkvq::config::from_pairs(&pairs).expect("test config is valid");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(pmkvq::app::run(cfg, listener, async {
+        let _ = rx.await;
+    }));
+    let server = TestServer {
+        addr,
+        stop: Some(tx),
+        task: Some(task),
+    };
+    server.wait_ready().await;
+    server
+}
+
+impl TestServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        PmkvqServiceClient::connect(self.url()).await.expect("connect")
+    }
+
+    async fn wait_ready(&self) {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(mut c) = PmkvqServiceClient::connect(self.url()).await {
+                if let Ok(s) = c.get_status(pb::GetStatusRequest {}).await {
+                    if s.into_inner().ready {
+                        return;
+                    }
+                }
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "server not ready after 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Trigger shutdown and wait for `app::run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.expect("app task").expect("app::run ends cleanly");
+        }
+    }
+}
+
+/// Server status.
+pub async fn status(c: &mut Client) -> pb::ServerStatus {
+    c.get_status(pb::GetStatusRequest {}).await.expect("GetStatus").into_inner()
+}
+
+/// Poll GetStatus until `pred` holds (panics after `limit`).
+pub async fn wait_status(c: &mut Client, limit: Duration, pred: impl Fn(&pb::ServerStatus) -> bool) -> pb::ServerStatus {
+    let t0 = Instant::now();
+    loop {
+        let s = status(c).await;
+        if pred(&s) {
+            return s;
+        }
+        assert!(t0.elapsed() < limit, "condition not reached within {limit:?}; last status {s:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A greedy request from chat messages.
+pub fn chat_request(messages: &[(&str, &str)], max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Chat(pb::ChatInput {
+            messages: messages
+                .iter()
+                .map(|(r, c)| pb::ChatMessage {
+                    role: r.to_string(),
+                    content: c.to_string(),
+                })
+                .collect(),
+        })),
+        stopping: Some(pb::StoppingCriteria {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn text_request(text: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        input: Some(pb::generate_request::Input::Text(text.to_string())),
+        stopping: Some(pb::StoppingCriteria {
+            max_tokens: Some(max_tokens),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A finished stream, collected.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub request_id: String,
+    pub ids: Vec<u32>,
+    pub text: String,
+    pub kv_states: Vec<(usize, pb::KvState)>,
+    pub complete: Option<pb::Complete>,
+    pub error: Option<String>,
+    pub messages: usize,
+}
+
+impl Collected {
+    pub fn finish_reason(&self) -> pb::FinishReason {
+        pb::FinishReason::try_from(self.complete.as_ref().expect("completed").finish_reason).unwrap()
+    }
+}
+
+/// Run a request to the end.
+pub async fn collect(c: &mut Client, req: pb::GenerateRequest) -> Collected {
+    let stream = c.generate(req).await.expect("Generate accepted").into_inner();
+    collect_stream(stream).await
+}
+
+pub async fn collect_stream(mut stream: tonic::Streaming<pb::GenerateResponse>) -> Collected {
+    let mut out = Collected::default();
+    while let Some(m) = stream.message().await.expect("stream message") {
+        assert!(out.complete.is_none() && out.error.is_none(), "message after the final one");
+        out.messages += 1;
+        if out.request_id.is_empty() {
+            out.request_id = m.request_id.clone();
+        }
+        assert_eq!(out.request_id, m.request_id, "request_id must be echoed on every message");
+        match m.kind.expect("kind set") {
+            pb::generate_response::Kind::Chunk(ch) => {
+                out.ids.extend_from_slice(&ch.token_ids);
+                out.text.push_str(&ch.text);
+                if let Some(kv) = ch.kv {
+                    out.kv_states.push((out.ids.len(), kv));
+                }
+            }
+            pb::generate_response::Kind::Complete(cm) => out.complete = Some(cm),
+            pb::generate_response::Kind::Error(e) => out.error = Some(e.message),
+        }
+    }
+    out
+}
