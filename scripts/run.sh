@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# Fetch the default model, build, and stream a generation from it. Extra arguments go to `pmkvq generate`.
+# Fetch the default model, build, and run the daemon on it in the foreground (Ctrl-C / SIGTERM drains and exits).
+# Extra arguments go to `pmkvqd`, e.g. `scripts/run.sh --listen 127.0.0.1:6000 --set engine.max_running=4`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pmkvq-target}
 model=$(deploy/fetch-model.sh models)
-cargo build --release --bin pmkvq
-if [[ $# -eq 0 ]]; then
-  set -- --chat "A train travels 120 kilometres in 1.5 hours. What is its average speed? Explain your reasoning." --max-tokens 200
-fi
-exec "$CARGO_TARGET_DIR/release/pmkvq" generate --model "$model" "$@"
+cargo build --release --bin pmkvqd --bin pmkvq
+exec "$CARGO_TARGET_DIR/release/pmkvqd" --model "$model" "$@"

@@ -7,6 +7,11 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pmkvq-target}
 [[ -d ../shared/golden ]] || { echo "test: ../shared (golden outputs, data) is missing beside the checkout" >&2; exit 66; }
 echo "== default model"
 deploy/fetch-model.sh models
+echo "== python client environment (grpcio, health, reflection)"
+venv=${PMKVQ_VENV:-$HOME/.cache/pmkvq-venv}
+[[ -x $venv/bin/python ]] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check -r clients/python/requirements.txt
+export PMKVQ_PYTHON=$venv/bin/python
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -114,7 +114,10 @@ pub async fn run(
     engine.drain(grace);
     let _ = stop_tx.send(());
     // The engine ends every stream (completed, or cancelled at the deadline) and then exits.
-    if tokio::time::timeout(grace + TRANSPORT_CLOSE, engine.stopped()).await.is_err() {
+    if tokio::time::timeout(grace + TRANSPORT_CLOSE, engine.stopped())
+        .await
+        .is_err()
+    {
         tracing::warn!("the engine did not stop within the grace period");
     }
     // Streams that ended are flushed; long-lived ones (health watches) are cut here.
@@ -128,12 +131,11 @@ fn start_engine(cfg: &Config) -> Result<EngineHandle, AppError> {
     if !cfg.model.exists() {
         return Err(AppError::ModelMissing(cfg.model.clone()));
     }
-    let (model, tokenizer) = Model::load(&cfg.model, &LoadOptions { threads: cfg.threads }).map_err(|e| {
-        AppError::Model {
+    let (model, tokenizer) =
+        Model::load(&cfg.model, &LoadOptions { threads: cfg.threads }).map_err(|e| AppError::Model {
             path: cfg.model.clone(),
             source: e,
-        }
-    })?;
+        })?;
     let (profile, sha) = load_profile(cfg, &model)?;
     let mut limits = cfg.limits.clone();
     limits.max_tokens_limit = limits.max_tokens_limit.min(model.config.context_length - 1);
@@ -178,9 +180,11 @@ fn load_profile(cfg: &Config, model: &Model) -> Result<(LoadedProfile, String), 
         msg,
     };
     let sha = crate::fetch::model_sha256(&model.source).map_err(|e| err(format!("hashing the model: {e}")))?;
-    let checked = Profile::load(&path)
-        .map_err(|e| e.to_string())
-        .and_then(|p| p.check(model, &sha, Path::new(&path)).map(|_| p).map_err(|e| e.to_string()));
+    let checked = Profile::load(&path).map_err(|e| e.to_string()).and_then(|p| {
+        p.check(model, &sha, Path::new(&path))
+            .map(|_| p)
+            .map_err(|e| e.to_string())
+    });
     match checked {
         Ok(p) => Ok((Some((Arc::new(p), path)), sha)),
         Err(msg) if required => Err(err(msg)),

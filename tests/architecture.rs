@@ -80,7 +80,14 @@ fn every_unsafe_block_has_a_safety_comment() {
 fn server_does_not_touch_compute() {
     assert_module_avoids(
         "server",
-        &["candle", "crate::model", "crate::kvcache", "crate::calib", "std::env::", "std::fs::"],
+        &[
+            "candle",
+            "crate::model",
+            "crate::kvcache",
+            "crate::calib",
+            "std::env::",
+            "std::fs::",
+        ],
     );
 }
 
@@ -94,7 +101,10 @@ fn config_is_the_only_reader_of_env_and_argv() {
 #[test]
 fn unsafe_is_forbidden_where_architecture_says() {
     for module in ["config", "server", "engine"] {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(module).join("mod.rs");
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src")
+            .join(module)
+            .join("mod.rs");
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(
             text.contains("#![forbid(unsafe_code)]"),

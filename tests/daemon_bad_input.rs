@@ -43,49 +43,124 @@ async fn bad_inputs_are_refused_with_the_field_and_the_bound() {
     let cases: Vec<(&str, pb::GenerateRequest, &str)> = vec![
         ("empty prompt", text_request("", 4), "`text` must not be empty"),
         ("no input", pb::GenerateRequest::default(), "`input"),
-        ("empty token list", {
-            let mut r = text_request("x", 4);
-            r.input = Some(pb::generate_request::Input::Tokens(pb::TokenIds { ids: vec![] }));
-            r
-        }, "`tokens.ids` must not be empty"),
-        ("prompt over the context", text_request(&long_prompt, 4), "the model's context"),
-        ("temperature < 0", sampling(|s| s.temperature = Some(-0.5)), "`sampling.temperature`"),
-        ("top_p 0", sampling(|s| s.top_p = Some(0.0)), "`sampling.top_p` must be in (0, 1]"),
+        (
+            "empty token list",
+            {
+                let mut r = text_request("x", 4);
+                r.input = Some(pb::generate_request::Input::Tokens(pb::TokenIds { ids: vec![] }));
+                r
+            },
+            "`tokens.ids` must not be empty",
+        ),
+        (
+            "prompt over the context",
+            text_request(&long_prompt, 4),
+            "the model's context",
+        ),
+        (
+            "temperature < 0",
+            sampling(|s| s.temperature = Some(-0.5)),
+            "`sampling.temperature`",
+        ),
+        (
+            "top_p 0",
+            sampling(|s| s.top_p = Some(0.0)),
+            "`sampling.top_p` must be in (0, 1]",
+        ),
         ("top_p > 1", sampling(|s| s.top_p = Some(1.5)), "`sampling.top_p`"),
         ("min_p 1", sampling(|s| s.min_p = Some(1.0)), "`sampling.min_p`"),
-        ("max_tokens 0", stopping(|s| s.max_tokens = Some(0)), "`stopping.max_tokens` must be >= 1"),
-        ("max_tokens over the limit", stopping(|s| s.max_tokens = Some(1001)), "`stopping.max_tokens` must be <= 1000"),
-        ("unknown token id", {
-            let mut r = text_request("x", 4);
-            r.input = Some(pb::generate_request::Input::Tokens(pb::TokenIds { ids: vec![1, 2, 4_000_000] }));
-            r
-        }, "`tokens.ids[2]` must be < 49152"),
-        ("too many stop strings", stopping(|s| s.stop = vec!["a".into(); 5]), "`stopping.stop` may hold at most 4"),
-        ("empty stop string", stopping(|s| s.stop = vec![String::new()]), "`stopping.stop[0]`"),
-        ("unknown stop token", stopping(|s| s.stop_token_ids = vec![49152]), "`stopping.stop_token_ids[0]`"),
-        ("zero time limit", stopping(|s| s.time_limit_ms = Some(0)), "`stopping.time_limit_ms`"),
-        ("malformed chat role", chat_request(&[("user", "hi"), ("wizard", "abracadabra")], 4), "messages[1].role"),
+        (
+            "max_tokens 0",
+            stopping(|s| s.max_tokens = Some(0)),
+            "`stopping.max_tokens` must be >= 1",
+        ),
+        (
+            "max_tokens over the limit",
+            stopping(|s| s.max_tokens = Some(1001)),
+            "`stopping.max_tokens` must be <= 1000",
+        ),
+        (
+            "unknown token id",
+            {
+                let mut r = text_request("x", 4);
+                r.input = Some(pb::generate_request::Input::Tokens(pb::TokenIds {
+                    ids: vec![1, 2, 4_000_000],
+                }));
+                r
+            },
+            "`tokens.ids[2]` must be < 49152",
+        ),
+        (
+            "too many stop strings",
+            stopping(|s| s.stop = vec!["a".into(); 5]),
+            "`stopping.stop` may hold at most 4",
+        ),
+        (
+            "empty stop string",
+            stopping(|s| s.stop = vec![String::new()]),
+            "`stopping.stop[0]`",
+        ),
+        (
+            "unknown stop token",
+            stopping(|s| s.stop_token_ids = vec![49152]),
+            "`stopping.stop_token_ids[0]`",
+        ),
+        (
+            "zero time limit",
+            stopping(|s| s.time_limit_ms = Some(0)),
+            "`stopping.time_limit_ms`",
+        ),
+        (
+            "malformed chat role",
+            chat_request(&[("user", "hi"), ("wizard", "abracadabra")], 4),
+            "messages[1].role",
+        ),
         ("empty chat", chat_request(&[], 4), "`chat.messages` must not be empty"),
-        ("unknown kv method", {
-            let mut r = text_request("x", 4);
-            r.kv = Some(pb::KvPolicy { method: Some("fp12".into()), ..Default::default() });
-            r
-        }, "`kv.method`"),
-        ("bad min bits", {
-            let mut r = text_request("x", 4);
-            r.kv = Some(pb::KvPolicy { min_bits: Some(3), ..Default::default() });
-            r
-        }, "`kv.min_bits` must be 2, 4, 8 or 16"),
-        ("priority out of range", {
-            let mut r = text_request("x", 4);
-            r.kv = Some(pb::KvPolicy { priority: Some(1000), ..Default::default() });
-            r
-        }, "`kv.priority`"),
-        ("request id too long", {
-            let mut r = text_request("x", 4);
-            r.request_id = "x".repeat(200);
-            r
-        }, "`request_id` must be <= 128 bytes"),
+        (
+            "unknown kv method",
+            {
+                let mut r = text_request("x", 4);
+                r.kv = Some(pb::KvPolicy {
+                    method: Some("fp12".into()),
+                    ..Default::default()
+                });
+                r
+            },
+            "`kv.method`",
+        ),
+        (
+            "bad min bits",
+            {
+                let mut r = text_request("x", 4);
+                r.kv = Some(pb::KvPolicy {
+                    min_bits: Some(3),
+                    ..Default::default()
+                });
+                r
+            },
+            "`kv.min_bits` must be 2, 4, 8 or 16",
+        ),
+        (
+            "priority out of range",
+            {
+                let mut r = text_request("x", 4);
+                r.kv = Some(pb::KvPolicy {
+                    priority: Some(1000),
+                    ..Default::default()
+                });
+                r
+            },
+            "`kv.priority`",
+        ),
+        (
+            "request id too long",
+            {
+                let mut r = text_request("x", 4);
+                r.request_id = "x".repeat(200);
+                r
+            },
+            "`request_id` must be <= 128 bytes",
+        ),
     ];
     for (name, req, field) in cases {
         expect_refused(&mut c, name, req, Code::InvalidArgument, field).await;

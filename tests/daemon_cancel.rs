@@ -69,7 +69,10 @@ async fn hundred_cancels_leak_nothing() {
     assert_eq!(idle.queued, 0);
     // Every cancelled request released its queue slot: a full queue's worth still fits.
     let again = collect(&mut c, text_request("The capital of France is", 16)).await;
-    assert_eq!(again.ids, baseline.ids, "the daemon serves the same answer after 100 cancels");
+    assert_eq!(
+        again.ids, baseline.ids,
+        "the daemon serves the same answer after 100 cancels"
+    );
     assert!(idle.completed_requests >= 100, "{idle:?}");
     server.stop().await;
 }
@@ -91,7 +94,11 @@ async fn cancel_during_a_long_prefill_stops_the_prefill() {
     drop(stream);
     let seen = status(&mut c).await;
     let gone = wait_status(&mut c, Duration::from_secs(5), |s| s.sequences.is_empty()).await;
-    assert!(gone.steps <= seen.steps + 1, "prefill went on for {} steps", gone.steps - seen.steps);
+    assert!(
+        gone.steps <= seen.steps + 1,
+        "prefill went on for {} steps",
+        gone.steps - seen.steps
+    );
     let filled = seen.sequences.first().map_or(0, |q| q.prefilled_tokens);
     assert!(
         filled < prompt_tokens,

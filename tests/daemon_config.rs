@@ -26,7 +26,10 @@ fn example_config_lists_every_key_with_its_default() {
         .iter()
         .map(|k| (k.key.to_string(), k.default.to_string()))
         .collect();
-    assert_eq!(in_file, keys, "deploy/pmkvqd.example.toml is out of sync with src/config/mod.rs");
+    assert_eq!(
+        in_file, keys,
+        "deploy/pmkvqd.example.toml is out of sync with src/config/mod.rs"
+    );
 }
 
 #[test]
@@ -37,7 +40,13 @@ fn print_config_shows_values_and_sources() {
     let out = pmkvqd()
         .arg("--config")
         .arg(&file)
-        .args(["--print-config", "--set", "engine.prefill_chunk=256", "--listen", "127.0.0.1:6000"])
+        .args([
+            "--print-config",
+            "--set",
+            "engine.prefill_chunk=256",
+            "--listen",
+            "127.0.0.1:6000",
+        ])
         .env("PMKVQ_ENGINE_MAX_QUEUED", "5")
         .output()
         .unwrap();
@@ -70,7 +79,13 @@ fn bad_configuration_exits_64_naming_every_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
-    for needle in ["`threads`", "engine.max_queud", "`listen`", "`shutdown.grace`", "`engine.max_running`"] {
+    for needle in [
+        "`threads`",
+        "engine.max_queud",
+        "`listen`",
+        "`shutdown.grace`",
+        "`engine.max_running`",
+    ] {
         assert!(err.contains(needle), "`{needle}` missing from:\n{err}");
     }
     // Usage errors from the command line are 64 as well.

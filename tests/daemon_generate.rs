@@ -11,7 +11,14 @@ use std::process::Command;
 fn cli_ids(prompt_text: &str, max_tokens: usize, kv: &[&str]) -> Vec<u32> {
     let model = common::default_model_path();
     let out = Command::new(env!("CARGO_BIN_EXE_pmkvq"))
-        .args(["generate", "--json", "--max-tokens", &max_tokens.to_string(), "--prompt", prompt_text])
+        .args([
+            "generate",
+            "--json",
+            "--max-tokens",
+            &max_tokens.to_string(),
+            "--prompt",
+            prompt_text,
+        ])
         .arg("--model")
         .arg(&model)
         .args(kv)
@@ -19,7 +26,12 @@ fn cli_ids(prompt_text: &str, max_tokens: usize, kv: &[&str]) -> Vec<u32> {
         .expect("run pmkvq generate");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    j["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+    j["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn golden_request(case: &common::GoldenCase, max_tokens: u32) -> pb::GenerateRequest {
@@ -42,7 +54,10 @@ async fn streamed_tokens_match_pmkvq_generate_on_the_golden_prompts() {
     for case in &golden.cases {
         let n = case.greedy_ids.len() as u32;
         for (method, cli_kv) in [
-            (None, vec!["--kv", "pmkvq", "--profile", "profiles/default.profile.json"]),
+            (
+                None,
+                vec!["--kv", "pmkvq", "--profile", "profiles/default.profile.json"],
+            ),
             (Some("fp16"), vec!["--kv", "fp16"]),
         ] {
             let mut req = golden_request(case, n);
@@ -59,9 +74,18 @@ async fn streamed_tokens_match_pmkvq_generate_on_the_golden_prompts() {
                 case.id
             );
             let want = cli_ids(&case.prompt_text, n as usize, &cli_kv);
-            assert_eq!(got.ids, want, "{} ({method:?}): gRPC and `pmkvq generate` differ", case.id);
+            assert_eq!(
+                got.ids, want,
+                "{} ({method:?}): gRPC and `pmkvq generate` differ",
+                case.id
+            );
             assert_eq!(usage.completion_tokens as usize, got.ids.len());
-            assert_eq!(got.text, tok.decode(&got.ids, false), "{}: streamed text must be the decoded tokens", case.id);
+            assert_eq!(
+                got.text,
+                tok.decode(&got.ids, false),
+                "{}: streamed text must be the decoded tokens",
+                case.id
+            );
         }
     }
     server.stop().await;
@@ -94,7 +118,9 @@ async fn eight_concurrent_streams_match_each_alone() {
         .map(|r| {
             let url = server.url();
             tokio::spawn(async move {
-                let mut c = pb::pmkvq_service_client::PmkvqServiceClient::connect(url).await.unwrap();
+                let mut c = pb::pmkvq_service_client::PmkvqServiceClient::connect(url)
+                    .await
+                    .unwrap();
                 collect(&mut c, r).await
             })
         })
@@ -107,7 +133,10 @@ async fn eight_concurrent_streams_match_each_alone() {
     let tokens: usize = together.iter().map(|t| t.ids.len()).sum();
     for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
         assert!(!a.ids.is_empty(), "request {i} produced nothing");
-        assert_eq!(a.ids, b.ids, "request {i}: batched output differs from the same request alone");
+        assert_eq!(
+            a.ids, b.ids,
+            "request {i}: batched output differs from the same request alone"
+        );
         assert_eq!(a.text, b.text, "request {i}");
         assert_ne!(a.request_id, b.request_id, "generated request ids are unique");
     }
@@ -130,11 +159,7 @@ async fn kv_state_stop_strings_and_other_rpcs() {
     req.request_id = "my-id-1".into();
     let got = collect(&mut c, req).await;
     assert_eq!(got.request_id, "my-id-1");
-    let info = c
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = c.get_model_info(pb::GetModelInfoRequest {}).await.unwrap().into_inner();
     let at: Vec<usize> = got.kv_states.iter().map(|(n, _)| *n).collect();
     let want: Vec<usize> = (1..=got.ids.len() / 4).map(|k| 4 * k).collect();
     assert_eq!(at, want, "a KV state every 4 tokens");
@@ -157,7 +182,12 @@ async fn kv_state_stop_strings_and_other_rpcs() {
     let cut = collect(&mut c, req).await;
     assert_eq!(cut.finish_reason(), pb::FinishReason::Stop);
     assert_eq!(cut.complete.as_ref().unwrap().stop_matched, stop);
-    assert!(full.text.starts_with(&cut.text) && !cut.text.contains(&stop), "{:?} / {:?}", cut.text, full.text);
+    assert!(
+        full.text.starts_with(&cut.text) && !cut.text.contains(&stop),
+        "{:?} / {:?}",
+        cut.text,
+        full.text
+    );
 
     // Model info: geometry, bytes per token falling with the width, the profile found automatically.
     assert_eq!(info.layers, 30);
@@ -165,7 +195,9 @@ async fn kv_state_stop_strings_and_other_rpcs() {
     let bytes: Vec<(u32, u64)> = info.kv_bytes_per_token.iter().map(|b| (b.bits, b.bytes)).collect();
     assert_eq!(bytes.iter().map(|b| b.0).collect::<Vec<_>>(), vec![16, 8, 4, 2]);
     assert!(bytes.windows(2).all(|w| w[0].1 > w[1].1), "{bytes:?}");
-    let p = info.profile.expect("profiles/default.profile.json is loaded by default");
+    let p = info
+        .profile
+        .expect("profiles/default.profile.json is loaded by default");
     assert_eq!(p.layer_bits.len(), 30);
     assert_eq!(info.default_kv_method, "pmkvq");
 

@@ -21,12 +21,19 @@ impl Drop for Daemon {
 }
 
 async fn health_client(url: &str) -> Result<HealthClient<tonic::transport::Channel>, tonic::transport::Error> {
-    let ch = tonic::transport::Channel::from_shared(url.to_string()).unwrap().connect().await?;
+    let ch = tonic::transport::Channel::from_shared(url.to_string())
+        .unwrap()
+        .connect()
+        .await?;
     Ok(HealthClient::new(ch))
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 async fn spawn_daemon(grace: &str) -> Daemon {
@@ -84,7 +91,9 @@ async fn sigterm_cancels_active_streams_after_the_grace_period_and_exits_0() {
     let mut d = spawn_daemon("2s").await;
     let mut health = health_client(&d.url).await.unwrap();
     let mut watch = health
-        .watch(HealthCheckRequest { service: "pmkvq.v1.PmkvqService".into() })
+        .watch(HealthCheckRequest {
+            service: "pmkvq.v1.PmkvqService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -114,13 +123,21 @@ async fn sigterm_cancels_active_streams_after_the_grace_period_and_exits_0() {
     }
     for (at, got) in &ends {
         assert!(got.error.is_none(), "{:?}", got.error);
-        assert_eq!(got.finish_reason(), pb::FinishReason::Cancelled, "cut at the end of the grace period");
+        assert_eq!(
+            got.finish_reason(),
+            pb::FinishReason::Cancelled,
+            "cut at the end of the grace period"
+        );
         assert!(*at > t_health, "health turned NOT_SERVING before any stream ended");
         assert!(!got.ids.is_empty());
     }
     let st = wait_exit(&mut d.child, Duration::from_secs(6)).await;
     assert!(st.success(), "exit status {st:?}");
-    assert!(t_term.elapsed() < Duration::from_secs(6), "exited {:?} after SIGTERM", t_term.elapsed());
+    assert!(
+        t_term.elapsed() < Duration::from_secs(6),
+        "exited {:?} after SIGTERM",
+        t_term.elapsed()
+    );
 }
 
 /// Short streams finish normally during the drain; no new work is accepted meanwhile.

@@ -372,7 +372,10 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
     let listen = val("listen").parse::<SocketAddr>().unwrap_or_else(|_| {
         bad(
             "listen",
-            format!("must be HOST:PORT with an IP address, e.g. 127.0.0.1:50051, got `{}`", val("listen")),
+            format!(
+                "must be HOST:PORT with an IP address, e.g. 127.0.0.1:50051, got `{}`",
+                val("listen")
+            ),
         );
         SocketAddr::from(([127, 0, 0, 1], 0))
     });
@@ -410,7 +413,10 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
     let shutdown_grace = parse_duration(val("shutdown.grace")).unwrap_or_else(|| {
         bad(
             "shutdown.grace",
-            format!("must be a duration such as 30s or 500ms, got `{}`", val("shutdown.grace")),
+            format!(
+                "must be a duration such as 30s or 500ms, got `{}`",
+                val("shutdown.grace")
+            ),
         );
         Duration::ZERO
     });
@@ -470,13 +476,18 @@ mod tests {
             "--set".into(),
             "engine.max_queued=11".into(),
         ];
-        let Action::Run(c, raw) = load(argv, &env).unwrap() else { panic!() };
+        let Action::Run(c, raw) = load(argv, &env).unwrap() else {
+            panic!()
+        };
         assert_eq!(c.threads, 3);
         assert_eq!(c.max_running, 6);
         assert_eq!(c.max_queued, 11);
         assert_eq!(c.prefill_chunk, 512);
         assert_eq!(raw.get("threads").unwrap().1, Source::File(f));
-        assert_eq!(raw.get("engine.max_running").unwrap().1, Source::Env("PMKVQ_ENGINE_MAX_RUNNING".into()));
+        assert_eq!(
+            raw.get("engine.max_running").unwrap().1,
+            Source::Env("PMKVQ_ENGINE_MAX_RUNNING".into())
+        );
         assert_eq!(raw.get("engine.prefill_chunk").unwrap().1, Source::Default);
     }
 
@@ -492,9 +503,17 @@ mod tests {
             "--log-format".into(),
             "xml".into(),
         ];
-        let Err(ConfigError::Invalid(errs)) = load(argv, &env) else { panic!("must fail") };
+        let Err(ConfigError::Invalid(errs)) = load(argv, &env) else {
+            panic!("must fail")
+        };
         let all = errs.join("\n");
-        for needle in ["engine.max_running", "listen", "shutdown.grace", "engine.bogus", "log.format"] {
+        for needle in [
+            "engine.max_running",
+            "listen",
+            "shutdown.grace",
+            "engine.bogus",
+            "log.format",
+        ] {
             assert!(all.contains(needle), "{needle} missing from:\n{all}");
         }
         assert_eq!(errs.len(), 5, "{all}");

@@ -19,7 +19,9 @@ pub mod stop;
 pub use detok::Detokenizer;
 pub use events::{Completion, EngineStatus, Event, KvState, SeqPhase, SeqStatus, Timings, Usage};
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
-pub use request::{ChatMessage, Frontend, PromptInput, Request, RequestError, RequestLimits, SamplingOverrides, ValidRequest};
+pub use request::{
+    ChatMessage, Frontend, PromptInput, Request, RequestError, RequestLimits, SamplingOverrides, ValidRequest,
+};
 pub use sampler::{Sampler, SamplingError, SamplingParams};
 pub use scheduler::{EngineConfig, EngineHandle, EngineSetup, ModelSummary, ProfileSummary, Submission};
 pub use stop::StopChecker;

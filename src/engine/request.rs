@@ -165,7 +165,8 @@ impl Frontend {
                 if t.is_empty() {
                     return Err(invalid("text", "must not be empty"));
                 }
-                tok.encode(t, true).map_err(|e| invalid("text", format!("cannot be tokenized: {e}")))?
+                tok.encode(t, true)
+                    .map_err(|e| invalid("text", format!("cannot be tokenized: {e}")))?
             }
             PromptInput::Chat(msgs) => {
                 let tmpl = self
@@ -297,8 +298,9 @@ impl Frontend {
         };
         let min_bits = match req.min_bits {
             None => Bits::B2,
-            Some(b) => Bits::from_count(b)
-                .ok_or_else(|| invalid("kv.min_bits", format!("must be 2, 4, 8 or 16, got {b}")))?,
+            Some(b) => {
+                Bits::from_count(b).ok_or_else(|| invalid("kv.min_bits", format!("must be 2, 4, 8 or 16, got {b}")))?
+            }
         };
         let priority = req.priority.unwrap_or(0);
         if priority.abs() > MAX_PRIORITY {

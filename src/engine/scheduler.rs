@@ -271,12 +271,7 @@ impl EngineHandle {
     }
 }
 
-fn summarize(
-    model: &Model,
-    sha: &str,
-    profile: Option<&(Arc<Profile>, PathBuf)>,
-    cfg: &EngineConfig,
-) -> ModelSummary {
+fn summarize(model: &Model, sha: &str, profile: Option<&(Arc<Profile>, PathBuf)>, cfg: &EngineConfig) -> ModelSummary {
     let c = &model.config;
     let geom = model.kv_geometry();
     let pm = PmKvqConfig::pmkvq();
@@ -383,9 +378,14 @@ impl Engine {
         let geom = self.model.kv_geometry();
         let mut kv = crate::kvcache::F16KvStore::new(geom, 2);
         let tok = self.tok.bos.unwrap_or(0);
-        let r = self
-            .model
-            .forward(&[SeqInput { tokens: &[tok], positions: &[0] }], &mut [&mut kv], LogitsMode::Last);
+        let r = self.model.forward(
+            &[SeqInput {
+                tokens: &[tok],
+                positions: &[0],
+            }],
+            &mut [&mut kv],
+            LogitsMode::Last,
+        );
         if let Err(e) = r {
             tracing::warn!(error = %e, "warm-up forward pass failed");
         }
@@ -427,7 +427,8 @@ impl Engine {
         self.waiting = keep;
         // Running sequences.
         for s in &mut self.running {
-            if s.client_gone() {
+            // A paused sequence resumes as soon as its client has taken the held events.
+            if s.client_gone() || !s.flush() {
                 tracing::debug!(request_id = %s.id(), "client gone; cache freed");
                 s.kv = None;
                 s.finished = true;

@@ -133,13 +133,10 @@ impl MethodSpec {
 
     /// A store for this method: its budget split by the shares, wrapped in the key scaling if any.
     pub fn new_store(&self, geom: KvGeometry, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
-        let budgets = self.budget.map(|b| {
-            self.method
-                .layer_budgets(geom, b, self.shares.as_deref())
-        });
-        let store = self
-            .method
-            .new_store(geom, budgets.as_deref(), max_tokens)?;
+        let budgets = self
+            .budget
+            .map(|b| self.method.layer_budgets(geom, b, self.shares.as_deref()));
+        let store = self.method.new_store(geom, budgets.as_deref(), max_tokens)?;
         match &self.key_scales {
             None => Ok(store),
             Some(s) => Ok(Box::new(KeyScaled::new(store, s.clone(), "")?)),

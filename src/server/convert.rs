@@ -3,8 +3,8 @@
 
 use super::proto as pb;
 use crate::engine::{
-    ChatMessage, Completion, EngineStatus, Event, FinishReason, KvState, ModelSummary, PromptInput, Request, RequestError,
-    SamplingOverrides, SeqPhase, SeqStatus,
+    ChatMessage, Completion, EngineStatus, Event, FinishReason, KvState, ModelSummary, PromptInput, Request,
+    RequestError, SamplingOverrides, SeqPhase, SeqStatus,
 };
 use std::time::Duration;
 use tonic::Status;

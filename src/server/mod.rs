@@ -94,10 +94,7 @@ impl Drop for RpcOutcome {
 impl PmkvqService for GrpcService {
     type GenerateStream = GenerateStream;
 
-    async fn generate(
-        &self,
-        req: Request<proto::GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(&self, req: Request<proto::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let started = Instant::now();
         let engine = self.engine()?;
         let span = tracing::info_span!(
@@ -150,7 +147,10 @@ impl PmkvqService for GrpcService {
         Ok(Response::new(convert::model_info(self.engine()?.model_info())))
     }
 
-    async fn get_status(&self, _req: Request<proto::GetStatusRequest>) -> Result<Response<proto::ServerStatus>, Status> {
+    async fn get_status(
+        &self,
+        _req: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::ServerStatus>, Status> {
         let e = self.engine()?;
         Ok(Response::new(convert::server_status(&e.status(), e.is_draining())))
     }

@@ -73,18 +73,28 @@ impl TestServer {
 
 /// Server status.
 pub async fn status(c: &mut Client) -> pb::ServerStatus {
-    c.get_status(pb::GetStatusRequest {}).await.expect("GetStatus").into_inner()
+    c.get_status(pb::GetStatusRequest {})
+        .await
+        .expect("GetStatus")
+        .into_inner()
 }
 
 /// Poll GetStatus until `pred` holds (panics after `limit`).
-pub async fn wait_status(c: &mut Client, limit: Duration, pred: impl Fn(&pb::ServerStatus) -> bool) -> pb::ServerStatus {
+pub async fn wait_status(
+    c: &mut Client,
+    limit: Duration,
+    pred: impl Fn(&pb::ServerStatus) -> bool,
+) -> pb::ServerStatus {
     let t0 = Instant::now();
     loop {
         let s = status(c).await;
         if pred(&s) {
             return s;
         }
-        assert!(t0.elapsed() < limit, "condition not reached within {limit:?}; last status {s:?}");
+        assert!(
+            t0.elapsed() < limit,
+            "condition not reached within {limit:?}; last status {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -147,12 +157,18 @@ pub async fn collect(c: &mut Client, req: pb::GenerateRequest) -> Collected {
 pub async fn collect_stream(mut stream: tonic::Streaming<pb::GenerateResponse>) -> Collected {
     let mut out = Collected::default();
     while let Some(m) = stream.message().await.expect("stream message") {
-        assert!(out.complete.is_none() && out.error.is_none(), "message after the final one");
+        assert!(
+            out.complete.is_none() && out.error.is_none(),
+            "message after the final one"
+        );
         out.messages += 1;
         if out.request_id.is_empty() {
             out.request_id = m.request_id.clone();
         }
-        assert_eq!(out.request_id, m.request_id, "request_id must be echoed on every message");
+        assert_eq!(
+            out.request_id, m.request_id,
+            "request_id must be echoed on every message"
+        );
         match m.kind.expect("kind set") {
             pb::generate_response::Kind::Chunk(ch) => {
                 out.ids.extend_from_slice(&ch.token_ids);

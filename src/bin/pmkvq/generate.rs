@@ -66,7 +66,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     let kv_name = a.kv.as_deref().unwrap_or("fp16");
     let method: KvMethod = kv_name
         .parse()
-            .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?;
+        .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?;
     let profile = a.profile.as_deref().map(|p| load_profile(p, &model)).transpose()?;
     let budget = match &a.kv_budget {
         None => None,
@@ -83,7 +83,9 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
         ..pmkvq::eval::MethodSpec::plain(method, budget, kv_name)
     };
     let ctx = model.config.context_length;
-    let mut kv = spec.new_store(model.kv_geometry(), ctx).map_err(|e| fail(EX_USAGE, e.into()))?;
+    let mut kv = spec
+        .new_store(model.kv_geometry(), ctx)
+        .map_err(|e| fail(EX_USAGE, e.into()))?;
     let mut trace = match &a.kv_trace {
         None => None,
         Some(p) => Some(std::io::BufWriter::new(
