@@ -41,7 +41,7 @@ async fn spawn_daemon(grace: &str) -> Daemon {
     let child = Command::new(env!("CARGO_BIN_EXE_pmkvqd"))
         .arg("--model")
         .arg(common::default_model_path())
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--set"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--set", "log.filter=warn", "--set"])
         .arg(format!("shutdown.grace={grace}"))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -63,6 +63,20 @@ async fn spawn_daemon(grace: &str) -> Daemon {
         assert!(t0.elapsed() < Duration::from_secs(60), "pmkvqd did not become SERVING");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `n` streams (EOS ignored), each on its own connection, each past its first chunk.
+async fn open_streams(url: &str, n: usize, max_tokens: u32) -> Vec<tonic::Streaming<pb::GenerateResponse>> {
+    let mut streams = Vec::new();
+    for i in 0..n {
+        let mut c = PmkvqServiceClient::connect(url.to_string()).await.unwrap();
+        let mut r = text_request(&format!("Story number {i}: once upon a time"), max_tokens);
+        r.stopping.as_mut().unwrap().ignore_eos = Some(true);
+        let mut s = c.generate(r).await.unwrap().into_inner();
+        s.message().await.unwrap().expect("first chunk");
+        streams.push(s);
+    }
+    streams
 }
 
 fn sigterm(child: &Child) {
@@ -98,15 +112,7 @@ async fn sigterm_cancels_active_streams_after_the_grace_period_and_exits_0() {
         .unwrap()
         .into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
-    let mut streams = Vec::new();
-    for i in 0..4 {
-        let mut c = PmkvqServiceClient::connect(d.url.clone()).await.unwrap();
-        let mut r = text_request(&format!("Story number {i}: once upon a time"), 8000);
-        r.stopping.as_mut().unwrap().ignore_eos = Some(true);
-        let mut s = c.generate(r).await.unwrap().into_inner();
-        s.message().await.unwrap().expect("first chunk");
-        streams.push(s);
-    }
+    let streams = open_streams(&d.url, 4, 8000).await;
     let t_term = Instant::now();
     sigterm(&d.child);
     let not_serving = tokio::time::timeout(Duration::from_secs(5), watch.message())
@@ -144,17 +150,15 @@ async fn sigterm_cancels_active_streams_after_the_grace_period_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_lets_short_streams_complete() {
     let mut d = spawn_daemon("30s").await;
-    let mut streams = Vec::new();
-    for i in 0..4 {
-        let mut c = PmkvqServiceClient::connect(d.url.clone()).await.unwrap();
-        let mut r = text_request(&format!("Fact number {i}:"), 48);
-        r.stopping.as_mut().unwrap().ignore_eos = Some(true);
-        let mut s = c.generate(r).await.unwrap().into_inner();
-        s.message().await.unwrap().expect("first chunk");
-        streams.push(s);
-    }
+    let streams = open_streams(&d.url, 4, 48).await;
     let t_term = Instant::now();
     sigterm(&d.child);
+    // New work is refused while draining (a new connection is not accepted, or the request is UNAVAILABLE).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Ok(mut c) = PmkvqServiceClient::connect(d.url.clone()).await {
+        let st = c.generate(text_request("Hello", 4)).await.expect_err("draining");
+        assert_eq!(st.code(), tonic::Code::Unavailable, "{}", st.message());
+    }
     for s in streams {
         let got = collect_stream(s).await;
         assert_eq!(got.finish_reason(), pb::FinishReason::Length);

@@ -16,6 +16,7 @@ mod pmkvq;
 pub mod quant;
 mod reference;
 pub mod reparam;
+pub mod spill;
 pub mod tap;
 
 pub use method::{parse_bytes, KvMethod, MethodSpec};
@@ -69,6 +70,10 @@ pub enum KvError {
         expected: usize,
         got: usize,
     },
+    #[error("the `{method}` cache cannot {what}")]
+    Unsupported { what: &'static str, method: String },
+    #[error("spilled kv state is corrupt: {0}")]
+    Corrupt(String),
 }
 
 /// One sequence's KV state, all layers.
@@ -121,6 +126,48 @@ pub trait KvStore: Send {
     }
     /// Short name of the method (`fp16`, `pmkvq`, `rtn:2`, ...).
     fn method(&self) -> String;
+    /// The smallest true bytes this store can hold what it has plus `ahead` more tokens in: every body at its
+    /// floor width for adaptive stores, what it will hold for fixed-width ones. The default is an upper bound
+    /// (new tokens at 16 bits).
+    fn floor_bytes(&self, ahead: usize) -> usize {
+        let g = self.geometry();
+        self.true_bytes() + ahead * 2 * g.kv_dim() * 2 * g.layers
+    }
+    /// Bind the whole cache to `total` true bytes, split over layers by `shares` (equal without), each layer
+    /// first getting its floor for `ahead` more tokens; shrinks now. Fails only when `total` is below
+    /// [`floor_bytes`](Self::floor_bytes)`(ahead)`.
+    fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
+        let _ = shares;
+        let need = self.floor_bytes(ahead);
+        if need > total {
+            return Err(KvError::OutOfBudget {
+                layer: 0,
+                need,
+                budget: total,
+                floor_bits: self.layer_bits().into_iter().min().unwrap_or(16),
+            });
+        }
+        Ok(())
+    }
+    /// Everything the store holds, serialized bit-exactly (preemption spills it to disk).
+    fn spill(&self) -> Result<Vec<u8>, KvError> {
+        Err(KvError::Unsupported {
+            what: "be spilled",
+            method: self.method(),
+        })
+    }
+    /// Load what [`spill`](Self::spill) wrote into this (empty, identically configured) store.
+    fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
+        let _ = data;
+        Err(KvError::Unsupported {
+            what: "be restored",
+            method: self.method(),
+        })
+    }
+    /// Re-quantizations (one layer's body lowered one level) since creation.
+    fn requantizations(&self) -> u64 {
+        0
+    }
 }
 
 /// Shape checks shared by every store.

@@ -11,6 +11,8 @@ use rayon::prelude::*;
 pub trait RefElem: Copy + Send + Sync + 'static {
     const NAME: &'static str;
     fn from_f32(x: f32) -> Self;
+    /// Exact (`from_f32(to_f32(x)) == x`).
+    fn to_f32(self) -> f32;
     /// What storing a value does to it (f16: rounding; f32: nothing). Queries and probabilities get the same
     /// treatment, as llama.cpp's f16 path converts them to the cache's type.
     fn round(x: f32) -> f32;
@@ -22,6 +24,9 @@ impl RefElem for f16 {
     const NAME: &'static str = "fp16";
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
     }
     fn round(x: f32) -> f32 {
         f16::from_f32(x).to_f32()
@@ -38,6 +43,9 @@ impl RefElem for f32 {
     const NAME: &'static str = "fp32";
     fn from_f32(x: f32) -> Self {
         x
+    }
+    fn to_f32(self) -> f32 {
+        self
     }
     fn round(x: f32) -> f32 {
         x
@@ -186,6 +194,41 @@ impl<T: RefElem> KvStore for RefKvStore<T> {
     fn method(&self) -> String {
         T::NAME.into()
     }
+
+    fn floor_bytes(&self, ahead: usize) -> usize {
+        self.true_bytes() + ahead * 2 * self.geom.kv_dim() * std::mem::size_of::<T>() * self.geom.layers
+    }
+
+    fn spill(&self) -> Result<Vec<u8>, KvError> {
+        let mut w = super::spill::Writer::new(T::NAME);
+        for side in [&self.k, &self.v] {
+            for layer in side {
+                w.f32s(&layer.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
+            }
+        }
+        Ok(w.buf)
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
+        let mut r = super::spill::Reader::new(data, T::NAME)?;
+        let layers = self.geom.layers;
+        let mut sides = Vec::with_capacity(2);
+        for _ in 0..2 {
+            let mut side = Vec::with_capacity(layers);
+            for _ in 0..layers {
+                side.push(r.f32s()?.into_iter().map(T::from_f32).collect::<Vec<T>>());
+            }
+            sides.push(side);
+        }
+        r.finish()?;
+        let lens: Vec<usize> = sides.iter().flatten().map(Vec::len).collect();
+        if lens.iter().any(|&l| l != lens[0] || l % self.geom.kv_dim() != 0) {
+            return Err(KvError::Corrupt("layers hold different token counts".into()));
+        }
+        self.v = sides.pop().unwrap_or_default();
+        self.k = sides.pop().unwrap_or_default();
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -261,5 +304,27 @@ mod tests {
         assert_eq!(store.true_bytes(), 2 * t * g.kv_dim() * 2);
         let err = store.attend_and_store(0, &q[..g.q_dim()], &k[..1], &v[..1], 1, &mut got[..g.q_dim()]);
         assert!(matches!(err, Err(KvError::BadShape { .. })));
+    }
+
+    #[test]
+    fn f16_spill_round_trips_exactly() {
+        let g = KvGeometry {
+            layers: 2,
+            q_heads: 2,
+            kv_heads: 1,
+            head_dim: 8,
+        };
+        let mut a = F16KvStore::new(g, 100);
+        let x: Vec<f32> = (0..40).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        for l in 0..2 {
+            a.append(l, &x, &x, 5).unwrap();
+        }
+        let data = a.spill().unwrap();
+        let mut b = F16KvStore::new(g, 100);
+        b.restore(&data).unwrap();
+        assert_eq!(b.spill().unwrap(), data);
+        assert_eq!((b.len(0), b.true_bytes()), (5, a.true_bytes()));
+        assert_eq!(b.floor_bytes(3), a.true_bytes() + 3 * 2 * 8 * 2 * 2);
+        assert!(F32KvStore::new(g, 100).restore(&data).is_err(), "another element type is refused");
     }
 }

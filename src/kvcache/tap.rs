@@ -91,6 +91,21 @@ impl<T: KvTap> KvStore for Tapped<T> {
     fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
         self.inner.set_layer_budgets(budgets)
     }
+    fn floor_bytes(&self, ahead: usize) -> usize {
+        self.inner.floor_bytes(ahead)
+    }
+    fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
+        self.inner.set_total_budget(total, shares, ahead)
+    }
+    fn spill(&self) -> Result<Vec<u8>, KvError> {
+        self.inner.spill()
+    }
+    fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
+        self.inner.restore(data)
+    }
+    fn requantizations(&self) -> u64 {
+        self.inner.requantizations()
+    }
     fn method(&self) -> String {
         self.label.clone()
     }

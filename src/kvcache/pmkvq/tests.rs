@@ -337,3 +337,77 @@ fn a_starved_layer_borrows_from_layers_with_room_and_the_total_never_grows() {
     }
     assert!(s.layer_budgets()[0] > budgets[0], "layer 0 borrowed");
 }
+
+fn attend_all(s: &mut dyn KvStore, q: &[f32]) -> Vec<f32> {
+    // Attention of one query over what is stored (then roll the query's own K/V back).
+    let g = s.geometry();
+    let n0 = s.len(0);
+    let mut out = vec![0.0; g.q_dim()];
+    let kv = vec![0.0; g.kv_dim()];
+    for l in 0..g.layers {
+        s.attend_and_store(l, q, &kv, &kv, 1, &mut out).unwrap();
+    }
+    s.truncate(n0);
+    out
+}
+
+#[test]
+fn spill_and_restore_are_bit_exact_at_every_width() {
+    let g = KvGeometry {
+        layers: 3,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX; 3], 4096).unwrap();
+    let x: Vec<f32> = (0..700).flat_map(|t| token(t, g.kv_dim())).collect();
+    for l in 0..3 {
+        s.append(l, &x, &x, 700).unwrap();
+    }
+    // Lower the budget so the bodies sit at mixed widths, with a 16-bit sink and window.
+    let total = s.floor_bytes(1) + s.true_bytes() / 4;
+    s.set_total_budget(total, Some(&[0.5, 0.3, 0.2]), 1).unwrap();
+    assert!(s.true_bytes() <= total);
+    assert!(s.requantizations() > 0);
+    let bits = s.layer_bits();
+    let data = s.spill().unwrap();
+    let mut r = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX; 3], 4096).unwrap();
+    r.restore(&data).unwrap();
+    assert_eq!(r.layer_bits(), bits);
+    assert_eq!(r.true_bytes(), s.true_bytes());
+    assert_eq!(r.len(0), 700);
+    assert_eq!(r.layer_budgets(), s.layer_budgets());
+    assert_eq!(r.spill().unwrap(), data, "a restored store spills the same bytes");
+    let q = token(9999, g.q_dim());
+    assert_eq!(attend_all(&mut r, &q), attend_all(&mut s, &q));
+    // A store of another configuration, or damaged data, is refused.
+    let mut other = PmKvqStore::new(g, PmKvqConfig::rtn(Bits::B4), &[usize::MAX; 3], 4096).unwrap();
+    assert!(matches!(other.restore(&data), Err(KvError::Corrupt(_))));
+    let mut fresh = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX; 3], 4096).unwrap();
+    assert!(fresh.restore(&data[..data.len() - 3]).is_err());
+    assert_eq!(fresh.len(0), 0, "a failed restore leaves the store empty");
+}
+
+#[test]
+fn total_budget_gives_every_layer_its_floor_first() {
+    let g = KvGeometry {
+        layers: 4,
+        q_heads: 2,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX; 4], 4096).unwrap();
+    let x: Vec<f32> = (0..600).flat_map(|t| token(t, g.kv_dim())).collect();
+    for l in 0..4 {
+        s.append(l, &x, &x, 600).unwrap();
+    }
+    let floor = s.floor_bytes(1);
+    // Very uneven shares: the small layers still get what they must hold.
+    s.set_total_budget(floor + 1000, Some(&[0.97, 0.01, 0.01, 0.01]), 1).unwrap();
+    assert!(s.true_bytes() <= floor + 1000);
+    s.reserve(1).expect("one more token fits");
+    assert!(matches!(
+        s.set_total_budget(floor - 1, None, 1),
+        Err(KvError::OutOfBudget { .. })
+    ));
+}
