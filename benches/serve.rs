@@ -53,7 +53,7 @@ fn bench(c: &mut Criterion) {
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(pmkvq::app::run(cfg, listener, async {
+    let server = rt.spawn(pmkvq::app::run(cfg, pmkvq::server::Listener::Tcp(listener), async {
         let _ = stop_rx.await;
     }));
     // Wait until the model is loaded and warm.

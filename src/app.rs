@@ -7,8 +7,9 @@
 use crate::calib::Profile;
 use crate::config::{Config, ProfileChoice};
 use crate::engine::{EngineConfig, EngineHandle, EngineSetup};
+use crate::memory::{self, Budget, Monitor, NoDevice, Policy};
 use crate::model::{LoadOptions, Model, ModelError};
-use crate::server::{self, GrpcService, ServingStatus};
+use crate::server::{self, AdminService, GrpcService, Listener, ServeOptions, ServingStatus};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub enum AppError {
     Transport(#[from] tonic::transport::Error),
     #[error("loading the model: {0}")]
     Join(String),
+    #[error("memory monitor: {0}")]
+    Memory(#[from] crate::memory::MemoryError),
 }
 
 impl AppError {
@@ -40,28 +43,57 @@ impl AppError {
             AppError::ModelMissing(_) => 66,
             AppError::Model { .. } | AppError::Profile { .. } => 65,
             AppError::Transport(_) | AppError::Join(_) => 70,
+            AppError::Memory(_) => 71,
         }
     }
 }
 
 /// Serve until `shutdown` resolves, then drain. Returns when the daemon has stopped.
-pub async fn run(
-    cfg: Config,
-    listener: tokio::net::TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), AppError> {
+pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output = ()> + Send) -> Result<(), AppError> {
+    // The first budget comes before anything is served, so the engine never runs without one.
+    let mut monitor = if cfg.memory_root == Path::new("/") {
+        Monitor::system(Box::new(NoDevice))
+    } else {
+        Monitor::at_root(&cfg.memory_root, Box::new(NoDevice))
+    };
+    let mut policy = Policy::new(cfg.memory_policy.clone(), cfg.memory_cap);
+    let first = memory::initial_budget(&mut monitor, &mut policy)?;
+    tracing::info!(
+        budget_bytes = first.bytes,
+        source = first.source.as_str(),
+        "initial kv budget"
+    );
+    let (budget_tx, budget_rx) = tokio::sync::watch::channel::<Budget>(first);
+    let (cap_tx, cap_rx) = tokio::sync::mpsc::channel(memory::CAP_CHANNEL);
+
     let (health, health_svc) = server::health_service().await;
     let service = GrpcService::new();
+    let admin = AdminService::new(service.engine_cell(), budget_rx.clone(), cap_tx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let addr = listener.local_addr().ok();
-    let mut transport = tokio::spawn(server::serve(listener, service.clone(), health_svc, async {
-        let _ = stop_rx.await;
-    }));
-    tracing::info!(listen = ?addr, model = %cfg.model.display(), "listening; loading the model");
+    let addr = match &listener {
+        Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        Listener::Unix(_) => format!("{:?}", cfg.listen),
+    };
+    let opts = ServeOptions {
+        admin_token: cfg.admin_token.as_deref().map(Arc::from),
+        tls: cfg.tls.clone(),
+    };
+    let mut transport = tokio::spawn(server::serve(
+        listener,
+        service.clone(),
+        admin,
+        health_svc,
+        opts,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    tracing::info!(listen = %addr, model = %cfg.model.display(), "listening; loading the model");
 
     tokio::pin!(shutdown);
     let load_cfg = cfg.clone();
-    let loading = tokio::task::spawn_blocking(move || start_engine(&load_cfg));
+    let engine_budget = budget_rx.clone();
+    let loading = tokio::task::spawn_blocking(move || start_engine(&load_cfg, engine_budget));
     let engine = tokio::select! {
         r = loading => r.map_err(|e| AppError::Join(e.to_string()))??,
         _ = &mut shutdown => {
@@ -78,6 +110,16 @@ pub async fn run(
         }
     };
     service.set_engine(engine.clone());
+    // The monitor follows memory from now on; it reads the KV bytes in use from the engine's status.
+    let kv_status = engine.watch_status();
+    let monitor_task = tokio::spawn(memory::run_monitor(
+        monitor,
+        policy,
+        cfg.memory_interval,
+        move || kv_status.borrow().kv_true_bytes as u64,
+        cap_rx,
+        budget_tx,
+    ));
     let mut st = engine.watch_status();
     let shutdown_seen = tokio::select! {
         _ = st.wait_for(|s| s.ready || s.stopped) => false,
@@ -122,12 +164,13 @@ pub async fn run(
     }
     // Streams that ended are flushed; long-lived ones (health watches) are cut here.
     let _ = tokio::time::timeout(TRANSPORT_CLOSE, &mut transport).await;
+    monitor_task.abort();
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Load the model and profile, and start the engine thread (blocking: run off the runtime).
-fn start_engine(cfg: &Config) -> Result<EngineHandle, AppError> {
+fn start_engine(cfg: &Config, budget: tokio::sync::watch::Receiver<Budget>) -> Result<EngineHandle, AppError> {
     if !cfg.model.exists() {
         return Err(AppError::ModelMissing(cfg.model.clone()));
     }
@@ -152,6 +195,8 @@ fn start_engine(cfg: &Config) -> Result<EngineHandle, AppError> {
             stream_buffer: cfg.stream_buffer,
             limits,
         },
+        budget,
+        spill_dir: cfg.spill_dir.clone(),
     })
     .map_err(|e| AppError::Model {
         path: cfg.model.clone(),

@@ -27,6 +27,6 @@ pub mod engine;
 pub mod eval;
 pub mod fetch;
 pub mod kvcache;
+pub mod memory;
 pub mod model;
 pub mod server;
-pub mod memory;

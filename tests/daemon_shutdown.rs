@@ -41,7 +41,13 @@ async fn spawn_daemon(grace: &str) -> Daemon {
     let child = Command::new(env!("CARGO_BIN_EXE_pmkvqd"))
         .arg("--model")
         .arg(common::default_model_path())
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--set", "log.filter=warn", "--set"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--set",
+            "log.filter=warn",
+            "--set",
+        ])
         .arg(format!("shutdown.grace={grace}"))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -50,10 +50,10 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+        let listener = match bind(&cfg.listen).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(listen = %cfg.listen, error = %e, "cannot bind");
+                tracing::error!(listen = ?cfg.listen, error = %e, "cannot bind");
                 return ExitCode::from(EX_OSERR);
             }
         };
@@ -65,6 +65,20 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+async fn bind(addr: &config::ListenAddr) -> std::io::Result<pmkvq::server::Listener> {
+    use pmkvq::server::Listener;
+    match addr {
+        config::ListenAddr::Tcp(a) => Ok(Listener::Tcp(tokio::net::TcpListener::bind(a).await?)),
+        config::ListenAddr::Unix(p) => {
+            // A socket left by a previous run would make bind fail; nothing else may live at our path.
+            if std::fs::symlink_metadata(p).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+                std::fs::remove_file(p)?;
+            }
+            Ok(Listener::Unix(tokio::net::UnixListener::bind(p)?))
+        }
+    }
 }
 
 /// Resolves on SIGTERM (systemd, docker stop) or SIGINT (Ctrl-C).

@@ -11,7 +11,8 @@ mod args;
 pub use args::DaemonArgs;
 
 use crate::engine::RequestLimits;
-use crate::kvcache::KvMethod;
+use crate::kvcache::{parse_bytes, KvMethod};
+use crate::memory::{OperatorCap, PolicyConfig};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -42,7 +43,7 @@ pub const KEYS: &[KeyDef] = &[
     KeyDef {
         key: "listen",
         default: "127.0.0.1:50051",
-        doc: "gRPC listen address (HOST:PORT)",
+        doc: "gRPC listen address: HOST:PORT, or unix:/path/to/socket",
     },
     KeyDef {
         key: "threads",
@@ -105,6 +106,81 @@ pub const KEYS: &[KeyDef] = &[
         doc: "attach the KV state to a stream every this many tokens (0 = only at the end)",
     },
     KeyDef {
+        key: "engine.spill_dir",
+        default: "",
+        doc: "where preempted sequences' KV caches are spilled (empty = the system temp dir / pmkvq-spill)",
+    },
+    KeyDef {
+        key: "memory.budget",
+        default: "auto",
+        doc: "operator KV budget cap: `auto` (follow memory), bytes such as `512MiB`, or a fraction such as `0.5` of usable memory",
+    },
+    KeyDef {
+        key: "memory.reserve",
+        default: "256MiB",
+        doc: "memory kept free for everything else before the KV cache gets its share",
+    },
+    KeyDef {
+        key: "memory.fraction",
+        default: "0.5",
+        doc: "share of the available memory (after the reserve) the KV cache may take",
+    },
+    KeyDef {
+        key: "memory.interval",
+        default: "500ms",
+        doc: "how often memory is sampled",
+    },
+    KeyDef {
+        key: "memory.hysteresis",
+        default: "0.05",
+        doc: "relative change below which a new automatic budget is not applied",
+    },
+    KeyDef {
+        key: "memory.min_interval",
+        default: "2s",
+        doc: "minimum time between two automatic budget increases",
+    },
+    KeyDef {
+        key: "memory.pressure_some_pct",
+        default: "10",
+        doc: "PSI memory `some avg10` (percent) above which the fraction is halved",
+    },
+    KeyDef {
+        key: "memory.root",
+        default: "/",
+        doc: "root the memory samplers read /proc and /sys under (a container with the host's /proc mounted elsewhere)",
+    },
+    KeyDef {
+        key: "auth.token",
+        default: "",
+        doc: "bearer token admin RPCs require (empty = none); prefer auth.token_file",
+    },
+    KeyDef {
+        key: "auth.token_file",
+        default: "",
+        doc: "file holding the admin bearer token",
+    },
+    KeyDef {
+        key: "auth.allow_insecure_remote",
+        default: "false",
+        doc: "allow a non-loopback listener without an admin token",
+    },
+    KeyDef {
+        key: "tls.cert",
+        default: "",
+        doc: "PEM certificate chain: serve TLS (with tls.key)",
+    },
+    KeyDef {
+        key: "tls.key",
+        default: "",
+        doc: "PEM private key for tls.cert",
+    },
+    KeyDef {
+        key: "metrics.listen",
+        default: "",
+        doc: "Prometheus text endpoint address (HOST:PORT, path /metrics); empty = off",
+    },
+    KeyDef {
         key: "shutdown.grace",
         default: "30s",
         doc: "on SIGTERM/SIGINT, how long in-flight streams may run before they are cancelled",
@@ -161,12 +237,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where pmkvqd listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
     pub model: PathBuf,
     pub profile: ProfileChoice,
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
     pub threads: usize,
     pub log_format: LogFormat,
     pub log_filter: String,
@@ -176,6 +259,15 @@ pub struct Config {
     pub stream_buffer: usize,
     pub limits: RequestLimits,
     pub shutdown_grace: Duration,
+    pub spill_dir: PathBuf,
+    pub memory_cap: OperatorCap,
+    pub memory_policy: PolicyConfig,
+    pub memory_interval: Duration,
+    pub memory_root: PathBuf,
+    pub admin_token: Option<String>,
+    /// PEM certificate chain and key.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What `pmkvqd` was asked to do.
@@ -369,16 +461,19 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
         "none" | "" => ProfileChoice::None,
         p => ProfileChoice::Path(PathBuf::from(p)),
     };
-    let listen = val("listen").parse::<SocketAddr>().unwrap_or_else(|_| {
-        bad(
-            "listen",
-            format!(
-                "must be HOST:PORT with an IP address, e.g. 127.0.0.1:50051, got `{}`",
-                val("listen")
-            ),
-        );
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    });
+    let listen = match val("listen").strip_prefix("unix:") {
+        Some(p) if !p.is_empty() => ListenAddr::Unix(PathBuf::from(p)),
+        _ => ListenAddr::Tcp(val("listen").parse::<SocketAddr>().unwrap_or_else(|_| {
+            bad(
+                "listen",
+                format!(
+                    "must be HOST:PORT with an IP address (e.g. 127.0.0.1:50051) or unix:/path, got `{}`",
+                    val("listen")
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })),
+    };
     let threads = count("threads", 0, 1024, &mut bad);
     let log_format = match val("log.format") {
         "pretty" => LogFormat::Pretty,
@@ -420,6 +515,143 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
         );
         Duration::ZERO
     });
+    let duration = |key: &str, bad: &mut dyn FnMut(&str, String)| {
+        parse_duration(val(key)).unwrap_or_else(|| {
+            bad(
+                key,
+                format!("must be a duration such as 30s or 500ms, got `{}`", val(key)),
+            );
+            Duration::ZERO
+        })
+    };
+    let number = |key: &str, lo: f64, hi: f64, bad: &mut dyn FnMut(&str, String)| match val(key).trim().parse::<f64>() {
+        Ok(x) if x >= lo && x <= hi => x,
+        _ => {
+            bad(key, format!("must be a number in [{lo}, {hi}], got `{}`", val(key)));
+            lo
+        }
+    };
+    let spill_dir = match val("engine.spill_dir") {
+        "" => std::env::temp_dir().join("pmkvq-spill"),
+        p => PathBuf::from(p),
+    };
+    let memory_cap = match val("memory.budget").trim() {
+        "auto" => OperatorCap::Automatic,
+        v if v.contains('.') && v.parse::<f64>().is_ok() => match v.parse::<f64>() {
+            Ok(f) if f > 0.0 && f <= 1.0 => OperatorCap::Fraction(f),
+            _ => {
+                bad("memory.budget", format!("a fraction must be in (0, 1], got `{v}`"));
+                OperatorCap::Automatic
+            }
+        },
+        v => match parse_bytes(v) {
+            Some(b) if b > 0 => OperatorCap::Bytes(b as u64),
+            _ => {
+                bad(
+                    "memory.budget",
+                    format!("must be `auto`, a byte size such as 512MiB, or a fraction such as 0.5, got `{v}`"),
+                );
+                OperatorCap::Automatic
+            }
+        },
+    };
+    let reserve = parse_bytes(val("memory.reserve")).unwrap_or_else(|| {
+        bad(
+            "memory.reserve",
+            format!("must be a byte size such as 256MiB, got `{}`", val("memory.reserve")),
+        );
+        0
+    });
+    let memory_policy = PolicyConfig {
+        reserve_bytes: reserve as u64,
+        fraction: number("memory.fraction", 0.0, 1.0, &mut bad),
+        pressure_some_pct: number("memory.pressure_some_pct", 0.0, 100.0, &mut bad),
+        pressure_factor: 0.5,
+        hysteresis: number("memory.hysteresis", 0.0, 0.5, &mut bad),
+        min_interval: duration("memory.min_interval", &mut bad),
+        kv_on_device: false,
+    };
+    let memory_interval = duration("memory.interval", &mut bad);
+    if memory_interval < Duration::from_millis(10) {
+        bad(
+            "memory.interval",
+            format!("must be >= 10ms, got `{}`", val("memory.interval")),
+        );
+    }
+    let memory_root = PathBuf::from(val("memory.root"));
+    let mut admin_token = match (val("auth.token"), val("auth.token_file")) {
+        ("", "") => None,
+        (t, "") => Some(t.to_string()),
+        ("", f) => match std::fs::read_to_string(f) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                bad("auth.token_file", format!("{f} is empty"));
+                None
+            }
+            Err(e) => {
+                bad("auth.token_file", format!("cannot read {f}: {e}"));
+                None
+            }
+        },
+        _ => {
+            bad("auth.token", "and `auth.token_file` are both set; use one".into());
+            None
+        }
+    };
+    if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        bad("auth.token", "must be at least 16 characters".into());
+        admin_token = None;
+    }
+    let allow_remote = match val("auth.allow_insecure_remote") {
+        "true" => true,
+        "false" => false,
+        v => {
+            bad(
+                "auth.allow_insecure_remote",
+                format!("must be true or false, got `{v}`"),
+            );
+            false
+        }
+    };
+    if let ListenAddr::Tcp(a) = &listen {
+        if !a.ip().is_loopback() && admin_token.is_none() && !allow_remote {
+            bad(
+                "listen",
+                format!(
+                    "is {a}, reachable from other machines, but no `auth.token` protects the admin calls; set one, \
+                     or set `auth.allow_insecure_remote = true`"
+                ),
+            );
+        }
+    }
+    let tls = match (val("tls.cert"), val("tls.key")) {
+        ("", "") => None,
+        (c, k) if !c.is_empty() && !k.is_empty() => match (std::fs::read(c), std::fs::read(k)) {
+            (Ok(c), Ok(k)) => Some((c, k)),
+            (Err(e), _) => {
+                bad("tls.cert", format!("cannot read {c}: {e}"));
+                None
+            }
+            (_, Err(e)) => {
+                bad("tls.key", format!("cannot read {k}: {e}"));
+                None
+            }
+        },
+        _ => {
+            bad("tls.cert", "and `tls.key` must be set together".into());
+            None
+        }
+    };
+    let metrics_listen = match val("metrics.listen") {
+        "" => None,
+        v => v.parse::<SocketAddr>().map(Some).unwrap_or_else(|_| {
+            bad(
+                "metrics.listen",
+                format!("must be HOST:PORT with an IP address, got `{v}`"),
+            );
+            None
+        }),
+    };
     Some(Config {
         model,
         profile,
@@ -439,6 +671,14 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
             default_kv_state_every: kv_state_every,
         },
         shutdown_grace,
+        spill_dir,
+        memory_cap,
+        memory_policy,
+        memory_interval,
+        memory_root,
+        admin_token,
+        tls,
+        metrics_listen,
     })
 }
 

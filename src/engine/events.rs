@@ -69,6 +69,8 @@ pub enum SeqPhase {
     Decode,
     /// The client is not reading; the sequence waits without decoding.
     Paused,
+    /// Its KV cache is spilled to disk until the budget has room again.
+    Preempted,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -97,6 +99,13 @@ pub struct EngineStatus {
     pub completed: u64,
     pub generated_tokens: u64,
     pub started: Instant,
+    /// The KV budget the engine works under (all sequences together).
+    pub budget_bytes: usize,
+    pub budget_source: &'static str,
+    pub preemptions: u64,
+    pub resumptions: u64,
+    /// Layer bodies lowered one level, all sequences since start.
+    pub requantizations: u64,
 }
 
 impl EngineStatus {
@@ -111,11 +120,23 @@ impl EngineStatus {
             completed: 0,
             generated_tokens: 0,
             started: Instant::now(),
+            budget_bytes: 0,
+            budget_source: "host",
+            preemptions: 0,
+            resumptions: 0,
+            requantizations: 0,
         }
     }
 
     pub fn running(&self) -> usize {
-        self.sequences.iter().filter(|s| s.phase != SeqPhase::Queued).count()
+        self.sequences
+            .iter()
+            .filter(|s| !matches!(s.phase, SeqPhase::Queued | SeqPhase::Preempted))
+            .count()
+    }
+
+    pub fn preempted(&self) -> usize {
+        self.sequences.iter().filter(|s| s.phase == SeqPhase::Preempted).count()
     }
 
     pub fn queued(&self) -> usize {

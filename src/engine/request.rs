@@ -109,6 +109,11 @@ pub enum RequestError {
     QueueFull { queued: usize, limit: usize },
     #[error("the server is {0}")]
     Unavailable(&'static str),
+    #[error(
+        "the request needs {need} bytes of KV cache at its floor width ({tokens} tokens: prompt plus max_tokens), \
+         the KV budget is {budget} bytes; lower `stopping.max_tokens` or raise the budget"
+    )]
+    WontFit { need: usize, budget: usize, tokens: usize },
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> RequestError {
@@ -310,6 +315,14 @@ impl Frontend {
             ));
         }
         let prompt_ids = self.encode(&req.input)?;
+        // The request's own floor: the memory policy never lowers it below `min_bits`.
+        let method = match method {
+            KvMethod::Pmkvq(mut c) if min_bits.count() > c.floor_bits.count() => {
+                c.floor_bits = min_bits;
+                KvMethod::Pmkvq(c)
+            }
+            m => m,
+        };
         let kv = self.method_spec(method);
         Ok(ValidRequest {
             request_id,

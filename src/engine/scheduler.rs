@@ -15,8 +15,11 @@ use super::sampler::Sampler;
 use super::sequence::{Admission, Sequence};
 use crate::calib::Profile;
 use crate::kvcache::quant::Bits;
-use crate::kvcache::{KvError, KvStore, PmKvqConfig, PmKvqStore};
+use crate::kvcache::spill::SpillFile;
+use crate::kvcache::{KvError, KvGeometry, KvStore, PmKvqConfig, PmKvqStore};
+use crate::memory::Budget;
 use crate::model::{LogitsMode, Model, ModelError, SeqInput, Tokenizer};
+use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -106,6 +109,9 @@ struct HandleInner {
     next_id: AtomicU64,
     status: watch::Receiver<Arc<EngineStatus>>,
     info: ModelSummary,
+    geom: KvGeometry,
+    context_length: usize,
+    budget: watch::Receiver<Budget>,
 }
 
 /// What the engine is started with.
@@ -115,6 +121,10 @@ pub struct EngineSetup {
     pub profile: Option<(Arc<Profile>, PathBuf)>,
     pub model_sha256: String,
     pub config: EngineConfig,
+    /// The live KV budget for all sequences together (the memory monitor's output).
+    pub budget: watch::Receiver<Budget>,
+    /// Where preempted sequences' caches are spilled.
+    pub spill_dir: PathBuf,
 }
 
 impl EngineHandle {
@@ -126,7 +136,11 @@ impl EngineHandle {
             profile,
             model_sha256,
             config,
+            budget,
+            spill_dir,
         } = setup;
+        let geom = model.kv_geometry();
+        let context_length = model.config.context_length;
         let tokenizer = Arc::new(tokenizer);
         let info = summarize(&model, &model_sha256, profile.as_ref(), &config);
         let frontend = Frontend::new(
@@ -152,6 +166,11 @@ impl EngineHandle {
             closing: Vec::new(),
             status: status_tx,
             snapshot: EngineStatus::new(),
+            budget: budget.clone(),
+            spill_dir,
+            spilled: Vec::new(),
+            spill_seq: 0,
+            requants_done: 0,
         };
         std::thread::Builder::new()
             .name("pmkvq-engine".into())
@@ -169,6 +188,9 @@ impl EngineHandle {
                 next_id: AtomicU64::new(1),
                 status: status_rx,
                 info,
+                geom,
+                context_length,
+                budget,
             }),
         })
     }
@@ -189,6 +211,20 @@ impl EngineHandle {
             req.request_id.clone()
         };
         let valid = h.frontend.validate(req, id.clone())?;
+        // A request whose cache could never fit the budget, even at its floor width, is refused now with the
+        // numbers; one that fits later waits in the queue.
+        let max_len = (valid.prompt_ids.len() + valid.max_tokens).min(h.context_length);
+        if let Ok(store) = valid.kv.new_store(h.geom, max_len) {
+            let need = store.floor_bytes(max_len);
+            let budget = h.budget.borrow().bytes.min(usize::MAX as u64) as usize;
+            if need > budget {
+                return Err(RequestError::WontFit {
+                    need,
+                    budget,
+                    tokens: max_len,
+                });
+            }
+        }
         let queued = h.pending.fetch_add(1, Ordering::AcqRel);
         if queued >= h.max_queued {
             h.pending.fetch_sub(1, Ordering::AcqRel);
@@ -319,6 +355,40 @@ struct Engine {
     closing: Vec<Sequence>,
     status: watch::Sender<Arc<EngineStatus>>,
     snapshot: EngineStatus,
+    budget: watch::Receiver<Budget>,
+    spill_dir: PathBuf,
+    /// Preempted sequences, their caches on disk.
+    spilled: Vec<Sequence>,
+    spill_seq: u64,
+    /// Re-quantizations of sequences that are gone.
+    requants_done: u64,
+}
+
+/// Split `total` over sequences: each gets its floor, then the rest by weight up to its demand (water-filling).
+fn water_fill(total: usize, floors: &[usize], demands: &[usize], weights: &[f64]) -> Vec<usize> {
+    let mut alloc = floors.to_vec();
+    let mut rest = total.saturating_sub(floors.iter().sum());
+    let mut open: Vec<usize> = (0..floors.len()).filter(|&i| demands[i] > alloc[i]).collect();
+    while rest > 0 && !open.is_empty() {
+        let wsum: f64 = open.iter().map(|&i| weights[i]).sum();
+        let mut used = 0;
+        for &i in &open {
+            let give = ((rest as f64 * weights[i] / wsum) as usize).min(demands[i] - alloc[i]);
+            alloc[i] += give;
+            used += give;
+        }
+        if used == 0 {
+            break;
+        }
+        rest -= used;
+        open.retain(|&i| demands[i] > alloc[i]);
+    }
+    alloc
+}
+
+/// Priority 100 weighs 4× a priority-0 sequence, −100 a quarter.
+fn weight(priority: i32) -> f64 {
+    (priority as f64 / 50.0).exp2()
 }
 
 /// Publishes `stopped` however the engine thread ends (a panic included), so waiters never hang.
@@ -344,11 +414,13 @@ impl Engine {
         self.publish();
         loop {
             let deadline = *self.drain.borrow();
-            let idle = self.running.is_empty() && self.waiting.is_empty();
+            let idle = self.running.is_empty() && self.waiting.is_empty() && self.spilled.is_empty();
             if idle && deadline.is_some() {
                 break;
             }
-            let runnable = self.running.iter().any(|s| !s.paused() && !s.finished);
+            // A budget change must reach the caches even when nothing decodes.
+            let runnable =
+                self.running.iter().any(|s| !s.paused() && !s.finished) || self.budget.has_changed().unwrap_or(false);
             // Block for work only when there is nothing to compute.
             let first = if idle && self.closing.is_empty() {
                 Some(self.rx.recv_timeout(IDLE_POLL))
@@ -366,7 +438,9 @@ impl Engine {
                 self.on_command(c);
             }
             self.housekeeping(deadline);
+            self.resume();
             self.admit();
+            self.apply_budget();
             self.step();
             self.publish();
         }
@@ -430,12 +504,35 @@ impl Engine {
             // A paused sequence resumes as soon as its client has taken the held events.
             if s.client_gone() || !s.flush() {
                 tracing::debug!(request_id = %s.id(), "client gone; cache freed");
-                s.kv = None;
+                s.release_kv();
                 s.finished = true;
             } else if s.req.time_limit.is_some_and(|l| now >= s.arrived() + l) {
                 s.finish(FinishReason::TimeLimit, None);
             } else if grace_over {
                 s.finish(FinishReason::Cancelled, None);
+            }
+        }
+        // Preempted sequences: the same rules (their spill files go with them).
+        let mut i = 0;
+        while i < self.spilled.len() {
+            let s = &mut self.spilled[i];
+            if s.client_gone() {
+                s.release_kv();
+                s.finished = true;
+            } else if s.req.time_limit.is_some_and(|l| now >= s.arrived() + l) {
+                s.finish(FinishReason::TimeLimit, None);
+            } else if grace_over {
+                s.finish(FinishReason::Cancelled, None);
+            }
+            if s.finished {
+                let s = self.spilled.swap_remove(i);
+                self.snapshot.completed += 1;
+                self.requants_done += s.requantizations();
+                if !s.drained() {
+                    self.closing.push(s);
+                }
+            } else {
+                i += 1;
             }
         }
         self.retire();
@@ -445,6 +542,151 @@ impl Engine {
         self.closing.retain(|s| !s.drained());
     }
 
+    fn budget_bytes(&self) -> usize {
+        self.budget.borrow().bytes.min(usize::MAX as u64) as usize
+    }
+
+    /// Bytes `s` needs at its floor to take its next step.
+    fn floor_of(&self, s: &Sequence) -> usize {
+        s.kv.as_ref()
+            .map_or(0, |k| k.floor_bytes(s.ahead(self.cfg.prefill_chunk)))
+    }
+
+    fn used_floor(&self) -> usize {
+        self.running.iter().map(|s| self.floor_of(s)).sum()
+    }
+
+    /// Bring preempted sequences back (highest priority, oldest first) while their floors fit.
+    fn resume(&mut self) {
+        if self.spilled.is_empty() {
+            return;
+        }
+        self.spilled.sort_by_key(|s| (Reverse(s.req.priority), s.arrived()));
+        let total = self.budget_bytes();
+        let mut used = self.used_floor();
+        while let Some(s) = self.spilled.first() {
+            if self.running.len() >= self.cfg.max_running || used + s.resume_floor > total {
+                break;
+            }
+            let mut s = self.spilled.remove(0);
+            let file = s.spill.take().expect("a preempted sequence has a spill");
+            let restored = s
+                .req
+                .kv
+                .new_store(self.model.kv_geometry(), s.max_len)
+                .and_then(|mut st| {
+                    let map = file
+                        .map()
+                        .map_err(|e| KvError::Corrupt(format!("{}: {e}", file.path().display())))?;
+                    st.restore(&map)?;
+                    Ok(st)
+                });
+            drop(file);
+            match restored {
+                Ok(kv) => {
+                    tracing::info!(request_id = %s.id(), tokens = kv.len(0), "resumed from spill");
+                    used += s.resume_floor;
+                    s.kv = Some(kv);
+                    self.snapshot.resumptions += 1;
+                    self.running.push(s);
+                }
+                Err(e) => {
+                    s.finish(
+                        FinishReason::Error,
+                        Some(format!("cannot resume the spilled kv cache: {e}")),
+                    );
+                    self.snapshot.completed += 1;
+                    self.requants_done += s.requantizations();
+                    if !s.drained() {
+                        self.closing.push(s);
+                    }
+                }
+            }
+        }
+        self.running.sort_by_key(|s| s.arrived());
+    }
+
+    /// Keep every sequence inside the budget before the next step: preempt (lowest priority, newest first) while
+    /// the floors do not fit, finish a lone sequence that cannot fit at all, then split the budget and shrink.
+    fn apply_budget(&mut self) {
+        let total = self.budget.borrow_and_update().bytes.min(usize::MAX as u64) as usize;
+        loop {
+            let live: Vec<usize> = (0..self.running.len()).filter(|&i| !self.running[i].finished).collect();
+            let need: usize = live.iter().map(|&i| self.floor_of(&self.running[i])).sum();
+            if need <= total || live.is_empty() {
+                break;
+            }
+            let victim = *live
+                .iter()
+                .min_by_key(|&&i| (self.running[i].req.priority, Reverse(self.running[i].arrived())))
+                .expect("non-empty");
+            if live.len() > 1 {
+                self.preempt(victim);
+            } else {
+                let s = &mut self.running[victim];
+                tracing::warn!(request_id = %s.id(), need, budget = total, "kv budget below this sequence's floor");
+                s.finish(FinishReason::KvBudget, None);
+            }
+        }
+        let chunk = self.cfg.prefill_chunk;
+        let f16_token = PmKvqStore::token_bytes(self.model.kv_geometry(), &PmKvqConfig::pmkvq(), Bits::B16);
+        let floors: Vec<usize> = self.running.iter().map(|s| self.floor_of(s)).collect();
+        let demands: Vec<usize> = self
+            .running
+            .iter()
+            .zip(&floors)
+            .map(|(s, &f)| f.max(f16_token * s.max_len))
+            .collect();
+        let weights: Vec<f64> = self.running.iter().map(|s| weight(s.req.priority)).collect();
+        let alloc = water_fill(total, &floors, &demands, &weights);
+        for (s, a) in self.running.iter_mut().zip(alloc) {
+            let ahead = s.ahead(chunk);
+            let shares = s.req.kv.shares.clone();
+            if let Some(kv) = s.kv.as_mut() {
+                if let Err(e) = kv.set_total_budget(a, shares.as_deref(), ahead) {
+                    tracing::warn!(request_id = %s.id(), error = %e, "cannot apply the kv budget");
+                    s.finish(FinishReason::KvBudget, None);
+                }
+            }
+        }
+        self.retire();
+    }
+
+    /// Spill `running[i]`'s cache to disk and set it aside; if that is impossible, finish it (memory pressure).
+    fn preempt(&mut self, i: usize) {
+        let floor = self.floor_of(&self.running[i]);
+        let mut s = self.running.remove(i);
+        self.spill_seq += 1;
+        let name = format!("pmkvq-{}-{}.kv", std::process::id(), self.spill_seq);
+        let spilled =
+            s.kv.as_ref()
+                .ok_or_else(|| "no cache".to_string())
+                .and_then(|kv| kv.spill().map_err(|e| e.to_string()))
+                .and_then(|data| SpillFile::write(&self.spill_dir, &name, &data).map_err(|e| e.to_string()));
+        match spilled {
+            Ok(file) => {
+                tracing::info!(
+                    request_id = %s.id(),
+                    priority = s.req.priority,
+                    bytes = file.bytes,
+                    path = %file.path().display(),
+                    "preempted: kv spilled"
+                );
+                let kv = s.kv.take().expect("checked above");
+                s.requants_before += kv.requantizations();
+                s.spill = Some(file);
+                s.resume_floor = floor;
+                self.snapshot.preemptions += 1;
+                self.spilled.push(s);
+            }
+            Err(e) => {
+                tracing::warn!(request_id = %s.id(), error = %e, "cannot spill; finishing under memory pressure");
+                s.finish(FinishReason::KvBudget, None);
+                self.running.insert(i, s);
+            }
+        }
+    }
+
     /// Move finished sequences out of the batch (their caches are already freed).
     fn retire(&mut self) {
         let mut i = 0;
@@ -452,6 +694,7 @@ impl Engine {
             if self.running[i].finished {
                 let s = self.running.swap_remove(i);
                 self.snapshot.completed += 1;
+                self.requants_done += s.requantizations();
                 if !s.drained() {
                     self.closing.push(s);
                 }
@@ -463,18 +706,36 @@ impl Engine {
         self.running.sort_by_key(|s| s.arrived());
     }
 
+    /// Start waiting requests, oldest first, while there is a batch slot and their first step's floor fits the
+    /// budget next to the running sequences' floors (otherwise they keep waiting: the budget may grow).
     fn admit(&mut self) {
         let ctx = self.model.config.context_length;
+        let total = self.budget_bytes();
+        let mut used = self.used_floor() + self.spilled.iter().map(|s| s.resume_floor).sum::<usize>();
         while self.running.len() < self.cfg.max_running {
             let Some(a) = self.waiting.pop_front() else { break };
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            let max_tokens = (a.req.prompt_ids.len() + a.req.max_tokens).min(ctx);
-            let store = a.req.kv.new_store(self.model.kv_geometry(), max_tokens);
+            let max_len = (a.req.prompt_ids.len() + a.req.max_tokens).min(ctx);
+            let store = a.req.kv.new_store(self.model.kv_geometry(), max_len);
             let sampler = Sampler::new(a.req.sampling.clone());
             match (store, sampler) {
-                (Ok(kv), Ok(sampler)) => self.running.push(Sequence::new(a, kv, sampler)),
-                (Err(e), _) => fail_admission(a, format!("cannot create the kv cache: {e}")),
-                (_, Err(e)) => fail_admission(a, e.to_string()),
+                (Ok(kv), Ok(sampler)) => {
+                    let first = kv.floor_bytes(a.req.prompt_ids.len().min(self.cfg.prefill_chunk.max(1)));
+                    if used + first > total {
+                        self.waiting.push_front(a);
+                        break;
+                    }
+                    used += first;
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    self.running.push(Sequence::new(a, kv, sampler, max_len));
+                }
+                (Err(e), _) => {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    fail_admission(a, format!("cannot create the kv cache: {e}"));
+                }
+                (_, Err(e)) => {
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    fail_admission(a, e.to_string());
+                }
             }
         }
     }
@@ -562,7 +823,20 @@ impl Engine {
 
     fn publish(&mut self) {
         let mut seqs: Vec<SeqStatus> = self.running.iter().map(Sequence::status).collect();
+        seqs.extend(self.spilled.iter().map(Sequence::status));
         seqs.extend(self.waiting.iter().map(Admission::status));
+        {
+            let b = self.budget.borrow();
+            self.snapshot.budget_bytes = b.bytes.min(usize::MAX as u64) as usize;
+            self.snapshot.budget_source = b.source.as_str();
+        }
+        self.snapshot.requantizations = self.requants_done
+            + self
+                .running
+                .iter()
+                .chain(&self.spilled)
+                .map(Sequence::requantizations)
+                .sum::<u64>();
         self.snapshot.kv_true_bytes = seqs.iter().map(|s| s.kv.true_bytes).sum();
         self.snapshot.sequences = seqs;
         self.snapshot.draining = self.drain.borrow().is_some();

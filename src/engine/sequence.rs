@@ -29,8 +29,16 @@ pub struct Admission {
 pub struct Sequence {
     pub req: ValidRequest,
     tx: Sender<Event>,
-    /// `None` once finished (the cache is freed the moment the sequence ends).
+    /// `None` once finished (the cache is freed the moment the sequence ends) or while spilled.
     pub kv: Option<Box<dyn KvStore>>,
+    /// Where the cache waits while the sequence is preempted.
+    pub spill: Option<crate::kvcache::spill::SpillFile>,
+    /// Bytes the cache needs at its floor to take its next step (kept while spilled).
+    pub resume_floor: usize,
+    /// Prompt plus max_tokens, capped at the context: the most tokens the cache will hold.
+    pub max_len: usize,
+    /// Re-quantizations of caches this sequence had before (kept across a spill).
+    pub requants_before: u64,
     sampler: Sampler,
     detok: Detokenizer,
     stops: StopChecker,
@@ -53,13 +61,17 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(a: Admission, kv: Box<dyn KvStore>, sampler: Sampler) -> Self {
+    pub fn new(a: Admission, kv: Box<dyn KvStore>, sampler: Sampler, max_len: usize) -> Self {
         let stops = StopChecker::new(a.req.stop.clone());
         let history = a.req.prompt_ids.clone();
         Sequence {
             req: a.req,
             tx: a.tx,
             kv: Some(kv),
+            spill: None,
+            resume_floor: 0,
+            max_len,
+            requants_before: 0,
             sampler,
             detok: Detokenizer::new(),
             stops,
@@ -83,6 +95,15 @@ impl Sequence {
 
     pub fn id(&self) -> &str {
         &self.req.request_id
+    }
+
+    /// Tokens the next step stores (a prompt chunk of at most `chunk`, or one decode token).
+    pub fn ahead(&self, chunk: usize) -> usize {
+        if self.prefilled < self.prompt_len() {
+            (self.prompt_len() - self.prefilled).min(chunk.max(1))
+        } else {
+            1
+        }
     }
 
     pub fn client_gone(&self) -> bool {
@@ -239,12 +260,28 @@ impl Sequence {
                 kv: self.kv_state(),
             }),
         };
-        self.kv = None;
+        // (the completion above carries the cache's last state)
+        self.release_kv();
         self.emit(ev);
     }
 
+    /// Free the cache, keeping its re-quantization count.
+    pub fn release_kv(&mut self) {
+        if let Some(kv) = self.kv.take() {
+            self.requants_before += kv.requantizations();
+        }
+        self.spill = None;
+    }
+
+    /// Re-quantizations over the sequence's life so far.
+    pub fn requantizations(&self) -> u64 {
+        self.requants_before + self.kv.as_ref().map_or(0, |k| k.requantizations())
+    }
+
     pub fn status(&self) -> SeqStatus {
-        let phase = if self.paused() {
+        let phase = if self.spill.is_some() {
+            SeqPhase::Preempted
+        } else if self.paused() {
             SeqPhase::Paused
         } else if self.prefilled < self.prompt_len() {
             SeqPhase::Prefill

@@ -597,8 +597,16 @@ impl KvStore for PmKvqStore {
                 floor_bits: self.cfg.floor_bits.count(),
             });
         }
-        // Every layer gets its floor first (so none is starved below what it must hold); the rest follows the
-        // calibrated shares (spec §11), or is split evenly.
+        // When every layer can take the step at its current width, nothing shrinks (precision is only given up
+        // under pressure). Otherwise every layer gets its floor first (so none is starved below what it must
+        // hold) and the rest follows the calibrated shares (spec §11), or is split evenly.
+        let current: Vec<usize> = (0..self.layers.len())
+            .map(|li| self.projected_bytes(li, ahead, self.layers[li].k.body.bits))
+            .collect();
+        let (floors, need) = match current.iter().sum::<usize>() {
+            c if c <= total => (current, c),
+            _ => (floors, need),
+        };
         let rest = (total - need) as f64;
         let n = floors.len() as f64;
         let sum: f64 = shares.map_or(n, |s| s.iter().sum::<f64>().max(f64::MIN_POSITIVE));
@@ -653,8 +661,7 @@ impl KvStore for PmKvqStore {
                     rows.scale = r.f16s()?;
                     rows.offset = r.f16s()?;
                     let groups = rows.scale.len();
-                    if !groups.is_multiple_of(rows.groups_per_token())
-                        || rows.data.len() != groups * rows.group_bytes()
+                    if !groups.is_multiple_of(rows.groups_per_token()) || rows.data.len() != groups * rows.group_bytes()
                     {
                         return Err(KvError::Corrupt("segment sizes disagree".into()));
                     }

@@ -325,6 +325,9 @@ mod tests {
         assert_eq!(b.spill().unwrap(), data);
         assert_eq!((b.len(0), b.true_bytes()), (5, a.true_bytes()));
         assert_eq!(b.floor_bytes(3), a.true_bytes() + 3 * 2 * 8 * 2 * 2);
-        assert!(F32KvStore::new(g, 100).restore(&data).is_err(), "another element type is refused");
+        assert!(
+            F32KvStore::new(g, 100).restore(&data).is_err(),
+            "another element type is refused"
+        );
     }
 }

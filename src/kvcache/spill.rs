@@ -56,10 +56,7 @@ impl<'a> Reader<'a> {
         if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
             return Err(corrupt("bad magic"));
         }
-        let mut r = Reader {
-            data,
-            pos: MAGIC.len(),
-        };
+        let mut r = Reader { data, pos: MAGIC.len() };
         let k = r.bytes()?;
         if k != kind.as_bytes() {
             return Err(KvError::Corrupt(format!(
@@ -70,7 +67,11 @@ impl<'a> Reader<'a> {
         Ok(r)
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8], KvError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| corrupt("truncated"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.data.len())
+            .ok_or_else(|| corrupt("truncated"))?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -93,7 +94,9 @@ impl<'a> Reader<'a> {
     pub fn f16s(&mut self) -> Result<Vec<f16>, KvError> {
         let n = self.len(2)?;
         let b = self.take(2 * n)?;
-        Ok(b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect())
+        Ok(b.chunks_exact(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+            .collect())
     }
     pub fn f32s(&mut self) -> Result<Vec<f32>, KvError> {
         let n = self.len(4)?;

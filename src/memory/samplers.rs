@@ -119,12 +119,20 @@ impl CgroupSampler {
     pub fn sample(&self) -> Option<(Option<u64>, Option<u64>, u64)> {
         let own = std::fs::read_to_string(self.root.join("proc/self/cgroup")).ok()?;
         // cgroup v2 has the single line `0::/path`.
-        let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim().trim_start_matches('/');
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))?
+            .trim()
+            .trim_start_matches('/');
         let dir = self.root.join("sys/fs/cgroup").join(rel);
         let current = std::fs::read_to_string(dir.join("memory.current")).ok()?;
         let current = current.trim().parse().ok()?;
-        let max = std::fs::read_to_string(dir.join("memory.max")).ok().and_then(|t| limit(&t));
-        let high = std::fs::read_to_string(dir.join("memory.high")).ok().and_then(|t| limit(&t));
+        let max = std::fs::read_to_string(dir.join("memory.max"))
+            .ok()
+            .and_then(|t| limit(&t));
+        let high = std::fs::read_to_string(dir.join("memory.high"))
+            .ok()
+            .and_then(|t| limit(&t));
         Some((max, high, current))
     }
 }

@@ -6,6 +6,7 @@ use crate::engine::{
     ChatMessage, Completion, EngineStatus, Event, FinishReason, KvState, ModelSummary, PromptInput, Request,
     RequestError, SamplingOverrides, SeqPhase, SeqStatus,
 };
+use crate::memory::{Budget, BudgetSource};
 use std::time::Duration;
 use tonic::Status;
 
@@ -13,7 +14,7 @@ use tonic::Status;
 pub fn status_of(e: &RequestError) -> Status {
     match e {
         RequestError::Invalid { .. } => Status::invalid_argument(e.to_string()),
-        RequestError::QueueFull { .. } => Status::resource_exhausted(e.to_string()),
+        RequestError::QueueFull { .. } | RequestError::WontFit { .. } => Status::resource_exhausted(e.to_string()),
         RequestError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
 }
@@ -175,6 +176,7 @@ fn phase(p: SeqPhase) -> pb::SequenceState {
         SeqPhase::Prefill => pb::SequenceState::Prefill,
         SeqPhase::Decode => pb::SequenceState::Decode,
         SeqPhase::Paused => pb::SequenceState::Paused,
+        SeqPhase::Preempted => pb::SequenceState::Preempted,
     }
 }
 
@@ -202,5 +204,49 @@ pub fn server_status(s: &EngineStatus, draining: bool) -> pb::ServerStatus {
         uptime_s: s.started.elapsed().as_secs_f64(),
         completed_requests: s.completed,
         generated_tokens: s.generated_tokens,
+        kv_budget_bytes: s.budget_bytes as u64,
+        budget_source: budget_source_named(s.budget_source) as i32,
+        preemptions: s.preemptions,
+        resumptions: s.resumptions,
+        requantizations: s.requantizations,
+    }
+}
+
+pub fn budget_source(s: BudgetSource) -> pb::BudgetSource {
+    match s {
+        BudgetSource::Operator => pb::BudgetSource::Operator,
+        BudgetSource::Host => pb::BudgetSource::Host,
+        BudgetSource::Cgroup => pb::BudgetSource::Cgroup,
+        BudgetSource::Device => pb::BudgetSource::Device,
+        BudgetSource::Pressure => pb::BudgetSource::Pressure,
+    }
+}
+
+fn budget_source_named(name: &str) -> pb::BudgetSource {
+    [
+        BudgetSource::Operator,
+        BudgetSource::Host,
+        BudgetSource::Cgroup,
+        BudgetSource::Device,
+        BudgetSource::Pressure,
+    ]
+    .into_iter()
+    .find(|s| s.as_str() == name)
+    .map_or(pb::BudgetSource::Unspecified, budget_source)
+}
+
+pub fn memory_info(b: &Budget) -> pb::MemoryInfo {
+    let m = &b.sample;
+    pb::MemoryInfo {
+        host_total: m.host_total,
+        host_available: m.host_available,
+        cgroup_max: m.cgroup_max,
+        cgroup_high: m.cgroup_high,
+        cgroup_current: m.cgroup_current,
+        psi_some_avg10: m.psi_some_avg10,
+        psi_full_avg10: m.psi_full_avg10,
+        device_total: m.device.map(|d| d.total),
+        device_free: m.device.map(|d| d.free),
+        tegra: m.tegra,
     }
 }

@@ -6,8 +6,11 @@
 //! Invariants: every started Generate stream ends with `complete` or `error`, or the client went away.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod convert;
 pub mod proto;
+
+pub use admin::AdminService;
 
 use crate::engine::{EngineHandle, Event};
 use proto::pmkvq_service_server::{PmkvqService, PmkvqServiceServer};
@@ -38,6 +41,11 @@ impl GrpcService {
     /// Install the engine (once; the model is loaded).
     pub fn set_engine(&self, h: EngineHandle) {
         let _ = self.engine.set(h);
+    }
+
+    /// The cell the engine is installed in (shared with the admin service).
+    pub fn engine_cell(&self) -> Arc<OnceLock<EngineHandle>> {
+        self.engine.clone()
     }
 
     fn engine(&self) -> Result<&EngineHandle, Status> {
@@ -156,12 +164,28 @@ impl PmkvqService for GrpcService {
     }
 }
 
-/// Serve `pmkvq.v1`, health and reflection on `listener` until `shutdown` resolves; then stop accepting and let
-/// in-flight RPCs finish (the caller bounds how long).
+/// Where the daemon listens.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// Transport security: a bearer token for admin calls, TLS for everything.
+#[derive(Clone, Default)]
+pub struct ServeOptions {
+    pub admin_token: Option<Arc<str>>,
+    /// PEM certificate chain and private key.
+    pub tls: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Serve `pmkvq.v1` (generation and admin), health and reflection on `listener` until `shutdown` resolves; then
+/// stop accepting and let in-flight RPCs finish (the caller bounds how long).
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     service: GrpcService,
+    admin: AdminService,
     health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let reflection = |b: tonic_reflection::server::Builder<'static>| {
@@ -175,13 +199,32 @@ pub async fn serve(
     let reflect_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .expect("our descriptor sets are valid");
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some((cert, key)) = &opts.tls {
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    let router = builder
         .add_service(health)
         .add_service(reflect_v1)
         .add_service(reflect_v1alpha)
         .add_service(PmkvqServiceServer::new(service))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await
+        .add_service(proto::pmkvq_admin_server::PmkvqAdminServer::with_interceptor(
+            admin,
+            admin::bearer_check(opts.admin_token.clone()),
+        ));
+    match listener {
+        Listener::Tcp(l) => {
+            router
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(l), shutdown)
+                .await
+        }
+        Listener::Unix(l) => {
+            router
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), shutdown)
+                .await
+        }
+    }
 }
 
 /// A fresh health reporter with the whole server and our service NOT_SERVING (until the model is warm).

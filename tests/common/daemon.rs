@@ -24,7 +24,7 @@ pub async fn start_server(overrides: &[(&str, &str)]) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(pmkvq::app::run(cfg, listener, async {
+    let task = tokio::spawn(pmkvq::app::run(cfg, pmkvq::server::Listener::Tcp(listener), async {
         let _ = rx.await;
     }));
     let server = TestServer {

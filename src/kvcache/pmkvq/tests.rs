@@ -403,7 +403,8 @@ fn total_budget_gives_every_layer_its_floor_first() {
     }
     let floor = s.floor_bytes(1);
     // Very uneven shares: the small layers still get what they must hold.
-    s.set_total_budget(floor + 1000, Some(&[0.97, 0.01, 0.01, 0.01]), 1).unwrap();
+    s.set_total_budget(floor + 1000, Some(&[0.97, 0.01, 0.01, 0.01]), 1)
+        .unwrap();
     assert!(s.true_bytes() <= floor + 1000);
     s.reserve(1).expect("one more token fits");
     assert!(matches!(
