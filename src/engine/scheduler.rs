@@ -609,7 +609,13 @@ impl Engine {
     /// Keep every sequence inside the budget before the next step: preempt (lowest priority, newest first) while
     /// the floors do not fit, finish a lone sequence that cannot fit at all, then split the budget and shrink.
     fn apply_budget(&mut self) {
-        let total = self.budget.borrow_and_update().bytes.min(usize::MAX as u64) as usize;
+        let total = {
+            let b = self.budget.borrow_and_update();
+            // Status reports the budget the caches were last fitted to, never one not yet applied.
+            self.snapshot.budget_source = b.source.as_str();
+            b.bytes.min(usize::MAX as u64) as usize
+        };
+        self.snapshot.budget_bytes = total;
         loop {
             let live: Vec<usize> = (0..self.running.len()).filter(|&i| !self.running[i].finished).collect();
             let need: usize = live.iter().map(|&i| self.floor_of(&self.running[i])).sum();
@@ -825,11 +831,7 @@ impl Engine {
         let mut seqs: Vec<SeqStatus> = self.running.iter().map(Sequence::status).collect();
         seqs.extend(self.spilled.iter().map(Sequence::status));
         seqs.extend(self.waiting.iter().map(Admission::status));
-        {
-            let b = self.budget.borrow();
-            self.snapshot.budget_bytes = b.bytes.min(usize::MAX as u64) as usize;
-            self.snapshot.budget_source = b.source.as_str();
-        }
+
         self.snapshot.requantizations = self.requants_done
             + self
                 .running

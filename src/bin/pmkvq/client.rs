@@ -144,31 +144,107 @@ pub(crate) fn generate_remote(a: &GenerateArgs, server: &str) -> Result<(), Fail
     })
 }
 
+/// A request with the admin bearer token attached, if one is given.
+fn with_token<T>(msg: T, token: Option<&str>) -> Result<tonic::Request<T>, Failure> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = token {
+        let v = format!("Bearer {t}").parse().map_err(|_| {
+            fail(
+                EX_USAGE,
+                anyhow::anyhow!("--token holds characters a header cannot carry"),
+            )
+        })?;
+        req.metadata_mut().insert("authorization", v);
+    }
+    Ok(req)
+}
+
+fn print_status(s: &pb::ServerStatus, a: &StatusArgs) -> Result<(), Failure> {
+    let mut stdout = std::io::stdout().lock();
+    if a.json {
+        writeln!(stdout, "{}", status_json(s))?;
+    } else {
+        if a.watch {
+            // Clear the screen and home the cursor between refreshes.
+            write!(stdout, "\x1b[2J\x1b[H")?;
+        }
+        write!(stdout, "{}", status_table(s))?;
+    }
+    stdout.flush()?;
+    Ok(())
+}
+
 pub(crate) fn cmd_status(a: StatusArgs) -> Result<(), Failure> {
     runtime()?.block_on(async move {
         let mut client = connect(&a.server).await?;
-        loop {
+        if !a.watch {
             let s = client
                 .get_status(pb::GetStatusRequest {})
                 .await
                 .map_err(status_failure)?
                 .into_inner();
-            let mut stdout = std::io::stdout().lock();
-            if a.json {
-                writeln!(stdout, "{}", status_json(&s))?;
-            } else {
-                if a.watch {
-                    // Clear the screen and home the cursor between refreshes.
-                    write!(stdout, "\x1b[2J\x1b[H")?;
-                }
-                write!(stdout, "{}", status_table(&s))?;
-            }
-            stdout.flush()?;
-            if !a.watch {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(a.interval_ms.max(50))).await;
+            return print_status(&s, &a);
         }
+        let ch = Channel::from_shared(endpoint(&a.server))
+            .map_err(|e| fail(EX_USAGE, anyhow::anyhow!("bad --server: {e}")))?
+            .connect()
+            .await
+            .map_err(|e| {
+                fail(
+                    EX_UNAVAILABLE,
+                    anyhow::anyhow!("cannot reach pmkvqd at {}: {e}", a.server),
+                )
+            })?;
+        let mut admin = pb::pmkvq_admin_client::PmkvqAdminClient::new(ch);
+        let req = with_token(pb::WatchStatusRequest {}, a.token.as_deref())?;
+        let mut stream = admin.watch_status(req).await.map_err(status_failure)?.into_inner();
+        let every = Duration::from_millis(a.interval_ms.max(50));
+        let mut last = tokio::time::Instant::now() - every;
+        while let Some(u) = stream.message().await.map_err(status_failure)? {
+            if last.elapsed() >= every {
+                last = tokio::time::Instant::now();
+                if let Some(s) = u.status {
+                    print_status(&s, &a)?;
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+pub(crate) fn cmd_budget(b: BudgetCmd) -> Result<(), Failure> {
+    let BudgetCmd::Set { value, server, token } = b;
+    use pb::set_memory_budget_request::Budget as B;
+    let budget = match value.trim() {
+        "auto" => B::Automatic(true),
+        v if v.contains('.') && v.parse::<f64>().is_ok() => B::Fraction(v.parse().unwrap_or(0.0)),
+        v => B::Bytes(parse_bytes(v).ok_or_else(|| {
+            fail(
+                EX_USAGE,
+                anyhow::anyhow!("the budget must be bytes (256MiB), a fraction (0.5) or auto, got `{v}`"),
+            )
+        })? as u64),
+    };
+    runtime()?.block_on(async move {
+        let ch = Channel::from_shared(endpoint(&server))
+            .map_err(|e| fail(EX_USAGE, anyhow::anyhow!("bad --server: {e}")))?
+            .connect()
+            .await
+            .map_err(|e| fail(EX_UNAVAILABLE, anyhow::anyhow!("cannot reach pmkvqd at {server}: {e}")))?;
+        let mut admin = pb::pmkvq_admin_client::PmkvqAdminClient::new(ch);
+        let req = with_token(pb::SetMemoryBudgetRequest { budget: Some(budget) }, token.as_deref())?;
+        let r = admin.set_memory_budget(req).await.map_err(status_failure)?.into_inner();
+        let source = pb::BudgetSource::try_from(r.source)
+            .map(|s| s.as_str_name().trim_start_matches("BUDGET_SOURCE_").to_lowercase())
+            .unwrap_or_default();
+        println!(
+            "kv budget {} bytes ({:.1} MiB), set by {source}; {} bytes in use; {}",
+            r.budget_bytes,
+            r.budget_bytes as f64 / (1u64 << 20) as f64,
+            r.kv_bytes,
+            r.effect
+        );
+        Ok(())
     })
 }
 
@@ -181,7 +257,8 @@ fn state_name(s: i32) -> String {
 fn status_json(s: &pb::ServerStatus) -> serde_json::Value {
     serde_json::json!({
         "ready": s.ready, "draining": s.draining, "running": s.running, "queued": s.queued,
-        "kv_true_bytes": s.kv_true_bytes, "steps": s.steps, "uptime_s": s.uptime_s,
+        "kv_true_bytes": s.kv_true_bytes, "kv_budget_bytes": s.kv_budget_bytes, "preemptions": s.preemptions,
+        "resumptions": s.resumptions, "requantizations": s.requantizations, "steps": s.steps, "uptime_s": s.uptime_s,
         "completed_requests": s.completed_requests, "generated_tokens": s.generated_tokens,
         "sequences": s.sequences.iter().map(|q| {
             let kv = q.kv.clone().unwrap_or_default();
@@ -197,12 +274,14 @@ fn status_json(s: &pb::ServerStatus) -> serde_json::Value {
 
 fn status_table(s: &pb::ServerStatus) -> String {
     let mut out = format!(
-        "ready {} | draining {} | running {} | queued {} | kv {:.2} MiB | steps {} | done {} | tokens {} | up {:.0} s\n",
+        "ready {} | draining {} | running {} | queued {} | kv {:.2} / {:.2} MiB | preempted {} | steps {} | done {} | tokens {} | up {:.0} s\n",
         s.ready,
         s.draining,
         s.running,
         s.queued,
         s.kv_true_bytes as f64 / (1 << 20) as f64,
+        s.kv_budget_bytes as f64 / (1 << 20) as f64,
+        s.preemptions,
         s.steps,
         s.completed_requests,
         s.generated_tokens,

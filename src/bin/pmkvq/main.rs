@@ -16,7 +16,7 @@ mod eval;
 mod generate;
 
 use calibrate::cmd_calibrate;
-use client::cmd_status;
+use client::{cmd_budget, cmd_status};
 use eval::cmd_divergence;
 use generate::cmd_generate;
 
@@ -40,6 +40,9 @@ enum Cmd {
     Generate(Box<GenerateArgs>),
     /// Show pmkvqd's running and queued sequences with their KV bytes and bits per layer.
     Status(StatusArgs),
+    /// Change pmkvqd's KV memory budget at run time.
+    #[command(subcommand)]
+    Budget(BudgetCmd),
     /// Offline evaluation tools.
     #[command(subcommand)]
     Eval(EvalCmd),
@@ -53,14 +56,30 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum BudgetCmd {
+    /// `256MiB` (bytes), `0.5` (a fraction of the memory the monitor sees as usable) or `auto` (follow memory).
+    Set {
+        value: String,
+        #[arg(long, env = "PMKVQ_SERVER", default_value = "127.0.0.1:50051")]
+        server: String,
+        /// Admin bearer token (when pmkvqd has `auth.token`).
+        #[arg(long, env = "PMKVQ_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+}
+
 #[derive(Args)]
 struct StatusArgs {
     /// pmkvqd's address.
     #[arg(long, env = "PMKVQ_SERVER", default_value = "127.0.0.1:50051")]
     server: String,
-    /// Refresh until interrupted.
+    /// Follow the live status stream (WatchStatus: every engine step, shown at most every --interval-ms).
     #[arg(long)]
     watch: bool,
+    /// Admin bearer token for --watch (when pmkvqd has `auth.token`).
+    #[arg(long, env = "PMKVQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Refresh interval for --watch.
     #[arg(long, default_value_t = 1000)]
     interval_ms: u64,
@@ -268,6 +287,7 @@ fn main() -> ExitCode {
     let res = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(*a),
         Cmd::Status(a) => cmd_status(a),
+        Cmd::Budget(b) => cmd_budget(b),
         Cmd::Eval(EvalCmd::Divergence(a)) => cmd_divergence(*a),
         Cmd::Calibrate(a) => cmd_calibrate(*a),
         Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
