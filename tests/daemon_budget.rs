@@ -205,7 +205,7 @@ async fn preemption_spills_and_resumes_bit_exactly_then_a_floor_cut_finishes() {
 }
 
 async fn refused(c: &mut Client, req: pb::GenerateRequest) -> tonic::Status {
-    c.generate(req).await.err().expect("refused")
+    c.generate(req).await.expect_err("refused")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,9 +273,7 @@ async fn admin_calls_need_the_token_when_one_is_set() {
 
 #[test]
 fn a_non_loopback_listener_without_a_token_refuses_to_start() {
-    let err = pmkvq::config::from_pairs(&[("listen", "0.0.0.0:50051")])
-        .err()
-        .expect("refused");
+    let err = pmkvq::config::from_pairs(&[("listen", "0.0.0.0:50051")]).expect_err("refused");
     assert!(err.to_string().contains("auth.token"), "{err}");
     assert!(pmkvq::config::from_pairs(&[("listen", "0.0.0.0:50051"), ("auth.token", "0123456789abcdef0123")]).is_ok());
     assert!(pmkvq::config::from_pairs(&[("listen", "0.0.0.0:50051"), ("auth.allow_insecure_remote", "true")]).is_ok());
