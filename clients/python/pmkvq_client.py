@@ -23,7 +23,7 @@ SERVICE = "pmkvq.v1.PmkvqService"
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--server", default="127.0.0.1:50051")
+    ap.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT or unix:/path/to/socket")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text used verbatim")
     src.add_argument("--chat", help="a user message (the model's chat template is applied)")
@@ -33,7 +33,9 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON summary instead of streaming text")
     args = ap.parse_args()
 
-    channel = grpc.insecure_channel(args.server)
+    # grpcio would send a unix socket's path as :authority, which HTTP/2 servers reject; name the host instead.
+    options = [("grpc.default_authority", "localhost")] if args.server.startswith("unix:") else []
+    channel = grpc.insecure_channel(args.server, options=options)
 
     # 1. Standard health check.
     health = health_pb2_grpc.HealthStub(channel)
