@@ -34,6 +34,8 @@ pub enum AppError {
     Join(String),
     #[error("memory monitor: {0}")]
     Memory(#[from] crate::memory::MemoryError),
+    #[error("cannot bind {0}: {1}")]
+    Bind(String, std::io::Error),
 }
 
 impl AppError {
@@ -43,7 +45,7 @@ impl AppError {
             AppError::ModelMissing(_) => 66,
             AppError::Model { .. } | AppError::Profile { .. } => 65,
             AppError::Transport(_) | AppError::Join(_) => 70,
-            AppError::Memory(_) => 71,
+            AppError::Memory(_) | AppError::Bind(..) => 71,
         }
     }
 }
@@ -89,6 +91,14 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
         },
     ));
     tracing::info!(listen = %addr, model = %cfg.model.display(), "listening; loading the model");
+    let metrics_task = match cfg.metrics_listen {
+        None => None,
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a).await.map_err(|e| AppError::Bind(a.to_string(), e))?;
+            tracing::info!(listen = %a, "metrics on /metrics");
+            Some(tokio::spawn(server::metrics::serve(l, service.engine_cell(), budget_rx.clone())))
+        }
+    };
 
     tokio::pin!(shutdown);
     let load_cfg = cfg.clone();
@@ -165,6 +175,9 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
     // Streams that ended are flushed; long-lived ones (health watches) are cut here.
     let _ = tokio::time::timeout(TRANSPORT_CLOSE, &mut transport).await;
     monitor_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -98,3 +98,39 @@ async fn unix_socket_with_a_stock_grpcio_client() {
     let _ = stop.send(());
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_metrics_endpoint() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let server = common::daemon::start_server(&[("metrics.listen", &addr)]).await;
+    let mut c = server.client().await;
+    let got = common::daemon::collect(&mut c, common::daemon::text_request("Hello there", 5)).await;
+    assert_eq!(got.ids.len(), 5);
+    let get = |path: &'static str| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+    };
+    let text = get("/metrics").await.unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    for needle in [
+        "pmkvq_requests_finished_total{reason=\"length\"} 1",
+        "pmkvq_generated_tokens_total 5",
+        "pmkvq_ttft_seconds_count 1",
+        "pmkvq_kv_budget_bytes{source=\"host\"}",
+        "pmkvq_memory_host_available_bytes",
+        "pmkvq_requantizations_total 0",
+        "pmkvq_preemptions_total 0",
+    ] {
+        assert!(text.contains(needle), "`{needle}` missing:\n{text}");
+    }
+    assert!(get("/other").await.unwrap().starts_with("HTTP/1.1 404"));
+    server.stop().await;
+}

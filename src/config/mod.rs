@@ -176,6 +176,11 @@ pub const KEYS: &[KeyDef] = &[
         doc: "PEM private key for tls.cert",
     },
     KeyDef {
+        key: "metrics.listen",
+        default: "",
+        doc: "Prometheus text endpoint address (HOST:PORT, path /metrics); empty = off",
+    },
+    KeyDef {
         key: "shutdown.grace",
         default: "30s",
         doc: "on SIGTERM/SIGINT, how long in-flight streams may run before they are cancelled",
@@ -262,6 +267,7 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// PEM certificate chain and key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// What `pmkvqd` was asked to do.
@@ -636,6 +642,13 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
             None
         }
     };
+    let metrics_listen = match val("metrics.listen") {
+        "" => None,
+        v => v.parse::<SocketAddr>().map(Some).unwrap_or_else(|_| {
+            bad("metrics.listen", format!("must be HOST:PORT with an IP address, got `{v}`"));
+            None
+        }),
+    };
     Some(Config {
         model,
         profile,
@@ -662,6 +675,7 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
         memory_root,
         admin_token,
         tls,
+        metrics_listen,
     })
 }
 

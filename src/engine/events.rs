@@ -106,6 +106,11 @@ pub struct EngineStatus {
     pub resumptions: u64,
     /// Layer bodies lowered one level, all sequences since start.
     pub requantizations: u64,
+    /// Finished requests by reason (`length`, `eos`, …, `client_gone`).
+    pub finish_counts: Vec<(&'static str, u64)>,
+    /// Time to first token, summed over finished requests that produced one, and their count.
+    pub ttft_sum_s: f64,
+    pub ttft_count: u64,
 }
 
 impl EngineStatus {
@@ -125,6 +130,9 @@ impl EngineStatus {
             preemptions: 0,
             resumptions: 0,
             requantizations: 0,
+            finish_counts: Vec::new(),
+            ttft_sum_s: 0.0,
+            ttft_count: 0,
         }
     }
 
@@ -133,6 +141,13 @@ impl EngineStatus {
             .iter()
             .filter(|s| !matches!(s.phase, SeqPhase::Queued | SeqPhase::Preempted))
             .count()
+    }
+
+    pub fn count_finish(&mut self, reason: &'static str) {
+        match self.finish_counts.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.finish_counts.push((reason, 1)),
+        }
     }
 
     pub fn preempted(&self) -> usize {

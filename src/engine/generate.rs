@@ -30,6 +30,21 @@ pub enum FinishReason {
     Error,
 }
 
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Length => "length",
+            FinishReason::Eos => "eos",
+            FinishReason::Stop => "stop",
+            FinishReason::ContextLimit => "context_limit",
+            FinishReason::KvBudget => "memory_pressure",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::TimeLimit => "time_limit",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
     pub prompt_ids: Vec<u32>,

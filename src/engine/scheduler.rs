@@ -494,6 +494,7 @@ impl Engine {
                 };
                 a.finish_queued(reason);
                 self.snapshot.completed += 1;
+                self.snapshot.count_finish(reason.as_str());
             } else {
                 keep.push_back(a);
             }
@@ -526,11 +527,7 @@ impl Engine {
             }
             if s.finished {
                 let s = self.spilled.swap_remove(i);
-                self.snapshot.completed += 1;
-                self.requants_done += s.requantizations();
-                if !s.drained() {
-                    self.closing.push(s);
-                }
+                self.settle(s);
             } else {
                 i += 1;
             }
@@ -595,11 +592,7 @@ impl Engine {
                         FinishReason::Error,
                         Some(format!("cannot resume the spilled kv cache: {e}")),
                     );
-                    self.snapshot.completed += 1;
-                    self.requants_done += s.requantizations();
-                    if !s.drained() {
-                        self.closing.push(s);
-                    }
+                    self.settle(s);
                 }
             }
         }
@@ -693,17 +686,27 @@ impl Engine {
         }
     }
 
+    /// Account for a sequence that ended; keep it only while its last events wait for the client.
+    fn settle(&mut self, s: Sequence) {
+        self.snapshot.completed += 1;
+        self.snapshot.count_finish(s.reason.map_or("client_gone", FinishReason::as_str));
+        if let Some(t) = s.ttft() {
+            self.snapshot.ttft_sum_s += t.as_secs_f64();
+            self.snapshot.ttft_count += 1;
+        }
+        self.requants_done += s.requantizations();
+        if !s.drained() {
+            self.closing.push(s);
+        }
+    }
+
     /// Move finished sequences out of the batch (their caches are already freed).
     fn retire(&mut self) {
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].finished {
                 let s = self.running.swap_remove(i);
-                self.snapshot.completed += 1;
-                self.requants_done += s.requantizations();
-                if !s.drained() {
-                    self.closing.push(s);
-                }
+                self.settle(s);
             } else {
                 i += 1;
             }

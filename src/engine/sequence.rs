@@ -57,6 +57,8 @@ pub struct Sequence {
     stop_matched: Option<String>,
     /// A stop string matched: text held back after it is dropped, not released.
     text_cut: bool,
+    /// Why it ended (`None` while running, or when the client went away).
+    pub reason: Option<FinishReason>,
     pub finished: bool,
 }
 
@@ -85,8 +87,14 @@ impl Sequence {
             first_token: None,
             stop_matched: None,
             text_cut: false,
+            reason: None,
             finished: false,
         }
+    }
+
+    /// Arrival to first generated token.
+    pub fn ttft(&self) -> Option<std::time::Duration> {
+        self.first_token.map(|f| f.saturating_duration_since(self.arrived))
     }
 
     pub fn arrived(&self) -> Instant {
@@ -230,6 +238,7 @@ impl Sequence {
         }
         self.finished = true;
         self.next = None;
+        self.reason = Some(if error.is_some() { FinishReason::Error } else { reason });
         if !self.text_cut && error.is_none() {
             let rest = self.stops.feed(&self.detok.finish()).emit + &self.stops.finish();
             if !rest.is_empty() {

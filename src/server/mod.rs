@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod convert;
+pub mod metrics;
 pub mod proto;
 
 pub use admin::AdminService;
