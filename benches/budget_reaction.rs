@@ -4,7 +4,9 @@
 //!
 //! `cargo bench --bench budget_reaction`. Under `cargo test` (no `--bench`) it runs one short smoke pass.
 
-use pmkvq::server::proto::{self as pb, pmkvq_admin_client::PmkvqAdminClient, pmkvq_service_client::PmkvqServiceClient};
+use pmkvq::server::proto::{
+    self as pb, pmkvq_admin_client::PmkvqAdminClient, pmkvq_service_client::PmkvqServiceClient,
+};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -36,7 +38,10 @@ fn main() {
         }));
         let mut c = loop {
             if let Ok(mut c) = PmkvqServiceClient::connect(url.clone()).await {
-                if c.get_status(pb::GetStatusRequest {}).await.is_ok_and(|s| s.into_inner().ready) {
+                if c.get_status(pb::GetStatusRequest {})
+                    .await
+                    .is_ok_and(|s| s.into_inner().ready)
+                {
                     break c;
                 }
             }
@@ -64,7 +69,11 @@ fn main() {
             let mut stream = c.generate(req).await.unwrap().into_inner();
             // Keep reading so the sequence never pauses.
             let reader = tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
-            let mut watch = admin.watch_status(pb::WatchStatusRequest {}).await.unwrap().into_inner();
+            let mut watch = admin
+                .watch_status(pb::WatchStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
             let full_bytes = loop {
                 let st = watch.message().await.unwrap().unwrap().status.unwrap();
                 if let Some(q) = st.sequences.first() {

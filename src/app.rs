@@ -94,9 +94,15 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
     let metrics_task = match cfg.metrics_listen {
         None => None,
         Some(a) => {
-            let l = tokio::net::TcpListener::bind(a).await.map_err(|e| AppError::Bind(a.to_string(), e))?;
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| AppError::Bind(a.to_string(), e))?;
             tracing::info!(listen = %a, "metrics on /metrics");
-            Some(tokio::spawn(server::metrics::serve(l, service.engine_cell(), budget_rx.clone())))
+            Some(tokio::spawn(server::metrics::serve(
+                l,
+                service.engine_cell(),
+                budget_rx.clone(),
+            )))
         }
     };
 

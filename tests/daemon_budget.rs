@@ -127,11 +127,12 @@ async fn preemption_spills_and_resumes_bit_exactly_then_a_floor_cut_finishes() {
     let server = start_server(&[("engine.spill_dir", &dir)]).await;
     let mut c = server.client().await;
     let mut a = admin(&server).await;
-    // The low-priority sequence keeps an f16 cache (a fixed-width method cannot shrink), so a cut must preempt
-    // it rather than quantize it: whatever the cut's timing, its tokens must equal an uninterrupted run's.
+    // The low-priority sequence is PM-KVQ (calibrated, key-scaled: the daemon's default) with `min_bits = 16`, so
+    // its floor is its 16-bit size and a cut must preempt it rather than quantize it: whatever the cut's timing,
+    // its tokens must equal an uninterrupted run's.
     let mut low = endless("The history of the lighthouse begins", 300, -10);
     low.request_id = "low".into();
-    low.kv.as_mut().unwrap().method = Some("fp16".into());
+    low.kv.as_mut().unwrap().min_bits = Some(16);
     let mut high = endless("Dear diary, today I", 600, 10);
     high.request_id = "high".into();
     // Uninterrupted references.
@@ -144,7 +145,7 @@ async fn preemption_spills_and_resumes_bit_exactly_then_a_floor_cut_finishes() {
         seq(s, "low").is_some_and(|q| q.generated_tokens >= 150) && seq(s, "high").is_some()
     })
     .await;
-    // 6 MiB: below what both need (the f16 cache alone is ~4 MiB at 180 tokens and grows 23 KiB a token),
+    // 6 MiB: below what both need (the 16-bit cache alone is ~4 MiB at 180 tokens and grows 23 KiB a token),
     // above the PM-KVQ sequence's 2-bit floor all the way to its 600th token (~4.9 MB).
     let cut = 6u64 << 20;
     assert!(cut < mid.kv_true_bytes);

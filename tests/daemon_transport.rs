@@ -10,7 +10,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 async fn run_app(
     overrides: &[(&str, &str)],
     listener: pmkvq::server::Listener,
-) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), pmkvq::app::AppError>>) {
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), pmkvq::app::AppError>>,
+) {
     let model = common::default_model_path();
     let model = model.to_str().unwrap().to_string();
     let mut pairs = vec![("model", model.as_str())];
@@ -34,7 +37,10 @@ async fn tls_with_a_generated_certificate() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop, task) = run_app(
-        &[("tls.cert", cert_path.to_str().unwrap()), ("tls.key", key_path.to_str().unwrap())],
+        &[
+            ("tls.cert", cert_path.to_str().unwrap()),
+            ("tls.key", key_path.to_str().unwrap()),
+        ],
         pmkvq::server::Listener::Tcp(listener),
     )
     .await;
@@ -51,7 +57,10 @@ async fn tls_with_a_generated_certificate() {
             .await;
         if let Ok(ch) = ch {
             let mut c = PmkvqServiceClient::new(ch);
-            if c.get_status(pb::GetStatusRequest {}).await.is_ok_and(|s| s.into_inner().ready) {
+            if c.get_status(pb::GetStatusRequest {})
+                .await
+                .is_ok_and(|s| s.into_inner().ready)
+            {
                 break c;
             }
         }
@@ -61,7 +70,9 @@ async fn tls_with_a_generated_certificate() {
     let got = common::daemon::collect(&mut c, common::daemon::text_request("Hello", 4)).await;
     assert_eq!(got.ids.len(), 4);
     // A plaintext client gets nothing from a TLS port.
-    let mut plain = PmkvqServiceClient::connect(format!("http://127.0.0.1:{port}")).await.unwrap();
+    let mut plain = PmkvqServiceClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap();
     assert!(plain.get_status(pb::GetStatusRequest {}).await.is_err());
     let _ = stop.send(());
     task.await.unwrap().unwrap();
@@ -80,7 +91,16 @@ async fn unix_socket_with_a_stock_grpcio_client() {
         let t0 = Instant::now();
         loop {
             let out = std::process::Command::new(&python)
-                .args([script, "--server", &target, "--prompt", "Hello", "--max-tokens", "4", "--json"])
+                .args([
+                    script,
+                    "--server",
+                    &target,
+                    "--prompt",
+                    "Hello",
+                    "--max-tokens",
+                    "4",
+                    "--json",
+                ])
                 .output()
                 .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
             // Health is NOT_SERVING (exit 69) while the model loads.
@@ -101,7 +121,11 @@ async fn unix_socket_with_a_stock_grpcio_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_metrics_endpoint() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let server = common::daemon::start_server(&[("metrics.listen", &addr)]).await;
     let mut c = server.client().await;

@@ -645,7 +645,10 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
     let metrics_listen = match val("metrics.listen") {
         "" => None,
         v => v.parse::<SocketAddr>().map(Some).unwrap_or_else(|_| {
-            bad("metrics.listen", format!("must be HOST:PORT with an IP address, got `{v}`"));
+            bad(
+                "metrics.listen",
+                format!("must be HOST:PORT with an IP address, got `{v}`"),
+            );
             None
         }),
     };

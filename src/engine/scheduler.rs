@@ -689,7 +689,8 @@ impl Engine {
     /// Account for a sequence that ended; keep it only while its last events wait for the client.
     fn settle(&mut self, s: Sequence) {
         self.snapshot.completed += 1;
-        self.snapshot.count_finish(s.reason.map_or("client_gone", FinishReason::as_str));
+        self.snapshot
+            .count_finish(s.reason.map_or("client_gone", FinishReason::as_str));
         if let Some(t) = s.ttft() {
             self.snapshot.ttft_sum_s += t.as_secs_f64();
             self.snapshot.ttft_count += 1;

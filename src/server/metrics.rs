@@ -30,17 +30,42 @@ pub fn render(st: &EngineStatus, b: &Budget, layers: usize) -> String {
         .iter()
         .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n as f64))
         .collect();
-    metric("requests_finished_total", "counter", "Finished requests by reason.", &finished);
-    metric("requests_running", "gauge", "Sequences in the batch.", &one(st.running() as f64));
-    metric("requests_queued", "gauge", "Accepted requests waiting for a slot.", &one(st.queued() as f64));
-    metric("requests_preempted", "gauge", "Sequences spilled to disk.", &one(st.preempted() as f64));
+    metric(
+        "requests_finished_total",
+        "counter",
+        "Finished requests by reason.",
+        &finished,
+    );
+    metric(
+        "requests_running",
+        "gauge",
+        "Sequences in the batch.",
+        &one(st.running() as f64),
+    );
+    metric(
+        "requests_queued",
+        "gauge",
+        "Accepted requests waiting for a slot.",
+        &one(st.queued() as f64),
+    );
+    metric(
+        "requests_preempted",
+        "gauge",
+        "Sequences spilled to disk.",
+        &one(st.preempted() as f64),
+    );
     metric(
         "generated_tokens_total",
         "counter",
         "Tokens generated (rate() gives tokens/s).",
         &one(st.generated_tokens as f64),
     );
-    metric("engine_steps_total", "counter", "Batched forward passes.", &one(st.steps as f64));
+    metric(
+        "engine_steps_total",
+        "counter",
+        "Batched forward passes.",
+        &one(st.steps as f64),
+    );
     let _ = writeln!(
         o,
         "# HELP pmkvq_ttft_seconds Time to first token.\n# TYPE pmkvq_ttft_seconds summary\n\
@@ -53,8 +78,16 @@ pub fn render(st: &EngineStatus, b: &Budget, layers: usize) -> String {
             let _ = writeln!(o, "pmkvq_{name}{labels} {v}");
         }
     };
-    metric("kv_bytes", "gauge", "KV cache true bytes held, all sequences.", &one(st.kv_true_bytes as f64));
-    let src = budget_source(b.source).as_str_name().trim_start_matches("BUDGET_SOURCE_").to_lowercase();
+    metric(
+        "kv_bytes",
+        "gauge",
+        "KV cache true bytes held, all sequences.",
+        &one(st.kv_true_bytes as f64),
+    );
+    let src = budget_source(b.source)
+        .as_str_name()
+        .trim_start_matches("BUDGET_SOURCE_")
+        .to_lowercase();
     metric(
         "kv_budget_bytes",
         "gauge",
@@ -75,30 +108,81 @@ pub fn render(st: &EngineStatus, b: &Budget, layers: usize) -> String {
             (format!("{{layer=\"{l}\"}}"), mean)
         })
         .collect();
-    metric("layer_bits", "gauge", "Mean KV storage bit-width per layer over running sequences.", &bits);
+    metric(
+        "layer_bits",
+        "gauge",
+        "Mean KV storage bit-width per layer over running sequences.",
+        &bits,
+    );
     metric(
         "requantizations_total",
         "counter",
         "Layer bodies lowered one level (Equivalent Right Shift).",
         &one(st.requantizations as f64),
     );
-    metric("preemptions_total", "counter", "Sequences spilled to disk.", &one(st.preemptions as f64));
-    metric("resumptions_total", "counter", "Spilled sequences resumed.", &one(st.resumptions as f64));
+    metric(
+        "preemptions_total",
+        "counter",
+        "Sequences spilled to disk.",
+        &one(st.preemptions as f64),
+    );
+    metric(
+        "resumptions_total",
+        "counter",
+        "Spilled sequences resumed.",
+        &one(st.resumptions as f64),
+    );
     let m = &b.sample;
-    metric("memory_host_total_bytes", "gauge", "MemTotal.", &one(m.host_total as f64));
-    metric("memory_host_available_bytes", "gauge", "MemAvailable.", &one(m.host_available as f64));
+    metric(
+        "memory_host_total_bytes",
+        "gauge",
+        "MemTotal.",
+        &one(m.host_total as f64),
+    );
+    metric(
+        "memory_host_available_bytes",
+        "gauge",
+        "MemAvailable.",
+        &one(m.host_available as f64),
+    );
     let opt = |v: Option<f64>| v.map(|x| vec![(String::new(), x)]).unwrap_or_default();
-    metric("memory_cgroup_max_bytes", "gauge", "cgroup memory.max.", &opt(m.cgroup_max.map(|v| v as f64)));
-    metric("memory_cgroup_current_bytes", "gauge", "cgroup memory.current.", &opt(m.cgroup_current.map(|v| v as f64)));
-    metric("memory_psi_some_avg10", "gauge", "PSI memory some avg10 (%).", &opt(m.psi_some_avg10));
-    metric("memory_device_free_bytes", "gauge", "Device free memory.", &opt(m.device.map(|d| d.free as f64)));
+    metric(
+        "memory_cgroup_max_bytes",
+        "gauge",
+        "cgroup memory.max.",
+        &opt(m.cgroup_max.map(|v| v as f64)),
+    );
+    metric(
+        "memory_cgroup_current_bytes",
+        "gauge",
+        "cgroup memory.current.",
+        &opt(m.cgroup_current.map(|v| v as f64)),
+    );
+    metric(
+        "memory_psi_some_avg10",
+        "gauge",
+        "PSI memory some avg10 (%).",
+        &opt(m.psi_some_avg10),
+    );
+    metric(
+        "memory_device_free_bytes",
+        "gauge",
+        "Device free memory.",
+        &opt(m.device.map(|d| d.free as f64)),
+    );
     o
 }
 
 /// Serve `/metrics` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, engine: Arc<OnceLock<EngineHandle>>, budget: watch::Receiver<Budget>) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Arc<OnceLock<EngineHandle>>,
+    budget: watch::Receiver<Budget>,
+) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
         let engine = engine.clone();
         let budget = budget.clone();
         tokio::spawn(async move {
