@@ -12,6 +12,9 @@ venv=${PMKVQ_VENV:-$HOME/.cache/pmkvq-venv}
 [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r clients/python/requirements.txt
 export PMKVQ_PYTHON=$venv/bin/python
+echo "== CUDA kernels compile (NVRTC, sm_87 and sm_90; no GPU needed)"
+"$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvrtc-cu12>=12.4"
+"$venv/bin/python" scripts/nvrtc-check.py sm_87 sm_90
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

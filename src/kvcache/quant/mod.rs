@@ -63,15 +63,17 @@ impl Bits {
     }
 }
 
-/// How a code is lowered from `2n` to `n` bits (the paper's ablation, §3.6).
+/// How a code is lowered from `2n` to `n` bits (the paper's ablation, §3.6). `#[repr(i32)]` values are
+/// mirrored by the CUDA header (`PMKVQ_SHIFT_*`).
+#[repr(i32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum ShiftMode {
     /// Equivalent Right Shift: `round(q/(2^n+1))` in integers; scale ×(2^n+1); offset unchanged. Exact.
-    Equivalent,
+    Equivalent = 0,
     /// Direct Right Shift: `q >> n`; scale ×(2^n+1); offset unchanged (biased).
-    Direct,
+    Direct = 1,
     /// Modified Right Shift: `q >> n`; scale ×2^n; offset moved to the bucket mean, `+ S·(2^n − 1)/2`.
-    Modified,
+    Modified = 2,
 }
 
 /// Parameters of one quantized group.
