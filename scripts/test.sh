@@ -21,3 +21,6 @@ echo "== cargo clippy"
 cargo clippy --release --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --release --all-targets
+echo "== the GPU build (feature cuda-kernels: cudarc with dynamic loading, no CUDA toolkit needed) and its CPU-side tests"
+cargo clippy --release --all-targets --features cuda-kernels -- -D warnings
+cargo test --release --features cuda-kernels --lib --test gpu_kernels --test cuda_header

@@ -36,6 +36,8 @@ pub enum AppError {
     Memory(#[from] crate::memory::MemoryError),
     #[error("cannot bind {0}: {1}")]
     Bind(String, std::io::Error),
+    #[error("device: {0}")]
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
 impl AppError {
@@ -46,6 +48,7 @@ impl AppError {
             AppError::Model { .. } | AppError::Profile { .. } => 65,
             AppError::Transport(_) | AppError::Join(_) => 70,
             AppError::Memory(_) | AppError::Bind(..) => 71,
+            AppError::Gpu(_) => 69,
         }
     }
 }
@@ -53,10 +56,19 @@ impl AppError {
 /// Serve until `shutdown` resolves, then drain. Returns when the daemon has stopped.
 pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output = ()> + Send) -> Result<(), AppError> {
     // The first budget comes before anything is served, so the engine never runs without one.
+    // The device: today a GPU contributes its memory figures (the KV cache lives in host memory until the
+    // CUDA cache lands); a requested device that cannot be opened stops the start.
+    let device: Box<dyn crate::memory::DeviceMemory> = match crate::gpu::open(cfg.device)? {
+        Some(g) => {
+            tracing::info!(gpu = g.name(), arch = g.arch(), "CUDA device opened");
+            Box::new(crate::gpu::CudaDeviceMemory { gpu: Arc::new(g) })
+        }
+        None => Box::new(NoDevice),
+    };
     let mut monitor = if cfg.memory_root == Path::new("/") {
-        Monitor::system(Box::new(NoDevice))
+        Monitor::system(device)
     } else {
-        Monitor::at_root(&cfg.memory_root, Box::new(NoDevice))
+        Monitor::at_root(&cfg.memory_root, device)
     };
     let mut policy = Policy::new(cfg.memory_policy.clone(), cfg.memory_cap);
     let first = memory::initial_budget(&mut monitor, &mut policy)?;

@@ -26,6 +26,7 @@ pub mod config;
 pub mod engine;
 pub mod eval;
 pub mod fetch;
+pub mod gpu;
 pub mod kvcache;
 pub mod memory;
 pub mod model;

@@ -37,7 +37,10 @@ fn header_documents_the_packed_layout_the_rust_code_writes() {
     let codes: Vec<u16> = (0..g as u16).collect();
     let mut b4 = vec![0u8; 8];
     pack(&codes.iter().map(|c| c & 15).collect::<Vec<_>>(), Bits::B4, &mut b4);
-    assert_eq!(b4[1], 0x91, "4-bit: byte j holds codes j (low nibble) and j + G/2 (high nibble)");
+    assert_eq!(
+        b4[1], 0x91,
+        "4-bit: byte j holds codes j (low nibble) and j + G/2 (high nibble)"
+    );
     let mut b2 = vec![0u8; 4];
     pack(&codes.iter().map(|c| c & 3).collect::<Vec<_>>(), Bits::B2, &mut b2);
     // codes 1, 5, 9, 13 (each & 3 = 1) at bits 0, 2, 4, 6

@@ -29,6 +29,9 @@ pub struct DaemonArgs {
     /// Compute threads (0 = all cores). Key `threads`.
     #[arg(long)]
     pub threads: Option<String>,
+    /// cpu, auto or cuda:N. Key `device`.
+    #[arg(long)]
+    pub device: Option<String>,
     /// `pretty` or `json`. Key `log.format`.
     #[arg(long)]
     pub log_format: Option<String>,
@@ -52,6 +55,7 @@ impl DaemonArgs {
             ("listen", &self.listen, "--listen"),
             ("profile", &self.profile, "--profile"),
             ("threads", &self.threads, "--threads"),
+            ("device", &self.device, "--device"),
             ("log.format", &self.log_format, "--log-format"),
             ("engine.kv_method", &self.kv_method, "--kv-method"),
         ];

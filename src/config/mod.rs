@@ -11,6 +11,7 @@ mod args;
 pub use args::DaemonArgs;
 
 use crate::engine::RequestLimits;
+use crate::gpu::DeviceChoice;
 use crate::kvcache::{parse_bytes, KvMethod};
 use crate::memory::{OperatorCap, PolicyConfig};
 use std::collections::BTreeMap;
@@ -49,6 +50,11 @@ pub const KEYS: &[KeyDef] = &[
         key: "threads",
         default: "0",
         doc: "compute threads (0 = all cores)",
+    },
+    KeyDef {
+        key: "device",
+        default: "cpu",
+        doc: "cpu, auto (a CUDA GPU if one is usable) or cuda:N; with a GPU its free memory is sampled (cuMemGetInfo)",
     },
     KeyDef {
         key: "log.format",
@@ -251,6 +257,7 @@ pub struct Config {
     pub profile: ProfileChoice,
     pub listen: ListenAddr,
     pub threads: usize,
+    pub device: DeviceChoice,
     pub log_format: LogFormat,
     pub log_filter: String,
     pub max_running: usize,
@@ -475,6 +482,10 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
         })),
     };
     let threads = count("threads", 0, 1024, &mut bad);
+    let device = val("device").parse::<DeviceChoice>().unwrap_or_else(|e| {
+        bad("device", e);
+        DeviceChoice::Cpu
+    });
     let log_format = match val("log.format") {
         "pretty" => LogFormat::Pretty,
         "json" => LogFormat::Json,
@@ -657,6 +668,7 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
         profile,
         listen,
         threads,
+        device,
         log_format,
         log_filter,
         max_running,

@@ -1,0 +1,376 @@
+//! The real GPU backend (feature `cuda-kernels`): cudarc with dynamic loading (no CUDA toolkit at build time),
+//! kernels compiled at run time by NVRTC to cubin for the device's own architecture (PTX from a newer NVRTC
+//! would not load on an older driver, e.g. JetPack 6's).
+
+use super::shapes::{check_attention, check_quantize, check_shrink, SegmentShape};
+use super::{kernel_source, GpuError, LayerSegments};
+use crate::kvcache::quant::{Bits, PackedRows, ShiftMode};
+use crate::kvcache::KvGeometry;
+use crate::memory::{DeviceMemory, DeviceSample};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use half::f16;
+use std::ffi::CString;
+use std::sync::Arc;
+
+fn drv(e: cudarc::driver::DriverError) -> GpuError {
+    GpuError::Driver(e.to_string())
+}
+
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    name: String,
+    arch: String,
+    quantize: CudaFunction,
+    shrink: CudaFunction,
+    attn: CudaFunction,
+    combine: CudaFunction,
+}
+
+/// Mirror of `pmkvq_segment` (kernels/kv_attention.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SegArg {
+    data: u64,
+    scale: u64,
+    offset: u64,
+    len: i32,
+    bits: i32,
+}
+
+/// Mirror of `pmkvq_layer_view`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct ViewArg {
+    k: [SegArg; 3],
+    v: [SegArg; 3],
+    k_cur: u64,
+    v_cur: u64,
+}
+
+// SAFETY: plain `#[repr(C)]` data (integers and device addresses) with the exact layout of the CUDA struct it
+// mirrors; it is copied by value into the kernel's parameter buffer.
+unsafe impl DeviceRepr for ViewArg {}
+
+/// Compile one kernel file to cubin for `arch` with NVRTC.
+fn compile_cubin(name: &str, arch: &str) -> Result<Vec<u8>, GpuError> {
+    use cudarc::nvrtc::{result, sys};
+    let src = kernel_source(name).ok_or_else(|| GpuError::Shape(format!("no kernel {name}")))?;
+    let err = |log: String| GpuError::Compile {
+        kernel: name.to_string(),
+        arch: arch.to_string(),
+        log,
+    };
+    let src = CString::new(src).map_err(|e| err(e.to_string()))?;
+    let prog = result::create_program(&src, None).map_err(|e| err(e.to_string()))?;
+    let opts = [format!("--gpu-architecture={arch}"), "-default-device".to_string()];
+    // SAFETY: `prog` is a live program created above; it is destroyed exactly once, at the end of this function.
+    let out = unsafe {
+        match result::compile_program(prog, &opts) {
+            Err(e) => {
+                let log = result::get_program_log(prog)
+                    .map(|l| String::from_utf8_lossy(&l.iter().map(|&c| c as u8).collect::<Vec<_>>()).into_owned())
+                    .unwrap_or_default();
+                Err(err(format!("{e}: {log}")))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                let r = sys::nvrtcGetCUBINSize(prog, &mut size);
+                if r != sys::nvrtcResult::NVRTC_SUCCESS {
+                    Err(err(format!("nvrtcGetCUBINSize: {r:?}")))
+                } else {
+                    let mut buf = vec![0u8; size];
+                    let r = sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut std::ffi::c_char);
+                    if r != sys::nvrtcResult::NVRTC_SUCCESS {
+                        Err(err(format!("nvrtcGetCUBIN: {r:?}")))
+                    } else {
+                        Ok(buf)
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: see above; `prog` is not used after this.
+    let _ = unsafe { result::destroy_program(prog) };
+    out
+}
+
+impl Gpu {
+    /// Open device `ordinal`: probe the libraries, create the context, compile and load every kernel.
+    pub fn open(ordinal: usize) -> Result<Gpu, GpuError> {
+        // SAFETY: the probes only try to dlopen the libraries (cudarc would panic on first use without them).
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(GpuError::NoDriver);
+        }
+        // SAFETY: as above, for NVRTC.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(GpuError::NoNvrtc);
+        }
+        let ctx = CudaContext::new(ordinal).map_err(drv)?;
+        let (major, minor) = ctx.compute_capability().map_err(drv)?;
+        let arch = format!("sm_{major}{minor}");
+        let name = ctx.name().map_err(drv)?;
+        let stream = ctx.default_stream();
+        let load = |file: &str, func: &str| -> Result<CudaFunction, GpuError> {
+            let cubin = compile_cubin(file, &arch)?;
+            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(drv)?;
+            module.load_function(func).map_err(drv)
+        };
+        Ok(Gpu {
+            quantize: load("kv_quant.cu", "pmkvq_kv_quantize")?,
+            shrink: load("kv_shrink.cu", "pmkvq_kv_shrink")?,
+            attn: load("kv_attention.cu", "pmkvq_attn_decode")?,
+            combine: load("kv_attention.cu", "pmkvq_attn_combine")?,
+            ctx,
+            stream,
+            name,
+            arch,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `sm_XY` the kernels were compiled for.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// (free, total) device memory: `cuMemGetInfo`.
+    pub fn mem_info(&self) -> Result<(usize, usize), GpuError> {
+        self.ctx.mem_get_info().map_err(drv)
+    }
+
+    fn up<T: DeviceRepr + Copy + Default>(&self, v: &[T]) -> Result<CudaSlice<T>, GpuError> {
+        // Zero-length buffers are padded to one element (a zero-size allocation is an error for the driver).
+        if v.is_empty() {
+            return self.stream.clone_htod(&[T::default()]).map_err(drv);
+        }
+        self.stream.clone_htod(v).map_err(drv)
+    }
+
+    fn halves(v: &[f16]) -> Vec<u16> {
+        v.iter().map(|h| h.to_bits()).collect()
+    }
+
+    /// Quantize tokens (`x`: whole tokens of `kv_heads·head_dim`) into packed rows on the device.
+    pub fn quantize(
+        &self,
+        x: &[f32],
+        kv_heads: usize,
+        head_dim: usize,
+        g: usize,
+        bits: Bits,
+    ) -> Result<PackedRows, GpuError> {
+        check_quantize(x.len(), kv_heads * head_dim, g)?;
+        let groups = x.len() / g;
+        let mut out = PackedRows::new(bits, g, kv_heads, head_dim, crate::kvcache::quant::OffsetMode::Stored);
+        if groups == 0 {
+            return Ok(out);
+        }
+        let dx = self.up(x)?;
+        let mut data = self
+            .stream
+            .alloc_zeros::<u8>(groups * bits.group_bytes(g))
+            .map_err(drv)?;
+        let mut scale = self.stream.alloc_zeros::<u16>(groups).map_err(drv)?;
+        let mut offset = self.stream.alloc_zeros::<u16>(groups).map_err(drv)?;
+        let (n, gi, bi) = (groups as i32, g as i32, bits.count() as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (groups.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.quantize);
+        b.arg(&dx)
+            .arg(&n)
+            .arg(&gi)
+            .arg(&bi)
+            .arg(&mut data)
+            .arg(&mut scale)
+            .arg(&mut offset);
+        // SAFETY: the argument list matches pmkvq_kv_quantize's signature; buffers hold `groups` groups as
+        // checked above; the kernel guards its index.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        out.data = self.stream.clone_dtoh(&data).map_err(drv)?;
+        out.scale = self
+            .stream
+            .clone_dtoh(&scale)
+            .map_err(drv)?
+            .into_iter()
+            .map(f16::from_bits)
+            .collect();
+        out.offset = self
+            .stream
+            .clone_dtoh(&offset)
+            .map_err(drv)?
+            .into_iter()
+            .map(f16::from_bits)
+            .collect();
+        Ok(out)
+    }
+
+    /// Lower rows one level on the device.
+    pub fn shrink(&self, rows: &PackedRows, mode: ShiftMode) -> Result<PackedRows, GpuError> {
+        check_shrink(rows)?;
+        let lower = rows.bits.halved().expect("checked: above the floor");
+        let groups = rows.scale.len();
+        let mut out = rows.empty_like(lower);
+        if groups == 0 {
+            return Ok(out);
+        }
+        let din = self.up(&rows.data)?;
+        let mut dout = self.stream.alloc_zeros::<u8>(groups * out.group_bytes()).map_err(drv)?;
+        let mut scale = self.up(&Self::halves(&rows.scale))?;
+        let mut offset = self.up(&Self::halves(&rows.offset))?;
+        let (n, gi, bi, m) = (groups as i32, rows.group as i32, rows.bits.count() as i32, mode as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (groups.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.shrink);
+        b.arg(&din)
+            .arg(&n)
+            .arg(&gi)
+            .arg(&bi)
+            .arg(&m)
+            .arg(&mut dout)
+            .arg(&mut scale)
+            .arg(&mut offset);
+        // SAFETY: arguments match pmkvq_kv_shrink; the input holds `groups` groups at `bits`, the output room for
+        // them one level down, the parameters one entry per group (checked above).
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        out.data = self.stream.clone_dtoh(&dout).map_err(drv)?;
+        out.scale = self
+            .stream
+            .clone_dtoh(&scale)
+            .map_err(drv)?
+            .into_iter()
+            .map(f16::from_bits)
+            .collect();
+        out.offset = self
+            .stream
+            .clone_dtoh(&offset)
+            .map_err(drv)?
+            .into_iter()
+            .map(f16::from_bits)
+            .collect();
+        Ok(out)
+    }
+
+    /// Decode attention of one query token over one layer (split-K with `chunk` tokens per split).
+    pub fn attention_decode(
+        &self,
+        g: KvGeometry,
+        layer: &LayerSegments<'_>,
+        q: &[f32],
+        cur: Option<(&[f32], &[f32])>,
+        chunk: usize,
+    ) -> Result<Vec<f32>, GpuError> {
+        let shapes = |s: &[&PackedRows; 3]| [SegmentShape::of(s[0]), SegmentShape::of(s[1]), SegmentShape::of(s[2])];
+        check_attention(
+            g,
+            q.len(),
+            cur.map(|(k, v)| (k.len(), v.len())),
+            &shapes(&layer.k),
+            &shapes(&layer.v),
+        )?;
+        let chunk = chunk.clamp(32, 1 << 20);
+        let mut keep = Vec::new();
+        let mut seg = |r: &PackedRows| -> Result<SegArg, GpuError> {
+            let data = self.up(&r.data)?;
+            let scale = self.up(&Self::halves(&r.scale))?;
+            let offset = self.up(&Self::halves(&r.offset))?;
+            // One stream orders every use: the raw addresses outlive their guards safely.
+            let d = data.device_ptr(&self.stream).0;
+            let s = scale.device_ptr(&self.stream).0;
+            let o = offset.device_ptr(&self.stream).0;
+            let arg = SegArg {
+                data: d,
+                scale: s,
+                offset: o,
+                len: r.len() as i32,
+                bits: r.bits.count() as i32,
+            };
+            keep.push((data, scale, offset));
+            Ok(arg)
+        };
+        let mut view = ViewArg::default();
+        for i in 0..3 {
+            view.k[i] = seg(layer.k[i])?;
+            view.v[i] = seg(layer.v[i])?;
+        }
+        let curs = match cur {
+            Some((k, v)) => Some((self.up(k)?, self.up(v)?)),
+            None => None,
+        };
+        if let Some((k, v)) = &curs {
+            view.k_cur = k.device_ptr(&self.stream).0;
+            view.v_cur = v.device_ptr(&self.stream).0;
+        }
+        let total = layer.k.iter().map(|s| s.len()).sum::<usize>() + usize::from(cur.is_some());
+        let splits = total.div_ceil(chunk).max(1);
+        let dq = self.up(q)?;
+        let mut work = self
+            .stream
+            .alloc_zeros::<f32>(g.q_heads * splits * (2 + g.head_dim))
+            .map_err(drv)?;
+        let mut out = self.stream.alloc_zeros::<f32>(g.q_dim()).map_err(drv)?;
+        let (qh, kvh, d, grp) = (
+            g.q_heads as i32,
+            g.kv_heads as i32,
+            g.head_dim as i32,
+            layer.k[1].group as i32,
+        );
+        let (sm, ch, sp) = (1.0f32 / (g.head_dim as f32).sqrt(), chunk as i32, splits as i32);
+        let mut b = self.stream.launch_builder(&self.attn);
+        b.arg(&view)
+            .arg(&dq)
+            .arg(&qh)
+            .arg(&kvh)
+            .arg(&d)
+            .arg(&grp)
+            .arg(&sm)
+            .arg(&ch)
+            .arg(&mut work);
+        let cfg = LaunchConfig {
+            grid_dim: (g.q_heads as u32, splits as u32, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match pmkvq_attn_decode; every segment's buffers were uploaded above and stay alive
+        // (`keep`, `curs`) until the stream is synchronized by the copy back below; shapes checked on the host.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        let mut c = self.stream.launch_builder(&self.combine);
+        c.arg(&work).arg(&sp).arg(&d).arg(&mut out);
+        let cfg = LaunchConfig {
+            grid_dim: (g.q_heads as u32, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match pmkvq_attn_combine; `work` holds q_heads × splits partials.
+        unsafe { c.launch(cfg) }.map_err(drv)?;
+        let res = self.stream.clone_dtoh(&out).map_err(drv)?;
+        drop(keep);
+        drop(curs);
+        Ok(res)
+    }
+}
+
+/// `cuMemGetInfo` as a memory sampler for the budget policy.
+pub struct CudaDeviceMemory {
+    pub gpu: Arc<Gpu>,
+}
+
+impl DeviceMemory for CudaDeviceMemory {
+    fn sample(&mut self) -> Option<DeviceSample> {
+        self.gpu.mem_info().ok().map(|(free, total)| DeviceSample {
+            total: total as u64,
+            free: free as u64,
+        })
+    }
+}
