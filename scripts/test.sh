@@ -24,3 +24,10 @@ cargo test --release --all-targets
 echo "== the GPU build (feature cuda-kernels: cudarc with dynamic loading, no CUDA toolkit needed) and its CPU-side tests"
 cargo clippy --release --all-targets --features cuda-kernels -- -D warnings
 cargo test --release --features cuda-kernels --lib --test gpu_kernels --test cuda_header
+echo "== systemd unit: verify and security exposure (target <= 3.0)"
+unit=$(mktemp -d)/pmkvqd.service
+sed "s|/usr/bin/pmkvqd|$CARGO_TARGET_DIR/release/pmkvqd|" systemd/pmkvqd.service > "$unit"
+systemd-analyze verify "$unit"
+exposure=$(systemd-analyze security --offline=true "$unit" | sed -n 's/.*Overall exposure level for pmkvqd.service: \([0-9.]*\).*/\1/p')
+echo "systemd-analyze security: exposure $exposure"
+awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 3.0) }' || { echo "test: unit exposure $exposure > 3.0" >&2; exit 1; }

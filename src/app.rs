@@ -53,8 +53,35 @@ impl AppError {
     }
 }
 
+/// A configuration reload (SIGHUP): the budget-related settings to apply.
+pub struct Reload {
+    pub memory_cap: crate::memory::OperatorCap,
+    pub memory_policy: crate::memory::PolicyConfig,
+}
+
+/// How often the service status line is refreshed when running under systemd.
+const STATUS_EVERY: Duration = Duration::from_secs(5);
+
+/// Tell systemd (a no-op outside a notify unit).
+fn notify(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify");
+    }
+}
+
 /// Serve until `shutdown` resolves, then drain. Returns when the daemon has stopped.
 pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output = ()> + Send) -> Result<(), AppError> {
+    let (_tx, reloads) = tokio::sync::mpsc::channel(1);
+    run_with_reload(cfg, listener, shutdown, reloads).await
+}
+
+/// [`run`], also applying configuration reloads (SIGHUP in `pmkvqd`) to the memory budget.
+pub async fn run_with_reload(
+    cfg: Config,
+    listener: Listener,
+    shutdown: impl Future<Output = ()> + Send,
+    mut reloads: tokio::sync::mpsc::Receiver<Reload>,
+) -> Result<(), AppError> {
     // The first budget comes before anything is served, so the engine never runs without one.
     // The device: today a GPU contributes its memory figures (the KV cache lives in host memory until the
     // CUDA cache lands); a requested device that cannot be opened stops the start.
@@ -82,7 +109,7 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
 
     let (health, health_svc) = server::health_service().await;
     let service = GrpcService::new();
-    let admin = AdminService::new(service.engine_cell(), budget_rx.clone(), cap_tx);
+    let admin = AdminService::new(service.engine_cell(), budget_rx.clone(), cap_tx.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let addr = match &listener {
         Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -164,15 +191,51 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
             profile = info.profile.as_ref().map(|p| p.path.display().to_string()),
             "serving"
         );
-        tokio::select! {
-            _ = &mut shutdown => {}
-            r = &mut transport => {
-                // The transport died under us: nothing can reach the engine any more.
-                engine.drain(Duration::ZERO);
-                return match r {
-                    Ok(Err(e)) => Err(e.into()),
-                    _ => Err(AppError::Join("the gRPC server stopped".into())),
-                };
+        // READY only now: the model is loaded and a warm-up step ran.
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status_line(&engine)),
+        ]);
+        // Watchdog pings follow the engine thread's heartbeat, not the runtime: a wedged engine gets the
+        // service restarted even though gRPC still answers.
+        let watchdog = sd_notify::watchdog_enabled();
+        let tick_every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+        let mut tick = tokio::time::interval(tick_every);
+        let mut last_status = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                r = &mut transport => {
+                    // The transport died under us: nothing can reach the engine any more.
+                    engine.drain(Duration::ZERO);
+                    return match r {
+                        Ok(Err(e)) => Err(e.into()),
+                        _ => Err(AppError::Join("the gRPC server stopped".into())),
+                    };
+                }
+                Some(r) = reloads.recv() => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let req = memory::CapRequest { cap: r.memory_cap, policy: Some(r.memory_policy), reply: tx };
+                    if cap_tx.send(req).await.is_ok() {
+                        if let Ok(b) = rx.await {
+                            tracing::info!(budget_bytes = b.bytes, source = b.source.as_str(), "configuration reloaded");
+                        }
+                    }
+                    notify(&[sd_notify::NotifyState::Status(&status_line(&engine))]);
+                }
+                _ = tick.tick() => {
+                    if let Some(w) = watchdog {
+                        if engine.status().heartbeat.elapsed() < w {
+                            notify(&[sd_notify::NotifyState::Watchdog]);
+                        } else {
+                            tracing::error!("engine heartbeat is stale; withholding the watchdog ping");
+                        }
+                    }
+                    if last_status.elapsed() >= STATUS_EVERY {
+                        last_status = tokio::time::Instant::now();
+                        notify(&[sd_notify::NotifyState::Status(&status_line(&engine))]);
+                    }
+                }
             }
         }
     }
@@ -181,6 +244,10 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
     let grace = cfg.shutdown_grace;
     tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: draining");
     server::set_health(&health, ServingStatus::NotServing).await;
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("draining"),
+    ]);
     engine.drain(grace);
     let _ = stop_tx.send(());
     // The engine ends every stream (completed, or cancelled at the deadline) and then exits.
@@ -198,6 +265,20 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// One line for `systemctl status`: sequences, KV use against the budget and what sets it.
+fn status_line(engine: &EngineHandle) -> String {
+    let s = engine.status();
+    format!(
+        "serving: {} running, {} queued, {} preempted; KV {:.1} of {:.1} MiB (budget set by {})",
+        s.running(),
+        s.queued(),
+        s.preempted(),
+        s.kv_true_bytes as f64 / (1u64 << 20) as f64,
+        s.budget_bytes as f64 / (1u64 << 20) as f64,
+        s.budget_source
+    )
 }
 
 /// Load the model and profile, and start the engine thread (blocking: run off the runtime).

@@ -57,7 +57,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(EX_OSERR);
             }
         };
-        match pmkvq::app::run(cfg, listener, shutdown_signal()).await {
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(reload_on_sighup(reload_tx));
+        match pmkvq::app::run_with_reload(cfg, listener, shutdown_signal(), reload_rx).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "pmkvqd failed");
@@ -79,6 +81,34 @@ async fn bind(addr: &config::ListenAddr) -> std::io::Result<pmkvq::server::Liste
             Ok(Listener::Unix(tokio::net::UnixListener::bind(p)?))
         }
     }
+}
+
+/// SIGHUP: read the configuration again (file, environment, this process's flags) and hand the budget-related
+/// part to the daemon; an invalid configuration is logged and ignored (the running one stays).
+async fn reload_on_sighup(tx: tokio::sync::mpsc::Sender<pmkvq::app::Reload>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match config::load(std::env::args_os().collect(), &|k| std::env::var(k).ok()) {
+                Ok(Action::Run(cfg, _)) => {
+                    let r = pmkvq::app::Reload {
+                        memory_cap: cfg.memory_cap,
+                        memory_policy: cfg.memory_policy.clone(),
+                    };
+                    if tx.send(r).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Action::PrintConfig(_)) => {}
+                Err(e) => tracing::error!(error = %e, "SIGHUP: configuration not reloaded"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tx;
 }
 
 /// Resolves on SIGTERM (systemd, docker stop) or SIGINT (Ctrl-C).

@@ -99,6 +99,8 @@ pub struct EngineStatus {
     pub completed: u64,
     pub generated_tokens: u64,
     pub started: Instant,
+    /// When the engine thread last went round its loop (the service watchdog pings only while this is fresh).
+    pub heartbeat: Instant,
     /// The KV budget the engine works under (all sequences together).
     pub budget_bytes: usize,
     pub budget_source: &'static str,
@@ -125,6 +127,7 @@ impl EngineStatus {
             completed: 0,
             generated_tokens: 0,
             started: Instant::now(),
+            heartbeat: Instant::now(),
             budget_bytes: 0,
             budget_source: "host",
             preemptions: 0,

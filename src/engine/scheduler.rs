@@ -846,6 +846,7 @@ impl Engine {
         self.snapshot.kv_true_bytes = seqs.iter().map(|s| s.kv.true_bytes).sum();
         self.snapshot.sequences = seqs;
         self.snapshot.draining = self.drain.borrow().is_some();
+        self.snapshot.heartbeat = Instant::now();
         self.status.send_replace(Arc::new(self.snapshot.clone()));
     }
 

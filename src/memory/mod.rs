@@ -29,8 +29,13 @@ pub enum MemoryError {
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Operator requests to the monitor task: a new cap, answered with the budget it produces.
-pub type CapRequest = (OperatorCap, oneshot::Sender<Budget>);
+/// Operator requests to the monitor task: a new cap (and, on a configuration reload, new policy settings),
+/// answered with the budget it produces.
+pub struct CapRequest {
+    pub cap: OperatorCap,
+    pub policy: Option<PolicyConfig>,
+    pub reply: oneshot::Sender<Budget>,
+}
 
 /// Commands to the monitor task are rare (an operator's RPC); a few in flight is plenty.
 pub const CAP_CHANNEL: usize = 4;
@@ -52,7 +57,10 @@ pub async fn run_monitor(
         let reply = tokio::select! {
             _ = tick.tick() => None,
             req = caps.recv() => match req {
-                Some((cap, reply)) => {
+                Some(CapRequest { cap, policy: settings, reply }) => {
+                    if let Some(s) = settings {
+                        policy.set_config(s);
+                    }
                     policy.set_cap(cap);
                     Some(reply)
                 }

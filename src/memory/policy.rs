@@ -102,6 +102,12 @@ impl Policy {
         self.cap
     }
 
+    /// New settings (a configuration reload); the next `evaluate` publishes their effect.
+    pub fn set_config(&mut self, cfg: PolicyConfig) {
+        self.cfg = cfg;
+        self.last = None;
+    }
+
     /// A new operator setting; the next `evaluate` publishes its effect whatever the hysteresis.
     pub fn set_cap(&mut self, cap: OperatorCap) {
         self.cap = cap;

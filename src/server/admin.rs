@@ -95,7 +95,11 @@ impl PmkvqAdmin for AdminService {
         };
         let (tx, rx) = oneshot::channel();
         self.caps
-            .send((cap, tx))
+            .send(CapRequest {
+                cap,
+                policy: None,
+                reply: tx,
+            })
             .await
             .map_err(|_| Status::unavailable("the memory monitor is not running"))?;
         let b = tokio::time::timeout(CAP_REPLY_TIMEOUT, rx)
