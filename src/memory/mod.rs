@@ -12,7 +12,8 @@ mod samplers;
 
 pub use policy::{Budget, BudgetSource, OperatorCap, Policy, PolicyConfig};
 pub use samplers::{
-    CgroupSampler, DeviceMemory, DeviceSample, HostSampler, MemorySample, Monitor, NoDevice, PsiSampler, StaticDevice,
+    is_tegra, CgroupSampler, DeviceMemory, DeviceSample, HostSampler, MemorySample, Monitor, NoDevice, PsiSampler,
+    StaticDevice,
 };
 
 #[derive(Debug, thiserror::Error)]

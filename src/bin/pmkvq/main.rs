@@ -40,6 +40,19 @@ enum Cmd {
     Generate(Box<GenerateArgs>),
     /// Show pmkvqd's running and queued sequences with their KV bytes and bits per layer.
     Status(StatusArgs),
+    /// Check this machine for serving: platform (Jetson/L4T, GPU, CPU features), memory, model, profile;
+    /// prints a recommended configuration. Exit 1 when something blocks serving.
+    Doctor {
+        /// Read /proc, /sys, /etc and /dev below this directory.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// The model pmkvqd would serve [default: models/SmolLM2-135M-Instruct.Q4_1.gguf].
+        #[arg(long, env = "PMKVQ_MODEL")]
+        model: Option<PathBuf>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change pmkvqd's KV memory budget at run time.
     #[command(subcommand)]
     Budget(BudgetCmd),
@@ -288,6 +301,20 @@ fn main() -> ExitCode {
         Cmd::Generate(a) => cmd_generate(*a),
         Cmd::Status(a) => cmd_status(a),
         Cmd::Budget(b) => cmd_budget(b),
+        Cmd::Doctor { root, model, json } => {
+            let model = model.unwrap_or_else(|| fetch::default_model_path(std::path::Path::new("models")));
+            let r = pmkvq::doctor::examine(&root, &model);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                print!("{}", r.render());
+            }
+            if r.blockers.is_empty() {
+                Ok(())
+            } else {
+                return ExitCode::from(1);
+            }
+        }
         Cmd::Eval(EvalCmd::Divergence(a)) => cmd_divergence(*a),
         Cmd::Calibrate(a) => cmd_calibrate(*a),
         Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
