@@ -35,3 +35,12 @@ systemd-analyze verify "$unit"
 exposure=$(systemd-analyze security --offline=true "$unit" | sed -n 's/.*Overall exposure level for pmkvqd.service: \([0-9.]*\).*/\1/p')
 echo "systemd-analyze security: exposure $exposure"
 awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 3.0) }' || { echo "test: unit exposure $exposure > 3.0" >&2; exit 1; }
+echo "== .deb package"
+deb=$(deploy/build-deb.sh "$(mktemp -d)")
+contents=$(dpkg-deb -c "$deb" | awk '{print $NF}')
+echo "$contents"
+for f in ./usr/bin/pmkvqd ./usr/bin/pmkvq ./lib/systemd/system/pmkvqd.service ./etc/pmkvq/pmkvqd.toml; do
+  grep -qx "$f" <<<"$contents" || { echo "test: $f missing from $deb" >&2; exit 1; }
+done
+echo "== aarch64 (Jetson CPU) cross build"
+scripts/cross-aarch64.sh build
