@@ -5,8 +5,8 @@
 //! `cargo run --release --example gpu_vectors -- DIR`
 
 use half::f16;
-use pmkvq::kvcache::attention::softmax_in_place;
-use pmkvq::kvcache::quant::{scalar, Bits, OffsetMode, PackedRows, ShiftMode};
+use pmkvq::kvcache::attention::decode_reference;
+use pmkvq::kvcache::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
 use std::io::Write;
 
 struct Out(Vec<u8>);
@@ -144,34 +144,19 @@ fn main() -> std::io::Result<()> {
         let q = values(qh * d, 300 + ci as u64);
         let kc = values(kv_dim, 400 + ci as u64);
         let vc = values(kv_dim, 500 + ci as u64);
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0.0f32; qh * d];
-        for h in 0..qh {
-            let kv = h / (qh / kvh);
-            let qv = &q[h * d..(h + 1) * d];
-            let mut p = vec![0.0f32; ctx + 1];
-            let mut off = 0;
-            for s in &ks {
-                scalar::scores(s, kv, qv, scale, &mut p[off..off + s.len()]);
-                off += s.len();
-            }
-            p[ctx] = qv
-                .iter()
-                .zip(&kc[kv * d..(kv + 1) * d])
-                .map(|(a, b)| a * b)
-                .sum::<f32>()
-                * scale;
-            softmax_in_place(&mut p);
-            let o_h = &mut out[h * d..(h + 1) * d];
-            let mut off = 0;
-            for s in &vs {
-                scalar::accumulate(s, kv, &p[off..off + s.len()], o_h);
-                off += s.len();
-            }
-            for (a, x) in o_h.iter_mut().zip(&vc[kv * d..(kv + 1) * d]) {
-                *a += p[ctx] * x;
-            }
-        }
+        let geom = pmkvq::kvcache::KvGeometry {
+            layers: 1,
+            q_heads: qh,
+            kv_heads: kvh,
+            head_dim: d,
+        };
+        let out = decode_reference(
+            geom,
+            [&ks[0], &ks[1], &ks[2]],
+            [&vs[0], &vs[1], &vs[2]],
+            &q,
+            Some((&kc, &vc)),
+        );
         for v in [qh, kvh, d, g, ctx, bits.count() as usize] {
             o.u32(v as u32);
         }

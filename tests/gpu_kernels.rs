@@ -5,8 +5,8 @@
 #![cfg(feature = "cuda-kernels")]
 
 use pmkvq::gpu::{Gpu, GpuError, LayerSegments};
-use pmkvq::kvcache::attention::softmax_in_place;
-use pmkvq::kvcache::quant::{scalar, Bits, OffsetMode, PackedRows, ShiftMode};
+use pmkvq::kvcache::attention::decode_reference;
+use pmkvq::kvcache::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
 use pmkvq::kvcache::KvGeometry;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -119,34 +119,13 @@ fn decode_attention_matches_the_cpu_at_every_width_up_to_32k() {
                 ];
                 let q = values(qh * d, seed + 2);
                 let (kc, vc) = (values(kv_dim, seed + 3), values(kv_dim, seed + 4));
-                let scale = 1.0 / (d as f32).sqrt();
-                let mut want = vec![0.0f32; qh * d];
-                for h in 0..qh {
-                    let kv = h / (qh / kvh);
-                    let qv = &q[h * d..(h + 1) * d];
-                    let mut p = vec![0.0f32; ctx + 1];
-                    let mut off = 0;
-                    for s in &ks {
-                        scalar::scores(s, kv, qv, scale, &mut p[off..off + s.len()]);
-                        off += s.len();
-                    }
-                    p[ctx] = qv
-                        .iter()
-                        .zip(&kc[kv * d..(kv + 1) * d])
-                        .map(|(a, b)| a * b)
-                        .sum::<f32>()
-                        * scale;
-                    softmax_in_place(&mut p);
-                    let o = &mut want[h * d..(h + 1) * d];
-                    let mut off = 0;
-                    for s in &vs {
-                        scalar::accumulate(s, kv, &p[off..off + s.len()], o);
-                        off += s.len();
-                    }
-                    for (a, x) in o.iter_mut().zip(&vc[kv * d..(kv + 1) * d]) {
-                        *a += p[ctx] * x;
-                    }
-                }
+                let want = decode_reference(
+                    geom,
+                    [&ks[0], &ks[1], &ks[2]],
+                    [&vs[0], &vs[1], &vs[2]],
+                    &q,
+                    Some((&kc, &vc)),
+                );
                 let layer = LayerSegments {
                     k: [&ks[0], &ks[1], &ks[2]],
                     v: [&vs[0], &vs[1], &vs[2]],

@@ -503,28 +503,15 @@ impl Engine {
         // Running sequences.
         for s in &mut self.running {
             // A paused sequence resumes as soon as its client has taken the held events.
-            if s.client_gone() || !s.flush() {
-                tracing::debug!(request_id = %s.id(), "client gone; cache freed");
-                s.release_kv();
-                s.finished = true;
-            } else if s.req.time_limit.is_some_and(|l| now >= s.arrived() + l) {
-                s.finish(FinishReason::TimeLimit, None);
-            } else if grace_over {
-                s.finish(FinishReason::Cancelled, None);
-            }
+            let gone = s.client_gone() || !s.flush();
+            expire(s, gone, now, grace_over);
         }
         // Preempted sequences: the same rules (their spill files go with them).
         let mut i = 0;
         while i < self.spilled.len() {
             let s = &mut self.spilled[i];
-            if s.client_gone() {
-                s.release_kv();
-                s.finished = true;
-            } else if s.req.time_limit.is_some_and(|l| now >= s.arrived() + l) {
-                s.finish(FinishReason::TimeLimit, None);
-            } else if grace_over {
-                s.finish(FinishReason::Cancelled, None);
-            }
+            let gone = s.client_gone();
+            expire(s, gone, now, grace_over);
             if s.finished {
                 let s = self.spilled.swap_remove(i);
                 self.settle(s);
@@ -861,6 +848,19 @@ impl Engine {
             std::thread::sleep(PAUSED_POLL);
         }
         self.publish();
+    }
+}
+
+/// End `s` if its client is gone (cache freed, nothing to send), its time limit passed, or the drain's grace ended.
+fn expire(s: &mut Sequence, client_gone: bool, now: Instant, grace_over: bool) {
+    if client_gone {
+        tracing::debug!(request_id = %s.id(), "client gone; cache freed");
+        s.release_kv();
+        s.finished = true;
+    } else if s.req.time_limit.is_some_and(|l| now >= s.arrived() + l) {
+        s.finish(FinishReason::TimeLimit, None);
+    } else if grace_over {
+        s.finish(FinishReason::Cancelled, None);
     }
 }
 

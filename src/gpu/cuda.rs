@@ -152,6 +152,29 @@ impl Gpu {
         self.stream.clone_htod(v).map_err(drv)
     }
 
+    /// Copy packed codes and f16 parameters back into `out`.
+    fn download(
+        &self,
+        out: &mut PackedRows,
+        data: &CudaSlice<u8>,
+        scale: &CudaSlice<u16>,
+        offset: &CudaSlice<u16>,
+    ) -> Result<(), GpuError> {
+        let halves = |d: &CudaSlice<u16>| -> Result<Vec<f16>, GpuError> {
+            Ok(self
+                .stream
+                .clone_dtoh(d)
+                .map_err(drv)?
+                .into_iter()
+                .map(f16::from_bits)
+                .collect())
+        };
+        out.data = self.stream.clone_dtoh(data).map_err(drv)?;
+        out.scale = halves(scale)?;
+        out.offset = halves(offset)?;
+        Ok(())
+    }
+
     fn halves(v: &[f16]) -> Vec<u16> {
         v.iter().map(|h| h.to_bits()).collect()
     }
@@ -195,21 +218,7 @@ impl Gpu {
         // SAFETY: the argument list matches pmkvq_kv_quantize's signature; buffers hold `groups` groups as
         // checked above; the kernel guards its index.
         unsafe { b.launch(cfg) }.map_err(drv)?;
-        out.data = self.stream.clone_dtoh(&data).map_err(drv)?;
-        out.scale = self
-            .stream
-            .clone_dtoh(&scale)
-            .map_err(drv)?
-            .into_iter()
-            .map(f16::from_bits)
-            .collect();
-        out.offset = self
-            .stream
-            .clone_dtoh(&offset)
-            .map_err(drv)?
-            .into_iter()
-            .map(f16::from_bits)
-            .collect();
+        self.download(&mut out, &data, &scale, &offset)?;
         Ok(out)
     }
 
@@ -244,21 +253,7 @@ impl Gpu {
         // SAFETY: arguments match pmkvq_kv_shrink; the input holds `groups` groups at `bits`, the output room for
         // them one level down, the parameters one entry per group (checked above).
         unsafe { b.launch(cfg) }.map_err(drv)?;
-        out.data = self.stream.clone_dtoh(&dout).map_err(drv)?;
-        out.scale = self
-            .stream
-            .clone_dtoh(&scale)
-            .map_err(drv)?
-            .into_iter()
-            .map(f16::from_bits)
-            .collect();
-        out.offset = self
-            .stream
-            .clone_dtoh(&offset)
-            .map_err(drv)?
-            .into_iter()
-            .map(f16::from_bits)
-            .collect();
+        self.download(&mut out, &dout, &scale, &offset)?;
         Ok(out)
     }
 
