@@ -15,15 +15,19 @@ use tokio::sync::watch;
 const MAX_REQUEST: usize = 8 << 10;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// One metric family: HELP, TYPE and its samples (`labels` like `{layer="3"}`, or empty).
+fn family(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(o, "# HELP pmkvq_{name} {help}\n# TYPE pmkvq_{name} {kind}");
+    for (labels, v) in samples {
+        let _ = writeln!(o, "pmkvq_{name}{labels} {v}");
+    }
+}
+
 /// The exposition text for one status snapshot and budget.
 pub fn render(st: &EngineStatus, b: &Budget, layers: usize) -> String {
     let mut o = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(o, "# HELP pmkvq_{name} {help}\n# TYPE pmkvq_{name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(o, "pmkvq_{name}{labels} {v}");
-        }
-    };
+    let mut metric =
+        |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| family(&mut o, name, kind, help, samples);
     let one = |v: f64| vec![(String::new(), v)];
     let finished: Vec<(String, f64)> = st
         .finish_counts
@@ -66,18 +70,16 @@ pub fn render(st: &EngineStatus, b: &Budget, layers: usize) -> String {
         "Batched forward passes.",
         &one(st.steps as f64),
     );
-    let _ = writeln!(
-        o,
-        "# HELP pmkvq_ttft_seconds Time to first token.\n# TYPE pmkvq_ttft_seconds summary\n\
-         pmkvq_ttft_seconds_sum {}\npmkvq_ttft_seconds_count {}",
-        st.ttft_sum_s, st.ttft_count
+    // TTFT is a summary (sum and count), not plain samples.
+    metric(
+        "ttft_seconds",
+        "summary",
+        "Time to first token.",
+        &[
+            ("_sum".to_string(), st.ttft_sum_s),
+            ("_count".to_string(), st.ttft_count as f64),
+        ],
     );
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(o, "# HELP pmkvq_{name} {help}\n# TYPE pmkvq_{name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(o, "pmkvq_{name}{labels} {v}");
-        }
-    };
     metric(
         "kv_bytes",
         "gauge",
