@@ -277,7 +277,7 @@ fn status_line(engine: &EngineHandle) -> String {
         s.preempted(),
         s.kv_true_bytes as f64 / (1u64 << 20) as f64,
         s.budget_bytes as f64 / (1u64 << 20) as f64,
-        s.budget_source
+        s.budget_source.as_str()
     )
 }
 

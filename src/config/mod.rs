@@ -546,26 +546,10 @@ fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
         "" => std::env::temp_dir().join("pmkvq-spill"),
         p => PathBuf::from(p),
     };
-    let memory_cap = match val("memory.budget").trim() {
-        "auto" => OperatorCap::Automatic,
-        v if v.contains('.') && v.parse::<f64>().is_ok() => match v.parse::<f64>() {
-            Ok(f) if f > 0.0 && f <= 1.0 => OperatorCap::Fraction(f),
-            _ => {
-                bad("memory.budget", format!("a fraction must be in (0, 1], got `{v}`"));
-                OperatorCap::Automatic
-            }
-        },
-        v => match parse_bytes(v) {
-            Some(b) if b > 0 => OperatorCap::Bytes(b as u64),
-            _ => {
-                bad(
-                    "memory.budget",
-                    format!("must be `auto`, a byte size such as 512MiB, or a fraction such as 0.5, got `{v}`"),
-                );
-                OperatorCap::Automatic
-            }
-        },
-    };
+    let memory_cap = val("memory.budget").parse::<OperatorCap>().unwrap_or_else(|e| {
+        bad("memory.budget", e);
+        OperatorCap::Automatic
+    });
     let reserve = parse_bytes(val("memory.reserve")).unwrap_or_else(|| {
         bad(
             "memory.reserve",

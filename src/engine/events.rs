@@ -103,7 +103,7 @@ pub struct EngineStatus {
     pub heartbeat: Instant,
     /// The KV budget the engine works under (all sequences together).
     pub budget_bytes: usize,
-    pub budget_source: &'static str,
+    pub budget_source: crate::memory::BudgetSource,
     pub preemptions: u64,
     pub resumptions: u64,
     /// Layer bodies lowered one level, all sequences since start.
@@ -129,7 +129,7 @@ impl EngineStatus {
             started: Instant::now(),
             heartbeat: Instant::now(),
             budget_bytes: 0,
-            budget_source: "host",
+            budget_source: crate::memory::BudgetSource::Host,
             preemptions: 0,
             resumptions: 0,
             requantizations: 0,

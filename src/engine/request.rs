@@ -181,17 +181,11 @@ impl Frontend {
                 if msgs.is_empty() {
                     return Err(invalid("chat.messages", "must not be empty"));
                 }
-                let bos = tok.bos.map(|b| tok.decode(&[b], true)).unwrap_or_default();
-                let eos = tok.eos.first().map(|&e| tok.decode(&[e], true)).unwrap_or_default();
-                let text = tmpl.render(msgs, true, &bos, &eos).map_err(|e| {
+                tmpl.encode(tok, msgs).map_err(|e| match e {
                     // The template's own checks name the message (`messages[2].role must be one of …`).
-                    let msg = e.to_string();
-                    let msg = msg.strip_prefix("chat template: ").unwrap_or(&msg).to_string();
-                    invalid("chat", msg)
-                })?;
-                // The template writes BOS itself where the model wants one.
-                tok.encode(&text, false)
-                    .map_err(|e| invalid("chat", format!("cannot be tokenized: {e}")))?
+                    crate::model::ModelError::Template(msg) => invalid("chat", msg),
+                    e => invalid("chat", format!("cannot be tokenized: {e}")),
+                })?
             }
             PromptInput::Tokens(ids) => {
                 if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t as usize >= self.vocab_size) {

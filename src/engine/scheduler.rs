@@ -171,6 +171,7 @@ impl EngineHandle {
             spilled: Vec::new(),
             spill_seq: 0,
             requants_done: 0,
+            f16_token_bytes: PmKvqStore::token_bytes(geom, &PmKvqConfig::pmkvq(), Bits::B16),
         };
         std::thread::Builder::new()
             .name("pmkvq-engine".into())
@@ -362,6 +363,8 @@ struct Engine {
     spill_seq: u64,
     /// Re-quantizations of sequences that are gone.
     requants_done: u64,
+    /// True bytes of one token at 16 bits in every layer (a sequence's demand is this times its length).
+    f16_token_bytes: usize,
 }
 
 /// Split `total` over sequences: each gets its floor, then the rest by weight up to its demand (water-filling).
@@ -592,15 +595,17 @@ impl Engine {
         let total = {
             let b = self.budget.borrow_and_update();
             // Status reports the budget the caches were last fitted to, never one not yet applied.
-            self.snapshot.budget_source = b.source.as_str();
+            self.snapshot.budget_source = b.source;
             b.bytes.min(usize::MAX as u64) as usize
         };
         self.snapshot.budget_bytes = total;
-        loop {
+        // Floors are computed once per round (a finished sequence holds no cache: floor 0) and reused below.
+        let floors = loop {
+            let floors: Vec<usize> = self.running.iter().map(|s| self.floor_of(s)).collect();
+            let need: usize = floors.iter().sum();
             let live: Vec<usize> = (0..self.running.len()).filter(|&i| !self.running[i].finished).collect();
-            let need: usize = live.iter().map(|&i| self.floor_of(&self.running[i])).sum();
             if need <= total || live.is_empty() {
-                break;
+                break floors;
             }
             let victim = *live
                 .iter()
@@ -613,10 +618,9 @@ impl Engine {
                 tracing::warn!(request_id = %s.id(), need, budget = total, "kv budget below this sequence's floor");
                 s.finish(FinishReason::KvBudget, None);
             }
-        }
+        };
         let chunk = self.cfg.prefill_chunk;
-        let f16_token = PmKvqStore::token_bytes(self.model.kv_geometry(), &PmKvqConfig::pmkvq(), Bits::B16);
-        let floors: Vec<usize> = self.running.iter().map(|s| self.floor_of(s)).collect();
+        let f16_token = self.f16_token_bytes;
         let demands: Vec<usize> = self
             .running
             .iter()
@@ -627,9 +631,8 @@ impl Engine {
         let alloc = water_fill(total, &floors, &demands, &weights);
         for (s, a) in self.running.iter_mut().zip(alloc) {
             let ahead = s.ahead(chunk);
-            let shares = s.req.kv.shares.clone();
             if let Some(kv) = s.kv.as_mut() {
-                if let Err(e) = kv.set_total_budget(a, shares.as_deref(), ahead) {
+                if let Err(e) = kv.set_total_budget(a, s.req.kv.shares.as_deref(), ahead) {
                     tracing::warn!(request_id = %s.id(), error = %e, "cannot apply the kv budget");
                     s.finish(FinishReason::KvBudget, None);
                 }

@@ -39,6 +39,32 @@ pub enum OperatorCap {
     Fraction(f64),
 }
 
+impl std::str::FromStr for OperatorCap {
+    type Err = String;
+    /// `auto`, a fraction with a decimal point in (0, 1] (`0.5`), or a byte size (`512MiB`, `1048576`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let v = s.trim();
+        if v == "auto" {
+            return Ok(OperatorCap::Automatic);
+        }
+        if v.contains('.') {
+            if let Ok(f) = v.parse::<f64>() {
+                return if f > 0.0 && f <= 1.0 {
+                    Ok(OperatorCap::Fraction(f))
+                } else {
+                    Err(format!("a fraction must be in (0, 1], got `{v}`"))
+                };
+            }
+        }
+        match crate::kvcache::parse_bytes(v) {
+            Some(b) if b > 0 => Ok(OperatorCap::Bytes(b as u64)),
+            _ => Err(format!(
+                "must be `auto`, a byte size such as 512MiB, or a fraction such as 0.5, got `{v}`"
+            )),
+        }
+    }
+}
+
 /// A budget as published to the engine.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Budget {

@@ -29,6 +29,15 @@ impl ChatTemplate {
         Ok(ChatTemplate { env })
     }
 
+    /// Render `messages` with a generation prompt, using the tokenizer's BOS/EOS texts, and tokenize the result
+    /// (without adding BOS: the template writes it where the model wants one).
+    pub fn encode(&self, tok: &super::Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>, ModelError> {
+        let bos = tok.bos.map(|b| tok.decode(&[b], true)).unwrap_or_default();
+        let eos = tok.eos.first().map(|&e| tok.decode(&[e], true)).unwrap_or_default();
+        let text = self.render(messages, true, &bos, &eos)?;
+        tok.encode(&text, false)
+    }
+
     /// Render `messages`; `bos`/`eos` are the texts of those tokens (some templates print them).
     pub fn render(
         &self,

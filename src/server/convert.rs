@@ -205,7 +205,7 @@ pub fn server_status(s: &EngineStatus, draining: bool) -> pb::ServerStatus {
         completed_requests: s.completed,
         generated_tokens: s.generated_tokens,
         kv_budget_bytes: s.budget_bytes as u64,
-        budget_source: budget_source_named(s.budget_source) as i32,
+        budget_source: budget_source(s.budget_source) as i32,
         preemptions: s.preemptions,
         resumptions: s.resumptions,
         requantizations: s.requantizations,
@@ -220,19 +220,6 @@ pub fn budget_source(s: BudgetSource) -> pb::BudgetSource {
         BudgetSource::Device => pb::BudgetSource::Device,
         BudgetSource::Pressure => pb::BudgetSource::Pressure,
     }
-}
-
-fn budget_source_named(name: &str) -> pb::BudgetSource {
-    [
-        BudgetSource::Operator,
-        BudgetSource::Host,
-        BudgetSource::Cgroup,
-        BudgetSource::Device,
-        BudgetSource::Pressure,
-    ]
-    .into_iter()
-    .find(|s| s.as_str() == name)
-    .map_or(pb::BudgetSource::Unspecified, budget_source)
 }
 
 pub fn memory_info(b: &Budget) -> pb::MemoryInfo {

@@ -3,7 +3,6 @@
 //! A deliberately small HTTP/1.1 responder (one request per connection, 8 KiB request limit, 5 s read timeout):
 //! scrapers need nothing more, and it keeps an HTTP framework out of the daemon.
 
-use super::convert::budget_source;
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::memory::Budget;
 use std::fmt::Write as _;
@@ -86,10 +85,8 @@ pub fn render(st: &EngineStatus, b: &Budget, layers: usize) -> String {
         "KV cache true bytes held, all sequences.",
         &one(st.kv_true_bytes as f64),
     );
-    let src = budget_source(b.source)
-        .as_str_name()
-        .trim_start_matches("BUDGET_SOURCE_")
-        .to_lowercase();
+    // The source of the budget the caches were fitted to (the engine's), not the monitor's newest figure.
+    let src = st.budget_source.as_str();
     metric(
         "kv_budget_bytes",
         "gauge",

@@ -215,15 +215,11 @@ pub(crate) fn cmd_status(a: StatusArgs) -> Result<(), Failure> {
 pub(crate) fn cmd_budget(b: BudgetCmd) -> Result<(), Failure> {
     let BudgetCmd::Set { value, server, token } = b;
     use pb::set_memory_budget_request::Budget as B;
-    let budget = match value.trim() {
-        "auto" => B::Automatic(true),
-        v if v.contains('.') && v.parse::<f64>().is_ok() => B::Fraction(v.parse().unwrap_or(0.0)),
-        v => B::Bytes(parse_bytes(v).ok_or_else(|| {
-            fail(
-                EX_USAGE,
-                anyhow::anyhow!("the budget must be bytes (256MiB), a fraction (0.5) or auto, got `{v}`"),
-            )
-        })? as u64),
+    let budget = match value.parse::<pmkvq::memory::OperatorCap>() {
+        Ok(pmkvq::memory::OperatorCap::Automatic) => B::Automatic(true),
+        Ok(pmkvq::memory::OperatorCap::Fraction(f)) => B::Fraction(f),
+        Ok(pmkvq::memory::OperatorCap::Bytes(b)) => B::Bytes(b),
+        Err(e) => return Err(fail(EX_USAGE, anyhow::anyhow!("the budget {e}"))),
     };
     runtime()?.block_on(async move {
         let ch = Channel::from_shared(endpoint(&server))

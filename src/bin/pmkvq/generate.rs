@@ -53,13 +53,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
                 role: "user".into(),
                 content: user.clone(),
             });
-            let bos = tok.bos.map(|b| tok.decode(&[b], true)).unwrap_or_default();
-            let eos = tok.eos.first().map(|&e| tok.decode(&[e], true)).unwrap_or_default();
-            let text = tmpl
-                .render(&msgs, true, &bos, &eos)
-                .map_err(|e| fail(EX_USAGE, e.into()))?;
-            // The template writes BOS itself where the model wants one.
-            tok.encode(&text, false).map_err(|e| fail(EX_USAGE, e.into()))?
+            tmpl.encode(&tok, &msgs).map_err(|e| fail(EX_USAGE, e.into()))?
         }
         (None, None) => return Err(fail(EX_USAGE, anyhow::anyhow!("one of --prompt or --chat is required"))),
     };
