@@ -1,26 +1,12 @@
 //! `pmkvq doctor` against fake machine trees: a Jetson (L4T release, device tree, GPU nodes, little memory)
 //! and an ordinary x86/arm server.
 
+mod common;
+
+use common::fake_tree::{meminfo, write};
+
 use std::path::Path;
 use std::process::Command;
-
-fn write(root: &Path, rel: &str, text: &str) {
-    let p = root.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, text).unwrap();
-}
-
-fn meminfo(root: &Path, total_mib: u64, avail_mib: u64) {
-    write(
-        root,
-        "proc/meminfo",
-        &format!(
-            "MemTotal: {} kB\nMemAvailable: {} kB\n",
-            total_mib * 1024,
-            avail_mib * 1024
-        ),
-    );
-}
 
 fn doctor(root: &Path, model: &Path, json: bool) -> (Option<i32>, String) {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pmkvq"));

@@ -1,6 +1,10 @@
 //! The memory monitor follows fake /proc and /sys trees (host, cgroup v2, PSI, a Jetson with a misleading CUDA
 //! figure): budget and source change as the files change, with hysteresis, under paused tokio time.
 
+mod common;
+
+use common::fake_tree::{meminfo, write};
+
 use pmkvq::memory::{
     self, Budget, BudgetSource, DeviceSample, Monitor, NoDevice, OperatorCap, Policy, PolicyConfig, StaticDevice,
 };
@@ -9,24 +13,6 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 const MIB: u64 = 1 << 20;
-
-fn write(root: &Path, rel: &str, text: &str) {
-    let p = root.join(rel);
-    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-    std::fs::write(p, text).unwrap();
-}
-
-fn meminfo(root: &Path, total_mib: u64, avail_mib: u64) {
-    write(
-        root,
-        "proc/meminfo",
-        &format!(
-            "MemTotal:       {} kB\nMemFree:         123456 kB\nMemAvailable:   {} kB\nBuffers:          1000 kB\n",
-            total_mib * 1024,
-            avail_mib * 1024
-        ),
-    );
-}
 
 fn psi(root: &Path, some: f64) {
     write(

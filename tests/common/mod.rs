@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod fake_tree;
 pub mod tiny;
 
 use pmkvq::model::{LoadOptions, Model, Tokenizer};
