@@ -2,7 +2,7 @@
 
 use super::kivi::KiviStore;
 use super::quant::{Bits, ShiftMode};
-use super::{F16KvStore, KeyScaled, KeyScales, KvError, KvGeometry, KvStore, PmKvqConfig, PmKvqStore};
+use super::{F16KvStore, KeyScaled, KeyScales, KvError, KvGeometry, KvStore, PmkvqConfig, PmkvqStore};
 use std::fmt;
 use std::str::FromStr;
 
@@ -11,7 +11,7 @@ pub enum KvMethod {
     /// f16 K/V, llama.cpp's default cache (the reference).
     Fp16,
     /// Progressive mixed precision (this project), with its configuration.
-    Pmkvq(PmKvqConfig),
+    Pmkvq(PmkvqConfig),
     /// Every token quantized at b bits when stored.
     Rtn(Bits),
     /// Per-channel keys in 128-token blocks, per-token values, f16 residual.
@@ -40,20 +40,20 @@ impl FromStr for KvMethod {
         match s.split_once(':') {
             None => match s {
                 "fp16" | "f16" => Ok(KvMethod::Fp16),
-                "pmkvq" => Ok(KvMethod::Pmkvq(PmKvqConfig::pmkvq())),
+                "pmkvq" => Ok(KvMethod::Pmkvq(PmkvqConfig::pmkvq())),
                 "q8_0" => Ok(KvMethod::Llama(Bits::B8)),
                 "q4_0" => Ok(KvMethod::Llama(Bits::B4)),
                 _ => Err(bad()),
             },
-            Some(("pmkvq", "direct")) => Ok(KvMethod::Pmkvq(PmKvqConfig {
+            Some(("pmkvq", "direct")) => Ok(KvMethod::Pmkvq(PmkvqConfig {
                 shift: ShiftMode::Direct,
                 name: s.to_string(),
-                ..PmKvqConfig::pmkvq()
+                ..PmkvqConfig::pmkvq()
             })),
-            Some(("pmkvq", "modified")) => Ok(KvMethod::Pmkvq(PmKvqConfig {
+            Some(("pmkvq", "modified")) => Ok(KvMethod::Pmkvq(PmkvqConfig {
                 shift: ShiftMode::Modified,
                 name: s.to_string(),
-                ..PmKvqConfig::pmkvq()
+                ..PmkvqConfig::pmkvq()
             })),
             Some(("rtn", b)) => Ok(KvMethod::Rtn(bits(b)?)),
             Some(("kivi", b)) => Ok(KvMethod::Kivi(bits(b)?)),
@@ -87,9 +87,9 @@ impl KvMethod {
         let budgets = layer_budgets.unwrap_or(&unlimited);
         Ok(match self {
             KvMethod::Fp16 => Box::new(F16KvStore::new(geom, max_tokens)),
-            KvMethod::Pmkvq(cfg) => Box::new(PmKvqStore::new(geom, cfg.clone(), budgets, max_tokens)?),
-            KvMethod::Rtn(b) => Box::new(PmKvqStore::new(geom, PmKvqConfig::rtn(*b), &unlimited, max_tokens)?),
-            KvMethod::Llama(b) => Box::new(PmKvqStore::new(geom, PmKvqConfig::llama(*b), &unlimited, max_tokens)?),
+            KvMethod::Pmkvq(cfg) => Box::new(PmkvqStore::new(geom, cfg.clone(), budgets, max_tokens)?),
+            KvMethod::Rtn(b) => Box::new(PmkvqStore::new(geom, PmkvqConfig::rtn(*b), &unlimited, max_tokens)?),
+            KvMethod::Llama(b) => Box::new(PmkvqStore::new(geom, PmkvqConfig::llama(*b), &unlimited, max_tokens)?),
             KvMethod::Kivi(b) => Box::new(KiviStore::new(geom, *b, max_tokens)),
         })
     }
@@ -100,7 +100,7 @@ impl KvMethod {
     /// sink/window cost; without shares, and for fixed-width methods (which budgets do not bind), evenly.
     pub fn layer_budgets(&self, geom: KvGeometry, total: usize, shares: Option<&[f64]>) -> Vec<usize> {
         match (self, shares) {
-            (KvMethod::Pmkvq(cfg), Some(sh)) => PmKvqStore::budgets_from_shares(geom, cfg, total, sh),
+            (KvMethod::Pmkvq(cfg), Some(sh)) => PmkvqStore::budgets_from_shares(geom, cfg, total, sh),
             _ => even_layer_budgets(total, geom.layers),
         }
     }
@@ -144,26 +144,6 @@ impl MethodSpec {
     }
 }
 
-/// Parse a byte size: `123`, `512KiB`, `64MiB`, `1.5GiB`, `2GB` (SI units are powers of 1000).
-pub fn parse_bytes(s: &str) -> Option<usize> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num.parse().ok()?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024.0 * 1024.0,
-        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        _ => return None,
-    };
-    let bytes = v * mult;
-    (bytes.is_finite() && bytes >= 0.0 && bytes < usize::MAX as f64).then_some(bytes as usize)
-}
-
 /// Split a total budget evenly over layers.
 pub fn even_layer_budgets(total: usize, layers: usize) -> Vec<usize> {
     vec![total / layers.max(1); layers]
@@ -191,15 +171,5 @@ mod tests {
         for bad in ["rtn:3", "kivi:16", "q5_0", "pm", "rtn:"] {
             assert!(bad.parse::<KvMethod>().is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn byte_sizes() {
-        assert_eq!(parse_bytes("512"), Some(512));
-        assert_eq!(parse_bytes("64MiB"), Some(64 << 20));
-        assert_eq!(parse_bytes("1.5GiB"), Some(3 << 29));
-        assert_eq!(parse_bytes("2 MB"), Some(2_000_000));
-        assert_eq!(parse_bytes("lots"), None);
-        assert_eq!(parse_bytes("-5"), None);
     }
 }

@@ -3,7 +3,7 @@
 
 use super::attention::softmax_in_place;
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
-use crate::model::kernels::{kernels, Kernels};
+use crate::cpu::{kernels, Kernels};
 use half::f16;
 use rayon::prelude::*;
 

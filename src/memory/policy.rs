@@ -56,7 +56,7 @@ impl std::str::FromStr for OperatorCap {
                 };
             }
         }
-        match crate::kvcache::parse_bytes(v) {
+        match crate::units::parse_bytes(v) {
             Some(b) if b > 0 => Ok(OperatorCap::Bytes(b as u64)),
             _ => Err(format!(
                 "must be `auto`, a byte size such as 512MiB, or a fraction such as 0.5, got `{v}`"

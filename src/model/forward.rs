@@ -1,9 +1,9 @@
 //! The decoder forward pass over a batch of sequences, each with its own KV store.
 
 use super::config::RopeLayout;
-use super::kernels::{dequantize_row, QK};
 use super::linear::{Linear, WeightData};
 use super::{Model, ModelError};
+use crate::cpu::{dequantize_row, QK};
 use crate::kvcache::KvStore;
 
 /// One sequence's new tokens in a batched forward pass.

@@ -1,10 +1,10 @@
 //! GGUF v2/v3 loading: candle's reader parses the header; tensor bytes are read with positioned reads.
 
 use super::config::ModelConfig;
-use super::kernels::{BlockFormat, QK};
 use super::linear::{Linear, WeightData};
 use super::tokenizer::{GgufVocab, Tokenizer};
 use super::{build_parts, ModelError, ModelParts, Role, WeightSource};
+use crate::cpu::{BlockFormat, QK};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul};
 use half::{bf16, f16};

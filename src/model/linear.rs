@@ -3,8 +3,8 @@
 //! Native kernels run the block formats in place (no re-quantization, so a Q4_1 file decodes from ~0.6 bytes
 //! per weight); other GGUF types go through candle's `QMatMul`. Rows are split across the model's worker pool.
 
-use super::kernels::{kernels, BlockFormat, Q8Row, QK};
 use super::ModelError;
+use crate::cpu::{kernels, BlockFormat, Q8Row, QK};
 use half::f16;
 use rayon::prelude::*;
 

@@ -10,7 +10,6 @@ pub mod chat;
 pub mod config;
 mod forward;
 mod gguf;
-pub mod kernels;
 pub mod linear;
 mod safetensors;
 pub mod tokenizer;

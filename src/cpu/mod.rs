@@ -1,10 +1,14 @@
-//! Weight-block formats and the dot-product kernels behind every matmul.
+//! The ground floor: CPU kernels over plain slices, which import nothing else of this crate.
+//!
+//! `model` (matmuls, embeddings) and `kvcache` (attention arithmetic: `dot_f32`, `dot_f16`, `axpy_f16`,
+//! `exp_sum`) both stand on this module; neither reaches into the other for arithmetic (candle keeps its `cpu/`
+//! under everything the same way). `tests/architecture.rs` holds it to importing nothing of ours.
 //!
 //! Owns: the byte layouts of the GGUF block types we execute natively (Q4_0, Q4_1, Q8_0, F16, F32), the
 //! quantization of activations to 8-bit blocks (llama.cpp's `quantize_row_q8_0/q8_1`, so our numerics follow
 //! the peer's), and the per-row dot products. `scalar.rs` is the specification; `avx2.rs` is chosen once at
 //! start-up when the CPU has AVX2+FMA+F16C and is tested equal to the scalar kernels.
-//! Does not own: threading or matrix shapes (see `linear.rs`).
+//! Does not own: threading or matrix shapes (see `model/linear.rs`), packed KV codes (see `kvcache/attention/`).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
