@@ -3,10 +3,10 @@
 //! multiple of 128, the last 128 tokens are quantized *before* attention (the current step already sees them
 //! quantized). Prefill: full-precision attention, then every complete block is quantized.
 
-use super::attention::softmax_in_place;
-use super::quant::{attn_kernels, Bits, OffsetMode, PackedRows};
+use super::attention::{attn_kernels, softmax_in_place};
+use super::quant::{Bits, OffsetMode, PackedRows};
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
-use crate::model::kernels::kernels;
+use crate::cpu::kernels;
 use half::f16;
 
 /// Tokens per key block (KIVI's residual length).

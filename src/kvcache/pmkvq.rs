@@ -9,10 +9,10 @@
 //! Invariant: true bytes ≤ budget in every layer after every call that returns Ok. `reserve` refuses a step
 //! that could not fit even at the floor width *before* any layer changes, so a refusal loses nothing.
 
-use super::attention::softmax_in_place;
-use super::quant::{attn_kernels, Bits, OffsetMode, PackedRows, ShiftMode};
+use super::attention::{attend_segments, AttnOps, Fresh};
+use super::quant::rows::{token_bytes, token_payload_bytes};
+use super::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
-use crate::model::kernels::kernels;
 use rayon::prelude::*;
 
 /// How body tokens are quantized when they are written directly (no window).
@@ -25,7 +25,7 @@ pub enum Quantizer {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct PmKvqConfig {
+pub struct PmkvqConfig {
     /// Tokens kept at 16 bits at the start (spec default 1).
     pub sink: usize,
     /// Chunked 16-bit recent window (spec default 128); 0 = tokens go straight to the body.
@@ -50,9 +50,9 @@ pub struct PmKvqConfig {
     pub name: String,
 }
 
-impl PmKvqConfig {
+impl PmkvqConfig {
     pub fn pmkvq() -> Self {
-        PmKvqConfig {
+        PmkvqConfig {
             sink: 1,
             window: 128,
             group: 0,
@@ -68,7 +68,7 @@ impl PmKvqConfig {
     }
     /// Every token quantized at `bits` when stored, per token, no sink or window ("existing methods").
     pub fn rtn(bits: Bits) -> Self {
-        PmKvqConfig {
+        PmkvqConfig {
             sink: 0,
             window: 0,
             init_bits: bits,
@@ -78,9 +78,34 @@ impl PmKvqConfig {
             ..Self::pmkvq()
         }
     }
+    /// Quantization group for `geom` (0 means one group per head).
+    fn group_for(&self, geom: KvGeometry) -> usize {
+        if self.group == 0 {
+            geom.head_dim
+        } else {
+            self.group
+        }
+    }
+    /// Where body groups keep their offsets: llama.cpp's symmetric formats store none.
+    fn body_offsets(&self) -> OffsetMode {
+        match (self.quantizer, self.init_bits) {
+            (Quantizer::LlamaSymmetric, Bits::B4) => OffsetMode::Symmetric { center: 8 },
+            (Quantizer::LlamaSymmetric, _) => OffsetMode::Symmetric { center: 128 },
+            _ => OffsetMode::Stored,
+        }
+    }
+    /// True bytes of one token in one side (K or V) of one layer: in the 16-bit sink or window (`None`), or in
+    /// a body at `bits`.
+    fn side_token_bytes(&self, geom: KvGeometry, body: Option<Bits>) -> usize {
+        let (g, values) = (self.group_for(geom), geom.kv_dim());
+        match body {
+            None => token_bytes(Bits::B16, g, values, OffsetMode::Stored),
+            Some(bits) => token_bytes(bits, g, values, self.body_offsets()),
+        }
+    }
     /// llama.cpp's `q8_0` / `q4_0` cache types: symmetric 32-element blocks.
     pub fn llama(bits: Bits) -> Self {
-        PmKvqConfig {
+        PmkvqConfig {
             group: 32,
             quantizer: Quantizer::LlamaSymmetric,
             llama_semantics: true,
@@ -120,18 +145,18 @@ struct Layer {
 /// Fixed per-layer bookkeeping counted in true bytes (the segment headers themselves).
 const LAYER_BOOKKEEPING: usize = std::mem::size_of::<Layer>();
 
-pub struct PmKvqStore {
+pub struct PmkvqStore {
     geom: KvGeometry,
-    cfg: PmKvqConfig,
+    cfg: PmkvqConfig,
     layers: Vec<Layer>,
     max_tokens: usize,
     /// Layer bodies lowered one level, since creation.
     requants: u64,
 }
 
-impl PmKvqStore {
+impl PmkvqStore {
     /// `budgets`: per-layer true-byte budgets (`usize::MAX` = unlimited).
-    pub fn new(geom: KvGeometry, mut cfg: PmKvqConfig, budgets: &[usize], max_tokens: usize) -> Result<Self, KvError> {
+    pub fn new(geom: KvGeometry, mut cfg: PmkvqConfig, budgets: &[usize], max_tokens: usize) -> Result<Self, KvError> {
         if budgets.len() != geom.layers {
             return Err(KvError::BadBudgets {
                 what: "layer budgets",
@@ -139,14 +164,8 @@ impl PmKvqStore {
                 got: budgets.len(),
             });
         }
-        if cfg.group == 0 {
-            cfg.group = geom.head_dim;
-        }
-        let offsets = match (cfg.quantizer, cfg.init_bits) {
-            (Quantizer::LlamaSymmetric, Bits::B4) => OffsetMode::Symmetric { center: 8 },
-            (Quantizer::LlamaSymmetric, _) => OffsetMode::Symmetric { center: 128 },
-            _ => OffsetMode::Stored,
-        };
+        cfg.group = cfg.group_for(geom);
+        let offsets = cfg.body_offsets();
         let (g, h, d) = (cfg.group, geom.kv_heads, geom.head_dim);
         let side = || Side {
             sink: PackedRows::new(Bits::B16, g, h, d, OffsetMode::Stored),
@@ -161,7 +180,7 @@ impl PmKvqStore {
                 budget,
             })
             .collect();
-        Ok(PmKvqStore {
+        Ok(PmkvqStore {
             geom,
             cfg,
             layers,
@@ -171,18 +190,17 @@ impl PmKvqStore {
     }
 
     /// True bytes one token costs in every layer (K and V) with its body at `bits`.
-    pub fn token_bytes(geom: KvGeometry, cfg: &PmKvqConfig, bits: Bits) -> usize {
-        let group = if cfg.group == 0 { geom.head_dim } else { cfg.group };
-        let gpt = geom.kv_heads * geom.head_dim / group;
-        2 * gpt * (bits.group_bytes(group) + 4) * geom.layers
+    pub fn token_bytes(geom: KvGeometry, cfg: &PmkvqConfig, bits: Bits) -> usize {
+        2 * cfg.side_token_bytes(geom, Some(bits)) * geom.layers
     }
 
     /// The largest true bytes a sequence of up to `tokens` tokens needs with every body at the floor width: the
     /// smallest total budget under which PM-KVQ can hold it (window fill varies, so the maximum over lengths).
-    pub fn floor_bytes(geom: KvGeometry, cfg: &PmKvqConfig, tokens: usize) -> usize {
-        let group = if cfg.group == 0 { geom.head_dim } else { cfg.group };
-        let gpt = geom.kv_heads * geom.head_dim / group;
-        let tb = |b: Bits| gpt * (b.group_bytes(group) + 4);
+    pub fn floor_bytes(geom: KvGeometry, cfg: &PmkvqConfig, tokens: usize) -> usize {
+        let (tb16, tbf) = (
+            cfg.side_token_bytes(geom, None),
+            cfg.side_token_bytes(geom, Some(cfg.floor_bits)),
+        );
         let per_layer = |t: usize| {
             let sink = t.min(cfg.sink);
             let rest = t - sink;
@@ -190,7 +208,7 @@ impl PmKvqStore {
                 None => (rest, 0),
                 Some(c) => (c * cfg.window, rest % cfg.window),
             };
-            2 * ((sink + win) * tb(Bits::B16) + body * tb(cfg.floor_bits)) + LAYER_BOOKKEEPING
+            2 * ((sink + win) * tb16 + body * tbf) + LAYER_BOOKKEEPING
         };
         (0..=tokens).map(per_layer).max().unwrap_or(0) * geom.layers
     }
@@ -198,9 +216,8 @@ impl PmKvqStore {
     /// Split a total budget over layers by calibrated shares (spec §11). The 16-bit sink and a full window cost
     /// every layer the same whatever its width, so each layer first gets that fixed part and the rest is split
     /// by share; splitting the whole total by share would starve the narrow layers' windows on long sequences.
-    pub fn budgets_from_shares(geom: KvGeometry, cfg: &PmKvqConfig, total: usize, shares: &[f64]) -> Vec<usize> {
-        let group = if cfg.group == 0 { geom.head_dim } else { cfg.group };
-        let tb16 = geom.kv_heads * geom.head_dim / group * (Bits::B16.group_bytes(group) + 4);
+    pub fn budgets_from_shares(geom: KvGeometry, cfg: &PmkvqConfig, total: usize, shares: &[f64]) -> Vec<usize> {
+        let tb16 = cfg.side_token_bytes(geom, None);
         let fixed = 2 * (cfg.sink + cfg.window.saturating_sub(1)) * tb16 + LAYER_BOOKKEEPING;
         let layers = shares.len().max(1);
         let rest = total.saturating_sub(fixed * layers);
@@ -214,7 +231,7 @@ impl PmKvqStore {
             .collect()
     }
 
-    pub fn config(&self) -> &PmKvqConfig {
+    pub fn config(&self) -> &PmkvqConfig {
         &self.cfg
     }
 
@@ -251,11 +268,11 @@ impl PmKvqStore {
             ),
         };
         if self.cfg.payload_accounting {
-            let pb = |b: Bits| s.body.groups_per_token() * b.group_bytes(s.body.group);
+            let pb = |b: Bits| token_payload_bytes(b, s.body.group, self.geom.kv_dim());
             return 2 * ((sink + win) * pb(Bits::B16) + body * pb(body_bits));
         }
-        let tb16 = s.window.token_bytes();
-        let tbb = s.body.empty_like(body_bits).token_bytes();
+        let tb16 = self.cfg.side_token_bytes(self.geom, None);
+        let tbb = self.cfg.side_token_bytes(self.geom, Some(body_bits));
         2 * ((sink + win) * tb16 + body * tbb) + LAYER_BOOKKEEPING
     }
 
@@ -294,7 +311,7 @@ impl PmKvqStore {
         }
     }
 
-    fn store_side(cfg: &PmKvqConfig, side: &mut Side, x: &[f32], kv_dim: usize) {
+    fn store_side(cfg: &PmkvqConfig, side: &mut Side, x: &[f32], kv_dim: usize) {
         let n = x.len() / kv_dim;
         let tok = |i: usize| &x[i * kv_dim..(i + 1) * kv_dim];
         let mut i = 0;
@@ -355,7 +372,7 @@ fn round_through_q8_0(q: &[f32]) -> Vec<f32> {
 /// Below this many score multiply-adds per call, heads run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 15;
 
-impl KvStore for PmKvqStore {
+impl KvStore for PmkvqStore {
     fn geometry(&self) -> KvGeometry {
         self.geom
     }
@@ -392,37 +409,24 @@ impl KvStore for PmKvqStore {
         // with llama semantics the new tokens are already stored: token i sees the stored prefix up to itself
         let stored = l.k.len() - (n - n_raw);
         let (segs_k, segs_v) = (l.k.segments(), l.v.segments());
-        let (ak, kern) = (attn_kernels(), kernels());
+        let ops = AttnOps::detected();
         let head = |(idx, o): (usize, &mut [f32])| {
             let (i, h) = (idx / qh, idx % qh);
-            let kvh = h / group;
             let qv = &q[idx * d..(idx + 1) * d];
-            let visible = if n_raw == 0 { stored + i + 1 } else { stored };
-            let mut p = vec![0.0f32; visible + if n_raw == 0 { 0 } else { i + 1 }];
-            let mut off = 0;
-            for seg in segs_k {
-                let take = seg.len().min(visible - off);
-                (ak.scores)(seg, kvh, qv, scale, &mut p[off..off + take]);
-                off += take;
-            }
-            // the new tokens attend to themselves unquantized (spec §3.3)
-            for j in 0..(if n_raw == 0 { 0 } else { i + 1 }) {
-                p[stored + j] = (kern.dot_f32)(qv, &k[j * kv_dim + kvh * d..j * kv_dim + (kvh + 1) * d]) * scale;
-            }
-            softmax_in_place(&mut p);
-            o.fill(0.0);
-            let mut off = 0;
-            for seg in segs_v {
-                let take = seg.len().min(visible - off);
-                (ak.accumulate)(seg, kvh, &p[off..off + take], o);
-                off += take;
-            }
-            for j in 0..(if n_raw == 0 { 0 } else { i + 1 }) {
-                let w = p[stored + j];
-                for (a, x) in o.iter_mut().zip(&v[j * kv_dim + kvh * d..j * kv_dim + (kvh + 1) * d]) {
-                    *a += w * x;
-                }
-            }
+            // llama semantics: token i sees the stored prefix up to itself; otherwise the stored tokens and then
+            // the call's tokens up to itself, unquantized (spec §3.3)
+            let (visible, fresh) = if n_raw == 0 {
+                (stored + i + 1, None)
+            } else {
+                let fresh = Fresh {
+                    k,
+                    v,
+                    stride: kv_dim,
+                    count: i + 1,
+                };
+                (stored, Some(fresh))
+            };
+            attend_segments(ops, &segs_k, &segs_v, visible, fresh, h / group, qv, scale, o);
         };
         if rayon::current_num_threads() > 1 && n * qh * (stored + n) * d >= PARALLEL_MIN_MACS {
             out.par_chunks_mut(d).enumerate().for_each(head);

@@ -1,6 +1,7 @@
 //! NEON fused attention over packed rows (groups that are multiples of 32; others use the scalar kernels).
 
-use super::{scalar, AttnKernels, Bits, PackedRows};
+use super::{scalar, AttnKernels};
+use crate::kvcache::quant::{Bits, PackedRows};
 use std::arch::aarch64::*;
 
 pub fn supported() -> bool {

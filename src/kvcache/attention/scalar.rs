@@ -2,7 +2,7 @@
 //! A group reconstructs as `x̂ = code·S + mn`, so `q·x̂ = S·Σ q·code + mn·Σ q` and `Σ_t p_t x̂_t =
 //! Σ_t (p_t S_t)·code_t + Σ_t p_t mn_t`: the dequantized values are never written out.
 
-use super::{unpack, PackedRows};
+use crate::kvcache::quant::{unpack, PackedRows};
 
 pub fn scores(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
     let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());

@@ -19,18 +19,18 @@ fn token(seed: u64, dim: usize) -> Vec<f32> {
 }
 
 /// Store without attending (the storage path alone), as the model's call would after attention.
-fn store(s: &mut PmKvqStore, toks: &[Vec<f32>]) -> Result<(), KvError> {
+fn store(s: &mut PmkvqStore, toks: &[Vec<f32>]) -> Result<(), KvError> {
     let kv_dim = s.geom.kv_dim();
     let x: Vec<f32> = toks.iter().flatten().copied().collect();
     s.reserve(toks.len())?;
     let cfg = s.cfg.clone();
     let l = &mut s.layers[0];
-    PmKvqStore::store_side(&cfg, &mut l.k, &x, kv_dim);
-    PmKvqStore::store_side(&cfg, &mut l.v, &x, kv_dim);
+    PmkvqStore::store_side(&cfg, &mut l.k, &x, kv_dim);
+    PmkvqStore::store_side(&cfg, &mut l.v, &x, kv_dim);
     s.enforce(0)
 }
 
-fn counts(s: &PmKvqStore) -> (usize, usize, usize) {
+fn counts(s: &PmkvqStore) -> (usize, usize, usize) {
     let k = &s.layers[0].k;
     (k.sink.len(), k.body.len(), k.window.len())
 }
@@ -39,7 +39,7 @@ fn counts(s: &PmKvqStore) -> (usize, usize, usize) {
 fn prompt_splits_into_sink_body_and_window() {
     for p in [1usize, 2, 128, 129, 130, 300, 1000] {
         let g = geom(2, 64);
-        let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX], 4096).unwrap();
+        let mut s = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX], 4096).unwrap();
         let toks: Vec<Vec<f32>> = (0..p as u64).map(|i| token(i, g.kv_dim())).collect();
         store(&mut s, &toks).unwrap();
         assert_eq!(counts(&s), (1, (p - 1) / 128 * 128, (p - 1) % 128), "prompt {p}");
@@ -49,7 +49,7 @@ fn prompt_splits_into_sink_body_and_window() {
 #[test]
 fn decode_flushes_every_128_tokens_and_keeps_chronological_order() {
     let g = geom(2, 64);
-    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX], 4096).unwrap();
+    let mut s = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX], 4096).unwrap();
     let toks: Vec<Vec<f32>> = (0..400u64).map(|i| token(i, g.kv_dim())).collect();
     store(&mut s, &toks[..10]).unwrap();
     let mut flushes = vec![];
@@ -82,7 +82,7 @@ fn decode_flushes_every_128_tokens_and_keeps_chronological_order() {
 #[test]
 fn multi_token_updates_after_prefill_flush_the_general_form() {
     let g = geom(1, 64);
-    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX], 4096).unwrap();
+    let mut s = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX], 4096).unwrap();
     let toks: Vec<Vec<f32>> = (0..300u64).map(|i| token(i, g.kv_dim())).collect();
     store(&mut s, &toks[..100]).unwrap(); // sink 1, window 99
     store(&mut s, &toks[100..160]).unwrap(); // window 99 + 60 = 159 -> flush 128, keep 31
@@ -103,7 +103,7 @@ fn current_token_is_unquantized_in_its_own_step() {
         kv_heads: 1,
         head_dim: 64,
     };
-    let mut s = PmKvqStore::new(g, PmKvqConfig::rtn(Bits::B2), &[usize::MAX], 64).unwrap();
+    let mut s = PmkvqStore::new(g, PmkvqConfig::rtn(Bits::B2), &[usize::MAX], 64).unwrap();
     let toks: Vec<Vec<f32>> = (0..5u64).map(|i| token(i, 64)).collect();
     store(&mut s, &toks).unwrap();
     let q: Vec<f32> = (0..128).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
@@ -157,11 +157,11 @@ fn current_token_is_unquantized_in_its_own_step() {
 fn fbit2_budget_timeline_matches_the_reference_accounting() {
     let g = geom(4, 128);
     let budget = 2 * 2 * 512 * 32768 / 8;
-    let cfg = PmKvqConfig {
+    let cfg = PmkvqConfig {
         payload_accounting: true,
-        ..PmKvqConfig::pmkvq()
+        ..PmkvqConfig::pmkvq()
     };
-    let mut s = PmKvqStore::new(g, cfg, &[budget], 40_000).unwrap();
+    let mut s = PmkvqStore::new(g, cfg, &[budget], 40_000).unwrap();
     let tok = token(1, g.kv_dim());
     let mut changes = vec![];
     let mut bits = 16;
@@ -200,7 +200,7 @@ fn fbit2_budget_timeline_matches_the_reference_accounting() {
 fn fbit2_budget_timeline_with_our_geometry_and_true_bytes() {
     let g = geom(3, 64);
     let budget = 2 * 2 * 192 * 32768 / 8; // Fbit 2, payload-sized, as the paper sizes budgets
-    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[budget], 40_000).unwrap();
+    let mut s = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[budget], 40_000).unwrap();
     // true bytes of one token in one of K/V at b bits: 3 groups of 64 codes + f16 scale + f16 offset each
     let tb = |b: usize| 3 * (64 * b / 8 + 4);
     let tok = token(3, g.kv_dim());
@@ -245,7 +245,7 @@ fn fbit2_budget_timeline_with_our_geometry_and_true_bytes() {
 #[test]
 fn lowering_the_budget_shrinks_before_the_next_step_and_refusals_change_nothing() {
     let g = geom(3, 64);
-    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX], 10_000).unwrap();
+    let mut s = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX], 10_000).unwrap();
     let toks: Vec<Vec<f32>> = (0..1000u64).map(|i| token(i, g.kv_dim())).collect();
     store(&mut s, &toks).unwrap();
     assert_eq!(s.layer_bits(), vec![16]);
@@ -269,7 +269,7 @@ fn llama_semantics_attend_over_the_stored_prefix_including_the_token_itself() {
         kv_heads: 1,
         head_dim: 64,
     };
-    let mut s = PmKvqStore::new(g, PmKvqConfig::llama(Bits::B4), &[usize::MAX], 64).unwrap();
+    let mut s = PmkvqStore::new(g, PmkvqConfig::llama(Bits::B4), &[usize::MAX], 64).unwrap();
     let n = 5;
     let k: Vec<f32> = (0..n).flat_map(|t| token(t as u64, 64)).collect();
     let v: Vec<f32> = (0..n).flat_map(|t| token(100 + t as u64, 64)).collect();
@@ -300,14 +300,14 @@ fn shares_split_the_budget_after_every_layer_gets_its_sink_and_window() {
         kv_heads: 3,
         head_dim: 64,
     };
-    let cfg = PmKvqConfig::pmkvq();
+    let cfg = PmkvqConfig::pmkvq();
     let fixed = 2 * 128 * 3 * (128 + 4) + LAYER_BOOKKEEPING;
-    let b = PmKvqStore::budgets_from_shares(g, &cfg, 3 * fixed + 4000, &[0.25, 0.25, 0.5]);
+    let b = PmkvqStore::budgets_from_shares(g, &cfg, 3 * fixed + 4000, &[0.25, 0.25, 0.5]);
     assert_eq!(b, vec![fixed + 1000, fixed + 1000, fixed + 2000]);
     assert!(b.iter().sum::<usize>() <= 3 * fixed + 4000);
     // below the fixed part: an even split
     assert_eq!(
-        PmKvqStore::budgets_from_shares(g, &cfg, 300, &[0.25, 0.25, 0.5]),
+        PmkvqStore::budgets_from_shares(g, &cfg, 300, &[0.25, 0.25, 0.5]),
         vec![100, 100, 100]
     );
 }
@@ -323,7 +323,7 @@ fn a_starved_layer_borrows_from_layers_with_room_and_the_total_never_grows() {
     // layer 0 gets a budget too small for 400 tokens even at 2 bits; layer 1 plenty
     let fixed = 2 * 128 * 3 * (128 + 4) + LAYER_BOOKKEEPING;
     let budgets = [fixed + 20_000, fixed + 400_000];
-    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &budgets, 10_000).unwrap();
+    let mut s = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &budgets, 10_000).unwrap();
     let k: Vec<f32> = (0..400u64).flat_map(|t| token(t, g.kv_dim())).collect();
     for t in 0..400 {
         s.reserve(1).unwrap();
@@ -359,7 +359,7 @@ fn spill_and_restore_are_bit_exact_at_every_width() {
         kv_heads: 2,
         head_dim: 32,
     };
-    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX; 3], 4096).unwrap();
+    let mut s = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX; 3], 4096).unwrap();
     let x: Vec<f32> = (0..700).flat_map(|t| token(t, g.kv_dim())).collect();
     for l in 0..3 {
         s.append(l, &x, &x, 700).unwrap();
@@ -371,7 +371,7 @@ fn spill_and_restore_are_bit_exact_at_every_width() {
     assert!(s.requantizations() > 0);
     let bits = s.layer_bits();
     let data = s.spill().unwrap();
-    let mut r = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX; 3], 4096).unwrap();
+    let mut r = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX; 3], 4096).unwrap();
     r.restore(&data).unwrap();
     assert_eq!(r.layer_bits(), bits);
     assert_eq!(r.true_bytes(), s.true_bytes());
@@ -381,9 +381,9 @@ fn spill_and_restore_are_bit_exact_at_every_width() {
     let q = token(9999, g.q_dim());
     assert_eq!(attend_all(&mut r, &q), attend_all(&mut s, &q));
     // A store of another configuration, or damaged data, is refused.
-    let mut other = PmKvqStore::new(g, PmKvqConfig::rtn(Bits::B4), &[usize::MAX; 3], 4096).unwrap();
+    let mut other = PmkvqStore::new(g, PmkvqConfig::rtn(Bits::B4), &[usize::MAX; 3], 4096).unwrap();
     assert!(matches!(other.restore(&data), Err(KvError::Corrupt(_))));
-    let mut fresh = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX; 3], 4096).unwrap();
+    let mut fresh = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX; 3], 4096).unwrap();
     assert!(fresh.restore(&data[..data.len() - 3]).is_err());
     assert_eq!(fresh.len(0), 0, "a failed restore leaves the store empty");
 }
@@ -396,7 +396,7 @@ fn total_budget_gives_every_layer_its_floor_first() {
         kv_heads: 2,
         head_dim: 32,
     };
-    let mut s = PmKvqStore::new(g, PmKvqConfig::pmkvq(), &[usize::MAX; 4], 4096).unwrap();
+    let mut s = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX; 4], 4096).unwrap();
     let x: Vec<f32> = (0..600).flat_map(|t| token(t, g.kv_dim())).collect();
     for l in 0..4 {
         s.append(l, &x, &x, 600).unwrap();

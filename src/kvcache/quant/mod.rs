@@ -9,14 +9,10 @@
 //! nibble and code `j + g/2` in its high nibble. 2-bit: byte `j < g/4` holds codes `j, j+g/4, j+g/2, j+3g/4` at
 //! bits 0, 2, 4, 6. 16-bit: code `j` as little-endian `u16` at bytes `2j, 2j+1`. Groups must be multiples of 4.
 //!
-//! Scales and offsets are stored as f16 (0.5 bit per element at g = 64).
+//! Scales and offsets are stored as f16 (0.5 bit per element at g = 64). Attention over packed rows lives in
+//! `kvcache/attention/`.
 
-#[cfg(target_arch = "x86_64")]
-mod avx2;
-#[cfg(target_arch = "aarch64")]
-mod neon;
 pub mod rows;
-pub mod scalar;
 
 pub use rows::{OffsetMode, PackedRows};
 
@@ -205,36 +201,6 @@ pub fn unpack(packed: &[u8], bits: Bits, codes: &mut [u16]) {
 #[inline]
 pub fn store_param(v: f32) -> f16 {
     f16::from_f32(v)
-}
-
-/// Fused attention kernels over packed rows, chosen once per process.
-pub struct AttnKernels {
-    pub name: &'static str,
-    /// `out[t] = scale · Σ_c q[c]·x̂[t][c]` for the first `min(out.len(), rows.len())` tokens of `rows`, head `head`.
-    pub scores: fn(&PackedRows, usize, &[f32], f32, &mut [f32]),
-    /// `acc[c] += Σ_t p[t]·x̂[t][c]` for the first `min(p.len(), rows.len())` tokens of `rows`, head `head`.
-    pub accumulate: fn(&PackedRows, usize, &[f32], &mut [f32]),
-}
-
-pub static SCALAR: AttnKernels = AttnKernels {
-    name: "scalar",
-    scores: scalar::scores,
-    accumulate: scalar::accumulate,
-};
-
-pub fn attn_kernels() -> &'static AttnKernels {
-    static CHOSEN: std::sync::OnceLock<&'static AttnKernels> = std::sync::OnceLock::new();
-    CHOSEN.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if avx2::supported() {
-            return &avx2::AVX2;
-        }
-        #[cfg(target_arch = "aarch64")]
-        if neon::supported() {
-            return &neon::NEON;
-        }
-        &SCALAR
-    })
 }
 
 #[cfg(test)]

@@ -12,6 +12,23 @@ pub enum OffsetMode {
     Symmetric { center: u16 },
 }
 
+/// Bytes of packed codes one token adds to a run of `values` values per token at `bits`, in groups of `group`.
+pub const fn token_payload_bytes(bits: Bits, group: usize, values: usize) -> usize {
+    values / group * bits.group_bytes(group)
+}
+
+/// True bytes one token adds to such a run: its codes, an f16 scale per group and, when offsets are stored, an
+/// f16 offset per group. The one formula behind every true-byte budget (spec §3.5's accounting plus the
+/// parameters the reference implementation leaves out).
+pub const fn token_bytes(bits: Bits, group: usize, values: usize, offsets: OffsetMode) -> usize {
+    let groups = values / group;
+    let params = match offsets {
+        OffsetMode::Stored => 4,
+        OffsetMode::Symmetric { .. } => 2,
+    };
+    token_payload_bytes(bits, group, values) + params * groups
+}
+
 #[derive(Clone, Debug)]
 pub struct PackedRows {
     pub bits: Bits,
@@ -76,14 +93,7 @@ impl PackedRows {
     }
     /// True bytes one more token would add.
     pub fn token_bytes(&self) -> usize {
-        let g = self.groups_per_token();
-        g * self.group_bytes()
-            + 2 * g
-            + if self.offset_mode == OffsetMode::Stored {
-                2 * g
-            } else {
-                0
-            }
+        token_bytes(self.bits, self.group, self.kv_heads * self.head_dim, self.offset_mode)
     }
 
     /// Group `gi` (global index = token·groups_per_token + head·groups_per_head + k): bytes and parameters.
