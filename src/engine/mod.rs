@@ -7,9 +7,11 @@
 //! cache is freed the step its client goes away.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod detok;
 pub mod events;
 pub mod generate;
+pub mod handle;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;
@@ -19,9 +21,10 @@ pub mod stop;
 pub use detok::Detokenizer;
 pub use events::{Completion, EngineStatus, Event, KvState, SeqPhase, SeqStatus, Timings, Usage};
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
+pub use handle::{EngineHandle, EngineSetup, ModelSummary, ProfileSummary, Submission};
 pub use request::{
     ChatMessage, Frontend, PromptInput, Request, RequestError, RequestLimits, SamplingOverrides, ValidRequest,
 };
 pub use sampler::{Sampler, SamplingError, SamplingParams};
-pub use scheduler::{EngineConfig, EngineHandle, EngineSetup, ModelSummary, ProfileSummary, Submission};
+pub use scheduler::EngineConfig;
 pub use stop::StopChecker;

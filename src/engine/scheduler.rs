@@ -1,32 +1,49 @@
 //! The engine thread: owns the model, every sequence and its KV cache, and runs continuous batching.
 //!
-//! Each step: take new requests from the bounded command channel → drop sequences whose client is gone, whose
-//! time limit passed, or (draining) whose grace period ended → admit waiting requests up to `max_running` →
-//! one batched forward pass over every runnable sequence (one token each for decoding sequences, one prompt
-//! chunk of at most `prefill_chunk` tokens in total for prefilling ones, so a long prompt never stalls the others
-//! for more than one chunk and a cancelled prefill stops at the next chunk) → sample, detokenize, stop checks →
-//! publish a status snapshot. A sequence whose client does not read (its bounded event channel is full) is left
-//! out of the batch until the client catches up: a slow client pauses only itself.
+//! Each step ([`Engine::run`]): take new requests from the bounded command channel → `housekeeping` drops
+//! sequences whose client is gone, whose time limit passed, or (draining) whose grace period ended → `resume`
+//! brings preempted sequences back while their floors fit → `admit` starts waiting requests up to `max_running`
+//! → `apply_budget` fits every cache to the live budget → `step` runs one batched forward pass over every
+//! runnable sequence (one token each for decoding sequences, one prompt chunk of at most `prefill_chunk` tokens
+//! in total for prefilling ones, so a long prompt never stalls the others for more than one chunk) → sample,
+//! detokenize, stop checks → `publish` a status snapshot. A sequence whose client does not read (its bounded
+//! event channel is full) is left out of the batch until the client catches up: a slow client pauses only
+//! itself.
+//!
+//! # Where a budget cut is applied
+//! The memory monitor (or `SetMemoryBudget`) sends a new [`Budget`] on the watch channel; the next step's
+//! [`Engine::apply_budget`], before any forward pass:
+//! 1. reads the budget (`borrow_and_update`) and records it as the one applied;
+//! 2. sums every running sequence's floor for its next step (`KvStore::floor_bytes`);
+//! 3. while the floors exceed the budget, [`budget::victim`] picks the lowest-priority, newest sequence and
+//!    `preempt` spills its cache to disk (a lone sequence that cannot fit ends with `memory_pressure`);
+//! 4. [`budget::water_fill`] splits the budget: floors first, the rest by [`budget::weight`] up to each
+//!    sequence's [`budget::demand`];
+//! 5. each store's `set_total_budget` splits its share over layers (calibrated shares) and lowers bodies now
+//!    (ERS, 16→8→4→2), so true bytes are within the budget before the step runs.
+//!
+//! Admission and resumption ask [`budget::fits`] with the same floors, so a cut also holds new work back.
 
+use super::budget;
 use super::events::{EngineStatus, Event, SeqStatus};
 use super::generate::FinishReason;
-use super::request::{Frontend, PromptInput, Request, RequestError, RequestLimits};
+use super::handle::Command;
+use super::request::RequestLimits;
 use super::sampler::Sampler;
 use super::sequence::{Admission, Sequence};
-use crate::calib::Profile;
 use crate::kvcache::quant::Bits;
 use crate::kvcache::spill::SpillFile;
-use crate::kvcache::{KvError, KvGeometry, KvStore, PmKvqConfig, PmKvqStore};
+use crate::kvcache::{KvError, KvStore, PmkvqConfig, PmkvqStore};
 use crate::memory::Budget;
-use crate::model::{LogitsMode, Model, ModelError, SeqInput, Tokenizer};
+use crate::model::{LogitsMode, Model, SeqInput, Tokenizer};
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// How long the idle engine sleeps between looks at the drain signal (it wakes at once for a command).
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -49,301 +66,20 @@ pub struct EngineConfig {
     pub limits: RequestLimits,
 }
 
-/// The model as clients see it (`GetModelInfo`).
-#[derive(Clone, Debug)]
-pub struct ModelSummary {
-    pub name: String,
-    pub architecture: String,
-    pub path: PathBuf,
-    pub sha256: String,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub context_length: usize,
-    pub vocab_size: usize,
-    pub weight_bytes: usize,
-    /// (bits, bytes per token over all layers, K and V).
-    pub kv_bytes_per_token: Vec<(u32, usize)>,
-    pub profile: Option<ProfileSummary>,
-    pub default_kv_method: String,
-    pub max_tokens_limit: usize,
-}
-
-#[derive(Clone, Debug)]
-pub struct ProfileSummary {
-    pub path: PathBuf,
-    pub avg_bits: f64,
-    pub layer_shares: Vec<f64>,
-    pub layer_bits: Vec<u32>,
-}
-
-/// A started stream: its id and its events (ends with exactly one `Complete` or `Error`).
-pub struct Submission {
-    pub request_id: String,
-    pub prompt_tokens: usize,
-    pub events: mpsc::Receiver<Event>,
-}
-
-enum Command {
-    Submit(Box<Admission>),
-    /// Nothing to do but look at the drain signal.
-    Wake,
-}
-
-/// Cloneable handle the transport uses: validates and submits requests, reads status. Never blocks.
-#[derive(Clone)]
-pub struct EngineHandle {
-    inner: Arc<HandleInner>,
-}
-
-struct HandleInner {
-    cmd: SyncSender<Command>,
-    frontend: Frontend,
-    max_queued: usize,
-    stream_buffer: usize,
-    /// Accepted requests not yet running (shared with the engine, which decrements on admission).
-    pending: Arc<AtomicUsize>,
-    draining: AtomicBool,
-    drain: watch::Sender<Option<Instant>>,
-    next_id: AtomicU64,
-    status: watch::Receiver<Arc<EngineStatus>>,
-    info: ModelSummary,
-    geom: KvGeometry,
-    context_length: usize,
-    budget: watch::Receiver<Budget>,
-}
-
-/// What the engine is started with.
-pub struct EngineSetup {
+/// What [`EngineHandle::spawn`](super::EngineHandle::spawn) hands the engine thread.
+pub(super) struct EngineParts {
     pub model: Model,
-    pub tokenizer: Tokenizer,
-    pub profile: Option<(Arc<Profile>, PathBuf)>,
-    pub model_sha256: String,
-    pub config: EngineConfig,
-    /// The live KV budget for all sequences together (the memory monitor's output).
+    pub tok: Arc<Tokenizer>,
+    pub cfg: EngineConfig,
+    pub rx: Receiver<Command>,
+    pub drain: watch::Receiver<Option<Instant>>,
+    pub pending: Arc<AtomicUsize>,
+    pub status: watch::Sender<Arc<EngineStatus>>,
     pub budget: watch::Receiver<Budget>,
-    /// Where preempted sequences' caches are spilled.
     pub spill_dir: PathBuf,
 }
 
-impl EngineHandle {
-    /// Start the engine thread. It warms the model up (one forward pass) before reporting `ready`.
-    pub fn spawn(setup: EngineSetup) -> Result<EngineHandle, ModelError> {
-        let EngineSetup {
-            model,
-            tokenizer,
-            profile,
-            model_sha256,
-            config,
-            budget,
-            spill_dir,
-        } = setup;
-        let geom = model.kv_geometry();
-        let context_length = model.config.context_length;
-        let tokenizer = Arc::new(tokenizer);
-        let info = summarize(&model, &model_sha256, profile.as_ref(), &config);
-        let frontend = Frontend::new(
-            tokenizer.clone(),
-            model.config.context_length,
-            model.config.vocab_size,
-            config.limits.clone(),
-            profile.map(|(p, _)| p),
-        )?;
-        let (cmd_tx, cmd_rx) = sync_channel(config.max_queued.max(1));
-        let (status_tx, status_rx) = watch::channel(Arc::new(EngineStatus::new()));
-        let (drain_tx, drain_rx) = watch::channel(None);
-        let pending = Arc::new(AtomicUsize::new(0));
-        let engine = Engine {
-            model,
-            tok: tokenizer,
-            cfg: config.clone(),
-            rx: cmd_rx,
-            drain: drain_rx,
-            pending: pending.clone(),
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            closing: Vec::new(),
-            status: status_tx,
-            snapshot: EngineStatus::new(),
-            budget: budget.clone(),
-            spill_dir,
-            spilled: Vec::new(),
-            spill_seq: 0,
-            requants_done: 0,
-            f16_token_bytes: PmKvqStore::token_bytes(geom, &PmKvqConfig::pmkvq(), Bits::B16),
-        };
-        std::thread::Builder::new()
-            .name("pmkvq-engine".into())
-            .spawn(move || engine.run())
-            .map_err(|e| ModelError::Input(format!("cannot start the engine thread: {e}")))?;
-        Ok(EngineHandle {
-            inner: Arc::new(HandleInner {
-                cmd: cmd_tx,
-                frontend,
-                max_queued: config.max_queued,
-                stream_buffer: config.stream_buffer.max(2),
-                pending,
-                draining: AtomicBool::new(false),
-                drain: drain_tx,
-                next_id: AtomicU64::new(1),
-                status: status_rx,
-                info,
-                geom,
-                context_length,
-                budget,
-            }),
-        })
-    }
-
-    /// Validate, tokenize and queue a request. Errors are immediate; once this returns `Ok` the stream always
-    /// ends with a `Complete` or `Error` event.
-    pub fn submit(&self, req: Request) -> Result<Submission, RequestError> {
-        let h = &*self.inner;
-        if h.draining.load(Ordering::Acquire) {
-            return Err(RequestError::Unavailable("shutting down"));
-        }
-        if !h.status.borrow().ready {
-            return Err(RequestError::Unavailable("warming up"));
-        }
-        let id = if req.request_id.is_empty() {
-            format!("req-{}", h.next_id.fetch_add(1, Ordering::Relaxed))
-        } else {
-            req.request_id.clone()
-        };
-        let valid = h.frontend.validate(req, id.clone())?;
-        // A request whose cache could never fit the budget, even at its floor width, is refused now with the
-        // numbers; one that fits later waits in the queue.
-        let max_len = (valid.prompt_ids.len() + valid.max_tokens).min(h.context_length);
-        if let Ok(store) = valid.kv.new_store(h.geom, max_len) {
-            let need = store.floor_bytes(max_len);
-            let budget = h.budget.borrow().bytes.min(usize::MAX as u64) as usize;
-            if need > budget {
-                return Err(RequestError::WontFit {
-                    need,
-                    budget,
-                    tokens: max_len,
-                });
-            }
-        }
-        let queued = h.pending.fetch_add(1, Ordering::AcqRel);
-        if queued >= h.max_queued {
-            h.pending.fetch_sub(1, Ordering::AcqRel);
-            return Err(RequestError::QueueFull {
-                queued,
-                limit: h.max_queued,
-            });
-        }
-        let (tx, rx) = mpsc::channel(h.stream_buffer);
-        let prompt_tokens = valid.prompt_ids.len();
-        let adm = Admission {
-            req: valid,
-            tx,
-            arrived: Instant::now(),
-        };
-        match h.cmd.try_send(Command::Submit(Box::new(adm))) {
-            Ok(()) => Ok(Submission {
-                request_id: id,
-                prompt_tokens,
-                events: rx,
-            }),
-            Err(e) => {
-                h.pending.fetch_sub(1, Ordering::AcqRel);
-                Err(match e {
-                    TrySendError::Full(_) => RequestError::QueueFull {
-                        queued,
-                        limit: h.max_queued,
-                    },
-                    TrySendError::Disconnected(_) => RequestError::Unavailable("stopped"),
-                })
-            }
-        }
-    }
-
-    /// Token ids and each token's text.
-    pub fn tokenize(&self, input: &PromptInput) -> Result<(Vec<u32>, Vec<String>), RequestError> {
-        let f = &self.inner.frontend;
-        let ids = match input {
-            PromptInput::Text(t) if t.is_empty() => Vec::new(),
-            _ => f.encode(input)?,
-        };
-        let pieces = ids
-            .iter()
-            .map(|&i| String::from_utf8_lossy(f.tokenizer.token_bytes(i, true)).into_owned())
-            .collect();
-        Ok((ids, pieces))
-    }
-
-    pub fn is_draining(&self) -> bool {
-        self.inner.draining.load(Ordering::Acquire)
-    }
-
-    pub fn model_info(&self) -> &ModelSummary {
-        &self.inner.info
-    }
-
-    pub fn status(&self) -> Arc<EngineStatus> {
-        self.inner.status.borrow().clone()
-    }
-
-    /// Status snapshots as the engine publishes them (after every step).
-    pub fn watch_status(&self) -> watch::Receiver<Arc<EngineStatus>> {
-        self.inner.status.clone()
-    }
-
-    /// Refuse new requests; let running and queued ones finish until `grace` passes, then end them as
-    /// cancelled. The engine thread exits when nothing is left (`status().stopped`).
-    pub fn drain(&self, grace: Duration) {
-        let h = &*self.inner;
-        h.draining.store(true, Ordering::Release);
-        h.drain.send_replace(Some(Instant::now() + grace));
-        // Wake an idle engine now rather than at its next poll; a full channel means it is busy anyway.
-        let _ = h.cmd.try_send(Command::Wake);
-    }
-
-    /// Wait until the engine thread has exited.
-    pub async fn stopped(&self) {
-        let mut rx = self.inner.status.clone();
-        let _ = rx.wait_for(|s| s.stopped).await;
-    }
-}
-
-fn summarize(model: &Model, sha: &str, profile: Option<&(Arc<Profile>, PathBuf)>, cfg: &EngineConfig) -> ModelSummary {
-    let c = &model.config;
-    let geom = model.kv_geometry();
-    let pm = PmKvqConfig::pmkvq();
-    ModelSummary {
-        name: model
-            .source
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        architecture: format!("{:?}", c.arch).to_lowercase(),
-        path: model.source.clone(),
-        sha256: sha.to_string(),
-        layers: c.layers,
-        heads: c.heads,
-        kv_heads: c.kv_heads,
-        head_dim: c.head_dim,
-        context_length: c.context_length,
-        vocab_size: c.vocab_size,
-        weight_bytes: model.weight_bytes(),
-        kv_bytes_per_token: [Bits::B16, Bits::B8, Bits::B4, Bits::B2]
-            .iter()
-            .map(|&b| (b.count(), PmKvqStore::token_bytes(geom, &pm, b)))
-            .collect(),
-        profile: profile.map(|(p, path)| ProfileSummary {
-            path: path.clone(),
-            avg_bits: p.settings.avg_bits,
-            layer_shares: p.shares.clone(),
-            layer_bits: p.bits.clone(),
-        }),
-        default_kv_method: cfg.limits.default_kv_method.to_string(),
-        max_tokens_limit: cfg.limits.max_tokens_limit,
-    }
-}
-
-struct Engine {
+pub(super) struct Engine {
     model: Model,
     tok: Arc<Tokenizer>,
     cfg: EngineConfig,
@@ -351,47 +87,20 @@ struct Engine {
     drain: watch::Receiver<Option<Instant>>,
     pending: Arc<AtomicUsize>,
     waiting: VecDeque<Admission>,
-    running: Vec<Sequence>,
+    running: Vec<Sequence<'static>>,
     /// Finished sequences whose last events the client has not taken yet (no KV held).
-    closing: Vec<Sequence>,
+    closing: Vec<Sequence<'static>>,
     status: watch::Sender<Arc<EngineStatus>>,
     snapshot: EngineStatus,
     budget: watch::Receiver<Budget>,
     spill_dir: PathBuf,
     /// Preempted sequences, their caches on disk.
-    spilled: Vec<Sequence>,
+    spilled: Vec<Sequence<'static>>,
     spill_seq: u64,
     /// Re-quantizations of sequences that are gone.
     requants_done: u64,
     /// True bytes of one token at 16 bits in every layer (a sequence's demand is this times its length).
     f16_token_bytes: usize,
-}
-
-/// Split `total` over sequences: each gets its floor, then the rest by weight up to its demand (water-filling).
-fn water_fill(total: usize, floors: &[usize], demands: &[usize], weights: &[f64]) -> Vec<usize> {
-    let mut alloc = floors.to_vec();
-    let mut rest = total.saturating_sub(floors.iter().sum());
-    let mut open: Vec<usize> = (0..floors.len()).filter(|&i| demands[i] > alloc[i]).collect();
-    while rest > 0 && !open.is_empty() {
-        let wsum: f64 = open.iter().map(|&i| weights[i]).sum();
-        let mut used = 0;
-        for &i in &open {
-            let give = ((rest as f64 * weights[i] / wsum) as usize).min(demands[i] - alloc[i]);
-            alloc[i] += give;
-            used += give;
-        }
-        if used == 0 {
-            break;
-        }
-        rest -= used;
-        open.retain(|&i| demands[i] > alloc[i]);
-    }
-    alloc
-}
-
-/// Priority 100 weighs 4× a priority-0 sequence, −100 a quarter.
-fn weight(priority: i32) -> f64 {
-    (priority as f64 / 50.0).exp2()
 }
 
 /// Publishes `stopped` however the engine thread ends (a panic included), so waiters never hang.
@@ -410,7 +119,30 @@ impl Drop for StoppedGuard {
 }
 
 impl Engine {
-    fn run(mut self) {
+    pub(super) fn new(p: EngineParts) -> Engine {
+        let geom = p.model.kv_geometry();
+        Engine {
+            model: p.model,
+            tok: p.tok,
+            cfg: p.cfg,
+            rx: p.rx,
+            drain: p.drain,
+            pending: p.pending,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            closing: Vec::new(),
+            status: p.status,
+            snapshot: EngineStatus::new(),
+            budget: p.budget,
+            spill_dir: p.spill_dir,
+            spilled: Vec::new(),
+            spill_seq: 0,
+            requants_done: 0,
+            f16_token_bytes: PmkvqStore::token_bytes(geom, &PmkvqConfig::pmkvq(), Bits::B16),
+        }
+    }
+
+    pub(super) fn run(mut self) {
         let _guard = StoppedGuard(self.status.clone());
         self.warm_up();
         self.snapshot.ready = true;
@@ -534,7 +266,7 @@ impl Engine {
     }
 
     /// Bytes `s` needs at its floor to take its next step.
-    fn floor_of(&self, s: &Sequence) -> usize {
+    fn floor_of(&self, s: &Sequence<'_>) -> usize {
         s.kv.as_ref()
             .map_or(0, |k| k.floor_bytes(s.ahead(self.cfg.prefill_chunk)))
     }
@@ -552,7 +284,7 @@ impl Engine {
         let total = self.budget_bytes();
         let mut used = self.used_floor();
         while let Some(s) = self.spilled.first() {
-            if self.running.len() >= self.cfg.max_running || used + s.resume_floor > total {
+            if self.running.len() >= self.cfg.max_running || !budget::fits(used, s.resume_floor, total) {
                 break;
             }
             let mut s = self.spilled.remove(0);
@@ -607,16 +339,18 @@ impl Engine {
             if need <= total || live.is_empty() {
                 break floors;
             }
-            let victim = *live
-                .iter()
-                .min_by_key(|&&i| (self.running[i].req.priority, Reverse(self.running[i].arrived())))
-                .expect("non-empty");
+            let Some(victim) = budget::victim(
+                live.iter()
+                    .map(|&i| (i, self.running[i].req.priority, self.running[i].arrived())),
+            ) else {
+                break floors;
+            };
             if live.len() > 1 {
                 self.preempt(victim);
             } else {
                 let s = &mut self.running[victim];
                 tracing::warn!(request_id = %s.id(), need, budget = total, "kv budget below this sequence's floor");
-                s.finish(FinishReason::KvBudget, None);
+                s.finish(FinishReason::MemoryPressure, None);
             }
         };
         let chunk = self.cfg.prefill_chunk;
@@ -625,16 +359,16 @@ impl Engine {
             .running
             .iter()
             .zip(&floors)
-            .map(|(s, &f)| f.max(f16_token * s.max_len))
+            .map(|(s, &f)| budget::demand(f, f16_token, s.max_len))
             .collect();
-        let weights: Vec<f64> = self.running.iter().map(|s| weight(s.req.priority)).collect();
-        let alloc = water_fill(total, &floors, &demands, &weights);
+        let weights: Vec<f64> = self.running.iter().map(|s| budget::weight(s.req.priority)).collect();
+        let alloc = budget::water_fill(total, &floors, &demands, &weights);
         for (s, a) in self.running.iter_mut().zip(alloc) {
             let ahead = s.ahead(chunk);
             if let Some(kv) = s.kv.as_mut() {
                 if let Err(e) = kv.set_total_budget(a, s.req.kv.shares.as_deref(), ahead) {
                     tracing::warn!(request_id = %s.id(), error = %e, "cannot apply the kv budget");
-                    s.finish(FinishReason::KvBudget, None);
+                    s.finish(FinishReason::MemoryPressure, None);
                 }
             }
         }
@@ -670,14 +404,14 @@ impl Engine {
             }
             Err(e) => {
                 tracing::warn!(request_id = %s.id(), error = %e, "cannot spill; finishing under memory pressure");
-                s.finish(FinishReason::KvBudget, None);
+                s.finish(FinishReason::MemoryPressure, None);
                 self.running.insert(i, s);
             }
         }
     }
 
     /// Account for a sequence that ended; keep it only while its last events wait for the client.
-    fn settle(&mut self, s: Sequence) {
+    fn settle(&mut self, s: Sequence<'static>) {
         self.snapshot.completed += 1;
         self.snapshot
             .count_finish(s.reason.map_or("client_gone", FinishReason::as_str));
@@ -714,13 +448,16 @@ impl Engine {
         let mut used = self.used_floor() + self.spilled.iter().map(|s| s.resume_floor).sum::<usize>();
         while self.running.len() < self.cfg.max_running {
             let Some(a) = self.waiting.pop_front() else { break };
-            let max_len = (a.req.prompt_ids.len() + a.req.max_tokens).min(ctx);
+            let max_len = budget::max_len(a.req.prompt_ids.len(), a.req.max_tokens, ctx);
             let store = a.req.kv.new_store(self.model.kv_geometry(), max_len);
             let sampler = Sampler::new(a.req.sampling.clone());
             match (store, sampler) {
                 (Ok(kv), Ok(sampler)) => {
-                    let first = kv.floor_bytes(a.req.prompt_ids.len().min(self.cfg.prefill_chunk.max(1)));
-                    if used + first > total {
+                    let first = kv.floor_bytes(budget::first_step_tokens(
+                        a.req.prompt_ids.len(),
+                        self.cfg.prefill_chunk,
+                    ));
+                    if !budget::fits(used, first, total) {
                         self.waiting.push_front(a);
                         break;
                     }
@@ -764,7 +501,7 @@ impl Engine {
             match s.kv.as_mut().map(|kv| kv.reserve(t.len())) {
                 Some(Ok(())) => true,
                 Some(Err(KvError::OutOfBudget { .. })) => {
-                    s.finish(FinishReason::KvBudget, None);
+                    s.finish(FinishReason::MemoryPressure, None);
                     false
                 }
                 Some(Err(e)) => {
@@ -855,7 +592,7 @@ impl Engine {
 }
 
 /// End `s` if its client is gone (cache freed, nothing to send), its time limit passed, or the drain's grace ended.
-fn expire(s: &mut Sequence, client_gone: bool, now: Instant, grace_over: bool) {
+fn expire(s: &mut Sequence<'_>, client_gone: bool, now: Instant, grace_over: bool) {
     if client_gone {
         tracing::debug!(request_id = %s.id(), "client gone; cache freed");
         s.release_kv();

@@ -1,0 +1,306 @@
+//! The engine's client side: [`EngineHandle`] (cloneable, never blocks) validates and queues requests, reads
+//! status snapshots and starts a drain; [`EngineHandle::spawn`] starts the engine thread. What the transport
+//! knows of the engine is here; the loop itself is in `scheduler.rs`.
+
+use super::budget;
+use super::events::{EngineStatus, Event};
+use super::request::{Frontend, PromptInput, Request, RequestError};
+use super::scheduler::{Engine, EngineConfig, EngineParts};
+use super::sequence::Admission;
+use crate::calib::Profile;
+use crate::kvcache::quant::Bits;
+use crate::kvcache::{KvGeometry, PmkvqConfig, PmkvqStore};
+use crate::memory::Budget;
+use crate::model::{Model, ModelError, Tokenizer};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// The model as clients see it (`GetModelInfo`).
+#[derive(Clone, Debug)]
+pub struct ModelSummary {
+    pub name: String,
+    pub architecture: String,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub weight_bytes: usize,
+    /// (bits, bytes per token over all layers, K and V).
+    pub kv_bytes_per_token: Vec<(u32, usize)>,
+    pub profile: Option<ProfileSummary>,
+    pub default_kv_method: String,
+    pub max_tokens_limit: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ProfileSummary {
+    pub path: PathBuf,
+    pub avg_bits: f64,
+    pub layer_shares: Vec<f64>,
+    pub layer_bits: Vec<u32>,
+}
+
+/// A started stream: its id and its events (ends with exactly one `Complete` or `Error`).
+pub struct Submission {
+    pub request_id: String,
+    pub prompt_tokens: usize,
+    pub events: mpsc::Receiver<Event>,
+}
+
+pub(super) enum Command {
+    Submit(Box<Admission>),
+    /// Nothing to do but look at the drain signal.
+    Wake,
+}
+
+/// Cloneable handle the transport uses: validates and submits requests, reads status. Never blocks.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    cmd: SyncSender<Command>,
+    frontend: Frontend,
+    max_queued: usize,
+    stream_buffer: usize,
+    /// Accepted requests not yet running (shared with the engine, which decrements on admission).
+    pending: Arc<AtomicUsize>,
+    draining: AtomicBool,
+    drain: watch::Sender<Option<Instant>>,
+    next_id: AtomicU64,
+    status: watch::Receiver<Arc<EngineStatus>>,
+    info: ModelSummary,
+    geom: KvGeometry,
+    context_length: usize,
+    budget: watch::Receiver<Budget>,
+}
+
+/// What the engine is started with.
+pub struct EngineSetup {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    pub profile: Option<(Arc<Profile>, PathBuf)>,
+    pub model_sha256: String,
+    pub config: EngineConfig,
+    /// The live KV budget for all sequences together (the memory monitor's output).
+    pub budget: watch::Receiver<Budget>,
+    /// Where preempted sequences' caches are spilled.
+    pub spill_dir: PathBuf,
+}
+
+impl EngineHandle {
+    /// Start the engine thread. It warms the model up (one forward pass) before reporting `ready`.
+    pub fn spawn(setup: EngineSetup) -> Result<EngineHandle, ModelError> {
+        let EngineSetup {
+            model,
+            tokenizer,
+            profile,
+            model_sha256,
+            config,
+            budget,
+            spill_dir,
+        } = setup;
+        let geom = model.kv_geometry();
+        let context_length = model.config.context_length;
+        let tokenizer = Arc::new(tokenizer);
+        let info = summarize(&model, &model_sha256, profile.as_ref(), &config);
+        let frontend = Frontend::new(
+            tokenizer.clone(),
+            model.config.context_length,
+            model.config.vocab_size,
+            config.limits.clone(),
+            profile.map(|(p, _)| p),
+        )?;
+        let (cmd_tx, cmd_rx) = sync_channel(config.max_queued.max(1));
+        let (status_tx, status_rx) = watch::channel(Arc::new(EngineStatus::new()));
+        let (drain_tx, drain_rx) = watch::channel(None);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let engine = Engine::new(EngineParts {
+            model,
+            tok: tokenizer,
+            cfg: config.clone(),
+            rx: cmd_rx,
+            drain: drain_rx,
+            pending: pending.clone(),
+            status: status_tx,
+            budget: budget.clone(),
+            spill_dir,
+        });
+        std::thread::Builder::new()
+            .name("pmkvq-engine".into())
+            .spawn(move || engine.run())
+            .map_err(|e| ModelError::Input(format!("cannot start the engine thread: {e}")))?;
+        Ok(EngineHandle {
+            inner: Arc::new(HandleInner {
+                cmd: cmd_tx,
+                frontend,
+                max_queued: config.max_queued,
+                stream_buffer: config.stream_buffer.max(2),
+                pending,
+                draining: AtomicBool::new(false),
+                drain: drain_tx,
+                next_id: AtomicU64::new(1),
+                status: status_rx,
+                info,
+                geom,
+                context_length,
+                budget,
+            }),
+        })
+    }
+
+    /// Validate, tokenize and queue a request. Errors are immediate; once this returns `Ok` the stream always
+    /// ends with a `Complete` or `Error` event.
+    pub fn submit(&self, req: Request) -> Result<Submission, RequestError> {
+        let h = &*self.inner;
+        if h.draining.load(Ordering::Acquire) {
+            return Err(RequestError::Unavailable("shutting down"));
+        }
+        if !h.status.borrow().ready {
+            return Err(RequestError::Unavailable("warming up"));
+        }
+        let id = if req.request_id.is_empty() {
+            format!("req-{}", h.next_id.fetch_add(1, Ordering::Relaxed))
+        } else {
+            req.request_id.clone()
+        };
+        let valid = h.frontend.validate(req, id.clone())?;
+        // A request whose cache could never fit the budget, even at its floor width, is refused now with the
+        // numbers; one that fits later waits in the queue.
+        let max_len = budget::max_len(valid.prompt_ids.len(), valid.max_tokens, h.context_length);
+        if let Ok(store) = valid.kv.new_store(h.geom, max_len) {
+            let need = store.floor_bytes(max_len);
+            let budget = h.budget.borrow().bytes.min(usize::MAX as u64) as usize;
+            if need > budget {
+                return Err(RequestError::WontFit {
+                    need,
+                    budget,
+                    tokens: max_len,
+                });
+            }
+        }
+        let queued = h.pending.fetch_add(1, Ordering::AcqRel);
+        if queued >= h.max_queued {
+            h.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(RequestError::QueueFull {
+                queued,
+                limit: h.max_queued,
+            });
+        }
+        let (tx, rx) = mpsc::channel(h.stream_buffer);
+        let prompt_tokens = valid.prompt_ids.len();
+        let adm = Admission {
+            req: valid,
+            tx,
+            arrived: Instant::now(),
+        };
+        match h.cmd.try_send(Command::Submit(Box::new(adm))) {
+            Ok(()) => Ok(Submission {
+                request_id: id,
+                prompt_tokens,
+                events: rx,
+            }),
+            Err(e) => {
+                h.pending.fetch_sub(1, Ordering::AcqRel);
+                Err(match e {
+                    TrySendError::Full(_) => RequestError::QueueFull {
+                        queued,
+                        limit: h.max_queued,
+                    },
+                    TrySendError::Disconnected(_) => RequestError::Unavailable("stopped"),
+                })
+            }
+        }
+    }
+
+    /// Token ids and each token's text.
+    pub fn tokenize(&self, input: &PromptInput) -> Result<(Vec<u32>, Vec<String>), RequestError> {
+        let f = &self.inner.frontend;
+        let ids = match input {
+            PromptInput::Text(t) if t.is_empty() => Vec::new(),
+            _ => f.encode(input)?,
+        };
+        let pieces = ids
+            .iter()
+            .map(|&i| String::from_utf8_lossy(f.tokenizer.token_bytes(i, true)).into_owned())
+            .collect();
+        Ok((ids, pieces))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    pub fn model_info(&self) -> &ModelSummary {
+        &self.inner.info
+    }
+
+    pub fn status(&self) -> Arc<EngineStatus> {
+        self.inner.status.borrow().clone()
+    }
+
+    /// Status snapshots as the engine publishes them (after every step).
+    pub fn watch_status(&self) -> watch::Receiver<Arc<EngineStatus>> {
+        self.inner.status.clone()
+    }
+
+    /// Refuse new requests; let running and queued ones finish until `grace` passes, then end them as
+    /// cancelled. The engine thread exits when nothing is left (`status().stopped`).
+    pub fn drain(&self, grace: Duration) {
+        let h = &*self.inner;
+        h.draining.store(true, Ordering::Release);
+        h.drain.send_replace(Some(Instant::now() + grace));
+        // Wake an idle engine now rather than at its next poll; a full channel means it is busy anyway.
+        let _ = h.cmd.try_send(Command::Wake);
+    }
+
+    /// Wait until the engine thread has exited.
+    pub async fn stopped(&self) {
+        let mut rx = self.inner.status.clone();
+        let _ = rx.wait_for(|s| s.stopped).await;
+    }
+}
+
+fn summarize(model: &Model, sha: &str, profile: Option<&(Arc<Profile>, PathBuf)>, cfg: &EngineConfig) -> ModelSummary {
+    let c = &model.config;
+    let geom = model.kv_geometry();
+    let pm = PmkvqConfig::pmkvq();
+    ModelSummary {
+        name: model
+            .source
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        architecture: format!("{:?}", c.arch).to_lowercase(),
+        path: model.source.clone(),
+        sha256: sha.to_string(),
+        layers: c.layers,
+        heads: c.heads,
+        kv_heads: c.kv_heads,
+        head_dim: c.head_dim,
+        context_length: c.context_length,
+        vocab_size: c.vocab_size,
+        weight_bytes: model.weight_bytes(),
+        kv_bytes_per_token: [Bits::B16, Bits::B8, Bits::B4, Bits::B2]
+            .iter()
+            .map(|&b| (b.count(), PmkvqStore::token_bytes(geom, &pm, b)))
+            .collect(),
+        profile: profile.map(|(p, path)| ProfileSummary {
+            path: path.clone(),
+            avg_bits: p.settings.avg_bits,
+            layer_shares: p.shares.clone(),
+            layer_bits: p.bits.clone(),
+        }),
+        default_kv_method: cfg.limits.default_kv_method.to_string(),
+        max_tokens_limit: cfg.limits.max_tokens_limit,
+    }
+}
