@@ -12,5 +12,5 @@ pub mod capture;
 pub mod profile;
 pub mod run;
 
-pub use profile::Profile;
+pub use profile::{method_spec, resolve_profile, LoadedProfile, Profile, ProfileChoice, AUTO_PROFILE};
 pub use run::{calibrate, CalibConfig, Stage};

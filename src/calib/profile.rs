@@ -1,12 +1,92 @@
 //! The calibration profile: one versioned JSON file bound to the model it was measured on.
 
-use crate::kvcache::KeyScales;
+use crate::kvcache::{KeyScales, KvMethod, MethodSpec};
 use crate::model::{Arch, Model, RopeLayout};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub const PROFILE_VERSION: u32 = 1;
+
+/// Where `profile = "auto"` (the daemon's and the CLI's default) looks.
+pub const AUTO_PROFILE: &str = "profiles/default.profile.json";
+
+/// Which calibration profile to use: `auto`, `none` or a path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProfileChoice {
+    /// [`AUTO_PROFILE`] if it exists and was calibrated for this model; none otherwise.
+    Auto,
+    None,
+    Path(PathBuf),
+}
+
+impl std::str::FromStr for ProfileChoice {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "auto" => ProfileChoice::Auto,
+            "none" | "" => ProfileChoice::None,
+            p => ProfileChoice::Path(PathBuf::from(p)),
+        })
+    }
+}
+
+/// A profile checked against the model it serves, and the file it came from.
+#[derive(Clone, Debug)]
+pub struct LoadedProfile {
+    pub profile: Arc<Profile>,
+    pub path: PathBuf,
+}
+
+/// The one profile loader of the daemon and the CLI: resolve `choice` for `model`. Returns the profile, if any,
+/// and the model's SHA-256 (empty when nothing had to be checked against it). A chosen path must load and match
+/// the model; `auto` quietly goes without when the default file is missing, and with a warning when it does not
+/// load or belongs to another model.
+pub fn resolve_profile(choice: &ProfileChoice, model: &Model) -> Result<(Option<LoadedProfile>, String), ProfileError> {
+    let (path, required) = match choice {
+        ProfileChoice::None => return Ok((None, String::new())),
+        ProfileChoice::Path(p) => (p.clone(), true),
+        ProfileChoice::Auto => {
+            let p = PathBuf::from(AUTO_PROFILE);
+            if !p.exists() {
+                tracing::info!(path = AUTO_PROFILE, "no calibration profile; equal per-layer shares");
+                return Ok((None, String::new()));
+            }
+            (p, false)
+        }
+    };
+    let sha = crate::fetch::model_sha256(&model.source).map_err(|source| ProfileError::Io {
+        file: model.source.display().to_string(),
+        source,
+    })?;
+    let checked = Profile::load(&path).and_then(|p| p.check(model, &sha, &path).map(|_| p));
+    match checked {
+        Ok(p) => Ok((
+            Some(LoadedProfile {
+                profile: Arc::new(p),
+                path,
+            }),
+            sha,
+        )),
+        Err(e) if required => Err(e),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring the automatic profile");
+            Ok((None, sha))
+        }
+    }
+}
+
+/// The store configuration for `method`: PM-KVQ takes the profile's per-layer shares and key scales; the
+/// baselines run as they are. The daemon's requests and the CLI both go through here.
+pub fn method_spec(method: KvMethod, profile: Option<&Profile>) -> MethodSpec {
+    let label = method.to_string();
+    let p = profile.filter(|_| matches!(method, KvMethod::Pmkvq(_)));
+    MethodSpec {
+        shares: p.map(|p| p.shares.clone()),
+        key_scales: p.map(|p| p.channel_scales()),
+        ..MethodSpec::plain(method, None, &label)
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CalibSettings {

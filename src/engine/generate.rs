@@ -1,13 +1,21 @@
-//! One sequence, start to finish: chunked prefill, then sample → decode step → detokenize → stop checks.
-//! The CLI's `generate` and the evaluation tools use this; the daemon's batched scheduler reuses its parts.
+//! The CLI's local generation: one [`Sequence`] — the daemon's own token loop (sampling, EOS, stop strings and
+//! stop tokens, length and context limits, detokenizing) — driven by a batch of one. `pmkvq generate` and the
+//! evaluation tools use it, so the CLI and the daemon cannot drift apart on what a token means.
 
-use super::detok::Detokenizer;
+use super::budget;
+use super::events::Event;
+use super::request::ValidRequest;
 use super::sampler::{Sampler, SamplingError, SamplingParams};
-use super::stop::StopChecker;
-use crate::kvcache::{KvError, KvStore};
+use super::sequence::{Admission, Sequence};
+use crate::kvcache::quant::Bits;
+use crate::kvcache::{KvError, KvMethod, KvStore, MethodSpec};
 use crate::model::{LogitsMode, Model, ModelError, SeqInput, Tokenizer};
 use serde::Serialize;
 use std::time::{Duration, Instant};
+
+/// Events one local step can produce (a chunk, the held-back text at the end, the completion), with room to
+/// spare: the loop takes them after every step, so the sequence never pauses.
+const LOCAL_EVENTS: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -21,7 +29,7 @@ pub enum FinishReason {
     /// The model's context window is full.
     ContextLimit,
     /// The KV budget cannot hold another token even at the lowest precision.
-    KvBudget,
+    MemoryPressure,
     /// The client went away or the daemon shut down before the sequence finished.
     Cancelled,
     /// The request's time limit passed.
@@ -37,7 +45,7 @@ impl FinishReason {
             FinishReason::Eos => "eos",
             FinishReason::Stop => "stop",
             FinishReason::ContextLimit => "context_limit",
-            FinishReason::KvBudget => "memory_pressure",
+            FinishReason::MemoryPressure => "memory_pressure",
             FinishReason::Cancelled => "cancelled",
             FinishReason::TimeLimit => "time_limit",
             FinishReason::Error => "error",
@@ -53,6 +61,27 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Tokens per prefill forward pass.
     pub prefill_chunk: usize,
+}
+
+impl GenerateRequest {
+    /// The daemon's request for the same generation. `kv` describes the caller's store for reports only: the
+    /// local loop runs over that store and never creates, spills or restores one from the spec.
+    fn valid(&self, kv: MethodSpec) -> ValidRequest {
+        ValidRequest {
+            request_id: "local".into(),
+            prompt_ids: self.prompt_ids.clone(),
+            sampling: self.sampling.clone(),
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            stop_token_ids: Vec::new(),
+            time_limit: None,
+            ignore_eos: false,
+            kv,
+            min_bits: Bits::B2,
+            priority: 0,
+            kv_state_every: 0,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -82,6 +111,10 @@ pub enum GenerateError {
     EmptyPrompt,
     #[error("`prompt` has {got} tokens, the context holds {limit}")]
     PromptTooLong { got: usize, limit: usize },
+    #[error("`max_tokens` must be >= 1, got 0")]
+    NoTokens,
+    #[error("the sequence failed: {0}")]
+    Failed(String),
 }
 
 fn per_s(n: usize, d: Duration) -> f64 {
@@ -93,7 +126,8 @@ fn per_s(n: usize, d: Duration) -> f64 {
 }
 
 /// Generate, calling `on_text` with each piece of text as soon as it is final, and `on_step` after every forward
-/// pass (prefill included) with the number of tokens stored and the KV store (for traces and checks).
+/// pass (prefill included) with the KV store (for traces and checks). A refusal by the store during the prompt is
+/// an error; during decoding it ends the sequence with [`FinishReason::MemoryPressure`], its text so far intact.
 pub fn generate(
     model: &Model,
     tok: &Tokenizer,
@@ -112,60 +146,75 @@ pub fn generate(
             limit: ctx,
         });
     }
-    let mut sampler = Sampler::new(req.sampling.clone())?;
+    if req.max_tokens == 0 {
+        return Err(GenerateError::NoTokens);
+    }
+    let sampler = Sampler::new(req.sampling.clone())?;
+    let method = kv.method();
+    let spec = MethodSpec::plain(KvMethod::Fp16, None, &method);
+    let (tx, mut rx) = tokio::sync::mpsc::channel(LOCAL_EVENTS);
     let t0 = Instant::now();
-    let mut logits = model.forward_chunked(&req.prompt_ids, kv, req.prefill_chunk, LogitsMode::Last)?;
-    let prefill = t0.elapsed();
-    on_step(kv);
-
-    let mut history = req.prompt_ids.clone();
-    let mut ids = Vec::new();
-    let mut detok = Detokenizer::new();
-    let mut stops = StopChecker::new(req.stop.clone());
-    let mut text = String::new();
-    let t1 = Instant::now();
-    let finish = loop {
-        if ids.len() >= req.max_tokens {
-            break FinishReason::Length;
-        }
-        let next = sampler.sample(&mut logits, &history);
-        ids.push(next);
-        history.push(next);
-        if tok.is_eos(next) {
-            break FinishReason::Eos;
-        }
-        let piece = detok.push(tok.token_bytes(next, false));
-        let fed = stops.feed(&piece);
-        on_text(&fed.emit);
-        text.push_str(&fed.emit);
-        if fed.matched.is_some() {
-            break FinishReason::Stop;
-        }
-        if ids.len() >= req.max_tokens {
-            break FinishReason::Length;
-        }
-        let pos = kv.len(0) as u32;
-        if pos as usize + 1 >= ctx {
-            break FinishReason::ContextLimit;
-        }
-        let step = [SeqInput {
-            tokens: &[next],
-            positions: &[pos],
+    let admission = Admission {
+        req: req.valid(spec),
+        tx,
+        arrived: t0,
+    };
+    let max_len = budget::max_len(req.prompt_ids.len(), req.max_tokens, ctx);
+    let mut seq = Sequence::new(admission, Box::new(&mut *kv), sampler, max_len);
+    let chunk = req.prefill_chunk.max(1);
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    let mut finish = None;
+    let mut prefill = None;
+    while let Some((tokens, positions)) = seq.next_input(chunk) {
+        let prefilling = seq.prefilled < seq.prompt_len();
+        // logits only where a token is sampled: the prompt's last chunk, every decode step
+        let mode = if prefilling && seq.prefilled + tokens.len() < seq.prompt_len() {
+            LogitsMode::None
+        } else {
+            LogitsMode::Last
+        };
+        let Some(store) = seq.kv.as_deref_mut() else { break };
+        let input = [SeqInput {
+            tokens: &tokens,
+            positions: &positions,
         }];
-        match model.forward(&step, &mut [&mut *kv], LogitsMode::Last) {
-            Ok(mut out) => logits = out.pop().unwrap_or_default(),
+        match model.forward(&input, &mut [store], mode) {
+            Ok(mut logits) => {
+                on_step(seq.kv.as_deref().expect("held until the sequence finishes"));
+                let mut l = logits.pop().unwrap_or_default();
+                if let Some(reason) = seq.on_logits(tokens.len(), &mut l, tok, ctx) {
+                    seq.finish(reason, None);
+                }
+            }
             // refused before any layer changed: the sequence ends here, its text so far intact (spec §3.7)
-            Err(ModelError::Kv(KvError::OutOfBudget { .. })) => break FinishReason::KvBudget,
+            Err(ModelError::Kv(KvError::OutOfBudget { .. })) if !prefilling => {
+                seq.finish(FinishReason::MemoryPressure, None)
+            }
             Err(e) => return Err(e.into()),
         }
-        on_step(kv);
-    };
-    if finish != FinishReason::Stop {
-        let rest = stops.feed(&detok.finish()).emit + &stops.finish();
-        on_text(&rest);
-        text.push_str(&rest);
+        if prefill.is_none() && seq.prefilled >= seq.prompt_len() {
+            prefill = Some(t0.elapsed());
+        }
+        take_events(&mut seq, &mut rx, &mut |ev| match ev {
+            Event::Chunk {
+                text: piece, token_ids, ..
+            } => {
+                on_text(&piece);
+                text.push_str(&piece);
+                ids.extend(token_ids);
+            }
+            Event::Complete(c) => finish = Some(Ok(c.finish)),
+            Event::Error(msg) => finish = Some(Err(msg)),
+        });
     }
-    let decode = t1.elapsed();
+    drop(seq);
+    let finish = match finish {
+        Some(Ok(f)) => f,
+        Some(Err(msg)) => return Err(GenerateError::Failed(msg)),
+        None => return Err(GenerateError::Failed("the sequence stopped without finishing".into())),
+    };
+    let prefill = prefill.unwrap_or_else(|| t0.elapsed());
+    let decode = t0.elapsed().saturating_sub(prefill);
     // The first token comes from the prefill's logits: decode throughput counts the forward passes it ran.
     let decode_steps = ids.len().saturating_sub(1);
     Ok(GenerateOutput {
@@ -177,9 +226,22 @@ pub fn generate(
         decode_tokens_per_s: per_s(decode_steps, decode),
         prefill_ms: prefill.as_secs_f64() * 1e3,
         decode_ms: decode.as_secs_f64() * 1e3,
-        kv_method: kv.method(),
+        kv_method: method,
         kv_true_bytes: kv.true_bytes(),
         kv_payload_bytes: kv.payload_bytes(),
         kv_bits: kv.layer_bits(),
     })
+}
+
+/// Hand every event the sequence has produced to `f`, moving held ones into the channel as it empties.
+fn take_events(seq: &mut Sequence<'_>, rx: &mut tokio::sync::mpsc::Receiver<Event>, f: &mut impl FnMut(Event)) {
+    loop {
+        while let Ok(ev) = rx.try_recv() {
+            f(ev);
+        }
+        seq.flush();
+        if seq.drained() && rx.is_empty() {
+            return;
+        }
+    }
 }

@@ -336,14 +336,7 @@ impl Frontend {
 
     /// The store configuration for a method: PM-KVQ takes the profile's shares and key scales.
     pub fn method_spec(&self, method: KvMethod) -> MethodSpec {
-        let label = method.to_string();
-        let calibrated = matches!(method, KvMethod::Pmkvq(_));
-        let p = self.profile.as_deref().filter(|_| calibrated);
-        MethodSpec {
-            shares: p.map(|p| p.shares.clone()),
-            key_scales: p.map(|p| p.channel_scales()),
-            ..MethodSpec::plain(method, None, &label)
-        }
+        crate::calib::method_spec(method, self.profile.as_deref())
     }
 }
 

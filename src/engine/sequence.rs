@@ -26,11 +26,13 @@ pub struct Admission {
     pub arrived: Instant,
 }
 
-pub struct Sequence {
+/// `'kv`: how long the cache lives — `'static` for the daemon's own caches, the caller's borrow for the CLI's
+/// local loop ([`super::generate`]).
+pub struct Sequence<'kv> {
     pub req: ValidRequest,
     tx: Sender<Event>,
     /// `None` once finished (the cache is freed the moment the sequence ends) or while spilled.
-    pub kv: Option<Box<dyn KvStore>>,
+    pub kv: Option<Box<dyn KvStore + 'kv>>,
     /// Where the cache waits while the sequence is preempted.
     pub spill: Option<crate::kvcache::spill::SpillFile>,
     /// Bytes the cache needs at its floor to take its next step (kept while spilled).
@@ -62,8 +64,8 @@ pub struct Sequence {
     pub finished: bool,
 }
 
-impl Sequence {
-    pub fn new(a: Admission, kv: Box<dyn KvStore>, sampler: Sampler, max_len: usize) -> Self {
+impl<'kv> Sequence<'kv> {
+    pub fn new(a: Admission, kv: Box<dyn KvStore + 'kv>, sampler: Sampler, max_len: usize) -> Self {
         let stops = StopChecker::new(a.req.stop.clone());
         let history = a.req.prompt_ids.clone();
         Sequence {

@@ -1,9 +1,11 @@
 //! KV storage and attention over it.
 //!
-//! Owns: every sequence's K/V state, the attention computed over that state, and its byte accounting.
-//! Does not own: requests, budgets policy, gRPC or tokio. The model hands each layer's post-RoPE Q/K/V for the
+//! Owns: every sequence's K/V state, the attention computed over that state (`attention/`: the packed-code
+//! kernels and the one per-head segment loop), and its byte accounting (`quant/rows.rs::token_bytes`).
+//! Does not own: requests, budget policy, gRPC or tokio. The model hands each layer's post-RoPE Q/K/V for the
 //! new tokens to a [`KvStore`] and gets the attention output back, so a store can keep K/V in any precision
-//! (the reference f16 store here; the PM-KVQ packed store later) without the model knowing.
+//! without the model knowing: the f16/f32 reference stores, PM-KVQ's progressive packed store
+//! ([`PmkvqStore`], which also runs the fixed-width RTN and llama.cpp q8_0/q4_0 baselines) and KIVI.
 //!
 //! Invariants: tokens are stored in chronological order; the new tokens of a call attend to every stored token
 //! plus the new tokens up to themselves (causal); a token's own K/V are used unquantized in its own step and
@@ -19,8 +21,8 @@ pub mod reparam;
 pub mod spill;
 pub mod tap;
 
-pub use method::{parse_bytes, KvMethod, MethodSpec};
-pub use pmkvq::{PmKvqConfig, PmKvqStore, Quantizer};
+pub use method::{KvMethod, MethodSpec};
+pub use pmkvq::{PmkvqConfig, PmkvqStore, Quantizer};
 pub use reference::{F16KvStore, F32KvStore, RefElem, RefKvStore};
 pub use reparam::{KeyScaled, KeyScales};
 pub use tap::{KvTap, Tapped};
@@ -220,4 +222,68 @@ pub fn check_append(g: &KvGeometry, layer: usize, k: &[f32], v: &[f32], n: usize
         });
     }
     Ok(())
+}
+
+/// A borrowed store is a store: the CLI's local loop runs a `Sequence` over a cache its caller keeps (to read
+/// it afterwards), where the daemon's sequences own theirs.
+impl<S: KvStore + ?Sized> KvStore for &mut S {
+    fn geometry(&self) -> KvGeometry {
+        (**self).geometry()
+    }
+    fn len(&self, layer: usize) -> usize {
+        (**self).len(layer)
+    }
+    fn attend_and_store(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError> {
+        (**self).attend_and_store(layer, q, k, v, n, out)
+    }
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
+        (**self).append(layer, k, v, n)
+    }
+    fn clear(&mut self) {
+        (**self).clear()
+    }
+    fn truncate(&mut self, tokens: usize) {
+        (**self).truncate(tokens)
+    }
+    fn true_bytes(&self) -> usize {
+        (**self).true_bytes()
+    }
+    fn payload_bytes(&self) -> usize {
+        (**self).payload_bytes()
+    }
+    fn reserve(&mut self, n: usize) -> Result<(), KvError> {
+        (**self).reserve(n)
+    }
+    fn layer_bits(&self) -> Vec<u32> {
+        (**self).layer_bits()
+    }
+    fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
+        (**self).set_layer_budgets(budgets)
+    }
+    fn method(&self) -> String {
+        (**self).method()
+    }
+    fn floor_bytes(&self, ahead: usize) -> usize {
+        (**self).floor_bytes(ahead)
+    }
+    fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
+        (**self).set_total_budget(total, shares, ahead)
+    }
+    fn spill(&self) -> Result<Vec<u8>, KvError> {
+        (**self).spill()
+    }
+    fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
+        (**self).restore(data)
+    }
+    fn requantizations(&self) -> u64 {
+        (**self).requantizations()
+    }
 }

@@ -85,7 +85,7 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
     };
     let geom = model.kv_geometry();
     let fp16_bytes = 2 * geom.layers * geom.kv_dim() * 2 * seq_len;
-    let floor = pmkvq::kvcache::PmKvqStore::floor_bytes(geom, &pmkvq::kvcache::PmKvqConfig::pmkvq(), seq_len);
+    let floor = pmkvq::kvcache::PmkvqStore::floor_bytes(geom, &pmkvq::kvcache::PmkvqConfig::pmkvq(), seq_len);
     let budget_of = |s: &str| {
         parse_budget(s, fp16_bytes, floor).ok_or_else(|| {
             fail(
@@ -95,8 +95,14 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
         })
     };
     let global = a.kv_budget.as_deref().map(budget_of).transpose()?;
-    let profile = a.profile.as_deref().map(|p| load_profile(p, &model)).transpose()?;
-    let alt_profile = a.alt_profile.as_deref().map(|p| load_profile(p, &model)).transpose()?;
+    let explicit = |p: &Option<PathBuf>| -> Result<Option<pmkvq::calib::Profile>, Failure> {
+        match p {
+            None => Ok(None),
+            Some(p) => load_profile(&p.display().to_string(), &model),
+        }
+    };
+    let profile = explicit(&a.profile)?;
+    let alt_profile = explicit(&a.alt_profile)?;
     let mut methods = Vec::new();
     for item in a.methods.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (name, budget) = match item.split_once('@') {

@@ -61,7 +61,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     let method: KvMethod = kv_name
         .parse()
         .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?;
-    let profile = a.profile.as_deref().map(|p| load_profile(p, &model)).transpose()?;
+    let profile = load_profile(a.profile.as_deref().unwrap_or("auto"), &model)?;
     let budget = match &a.kv_budget {
         None => None,
         Some(b) => Some(parse_bytes(b).ok_or_else(|| {
@@ -72,9 +72,9 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
         })?),
     };
     let spec = pmkvq::eval::MethodSpec {
-        shares: profile.as_ref().map(|p| p.shares.clone()),
-        key_scales: profile.as_ref().map(|p| p.channel_scales()),
-        ..pmkvq::eval::MethodSpec::plain(method, budget, kv_name)
+        budget,
+        label: kv_name.to_string(),
+        ..pmkvq::calib::method_spec(method, profile.as_ref())
     };
     let ctx = model.config.context_length;
     let mut kv = spec

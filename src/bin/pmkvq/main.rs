@@ -4,9 +4,10 @@
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use pmkvq::fetch;
-use pmkvq::kvcache::{parse_bytes, KvMethod};
+use pmkvq::kvcache::KvMethod;
 use pmkvq::model::chat::{ChatMessage, ChatTemplate};
 use pmkvq::model::{LoadOptions, Model};
+use pmkvq::units::parse_bytes;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -257,10 +258,10 @@ struct GenerateArgs {
     /// Write one JSON line per step: tokens stored, true and payload bytes, bits per layer.
     #[arg(long)]
     kv_trace: Option<PathBuf>,
-    /// Calibration profile (`pmkvq calibrate`): its per-layer shares split --kv-budget and its key scales
-    /// reparameterize the cache.
+    /// Calibration profile for `--kv pmkvq` (`auto`, `none` or a path; default `auto`, as pmkvqd): its
+    /// per-layer shares split --kv-budget and its key scales reparameterize the cache.
     #[arg(long, env = "PMKVQ_PROFILE")]
-    profile: Option<PathBuf>,
+    profile: Option<String>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -347,9 +348,13 @@ fn load(args: &ModelArgs) -> Result<(Model, pmkvq::model::Tokenizer), Failure> {
     Model::load(&path, &LoadOptions { threads: args.threads }).map_err(|e| fail(EX_DATAERR, e.into()))
 }
 
-fn load_profile(path: &std::path::Path, model: &Model) -> Result<pmkvq::calib::Profile, Failure> {
-    let p = pmkvq::calib::Profile::load(path).map_err(|e| fail(EX_DATAERR, e.into()))?;
-    let sha = fetch::model_sha256(&model.source).map_err(|e| fail(EX_NOINPUT, e.into()))?;
-    p.check(model, &sha, path).map_err(|e| fail(EX_DATAERR, e.into()))?;
-    Ok(p)
+/// The profile for `choice` (`auto`, `none` or a path), through the daemon's own loader: the same default, the
+/// same check against the model.
+fn load_profile(choice: &str, model: &Model) -> Result<Option<pmkvq::calib::Profile>, Failure> {
+    let choice: pmkvq::calib::ProfileChoice = match choice.parse() {
+        Ok(c) => c,
+        Err(never) => match never {},
+    };
+    let (p, _sha) = pmkvq::calib::resolve_profile(&choice, model).map_err(|e| fail(EX_DATAERR, e.into()))?;
+    Ok(p.map(|p| (*p.profile).clone()))
 }
