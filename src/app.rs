@@ -4,7 +4,6 @@
 //! `pmkvqd` and the integration tests both start the daemon through [`run`], with a listener they bound and a
 //! future that resolves on shutdown (mini-redis's pattern), so tests exercise exactly what ships.
 
-use crate::calib::Profile;
 use crate::config::{Config, ProfileChoice};
 use crate::engine::{EngineConfig, EngineHandle, EngineSetup};
 use crate::memory::{self, Budget, Monitor, NoDevice, Policy};
@@ -15,8 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Where `profile = "auto"` looks.
-pub const AUTO_PROFILE: &str = "profiles/default.profile.json";
 /// After the engine has drained, how long the transport gets to flush the last messages and close.
 const TRANSPORT_CLOSE: Duration = Duration::from_secs(2);
 
@@ -75,16 +72,48 @@ pub async fn run(cfg: Config, listener: Listener, shutdown: impl Future<Output =
     run_with_reload(cfg, listener, shutdown, reloads).await
 }
 
-/// [`run`], also applying configuration reloads (SIGHUP in `pmkvqd`) to the memory budget.
+/// [`run`], also applying configuration reloads (SIGHUP in `pmkvqd`) to the memory budget. The phases, in order:
+/// [`memory_start`] (the first budget) → [`front_start`] (transport up, health NOT_SERVING) → [`engine_start`]
+/// (model, profile, warm-up; off the runtime) → [`supervise`] (SERVING, systemd READY/STATUS/WATCHDOG, SIGHUP)
+/// → [`drain`].
 pub async fn run_with_reload(
     cfg: Config,
     listener: Listener,
     shutdown: impl Future<Output = ()> + Send,
     mut reloads: tokio::sync::mpsc::Receiver<Reload>,
 ) -> Result<(), AppError> {
-    // The first budget comes before anything is served, so the engine never runs without one.
-    // The device: today a GPU contributes its memory figures (the KV cache lives in host memory until the
-    // CUDA cache lands); a requested device that cannot be opened stops the start.
+    let (monitor, policy, budget_tx) = memory_start(&cfg)?;
+    let budget_rx = budget_tx.subscribe();
+    let mut front = front_start(&cfg, listener, budget_rx.clone()).await?;
+    tokio::pin!(shutdown);
+    let Some(engine) = engine_start(&cfg, budget_rx, &mut front, &mut shutdown).await? else {
+        return Ok(());
+    };
+    // The monitor follows memory from now on; it reads the KV bytes in use from the engine's status.
+    let kv_status = engine.watch_status();
+    let monitor_task = tokio::spawn(memory::run_monitor(
+        monitor,
+        policy,
+        cfg.memory_interval,
+        move || kv_status.borrow().kv_true_bytes as u64,
+        front.cap_rx.take().expect("taken once"),
+        budget_tx,
+    ));
+    let mut st = engine.watch_status();
+    let shutdown_seen = tokio::select! {
+        _ = st.wait_for(|s| s.ready || s.stopped) => false,
+        _ = &mut shutdown => true,
+    };
+    if !shutdown_seen && engine.status().ready {
+        supervise(&engine, &mut front, &mut shutdown, &mut reloads).await?;
+    }
+    drain(cfg.shutdown_grace, &engine, front, monitor_task).await;
+    Ok(())
+}
+
+/// The device (a GPU contributes its memory figures; a requested one that cannot be opened stops the start),
+/// the memory monitor and policy, and the first budget, so the engine never runs without one.
+fn memory_start(cfg: &Config) -> Result<(Monitor, Policy, tokio::sync::watch::Sender<Budget>), AppError> {
     let device: Box<dyn crate::memory::DeviceMemory> = match crate::gpu::open(cfg.device)? {
         Some(g) => {
             tracing::info!(gpu = g.name(), arch = g.arch(), "CUDA device opened");
@@ -104,9 +133,29 @@ pub async fn run_with_reload(
         source = first.source.as_str(),
         "initial kv budget"
     );
-    let (budget_tx, budget_rx) = tokio::sync::watch::channel::<Budget>(first);
-    let (cap_tx, cap_rx) = tokio::sync::mpsc::channel(memory::CAP_CHANNEL);
+    let (budget_tx, _) = tokio::sync::watch::channel::<Budget>(first);
+    Ok((monitor, policy, budget_tx))
+}
 
+/// What faces clients: the gRPC transport (health answers NOT_SERVING until the engine is warm), the admin
+/// service's channel to the monitor, and the metrics listener.
+struct Front {
+    health: server::HealthReporter,
+    service: GrpcService,
+    cap_tx: tokio::sync::mpsc::Sender<memory::CapRequest>,
+    /// The monitor's end of `cap_tx`, handed over when the monitor starts.
+    cap_rx: Option<tokio::sync::mpsc::Receiver<memory::CapRequest>>,
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    transport: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn front_start(
+    cfg: &Config,
+    listener: Listener,
+    budget_rx: tokio::sync::watch::Receiver<Budget>,
+) -> Result<Front, AppError> {
+    let (cap_tx, cap_rx) = tokio::sync::mpsc::channel(memory::CAP_CHANNEL);
     let (health, health_svc) = server::health_service().await;
     let service = GrpcService::new();
     let admin = AdminService::new(service.engine_cell(), budget_rx.clone(), cap_tx.clone());
@@ -119,7 +168,7 @@ pub async fn run_with_reload(
         admin_token: cfg.admin_token.as_deref().map(Arc::from),
         tls: cfg.tls.clone(),
     };
-    let mut transport = tokio::spawn(server::serve(
+    let transport = tokio::spawn(server::serve(
         listener,
         service.clone(),
         admin,
@@ -140,117 +189,126 @@ pub async fn run_with_reload(
             Some(tokio::spawn(server::metrics::serve(
                 l,
                 service.engine_cell(),
-                budget_rx.clone(),
+                budget_rx,
             )))
         }
     };
+    Ok(Front {
+        health,
+        service,
+        cap_tx,
+        cap_rx: Some(cap_rx),
+        stop_tx,
+        transport,
+        metrics_task,
+    })
+}
 
-    tokio::pin!(shutdown);
+/// Load the model and start the engine off the runtime. `None` when shutdown came first (the transport is
+/// closed then); an error when the transport died.
+async fn engine_start(
+    cfg: &Config,
+    budget_rx: tokio::sync::watch::Receiver<Budget>,
+    front: &mut Front,
+    shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
+) -> Result<Option<EngineHandle>, AppError> {
     let load_cfg = cfg.clone();
-    let engine_budget = budget_rx.clone();
-    let loading = tokio::task::spawn_blocking(move || start_engine(&load_cfg, engine_budget));
+    let loading = tokio::task::spawn_blocking(move || start_engine(&load_cfg, budget_rx));
     let engine = tokio::select! {
         r = loading => r.map_err(|e| AppError::Join(e.to_string()))??,
-        _ = &mut shutdown => {
+        _ = shutdown.as_mut() => {
             tracing::info!("shutdown requested while loading");
-            let _ = stop_tx.send(());
-            let _ = tokio::time::timeout(TRANSPORT_CLOSE, &mut transport).await;
-            return Ok(());
+            let (stop, _) = tokio::sync::oneshot::channel();
+            let _ = std::mem::replace(&mut front.stop_tx, stop).send(());
+            let _ = tokio::time::timeout(TRANSPORT_CLOSE, &mut front.transport).await;
+            return Ok(None);
         }
-        r = &mut transport => {
-            return match r {
-                Ok(Err(e)) => Err(e.into()),
-                _ => Err(AppError::Join("the gRPC server stopped".into())),
-            };
-        }
+        r = &mut front.transport => return Err(transport_ended(r)),
     };
-    service.set_engine(engine.clone());
-    // The monitor follows memory from now on; it reads the KV bytes in use from the engine's status.
-    let kv_status = engine.watch_status();
-    let monitor_task = tokio::spawn(memory::run_monitor(
-        monitor,
-        policy,
-        cfg.memory_interval,
-        move || kv_status.borrow().kv_true_bytes as u64,
-        cap_rx,
-        budget_tx,
-    ));
-    let mut st = engine.watch_status();
-    let shutdown_seen = tokio::select! {
-        _ = st.wait_for(|s| s.ready || s.stopped) => false,
-        _ = &mut shutdown => true,
-    };
-    if !shutdown_seen && engine.status().ready {
-        server::set_health(&health, ServingStatus::Serving).await;
-        let info = engine.model_info();
-        tracing::info!(
-            model = %info.name,
-            layers = info.layers,
-            context = info.context_length,
-            kv_method = %info.default_kv_method,
-            profile = info.profile.as_ref().map(|p| p.path.display().to_string()),
-            "serving"
-        );
-        // READY only now: the model is loaded and a warm-up step ran.
-        notify(&[
-            sd_notify::NotifyState::Ready,
-            sd_notify::NotifyState::Status(&status_line(&engine)),
-        ]);
-        // Watchdog pings follow the engine thread's heartbeat, not the runtime: a wedged engine gets the
-        // service restarted even though gRPC still answers.
-        let watchdog = sd_notify::watchdog_enabled();
-        let tick_every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
-        let mut tick = tokio::time::interval(tick_every);
-        let mut last_status = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                r = &mut transport => {
-                    // The transport died under us: nothing can reach the engine any more.
-                    engine.drain(Duration::ZERO);
-                    return match r {
-                        Ok(Err(e)) => Err(e.into()),
-                        _ => Err(AppError::Join("the gRPC server stopped".into())),
-                    };
+    front.service.set_engine(engine.clone());
+    Ok(Some(engine))
+}
+
+fn transport_ended(r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>) -> AppError {
+    match r {
+        Ok(Err(e)) => e.into(),
+        _ => AppError::Join("the gRPC server stopped".into()),
+    }
+}
+
+/// Serving: health SERVING and systemd READY (the model is loaded and a warm-up step ran), then until shutdown:
+/// watchdog pings that follow the engine thread's heartbeat (not the runtime: a wedged engine gets the service
+/// restarted even though gRPC still answers), the status line, and configuration reloads.
+async fn supervise(
+    engine: &EngineHandle,
+    front: &mut Front,
+    shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
+    reloads: &mut tokio::sync::mpsc::Receiver<Reload>,
+) -> Result<(), AppError> {
+    server::set_health(&front.health, ServingStatus::Serving).await;
+    let info = engine.model_info();
+    tracing::info!(
+        model = %info.name,
+        layers = info.layers,
+        context = info.context_length,
+        kv_method = %info.default_kv_method,
+        profile = info.profile.as_ref().map(|p| p.path.display().to_string()),
+        "serving"
+    );
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status_line(engine)),
+    ]);
+    let watchdog = sd_notify::watchdog_enabled();
+    let tick_every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
+    let mut tick = tokio::time::interval(tick_every);
+    let mut last_status = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(()),
+            r = &mut front.transport => {
+                // The transport died under us: nothing can reach the engine any more.
+                engine.drain(Duration::ZERO);
+                return Err(transport_ended(r));
+            }
+            Some(r) = reloads.recv() => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let req = memory::CapRequest { cap: r.memory_cap, policy: Some(r.memory_policy), reply: tx };
+                if front.cap_tx.send(req).await.is_ok() {
+                    if let Ok(b) = rx.await {
+                        tracing::info!(budget_bytes = b.bytes, source = b.source.as_str(), "configuration reloaded");
+                    }
                 }
-                Some(r) = reloads.recv() => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let req = memory::CapRequest { cap: r.memory_cap, policy: Some(r.memory_policy), reply: tx };
-                    if cap_tx.send(req).await.is_ok() {
-                        if let Ok(b) = rx.await {
-                            tracing::info!(budget_bytes = b.bytes, source = b.source.as_str(), "configuration reloaded");
-                        }
+                notify(&[sd_notify::NotifyState::Status(&status_line(engine))]);
+            }
+            _ = tick.tick() => {
+                if let Some(w) = watchdog {
+                    if engine.status().heartbeat.elapsed() < w {
+                        notify(&[sd_notify::NotifyState::Watchdog]);
+                    } else {
+                        tracing::error!("engine heartbeat is stale; withholding the watchdog ping");
                     }
-                    notify(&[sd_notify::NotifyState::Status(&status_line(&engine))]);
                 }
-                _ = tick.tick() => {
-                    if let Some(w) = watchdog {
-                        if engine.status().heartbeat.elapsed() < w {
-                            notify(&[sd_notify::NotifyState::Watchdog]);
-                        } else {
-                            tracing::error!("engine heartbeat is stale; withholding the watchdog ping");
-                        }
-                    }
-                    if last_status.elapsed() >= STATUS_EVERY {
-                        last_status = tokio::time::Instant::now();
-                        notify(&[sd_notify::NotifyState::Status(&status_line(&engine))]);
-                    }
+                if last_status.elapsed() >= STATUS_EVERY {
+                    last_status = tokio::time::Instant::now();
+                    notify(&[sd_notify::NotifyState::Status(&status_line(engine))]);
                 }
             }
         }
     }
+}
 
-    // Shutdown: health first, so load balancers stop sending; then refuse new work and drain.
-    let grace = cfg.shutdown_grace;
+/// Shutdown: health first, so load balancers stop sending; then refuse new work, let the engine end every
+/// stream (completed, or cancelled at the deadline), flush the transport and stop the tasks.
+async fn drain(grace: Duration, engine: &EngineHandle, mut front: Front, monitor_task: tokio::task::JoinHandle<()>) {
     tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: draining");
-    server::set_health(&health, ServingStatus::NotServing).await;
+    server::set_health(&front.health, ServingStatus::NotServing).await;
     notify(&[
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("draining"),
     ]);
     engine.drain(grace);
-    let _ = stop_tx.send(());
-    // The engine ends every stream (completed, or cancelled at the deadline) and then exits.
+    let _ = front.stop_tx.send(());
     if tokio::time::timeout(grace + TRANSPORT_CLOSE, engine.stopped())
         .await
         .is_err()
@@ -258,13 +316,12 @@ pub async fn run_with_reload(
         tracing::warn!("the engine did not stop within the grace period");
     }
     // Streams that ended are flushed; long-lived ones (health watches) are cut here.
-    let _ = tokio::time::timeout(TRANSPORT_CLOSE, &mut transport).await;
+    let _ = tokio::time::timeout(TRANSPORT_CLOSE, &mut front.transport).await;
     monitor_task.abort();
-    if let Some(t) = metrics_task {
+    if let Some(t) = front.metrics_task {
         t.abort();
     }
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// One line for `systemctl status`: sequences, KV use against the budget and what sets it.
@@ -291,7 +348,14 @@ fn start_engine(cfg: &Config, budget: tokio::sync::watch::Receiver<Budget>) -> R
             path: cfg.model.clone(),
             source: e,
         })?;
-    let (profile, sha) = load_profile(cfg, &model)?;
+    let (profile, sha) = crate::calib::resolve_profile(&cfg.profile, &model).map_err(|e| AppError::Profile {
+        path: match &cfg.profile {
+            ProfileChoice::Path(p) => p.clone(),
+            _ => PathBuf::from(crate::calib::AUTO_PROFILE),
+        },
+        msg: e.to_string(),
+    })?;
+    let profile = profile.map(|p| (p.profile, p.path));
     let mut limits = cfg.limits.clone();
     limits.max_tokens_limit = limits.max_tokens_limit.min(model.config.context_length - 1);
     limits.default_max_tokens = limits.default_max_tokens.min(limits.max_tokens_limit);
@@ -314,40 +378,4 @@ fn start_engine(cfg: &Config, budget: tokio::sync::watch::Receiver<Budget>) -> R
         path: cfg.model.clone(),
         source: e,
     })
-}
-
-type LoadedProfile = Option<(Arc<Profile>, PathBuf)>;
-
-/// The profile to use and the model's SHA-256 (computed only when a profile must be checked against it).
-fn load_profile(cfg: &Config, model: &Model) -> Result<(LoadedProfile, String), AppError> {
-    let (path, required) = match &cfg.profile {
-        ProfileChoice::None => return Ok((None, String::new())),
-        ProfileChoice::Path(p) => (p.clone(), true),
-        ProfileChoice::Auto => {
-            let p = PathBuf::from(AUTO_PROFILE);
-            if !p.exists() {
-                tracing::info!(path = AUTO_PROFILE, "no calibration profile; equal per-layer shares");
-                return Ok((None, String::new()));
-            }
-            (p, false)
-        }
-    };
-    let err = |msg: String| AppError::Profile {
-        path: path.clone(),
-        msg,
-    };
-    let sha = crate::fetch::model_sha256(&model.source).map_err(|e| err(format!("hashing the model: {e}")))?;
-    let checked = Profile::load(&path).map_err(|e| e.to_string()).and_then(|p| {
-        p.check(model, &sha, Path::new(&path))
-            .map(|_| p)
-            .map_err(|e| e.to_string())
-    });
-    match checked {
-        Ok(p) => Ok((Some((Arc::new(p), path)), sha)),
-        Err(msg) if required => Err(err(msg)),
-        Err(msg) => {
-            tracing::warn!(path = %path.display(), error = %msg, "ignoring the automatic profile");
-            Ok((None, sha))
-        }
-    }
 }

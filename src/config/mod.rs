@@ -7,12 +7,13 @@
 #![forbid(unsafe_code)]
 
 mod args;
+mod validate;
 
 pub use args::DaemonArgs;
 
+pub use crate::calib::ProfileChoice;
 use crate::engine::RequestLimits;
 use crate::gpu::DeviceChoice;
-use crate::kvcache::{parse_bytes, KvMethod};
 use crate::memory::{OperatorCap, PolicyConfig};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -228,15 +229,6 @@ fn key_def(key: &str) -> Option<&'static KeyDef> {
     KEYS.iter().find(|k| k.key == key)
 }
 
-/// Calibration profile choice.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProfileChoice {
-    /// `profiles/default.profile.json` if it exists and was calibrated for this model.
-    Auto,
-    None,
-    Path(PathBuf),
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     Pretty,
@@ -368,7 +360,7 @@ pub fn load(argv: Vec<OsString>, env: &dyn Fn(&str) -> Option<String>) -> Result
             Err(ConfigError::Invalid(errors))
         };
     }
-    let cfg = validate(&raw, &mut errors);
+    let cfg = validate::validate(&raw, &mut errors);
     match cfg {
         Some(c) if errors.is_empty() => Ok(Action::Run(Box::new(c), raw)),
         _ => Err(ConfigError::Invalid(errors)),
@@ -422,260 +414,6 @@ fn scalar(v: &toml::Value) -> Result<String, &'static str> {
         toml::Value::Array(_) => Err("an array"),
         toml::Value::Table(_) => Err("a table"),
     }
-}
-
-/// Parse `30s`, `250ms`, `2m`, `1h`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-    let (num, unit) = s.split_at(split);
-    let v: f64 = num.parse().ok()?;
-    let secs = match unit.trim() {
-        "ms" => v / 1e3,
-        "s" => v,
-        "m" | "min" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return None,
-    };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
-}
-
-fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
-    let mut bad = |key: &str, what: String| {
-        let src = &raw.values[key].1;
-        errors.push(format!("`{key}` (from {src}) {what}"));
-    };
-    let val = |key: &str| raw.values[key].0.as_str();
-    let count = |key: &str, min: usize, max: usize, bad: &mut dyn FnMut(&str, String)| -> usize {
-        match val(key).trim().parse::<usize>() {
-            Ok(n) if (min..=max).contains(&n) => n,
-            Ok(n) => {
-                bad(key, format!("must be in {min}..={max}, got {n}"));
-                min
-            }
-            Err(_) => {
-                bad(key, format!("must be a whole number, got `{}`", val(key)));
-                min
-            }
-        }
-    };
-    let model = PathBuf::from(val("model"));
-    if val("model").is_empty() {
-        bad("model", "must not be empty".into());
-    }
-    let profile = match val("profile") {
-        "auto" => ProfileChoice::Auto,
-        "none" | "" => ProfileChoice::None,
-        p => ProfileChoice::Path(PathBuf::from(p)),
-    };
-    let listen = match val("listen").strip_prefix("unix:") {
-        Some(p) if !p.is_empty() => ListenAddr::Unix(PathBuf::from(p)),
-        _ => ListenAddr::Tcp(val("listen").parse::<SocketAddr>().unwrap_or_else(|_| {
-            bad(
-                "listen",
-                format!(
-                    "must be HOST:PORT with an IP address (e.g. 127.0.0.1:50051) or unix:/path, got `{}`",
-                    val("listen")
-                ),
-            );
-            SocketAddr::from(([127, 0, 0, 1], 0))
-        })),
-    };
-    let threads = count("threads", 0, 1024, &mut bad);
-    let device = val("device").parse::<DeviceChoice>().unwrap_or_else(|e| {
-        bad("device", e);
-        DeviceChoice::Cpu
-    });
-    let log_format = match val("log.format") {
-        "pretty" => LogFormat::Pretty,
-        "json" => LogFormat::Json,
-        other => {
-            bad("log.format", format!("must be `pretty` or `json`, got `{other}`"));
-            LogFormat::Pretty
-        }
-    };
-    let log_filter = val("log.filter").to_string();
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_filter) {
-        bad("log.filter", format!("is not a valid filter: {e}"));
-    }
-    let max_running = count("engine.max_running", 1, 256, &mut bad);
-    let max_queued = count("engine.max_queued", 1, 65_536, &mut bad);
-    let prefill_chunk = count("engine.prefill_chunk", 1, 65_536, &mut bad);
-    let stream_buffer = count("engine.stream_buffer", 2, 4096, &mut bad);
-    let default_kv_method = val("engine.kv_method").parse::<KvMethod>().unwrap_or_else(|e| {
-        bad("engine.kv_method", e.to_string());
-        KvMethod::Fp16
-    });
-    let max_tokens_limit = count("engine.max_tokens_limit", 1, 1 << 20, &mut bad);
-    let default_max_tokens = count("engine.default_max_tokens", 1, 1 << 20, &mut bad);
-    if default_max_tokens > max_tokens_limit {
-        bad(
-            "engine.default_max_tokens",
-            format!("must be <= engine.max_tokens_limit ({max_tokens_limit}), got {default_max_tokens}"),
-        );
-    }
-    let max_stop = count("engine.max_stop", 0, 1024, &mut bad);
-    let kv_state_every = count("engine.kv_state_every", 0, 1 << 20, &mut bad);
-    let shutdown_grace = parse_duration(val("shutdown.grace")).unwrap_or_else(|| {
-        bad(
-            "shutdown.grace",
-            format!(
-                "must be a duration such as 30s or 500ms, got `{}`",
-                val("shutdown.grace")
-            ),
-        );
-        Duration::ZERO
-    });
-    let duration = |key: &str, bad: &mut dyn FnMut(&str, String)| {
-        parse_duration(val(key)).unwrap_or_else(|| {
-            bad(
-                key,
-                format!("must be a duration such as 30s or 500ms, got `{}`", val(key)),
-            );
-            Duration::ZERO
-        })
-    };
-    let number = |key: &str, lo: f64, hi: f64, bad: &mut dyn FnMut(&str, String)| match val(key).trim().parse::<f64>() {
-        Ok(x) if x >= lo && x <= hi => x,
-        _ => {
-            bad(key, format!("must be a number in [{lo}, {hi}], got `{}`", val(key)));
-            lo
-        }
-    };
-    let spill_dir = match val("engine.spill_dir") {
-        "" => std::env::temp_dir().join("pmkvq-spill"),
-        p => PathBuf::from(p),
-    };
-    let memory_cap = val("memory.budget").parse::<OperatorCap>().unwrap_or_else(|e| {
-        bad("memory.budget", e);
-        OperatorCap::Automatic
-    });
-    let reserve = parse_bytes(val("memory.reserve")).unwrap_or_else(|| {
-        bad(
-            "memory.reserve",
-            format!("must be a byte size such as 256MiB, got `{}`", val("memory.reserve")),
-        );
-        0
-    });
-    let memory_policy = PolicyConfig {
-        reserve_bytes: reserve as u64,
-        fraction: number("memory.fraction", 0.0, 1.0, &mut bad),
-        pressure_some_pct: number("memory.pressure_some_pct", 0.0, 100.0, &mut bad),
-        pressure_factor: 0.5,
-        hysteresis: number("memory.hysteresis", 0.0, 0.5, &mut bad),
-        min_interval: duration("memory.min_interval", &mut bad),
-        kv_on_device: false,
-    };
-    let memory_interval = duration("memory.interval", &mut bad);
-    if memory_interval < Duration::from_millis(10) {
-        bad(
-            "memory.interval",
-            format!("must be >= 10ms, got `{}`", val("memory.interval")),
-        );
-    }
-    let memory_root = PathBuf::from(val("memory.root"));
-    let mut admin_token = match (val("auth.token"), val("auth.token_file")) {
-        ("", "") => None,
-        (t, "") => Some(t.to_string()),
-        ("", f) => match std::fs::read_to_string(f) {
-            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
-            Ok(_) => {
-                bad("auth.token_file", format!("{f} is empty"));
-                None
-            }
-            Err(e) => {
-                bad("auth.token_file", format!("cannot read {f}: {e}"));
-                None
-            }
-        },
-        _ => {
-            bad("auth.token", "and `auth.token_file` are both set; use one".into());
-            None
-        }
-    };
-    if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
-        bad("auth.token", "must be at least 16 characters".into());
-        admin_token = None;
-    }
-    let allow_remote = match val("auth.allow_insecure_remote") {
-        "true" => true,
-        "false" => false,
-        v => {
-            bad(
-                "auth.allow_insecure_remote",
-                format!("must be true or false, got `{v}`"),
-            );
-            false
-        }
-    };
-    if let ListenAddr::Tcp(a) = &listen {
-        if !a.ip().is_loopback() && admin_token.is_none() && !allow_remote {
-            bad(
-                "listen",
-                format!(
-                    "is {a}, reachable from other machines, but no `auth.token` protects the admin calls; set one, \
-                     or set `auth.allow_insecure_remote = true`"
-                ),
-            );
-        }
-    }
-    let tls = match (val("tls.cert"), val("tls.key")) {
-        ("", "") => None,
-        (c, k) if !c.is_empty() && !k.is_empty() => match (std::fs::read(c), std::fs::read(k)) {
-            (Ok(c), Ok(k)) => Some((c, k)),
-            (Err(e), _) => {
-                bad("tls.cert", format!("cannot read {c}: {e}"));
-                None
-            }
-            (_, Err(e)) => {
-                bad("tls.key", format!("cannot read {k}: {e}"));
-                None
-            }
-        },
-        _ => {
-            bad("tls.cert", "and `tls.key` must be set together".into());
-            None
-        }
-    };
-    let metrics_listen = match val("metrics.listen") {
-        "" => None,
-        v => v.parse::<SocketAddr>().map(Some).unwrap_or_else(|_| {
-            bad(
-                "metrics.listen",
-                format!("must be HOST:PORT with an IP address, got `{v}`"),
-            );
-            None
-        }),
-    };
-    Some(Config {
-        model,
-        profile,
-        listen,
-        threads,
-        device,
-        log_format,
-        log_filter,
-        max_running,
-        max_queued,
-        prefill_chunk,
-        stream_buffer,
-        limits: RequestLimits {
-            default_max_tokens,
-            max_tokens_limit,
-            max_stop,
-            default_kv_method,
-            default_kv_state_every: kv_state_every,
-        },
-        shutdown_grace,
-        spill_dir,
-        memory_cap,
-        memory_policy,
-        memory_interval,
-        memory_root,
-        admin_token,
-        tls,
-        metrics_listen,
-    })
 }
 
 /// Configuration for tests and embedders: defaults, then `key=value` pairs as if given with `--set`.
@@ -756,10 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn durations_and_env_names() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("30"), None);
+    fn env_names() {
         assert_eq!(env_name("engine.max_running"), "PMKVQ_ENGINE_MAX_RUNNING");
         assert_eq!(
             KEYS[0].default,

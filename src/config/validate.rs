@@ -1,0 +1,343 @@
+//! Raw values → typed [`Config`]: one function per section of [`KEYS`](super::KEYS), in the table's order, each
+//! parsing exactly its keys. Every problem is collected (never only the first), each naming the key, where its
+//! value came from and the bound it broke.
+
+use super::{Config, ListenAddr, LogFormat, ProfileChoice, RawConfig};
+use crate::engine::RequestLimits;
+use crate::gpu::DeviceChoice;
+use crate::kvcache::KvMethod;
+use crate::memory::{OperatorCap, PolicyConfig};
+use crate::units::{parse_bytes, parse_duration};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The raw values and the problems found so far.
+struct Fields<'a> {
+    raw: &'a RawConfig,
+    errors: &'a mut Vec<String>,
+}
+
+impl<'a> Fields<'a> {
+    fn val(&self, key: &str) -> &'a str {
+        self.raw.values[key].0.as_str()
+    }
+
+    fn bad(&mut self, key: &str, what: String) {
+        let src = &self.raw.values[key].1;
+        self.errors.push(format!("`{key}` (from {src}) {what}"));
+    }
+
+    fn count(&mut self, key: &str, min: usize, max: usize) -> usize {
+        match self.val(key).trim().parse::<usize>() {
+            Ok(n) if (min..=max).contains(&n) => n,
+            Ok(n) => {
+                self.bad(key, format!("must be in {min}..={max}, got {n}"));
+                min
+            }
+            Err(_) => {
+                let v = self.val(key);
+                self.bad(key, format!("must be a whole number, got `{v}`"));
+                min
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str) -> Duration {
+        parse_duration(self.val(key)).unwrap_or_else(|| {
+            let v = self.val(key);
+            self.bad(key, format!("must be a duration such as 30s or 500ms, got `{v}`"));
+            Duration::ZERO
+        })
+    }
+
+    fn number(&mut self, key: &str, lo: f64, hi: f64) -> f64 {
+        match self.val(key).trim().parse::<f64>() {
+            Ok(x) if x >= lo && x <= hi => x,
+            _ => {
+                let v = self.val(key);
+                self.bad(key, format!("must be a number in [{lo}, {hi}], got `{v}`"));
+                lo
+            }
+        }
+    }
+
+    fn flag(&mut self, key: &str) -> bool {
+        match self.val(key) {
+            "true" => true,
+            "false" => false,
+            v => {
+                self.bad(key, format!("must be true or false, got `{v}`"));
+                false
+            }
+        }
+    }
+}
+
+/// The typed configuration, or `None` when `errors` gained an entry.
+pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Config> {
+    let before = errors.len();
+    let mut f = Fields { raw, errors };
+    let top = top_level(&mut f);
+    let (log_format, log_filter) = log(&mut f);
+    let engine = engine(&mut f);
+    let shutdown_grace = f.duration("shutdown.grace");
+    let memory = memory(&mut f);
+    let admin_token = auth(&mut f, &top.listen);
+    let tls = tls(&mut f);
+    let metrics_listen = metrics(&mut f);
+    if f.errors.len() > before {
+        return None;
+    }
+    Some(Config {
+        model: top.model,
+        profile: top.profile,
+        listen: top.listen,
+        threads: top.threads,
+        device: top.device,
+        log_format,
+        log_filter,
+        max_running: engine.max_running,
+        max_queued: engine.max_queued,
+        prefill_chunk: engine.prefill_chunk,
+        stream_buffer: engine.stream_buffer,
+        limits: engine.limits,
+        shutdown_grace,
+        spill_dir: engine.spill_dir,
+        memory_cap: memory.cap,
+        memory_policy: memory.policy,
+        memory_interval: memory.interval,
+        memory_root: memory.root,
+        admin_token,
+        tls,
+        metrics_listen,
+    })
+}
+
+struct TopLevel {
+    model: PathBuf,
+    profile: ProfileChoice,
+    listen: ListenAddr,
+    threads: usize,
+    device: DeviceChoice,
+}
+
+/// `model`, `profile`, `listen`, `threads`, `device`.
+fn top_level(f: &mut Fields<'_>) -> TopLevel {
+    let model = PathBuf::from(f.val("model"));
+    if f.val("model").is_empty() {
+        f.bad("model", "must not be empty".into());
+    }
+    let profile: ProfileChoice = match f.val("profile").parse() {
+        Ok(p) => p,
+        Err(never) => match never {},
+    };
+    let listen = match f.val("listen").strip_prefix("unix:") {
+        Some(p) if !p.is_empty() => ListenAddr::Unix(PathBuf::from(p)),
+        _ => ListenAddr::Tcp(f.val("listen").parse::<SocketAddr>().unwrap_or_else(|_| {
+            let v = f.val("listen");
+            f.bad(
+                "listen",
+                format!("must be HOST:PORT with an IP address (e.g. 127.0.0.1:50051) or unix:/path, got `{v}`"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })),
+    };
+    let threads = f.count("threads", 0, 1024);
+    let device = f.val("device").parse::<DeviceChoice>().unwrap_or_else(|e| {
+        f.bad("device", e);
+        DeviceChoice::Cpu
+    });
+    TopLevel {
+        model,
+        profile,
+        listen,
+        threads,
+        device,
+    }
+}
+
+/// `log.format`, `log.filter`.
+fn log(f: &mut Fields<'_>) -> (LogFormat, String) {
+    let format = match f.val("log.format") {
+        "pretty" => LogFormat::Pretty,
+        "json" => LogFormat::Json,
+        other => {
+            f.bad("log.format", format!("must be `pretty` or `json`, got `{other}`"));
+            LogFormat::Pretty
+        }
+    };
+    let filter = f.val("log.filter").to_string();
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&filter) {
+        f.bad("log.filter", format!("is not a valid filter: {e}"));
+    }
+    (format, filter)
+}
+
+struct EngineSection {
+    max_running: usize,
+    max_queued: usize,
+    prefill_chunk: usize,
+    stream_buffer: usize,
+    limits: RequestLimits,
+    spill_dir: PathBuf,
+}
+
+/// `engine.*`: batch and queue sizes, request limits and defaults, the spill directory.
+fn engine(f: &mut Fields<'_>) -> EngineSection {
+    let max_running = f.count("engine.max_running", 1, 256);
+    let max_queued = f.count("engine.max_queued", 1, 65_536);
+    let prefill_chunk = f.count("engine.prefill_chunk", 1, 65_536);
+    let stream_buffer = f.count("engine.stream_buffer", 2, 4096);
+    let default_kv_method = f.val("engine.kv_method").parse::<KvMethod>().unwrap_or_else(|e| {
+        f.bad("engine.kv_method", e.to_string());
+        KvMethod::Fp16
+    });
+    let max_tokens_limit = f.count("engine.max_tokens_limit", 1, 1 << 20);
+    let default_max_tokens = f.count("engine.default_max_tokens", 1, 1 << 20);
+    if default_max_tokens > max_tokens_limit {
+        f.bad(
+            "engine.default_max_tokens",
+            format!("must be <= engine.max_tokens_limit ({max_tokens_limit}), got {default_max_tokens}"),
+        );
+    }
+    let max_stop = f.count("engine.max_stop", 0, 1024);
+    let kv_state_every = f.count("engine.kv_state_every", 0, 1 << 20);
+    let spill_dir = match f.val("engine.spill_dir") {
+        "" => std::env::temp_dir().join("pmkvq-spill"),
+        p => PathBuf::from(p),
+    };
+    EngineSection {
+        max_running,
+        max_queued,
+        prefill_chunk,
+        stream_buffer,
+        limits: RequestLimits {
+            default_max_tokens,
+            max_tokens_limit,
+            max_stop,
+            default_kv_method,
+            default_kv_state_every: kv_state_every,
+        },
+        spill_dir,
+    }
+}
+
+struct MemorySection {
+    cap: OperatorCap,
+    policy: PolicyConfig,
+    interval: Duration,
+    root: PathBuf,
+}
+
+/// `memory.*`: the operator's cap, the policy that turns samples into a budget, sampling interval and root.
+fn memory(f: &mut Fields<'_>) -> MemorySection {
+    let cap = f.val("memory.budget").parse::<OperatorCap>().unwrap_or_else(|e| {
+        f.bad("memory.budget", e);
+        OperatorCap::Automatic
+    });
+    let reserve = parse_bytes(f.val("memory.reserve")).unwrap_or_else(|| {
+        let v = f.val("memory.reserve");
+        f.bad(
+            "memory.reserve",
+            format!("must be a byte size such as 256MiB, got `{v}`"),
+        );
+        0
+    });
+    let policy = PolicyConfig {
+        reserve_bytes: reserve as u64,
+        fraction: f.number("memory.fraction", 0.0, 1.0),
+        pressure_some_pct: f.number("memory.pressure_some_pct", 0.0, 100.0),
+        pressure_factor: 0.5,
+        hysteresis: f.number("memory.hysteresis", 0.0, 0.5),
+        min_interval: f.duration("memory.min_interval"),
+        kv_on_device: false,
+    };
+    let interval = f.duration("memory.interval");
+    if interval < Duration::from_millis(10) {
+        let v = f.val("memory.interval");
+        f.bad("memory.interval", format!("must be >= 10ms, got `{v}`"));
+    }
+    MemorySection {
+        cap,
+        policy,
+        interval,
+        root: PathBuf::from(f.val("memory.root")),
+    }
+}
+
+/// `auth.*`: the admin token (inline or from a file) and whether a remote listener may go without one.
+fn auth(f: &mut Fields<'_>, listen: &ListenAddr) -> Option<String> {
+    let mut token = match (f.val("auth.token"), f.val("auth.token_file")) {
+        ("", "") => None,
+        (t, "") => Some(t.to_string()),
+        ("", file) => match std::fs::read_to_string(file) {
+            Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+            Ok(_) => {
+                f.bad("auth.token_file", format!("{file} is empty"));
+                None
+            }
+            Err(e) => {
+                f.bad("auth.token_file", format!("cannot read {file}: {e}"));
+                None
+            }
+        },
+        _ => {
+            f.bad("auth.token", "and `auth.token_file` are both set; use one".into());
+            None
+        }
+    };
+    if token.as_deref().is_some_and(|t| t.len() < 16) {
+        f.bad("auth.token", "must be at least 16 characters".into());
+        token = None;
+    }
+    let allow_remote = f.flag("auth.allow_insecure_remote");
+    if let ListenAddr::Tcp(a) = listen {
+        if !a.ip().is_loopback() && token.is_none() && !allow_remote {
+            f.bad(
+                "listen",
+                format!(
+                    "is {a}, reachable from other machines, but no `auth.token` protects the admin calls; set one, \
+                     or set `auth.allow_insecure_remote = true`"
+                ),
+            );
+        }
+    }
+    token
+}
+
+/// `tls.cert`, `tls.key`: PEM files, read now so a bad path stops the start.
+fn tls(f: &mut Fields<'_>) -> Option<(Vec<u8>, Vec<u8>)> {
+    match (f.val("tls.cert"), f.val("tls.key")) {
+        ("", "") => None,
+        (c, k) if !c.is_empty() && !k.is_empty() => match (std::fs::read(c), std::fs::read(k)) {
+            (Ok(c), Ok(k)) => Some((c, k)),
+            (Err(e), _) => {
+                f.bad("tls.cert", format!("cannot read {c}: {e}"));
+                None
+            }
+            (_, Err(e)) => {
+                f.bad("tls.key", format!("cannot read {k}: {e}"));
+                None
+            }
+        },
+        _ => {
+            f.bad("tls.cert", "and `tls.key` must be set together".into());
+            None
+        }
+    }
+}
+
+/// `metrics.listen`: the Prometheus endpoint, off when empty.
+fn metrics(f: &mut Fields<'_>) -> Option<SocketAddr> {
+    match f.val("metrics.listen") {
+        "" => None,
+        v => v.parse::<SocketAddr>().map(Some).unwrap_or_else(|_| {
+            f.bad(
+                "metrics.listen",
+                format!("must be HOST:PORT with an IP address, got `{v}`"),
+            );
+            None
+        }),
+    }
+}
