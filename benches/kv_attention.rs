@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use pmkvq::kvcache::quant::Bits;
-use pmkvq::kvcache::{F16KvStore, KvGeometry, KvStore, PmKvqConfig, PmKvqStore};
+use pmkvq::kvcache::{F16KvStore, KvGeometry, KvStore, PmkvqConfig, PmkvqStore};
 use std::time::Duration;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -24,7 +24,7 @@ fn store(kind: &str, geom: KvGeometry, ctx: usize) -> Box<dyn KvStore> {
         "fp16" => Box::new(F16KvStore::new(geom, ctx + 1)),
         b => {
             let bits = Bits::from_count(b.trim_end_matches("bit").parse().unwrap()).unwrap();
-            Box::new(PmKvqStore::new(geom, PmKvqConfig::rtn(bits), &[usize::MAX], ctx + 1).unwrap())
+            Box::new(PmkvqStore::new(geom, PmkvqConfig::rtn(bits), &[usize::MAX], ctx + 1).unwrap())
         }
     };
     let kv = geom.kv_dim();

@@ -26,7 +26,7 @@ fn pmkvq_with_an_unbinding_budget_reproduces_llama_cpp_greedy_tokens() {
             .iter()
             .position(|&m| m < 0.1)
             .unwrap_or(c.greedy_ids.len());
-        let mut kv = KvMethod::Pmkvq(pmkvq::kvcache::PmKvqConfig::pmkvq())
+        let mut kv = KvMethod::Pmkvq(pmkvq::kvcache::PmkvqConfig::pmkvq())
             .new_store(model.kv_geometry(), None, model.config.context_length)
             .unwrap();
         let req = GenerateRequest {
@@ -80,7 +80,7 @@ fn a_tight_budget_is_never_exceeded_and_a_lowered_one_applies_before_the_next_st
     let layers = model.config.layers;
     let total = 6 << 20;
     let mut budgets = even_layer_budgets(total, layers);
-    let mut kv = KvMethod::Pmkvq(pmkvq::kvcache::PmKvqConfig::pmkvq())
+    let mut kv = KvMethod::Pmkvq(pmkvq::kvcache::PmkvqConfig::pmkvq())
         .new_store(model.kv_geometry(), Some(&budgets), model.config.context_length)
         .unwrap();
     let mut logits = model

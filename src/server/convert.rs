@@ -95,7 +95,7 @@ pub fn finish_reason(f: FinishReason) -> pb::FinishReason {
         FinishReason::Eos => pb::FinishReason::Eos,
         FinishReason::Stop => pb::FinishReason::Stop,
         FinishReason::ContextLimit => pb::FinishReason::ContextLimit,
-        FinishReason::KvBudget => pb::FinishReason::MemoryPressure,
+        FinishReason::MemoryPressure => pb::FinishReason::MemoryPressure,
         FinishReason::Cancelled => pb::FinishReason::Cancelled,
         FinishReason::TimeLimit => pb::FinishReason::TimeLimit,
         FinishReason::Error => pb::FinishReason::Error,
