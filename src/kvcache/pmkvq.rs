@@ -10,110 +10,13 @@
 //! that could not fit even at the floor width *before* any layer changes, so a refusal loses nothing.
 
 use super::attention::{attend_segments, AttnOps, Fresh};
-use super::quant::rows::{token_bytes, token_payload_bytes};
-use super::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
+use super::quant::rows::token_payload_bytes;
+use super::quant::{Bits, OffsetMode, PackedRows};
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use rayon::prelude::*;
 
-/// How body tokens are quantized when they are written directly (no window).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Quantizer {
-    /// The PM-KVQ quantizer: asymmetric, float offset, per group.
-    Asymmetric,
-    /// llama.cpp's q8_0 / q4_0: symmetric 32-element blocks, one f16 scale each.
-    LlamaSymmetric,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct PmkvqConfig {
-    /// Tokens kept at 16 bits at the start (spec default 1).
-    pub sink: usize,
-    /// Chunked 16-bit recent window (spec default 128); 0 = tokens go straight to the body.
-    pub window: usize,
-    /// Quantization group; 0 = head_dim.
-    pub group: usize,
-    /// Width a body starts at.
-    pub init_bits: Bits,
-    /// Lowest width a body may be shrunk to.
-    pub floor_bits: Bits,
-    pub shift: ShiftMode,
-    /// Shrink to meet budgets (PM-KVQ). Off: fixed width; budgets are only checked.
-    pub adaptive: bool,
-    pub quantizer: Quantizer,
-    /// Enforce budgets on code bytes only, as the reference implementation does (§3.5), instead of true bytes.
-    /// For parity checks; a deployment always enforces true bytes.
-    pub payload_accounting: bool,
-    /// llama.cpp's semantics for its quantized cache types: a step's K/V are written (quantized) before attention
-    /// reads them back, and the query is rounded through q8_0 for the K·Q product (flash attention's
-    /// `vec_dot_type`). Off for PM-KVQ, whose current token attends to itself unquantized (§3.3).
-    pub llama_semantics: bool,
-    pub name: String,
-}
-
-impl PmkvqConfig {
-    pub fn pmkvq() -> Self {
-        PmkvqConfig {
-            sink: 1,
-            window: 128,
-            group: 0,
-            init_bits: Bits::B16,
-            floor_bits: Bits::B2,
-            shift: ShiftMode::Equivalent,
-            adaptive: true,
-            quantizer: Quantizer::Asymmetric,
-            payload_accounting: false,
-            llama_semantics: false,
-            name: "pmkvq".into(),
-        }
-    }
-    /// Every token quantized at `bits` when stored, per token, no sink or window ("existing methods").
-    pub fn rtn(bits: Bits) -> Self {
-        PmkvqConfig {
-            sink: 0,
-            window: 0,
-            init_bits: bits,
-            floor_bits: bits,
-            adaptive: false,
-            name: format!("rtn:{}", bits.count()),
-            ..Self::pmkvq()
-        }
-    }
-    /// Quantization group for `geom` (0 means one group per head).
-    fn group_for(&self, geom: KvGeometry) -> usize {
-        if self.group == 0 {
-            geom.head_dim
-        } else {
-            self.group
-        }
-    }
-    /// Where body groups keep their offsets: llama.cpp's symmetric formats store none.
-    fn body_offsets(&self) -> OffsetMode {
-        match (self.quantizer, self.init_bits) {
-            (Quantizer::LlamaSymmetric, Bits::B4) => OffsetMode::Symmetric { center: 8 },
-            (Quantizer::LlamaSymmetric, _) => OffsetMode::Symmetric { center: 128 },
-            _ => OffsetMode::Stored,
-        }
-    }
-    /// True bytes of one token in one side (K or V) of one layer: in the 16-bit sink or window (`None`), or in
-    /// a body at `bits`.
-    fn side_token_bytes(&self, geom: KvGeometry, body: Option<Bits>) -> usize {
-        let (g, values) = (self.group_for(geom), geom.kv_dim());
-        match body {
-            None => token_bytes(Bits::B16, g, values, OffsetMode::Stored),
-            Some(bits) => token_bytes(bits, g, values, self.body_offsets()),
-        }
-    }
-    /// llama.cpp's `q8_0` / `q4_0` cache types: symmetric 32-element blocks.
-    pub fn llama(bits: Bits) -> Self {
-        PmkvqConfig {
-            group: 32,
-            quantizer: Quantizer::LlamaSymmetric,
-            llama_semantics: true,
-            name: format!("q{}_0", bits.count()),
-            ..Self::rtn(bits)
-        }
-    }
-}
+mod config;
+pub use config::{PmkvqConfig, Quantizer};
 
 struct Side {
     sink: PackedRows,
