@@ -38,7 +38,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "h" => v * 3600.0,
         _ => return None,
     };
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+    // `try_`: a value past what a Duration holds (`99999999999999999999s`) is a bad value, not a panic
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 #[cfg(test)]
@@ -60,5 +61,12 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("30"), None);
+        assert_eq!(
+            parse_duration("99999999999999999999s"),
+            None,
+            "overflow is an error, not a panic"
+        );
+        assert_eq!(parse_duration("1e400s"), None);
+        assert_eq!(parse_duration("-1s"), None);
     }
 }

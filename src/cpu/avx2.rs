@@ -162,7 +162,8 @@ unsafe fn mul_sum_i8_pairs(x: __m256i, y: __m256i) -> __m256i {
 unsafe fn dot_q4_impl<const WITH_MIN: bool>(row: &[u8], x: &Q8Row) -> f32 {
     let bb = if WITH_MIN { 20 } else { 18 };
     let nb = row.len() / bb;
-    assert!(row.len() == nb * bb && x.d.len() >= nb && x.qs.len() >= nb * QK);
+    // every length the loop's unchecked reads rely on, the block sums included when Q4_1 reads them
+    assert!(row.len() == nb * bb && x.d.len() >= nb && x.qs.len() >= nb * QK && (!WITH_MIN || x.s.len() >= nb));
     let low = _mm256_set1_epi8(0x0F);
     let eight = _mm256_set1_epi8(8);
     let ones = _mm256_set1_epi16(1);

@@ -90,7 +90,17 @@ impl KvMethod {
             KvMethod::Pmkvq(cfg) => Box::new(PmkvqStore::new(geom, cfg.clone(), budgets, max_tokens)?),
             KvMethod::Rtn(b) => Box::new(PmkvqStore::new(geom, PmkvqConfig::rtn(*b), &unlimited, max_tokens)?),
             KvMethod::Llama(b) => Box::new(PmkvqStore::new(geom, PmkvqConfig::llama(*b), &unlimited, max_tokens)?),
-            KvMethod::Kivi(b) => Box::new(KiviStore::new(geom, *b, max_tokens)),
+            KvMethod::Kivi(b) => {
+                // values per token in groups of a head; keys per channel in blocks of 128 (always fit)
+                if !super::quant::rows::group_fits(geom.head_dim, geom.head_dim) {
+                    return Err(KvError::BadGroup {
+                        method: self.to_string(),
+                        group: geom.head_dim,
+                        head_dim: geom.head_dim,
+                    });
+                }
+                Box::new(KiviStore::new(geom, *b, max_tokens))
+            }
         })
     }
 }

@@ -76,6 +76,15 @@ pub enum KvError {
     Unsupported { what: &'static str, method: String },
     #[error("spilled kv state is corrupt: {0}")]
     Corrupt(String),
+    #[error(
+        "the `{method}` cache quantizes groups of {group} values, which must be a multiple of 4 dividing the head \
+         dimension {head_dim}; this model's heads need the fp16 cache"
+    )]
+    BadGroup {
+        method: String,
+        group: usize,
+        head_dim: usize,
+    },
 }
 
 /// One sequence's KV state, all layers.

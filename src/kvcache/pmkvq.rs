@@ -10,7 +10,7 @@
 //! that could not fit even at the floor width *before* any layer changes, so a refusal loses nothing.
 
 use super::attention::{attend_segments, AttnOps, Fresh};
-use super::quant::rows::token_payload_bytes;
+use super::quant::rows::{group_fits, token_payload_bytes};
 use super::quant::{Bits, OffsetMode, PackedRows};
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use rayon::prelude::*;
@@ -68,6 +68,13 @@ impl PmkvqStore {
             });
         }
         cfg.group = cfg.group_for(geom);
+        if !group_fits(cfg.group, geom.head_dim) {
+            return Err(KvError::BadGroup {
+                method: cfg.name.clone(),
+                group: cfg.group,
+                head_dim: geom.head_dim,
+            });
+        }
         let offsets = cfg.body_offsets();
         let (g, h, d) = (cfg.group, geom.kv_heads, geom.head_dim);
         let side = || Side {

@@ -117,6 +117,9 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
 }
 
+/// More layers than any released model has (Llama 3.1 405B: 126); a larger `block_count` is a corrupt file.
+pub const MAX_LAYERS: usize = 4096;
+
 impl ModelConfig {
     /// Width of one token's K (or V) in one layer: `kv_heads · head_dim`.
     pub fn kv_dim(&self) -> usize {
@@ -128,8 +131,23 @@ impl ModelConfig {
             file: file.to_path_buf(),
             what,
         };
-        if self.layers == 0 || self.heads == 0 || self.kv_heads == 0 || self.hidden == 0 || self.vocab_size == 0 {
+        if self.layers == 0
+            || self.heads == 0
+            || self.kv_heads == 0
+            || self.hidden == 0
+            || self.head_dim == 0
+            || self.vocab_size == 0
+        {
             return Err(bad(format!("zero-sized geometry: {self:?}")));
+        }
+        if self.context_length < 2 {
+            return Err(bad(format!(
+                "context_length must be >= 2 (a prompt token and a generated one), got {}",
+                self.context_length
+            )));
+        }
+        if self.layers > MAX_LAYERS {
+            return Err(bad(format!("block_count must be <= {MAX_LAYERS}, got {}", self.layers)));
         }
         if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(bad(format!(

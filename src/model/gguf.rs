@@ -26,9 +26,16 @@ pub(crate) fn open(path: &Path) -> Result<(std::fs::File, Content), ModelError> 
     };
     let f = std::fs::File::open(path).map_err(io)?;
     let mut reader = std::io::BufReader::new(&f);
-    let content = Content::read(&mut reader).map_err(|e| ModelError::Format {
+    // candle's reader panics on some hostile headers (`general.alignment = 0` divides by zero): a model file
+    // is input, so its parser's panic is this file's error, never the daemon's end.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+    let content = match read {
+        Ok(r) => r.map_err(|e| format!("not a readable GGUF file: {e}")),
+        Err(_) => Err("not a readable GGUF file: its header is malformed (e.g. `general.alignment` = 0)".into()),
+    }
+    .map_err(|what| ModelError::Format {
         file: path.to_path_buf(),
-        what: format!("not a readable GGUF file: {e}"),
+        what,
     })?;
     Ok((f, content))
 }

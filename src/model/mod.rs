@@ -142,6 +142,19 @@ impl Model {
         } else {
             gguf::load(path)?
         };
+        // Every id the tokenizer can produce must have an embedding row (and a logit): a tokenizer larger than
+        // the model's vocabulary (a hostile tokenizer.json, or GGUF metadata `vocab_size` below its token list)
+        // would fail whichever batch such a token reached.
+        if tok.vocab_size() > parts.config.vocab_size {
+            return Err(ModelError::Format {
+                file: path.to_path_buf(),
+                what: format!(
+                    "the tokenizer has {} tokens, beyond the vocabulary of the model's embedding ({} rows)",
+                    tok.vocab_size(),
+                    parts.config.vocab_size
+                ),
+            });
+        }
         let threads = if opts.threads == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -250,7 +263,8 @@ pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<Mo
         }
         Ok(lin)
     };
-    let mut layers = Vec::with_capacity(cfg.layers);
+    // grown as tensors are found: a hostile `block_count` must not size an allocation
+    let mut layers = Vec::new();
     for l in 0..cfg.layers {
         let q = with_bias(src.matrix(Role::Q(l), qd, h)?, Role::QBias(l))?;
         let k = with_bias(src.matrix(Role::K(l), kd, h)?, Role::KBias(l))?;

@@ -90,7 +90,12 @@ fn token_bytes(text: &str, kind: TokenKind, style: VocabStyle, inverse: &HashMap
         VocabStyle::ByteLevel => text.chars().map(|c| inverse.get(&c).copied().unwrap_or(b'?')).collect(),
         VocabStyle::SentencePiece => {
             if kind == TokenKind::Byte || (text.len() == 6 && text.starts_with("<0x") && text.ends_with('>')) {
-                if let Ok(b) = u8::from_str_radix(&text[3..5], 16) {
+                // `get`: a byte-type token may be shorter than `<0xNN>` or not ASCII in a hostile vocabulary
+                if let Some(b) = text
+                    .strip_prefix("<0x")
+                    .and_then(|h| h.get(..2))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
                     return vec![b];
                 }
             }
@@ -253,6 +258,18 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(tok_err)?;
         let n = inner.get_vocab_size(true);
         let added = inner.get_added_tokens_decoder();
+        // Ids must be dense: every per-token table below is indexed by id.
+        if let Some((id, t)) = added.iter().find(|(&id, _)| id as usize >= n) {
+            return Err(tok_err(format!(
+                "added token {:?} has id {id}, beyond the vocabulary ({n} tokens)",
+                t.content
+            )));
+        }
+        if let Some((t, id)) = inner.get_vocab(true).into_iter().find(|(_, id)| *id as usize >= n) {
+            return Err(tok_err(format!(
+                "token {t:?} has id {id}, beyond the vocabulary ({n} tokens)"
+            )));
+        }
         let byte_level = matches!(inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
         let style = if byte_level {
             VocabStyle::ByteLevel

@@ -202,6 +202,12 @@ pub enum Damage {
 }
 
 pub fn write_gguf(s: &TinySpec, path: &Path, damage: Damage) -> PathBuf {
+    write_gguf_with(s, path, damage, &[])
+}
+
+/// [`write_gguf`] with metadata entries replaced or added (a hostile or broken header). A key without the
+/// architecture's prefix (`general.alignment`) is used as it is; `ARCH.` is replaced by the architecture's name.
+pub fn write_gguf_with(s: &TinySpec, path: &Path, damage: Damage, overrides: &[(&str, Value)]) -> PathBuf {
     let w = weights(s);
     let d = s.head_dim();
     let arch = match (damage, s.arch) {
@@ -284,6 +290,11 @@ pub fn write_gguf(s: &TinySpec, path: &Path, damage: Damage) -> PathBuf {
             "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into(),
         ),
     ));
+    for (k, v) in overrides {
+        let k = k.replace("ARCH.", &format!("{arch}."));
+        md.retain(|(have, _)| *have != k);
+        md.push((k, v.clone()));
+    }
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();

@@ -29,6 +29,11 @@ pub const fn token_bytes(bits: Bits, group: usize, values: usize, offsets: Offse
     token_payload_bytes(bits, group, values) + params * groups
 }
 
+/// Whether runs can be packed in groups of `group` for heads of `head_dim` (what [`PackedRows::new`] requires).
+pub const fn group_fits(group: usize, head_dim: usize) -> bool {
+    group > 0 && group.is_multiple_of(4) && head_dim.is_multiple_of(group)
+}
+
 #[derive(Clone, Debug)]
 pub struct PackedRows {
     pub bits: Bits,
@@ -47,7 +52,7 @@ pub struct PackedRows {
 impl PackedRows {
     pub fn new(bits: Bits, group: usize, kv_heads: usize, head_dim: usize, offset_mode: OffsetMode) -> Self {
         assert!(
-            group.is_multiple_of(4) && head_dim.is_multiple_of(group),
+            group_fits(group, head_dim),
             "group {group} must divide head_dim {head_dim} and be a multiple of 4"
         );
         PackedRows {
