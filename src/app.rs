@@ -4,7 +4,7 @@
 //! `pmkvqd` and the integration tests both start the daemon through [`run`], with a listener they bound and a
 //! future that resolves on shutdown (mini-redis's pattern), so tests exercise exactly what ships.
 
-use crate::config::{Config, ProfileChoice};
+use crate::config::{Config, ListenAddr, ProfileChoice};
 use crate::engine::{EngineConfig, EngineHandle, EngineSetup};
 use crate::memory::{self, Budget, Monitor, NoDevice, Policy};
 use crate::model::{LoadOptions, Model, ModelError};
@@ -35,6 +35,8 @@ pub enum AppError {
     Bind(String, std::io::Error),
     #[error("device: {0}")]
     Gpu(#[from] crate::gpu::GpuError),
+    #[error("{0}")]
+    Engine(String),
 }
 
 impl AppError {
@@ -43,7 +45,7 @@ impl AppError {
         match self {
             AppError::ModelMissing(_) => 66,
             AppError::Model { .. } | AppError::Profile { .. } => 65,
-            AppError::Transport(_) | AppError::Join(_) => 70,
+            AppError::Transport(_) | AppError::Join(_) | AppError::Engine(_) => 70,
             AppError::Memory(_) | AppError::Bind(..) => 71,
             AppError::Gpu(_) => 69,
         }
@@ -104,11 +106,16 @@ pub async fn run_with_reload(
         _ = st.wait_for(|s| s.ready || s.stopped) => false,
         _ = &mut shutdown => true,
     };
-    if !shutdown_seen && engine.status().ready {
-        supervise(&engine, &mut front, &mut shutdown, &mut reloads).await?;
-    }
+    let status = engine.status();
+    let result = match (&status.failure, shutdown_seen) {
+        (Some(why), _) => Err(AppError::Engine(format!("the engine failed to start: {why}"))),
+        (None, false) if status.ready && !status.stopped => {
+            supervise(&engine, &mut front, &mut shutdown, &mut reloads).await
+        }
+        _ => Ok(()),
+    };
     drain(cfg.shutdown_grace, &engine, front, monitor_task).await;
-    Ok(())
+    result
 }
 
 /// The device (a GPU contributes its memory figures; a requested one that cannot be opened stops the start),
@@ -157,15 +164,25 @@ async fn front_start(
 ) -> Result<Front, AppError> {
     let (cap_tx, cap_rx) = tokio::sync::mpsc::channel(memory::CAP_CHANNEL);
     let (health, health_svc) = server::health_service().await;
-    let service = GrpcService::new();
+    let admin_token: Option<Arc<str>> = cfg.admin_token.as_deref().map(Arc::from);
+    let service = GrpcService::new().with_admin_token(admin_token.clone());
     let admin = AdminService::new(service.engine_cell(), budget_rx.clone(), cap_tx.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let addr = match &listener {
         Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         Listener::Unix(_) => format!("{:?}", cfg.listen),
     };
+    if let (ListenAddr::Tcp(a), Some(_), None) = (&cfg.listen, &cfg.admin_token, &cfg.tls) {
+        if !a.ip().is_loopback() {
+            tracing::warn!(
+                listen = %a,
+                "the admin token travels in clear text: {a} is reachable from other machines without TLS; \
+                 set tls.cert and tls.key, or listen on loopback or a unix socket"
+            );
+        }
+    }
     let opts = ServeOptions {
-        admin_token: cfg.admin_token.as_deref().map(Arc::from),
+        admin_token,
         tls: cfg.tls.clone(),
     };
     let transport = tokio::spawn(server::serve(
@@ -263,9 +280,18 @@ async fn supervise(
     let tick_every = watchdog.map_or(STATUS_EVERY, |w| (w / 2).min(STATUS_EVERY));
     let mut tick = tokio::time::interval(tick_every);
     let mut last_status = tokio::time::Instant::now();
+    let mut engine_status = engine.watch_status();
     loop {
         tokio::select! {
             _ = shutdown.as_mut() => return Ok(()),
+            // (the watch guard `wait_for` yields must not live across the awaits below)
+            _ = async { drop(engine_status.wait_for(|s| s.stopped).await) } => {
+                // The engine gave up (or its thread died): nothing can serve; say so, and exit non-zero so the
+                // supervisor (systemd, Kubernetes) restarts the daemon.
+                server::set_health(&front.health, ServingStatus::NotServing).await;
+                let why = engine.status().failure.clone().unwrap_or_else(|| "its thread exited".into());
+                return Err(AppError::Engine(format!("the engine stopped: {why}")));
+            }
             r = &mut front.transport => {
                 // The transport died under us: nothing can reach the engine any more.
                 engine.drain(Duration::ZERO);
@@ -370,6 +396,7 @@ fn start_engine(cfg: &Config, budget: tokio::sync::watch::Receiver<Budget>) -> R
             prefill_chunk: cfg.prefill_chunk,
             stream_buffer: cfg.stream_buffer,
             limits,
+            fault: cfg.fault.clone(),
         },
         budget,
         spill_dir: cfg.spill_dir.clone(),

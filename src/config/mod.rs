@@ -267,6 +267,9 @@ pub struct Config {
     /// PEM certificate chain and key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub metrics_listen: Option<SocketAddr>,
+    /// Test-only fault injection in the engine; no file, variable or flag sets it.
+    #[doc(hidden)]
+    pub fault: Option<crate::engine::FaultHook>,
 }
 
 /// What `pmkvqd` was asked to do.

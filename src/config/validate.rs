@@ -111,6 +111,7 @@ pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Conf
         admin_token,
         tls,
         metrics_listen,
+        fault: None,
     })
 }
 

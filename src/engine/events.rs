@@ -93,6 +93,8 @@ pub struct EngineStatus {
     pub draining: bool,
     /// The engine thread has exited.
     pub stopped: bool,
+    /// Why the engine gave up, when it did (a panic it could not contain); the daemon then exits non-zero.
+    pub failure: Option<String>,
     pub sequences: Vec<SeqStatus>,
     pub kv_true_bytes: usize,
     pub steps: u64,
@@ -121,6 +123,7 @@ impl EngineStatus {
             ready: false,
             draining: false,
             stopped: false,
+            failure: None,
             sequences: Vec::new(),
             kv_true_bytes: 0,
             steps: 0,

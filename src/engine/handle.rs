@@ -15,7 +15,7 @@ use crate::model::{Model, ModelError, Tokenizer};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 
@@ -75,6 +75,9 @@ struct HandleInner {
     /// Accepted requests not yet running (shared with the engine, which decrements on admission).
     pending: Arc<AtomicUsize>,
     draining: AtomicBool,
+    /// Set by the engine thread when it stops taking commands (shared with it).
+    intake_closed: Arc<Mutex<bool>>,
+    fault: Option<super::FaultHook>,
     drain: watch::Sender<Option<Instant>>,
     next_id: AtomicU64,
     status: watch::Receiver<Arc<EngineStatus>>,
@@ -124,6 +127,7 @@ impl EngineHandle {
         let (status_tx, status_rx) = watch::channel(Arc::new(EngineStatus::new()));
         let (drain_tx, drain_rx) = watch::channel(None);
         let pending = Arc::new(AtomicUsize::new(0));
+        let intake_closed = Arc::new(Mutex::new(false));
         let engine = Engine::new(EngineParts {
             model,
             tok: tokenizer,
@@ -131,6 +135,7 @@ impl EngineHandle {
             rx: cmd_rx,
             drain: drain_rx,
             pending: pending.clone(),
+            intake_closed: intake_closed.clone(),
             status: status_tx,
             budget: budget.clone(),
             spill_dir,
@@ -147,6 +152,8 @@ impl EngineHandle {
                 stream_buffer: config.stream_buffer.max(2),
                 pending,
                 draining: AtomicBool::new(false),
+                intake_closed,
+                fault: config.fault.clone(),
                 drain: drain_tx,
                 next_id: AtomicU64::new(1),
                 status: status_rx,
@@ -203,7 +210,20 @@ impl EngineHandle {
             tx,
             arrived: Instant::now(),
         };
-        match h.cmd.try_send(Command::Submit(Box::new(adm))) {
+        super::fault::check(&h.fault, super::FaultPoint::Submit, &id);
+        // The intake gate: held from the check to the send, so once the engine has closed it (leaving its loop)
+        // no request lands in a channel nobody reads; every one sent before is answered by the engine.
+        let gate = h
+            .intake_closed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *gate {
+            h.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(RequestError::Unavailable("shutting down"));
+        }
+        let sent = h.cmd.try_send(Command::Submit(Box::new(adm)));
+        drop(gate);
+        match sent {
             Ok(()) => Ok(Submission {
                 request_id: id,
                 prompt_tokens,

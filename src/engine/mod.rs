@@ -10,6 +10,7 @@
 pub mod budget;
 pub mod detok;
 pub mod events;
+pub mod fault;
 pub mod generate;
 pub mod handle;
 pub mod request;
@@ -20,10 +21,12 @@ pub mod stop;
 
 pub use detok::Detokenizer;
 pub use events::{Completion, EngineStatus, Event, KvState, SeqPhase, SeqStatus, Timings, Usage};
+pub use fault::{FaultHook, FaultPoint};
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
 pub use handle::{EngineHandle, EngineSetup, ModelSummary, ProfileSummary, Submission};
 pub use request::{
-    ChatMessage, Frontend, PromptInput, Request, RequestError, RequestLimits, SamplingOverrides, ValidRequest,
+    is_printable_id_char, ChatMessage, Frontend, PromptInput, Request, RequestError, RequestLimits, SamplingOverrides,
+    ValidRequest,
 };
 pub use sampler::{Sampler, SamplingError, SamplingParams};
 pub use scheduler::EngineConfig;

@@ -18,6 +18,11 @@ use std::time::Duration;
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 /// Longest accepted stop string, in bytes.
 pub const MAX_STOP_BYTES: usize = 256;
+/// Request ids are written to logs and status: printable ASCII only, so none can forge or hide a log line.
+pub fn is_printable_id_char(c: char) -> bool {
+    (' '..='~').contains(&c)
+}
+
 /// Priorities range over `-MAX_PRIORITY ..= MAX_PRIORITY`.
 pub const MAX_PRIORITY: i32 = 100;
 
@@ -223,6 +228,12 @@ impl Frontend {
                 format!("must be <= {MAX_REQUEST_ID_BYTES} bytes, got {}", req.request_id.len()),
             ));
         }
+        if let Some(c) = req.request_id.chars().find(|c| !is_printable_id_char(*c)) {
+            return Err(invalid(
+                "request_id",
+                format!("must be printable ASCII (0x20..=0x7e), got {:?}", c),
+            ));
+        }
         let d = SamplingParams::default();
         let s = &req.sampling;
         let sampling = SamplingParams {
@@ -302,7 +313,8 @@ impl Frontend {
             }
         };
         let priority = req.priority.unwrap_or(0);
-        if priority.abs() > MAX_PRIORITY {
+        // a range check, not `abs()`: `i32::MIN.abs()` overflows (wrapping to a negative that passed)
+        if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&priority) {
             return Err(invalid(
                 "kv.priority",
                 format!("must be in -{MAX_PRIORITY}..={MAX_PRIORITY}, got {priority}"),

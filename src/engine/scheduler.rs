@@ -26,6 +26,7 @@
 
 use super::budget;
 use super::events::{EngineStatus, Event, SeqStatus};
+use super::fault::{self, FaultHook, FaultPoint};
 use super::generate::FinishReason;
 use super::handle::Command;
 use super::request::RequestLimits;
@@ -38,10 +39,11 @@ use crate::memory::Budget;
 use crate::model::{LogitsMode, Model, SeqInput, Tokenizer};
 use std::cmp::Reverse;
 use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -64,6 +66,8 @@ pub struct EngineConfig {
     /// Events buffered per stream before the sequence pauses for its client.
     pub stream_buffer: usize,
     pub limits: RequestLimits,
+    /// Test-only fault injection (see `fault.rs`); `None` in production.
+    pub fault: Option<FaultHook>,
 }
 
 /// What [`EngineHandle::spawn`](super::EngineHandle::spawn) hands the engine thread.
@@ -74,6 +78,7 @@ pub(super) struct EngineParts {
     pub rx: Receiver<Command>,
     pub drain: watch::Receiver<Option<Instant>>,
     pub pending: Arc<AtomicUsize>,
+    pub intake_closed: Arc<Mutex<bool>>,
     pub status: watch::Sender<Arc<EngineStatus>>,
     pub budget: watch::Receiver<Budget>,
     pub spill_dir: PathBuf,
@@ -86,6 +91,8 @@ pub(super) struct Engine {
     rx: Receiver<Command>,
     drain: watch::Receiver<Option<Instant>>,
     pending: Arc<AtomicUsize>,
+    /// Closed (under its lock) when the loop ends, so no submission is left unanswered in the channel.
+    intake_closed: Arc<Mutex<bool>>,
     waiting: VecDeque<Admission>,
     running: Vec<Sequence<'static>>,
     /// Finished sequences whose last events the client has not taken yet (no KV held).
@@ -99,6 +106,8 @@ pub(super) struct Engine {
     spill_seq: u64,
     /// Re-quantizations of sequences that are gone.
     requants_done: u64,
+    /// Request ids of the step being computed (a panic in it ends these).
+    in_step: Vec<String>,
     /// True bytes of one token at 16 bits in every layer (a sequence's demand is this times its length).
     f16_token_bytes: usize,
 }
@@ -128,6 +137,7 @@ impl Engine {
             rx: p.rx,
             drain: p.drain,
             pending: p.pending,
+            intake_closed: p.intake_closed,
             waiting: VecDeque::new(),
             running: Vec::new(),
             closing: Vec::new(),
@@ -138,13 +148,16 @@ impl Engine {
             spilled: Vec::new(),
             spill_seq: 0,
             requants_done: 0,
+            in_step: Vec::new(),
             f16_token_bytes: PmkvqStore::token_bytes(geom, &PmkvqConfig::pmkvq(), Bits::B16),
         }
     }
 
     pub(super) fn run(mut self) {
         let _guard = StoppedGuard(self.status.clone());
-        self.warm_up();
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.warm_up())) {
+            return self.give_up(&format!("warm-up panicked: {}", panic_text(&p)));
+        }
         self.snapshot.ready = true;
         self.publish();
         loop {
@@ -172,18 +185,87 @@ impl Engine {
             while let Ok(c) = self.rx.try_recv() {
                 self.on_command(c);
             }
-            self.housekeeping(deadline);
-            self.resume();
-            self.admit();
-            self.apply_budget();
-            self.step();
+            // Between steps the engine's own bookkeeping changes: a panic there leaves it in an unknown state,
+            // so the engine gives up (every stream ends with `error`, health turns NOT_SERVING, the daemon exits
+            // non-zero and its supervisor restarts it).
+            let between = catch_unwind(AssertUnwindSafe(|| {
+                self.housekeeping(deadline);
+                self.resume();
+                self.admit();
+                self.apply_budget();
+            }));
+            if let Err(p) = between {
+                return self.give_up(&format!("panicked between steps: {}", panic_text(&p)));
+            }
+            // A panic inside a step is that step's: its sequences end with `error`, the engine goes on.
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.step())) {
+                self.contain_step_panic(&panic_text(&p));
+            }
             self.publish();
         }
+        fault::check(&self.cfg.fault, FaultPoint::EngineExit, "");
+        self.close_intake();
         self.final_flush();
+    }
+
+    /// End every sequence of the step that panicked with `error` (their caches may be half-written), keep the
+    /// rest.
+    fn contain_step_panic(&mut self, what: &str) {
+        let in_step = std::mem::take(&mut self.in_step);
+        tracing::error!(error = %what, sequences = in_step.len(), "a step panicked; its sequences end with an error");
+        for s in &mut self.running {
+            if in_step.iter().any(|id| id == s.id()) {
+                s.finish(
+                    FinishReason::Error,
+                    Some(format!("internal error in this step: {what}")),
+                );
+            }
+        }
+        self.retire();
+    }
+
+    /// The engine cannot go on: end every stream with `error`, stop taking requests, publish why.
+    fn give_up(&mut self, why: &str) {
+        tracing::error!(error = %why, "the engine failed and stops");
+        let msg = format!("the engine failed: {why}");
+        for s in self.running.iter_mut().chain(self.spilled.iter_mut()) {
+            s.finish(FinishReason::Error, Some(msg.clone()));
+        }
+        for a in self.waiting.drain(..) {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            fail_admission(a, msg.clone());
+        }
+        self.retire();
+        for s in self.spilled.drain(..) {
+            if !s.drained() {
+                self.closing.push(s);
+            }
+        }
+        self.close_intake();
+        self.snapshot.failure = Some(why.to_string());
+        self.final_flush();
+    }
+
+    /// Stop taking requests: close the gate `submit` sends under, then answer what was sent before it closed
+    /// (cancelled, as queued requests are at the end of a drain), so every accepted stream gets its last message.
+    fn close_intake(&mut self) {
+        *self
+            .intake_closed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        while let Ok(c) = self.rx.try_recv() {
+            if let Command::Submit(a) = c {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                a.finish_queued(FinishReason::Cancelled);
+                self.snapshot.completed += 1;
+                self.snapshot.count_finish(FinishReason::Cancelled.as_str());
+            }
+        }
     }
 
     /// One tiny forward pass so the first request does not pay for page faults and pool start-up.
     fn warm_up(&mut self) {
+        fault::check(&self.cfg.fault, FaultPoint::WarmUp, "");
         let geom = self.model.kv_geometry();
         let mut kv = crate::kvcache::F16KvStore::new(geom, 2);
         let tok = self.tok.bos.unwrap_or(0);
@@ -236,6 +318,9 @@ impl Engine {
         }
         self.waiting = keep;
         // Running sequences.
+        for s in &self.running {
+            fault::check(&self.cfg.fault, FaultPoint::Housekeeping, s.id());
+        }
         for s in &mut self.running {
             // A paused sequence resumes as soon as its client has taken the held events.
             let gone = s.client_gone() || !s.flush();
@@ -515,6 +600,13 @@ impl Engine {
             self.retire();
             return;
         }
+        self.in_step = batch
+            .iter()
+            .map(|(i, _, _)| self.running[*i].id().to_string())
+            .collect();
+        for id in &self.in_step {
+            fault::check(&self.cfg.fault, FaultPoint::Step, id);
+        }
         let inputs: Vec<SeqInput<'_>> = batch
             .iter()
             .map(|(_, t, p)| SeqInput {
@@ -555,6 +647,7 @@ impl Engine {
                 }
             }
         }
+        self.in_step.clear();
         self.retire();
     }
 
@@ -607,4 +700,12 @@ fn expire(s: &mut Sequence<'_>, client_gone: bool, now: Instant, grace_over: boo
 fn fail_admission(a: Admission, msg: String) {
     tracing::error!(request_id = %a.req.request_id, error = %msg, "request failed at admission");
     let _ = a.tx.try_send(Event::Error(msg));
+}
+
+/// The message of a caught panic.
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }

@@ -311,6 +311,18 @@ impl<'kv> Sequence<'kv> {
     }
 }
 
+/// A sequence dropped before it finished (an engine that unwinds past it) still tells its client, so no
+/// accepted stream ends without a last message.
+impl Drop for Sequence<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self
+                .tx
+                .try_send(Event::Error("the engine stopped before this request finished".into()));
+        }
+    }
+}
+
 impl Admission {
     /// Finish a request that never started (time limit or shutdown while queued).
     pub fn finish_queued(self, reason: FinishReason) {

@@ -41,16 +41,7 @@ impl AdminService {
 /// Rejects calls without `authorization: Bearer <token>` when a token is configured.
 pub fn bearer_check(token: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |req: Request<()>| {
-        let Some(want) = token.as_deref() else {
-            return Ok(req);
-        };
-        let got = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if constant_time_eq(got.as_bytes(), want.as_bytes()) {
+        if bearer_ok(token.as_deref(), req.metadata()) {
             Ok(req)
         } else {
             Err(Status::unauthenticated(
@@ -58,6 +49,19 @@ pub fn bearer_check(token: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<R
             ))
         }
     }
+}
+
+/// Whether `md` carries the bearer token `want` (always, when no token is configured).
+pub fn bearer_ok(want: Option<&str>, md: &tonic::metadata::MetadataMap) -> bool {
+    let Some(want) = want else {
+        return true;
+    };
+    let got = md
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    constant_time_eq(got.as_bytes(), want.as_bytes())
 }
 
 /// Equality whose time does not depend on where the first difference is.

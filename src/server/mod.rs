@@ -28,15 +28,24 @@ pub use tonic_health::ServingStatus;
 /// The fully qualified name health checks use for our service.
 pub const SERVICE_NAME: &str = "pmkvq.v1.PmkvqService";
 
-/// What the handlers share: the engine, once the model is loaded.
+/// What the handlers share: the engine, once the model is loaded, and the admin token.
 #[derive(Clone, Default)]
 pub struct GrpcService {
     engine: Arc<OnceLock<EngineHandle>>,
+    /// When set, a request may raise its priority above 0 only with this bearer token: a client must not buy
+    /// precedence over others (and their memory) unasked.
+    admin_token: Option<Arc<str>>,
 }
 
 impl GrpcService {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Guard priorities above 0 with the admin token.
+    pub fn with_admin_token(mut self, token: Option<Arc<str>>) -> Self {
+        self.admin_token = token;
+        self
     }
 
     /// Install the engine (once; the model is loaded).
@@ -115,8 +124,15 @@ impl PmkvqService for GrpcService {
             total_ms = Empty,
             finish_reason = Empty
         );
+        let priority = req.get_ref().kv.as_ref().and_then(|k| k.priority).unwrap_or(0);
+        if priority > 0 && !admin::bearer_ok(self.admin_token.as_deref(), req.metadata()) {
+            return Err(Status::permission_denied(format!(
+                "`kv.priority` above 0 needs the admin token (`authorization: Bearer <token>`), got {priority}"
+            )));
+        }
         let r = convert::request_of(req.into_inner())?;
-        if !r.request_id.is_empty() {
+        // (a refused id with control characters is not logged: validation says why)
+        if !r.request_id.is_empty() && r.request_id.chars().all(crate::engine::is_printable_id_char) {
             span.record("request_id", r.request_id.as_str());
         }
         let sub = engine.submit(r).map_err(|e| {

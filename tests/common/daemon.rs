@@ -21,6 +21,25 @@ pub async fn start_server(overrides: &[(&str, &str)]) -> TestServer {
     let mut pairs = vec![("model", model.as_str())];
     pairs.extend_from_slice(overrides);
     let cfg = pmkvq::config::from_pairs(&pairs).expect("test config is valid");
+    start_server_config(cfg).await
+}
+
+/// The default model with the config overrides and then `edit` applied to the typed config (settings no file
+/// can express, such as a fault hook).
+pub async fn start_server_with(
+    overrides: &[(&str, &str)],
+    edit: impl FnOnce(&mut pmkvq::config::Config),
+) -> TestServer {
+    let model = super::default_model_path();
+    let model = model.to_str().unwrap().to_string();
+    let mut pairs = vec![("model", model.as_str())];
+    pairs.extend_from_slice(overrides);
+    let mut cfg = pmkvq::config::from_pairs(&pairs).expect("test config is valid");
+    edit(&mut cfg);
+    start_server_config(cfg).await
+}
+
+async fn start_server_config(cfg: pmkvq::config::Config) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -58,6 +77,15 @@ impl TestServer {
             assert!(t0.elapsed() < Duration::from_secs(60), "server not ready after 60 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Wait for `app::run` to return by itself (no shutdown sent) and give its result.
+    pub async fn ended(mut self) -> Result<(), pmkvq::app::AppError> {
+        let t = self.task.take().expect("not yet ended");
+        tokio::time::timeout(Duration::from_secs(30), t)
+            .await
+            .expect("app::run returns within 30 s")
+            .expect("app task")
     }
 
     /// Trigger shutdown and wait for `app::run` to return.

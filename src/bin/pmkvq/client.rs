@@ -183,7 +183,16 @@ pub(crate) fn cmd_status(a: StatusArgs) -> Result<(), Failure> {
                 .await
                 .map_err(status_failure)?
                 .into_inner();
-            return print_status(&s, &a);
+            print_status(&s, &a)?;
+            // Health checks (the Docker HEALTHCHECK) rely on the exit code: loading, draining or failed is not ready.
+            if !s.ready || s.draining {
+                let state = if s.draining { "draining" } else { "not ready" };
+                return Err(fail(
+                    EX_UNAVAILABLE,
+                    anyhow::anyhow!("pmkvqd at {} is {state}", a.server),
+                ));
+            }
+            return Ok(());
         }
         let ch = Channel::from_shared(endpoint(&a.server))
             .map_err(|e| fail(EX_USAGE, anyhow::anyhow!("bad --server: {e}")))?
