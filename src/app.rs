@@ -395,6 +395,7 @@ fn start_engine(cfg: &Config, budget: tokio::sync::watch::Receiver<Budget>) -> R
             max_queued: cfg.max_queued,
             prefill_chunk: cfg.prefill_chunk,
             stream_buffer: cfg.stream_buffer,
+            pause_timeout: cfg.pause_timeout,
             limits,
             fault: cfg.fault.clone(),
         },

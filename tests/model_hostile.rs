@@ -92,20 +92,23 @@ fn a_byte_token_shorter_than_its_form_is_no_panic() {
 
 #[test]
 fn a_special_token_id_beyond_the_vocabulary_is_an_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let spec = TinySpec::new(TinyArch::Qwen2);
-    let d = write_hf_dir(&spec, dir.path());
-    let path = d.join("tokenizer.json");
-    let mut tj: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    // an id far past the others, in the model's vocabulary and as a special token (EOS candidates are looked up)
-    tj["model"]["vocab"]["<|eot_id|>"] = serde_json::json!(100_000);
-    tj["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
-        "id": 100_000, "content": "<|eot_id|>", "single_word": false, "lstrip": false, "rstrip": false,
-        "normalized": false, "special": true
-    }));
-    std::fs::write(&path, serde_json::to_string(&tj).unwrap()).unwrap();
-    let e = load_err(&d);
-    assert!(e.to_string().contains("beyond the vocabulary"), "{e}");
+    // an id past the model's embedding (EOS candidates are looked up by id), and one that would size the
+    // per-token tables at four billion entries
+    for (i, id) in [100_000u64, 4_000_000_000].into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinySpec::new(TinyArch::Qwen2);
+        let d = write_hf_dir(&spec, dir.path());
+        let path = d.join("tokenizer.json");
+        let mut tj: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        tj["model"]["vocab"]["<|eot_id|>"] = serde_json::json!(id);
+        tj["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+            "id": id, "content": "<|eot_id|>", "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true
+        }));
+        std::fs::write(&path, serde_json::to_string(&tj).unwrap()).unwrap();
+        let e = load_err(&d);
+        assert!(e.to_string().contains("beyond the vocabulary"), "case {i}: {e}");
+    }
 }
 
 #[test]

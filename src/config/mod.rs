@@ -88,6 +88,11 @@ pub const KEYS: &[KeyDef] = &[
         doc: "messages buffered per stream before a slow client pauses its sequence",
     },
     KeyDef {
+        key: "engine.pause_timeout",
+        default: "60s",
+        doc: "a sequence whose client has not read for this long ends (cancelled); paused ones take no batch slot",
+    },
+    KeyDef {
         key: "engine.kv_method",
         default: "pmkvq",
         doc: "default KV cache: fp16, pmkvq, pmkvq:direct, pmkvq:modified, rtn:<b>, kivi:<b>, q8_0, q4_0",
@@ -256,6 +261,7 @@ pub struct Config {
     pub max_queued: usize,
     pub prefill_chunk: usize,
     pub stream_buffer: usize,
+    pub pause_timeout: Duration,
     pub limits: RequestLimits,
     pub shutdown_grace: Duration,
     pub spill_dir: PathBuf,

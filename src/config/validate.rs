@@ -101,6 +101,7 @@ pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Conf
         max_queued: engine.max_queued,
         prefill_chunk: engine.prefill_chunk,
         stream_buffer: engine.stream_buffer,
+        pause_timeout: engine.pause_timeout,
         limits: engine.limits,
         shutdown_grace,
         spill_dir: engine.spill_dir,
@@ -180,6 +181,7 @@ struct EngineSection {
     max_queued: usize,
     prefill_chunk: usize,
     stream_buffer: usize,
+    pause_timeout: Duration,
     limits: RequestLimits,
     spill_dir: PathBuf,
 }
@@ -190,6 +192,11 @@ fn engine(f: &mut Fields<'_>) -> EngineSection {
     let max_queued = f.count("engine.max_queued", 1, 65_536);
     let prefill_chunk = f.count("engine.prefill_chunk", 1, 65_536);
     let stream_buffer = f.count("engine.stream_buffer", 2, 4096);
+    let pause_timeout = f.duration("engine.pause_timeout");
+    if pause_timeout < Duration::from_millis(100) {
+        let v = f.val("engine.pause_timeout");
+        f.bad("engine.pause_timeout", format!("must be >= 100ms, got `{v}`"));
+    }
     let default_kv_method = f.val("engine.kv_method").parse::<KvMethod>().unwrap_or_else(|e| {
         f.bad("engine.kv_method", e.to_string());
         KvMethod::Fp16
@@ -213,6 +220,7 @@ fn engine(f: &mut Fields<'_>) -> EngineSection {
         max_queued,
         prefill_chunk,
         stream_buffer,
+        pause_timeout,
         limits: RequestLimits {
             default_max_tokens,
             max_tokens_limit,

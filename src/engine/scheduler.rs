@@ -65,6 +65,8 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Events buffered per stream before the sequence pauses for its client.
     pub stream_buffer: usize,
+    /// A paused sequence (its client not reading) ends after this long; while paused it takes no batch slot.
+    pub pause_timeout: Duration,
     pub limits: RequestLimits,
     /// Test-only fault injection (see `fault.rs`); `None` in production.
     pub fault: Option<FaultHook>,
@@ -322,9 +324,14 @@ impl Engine {
             fault::check(&self.cfg.fault, FaultPoint::Housekeeping, s.id());
         }
         for s in &mut self.running {
-            // A paused sequence resumes as soon as its client has taken the held events.
+            // A paused sequence resumes as soon as its client has taken the held events; one whose client has not
+            // read for `pause_timeout` ends, so clients that never read cannot hold memory forever.
             let gone = s.client_gone() || !s.flush();
             expire(s, gone, now, grace_over);
+            if !s.finished && s.paused_for(now) >= self.cfg.pause_timeout {
+                tracing::info!(request_id = %s.id(), "the client has not read for the pause timeout; cancelled");
+                s.finish(FinishReason::Cancelled, None);
+            }
         }
         // Preempted sequences: the same rules (their spill files go with them).
         let mut i = 0;
@@ -344,6 +351,13 @@ impl Engine {
             s.flush();
         }
         self.closing.retain(|s| !s.drained());
+    }
+
+    /// Batch slots in use: running sequences that can step. A paused one (its client not reading) gives its slot
+    /// up, so streams that stop reading cannot starve everyone else; it keeps its cache (within the budget,
+    /// preemptible) until it resumes or `pause_timeout` ends it.
+    fn batch_slots_used(&self) -> usize {
+        self.running.iter().filter(|s| !s.paused()).count()
     }
 
     fn budget_bytes(&self) -> usize {
@@ -369,7 +383,7 @@ impl Engine {
         let total = self.budget_bytes();
         let mut used = self.used_floor();
         while let Some(s) = self.spilled.first() {
-            if self.running.len() >= self.cfg.max_running || !budget::fits(used, s.resume_floor, total) {
+            if self.batch_slots_used() >= self.cfg.max_running || !budget::fits(used, s.resume_floor, total) {
                 break;
             }
             let mut s = self.spilled.remove(0);
@@ -531,7 +545,7 @@ impl Engine {
         let ctx = self.model.config.context_length;
         let total = self.budget_bytes();
         let mut used = self.used_floor() + self.spilled.iter().map(|s| s.resume_floor).sum::<usize>();
-        while self.running.len() < self.cfg.max_running {
+        while self.batch_slots_used() < self.cfg.max_running {
             let Some(a) = self.waiting.pop_front() else { break };
             let max_len = budget::max_len(a.req.prompt_ids.len(), a.req.max_tokens, ctx);
             let store = a.req.kv.new_store(self.model.kv_geometry(), max_len);

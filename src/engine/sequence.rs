@@ -53,6 +53,8 @@ pub struct Sequence<'kv> {
     pub next: Option<u32>,
     /// Events not yet accepted by the client's channel (full): the sequence waits until they are.
     held: VecDeque<Event>,
+    /// Since when `held` has been waiting (the client stopped reading).
+    paused_since: Option<Instant>,
     arrived: Instant,
     started: Instant,
     first_token: Option<Instant>,
@@ -84,6 +86,7 @@ impl<'kv> Sequence<'kv> {
             prefilled: 0,
             next: None,
             held: VecDeque::new(),
+            paused_since: None,
             arrived: a.arrived,
             started: Instant::now(),
             first_token: None,
@@ -125,6 +128,12 @@ impl<'kv> Sequence<'kv> {
         !self.held.is_empty()
     }
 
+    /// How long the client has not taken this sequence's events (zero while it reads).
+    pub fn paused_for(&self, now: Instant) -> std::time::Duration {
+        self.paused_since
+            .map_or(std::time::Duration::ZERO, |t| now.saturating_duration_since(t))
+    }
+
     pub fn prompt_len(&self) -> usize {
         self.req.prompt_ids.len()
     }
@@ -152,6 +161,16 @@ impl<'kv> Sequence<'kv> {
 
     /// Deliver held events while the channel has room. Returns false if the client is gone.
     pub fn flush(&mut self) -> bool {
+        let open = self.deliver();
+        if self.held.is_empty() {
+            self.paused_since = None;
+        } else {
+            self.paused_since.get_or_insert_with(Instant::now);
+        }
+        open
+    }
+
+    fn deliver(&mut self) -> bool {
         while let Some(ev) = self.held.pop_front() {
             match self.tx.try_send(ev) {
                 Ok(()) => {}

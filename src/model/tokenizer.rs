@@ -104,6 +104,9 @@ fn token_bytes(text: &str, kind: TokenKind, style: VocabStyle, inverse: &HashMap
     }
 }
 
+/// More token ids than any released vocabulary (Gemma's 262k) by far; larger ids are a corrupt file.
+const MAX_VOCAB: usize = 1 << 22;
+
 fn tok_err(e: impl std::fmt::Display) -> ModelError {
     ModelError::Tokenizer(e.to_string())
 }
@@ -256,20 +259,18 @@ impl Tokenizer {
     /// From an HF `tokenizer.json` (+ `tokenizer_config.json` for BOS/EOS and the chat template).
     pub fn from_hf_files(tokenizer_json: &[u8], config_json: Option<&str>) -> Result<Tokenizer, ModelError> {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(tok_err)?;
-        let n = inner.get_vocab_size(true);
+        // Per-token tables are indexed by id, and ids may have holes: size them by the largest id, which a
+        // hostile file must not make arbitrarily large.
+        let vocab = inner.get_vocab(true);
+        let top = vocab.values().map(|&id| id as usize + 1).max().unwrap_or(0);
+        let n = inner.get_vocab_size(true).max(top);
+        if n > MAX_VOCAB {
+            let (t, id) = vocab.iter().max_by_key(|(_, &id)| id).expect("n > 0");
+            return Err(tok_err(format!(
+                "token {t:?} has id {id}, beyond the vocabulary ({MAX_VOCAB} tokens at most)"
+            )));
+        }
         let added = inner.get_added_tokens_decoder();
-        // Ids must be dense: every per-token table below is indexed by id.
-        if let Some((id, t)) = added.iter().find(|(&id, _)| id as usize >= n) {
-            return Err(tok_err(format!(
-                "added token {:?} has id {id}, beyond the vocabulary ({n} tokens)",
-                t.content
-            )));
-        }
-        if let Some((t, id)) = inner.get_vocab(true).into_iter().find(|(_, id)| *id as usize >= n) {
-            return Err(tok_err(format!(
-                "token {t:?} has id {id}, beyond the vocabulary ({n} tokens)"
-            )));
-        }
         let byte_level = matches!(inner.get_decoder(), Some(tokenizers::DecoderWrapper::ByteLevel(_)));
         let style = if byte_level {
             VocabStyle::ByteLevel
