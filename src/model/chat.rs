@@ -13,6 +13,13 @@ pub struct ChatMessage {
 /// Roles a chat may contain.
 pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
+/// Template instructions one render may run. Templates come from model files: one that loops must end with an
+/// error in bounded time. Real chat templates over long conversations use tens of thousands.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// The most bytes a rendered prompt may have (the messages themselves are bounded by the transport).
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
+
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
 }
@@ -20,6 +27,7 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: &str) -> Result<Self, ModelError> {
         let mut env = minijinja::Environment::new();
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
@@ -63,13 +71,42 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| ModelError::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
+        let mut out = CappedWriter(Vec::new());
+        let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => bos,
             eos_token => eos,
-        })
-        .map_err(|e| ModelError::Template(e.to_string()))
+        };
+        tmpl.render_captured_to(ctx, &mut out).map_err(|e| {
+            ModelError::Template(match e.kind() {
+                minijinja::ErrorKind::OutOfFuel => {
+                    format!("the chat template ran more than {TEMPLATE_FUEL} instructions (does it loop?)")
+                }
+                minijinja::ErrorKind::WriteFailure => {
+                    format!("the chat template's output exceeds {MAX_RENDERED_BYTES} bytes")
+                }
+                _ => e.to_string(),
+            })
+        })?;
+        String::from_utf8(out.0)
+            .map_err(|e| ModelError::Template(format!("the chat template wrote invalid UTF-8: {e}")))
+    }
+}
+
+/// A buffer that refuses to grow past [`MAX_RENDERED_BYTES`] (the render stops with a write error).
+struct CappedWriter(Vec<u8>);
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+            return Err(std::io::Error::other("rendered prompt too large"));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -97,5 +134,27 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("no system role"));
+    }
+
+    #[test]
+    fn a_template_that_loops_or_floods_ends_with_an_error_in_bounded_time() {
+        let msgs = vec![ChatMessage {
+            role: "user".into(),
+            content: "x".repeat(10_000),
+        }];
+        let t0 = std::time::Instant::now();
+        let spin = ChatTemplate::new(
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}{% endfor %}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let err = spin.render(&msgs, true, "", "").unwrap_err().to_string();
+        assert!(err.contains("instructions"), "{err}");
+        let flood = ChatTemplate::new(
+            "{% for i in range(10000) %}{% for m in messages %}{{ m.content }}{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        let err = flood.render(&msgs, true, "", "").unwrap_err().to_string();
+        assert!(err.contains("exceeds"), "{err}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{:?}", t0.elapsed());
     }
 }
