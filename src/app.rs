@@ -107,12 +107,14 @@ pub async fn run_with_reload(
         _ = &mut shutdown => true,
     };
     let status = engine.status();
-    let result = match (&status.failure, shutdown_seen) {
-        (Some(why), _) => Err(AppError::Engine(format!("the engine failed to start: {why}"))),
-        (None, false) if status.ready && !status.stopped => {
-            supervise(&engine, &mut front, &mut shutdown, &mut reloads).await
-        }
-        _ => Ok(()),
+    let result = if let Some(why) = &status.failure {
+        Err(AppError::Engine(format!("the engine failed to start: {why}")))
+    } else if shutdown_seen {
+        Ok(())
+    } else if status.stopped {
+        Err(AppError::Engine("the engine thread exited before it was ready".into()))
+    } else {
+        supervise(&engine, &mut front, &mut shutdown, &mut reloads).await
     };
     drain(cfg.shutdown_grace, &engine, front, monitor_task).await;
     result

@@ -47,6 +47,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+mod ending;
+use ending::{panic_text, StoppedGuard};
+
 /// How long the idle engine sleeps between looks at the drain signal (it wakes at once for a command).
 const IDLE_POLL: Duration = Duration::from_millis(50);
 /// How long the paused-only engine waits for a client to read before looking again.
@@ -112,21 +115,6 @@ pub(super) struct Engine {
     in_step: Vec<String>,
     /// True bytes of one token at 16 bits in every layer (a sequence's demand is this times its length).
     f16_token_bytes: usize,
-}
-
-/// Publishes `stopped` however the engine thread ends (a panic included), so waiters never hang.
-struct StoppedGuard(watch::Sender<Arc<EngineStatus>>);
-
-impl Drop for StoppedGuard {
-    fn drop(&mut self) {
-        self.0.send_modify(|s| {
-            let mut n = (**s).clone();
-            n.stopped = true;
-            n.sequences.clear();
-            n.kv_true_bytes = 0;
-            *s = Arc::new(n);
-        });
-    }
 }
 
 impl Engine {
@@ -210,61 +198,6 @@ impl Engine {
         self.final_flush();
     }
 
-    /// End every sequence of the step that panicked with `error` (their caches may be half-written), keep the
-    /// rest.
-    fn contain_step_panic(&mut self, what: &str) {
-        let in_step = std::mem::take(&mut self.in_step);
-        tracing::error!(error = %what, sequences = in_step.len(), "a step panicked; its sequences end with an error");
-        for s in &mut self.running {
-            if in_step.iter().any(|id| id == s.id()) {
-                s.finish(
-                    FinishReason::Error,
-                    Some(format!("internal error in this step: {what}")),
-                );
-            }
-        }
-        self.retire();
-    }
-
-    /// The engine cannot go on: end every stream with `error`, stop taking requests, publish why.
-    fn give_up(&mut self, why: &str) {
-        tracing::error!(error = %why, "the engine failed and stops");
-        let msg = format!("the engine failed: {why}");
-        for s in self.running.iter_mut().chain(self.spilled.iter_mut()) {
-            s.finish(FinishReason::Error, Some(msg.clone()));
-        }
-        for a in self.waiting.drain(..) {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            fail_admission(a, msg.clone());
-        }
-        self.retire();
-        for s in self.spilled.drain(..) {
-            if !s.drained() {
-                self.closing.push(s);
-            }
-        }
-        self.close_intake();
-        self.snapshot.failure = Some(why.to_string());
-        self.final_flush();
-    }
-
-    /// Stop taking requests: close the gate `submit` sends under, then answer what was sent before it closed
-    /// (cancelled, as queued requests are at the end of a drain), so every accepted stream gets its last message.
-    fn close_intake(&mut self) {
-        *self
-            .intake_closed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
-        while let Ok(c) = self.rx.try_recv() {
-            if let Command::Submit(a) = c {
-                self.pending.fetch_sub(1, Ordering::AcqRel);
-                a.finish_queued(FinishReason::Cancelled);
-                self.snapshot.completed += 1;
-                self.snapshot.count_finish(FinishReason::Cancelled.as_str());
-            }
-        }
-    }
-
     /// One tiny forward pass so the first request does not pay for page faults and pool start-up.
     fn warm_up(&mut self) {
         fault::check(&self.cfg.fault, FaultPoint::WarmUp, "");
@@ -303,7 +236,10 @@ impl Engine {
         for a in self.waiting.drain(..) {
             let timed_out = a.req.time_limit.is_some_and(|l| now >= a.arrived + l);
             if a.tx.is_closed() {
+                // gone while queued: it ends here, and is counted like any other request that ended
                 self.pending.fetch_sub(1, Ordering::AcqRel);
+                self.snapshot.completed += 1;
+                self.snapshot.count_finish("client_gone");
             } else if timed_out || grace_over {
                 self.pending.fetch_sub(1, Ordering::AcqRel);
                 let reason = if timed_out {
@@ -683,19 +619,6 @@ impl Engine {
         self.snapshot.heartbeat = Instant::now();
         self.status.send_replace(Arc::new(self.snapshot.clone()));
     }
-
-    /// Give finished streams a last moment to take their final message.
-    fn final_flush(&mut self) {
-        let until = Instant::now() + FINAL_FLUSH;
-        while !self.closing.is_empty() && Instant::now() < until {
-            for s in &mut self.closing {
-                s.flush();
-            }
-            self.closing.retain(|s| !s.drained());
-            std::thread::sleep(PAUSED_POLL);
-        }
-        self.publish();
-    }
 }
 
 /// End `s` if its client is gone (cache freed, nothing to send), its time limit passed, or the drain's grace ended.
@@ -714,12 +637,4 @@ fn expire(s: &mut Sequence<'_>, client_gone: bool, now: Instant, grace_over: boo
 fn fail_admission(a: Admission, msg: String) {
     tracing::error!(request_id = %a.req.request_id, error = %msg, "request failed at admission");
     let _ = a.tx.try_send(Event::Error(msg));
-}
-
-/// The message of a caught panic.
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }
