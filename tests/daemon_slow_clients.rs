@@ -48,9 +48,10 @@ async fn eight_streams_that_never_read_do_not_starve_a_small_request() {
         .await
         .expect("a small request is not starved by streams that do not read");
     assert_eq!(small.ids.len(), 5, "{:?}", small.error);
-    assert_eq!(
-        status(&mut c).await.running,
-        8,
+    // (the small one leaves the batch in the step that sent its completion; the status follows that step)
+    let s = wait_status(&mut c, Duration::from_secs(5), |s| s.running == 8).await;
+    assert!(
+        s.kv_true_bytes > 0,
         "the paused ones are still there, holding their caches"
     );
     drop(mute);
