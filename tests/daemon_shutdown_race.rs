@@ -74,8 +74,8 @@ async fn submits_racing_a_shutdown_all_end_with_a_final_message() {
 async fn a_submit_landing_while_the_engine_exits_still_gets_its_last_message() {
     let hook = FaultHook(Arc::new(|at, id| {
         match (at, id) {
-            (FaultPoint::Submit, "slow") => std::thread::sleep(Duration::from_millis(300)),
-            (FaultPoint::EngineExit, _) => std::thread::sleep(Duration::from_millis(600)),
+            (FaultPoint::Submit, "slow") => std::thread::sleep(Duration::from_millis(1000)),
+            (FaultPoint::EngineExit, _) => std::thread::sleep(Duration::from_millis(2000)),
             _ => {}
         }
         false
@@ -87,7 +87,8 @@ async fn a_submit_landing_while_the_engine_exits_still_gets_its_last_message() {
         r.request_id = "slow".into();
         c.generate(r).await
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // generous margins for a loaded machine: the submit passes its draining check well before the drain
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let stopping = tokio::spawn(server.stop());
     match slow.await.unwrap() {
         Err(st) => panic!("the submission passed the draining check before the drain; refused with {st:?}"),
