@@ -111,8 +111,9 @@ pub(super) struct Engine {
     spill_seq: u64,
     /// Re-quantizations of sequences that are gone.
     requants_done: u64,
-    /// Request ids of the step being computed (a panic in it ends these).
-    in_step: Vec<String>,
+    /// Indices into `running` of the step being computed (a panic in it ends these). Stable for the whole
+    /// step: sequences leave `running` only in the `retire` after it. The buffer is reused step to step.
+    in_step: Vec<usize>,
     /// True bytes of one token at 16 bits in every layer (a sequence's demand is this times its length).
     f16_token_bytes: usize,
 }
@@ -550,12 +551,10 @@ impl Engine {
             self.retire();
             return;
         }
-        self.in_step = batch
-            .iter()
-            .map(|(i, _, _)| self.running[*i].id().to_string())
-            .collect();
-        for id in &self.in_step {
-            fault::check(&self.cfg.fault, FaultPoint::Step, id);
+        self.in_step.clear();
+        self.in_step.extend(batch.iter().map(|(i, _, _)| *i));
+        for &i in &self.in_step {
+            fault::check(&self.cfg.fault, FaultPoint::Step, self.running[i].id());
         }
         let inputs: Vec<SeqInput<'_>> = batch
             .iter()

@@ -27,10 +27,9 @@ impl Engine {
     /// End every sequence of the step that panicked with `error` (their caches may be half-written), keep the
     /// rest.
     pub(super) fn contain_step_panic(&mut self, what: &str) {
-        let in_step = std::mem::take(&mut self.in_step);
-        tracing::error!(error = %what, sequences = in_step.len(), "a step panicked; its sequences end with an error");
-        for s in &mut self.running {
-            if in_step.iter().any(|id| id == s.id()) {
+        tracing::error!(error = %what, sequences = self.in_step.len(), "a step panicked; its sequences end with an error");
+        for i in std::mem::take(&mut self.in_step) {
+            if let Some(s) = self.running.get_mut(i) {
                 s.finish(
                     FinishReason::Error,
                     Some(format!("internal error in this step: {what}")),
