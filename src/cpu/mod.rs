@@ -96,20 +96,32 @@ pub static SCALAR: Kernels = Kernels {
     exp_sum: scalar::exp_sum,
 };
 
+/// A SIMD kernel table and the run-time check that this CPU can run it.
+pub type SimdChoice<T> = (fn() -> bool, &'static T);
+
+/// The first SIMD table whose CPU check passes, else `scalar`; decided once, in the caller's `cell`. Every kernel
+/// table (these, the packed-code attention kernels) is chosen this way.
+pub fn detect<T: Sync + 'static>(
+    cell: &'static OnceLock<&'static T>,
+    simd: &[SimdChoice<T>],
+    scalar: &'static T,
+) -> &'static T {
+    cell.get_or_init(|| simd.iter().find(|(ok, _)| ok()).map_or(scalar, |&(_, t)| t))
+}
+
 /// The kernels for this CPU, detected on first use.
 pub fn kernels() -> &'static Kernels {
     static CHOSEN: OnceLock<&'static Kernels> = OnceLock::new();
-    CHOSEN.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if avx2::supported() {
-            return &avx2::AVX2;
-        }
-        #[cfg(target_arch = "aarch64")]
-        if neon::supported() {
-            return &neon::NEON;
-        }
-        &SCALAR
-    })
+    detect(
+        &CHOSEN,
+        &[
+            #[cfg(target_arch = "x86_64")]
+            (avx2::supported, &avx2::AVX2),
+            #[cfg(target_arch = "aarch64")]
+            (neon::supported, &neon::NEON),
+        ],
+        &SCALAR,
+    )
 }
 
 impl BlockFormat {

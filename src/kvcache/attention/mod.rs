@@ -33,17 +33,16 @@ pub static SCALAR: AttnKernels = AttnKernels {
 /// The attention kernels for this CPU, detected on first use.
 pub fn attn_kernels() -> &'static AttnKernels {
     static CHOSEN: std::sync::OnceLock<&'static AttnKernels> = std::sync::OnceLock::new();
-    CHOSEN.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if avx2::supported() {
-            return &avx2::AVX2;
-        }
-        #[cfg(target_arch = "aarch64")]
-        if neon::supported() {
-            return &neon::NEON;
-        }
-        &SCALAR
-    })
+    crate::cpu::detect(
+        &CHOSEN,
+        &[
+            #[cfg(target_arch = "x86_64")]
+            (avx2::supported, &avx2::AVX2),
+            #[cfg(target_arch = "aarch64")]
+            (neon::supported, &neon::NEON),
+        ],
+        &SCALAR,
+    )
 }
 
 /// Numerically stable softmax in place; returns nothing for an empty slice.
