@@ -77,3 +77,32 @@ __device__ __forceinline__ void pmkvq_pack(const unsigned* codes, int bits, int 
     }
     }
 }
+
+// Quantize one group of g (<= 256) values at `bits` with the asymmetric quantizer of quant/mod.rs
+// (`quantize_group`): S = (max - min) / (2^b - 1), code = round_half_even((x - min) / S) clamped, f16 S and min.
+// Explicit _rn intrinsics keep the compiler from contracting into FMAs, so codes equal the CPU's. Every kernel
+// that stores K/V (kv_quant.cu, forward.cu's pk_kv_store) calls this one function.
+__device__ __forceinline__ void pmkvq_quantize_group(const float* v, int g, int bits, pmkvq_u8* out,
+                                                     pmkvq_u16* scale, pmkvq_u16* offset) {
+    float mn = PMKVQ_INF, mx = -PMKVQ_INF;
+    for (int j = 0; j < g; ++j) { mn = fminf(mn, v[j]); mx = fmaxf(mx, v[j]); }
+    float qmax = (float)((1u << bits) - 1u);
+    float s = __fdiv_rn(__fsub_rn(mx, mn), qmax);
+    unsigned codes[256];
+    float off;
+    if (isnan(s) || s <= 0.0f || isinf(s)) {
+        for (int j = 0; j < g; ++j) codes[j] = 0;
+        s = 0.0f;
+        off = isfinite(mn) ? mn : 0.0f;
+    } else {
+        float inv = __fdiv_rn(1.0f, s);
+        for (int j = 0; j < g; ++j) {
+            float c = rintf(__fmul_rn(__fsub_rn(v[j], mn), inv));
+            codes[j] = (unsigned)fminf(fmaxf(c, 0.0f), qmax);
+        }
+        off = mn;
+    }
+    pmkvq_pack(codes, bits, g, out);
+    *scale = pmkvq_f2h(s);
+    *offset = pmkvq_f2h(off);
+}

@@ -84,11 +84,11 @@ pub async fn run_with_reload(
     shutdown: impl Future<Output = ()> + Send,
     mut reloads: tokio::sync::mpsc::Receiver<Reload>,
 ) -> Result<(), AppError> {
-    let (monitor, policy, budget_tx) = memory_start(&cfg)?;
+    let (monitor, policy, budget_tx, gpu) = memory_start(&cfg)?;
     let budget_rx = budget_tx.subscribe();
     let mut front = front_start(&cfg, listener, budget_rx.clone()).await?;
     tokio::pin!(shutdown);
-    let Some(engine) = engine_start(&cfg, budget_rx, &mut front, &mut shutdown).await? else {
+    let Some(engine) = engine_start(&cfg, gpu, budget_rx, &mut front, &mut shutdown).await? else {
         return Ok(());
     };
     // The monitor follows memory from now on; it reads the KV bytes in use from the engine's status.
@@ -122,13 +122,30 @@ pub async fn run_with_reload(
 
 /// The device (a GPU contributes its memory figures; a requested one that cannot be opened stops the start),
 /// the memory monitor and policy, and the first budget, so the engine never runs without one.
-fn memory_start(cfg: &Config) -> Result<(Monitor, Policy, tokio::sync::watch::Sender<Budget>), AppError> {
-    let device: Box<dyn crate::memory::DeviceMemory> = match crate::gpu::open(cfg.device)? {
+#[allow(clippy::type_complexity)]
+fn memory_start(
+    cfg: &Config,
+) -> Result<
+    (
+        Monitor,
+        Policy,
+        tokio::sync::watch::Sender<Budget>,
+        Option<Arc<crate::gpu::Gpu>>,
+    ),
+    AppError,
+> {
+    let gpu = crate::gpu::open(cfg.device)?.map(Arc::new);
+    let device: Box<dyn crate::memory::DeviceMemory> = match &gpu {
         Some(g) => {
             tracing::info!(gpu = g.name(), arch = g.arch(), "CUDA device opened");
-            Box::new(crate::gpu::CudaDeviceMemory { gpu: Arc::new(g) })
+            Box::new(crate::gpu::CudaDeviceMemory { gpu: g.clone() })
         }
-        None => Box::new(NoDevice),
+        None => {
+            if cfg.device == crate::gpu::DeviceChoice::Auto {
+                tracing::info!("device = auto: no usable CUDA device, the model runs on the CPU");
+            }
+            Box::new(NoDevice)
+        }
     };
     let mut monitor = if cfg.memory_root == Path::new("/") {
         Monitor::system(device)
@@ -143,7 +160,7 @@ fn memory_start(cfg: &Config) -> Result<(Monitor, Policy, tokio::sync::watch::Se
         "initial kv budget"
     );
     let (budget_tx, _) = tokio::sync::watch::channel::<Budget>(first);
-    Ok((monitor, policy, budget_tx))
+    Ok((monitor, policy, budget_tx, gpu))
 }
 
 /// What faces clients: the gRPC transport (health answers NOT_SERVING until the engine is warm), the admin
@@ -227,12 +244,13 @@ async fn front_start(
 /// closed then); an error when the transport died.
 async fn engine_start(
     cfg: &Config,
+    gpu: Option<Arc<crate::gpu::Gpu>>,
     budget_rx: tokio::sync::watch::Receiver<Budget>,
     front: &mut Front,
     shutdown: &mut std::pin::Pin<&mut (impl Future<Output = ()> + Send)>,
 ) -> Result<Option<EngineHandle>, AppError> {
     let load_cfg = cfg.clone();
-    let loading = tokio::task::spawn_blocking(move || start_engine(&load_cfg, budget_rx));
+    let loading = tokio::task::spawn_blocking(move || start_engine(&load_cfg, gpu, budget_rx));
     let engine = tokio::select! {
         r = loading => r.map_err(|e| AppError::Join(e.to_string()))??,
         _ = shutdown.as_mut() => {
@@ -367,7 +385,11 @@ fn status_line(engine: &EngineHandle) -> String {
 }
 
 /// Load the model and profile, and start the engine thread (blocking: run off the runtime).
-fn start_engine(cfg: &Config, budget: tokio::sync::watch::Receiver<Budget>) -> Result<EngineHandle, AppError> {
+fn start_engine(
+    cfg: &Config,
+    gpu: Option<Arc<crate::gpu::Gpu>>,
+    budget: tokio::sync::watch::Receiver<Budget>,
+) -> Result<EngineHandle, AppError> {
     if !cfg.model.exists() {
         return Err(AppError::ModelMissing(cfg.model.clone()));
     }
@@ -387,8 +409,16 @@ fn start_engine(cfg: &Config, budget: tokio::sync::watch::Receiver<Budget>) -> R
     let mut limits = cfg.limits.clone();
     limits.max_tokens_limit = limits.max_tokens_limit.min(model.config.context_length - 1);
     limits.default_max_tokens = limits.default_max_tokens.min(limits.max_tokens_limit);
+    let backend = match gpu {
+        Some(g) => Some(crate::gpu::upload_model(g, &model).map_err(|e| AppError::Model {
+            path: cfg.model.clone(),
+            source: e,
+        })?),
+        None => None,
+    };
     EngineHandle::spawn(EngineSetup {
         model,
+        backend,
         tokenizer,
         profile,
         model_sha256: sha,

@@ -9,7 +9,7 @@ use super::sampler::{Sampler, SamplingError, SamplingParams};
 use super::sequence::{Admission, Sequence};
 use crate::kvcache::quant::Bits;
 use crate::kvcache::{KvError, KvMethod, KvStore, MethodSpec};
-use crate::model::{LogitsMode, Model, ModelError, SeqInput, Tokenizer};
+use crate::model::{Backend, LogitsMode, ModelError, SeqInput, Tokenizer};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -129,14 +129,14 @@ fn per_s(n: usize, d: Duration) -> f64 {
 /// pass (prefill included) with the KV store (for traces and checks). A refusal by the store during the prompt is
 /// an error; during decoding it ends the sequence with [`FinishReason::MemoryPressure`], its text so far intact.
 pub fn generate(
-    model: &Model,
+    model: &dyn Backend,
     tok: &Tokenizer,
     kv: &mut dyn KvStore,
     req: &GenerateRequest,
     mut on_text: impl FnMut(&str),
     mut on_step: impl FnMut(&dyn KvStore),
 ) -> Result<GenerateOutput, GenerateError> {
-    let ctx = model.config.context_length;
+    let ctx = model.config().context_length;
     if req.prompt_ids.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }

@@ -90,6 +90,8 @@ struct HandleInner {
 /// What the engine is started with.
 pub struct EngineSetup {
     pub model: Model,
+    /// Where the forward pass runs (`None`: on the CPU, the model itself).
+    pub backend: Option<Arc<dyn crate::model::Backend>>,
     pub tokenizer: Tokenizer,
     pub profile: Option<(Arc<Profile>, PathBuf)>,
     pub model_sha256: String,
@@ -105,6 +107,7 @@ impl EngineHandle {
     pub fn spawn(setup: EngineSetup) -> Result<EngineHandle, ModelError> {
         let EngineSetup {
             model,
+            backend,
             tokenizer,
             profile,
             model_sha256,
@@ -128,8 +131,19 @@ impl EngineHandle {
         let (drain_tx, drain_rx) = watch::channel(None);
         let pending = Arc::new(AtomicUsize::new(0));
         let intake_closed = Arc::new(Mutex::new(false));
+        let model = Arc::new(model);
+        let compute: Arc<dyn crate::model::Backend> = match backend {
+            Some(b) => b,
+            None => model.clone(),
+        };
+        tracing::info!(
+            device = compute.device(),
+            device_weight_bytes = compute.device_weight_bytes(),
+            "forward pass"
+        );
         let engine = Engine::new(EngineParts {
             model,
+            compute,
             tok: tokenizer,
             cfg: config.clone(),
             rx: cmd_rx,

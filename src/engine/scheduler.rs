@@ -36,7 +36,7 @@ use crate::kvcache::quant::Bits;
 use crate::kvcache::spill::SpillFile;
 use crate::kvcache::{KvError, KvStore, PmkvqConfig, PmkvqStore};
 use crate::memory::Budget;
-use crate::model::{LogitsMode, Model, SeqInput, Tokenizer};
+use crate::model::{Backend, LogitsMode, Model, SeqInput, Tokenizer};
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -77,7 +77,8 @@ pub struct EngineConfig {
 
 /// What [`EngineHandle::spawn`](super::EngineHandle::spawn) hands the engine thread.
 pub(super) struct EngineParts {
-    pub model: Model,
+    pub model: Arc<Model>,
+    pub compute: Arc<dyn Backend>,
     pub tok: Arc<Tokenizer>,
     pub cfg: EngineConfig,
     pub rx: Receiver<Command>,
@@ -90,7 +91,9 @@ pub(super) struct EngineParts {
 }
 
 pub(super) struct Engine {
-    model: Model,
+    model: Arc<Model>,
+    /// Runs the forward pass and makes the caches it reads (the CPU model, or its copy on a GPU).
+    compute: Arc<dyn Backend>,
     tok: Arc<Tokenizer>,
     cfg: EngineConfig,
     rx: Receiver<Command>,
@@ -123,6 +126,7 @@ impl Engine {
         let geom = p.model.kv_geometry();
         Engine {
             model: p.model,
+            compute: p.compute,
             tok: p.tok,
             cfg: p.cfg,
             rx: p.rx,
@@ -203,16 +207,22 @@ impl Engine {
     fn warm_up(&mut self) {
         fault::check(&self.cfg.fault, FaultPoint::WarmUp, "");
         let geom = self.model.kv_geometry();
-        let mut kv = crate::kvcache::F16KvStore::new(geom, 2);
+        let spec = crate::kvcache::MethodSpec::plain(crate::kvcache::KvMethod::Fp16, None, "warm-up");
         let tok = self.tok.bos.unwrap_or(0);
-        let r = self.model.forward(
-            &[SeqInput {
-                tokens: &[tok],
-                positions: &[0],
-            }],
-            &mut [&mut kv],
-            LogitsMode::Last,
-        );
+        let r = self
+            .compute
+            .new_store(&spec, geom, 2)
+            .map_err(Into::into)
+            .and_then(|mut kv| {
+                self.compute.forward(
+                    &[SeqInput {
+                        tokens: &[tok],
+                        positions: &[0],
+                    }],
+                    &mut [kv.as_mut()],
+                    LogitsMode::Last,
+                )
+            });
         if let Err(e) = r {
             tracing::warn!(error = %e, "warm-up forward pass failed");
         }
@@ -325,10 +335,9 @@ impl Engine {
             }
             let mut s = self.spilled.remove(0);
             let file = s.spill.take().expect("a preempted sequence has a spill");
-            let restored = s
-                .req
-                .kv
-                .new_store(self.model.kv_geometry(), s.max_len)
+            let restored = self
+                .compute
+                .new_store(&s.req.kv, self.model.kv_geometry(), s.max_len)
                 .and_then(|mut st| {
                     let map = file
                         .map()
@@ -485,7 +494,7 @@ impl Engine {
         while self.batch_slots_used() < self.cfg.max_running {
             let Some(a) = self.waiting.pop_front() else { break };
             let max_len = budget::max_len(a.req.prompt_ids.len(), a.req.max_tokens, ctx);
-            let store = a.req.kv.new_store(self.model.kv_geometry(), max_len);
+            let store = self.compute.new_store(&a.req.kv, self.model.kv_geometry(), max_len);
             let sampler = Sampler::new(a.req.sampling.clone());
             match (store, sampler) {
                 (Ok(kv), Ok(sampler)) => {
@@ -575,7 +584,7 @@ impl Engine {
                 }
             }
         }
-        let result = self.model.forward(&inputs, &mut kvs, LogitsMode::Last);
+        let result = self.compute.forward(&inputs, &mut kvs, LogitsMode::Last);
         drop(kvs);
         self.snapshot.steps += 1;
         match result {

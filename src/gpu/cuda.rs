@@ -14,7 +14,7 @@ use half::f16;
 use std::ffi::CString;
 use std::sync::Arc;
 
-fn drv(e: cudarc::driver::DriverError) -> GpuError {
+pub(crate) fn drv(e: cudarc::driver::DriverError) -> GpuError {
     GpuError::Driver(e.to_string())
 }
 
@@ -27,12 +27,92 @@ pub struct Gpu {
     shrink: CudaFunction,
     attn: CudaFunction,
     combine: CudaFunction,
+    pub(crate) fwd: Fwd,
 }
+
+/// The forward-pass kernels of `kernels/forward.cu`.
+pub(crate) struct Fwd {
+    pub embed: CudaFunction,
+    pub quant8: CudaFunction,
+    pub norm: CudaFunction,
+    pub matmul_q: CudaFunction,
+    pub matmul_f: CudaFunction,
+    pub rope: CudaFunction,
+    pub swiglu: CudaFunction,
+    pub gather: CudaFunction,
+    pub attention: CudaFunction,
+    pub attn_combine: CudaFunction,
+    pub kv_store: CudaFunction,
+}
+
+/// Mirror of `pk_seg` (kernels/forward.cu): one stored segment of one layer of one sequence.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct SegArg {
+    pub k_data: u64,
+    pub k_scale: u64,
+    pub k_off: u64,
+    pub v_data: u64,
+    pub v_scale: u64,
+    pub v_off: u64,
+    pub len: i32,
+    pub bits: i32,
+}
+
+/// Mirror of `pk_seq`: one sequence in one layer.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct SeqArg {
+    pub seg_start: i32,
+    pub seg_count: i32,
+    pub stored: i32,
+    /// The cache's quantization group.
+    pub g: i32,
+    pub qscale: u64,
+    pub kinv: u64,
+}
+
+/// Mirror of `pk_dst`: where one new token's K and V go in one layer.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct DstArg {
+    pub k_data: u64,
+    pub k_scale: u64,
+    pub k_off: u64,
+    pub v_data: u64,
+    pub v_scale: u64,
+    pub v_off: u64,
+    pub kinv: u64,
+    pub bits: i32,
+    /// The cache's quantization group.
+    pub g: i32,
+}
+
+/// Mirror of `pk_out`: where a matmul's output rows go.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct OutArg {
+    pub ptr: [u64; 3],
+    pub ld: [i32; 3],
+    pub start: [i32; 4],
+    pub parts: i32,
+    pub accumulate: i32,
+}
+
+// SAFETY: plain `#[repr(C)]` integers with the exact layout of the CUDA structs they mirror (checked by
+// `arg_layouts_match_the_kernels` below); copied by value into parameter buffers or device arrays.
+unsafe impl DeviceRepr for SegArg {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for SeqArg {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for DstArg {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for OutArg {}
 
 /// Mirror of `pmkvq_segment` (kernels/kv_attention.cu).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
-struct SegArg {
+struct SegmentArg {
     data: u64,
     scale: u64,
     offset: u64,
@@ -44,8 +124,8 @@ struct SegArg {
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct ViewArg {
-    k: [SegArg; 3],
-    v: [SegArg; 3],
+    k: [SegmentArg; 3],
+    v: [SegmentArg; 3],
     k_cur: u64,
     v_cur: u64,
 }
@@ -112,13 +192,35 @@ impl Gpu {
         let (major, minor) = ctx.compute_capability().map_err(drv)?;
         let arch = format!("sm_{major}{minor}");
         let name = ctx.name().map_err(drv)?;
+        // SAFETY: every launch and copy of this crate goes to the one stream below, which orders them; cudarc's
+        // per-buffer events only matter across streams.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let load = |file: &str, func: &str| -> Result<CudaFunction, GpuError> {
             let cubin = compile_cubin(file, &arch)?;
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(drv)?;
             module.load_function(func).map_err(drv)
         };
+        let fwd_module = {
+            let cubin = compile_cubin("forward.cu", &arch)?;
+            ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(drv)?
+        };
+        let f = |name: &str| fwd_module.load_function(name).map_err(drv);
+        let fwd = Fwd {
+            embed: f("pk_embed")?,
+            quant8: f("pk_quant8")?,
+            norm: f("pk_norm")?,
+            matmul_q: f("pk_matmul_q")?,
+            matmul_f: f("pk_matmul_f")?,
+            rope: f("pk_rope")?,
+            swiglu: f("pk_swiglu")?,
+            gather: f("pk_gather")?,
+            attention: f("pk_attention")?,
+            attn_combine: f("pk_attn_combine")?,
+            kv_store: f("pk_kv_store")?,
+        };
         Ok(Gpu {
+            fwd,
             quantize: load("kv_quant.cu", "pmkvq_kv_quantize")?,
             shrink: load("kv_shrink.cu", "pmkvq_kv_shrink")?,
             attn: load("kv_attention.cu", "pmkvq_attn_decode")?,
@@ -276,7 +378,7 @@ impl Gpu {
         )?;
         let chunk = chunk.clamp(32, 1 << 20);
         let mut keep = Vec::new();
-        let mut seg = |r: &PackedRows| -> Result<SegArg, GpuError> {
+        let mut seg = |r: &PackedRows| -> Result<SegmentArg, GpuError> {
             let data = self.up(&r.data)?;
             let scale = self.up(&Self::halves(&r.scale))?;
             let offset = self.up(&Self::halves(&r.offset))?;
@@ -284,7 +386,7 @@ impl Gpu {
             let d = data.device_ptr(&self.stream).0;
             let s = scale.device_ptr(&self.stream).0;
             let o = offset.device_ptr(&self.stream).0;
-            let arg = SegArg {
+            let arg = SegmentArg {
                 data: d,
                 scale: s,
                 offset: o,
@@ -353,6 +455,169 @@ impl Gpu {
         drop(keep);
         drop(curs);
         Ok(res)
+    }
+}
+
+/// Buffers and copies for the forward pass and the device caches (all on the one stream).
+impl Gpu {
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// An uninitialized-but-zeroed buffer of `n` elements (at least one: the driver refuses empty allocations).
+    pub(crate) fn alloc<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>, GpuError> {
+        self.stream.alloc_zeros::<T>(n.max(1)).map_err(drv)
+    }
+
+    /// The device address of a buffer (valid while the buffer lives; every use is on the one stream).
+    pub(crate) fn ptr<T>(&self, b: &CudaSlice<T>) -> u64 {
+        b.device_ptr(&self.stream).0
+    }
+
+    pub(crate) fn upload<T: DeviceRepr + Copy + Default>(&self, v: &[T]) -> Result<CudaSlice<T>, GpuError> {
+        self.up(v)
+    }
+
+    pub(crate) fn htod<T: DeviceRepr>(&self, src: &[T], dst: &mut CudaSlice<T>) -> Result<(), GpuError> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        if src.len() > dst.len() {
+            return Err(GpuError::Shape(format!("copy of {} into {}", src.len(), dst.len())));
+        }
+        self.stream
+            .memcpy_htod(src, &mut dst.slice_mut(0..src.len()))
+            .map_err(drv)
+    }
+
+    /// The first `n` elements of `src`.
+    pub(crate) fn dtoh<T: DeviceRepr>(&self, src: &CudaSlice<T>, n: usize) -> Result<Vec<T>, GpuError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if n > src.len() {
+            return Err(GpuError::Shape(format!("read of {n} from {}", src.len())));
+        }
+        self.stream.clone_dtoh(&src.slice(0..n)).map_err(drv)
+    }
+
+    /// Copy the first `n` elements of `src` to the start of `dst`.
+    pub(crate) fn dtod<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        dst: &mut CudaSlice<T>,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if n > src.len() || n > dst.len() {
+            return Err(GpuError::Shape(format!(
+                "copy of {n} from {} into {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        self.stream
+            .memcpy_dtod(&src.slice(0..n), &mut dst.slice_mut(0..n))
+            .map_err(drv)
+    }
+
+    pub(crate) fn sync(&self) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(drv)
+    }
+
+    /// Lower `groups` packed groups one level: codes from `input` into `out`, parameters updated in place.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn shrink_groups(
+        &self,
+        input: &CudaSlice<u8>,
+        groups: usize,
+        g: usize,
+        bits_in: u32,
+        mode: ShiftMode,
+        out: &mut CudaSlice<u8>,
+        scale: &mut CudaSlice<u16>,
+        offset: &mut CudaSlice<u16>,
+    ) -> Result<(), GpuError> {
+        if groups == 0 {
+            return Ok(());
+        }
+        let need_in = groups * g * bits_in as usize / 8;
+        if bits_in <= 2
+            || input.len() < need_in
+            || out.len() < need_in / 2
+            || scale.len() < groups
+            || offset.len() < groups
+        {
+            return Err(GpuError::Shape(format!("shrink of {groups} groups at {bits_in} bits")));
+        }
+        let (n, gi, bi, m) = (groups as i32, g as i32, bits_in as i32, mode as i32);
+        let cfg = LaunchConfig {
+            grid_dim: (groups.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.shrink);
+        b.arg(input)
+            .arg(&n)
+            .arg(&gi)
+            .arg(&bi)
+            .arg(&m)
+            .arg(out)
+            .arg(scale)
+            .arg(offset);
+        // SAFETY: arguments match pmkvq_kv_shrink; sizes checked above.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// Store host K/V rows (`n` tokens of `kv_dim`) into the slots `dsts` names (a device cache's `append`).
+    pub(crate) fn store_tokens(
+        &self,
+        dsts: &[DstArg],
+        k: &[f32],
+        v: &[f32],
+        kv_dim: usize,
+        g: usize,
+    ) -> Result<(), GpuError> {
+        let n = dsts.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if k.len() != n * kv_dim || v.len() != n * kv_dim {
+            return Err(GpuError::Shape("k/v rows for the store".into()));
+        }
+        let (dk, dv, dd) = (self.up(k)?, self.up(v)?, self.up(dsts)?);
+        self.launch_kv_store(self.ptr(&dd), self.ptr(&dk), self.ptr(&dv), n, kv_dim, g)?;
+        self.sync()
+    }
+
+    pub(crate) fn launch_kv_store(
+        &self,
+        dsts: u64,
+        k: u64,
+        v: u64,
+        n: usize,
+        kv_dim: usize,
+        g: usize,
+    ) -> Result<(), GpuError> {
+        let threads = n * 2 * (kv_dim / g);
+        let (ni, kd, gi) = (n as i32, kv_dim as i32, g as i32);
+        let mut b = self.stream.launch_builder(&self.fwd.kv_store);
+        b.arg(&dsts).arg(&k).arg(&v).arg(&ni).arg(&kd).arg(&gi);
+        let cfg = LaunchConfig {
+            grid_dim: (threads.div_ceil(128) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments match pk_kv_store; `dsts` holds n slots, each naming room for one token of kv_dim in
+        // buffers owned by the store that handed them out (alive until the stream passes this launch).
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        Ok(())
     }
 }
 

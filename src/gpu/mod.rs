@@ -14,6 +14,12 @@ pub use shapes::{check_attention, check_quantize, check_shrink, SegmentShape};
 mod cuda;
 #[cfg(feature = "cuda-kernels")]
 pub use cuda::{CudaDeviceMemory, Gpu};
+#[cfg(feature = "cuda-kernels")]
+pub mod kv;
+#[cfg(feature = "cuda-kernels")]
+pub mod model;
+#[cfg(feature = "cuda-kernels")]
+pub use model::GpuModel;
 
 #[cfg(not(feature = "cuda-kernels"))]
 mod stub;
@@ -43,6 +49,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     ("kv_quant.cu", include_str!("../../kernels/kv_quant.cu")),
     ("kv_shrink.cu", include_str!("../../kernels/kv_shrink.cu")),
     ("kv_attention.cu", include_str!("../../kernels/kv_attention.cu")),
+    ("forward.cu", include_str!("../../kernels/forward.cu")),
 ];
 const HEADER: &str = include_str!("../../kernels/pmkvq_kv.h");
 
@@ -80,6 +87,31 @@ impl std::str::FromStr for DeviceChoice {
                 .ok_or_else(|| format!("must be cpu, auto or cuda:N, got `{s}`")),
         }
     }
+}
+
+/// The model's forward pass on `gpu`: its weights uploaded once, its caches in device memory.
+#[cfg(feature = "cuda-kernels")]
+pub fn upload_model(
+    gpu: std::sync::Arc<Gpu>,
+    model: &crate::model::Model,
+) -> Result<std::sync::Arc<dyn crate::model::Backend>, crate::model::ModelError> {
+    let m = GpuModel::new(gpu, model)?;
+    tracing::info!(
+        device = crate::model::Backend::device(&m),
+        weight_bytes = crate::model::Backend::device_weight_bytes(&m),
+        "weights uploaded to the GPU"
+    );
+    Ok(std::sync::Arc::new(m))
+}
+
+/// Without CUDA there is no `Gpu` to pass.
+#[cfg(not(feature = "cuda-kernels"))]
+pub fn upload_model(
+    gpu: std::sync::Arc<Gpu>,
+    model: &crate::model::Model,
+) -> Result<std::sync::Arc<dyn crate::model::Backend>, crate::model::ModelError> {
+    let _ = model;
+    gpu.never()
 }
 
 /// Open the chosen device: `Ok(None)` means the CPU (chosen, or `auto` without a usable GPU).

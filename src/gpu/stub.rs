@@ -20,6 +20,9 @@ impl Gpu {
     pub fn name(&self) -> &str {
         match self._never {}
     }
+    pub fn never<T>(&self) -> T {
+        match self._never {}
+    }
     pub fn arch(&self) -> &str {
         match self._never {}
     }

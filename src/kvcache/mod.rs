@@ -179,6 +179,10 @@ pub trait KvStore: Send {
     fn requantizations(&self) -> u64 {
         0
     }
+    /// The concrete store, for a forward pass that can only run on its own kind (the GPU's device caches).
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
 
 /// Shape checks shared by every store.
@@ -294,5 +298,8 @@ impl<S: KvStore + ?Sized> KvStore for &mut S {
     }
     fn requantizations(&self) -> u64 {
         (**self).requantizations()
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        (**self).as_any_mut()
     }
 }

@@ -68,6 +68,65 @@ pub struct LoadOptions {
     pub threads: usize,
 }
 
+/// Where the forward pass runs: the CPU ([`Model`] itself) or a GPU (`gpu::GpuModel`, which holds the same
+/// weights in device memory). Both take the same inputs; each makes the KV stores its forward pass reads (host
+/// stores for the CPU, device stores for the GPU), so callers never pick a store type themselves.
+pub trait Backend: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    fn forward(
+        &self,
+        seqs: &[SeqInput<'_>],
+        kv: &mut [&mut dyn crate::kvcache::KvStore],
+        mode: LogitsMode,
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
+    fn new_store(
+        &self,
+        spec: &crate::kvcache::MethodSpec,
+        geom: crate::kvcache::KvGeometry,
+        max_tokens: usize,
+    ) -> Result<Box<dyn crate::kvcache::KvStore>, KvError>;
+    /// `cpu` or the GPU's name and architecture.
+    fn device(&self) -> String;
+    /// Bytes of weights held in device memory (0 on the CPU).
+    fn device_weight_bytes(&self) -> usize {
+        0
+    }
+    fn kv_geometry(&self) -> crate::kvcache::KvGeometry {
+        let c = self.config();
+        crate::kvcache::KvGeometry {
+            layers: c.layers,
+            q_heads: c.heads,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+}
+
+impl Backend for Model {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn forward(
+        &self,
+        seqs: &[SeqInput<'_>],
+        kv: &mut [&mut dyn crate::kvcache::KvStore],
+        mode: LogitsMode,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        Model::forward(self, seqs, kv, mode)
+    }
+    fn new_store(
+        &self,
+        spec: &crate::kvcache::MethodSpec,
+        geom: crate::kvcache::KvGeometry,
+        max_tokens: usize,
+    ) -> Result<Box<dyn crate::kvcache::KvStore>, KvError> {
+        spec.new_store(geom, max_tokens)
+    }
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+}
+
 pub(crate) struct Layer {
     pub attn_norm: Vec<f32>,
     /// q, k and v stacked when they share a storage type (one pass over the input), else separate.

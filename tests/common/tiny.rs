@@ -208,6 +208,16 @@ pub fn write_gguf(s: &TinySpec, path: &Path, damage: Damage) -> PathBuf {
 /// [`write_gguf`] with metadata entries replaced or added (a hostile or broken header). A key without the
 /// architecture's prefix (`general.alignment`) is used as it is; `ARCH.` is replaced by the architecture's name.
 pub fn write_gguf_with(s: &TinySpec, path: &Path, damage: Damage, overrides: &[(&str, Value)]) -> PathBuf {
+    write_gguf_impl(s, path, damage, overrides, false)
+}
+
+/// [`write_gguf_with`] in the default model's block types: Q8_0 embeddings and output, Q4_1 matrices, F32 norms
+/// (dimensions must be multiples of 32).
+pub fn write_gguf_quant(s: &TinySpec, path: &Path, overrides: &[(&str, Value)]) -> PathBuf {
+    write_gguf_impl(s, path, Damage::None, overrides, true)
+}
+
+fn write_gguf_impl(s: &TinySpec, path: &Path, damage: Damage, overrides: &[(&str, Value)], quant: bool) -> PathBuf {
     let w = weights(s);
     let d = s.head_dim();
     let arch = match (damage, s.arch) {
@@ -218,7 +228,12 @@ pub fn write_gguf_with(s: &TinySpec, path: &Path, damage: Damage, overrides: &[(
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut put = |name: String, shape: &[usize], data: Vec<f32>| {
         let t = Tensor::from_vec(data, shape, &Device::Cpu).unwrap();
-        tensors.push((name, QTensor::quantize(&t, GgmlDType::F32).unwrap()));
+        let dtype = match (quant, shape.len(), name.as_str()) {
+            (false, _, _) | (_, 1, _) => GgmlDType::F32,
+            (true, _, "token_embd.weight" | "output.weight") => GgmlDType::Q8_0,
+            (true, _, _) => GgmlDType::Q4_1,
+        };
+        tensors.push((name, QTensor::quantize(&t, dtype).unwrap()));
     };
     let get = |k: &str| w.get(k).unwrap_or_else(|| panic!("{k}")).clone();
     let (e_shape, e) = get("model.embed_tokens.weight");

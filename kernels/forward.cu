@@ -1,0 +1,456 @@
+// The decoder forward pass on the GPU (src/gpu/model.rs launches these; src/model/forward.rs is the CPU
+// specification of the same arithmetic). Activations are f32; weights stay in their GGUF blocks; matmuls over
+// block weights quantize the activations to 8-bit blocks of 32 first (llama.cpp's q8_0/q8_1, as the CPU path
+// does), so every block product is an exact integer sum and only the float accumulation order differs.
+//
+// The KV cache is a per-(layer, sequence) list of segments (pk_seg): a 16-bit sink, body pages at the layer's
+// width, a 16-bit window — or, for the fp16 cache, pages of raw f16 rows (bits 0). The host builds the tables
+// once per step for every layer and uploads them in one copy.
+#include "pmkvq_kv.h"
+
+#define PK_F32 0
+#define PK_F16 1
+#define PK_Q4_0 2
+#define PK_Q4_1 3
+#define PK_Q8_0 4
+
+// Rows per matmul tile of tokens, and warps per matmul block.
+#define PK_TT 8
+#define PK_MM_WARPS 4
+
+typedef unsigned long long pk_ptr;
+
+__device__ __forceinline__ float pk_warp_sum(float x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ float pk_warp_max(float x) {
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+__device__ __forceinline__ int pk_warp_sum_i(int x) {
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ __forceinline__ float pk_ld_h(const pmkvq_u8* p) {
+    return pmkvq_h2f((pmkvq_u16)((unsigned)p[0] | ((unsigned)p[1] << 8)));
+}
+__device__ __forceinline__ int pk_block_bytes(int fmt) {
+    return fmt == PK_Q4_0 ? 18 : fmt == PK_Q4_1 ? 20 : 34;
+}
+
+// Element j (0..31) of one weight block, dequantized (cpu::dequantize_row).
+__device__ __forceinline__ float pk_dequant(const pmkvq_u8* blk, int fmt, int j) {
+    float d = pk_ld_h(blk);
+    switch (fmt) {
+    case PK_Q4_0: {
+        int q = j < 16 ? (blk[2 + j] & 0x0F) : (blk[2 + j - 16] >> 4);
+        return d * (float)(q - 8);
+    }
+    case PK_Q4_1: {
+        int q = j < 16 ? (blk[4 + j] & 0x0F) : (blk[4 + j - 16] >> 4);
+        return d * (float)q + pk_ld_h(blk + 2);
+    }
+    default: return d * (float)(signed char)blk[2 + j];
+    }
+}
+
+// Embedding rows: out[i] = row tokens[i] of w (cols values), dequantized. Grid (t), any block size.
+extern "C" __global__ void pk_embed(const pmkvq_u8* __restrict__ w, int fmt, int cols, const int* __restrict__ tokens,
+                                    float* __restrict__ out) {
+    int i = blockIdx.x;
+    size_t tok = (size_t)tokens[i];
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+        float v;
+        if (fmt == PK_F32) {
+            v = ((const float*)w)[tok * cols + j];
+        } else if (fmt == PK_F16) {
+            v = pmkvq_h2f(((const pmkvq_u16*)w)[tok * cols + j]);
+        } else {
+            const pmkvq_u8* row = w + tok * (cols / 32) * pk_block_bytes(fmt);
+            v = pk_dequant(row + (j / 32) * pk_block_bytes(fmt), fmt, j % 32);
+        }
+        out[(size_t)i * cols + j] = v;
+    }
+}
+
+// Quantize one 32-value block held one value per lane: llama.cpp's quantize_row_q8_1 (cpu::scalar::quantize_q8):
+// d = amax/127, q = round_half_even(x * 127/amax), d and s = d·Σq rounded through f16.
+__device__ __forceinline__ void pk_q8_lane(float v, signed char* qs, float* dptr, float* sptr, int lane) {
+    float amax = pk_warp_max(fabsf(v));
+    float d = __fdiv_rn(amax, 127.0f);
+    float id = amax != 0.0f ? __fdiv_rn(127.0f, amax) : 0.0f;
+    int q = (int)rintf(__fmul_rn(v, id));
+    qs[lane] = (signed char)q;
+    int sum = pk_warp_sum_i(q);
+    if (lane == 0) {
+        *dptr = pmkvq_h2f(pmkvq_f2h(d));
+        *sptr = pmkvq_h2f(pmkvq_f2h(__fmul_rn((float)sum, d)));
+    }
+}
+
+// 8-bit blocks of n_blocks·32 values: one warp per block. Grid (ceil(n_blocks/8)), block 256.
+extern "C" __global__ void pk_quant8(const float* __restrict__ x, int n_blocks, signed char* __restrict__ qs,
+                                     float* __restrict__ d, float* __restrict__ s) {
+    int b = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (b >= n_blocks) return;
+    pk_q8_lane(x[(size_t)b * 32 + lane], qs + (size_t)b * 32, d + b, s + b, lane);
+}
+
+// RMSNorm of each row (sum of squares in double, as the CPU), written as f32 and as 8-bit blocks.
+// Grid (rows), block 256; dim a multiple of 32.
+extern "C" __global__ void pk_norm(const float* __restrict__ x, const float* __restrict__ w, int dim, float eps,
+                                   float* __restrict__ out, signed char* __restrict__ qs, float* __restrict__ qd,
+                                   float* __restrict__ qsum) {
+    __shared__ double part[8];
+    __shared__ float inv_s;
+    const float* row = x + (size_t)blockIdx.x * dim;
+    double ss = 0.0;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+        float v = row[j];
+        ss += (double)__fmul_rn(v, v);
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) part[warp] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int i = 0; i < (int)(blockDim.x / 32); ++i) t += part[i];
+        float ms = (float)(t / (double)dim);
+        inv_s = __fdiv_rn(1.0f, sqrtf(__fadd_rn(ms, eps)));
+    }
+    __syncthreads();
+    float inv = inv_s;
+    int nb = dim / 32;
+    for (int b = warp; b < nb; b += blockDim.x / 32) {
+        int j = b * 32 + lane;
+        float v = __fmul_rn(__fmul_rn(row[j], inv), w[j]);
+        out[(size_t)blockIdx.x * dim + j] = v;
+        size_t gb = (size_t)blockIdx.x * nb + b;
+        pk_q8_lane(v, qs + gb * 32, qd + gb, qsum + gb, lane);
+    }
+}
+
+// Where a matmul's output rows go: rows [start[p], start[p+1]) to buffer p, row-major with leading dimension ld[p].
+struct pk_out {
+    pk_ptr ptr[3];
+    int ld[3];
+    int start[4];
+    int parts;
+    int accumulate;  // add to what is there (the residual stream)
+};
+
+__device__ __forceinline__ void pk_write(const pk_out& o, int r, int ti, float v) {
+    int p = 0;
+    while (p + 1 < o.parts && r >= o.start[p + 1]) ++p;
+    float* dst = (float*)o.ptr[p] + (size_t)ti * o.ld[p] + (r - o.start[p]);
+    *dst = o.accumulate ? *dst + v : v;
+}
+
+// y[t][r] = W[r]·x[t] (+ bias[r]) for block weights and 8-bit activations. One warp per weight row; lanes take
+// (block, quarter) work items so short rows keep every lane busy; tiles of PK_TT tokens read each weight block
+// once. Grid (ceil(rows/PK_MM_WARPS), ceil(t/PK_TT)), block 32·PK_MM_WARPS.
+extern "C" __global__ void pk_matmul_q(const pmkvq_u8* __restrict__ w, int fmt, int rows, int cols,
+                                       const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                       const float* __restrict__ xs, int t, const float* __restrict__ bias,
+                                       pk_out out) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int r = blockIdx.x * PK_MM_WARPS + warp;
+    if (r >= rows) return;
+    int t0 = blockIdx.y * PK_TT;
+    int tn = min(PK_TT, t - t0);
+    int nb = cols / 32, bb = pk_block_bytes(fmt);
+    const pmkvq_u8* wr = w + (size_t)r * nb * bb;
+    float acc[PK_TT];
+#pragma unroll
+    for (int i = 0; i < PK_TT; ++i) acc[i] = 0.0f;
+    for (int item = lane; item < nb * 4; item += 32) {
+        int b = item / 4, qtr = item % 4;
+        const pmkvq_u8* blk = wr + (size_t)b * bb;
+        float dw = pk_ld_h(blk);
+        int wq[8];
+        if (fmt == PK_Q8_0) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) wq[e] = (int)(signed char)blk[2 + qtr * 8 + e];
+        } else {
+            const pmkvq_u8* nib = blk + (fmt == PK_Q4_1 ? 4 : 2) + (qtr % 2) * 8;
+            int sub = fmt == PK_Q4_0 ? 8 : 0;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) wq[e] = (qtr < 2 ? (nib[e] & 0x0F) : (nib[e] >> 4)) - sub;
+        }
+        float mw = (fmt == PK_Q4_1 && qtr == 0) ? pk_ld_h(blk + 2) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < PK_TT; ++i) {
+            if (i < tn) {
+                size_t ti = (size_t)(t0 + i);
+                const signed char* xr = xq + ti * cols + b * 32 + qtr * 8;
+                int sumi = 0;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) sumi += wq[e] * (int)xr[e];
+                acc[i] += dw * xd[ti * nb + b] * (float)sumi + mw * xs[ti * nb + b];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < PK_TT; ++i) {
+        float v = pk_warp_sum(acc[i]);
+        if (lane == 0 && i < tn) pk_write(out, r, t0 + i, v + (bias ? bias[r] : 0.0f));
+    }
+}
+
+// The same for f32 or f16 weights with f32 activations (lanes over columns).
+extern "C" __global__ void pk_matmul_f(const void* __restrict__ w, int fmt, int rows, int cols,
+                                       const float* __restrict__ x, int t, const float* __restrict__ bias, pk_out out) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int r = blockIdx.x * PK_MM_WARPS + warp;
+    if (r >= rows) return;
+    int t0 = blockIdx.y * PK_TT;
+    int tn = min(PK_TT, t - t0);
+    float acc[PK_TT];
+#pragma unroll
+    for (int i = 0; i < PK_TT; ++i) acc[i] = 0.0f;
+    for (int j = lane; j < cols; j += 32) {
+        size_t wi = (size_t)r * cols + j;
+        float wv = fmt == PK_F16 ? pmkvq_h2f(((const pmkvq_u16*)w)[wi]) : ((const float*)w)[wi];
+#pragma unroll
+        for (int i = 0; i < PK_TT; ++i)
+            if (i < tn) acc[i] += wv * x[(size_t)(t0 + i) * cols + j];
+    }
+#pragma unroll
+    for (int i = 0; i < PK_TT; ++i) {
+        float v = pk_warp_sum(acc[i]);
+        if (lane == 0 && i < tn) pk_write(out, r, t0 + i, v + (bias ? bias[r] : 0.0f));
+    }
+}
+
+// RoPE in place on x (t rows of heads·d, leading dimension ld), one (cos, sin) table row of d/2 per token.
+// neox: pairs (j, j + d/2); otherwise interleaved pairs (2j, 2j+1). Grid (t), block 128.
+extern "C" __global__ void pk_rope(float* __restrict__ x, int ld, int heads, int d, const float* __restrict__ cosv,
+                                   const float* __restrict__ sinv, int neox) {
+    int ti = blockIdx.x, half = d / 2;
+    float* row = x + (size_t)ti * ld;
+    const float* c = cosv + (size_t)ti * half;
+    const float* s = sinv + (size_t)ti * half;
+    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float* hd = row + h * d;
+        int ia = neox ? j : 2 * j, ib = neox ? j + half : 2 * j + 1;
+        float a = hd[ia], b = hd[ib];
+        hd[ia] = __fsub_rn(__fmul_rn(a, c[j]), __fmul_rn(b, s[j]));
+        hd[ib] = __fadd_rn(__fmul_rn(a, s[j]), __fmul_rn(b, c[j]));
+    }
+}
+
+// act = silu(gate)·up, as f32 and 8-bit blocks; n a multiple of 32. One warp per 32 values; grid
+// (ceil(n/256)), block 256.
+extern "C" __global__ void pk_swiglu(const float* __restrict__ gate, const float* __restrict__ up, int n,
+                                     float* __restrict__ act, signed char* __restrict__ qs, float* __restrict__ qd,
+                                     float* __restrict__ qsum) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    int b = i / 32, lane = threadIdx.x % 32;
+    if (b * 32 >= n) return;
+    float g = gate[i];
+    float v = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), up[i]);
+    act[i] = v;
+    pk_q8_lane(v, qs + (size_t)b * 32, qd + b, qsum + b, lane);
+}
+
+// Copy rows idx[i] of x (dim values) to out row i. Grid (n), block 128.
+extern "C" __global__ void pk_gather(const float* __restrict__ x, const int* __restrict__ idx, int dim,
+                                     float* __restrict__ out) {
+    const float* src = x + (size_t)idx[blockIdx.x] * dim;
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) out[(size_t)blockIdx.x * dim + j] = src[j];
+}
+
+// ---- KV cache ------------------------------------------------------------------------------------------------
+
+// One stored segment of one layer of one sequence. bits 0: raw f16 rows [len][kv_heads·d] with no parameters;
+// 2/4/8/16: packed groups with f16 scale and offset (pmkvq_kv.h).
+struct pk_seg {
+    pk_ptr k_data, k_scale, k_off, v_data, v_scale, v_off;
+    int len;
+    int bits;
+};
+
+// One sequence in one layer: its segments seg_start.. (seg_count of them, sink | body | window), tokens stored,
+// and the key reparameterization (λ for queries, 1/λ for keys; 0 without), kv_heads·d each.
+struct pk_seq {
+    int seg_start, seg_count, stored, g;  // g: the cache's quantization group
+    pk_ptr qscale, kinv;
+};
+
+// Where one new token's K and V go in one layer (the row start of its slot), at which width; kinv as above.
+struct pk_dst {
+    pk_ptr k_data, k_scale, k_off, v_data, v_scale, v_off, kinv;
+    int bits, g;  // g: the cache's quantization group (a multiple of the batch's smallest)
+};
+
+// q · (stored key `pos` of segment s, head kvh).
+__device__ __forceinline__ float pk_score(const pk_seg& s, int pos, int kvh, int kv_heads, int d, int g,
+                                          const float* qs, const float* qsum) {
+    float acc = 0.0f;
+    if (s.bits == 0) {
+        const pmkvq_u16* k = (const pmkvq_u16*)s.k_data + ((size_t)pos * kv_heads + kvh) * d;
+        for (int j = 0; j < d; ++j) acc += qs[j] * pmkvq_h2f(k[j]);
+        return acc;
+    }
+    int gph = d / g, gb = pmkvq_group_bytes(s.bits, g);
+    size_t g0 = ((size_t)pos * kv_heads + kvh) * gph;
+    const pmkvq_u8* data = (const pmkvq_u8*)s.k_data;
+    for (int k = 0; k < gph; ++k) {
+        const pmkvq_u8* p = data + (g0 + k) * gb;
+        float dot = 0.0f;
+        for (int j = 0; j < g; ++j) dot += qs[k * g + j] * (float)pmkvq_code(p, s.bits, g, j);
+        acc += pmkvq_h2f(((const pmkvq_u16*)s.k_scale)[g0 + k]) * dot +
+               pmkvq_h2f(((const pmkvq_u16*)s.k_off)[g0 + k]) * qsum[k];
+    }
+    return acc;
+}
+
+// Stored value `pos`, dimension j of head kvh.
+__device__ __forceinline__ float pk_value(const pk_seg& s, int pos, int kvh, int j, int kv_heads, int d, int g) {
+    if (s.bits == 0) return pmkvq_h2f(((const pmkvq_u16*)s.v_data)[((size_t)pos * kv_heads + kvh) * d + j]);
+    int gph = d / g;
+    size_t gi = ((size_t)pos * kv_heads + kvh) * gph + j / g;
+    const pmkvq_u8* p = (const pmkvq_u8*)s.v_data + gi * pmkvq_group_bytes(s.bits, g);
+    return (float)pmkvq_code(p, s.bits, g, j % g) * pmkvq_h2f(((const pmkvq_u16*)s.v_scale)[gi]) +
+           pmkvq_h2f(((const pmkvq_u16*)s.v_off)[gi]);
+}
+
+// Attention of every new row over its sequence's stored segments, then its own call's tokens up to itself,
+// unquantized (spec §3.3; KvStore::attend_and_store). Split-K: grid (q_heads, rows, splits), one warp each;
+// split z takes tokens [z·chunk, (z+1)·chunk) of the concatenation and writes (max, sum, acc[d]) to work;
+// pk_attn_combine merges. Tiles of 32 tokens: each lane scores one token, then the lanes — each owning dimensions
+// lane, lane+32, … — accumulate the tile's values. Online softmax.
+extern "C" __global__ void pk_attention(const pk_seg* __restrict__ segs, const pk_seq* __restrict__ seqs,
+                                        const int* __restrict__ row_seq, const int* __restrict__ row_fresh,
+                                        const int* __restrict__ row_fresh0, const float* __restrict__ q,
+                                        const float* __restrict__ knew, const float* __restrict__ vnew, int q_heads,
+                                        int kv_heads, int d, float sm_scale, int chunk, float* __restrict__ work) {
+    __shared__ float qs[PMKVQ_MAX_HEAD_DIM];
+    __shared__ float qsum[PMKVQ_MAX_HEAD_DIM];
+    int h = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z, lane = threadIdx.x;
+    pk_seq L = seqs[row_seq[row]];
+    int g = L.g;
+    int kvh = h / (q_heads / kv_heads), kvd = kv_heads * d;
+    const float* qscale = (const float*)L.qscale;
+    const float* kinv = (const float*)L.kinv;
+    for (int j = lane; j < d; j += 32) {
+        float v = q[((size_t)row * q_heads + h) * d + j];
+        qs[j] = qscale ? v * qscale[kvh * d + j] : v;
+    }
+    __syncwarp();
+    for (int k = lane; k < d / g; k += 32) {
+        float s = 0.0f;
+        for (int j = 0; j < g; ++j) s += qs[k * g + j];
+        qsum[k] = s;
+    }
+    __syncwarp();
+    int fresh0 = row_fresh0[row];
+    int total = L.stored + row_fresh[row];
+    int t0 = split * chunk, t1 = min(total, t0 + chunk);
+    float m = -PMKVQ_INF, l = 0.0f, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const pk_seg* my = segs + L.seg_start;
+    int cs = 0, cbase = 0;  // the segment holding the tile's first stored token, and where it starts
+    for (int tile = t0; tile < t1; tile += 32) {
+        int idx = tile + lane;
+        int si = cs, base = cbase, pos = 0, seg = -1;
+        float s = -PMKVQ_INF;
+        if (idx < t1) {
+            if (idx < L.stored) {
+                while (si + 1 < L.seg_count && base + my[si].len <= idx) base += my[si++].len;
+                seg = si;
+                pos = idx - base;
+                s = pk_score(my[si], pos, kvh, kv_heads, d, g, qs, qsum);
+            } else {
+                pos = idx - L.stored;
+                const float* kr = knew + (size_t)(fresh0 + pos) * kvd + kvh * d;
+                float dot = 0.0f;
+                for (int j = 0; j < d; ++j) dot += qs[j] * (kinv ? kr[j] * kinv[kvh * d + j] : kr[j]);
+                s = dot;
+            }
+            s *= sm_scale;
+        }
+        int last = min(31, t1 - 1 - tile);
+        cs = __shfl_sync(0xffffffffu, si, last);
+        cbase = __shfl_sync(0xffffffffu, base, last);
+        float mnew = fmaxf(m, pk_warp_max(s));
+        float corr = m == -PMKVQ_INF ? 0.0f : expf(m - mnew);
+        float p = idx < t1 ? expf(s - mnew) : 0.0f;
+        l = l * corr + pk_warp_sum(p);
+        for (int k = 0; k < 4; ++k) acc[k] *= corr;
+        m = mnew;
+        for (int u = 0; u <= last; ++u) {
+            float pu = __shfl_sync(0xffffffffu, p, u);
+            int su = __shfl_sync(0xffffffffu, seg, u);
+            int pou = __shfl_sync(0xffffffffu, pos, u);
+            for (int k = 0; k < 4; ++k) {
+                int j = lane + 32 * k;
+                if (j >= d) break;
+                float val = su >= 0 ? pk_value(my[su], pou, kvh, j, kv_heads, d, g)
+                                    : vnew[(size_t)(fresh0 + pou) * kvd + kvh * d + j];
+                acc[k] += pu * val;
+            }
+        }
+    }
+    float* wp = work + (((size_t)row * q_heads + h) * splits + split) * (2 + d);
+    if (lane == 0) {
+        wp[0] = m;
+        wp[1] = l;
+    }
+    for (int k = 0; k < 4; ++k) {
+        int j = lane + 32 * k;
+        if (j < d) wp[2 + j] = acc[k];
+    }
+}
+
+// Merge the splits of pk_attention into out (rows × q_heads·d). Grid (q_heads, rows), block 32.
+extern "C" __global__ void pk_attn_combine(const float* __restrict__ work, int splits, int d, float* __restrict__ out) {
+    int h = blockIdx.x, row = blockIdx.y, q_heads = gridDim.x, lane = threadIdx.x;
+    const float* w0 = work + ((size_t)row * q_heads + h) * splits * (2 + d);
+    float mx = -PMKVQ_INF;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, w0[s * (2 + d)]);
+    float l = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        float ms = w0[s * (2 + d)];
+        if (ms != -PMKVQ_INF) l += w0[s * (2 + d) + 1] * expf(ms - mx);
+    }
+    for (int j = lane; j < d; j += 32) {
+        float a = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            float ms = w0[s * (2 + d)];
+            if (ms != -PMKVQ_INF) a += w0[s * (2 + d) + 2 + j] * expf(ms - mx);
+        }
+        out[((size_t)row * q_heads + h) * d + j] = l > 0.0f ? a / l : 0.0f;
+    }
+}
+
+// Store the new tokens' K and V into their slots: one thread per (token, K|V, group). Packed widths go through
+// pmkvq_quantize_group (the codes kv_quant.cu and the CPU write); bits 0 stores raw f16 (F16KvStore's rounding).
+// Keys are multiplied by 1/λ first when the sequence is reparameterized. g_min: the smallest group in the batch
+// (threads are laid out for it; a token with a larger group uses the first kv_dim/g of its threads).
+// Grid (ceil(n·2·kv_dim/g_min/128)), block 128.
+extern "C" __global__ void pk_kv_store(const pk_dst* __restrict__ dst, const float* __restrict__ knew,
+                                       const float* __restrict__ vnew, int n, int kv_dim, int g_min) {
+    int slots = kv_dim / g_min;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * 2 * slots) return;
+    int tok = i / (2 * slots), side = (i / slots) % 2, gi = i % slots;
+    pk_dst D = dst[tok];
+    int g = D.g, gpt = kv_dim / g;
+    if (gi >= gpt || g > 256) return;
+    const float* x = (side ? vnew : knew) + (size_t)tok * kv_dim + gi * g;
+    const float* kinv = side ? 0 : (const float*)D.kinv;
+    float vals[256];
+    for (int j = 0; j < g; ++j) vals[j] = kinv ? x[j] * kinv[gi * g + j] : x[j];
+    if (D.bits == 0) {
+        pmkvq_u16* o = (pmkvq_u16*)(side ? D.v_data : D.k_data) + gi * g;
+        for (int j = 0; j < g; ++j) o[j] = pmkvq_f2h(vals[j]);
+        return;
+    }
+    pmkvq_u8* o = (pmkvq_u8*)(side ? D.v_data : D.k_data) + (size_t)gi * pmkvq_group_bytes(D.bits, g);
+    pmkvq_u16* sc = (pmkvq_u16*)(side ? D.v_scale : D.k_scale) + gi;
+    pmkvq_u16* of = (pmkvq_u16*)(side ? D.v_off : D.k_off) + gi;
+    pmkvq_quantize_group(vals, g, D.bits, o, sc, of);
+}

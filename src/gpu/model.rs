@@ -1,0 +1,708 @@
+//! The forward pass on the GPU (feature `cuda-kernels`): the same steps as `model/forward.rs` (the CPU
+//! specification), over weights uploaded once in their GGUF blocks and the sequences' [`DeviceStore`]s.
+//!
+//! One engine step is one batched pass over every sequence's new tokens (decode tokens and prefill chunks
+//! alike): per layer, RMSNorm (+ 8-bit activation blocks), the fused q/k/v matmul, RoPE, attention of every row
+//! over its own sequence's segments plus its call's tokens, the K/V store, the output projection added to the
+//! residual, RMSNorm, gate/up, SwiGLU, down added to the residual. The segment and slot tables of every layer
+//! are built on the host once per step and uploaded in one copy each, so a layer costs a fixed number of
+//! launches whatever the batch (≈ 11 per layer), and only the logits come back.
+
+use super::cuda::{drv, DstArg, Gpu, OutArg, SegArg, SeqArg};
+use super::kv::DeviceStore;
+use super::GpuError;
+use crate::kvcache::{KvError, KvGeometry, KvStore, MethodSpec};
+use crate::model::linear::{Linear, WeightData};
+use crate::model::{Backend, LogitsMode, Model, ModelConfig, ModelError, Projection, RopeLayout, SeqInput};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::f16;
+use std::sync::Arc;
+
+fn gerr(e: GpuError) -> ModelError {
+    ModelError::Input(format!("GPU: {e}"))
+}
+
+/// Weight storage codes of `forward.cu` (PK_F32 …).
+const F32: i32 = 0;
+const F16: i32 = 1;
+
+struct DevLinear {
+    rows: usize,
+    cols: usize,
+    fmt: i32,
+    w: CudaSlice<u8>,
+    bias: Option<CudaSlice<f32>>,
+}
+
+impl DevLinear {
+    fn upload(gpu: &Gpu, l: &Linear, name: &str) -> Result<DevLinear, ModelError> {
+        use crate::cpu::BlockFormat;
+        let (fmt, bytes): (i32, Vec<u8>) = match &l.data {
+            WeightData::Blocks { format, bytes } => (
+                match format {
+                    BlockFormat::Q4_0 => 2,
+                    BlockFormat::Q4_1 => 3,
+                    BlockFormat::Q8_0 => 4,
+                },
+                bytes.clone(),
+            ),
+            WeightData::F32(v) => (F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            WeightData::F16(v) => (F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            WeightData::Candle(mm) => {
+                // K-quants and other types without a device kernel: dequantized to f16 once, at load.
+                use candle_core::quantized::QMatMul;
+                use candle_core::{DType, Device};
+                let t = match mm {
+                    QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+                };
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                tracing::info!(
+                    tensor = name,
+                    "no GPU kernel for this weight type: dequantized to f16 at load"
+                );
+                (F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect())
+            }
+        };
+        Ok(DevLinear {
+            rows: l.rows,
+            cols: l.cols,
+            fmt,
+            w: gpu.upload(&bytes).map_err(gerr)?,
+            bias: match &l.bias {
+                Some(b) => Some(gpu.upload(b).map_err(gerr)?),
+                None => None,
+            },
+        })
+    }
+    fn bytes(&self) -> usize {
+        self.w.len() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+enum DevProj {
+    /// One matrix whose rows are the parts, stacked.
+    Fused(DevLinear),
+    Split(Vec<DevLinear>),
+}
+
+impl DevProj {
+    fn upload(gpu: &Gpu, p: &Projection, name: &str) -> Result<DevProj, ModelError> {
+        Ok(match p {
+            Projection::Fused { linear, .. } => DevProj::Fused(DevLinear::upload(gpu, linear, name)?),
+            Projection::Split(parts) => DevProj::Split(
+                parts
+                    .iter()
+                    .map(|l| DevLinear::upload(gpu, l, name))
+                    .collect::<Result<_, _>>()?,
+            ),
+        })
+    }
+    fn bytes(&self) -> usize {
+        match self {
+            DevProj::Fused(l) => l.bytes(),
+            DevProj::Split(p) => p.iter().map(DevLinear::bytes).sum(),
+        }
+    }
+}
+
+struct DevLayer {
+    attn_norm: CudaSlice<f32>,
+    qkv: DevProj,
+    o: DevLinear,
+    ffn_norm: CudaSlice<f32>,
+    gate_up: DevProj,
+    down: DevLinear,
+}
+
+/// The model's weights on one GPU, and the kernels that run it.
+pub struct GpuModel {
+    gpu: Arc<Gpu>,
+    cfg: ModelConfig,
+    embed: DevLinear,
+    layers: Vec<DevLayer>,
+    norm: CudaSlice<f32>,
+    head: Option<DevLinear>,
+    rope_factors: Vec<f32>,
+    weight_bytes: usize,
+    ffn: usize,
+    /// Activation buffers of the largest step so far (rows, work floats), reused while big enough.
+    scratch: std::sync::Mutex<Option<(usize, usize, Arc<Scratch>)>>,
+}
+
+/// An activation in f32 and (when a block-weight matmul reads it) as 8-bit blocks.
+#[derive(Clone, Copy)]
+struct Act {
+    f: u64,
+    qs: u64,
+    qd: u64,
+    qsum: u64,
+}
+
+struct Scratch {
+    x: CudaSlice<f32>,
+    hn: CudaSlice<f32>,
+    qs: CudaSlice<i8>,
+    qd: CudaSlice<f32>,
+    qsum: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    attn: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    work: CudaSlice<f32>,
+}
+
+fn cfg1(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl GpuModel {
+    /// Upload `model`'s weights to `gpu`. Fails with a message naming what the device path cannot run.
+    pub fn new(gpu: Arc<Gpu>, model: &Model) -> Result<GpuModel, ModelError> {
+        let c = &model.config;
+        let ffn = model.layers.first().map_or(0, |l| match &l.gate_up {
+            Projection::Fused { splits, .. } => splits[0],
+            Projection::Split(p) => p[0].rows,
+        });
+        let unsupported =
+            |what: String| ModelError::Input(format!("the GPU forward pass cannot run this model: {what}"));
+        for (name, v) in [
+            ("hidden size", c.hidden),
+            ("q dimension", c.heads * c.head_dim),
+            ("ffn size", ffn),
+        ] {
+            if v == 0 || !v.is_multiple_of(32) {
+                return Err(unsupported(format!("{name} {v} is not a multiple of 32")));
+            }
+        }
+        if c.head_dim > 128 || !c.head_dim.is_multiple_of(2) || c.kv_heads == 0 || !c.heads.is_multiple_of(c.kv_heads) {
+            return Err(unsupported(format!(
+                "head_dim {} (at most 128, even) with {} query / {} kv heads",
+                c.head_dim, c.heads, c.kv_heads
+            )));
+        }
+        let up = |v: &[f32]| gpu.upload(v).map_err(gerr);
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (i, l) in model.layers.iter().enumerate() {
+            layers.push(DevLayer {
+                attn_norm: up(&l.attn_norm)?,
+                qkv: DevProj::upload(&gpu, &l.qkv, &format!("blk.{i}.attn_qkv"))?,
+                o: DevLinear::upload(&gpu, &l.o, &format!("blk.{i}.attn_output"))?,
+                ffn_norm: up(&l.ffn_norm)?,
+                gate_up: DevProj::upload(&gpu, &l.gate_up, &format!("blk.{i}.ffn_gate_up"))?,
+                down: DevLinear::upload(&gpu, &l.down, &format!("blk.{i}.ffn_down"))?,
+            });
+        }
+        let embed = DevLinear::upload(&gpu, &model.embed, "token_embd")?;
+        let head = match &model.lm_head {
+            Some(h) => Some(DevLinear::upload(&gpu, h, "output")?),
+            None => None,
+        };
+        let norm = up(&model.norm)?;
+        let weight_bytes = layers
+            .iter()
+            .map(|l| l.qkv.bytes() + l.o.bytes() + l.gate_up.bytes() + l.down.bytes() + 8 * c.hidden)
+            .sum::<usize>()
+            + embed.bytes()
+            + head.as_ref().map_or(0, DevLinear::bytes)
+            + 4 * c.hidden;
+        gpu.sync().map_err(gerr)?;
+        Ok(GpuModel {
+            gpu,
+            cfg: c.clone(),
+            embed,
+            layers,
+            norm,
+            head,
+            rope_factors: model.rope_factors.clone(),
+            weight_bytes,
+            ffn,
+            scratch: std::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Buffers for a step of `t` rows: the cached ones when big enough (steps run one at a time on one stream).
+    fn scratch(&self, t: usize, work: usize) -> Result<Arc<Scratch>, GpuError> {
+        let mut cache = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((ct, cw, s)) = cache.as_ref() {
+            if *ct >= t && *cw >= work {
+                return Ok(s.clone());
+            }
+        }
+        let (t, work) = match cache.as_ref() {
+            Some((ct, cw, _)) => (t.max(*ct), work.max(*cw)),
+            None => (t, work),
+        };
+        *cache = None;
+        let s = Arc::new(self.alloc_scratch(t, work)?);
+        *cache = Some((t, work, s.clone()));
+        Ok(s)
+    }
+
+    fn alloc_scratch(&self, t: usize, work: usize) -> Result<Scratch, GpuError> {
+        let c = &self.cfg;
+        let (h, qd, kd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let widest = h.max(qd).max(self.ffn);
+        let g = &self.gpu;
+        Ok(Scratch {
+            x: g.alloc(t * h)?,
+            hn: g.alloc(t * h)?,
+            qs: g.alloc(t * widest)?,
+            qd: g.alloc(t * widest / 32)?,
+            qsum: g.alloc(t * widest / 32)?,
+            q: g.alloc(t * qd)?,
+            k: g.alloc(t * kd)?,
+            v: g.alloc(t * kd)?,
+            attn: g.alloc(t * qd)?,
+            gate: g.alloc(t * self.ffn)?,
+            up: g.alloc(t * self.ffn)?,
+            act: g.alloc(t * self.ffn)?,
+            work: g.alloc(work)?,
+        })
+    }
+
+    fn launch(
+        &self,
+        f: &cudarc::driver::CudaFunction,
+        cfg: LaunchConfig,
+        args: &[&dyn ArgRef],
+    ) -> Result<(), GpuError> {
+        let mut b = self.gpu.stream().launch_builder(f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: every caller passes the argument list of the named kernel in forward.cu, in order and with its
+        // C types (pointers as u64 device addresses of live buffers sized for the launch's rows); grids are sized
+        // so each kernel's own bounds checks cover the tail.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        Ok(())
+    }
+
+    fn norm(&self, x: u64, w: &CudaSlice<f32>, rows: usize, dim: usize, out: Act) -> Result<(), GpuError> {
+        let (d, eps, wp) = (dim as i32, self.cfg.rms_eps, self.gpu.ptr(w));
+        self.launch(
+            &self.gpu.fwd.norm,
+            cfg1((rows as u32, 1, 1), 256),
+            &[&x, &wp, &d, &eps, &out.f, &out.qs, &out.qd, &out.qsum],
+        )
+    }
+
+    /// `out` parts for a projection; the rows of `lin` starting at `first` map to `bufs`.
+    fn matmul(&self, lin: &DevLinear, input: Act, t: usize, out: OutArg) -> Result<(), GpuError> {
+        let (rows, cols, ti) = (lin.rows as i32, lin.cols as i32, t as i32);
+        let w = self.gpu.ptr(&lin.w);
+        let bias = lin.bias.as_ref().map_or(0u64, |b| self.gpu.ptr(b));
+        let grid = (lin.rows.div_ceil(4) as u32, t.div_ceil(8) as u32, 1);
+        if lin.fmt >= 2 {
+            self.launch(
+                &self.gpu.fwd.matmul_q,
+                cfg1(grid, 128),
+                &[
+                    &w,
+                    &lin.fmt,
+                    &rows,
+                    &cols,
+                    &input.qs,
+                    &input.qd,
+                    &input.qsum,
+                    &ti,
+                    &bias,
+                    &out,
+                ],
+            )
+        } else {
+            self.launch(
+                &self.gpu.fwd.matmul_f,
+                cfg1(grid, 128),
+                &[&w, &lin.fmt, &rows, &cols, &input.f, &ti, &bias, &out],
+            )
+        }
+    }
+
+    fn project(
+        &self,
+        p: &DevProj,
+        input: Act,
+        t: usize,
+        bufs: &[(u64, usize)],
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let out = |parts: &[(u64, usize)]| {
+            let mut o = OutArg {
+                parts: parts.len() as i32,
+                accumulate: accumulate as i32,
+                ..OutArg::default()
+            };
+            let mut start = 0i32;
+            for (i, &(ptr, w)) in parts.iter().enumerate() {
+                o.ptr[i] = ptr;
+                o.ld[i] = w as i32;
+                o.start[i] = start;
+                start += w as i32;
+            }
+            o.start[parts.len()] = start;
+            o
+        };
+        match p {
+            DevProj::Fused(l) => self.matmul(l, input, t, out(bufs)),
+            DevProj::Split(parts) => {
+                for (l, b) in parts.iter().zip(bufs) {
+                    self.matmul(l, input, t, out(std::slice::from_ref(b)))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn quant8(&self, x: u64, values: usize, out: Act) -> Result<(), GpuError> {
+        let nb = values / 32;
+        let n = nb as i32;
+        self.launch(
+            &self.gpu.fwd.quant8,
+            cfg1((nb.div_ceil(8) as u32, 1, 1), 256),
+            &[&x, &n, &out.qs, &out.qd, &out.qsum],
+        )
+    }
+
+    fn rope(&self, x: u64, t: usize, heads: usize, cos: u64, sin: u64) -> Result<(), GpuError> {
+        let d = self.cfg.head_dim;
+        let (ld, hi, di) = ((heads * d) as i32, heads as i32, d as i32);
+        let neox = matches!(self.cfg.rope.layout, RopeLayout::Neox) as i32;
+        self.launch(
+            &self.gpu.fwd.rope,
+            cfg1((t as u32, 1, 1), 128),
+            &[&x, &ld, &hi, &di, &cos, &sin, &neox],
+        )
+    }
+
+    fn forward_device(
+        &self,
+        seqs: &[SeqInput<'_>],
+        stores: &mut [&mut DeviceStore],
+        mode: LogitsMode,
+        t: usize,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let nl = self.layers.len();
+        let ns = seqs.len();
+        // Every store confirms it can take its tokens before any layer is touched (as the CPU path).
+        for (s, st) in seqs.iter().zip(stores.iter_mut()) {
+            st.reserve(s.tokens.len())?;
+        }
+        // Tables for every layer: segments, per-sequence entries, per-token slots.
+        let mut segs: Vec<SegArg> = Vec::new();
+        let mut seqtab: Vec<SeqArg> = Vec::with_capacity(nl * ns);
+        let mut dsts: Vec<DstArg> = Vec::with_capacity(nl * t);
+        let mut max_total = 1usize;
+        let mut g_min = usize::MAX;
+        let mut fail = None;
+        'layers: for li in 0..nl {
+            for (si, (s, st)) in seqs.iter().zip(stores.iter_mut()).enumerate() {
+                let n = s.tokens.len();
+                match st.prepare(li, n) {
+                    Ok(plan) => {
+                        let (qs, ki) = st.key_scale_ptrs(li);
+                        seqtab.push(SeqArg {
+                            seg_start: segs.len() as i32,
+                            seg_count: plan.segs.len() as i32,
+                            stored: plan.stored as i32,
+                            g: st.group() as i32,
+                            qscale: qs,
+                            kinv: ki,
+                        });
+                        g_min = g_min.min(st.group());
+                        max_total = max_total.max(plan.stored + n);
+                        segs.extend(plan.segs);
+                        dsts.extend(plan.dsts);
+                    }
+                    Err(e) => {
+                        fail = Some((e, li, si));
+                        break 'layers;
+                    }
+                }
+            }
+        }
+        if let Some((e, _, _)) = fail {
+            // prepare changes no lengths: dropping the pending chunks and empty pages undoes it
+            for li in 0..nl {
+                for st in stores.iter_mut() {
+                    st.abandon(li);
+                }
+            }
+            return Err(e.into());
+        }
+        let run = self.run_layers(seqs, &segs, &seqtab, &dsts, t, max_total, g_min, mode);
+        let logits = match run {
+            Ok(l) => l,
+            Err(e) => {
+                for li in 0..nl {
+                    for st in stores.iter_mut() {
+                        st.abandon(li);
+                    }
+                }
+                return Err(gerr(e));
+            }
+        };
+        let mut first_err = None;
+        for li in 0..nl {
+            for (s, st) in seqs.iter().zip(stores.iter_mut()) {
+                if let Err(e) = st.commit(li, s.tokens.len()) {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e.into());
+        }
+        Ok(logits)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers(
+        &self,
+        seqs: &[SeqInput<'_>],
+        segs: &[SegArg],
+        seqtab: &[SeqArg],
+        dsts: &[DstArg],
+        t: usize,
+        max_total: usize,
+        g_min: usize,
+        mode: LogitsMode,
+    ) -> Result<Vec<Vec<f32>>, GpuError> {
+        let c = &self.cfg;
+        let gpu = &self.gpu;
+        let (h, qh, kvh, d) = (c.hidden, c.heads, c.kv_heads, c.head_dim);
+        let (qd, kd) = (qh * d, kvh * d);
+        let ns = seqs.len();
+        // Rows: sequence, visible fresh tokens, first row of the sequence; tokens and RoPE tables.
+        let mut row_seq = Vec::with_capacity(t);
+        let mut row_fresh = Vec::with_capacity(t);
+        let mut row_fresh0 = Vec::with_capacity(t);
+        let mut tokens = Vec::with_capacity(t);
+        let mut positions = Vec::with_capacity(t);
+        let mut start = 0i32;
+        for (si, s) in seqs.iter().enumerate() {
+            for (i, (&tok, &p)) in s.tokens.iter().zip(s.positions).enumerate() {
+                row_seq.push(si as i32);
+                row_fresh.push(i as i32 + 1);
+                row_fresh0.push(start);
+                tokens.push(tok as i32);
+                positions.push(p);
+            }
+            start += s.tokens.len() as i32;
+        }
+        let half = d / 2;
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for &p in &positions {
+            c.rope.angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
+        }
+        // Split-K: enough (head, row, split) warps to fill the device, chunks a multiple of 32 tokens.
+        let target = 1024usize;
+        let want_splits = target.div_ceil(qh * t).max(1);
+        let chunk = (max_total.div_ceil(want_splits).max(64)).div_ceil(32) * 32;
+        let splits = max_total.div_ceil(chunk).max(1);
+        let sc = self.scratch(t, t * qh * splits * (2 + d))?;
+        let sc = &*sc;
+        let up_i = |v: &[i32]| gpu.upload(v);
+        let (d_rs, d_rf, d_r0, d_tok) = (up_i(&row_seq)?, up_i(&row_fresh)?, up_i(&row_fresh0)?, up_i(&tokens)?);
+        let (d_cos, d_sin) = (gpu.upload(&cos)?, gpu.upload(&sin)?);
+        let d_segs = gpu.upload(segs)?; // padded to one entry when empty
+        let d_seqs = gpu.upload(seqtab)?;
+        let d_dsts = gpu.upload(dsts)?;
+        let p = |b: &CudaSlice<f32>| gpu.ptr(b);
+        let (x, hn, q, k, v, attn) = (p(&sc.x), p(&sc.hn), p(&sc.q), p(&sc.k), p(&sc.v), p(&sc.attn));
+        let (gate, upb, act, work) = (p(&sc.gate), p(&sc.up), p(&sc.act), p(&sc.work));
+        let q8 = |f: u64| Act {
+            f,
+            qs: gpu.ptr(&sc.qs),
+            qd: gpu.ptr(&sc.qd),
+            qsum: gpu.ptr(&sc.qsum),
+        };
+        // embeddings
+        let (emb, cols, tokp) = (gpu.ptr(&self.embed.w), self.embed.cols as i32, gpu.ptr(&d_tok));
+        self.launch(
+            &gpu.fwd.embed,
+            cfg1((t as u32, 1, 1), 256),
+            &[&emb, &self.embed.fmt, &cols, &tokp, &x],
+        )?;
+        let (segp, rsp, rfp, r0p) = (gpu.ptr(&d_segs), gpu.ptr(&d_rs), gpu.ptr(&d_rf), gpu.ptr(&d_r0));
+        let (cosp, sinp) = (gpu.ptr(&d_cos), gpu.ptr(&d_sin));
+        let sm = 1.0f32 / (d as f32).sqrt();
+        let (qhi, kvhi, di, chi, spi) = (qh as i32, kvh as i32, d as i32, chunk as i32, splits as i32);
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.norm(x, &layer.attn_norm, t, h, q8(hn))?;
+            self.project(&layer.qkv, q8(hn), t, &[(q, qd), (k, kd), (v, kd)], false)?;
+            self.rope(q, t, qh, cosp, sinp)?;
+            self.rope(k, t, kvh, cosp, sinp)?;
+            let seqp = gpu.ptr(&d_seqs) + (li * ns * std::mem::size_of::<SeqArg>()) as u64;
+            self.launch(
+                &gpu.fwd.attention,
+                cfg1((qh as u32, t as u32, splits as u32), 32),
+                &[
+                    &segp, &seqp, &rsp, &rfp, &r0p, &q, &k, &v, &qhi, &kvhi, &di, &sm, &chi, &work,
+                ],
+            )?;
+            self.launch(
+                &gpu.fwd.attn_combine,
+                cfg1((qh as u32, t as u32, 1), 32),
+                &[&work, &spi, &di, &attn],
+            )?;
+            let dstp = gpu.ptr(&d_dsts) + (li * t * std::mem::size_of::<DstArg>()) as u64;
+            gpu.launch_kv_store(dstp, k, v, t, kd, g_min)?;
+            if layer.o.fmt >= 2 {
+                self.quant8(attn, t * qd, q8(attn))?;
+            }
+            let o_out = OutArg {
+                ptr: [x, 0, 0],
+                ld: [h as i32, 0, 0],
+                start: [0, h as i32, 0, 0],
+                parts: 1,
+                accumulate: 1,
+            };
+            self.matmul(&layer.o, q8(attn), t, o_out)?;
+            self.norm(x, &layer.ffn_norm, t, h, q8(hn))?;
+            self.project(&layer.gate_up, q8(hn), t, &[(gate, self.ffn), (upb, self.ffn)], false)?;
+            let (n, a) = ((t * self.ffn) as i32, q8(act));
+            self.launch(
+                &gpu.fwd.swiglu,
+                cfg1(((t * self.ffn).div_ceil(256) as u32, 1, 1), 256),
+                &[&gate, &upb, &n, &a.f, &a.qs, &a.qd, &a.qsum],
+            )?;
+            let d_out = OutArg {
+                ptr: [x, 0, 0],
+                ld: [h as i32, 0, 0],
+                start: [0, h as i32, 0, 0],
+                parts: 1,
+                accumulate: 1,
+            };
+            self.matmul(&layer.down, q8(act), t, d_out)?;
+        }
+        // logits for the rows the mode asks for
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(ns);
+        let mut s0 = 0usize;
+        for s in seqs {
+            let n = s.tokens.len();
+            let picked: Vec<i32> = match mode {
+                LogitsMode::All => (s0..s0 + n).map(|r| r as i32).collect(),
+                LogitsMode::Last if n > 0 => vec![(s0 + n - 1) as i32],
+                _ => Vec::new(),
+            };
+            counts.push(picked.len());
+            rows.extend(picked);
+            s0 += n;
+        }
+        if rows.is_empty() {
+            gpu.sync()?;
+            return Ok(vec![Vec::new(); ns]);
+        }
+        let r = rows.len();
+        let d_rows = gpu.upload(&rows)?;
+        let sel = gpu.alloc::<f32>(r * h)?;
+        let (rp, selp, hi) = (gpu.ptr(&d_rows), gpu.ptr(&sel), h as i32);
+        self.launch(&gpu.fwd.gather, cfg1((r as u32, 1, 1), 128), &[&x, &rp, &hi, &selp])?;
+        // `hn` and the 8-bit buffers hold t ≥ r rows
+        self.norm(selp, &self.norm, r, h, q8(hn))?;
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let vocab = c.vocab_size;
+        let logits = gpu.alloc::<f32>(r * vocab)?;
+        let out = OutArg {
+            ptr: [gpu.ptr(&logits), 0, 0],
+            ld: [vocab as i32, 0, 0],
+            start: [0, vocab as i32, 0, 0],
+            parts: 1,
+            accumulate: 0,
+        };
+        self.matmul(head, q8(hn), r, out)?;
+        let all = gpu.dtoh(&logits, r * vocab)?;
+        let mut res = Vec::with_capacity(ns);
+        let mut off = 0;
+        for cnt in counts {
+            res.push(all[off * vocab..(off + cnt) * vocab].to_vec());
+            off += cnt;
+        }
+        drop((d_segs, d_seqs, d_dsts));
+        Ok(res)
+    }
+}
+
+/// A kernel argument pushed by reference (the builder keeps references until launch).
+trait ArgRef {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+impl<T: cudarc::driver::DeviceRepr> ArgRef for T {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
+
+impl Backend for GpuModel {
+    fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    fn forward(
+        &self,
+        seqs: &[SeqInput<'_>],
+        kv: &mut [&mut dyn KvStore],
+        mode: LogitsMode,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        if seqs.len() != kv.len() {
+            return Err(ModelError::Input(format!(
+                "{} sequences but {} kv stores",
+                seqs.len(),
+                kv.len()
+            )));
+        }
+        for s in seqs {
+            if s.tokens.len() != s.positions.len() {
+                return Err(ModelError::Input("tokens and positions differ in length".into()));
+            }
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+                return Err(ModelError::Input(format!(
+                    "token id {bad} out of range (vocab size {})",
+                    self.cfg.vocab_size
+                )));
+            }
+        }
+        let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        if t == 0 {
+            return Ok(vec![Vec::new(); seqs.len()]);
+        }
+        let mut stores = Vec::with_capacity(kv.len());
+        for s in kv.iter_mut() {
+            let m = s.method();
+            match s.as_any_mut().and_then(|a| a.downcast_mut::<DeviceStore>()) {
+                Some(d) => stores.push(d),
+                None => {
+                    return Err(ModelError::Input(format!(
+                        "the `{m}` cache lives in host memory; the GPU forward pass needs a device cache"
+                    )))
+                }
+            }
+        }
+        self.forward_device(seqs, &mut stores, mode, t)
+    }
+
+    fn new_store(&self, spec: &MethodSpec, geom: KvGeometry, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
+        Ok(Box::new(DeviceStore::new(self.gpu.clone(), spec, geom, max_tokens)?))
+    }
+
+    fn device(&self) -> String {
+        format!("cuda ({}, {})", self.gpu.name(), self.gpu.arch())
+    }
+
+    fn device_weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+}
