@@ -169,6 +169,7 @@ fn synth_model(path: &std::path::Path) {
         kv_heads: 3,
         ffn: 1536,
         seed: 7,
+        weight_scale: 1.0 / 3.0,
     };
     let toks: Vec<Value> = (0..s.vocab)
         .map(|i| {
@@ -230,6 +231,8 @@ fn main() {
         }
     };
 
+    stage("trace");
+    diagnose(&cpu, &dev, g);
     stage("greedy");
     // 1. Greedy tokens: GPU vs CPU, fp16 and pmkvq caches; compared up to the first margin < 0.1.
     println!("## Agreement\n");
@@ -417,6 +420,11 @@ fn main() {
                 let _ = kg.set_layer_budgets(&vec![1; g.layers]);
             }
             let (sc, sg) = (kc.spill().unwrap(), kg.spill().unwrap());
+            if cut {
+                // lift the budget again so later tokens flush into the 2-bit body
+                kc.set_layer_budgets(&vec![usize::MAX; g.layers]).unwrap();
+                kg.set_layer_budgets(&vec![usize::MAX; g.layers]).unwrap();
+            }
             let same = codes_equal(&sc, &sg);
             check(
                 &format!(
@@ -471,7 +479,7 @@ fn main() {
         let mut budget = usize::MAX;
         for step in 0..400 {
             if step == 300 {
-                budget = kv.true_bytes() / 3;
+                budget = kv.true_bytes() / 2;
                 let before = kv.layer_bits();
                 let r = kv.set_total_budget(budget, None, 1);
                 detail = format!(
@@ -666,4 +674,47 @@ fn codes_equal(a: &[u8], b: &[u8]) -> bool {
         }
     };
     same(&mut ra, &mut rb).unwrap_or(false)
+}
+
+/// Where the GPU and CPU paths part: the residual stream after the embedding, after layer 0's attention block and
+/// after each layer, for one token and for five.
+fn diagnose(cpu: &Model, dev: &GpuModel, g: KvGeometry) {
+    println!("## Residual stream, GPU vs CPU (max |difference| / max |value|)\n");
+    for n in [1usize, 5] {
+        let toks: Vec<u32> = (0..n as u32).map(|i| 100 + 37 * i).collect();
+        let pos: Vec<u32> = (0..n as u32).collect();
+        let m = spec("fp16", None);
+        let mut kc = cpu.new_store(&m, g, 16).unwrap();
+        let cpu_in = cpu.layer_inputs(&toks, &pos, kc.as_mut()).unwrap();
+        let mut ka = cpu.new_store(&m, g, 16).unwrap();
+        let attn0 = cpu.attention_block(0, &cpu_in[0], &pos, ka.as_mut()).unwrap();
+        let after_attn: Vec<f32> = cpu_in[0].iter().zip(&attn0).map(|(a, b)| a + b).collect();
+        let mut kg = dev.new_store(&m, g, 16).unwrap();
+        let gd = dev
+            .trace_hidden(
+                &[SeqInput {
+                    tokens: &toks,
+                    positions: &pos,
+                }],
+                &mut [kg.as_mut()],
+            )
+            .unwrap();
+        let rel = |a: &[f32], b: &[f32]| {
+            let mx = a.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-20);
+            let d = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            format!("{:.2e} (max {mx:.3})", d / mx)
+        };
+        let mut line = format!("- {n} token(s): embedding {}", rel(&cpu_in[0], &gd[0]));
+        line.push_str(&format!("; layer 0 after attention {}", rel(&after_attn, &gd[1])));
+        for (li, c) in cpu_in.iter().enumerate().skip(1).take(4) {
+            line.push_str(&format!("; after layer {} {}", li - 1, rel(c, &gd[li + 1])));
+        }
+        line.push_str(&format!(
+            "; after layer {} {}",
+            g.layers - 1,
+            rel(&cpu_in[g.layers], &gd[g.layers + 1])
+        ));
+        println!("{line}");
+    }
+    println!();
 }

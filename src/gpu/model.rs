@@ -126,8 +126,11 @@ pub struct GpuModel {
     rope_factors: Vec<f32>,
     weight_bytes: usize,
     ffn: usize,
-    /// Activation buffers of the largest step so far (rows, work floats), reused while big enough.
-    scratch: std::sync::Mutex<Option<(usize, usize, Arc<Scratch>)>>,
+    /// The step buffers (activations, tables, logits) and captured decode graphs; one step at a time.
+    step: std::sync::Mutex<Option<StepBuffers>>,
+    /// Diagnostics: when set, the residual stream is copied out after the embedding, after layer 0's attention
+    /// and after every layer (see [`GpuModel::trace_hidden`]).
+    dumps: std::sync::Mutex<Option<Vec<Vec<f32>>>>,
 }
 
 /// An activation in f32 and (when a block-weight matmul reads it) as 8-bit blocks.
@@ -224,7 +227,8 @@ impl GpuModel {
             rope_factors: model.rope_factors.clone(),
             weight_bytes,
             ffn,
-            scratch: std::sync::Mutex::new(None),
+            step: std::sync::Mutex::new(None),
+            dumps: std::sync::Mutex::new(None),
         })
     }
 
@@ -232,22 +236,31 @@ impl GpuModel {
         &self.gpu
     }
 
-    /// Buffers for a step of `t` rows: the cached ones when big enough (steps run one at a time on one stream).
-    fn scratch(&self, t: usize, work: usize) -> Result<Arc<Scratch>, GpuError> {
-        let mut cache = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((ct, cw, s)) = cache.as_ref() {
-            if *ct >= t && *cw >= work {
-                return Ok(s.clone());
-            }
+    /// Diagnostics: run one forward pass and return the residual stream (all rows) after the embedding, after
+    /// layer 0's attention block (residual added) and after every layer — what `Model::layer_inputs` and
+    /// `Model::attention_block` give on the CPU, to find the first step where the two paths part.
+    pub fn trace_hidden(
+        &self,
+        seqs: &[SeqInput<'_>],
+        kv: &mut [&mut dyn KvStore],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        *self.dumps.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        let r = Backend::forward(self, seqs, kv, LogitsMode::None);
+        let d = self
+            .dumps
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
+        r.map(|_| d)
+    }
+
+    fn dump(&self, x: &CudaSlice<f32>, n: usize) -> Result<(), GpuError> {
+        let mut g = self.dumps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = g.as_mut() {
+            d.push(self.gpu.dtoh(x, n)?);
         }
-        let (t, work) = match cache.as_ref() {
-            Some((ct, cw, _)) => (t.max(*ct), work.max(*cw)),
-            None => (t, work),
-        };
-        *cache = None;
-        let s = Arc::new(self.alloc_scratch(t, work)?);
-        *cache = Some((t, work, s.clone()));
-        Ok(s)
+        Ok(())
     }
 
     fn alloc_scratch(&self, t: usize, work: usize) -> Result<Scratch, GpuError> {
@@ -480,16 +493,16 @@ impl GpuModel {
         mode: LogitsMode,
     ) -> Result<Vec<Vec<f32>>, GpuError> {
         let c = &self.cfg;
-        let gpu = &self.gpu;
-        let (h, qh, kvh, d) = (c.hidden, c.heads, c.kv_heads, c.head_dim);
-        let (qd, kd) = (qh * d, kvh * d);
+        let (qh, d) = (c.heads, c.head_dim);
         let ns = seqs.len();
         // Rows: sequence, visible fresh tokens, first row of the sequence; tokens and RoPE tables.
         let mut row_seq = Vec::with_capacity(t);
         let mut row_fresh = Vec::with_capacity(t);
         let mut row_fresh0 = Vec::with_capacity(t);
         let mut tokens = Vec::with_capacity(t);
-        let mut positions = Vec::with_capacity(t);
+        let half = d / 2;
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
         let mut start = 0i32;
         for (si, s) in seqs.iter().enumerate() {
             for (i, (&tok, &p)) in s.tokens.iter().zip(s.positions).enumerate() {
@@ -497,98 +510,11 @@ impl GpuModel {
                 row_fresh.push(i as i32 + 1);
                 row_fresh0.push(start);
                 tokens.push(tok as i32);
-                positions.push(p);
+                c.rope.angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
             }
             start += s.tokens.len() as i32;
         }
-        let half = d / 2;
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for &p in &positions {
-            c.rope.angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
-        }
-        // Split-K: enough (head, row, split) warps to fill the device, chunks a multiple of 32 tokens.
-        let target = 1024usize;
-        let want_splits = target.div_ceil(qh * t).max(1);
-        let chunk = (max_total.div_ceil(want_splits).max(64)).div_ceil(32) * 32;
-        let splits = max_total.div_ceil(chunk).max(1);
-        let sc = self.scratch(t, t * qh * splits * (2 + d))?;
-        let sc = &*sc;
-        let up_i = |v: &[i32]| gpu.upload(v);
-        let (d_rs, d_rf, d_r0, d_tok) = (up_i(&row_seq)?, up_i(&row_fresh)?, up_i(&row_fresh0)?, up_i(&tokens)?);
-        let (d_cos, d_sin) = (gpu.upload(&cos)?, gpu.upload(&sin)?);
-        let d_segs = gpu.upload(segs)?; // padded to one entry when empty
-        let d_seqs = gpu.upload(seqtab)?;
-        let d_dsts = gpu.upload(dsts)?;
-        let p = |b: &CudaSlice<f32>| gpu.ptr(b);
-        let (x, hn, q, k, v, attn) = (p(&sc.x), p(&sc.hn), p(&sc.q), p(&sc.k), p(&sc.v), p(&sc.attn));
-        let (gate, upb, act, work) = (p(&sc.gate), p(&sc.up), p(&sc.act), p(&sc.work));
-        let q8 = |f: u64| Act {
-            f,
-            qs: gpu.ptr(&sc.qs),
-            qd: gpu.ptr(&sc.qd),
-            qsum: gpu.ptr(&sc.qsum),
-        };
-        // embeddings
-        let (emb, cols, tokp) = (gpu.ptr(&self.embed.w), self.embed.cols as i32, gpu.ptr(&d_tok));
-        self.launch(
-            &gpu.fwd.embed,
-            cfg1((t as u32, 1, 1), 256),
-            &[&emb, &self.embed.fmt, &cols, &tokp, &x],
-        )?;
-        let (segp, rsp, rfp, r0p) = (gpu.ptr(&d_segs), gpu.ptr(&d_rs), gpu.ptr(&d_rf), gpu.ptr(&d_r0));
-        let (cosp, sinp) = (gpu.ptr(&d_cos), gpu.ptr(&d_sin));
-        let sm = 1.0f32 / (d as f32).sqrt();
-        let (qhi, kvhi, di, chi, spi) = (qh as i32, kvh as i32, d as i32, chunk as i32, splits as i32);
-        for (li, layer) in self.layers.iter().enumerate() {
-            self.norm(x, &layer.attn_norm, t, h, q8(hn))?;
-            self.project(&layer.qkv, q8(hn), t, &[(q, qd), (k, kd), (v, kd)], false)?;
-            self.rope(q, t, qh, cosp, sinp)?;
-            self.rope(k, t, kvh, cosp, sinp)?;
-            let seqp = gpu.ptr(&d_seqs) + (li * ns * std::mem::size_of::<SeqArg>()) as u64;
-            self.launch(
-                &gpu.fwd.attention,
-                cfg1((qh as u32, t as u32, splits as u32), 32),
-                &[
-                    &segp, &seqp, &rsp, &rfp, &r0p, &q, &k, &v, &qhi, &kvhi, &di, &sm, &chi, &work,
-                ],
-            )?;
-            self.launch(
-                &gpu.fwd.attn_combine,
-                cfg1((qh as u32, t as u32, 1), 32),
-                &[&work, &spi, &di, &attn],
-            )?;
-            let dstp = gpu.ptr(&d_dsts) + (li * t * std::mem::size_of::<DstArg>()) as u64;
-            gpu.launch_kv_store(dstp, k, v, t, kd, g_min)?;
-            if layer.o.fmt >= 2 {
-                self.quant8(attn, t * qd, q8(attn))?;
-            }
-            let o_out = OutArg {
-                ptr: [x, 0, 0],
-                ld: [h as i32, 0, 0],
-                start: [0, h as i32, 0, 0],
-                parts: 1,
-                accumulate: 1,
-            };
-            self.matmul(&layer.o, q8(attn), t, o_out)?;
-            self.norm(x, &layer.ffn_norm, t, h, q8(hn))?;
-            self.project(&layer.gate_up, q8(hn), t, &[(gate, self.ffn), (upb, self.ffn)], false)?;
-            let (n, a) = ((t * self.ffn) as i32, q8(act));
-            self.launch(
-                &gpu.fwd.swiglu,
-                cfg1(((t * self.ffn).div_ceil(256) as u32, 1, 1), 256),
-                &[&gate, &upb, &n, &a.f, &a.qs, &a.qd, &a.qsum],
-            )?;
-            let d_out = OutArg {
-                ptr: [x, 0, 0],
-                ld: [h as i32, 0, 0],
-                start: [0, h as i32, 0, 0],
-                parts: 1,
-                accumulate: 1,
-            };
-            self.matmul(&layer.down, q8(act), t, d_out)?;
-        }
-        // logits for the rows the mode asks for
+        // logits rows
         let mut rows = Vec::new();
         let mut counts = Vec::with_capacity(ns);
         let mut s0 = 0usize;
@@ -603,38 +529,346 @@ impl GpuModel {
             rows.extend(picked);
             s0 += n;
         }
-        if rows.is_empty() {
-            gpu.sync()?;
+        let r = rows.len();
+        let (chunk, splits) = split_plan(max_total, qh * t);
+        let need = Capacity {
+            t,
+            r,
+            segs: segs.len(),
+            seqs: seqtab.len(),
+            dsts: dsts.len(),
+            work: t * qh * splits * (2 + d),
+            half,
+        };
+        let mut guard = self.step.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|st| !st.cap.holds(&need)) {
+            let grown = guard.as_ref().map_or(need, |st| st.cap.grow(&need));
+            *guard = None; // frees the old buffers (and graphs) before the new ones are taken
+            *guard = Some(self.alloc_step(grown)?);
+        }
+        let st = guard.as_mut().expect("allocated above");
+        // One host blob, one copy: every table at its fixed offset in the device blob.
+        let mut blob = vec![0u8; st.layout.total];
+        let put = |blob: &mut [u8], off: usize, bytes: &[u8]| blob[off..off + bytes.len()].copy_from_slice(bytes);
+        put(&mut blob, st.layout.segs, as_bytes(segs));
+        put(&mut blob, st.layout.seqs, as_bytes(seqtab));
+        put(&mut blob, st.layout.dsts, as_bytes(dsts));
+        put(&mut blob, st.layout.row_seq, as_bytes(&row_seq));
+        put(&mut blob, st.layout.row_fresh, as_bytes(&row_fresh));
+        put(&mut blob, st.layout.row_fresh0, as_bytes(&row_fresh0));
+        put(&mut blob, st.layout.tokens, as_bytes(&tokens));
+        put(&mut blob, st.layout.cos, as_bytes(&cos));
+        put(&mut blob, st.layout.sin, as_bytes(&sin));
+        put(&mut blob, st.layout.rows, as_bytes(&rows));
+        self.gpu.htod(&blob, &mut st.blob)?;
+        let plan = StepPlan {
+            t,
+            ns,
+            r,
+            chunk,
+            splits,
+            g_min,
+        };
+        let dumping = self.dumps.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        // Decode-only steps (one token per sequence) repeat the same launches with the same addresses: they
+        // replay a captured CUDA graph (one launch instead of ~11 per layer). Others launch directly.
+        let graphable = t == ns && !dumping && st.graphs_ok;
+        if graphable {
+            let key = (t, ns, r, chunk, splits, g_min);
+            if !st.graphs.contains_key(&key) {
+                if st.graphs.len() >= MAX_GRAPHS {
+                    st.graphs.clear();
+                }
+                match self.capture(st, &plan) {
+                    Ok(g) => {
+                        st.graphs.insert(key, g);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "CUDA graph capture failed: decode steps launch kernels directly");
+                        st.graphs_ok = false;
+                    }
+                }
+            }
+            match st.graphs.get(&key) {
+                Some(g) => g.launch().map_err(drv)?,
+                None => self.enqueue(st, &plan)?,
+            }
+        } else {
+            self.enqueue(st, &plan)?;
+        }
+        if r == 0 {
+            self.gpu.sync()?;
             return Ok(vec![Vec::new(); ns]);
         }
-        let r = rows.len();
-        let d_rows = gpu.upload(&rows)?;
-        let sel = gpu.alloc::<f32>(r * h)?;
-        let (rp, selp, hi) = (gpu.ptr(&d_rows), gpu.ptr(&sel), h as i32);
-        self.launch(&gpu.fwd.gather, cfg1((r as u32, 1, 1), 128), &[&x, &rp, &hi, &selp])?;
-        // `hn` and the 8-bit buffers hold t ≥ r rows
-        self.norm(selp, &self.norm, r, h, q8(hn))?;
-        let head = self.head.as_ref().unwrap_or(&self.embed);
         let vocab = c.vocab_size;
-        let logits = gpu.alloc::<f32>(r * vocab)?;
-        let out = OutArg {
-            ptr: [gpu.ptr(&logits), 0, 0],
-            ld: [vocab as i32, 0, 0],
-            start: [0, vocab as i32, 0, 0],
-            parts: 1,
-            accumulate: 0,
-        };
-        self.matmul(head, q8(hn), r, out)?;
-        let all = gpu.dtoh(&logits, r * vocab)?;
+        let all = self.gpu.dtoh(&st.logits, r * vocab)?;
         let mut res = Vec::with_capacity(ns);
         let mut off = 0;
         for cnt in counts {
             res.push(all[off * vocab..(off + cnt) * vocab].to_vec());
             off += cnt;
         }
-        drop((d_segs, d_seqs, d_dsts));
         Ok(res)
     }
+
+    fn capture(&self, st: &StepBuffers, plan: &StepPlan) -> Result<cudarc::driver::CudaGraph, GpuError> {
+        use cudarc::driver::sys;
+        let stream = self.gpu.stream();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(drv)?;
+        let enq = self.enqueue(st, plan);
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).map_err(drv);
+        enq?;
+        graph?.ok_or_else(|| GpuError::Driver("empty CUDA graph".into()))
+    }
+
+    fn alloc_step(&self, cap: Capacity) -> Result<StepBuffers, GpuError> {
+        let c = &self.cfg;
+        let layout = BlobLayout::new(&cap);
+        Ok(StepBuffers {
+            scratch: self.alloc_scratch(cap.t, cap.work)?,
+            blob: self.gpu.alloc::<u8>(layout.total)?,
+            sel: self.gpu.alloc::<f32>(cap.r.max(1) * c.hidden)?,
+            logits: self.gpu.alloc::<f32>(cap.r.max(1) * c.vocab_size)?,
+            layout,
+            cap,
+            graphs: std::collections::HashMap::new(),
+            graphs_ok: std::env::var_os("PMKVQ_NO_CUDA_GRAPHS").is_none(),
+        })
+    }
+
+    /// Every launch of one step, in order, reading the tables at their fixed places in the blob.
+    fn enqueue(&self, st: &StepBuffers, p: &StepPlan) -> Result<(), GpuError> {
+        let c = &self.cfg;
+        let gpu = &self.gpu;
+        let (h, qh, kvh, d) = (c.hidden, c.heads, c.kv_heads, c.head_dim);
+        let (qd, kd) = (qh * d, kvh * d);
+        let t = p.t;
+        let sc = &st.scratch;
+        let pf = |b: &CudaSlice<f32>| gpu.ptr(b);
+        let (x, hn, q, k, v, attn) = (pf(&sc.x), pf(&sc.hn), pf(&sc.q), pf(&sc.k), pf(&sc.v), pf(&sc.attn));
+        let (gate, upb, act, work) = (pf(&sc.gate), pf(&sc.up), pf(&sc.act), pf(&sc.work));
+        let q8 = |f: u64| Act {
+            f,
+            qs: gpu.ptr(&sc.qs),
+            qd: gpu.ptr(&sc.qd),
+            qsum: gpu.ptr(&sc.qsum),
+        };
+        let base = gpu.ptr(&st.blob);
+        let at = |off: usize| base + off as u64;
+        let l = &st.layout;
+        // embeddings
+        let (emb, cols, tokp) = (gpu.ptr(&self.embed.w), self.embed.cols as i32, at(l.tokens));
+        self.launch(
+            &gpu.fwd.embed,
+            cfg1((t as u32, 1, 1), 256),
+            &[&emb, &self.embed.fmt, &cols, &tokp, &x],
+        )?;
+        self.dump(&sc.x, t * h)?;
+        let (segp, rsp, rfp, r0p) = (at(l.segs), at(l.row_seq), at(l.row_fresh), at(l.row_fresh0));
+        let (cosp, sinp) = (at(l.cos), at(l.sin));
+        let sm = 1.0f32 / (d as f32).sqrt();
+        let (qhi, kvhi, di, chi, spi) = (qh as i32, kvh as i32, d as i32, p.chunk as i32, p.splits as i32);
+        let resid = OutArg {
+            ptr: [x, 0, 0],
+            ld: [h as i32, 0, 0],
+            start: [0, h as i32, 0, 0],
+            parts: 1,
+            accumulate: 1,
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.norm(x, &layer.attn_norm, t, h, q8(hn))?;
+            self.project(&layer.qkv, q8(hn), t, &[(q, qd), (k, kd), (v, kd)], false)?;
+            self.rope(q, t, qh, cosp, sinp)?;
+            self.rope(k, t, kvh, cosp, sinp)?;
+            let seqp = at(l.seqs + li * p.ns * std::mem::size_of::<SeqArg>());
+            self.launch(
+                &gpu.fwd.attention,
+                cfg1((qh as u32, t as u32, p.splits as u32), 32),
+                &[
+                    &segp, &seqp, &rsp, &rfp, &r0p, &q, &k, &v, &qhi, &kvhi, &di, &sm, &chi, &work,
+                ],
+            )?;
+            self.launch(
+                &gpu.fwd.attn_combine,
+                cfg1((qh as u32, t as u32, 1), 32),
+                &[&work, &spi, &di, &attn],
+            )?;
+            let dstp = at(l.dsts + li * t * std::mem::size_of::<DstArg>());
+            gpu.launch_kv_store(dstp, k, v, t, kd, p.g_min)?;
+            if layer.o.fmt >= 2 {
+                self.quant8(attn, t * qd, q8(attn))?;
+            }
+            self.matmul(&layer.o, q8(attn), t, resid)?;
+            if li == 0 {
+                self.dump(&sc.x, t * h)?;
+            }
+            self.norm(x, &layer.ffn_norm, t, h, q8(hn))?;
+            self.project(&layer.gate_up, q8(hn), t, &[(gate, self.ffn), (upb, self.ffn)], false)?;
+            let (n, a) = ((t * self.ffn) as i32, q8(act));
+            self.launch(
+                &gpu.fwd.swiglu,
+                cfg1(((t * self.ffn).div_ceil(256) as u32, 1, 1), 256),
+                &[&gate, &upb, &n, &a.f, &a.qs, &a.qd, &a.qsum],
+            )?;
+            self.matmul(&layer.down, q8(act), t, resid)?;
+            self.dump(&sc.x, t * h)?;
+        }
+        if p.r == 0 {
+            return Ok(());
+        }
+        // logits for the rows the mode asks for
+        let (rp, selp, hi) = (at(l.rows), gpu.ptr(&st.sel), h as i32);
+        self.launch(&gpu.fwd.gather, cfg1((p.r as u32, 1, 1), 128), &[&x, &rp, &hi, &selp])?;
+        // `hn` and the 8-bit buffers hold t ≥ r rows
+        self.norm(selp, &self.norm, p.r, h, q8(hn))?;
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let vocab = c.vocab_size;
+        let out = OutArg {
+            ptr: [gpu.ptr(&st.logits), 0, 0],
+            ld: [vocab as i32, 0, 0],
+            start: [0, vocab as i32, 0, 0],
+            parts: 1,
+            accumulate: 0,
+        };
+        self.matmul(head, q8(hn), p.r, out)
+    }
+}
+
+/// Graphs kept per shape (batch, rows, attention split); a new shape past this many starts the cache afresh.
+const MAX_GRAPHS: usize = 32;
+
+/// Split-K plan for attention over at most `max_total` tokens with `rows_heads` (row, head) pairs: enough
+/// warps to fill the device, and (chunk, splits) in coarse steps so a decode step keeps its shape (and its
+/// captured graph) for many tokens. Splits past the data write an empty partial.
+fn split_plan(max_total: usize, rows_heads: usize) -> (usize, usize) {
+    let want = 1024usize.div_ceil(rows_heads.max(1)).max(1);
+    let chunk = if max_total <= 64 * want {
+        64
+    } else {
+        max_total.div_ceil(want).div_ceil(512) * 512
+    };
+    let splits = max_total.div_ceil(chunk).max(1).div_ceil(8) * 8;
+    (chunk, splits)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Capacity {
+    t: usize,
+    r: usize,
+    segs: usize,
+    seqs: usize,
+    dsts: usize,
+    work: usize,
+    half: usize,
+}
+
+impl Capacity {
+    fn holds(&self, n: &Capacity) -> bool {
+        self.t >= n.t
+            && self.r >= n.r
+            && self.segs >= n.segs
+            && self.seqs >= n.seqs
+            && self.dsts >= n.dsts
+            && self.work >= n.work
+            && self.half >= n.half
+    }
+    /// Room for `n` and then some, so a growing cache does not reallocate (and re-capture) every step.
+    fn grow(&self, n: &Capacity) -> Capacity {
+        let g = |a: usize, b: usize| if b <= a { a } else { b.max(a + a / 2) };
+        Capacity {
+            t: g(self.t, n.t),
+            r: g(self.r, n.r),
+            segs: g(self.segs, n.segs.max(64)),
+            seqs: g(self.seqs, n.seqs),
+            dsts: g(self.dsts, n.dsts),
+            work: g(self.work, n.work),
+            half: n.half.max(self.half),
+        }
+    }
+}
+
+/// Byte offsets of each table in the step blob (8-byte aligned).
+struct BlobLayout {
+    segs: usize,
+    seqs: usize,
+    dsts: usize,
+    row_seq: usize,
+    row_fresh: usize,
+    row_fresh0: usize,
+    tokens: usize,
+    cos: usize,
+    sin: usize,
+    rows: usize,
+    total: usize,
+}
+
+impl BlobLayout {
+    fn new(c: &Capacity) -> BlobLayout {
+        let mut off = 0usize;
+        let mut take = |bytes: usize| {
+            let at = off;
+            off += bytes.div_ceil(8) * 8;
+            at
+        };
+        let segs = take(c.segs.max(1) * std::mem::size_of::<SegArg>());
+        let seqs = take(c.seqs.max(1) * std::mem::size_of::<SeqArg>());
+        let dsts = take(c.dsts.max(1) * std::mem::size_of::<DstArg>());
+        let row_seq = take(c.t * 4);
+        let row_fresh = take(c.t * 4);
+        let row_fresh0 = take(c.t * 4);
+        let tokens = take(c.t * 4);
+        let cos = take(c.t * c.half * 4);
+        let sin = take(c.t * c.half * 4);
+        let rows = take(c.r.max(1) * 4);
+        BlobLayout {
+            segs,
+            seqs,
+            dsts,
+            row_seq,
+            row_fresh,
+            row_fresh0,
+            tokens,
+            cos,
+            sin,
+            rows,
+            total: off,
+        }
+    }
+}
+
+/// The device buffers a step runs on, kept from step to step so their addresses (baked into captured graphs)
+/// stay put; replaced, graphs and all, when a step needs more room.
+struct StepBuffers {
+    scratch: Scratch,
+    blob: CudaSlice<u8>,
+    sel: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    layout: BlobLayout,
+    cap: Capacity,
+    graphs: std::collections::HashMap<(usize, usize, usize, usize, usize, usize), cudarc::driver::CudaGraph>,
+    graphs_ok: bool,
+}
+
+// SAFETY: the graphs are only touched under the model's step lock (one thread at a time), which is all CUDA
+// asks of graph objects; the buffers are plain device allocations.
+unsafe impl Send for StepBuffers {}
+
+struct StepPlan {
+    t: usize,
+    ns: usize,
+    r: usize,
+    chunk: usize,
+    splits: usize,
+    g_min: usize,
+}
+
+/// The bytes of a slice of plain `#[repr(C)]` values (the tables copied to the device).
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: `T` is one of the table types (integers, floats, `#[repr(C)]` structs of them with no padding
+    // holes read by the device as anything but the same types); the slice is valid for its byte length.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
 /// A kernel argument pushed by reference (the builder keeps references until launch).

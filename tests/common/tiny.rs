@@ -24,6 +24,9 @@ pub struct TinySpec {
     pub kv_heads: usize,
     pub ffn: usize,
     pub seed: u64,
+    /// Multiplies every matrix's random range (1 for the tiny models; ~1/√(hidden/64) keeps a wide model's
+    /// activations in the range a trained one has).
+    pub weight_scale: f32,
 }
 
 impl TinySpec {
@@ -37,6 +40,7 @@ impl TinySpec {
             kv_heads: 2,
             ffn: 96,
             seed: 1,
+            weight_scale: 1.0,
         }
     }
     pub fn head_dim(&self) -> usize {
@@ -64,9 +68,10 @@ pub fn vocab(n: usize) -> Vec<String> {
 /// HF-named tensors, `[rows, cols]` row-major.
 pub fn weights(s: &TinySpec) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
     let mut seed = s.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let ws = s.weight_scale;
     let mut rnd = move |scale: f32| {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 2.0 * scale
+        (((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5) * 2.0 * scale * ws
     };
     let mut m = BTreeMap::new();
     let (h, d, f) = (s.hidden, s.head_dim(), s.ffn);
