@@ -526,6 +526,16 @@ impl Gpu {
             .map_err(drv)
     }
 
+    /// An event that records time (profiling).
+    pub(crate) fn timing_event(&self) -> Result<cudarc::driver::CudaEvent, GpuError> {
+        let ev = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv)?;
+        ev.record(&self.stream).map_err(drv)?;
+        Ok(ev)
+    }
+
     pub(crate) fn sync(&self) -> Result<(), GpuError> {
         self.stream.synchronize().map_err(drv)
     }

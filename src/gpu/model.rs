@@ -131,6 +131,20 @@ pub struct GpuModel {
     /// Diagnostics: when set, the residual stream is copied out after the embedding, after layer 0's attention
     /// and after every layer (see [`GpuModel::trace_hidden`]).
     dumps: std::sync::Mutex<Option<Vec<Vec<f32>>>>,
+    /// Profiling: when set, an event is recorded after every launch, labelled with the kernel.
+    profile: std::sync::Mutex<Option<Vec<(&'static str, cudarc::driver::CudaEvent)>>>,
+    /// Whether decode steps may replay captured graphs (on unless `PMKVQ_NO_CUDA_GRAPHS` is set).
+    graphs_on: std::sync::atomic::AtomicBool,
+    /// Graphs captured and replayed since load.
+    graph_counts: [std::sync::atomic::AtomicU64; 2],
+}
+
+/// Where one step's device time went: per kernel, total milliseconds and launches.
+#[derive(Debug, Clone)]
+pub struct StepProfile {
+    pub kernels: Vec<(String, f64, usize)>,
+    pub device_ms: f64,
+    pub wall_ms: f64,
 }
 
 /// An activation in f32 and (when a block-weight matmul reads it) as 8-bit blocks.
@@ -229,6 +243,9 @@ impl GpuModel {
             ffn,
             step: std::sync::Mutex::new(None),
             dumps: std::sync::Mutex::new(None),
+            profile: std::sync::Mutex::new(None),
+            graphs_on: std::sync::atomic::AtomicBool::new(std::env::var_os("PMKVQ_NO_CUDA_GRAPHS").is_none()),
+            graph_counts: Default::default(),
         })
     }
 
@@ -253,6 +270,56 @@ impl GpuModel {
             .take()
             .unwrap_or_default();
         r.map(|_| d)
+    }
+
+    /// Diagnostics: run one forward pass launching kernels directly (no graph), timing every launch with
+    /// events. Launch overhead shows as the gaps a kernel's time includes.
+    pub fn profile_step(&self, seqs: &[SeqInput<'_>], kv: &mut [&mut dyn KvStore]) -> Result<StepProfile, ModelError> {
+        let t0 = std::time::Instant::now();
+        let start = self.gpu.timing_event().map_err(gerr)?;
+        *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        let r = Backend::forward(self, seqs, kv, LogitsMode::Last);
+        let events = self.profile.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+        r?;
+        let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let mut kernels: Vec<(String, f64, usize)> = Vec::new();
+        let mut prev = &start;
+        for (name, ev) in &events {
+            let ms = prev.elapsed_ms(ev).map_err(|e| gerr(drv(e)))? as f64;
+            match kernels.iter_mut().find(|k| k.0 == *name) {
+                Some(k) => {
+                    k.1 += ms;
+                    k.2 += 1;
+                }
+                None => kernels.push((name.to_string(), ms, 1)),
+            }
+            prev = ev;
+        }
+        let device_ms = kernels.iter().map(|k| k.1).sum();
+        Ok(StepProfile {
+            kernels,
+            device_ms,
+            wall_ms,
+        })
+    }
+
+    /// Allow or forbid graph replay for decode steps (benchmarks compare both).
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs_on.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// (graphs captured, graph replays) since load.
+    pub fn graph_stats(&self) -> (u64, u64) {
+        let l = |i: usize| self.graph_counts[i].load(std::sync::atomic::Ordering::Relaxed);
+        (l(0), l(1))
+    }
+
+    fn mark(&self, name: &'static str) -> Result<(), GpuError> {
+        let mut g = self.profile.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = g.as_mut() {
+            v.push((name, self.gpu.timing_event()?));
+        }
+        Ok(())
     }
 
     fn dump(&self, x: &CudaSlice<f32>, n: usize) -> Result<(), GpuError> {
@@ -287,6 +354,7 @@ impl GpuModel {
 
     fn launch(
         &self,
+        name: &'static str,
         f: &cudarc::driver::CudaFunction,
         cfg: LaunchConfig,
         args: &[&dyn ArgRef],
@@ -299,13 +367,13 @@ impl GpuModel {
         // C types (pointers as u64 device addresses of live buffers sized for the launch's rows); grids are sized
         // so each kernel's own bounds checks cover the tail.
         unsafe { b.launch(cfg) }.map_err(drv)?;
-        Ok(())
+        self.mark(name)
     }
 
     fn norm(&self, x: u64, w: &CudaSlice<f32>, rows: usize, dim: usize, out: Act) -> Result<(), GpuError> {
         let (d, eps, wp) = (dim as i32, self.cfg.rms_eps, self.gpu.ptr(w));
         self.launch(
-            &self.gpu.fwd.norm,
+            "norm", &self.gpu.fwd.norm,
             cfg1((rows as u32, 1, 1), 256),
             &[&x, &wp, &d, &eps, &out.f, &out.qs, &out.qd, &out.qsum],
         )
@@ -319,7 +387,7 @@ impl GpuModel {
         let grid = (lin.rows.div_ceil(4) as u32, t.div_ceil(8) as u32, 1);
         if lin.fmt >= 2 {
             self.launch(
-                &self.gpu.fwd.matmul_q,
+                "matmul", &self.gpu.fwd.matmul_q,
                 cfg1(grid, 128),
                 &[
                     &w,
@@ -336,7 +404,7 @@ impl GpuModel {
             )
         } else {
             self.launch(
-                &self.gpu.fwd.matmul_f,
+                "matmul", &self.gpu.fwd.matmul_f,
                 cfg1(grid, 128),
                 &[&w, &lin.fmt, &rows, &cols, &input.f, &ti, &bias, &out],
             )
@@ -382,7 +450,7 @@ impl GpuModel {
         let nb = values / 32;
         let n = nb as i32;
         self.launch(
-            &self.gpu.fwd.quant8,
+            "quant8", &self.gpu.fwd.quant8,
             cfg1((nb.div_ceil(8) as u32, 1, 1), 256),
             &[&x, &n, &out.qs, &out.qd, &out.qsum],
         )
@@ -393,7 +461,7 @@ impl GpuModel {
         let (ld, hi, di) = ((heads * d) as i32, heads as i32, d as i32);
         let neox = matches!(self.cfg.rope.layout, RopeLayout::Neox) as i32;
         self.launch(
-            &self.gpu.fwd.rope,
+            "rope", &self.gpu.fwd.rope,
             cfg1((t as u32, 1, 1), 128),
             &[&x, &ld, &hi, &di, &cos, &sin, &neox],
         )
@@ -569,7 +637,9 @@ impl GpuModel {
             splits,
             g_min,
         };
-        let dumping = self.dumps.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        let dumping = self.dumps.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+            || self.profile.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+            || !self.graphs_on.load(std::sync::atomic::Ordering::Relaxed);
         // Decode-only steps (one token per sequence) repeat the same launches with the same addresses: they
         // replay a captured CUDA graph (one launch instead of ~11 per layer). Others launch directly.
         let graphable = t == ns && !dumping && st.graphs_ok;
@@ -582,6 +652,7 @@ impl GpuModel {
                 match self.capture(st, &plan) {
                     Ok(g) => {
                         st.graphs.insert(key, g);
+                        self.graph_counts[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "CUDA graph capture failed: decode steps launch kernels directly");
@@ -590,7 +661,10 @@ impl GpuModel {
                 }
             }
             match st.graphs.get(&key) {
-                Some(g) => g.launch().map_err(drv)?,
+                Some(g) => {
+                    g.launch().map_err(drv)?;
+                    self.graph_counts[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 None => self.enqueue(st, &plan)?,
             }
         } else {
@@ -661,7 +735,7 @@ impl GpuModel {
         // embeddings
         let (emb, cols, tokp) = (gpu.ptr(&self.embed.w), self.embed.cols as i32, at(l.tokens));
         self.launch(
-            &gpu.fwd.embed,
+            "embed", &gpu.fwd.embed,
             cfg1((t as u32, 1, 1), 256),
             &[&emb, &self.embed.fmt, &cols, &tokp, &x],
         )?;
@@ -684,19 +758,20 @@ impl GpuModel {
             self.rope(k, t, kvh, cosp, sinp)?;
             let seqp = at(l.seqs + li * p.ns * std::mem::size_of::<SeqArg>());
             self.launch(
-                &gpu.fwd.attention,
+                "attention", &gpu.fwd.attention,
                 cfg1((qh as u32, t as u32, p.splits as u32), 32),
                 &[
                     &segp, &seqp, &rsp, &rfp, &r0p, &q, &k, &v, &qhi, &kvhi, &di, &sm, &chi, &work,
                 ],
             )?;
             self.launch(
-                &gpu.fwd.attn_combine,
+                "attn_combine", &gpu.fwd.attn_combine,
                 cfg1((qh as u32, t as u32, 1), 32),
                 &[&work, &spi, &di, &attn],
             )?;
             let dstp = at(l.dsts + li * t * std::mem::size_of::<DstArg>());
             gpu.launch_kv_store(dstp, k, v, t, kd, p.g_min)?;
+            self.mark("kv_store")?;
             if layer.o.fmt >= 2 {
                 self.quant8(attn, t * qd, q8(attn))?;
             }
@@ -708,7 +783,7 @@ impl GpuModel {
             self.project(&layer.gate_up, q8(hn), t, &[(gate, self.ffn), (upb, self.ffn)], false)?;
             let (n, a) = ((t * self.ffn) as i32, q8(act));
             self.launch(
-                &gpu.fwd.swiglu,
+                "swiglu", &gpu.fwd.swiglu,
                 cfg1(((t * self.ffn).div_ceil(256) as u32, 1, 1), 256),
                 &[&gate, &upb, &n, &a.f, &a.qs, &a.qd, &a.qsum],
             )?;
@@ -720,7 +795,7 @@ impl GpuModel {
         }
         // logits for the rows the mode asks for
         let (rp, selp, hi) = (at(l.rows), gpu.ptr(&st.sel), h as i32);
-        self.launch(&gpu.fwd.gather, cfg1((p.r as u32, 1, 1), 128), &[&x, &rp, &hi, &selp])?;
+        self.launch("gather", &gpu.fwd.gather, cfg1((p.r as u32, 1, 1), 128), &[&x, &rp, &hi, &selp])?;
         // `hn` and the 8-bit buffers hold t ≥ r rows
         self.norm(selp, &self.norm, p.r, h, q8(hn))?;
         let head = self.head.as_ref().unwrap_or(&self.embed);

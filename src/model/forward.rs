@@ -25,6 +25,13 @@ pub enum LogitsMode {
     None,
 }
 
+/// Diagnostics only: while set, every RMSNorm scale is multiplied by 1 + 1e-7 (about one ulp). Measures how far a
+/// last-bit difference moves this model's outputs — the yardstick for CPU-vs-GPU agreement, since two correct
+/// implementations that sum in a different order differ by that much (`examples/gpu_check.rs`,
+/// `examples/sensitivity.rs`). Never set by the daemon or the CLI.
+#[doc(hidden)]
+pub static NORM_ULP_PROBE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     out.clear();
     let dim = w.len();
@@ -32,7 +39,10 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
         // Sum of squares in f64, as ggml's rms_norm does: the activations feed 8-bit quantization, where
         // a last-bit difference can flip a code.
         let ms = (row.iter().map(|&v| (v * v) as f64).sum::<f64>() / dim as f64) as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
+        let mut inv = 1.0 / (ms + eps).sqrt();
+        if NORM_ULP_PROBE.load(std::sync::atomic::Ordering::Relaxed) {
+            inv *= 1.000_000_1;
+        }
         out.extend(row.iter().zip(w).map(|(v, g)| v * inv * g));
     }
 }

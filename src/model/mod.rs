@@ -15,7 +15,7 @@ mod safetensors;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig, RopeLayout};
-pub use forward::{LogitsMode, SeqInput};
+pub use forward::{LogitsMode, SeqInput, NORM_ULP_PROBE};
 pub use tokenizer::Tokenizer;
 
 use crate::kvcache::KvError;
