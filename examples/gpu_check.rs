@@ -78,7 +78,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// `streams` stores holding `depth` tokens each (seeded K/V through `append`), bound to `budget_frac` of the
 /// fp16 bytes when given, with room for `ahead` more tokens.
-fn filled(b: &dyn Backend, m: &MethodSpec, streams: usize, depth: usize, ahead: usize, budget_frac: Option<f64>) -> Vec<Box<dyn KvStore>> {
+fn filled(
+    b: &dyn Backend,
+    m: &MethodSpec,
+    streams: usize,
+    depth: usize,
+    ahead: usize,
+    budget_frac: Option<f64>,
+) -> Vec<Box<dyn KvStore>> {
     let g = b.kv_geometry();
     let mut stores: Vec<Box<dyn KvStore>> = (0..streams)
         .map(|_| b.new_store(m, g, depth + ahead + 8).expect("store"))
@@ -108,7 +115,14 @@ fn filled(b: &dyn Backend, m: &MethodSpec, streams: usize, depth: usize, ahead: 
 }
 
 /// Decode tok/s of `streams` sequences at `depth` stored tokens each, `steps` batched steps; median of 3.
-fn decode_speed(b: &dyn Backend, m: &MethodSpec, streams: usize, depth: usize, steps: usize, budget_frac: Option<f64>) -> (f64, usize) {
+fn decode_speed(
+    b: &dyn Backend,
+    m: &MethodSpec,
+    streams: usize,
+    depth: usize,
+    steps: usize,
+    budget_frac: Option<f64>,
+) -> (f64, usize) {
     let mut stores = filled(b, m, streams, depth, 4 * steps, budget_frac);
     let bytes = stores[0].true_bytes();
     let mut rates = Vec::new();
@@ -118,7 +132,13 @@ fn decode_speed(b: &dyn Backend, m: &MethodSpec, streams: usize, depth: usize, s
         for _ in 0..steps {
             let toks: Vec<[u32; 1]> = (0..streams).map(|i| [(i as u32 * 7 + pos) % 1000 + 10]).collect();
             let ps = [pos];
-            let inputs: Vec<SeqInput> = toks.iter().map(|t| SeqInput { tokens: t, positions: &ps }).collect();
+            let inputs: Vec<SeqInput> = toks
+                .iter()
+                .map(|t| SeqInput {
+                    tokens: t,
+                    positions: &ps,
+                })
+                .collect();
             let mut kvs: Vec<&mut dyn KvStore> = stores.iter_mut().map(|s| s.as_mut() as &mut dyn KvStore).collect();
             b.forward(&inputs, &mut kvs, LogitsMode::Last).expect("decode step");
             pos += 1;
@@ -133,14 +153,30 @@ fn profile(dev: &GpuModel, m: &MethodSpec, depth: usize, frac: Option<f64>, labe
     let mut stores = filled(dev, m, 1, depth, 8, frac);
     let step = |stores: &mut Vec<Box<dyn KvStore>>, p: u32| {
         let mut kvs: Vec<&mut dyn KvStore> = stores.iter_mut().map(|s| s.as_mut() as &mut dyn KvStore).collect();
-        dev.profile_step(&[SeqInput { tokens: &[42], positions: &[p] }], &mut kvs).expect("profiled step")
+        dev.profile_step(
+            &[SeqInput {
+                tokens: &[42],
+                positions: &[p],
+            }],
+            &mut kvs,
+        )
+        .expect("profiled step")
     };
     let _ = step(&mut stores, depth as u32);
     let p = step(&mut stores, depth as u32 + 1);
     let mut k = p.kernels.clone();
     k.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap());
-    let parts: Vec<String> = k.iter().map(|(n, ms, c)| format!("{n} {:.0} µs/{c}", ms * 1e3)).collect();
-    println!("- {label}: device {:.2} ms, wall {:.2} ms, {} launches: {}", p.device_ms, p.wall_ms, k.iter().map(|x| x.2).sum::<usize>(), parts.join(", "));
+    let parts: Vec<String> = k
+        .iter()
+        .map(|(n, ms, c)| format!("{n} {:.0} µs/{c}", ms * 1e3))
+        .collect();
+    println!(
+        "- {label}: device {:.2} ms, wall {:.2} ms, {} launches: {}",
+        p.device_ms,
+        p.wall_ms,
+        k.iter().map(|x| x.2).sum::<usize>(),
+        parts.join(", ")
+    );
 }
 
 fn prefill_speed(b: &dyn Backend, m: &MethodSpec, n: usize, chunk: usize) -> f64 {
@@ -241,187 +277,203 @@ fn main() {
     };
 
     if !speed_only {
-    stage("trace");
-    diagnose(&cpu, &dev, g);
-    stage("greedy");
-    // 1. Greedy tokens: GPU vs CPU, fp16 and pmkvq caches; compared up to the first margin < 0.1.
-    println!("## Agreement\n");
-    let golden = arg("--golden").and_then(|p| std::fs::read_to_string(p).ok());
-    type Case = (String, Vec<u32>, Option<(Vec<u32>, Vec<f64>)>);
-    let mut prompts: Vec<Case> = Vec::new();
-    if let Some(text) = &golden {
-        let j: serde_json::Value = serde_json::from_str(text).expect("golden json");
-        for c in j["cases"].as_array().unwrap() {
-            let ids = |v: &serde_json::Value| {
-                v.as_array()
+        stage("trace");
+        diagnose(&cpu, &dev, g);
+        stage("greedy");
+        // 1. Greedy tokens: GPU vs CPU, fp16 and pmkvq caches; compared up to the first margin < 0.1.
+        println!("## Agreement\n");
+        let golden = arg("--golden").and_then(|p| std::fs::read_to_string(p).ok());
+        type Case = (String, Vec<u32>, Option<(Vec<u32>, Vec<f64>)>);
+        let mut prompts: Vec<Case> = Vec::new();
+        if let Some(text) = &golden {
+            let j: serde_json::Value = serde_json::from_str(text).expect("golden json");
+            for c in j["cases"].as_array().unwrap() {
+                let ids = |v: &serde_json::Value| {
+                    v.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.as_u64().unwrap() as u32)
+                        .collect::<Vec<_>>()
+                };
+                let margins = c["greedy_margins"]
+                    .as_array()
                     .unwrap()
                     .iter()
-                    .map(|x| x.as_u64().unwrap() as u32)
-                    .collect::<Vec<_>>()
-            };
-            let margins = c["greedy_margins"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect();
-            prompts.push((
-                c["id"].as_str().unwrap().to_string(),
-                ids(&c["prompt_ids"]),
-                Some((ids(&c["greedy_ids"]), margins)),
-            ));
-        }
-    } else {
-        for k in 0..4u32 {
-            let p: Vec<u32> = (0..40 + 17 * k).map(|i| (i * 7919 + k * 104729) % 49000 + 3).collect();
-            prompts.push((format!("synthetic-{k}"), p, None));
-        }
-    }
-    let n_gen = if quick { 24 } else { 64 };
-    // key reparameterization as a calibrated profile applies it (λ per kv channel, equal within a rotary pair)
-    let scales: Vec<Vec<f32>> = (0..g.layers)
-        .map(|l| {
-            (0..g.kv_dim())
-                .map(|c| 0.6 + 0.8 * (((c / 2 + 7 * l) % 13) as f32 / 12.0))
-                .collect()
-        })
-        .collect();
-    for method in ["fp16", "pmkvq", "pmkvq+key-scales", "rtn:4"] {
-        let m = match method {
-            "pmkvq+key-scales" => MethodSpec {
-                key_scales: Some(Arc::new(scales.clone())),
-                ..spec("pmkvq", None)
-            },
-            _ => spec(method, None),
-        };
-        let mut agree = 0usize;
-        let mut compared = 0usize;
-        let mut golden_agree = 0usize;
-        for (id, p, gold) in &prompts {
-            let (ct, cm, _) = greedy(&cpu, &m, p, n_gen);
-            let (gt, _, _) = greedy(&dev, &m, p, n_gen);
-            // compare up to the first small margin (the CPU's own, or the golden one when given)
-            let limit = match gold {
-                Some((_, gm)) => gm.iter().position(|&x| x < 0.1).unwrap_or(gm.len()).min(n_gen),
-                None => cm.iter().position(|&x| x < 0.1).unwrap_or(n_gen),
-            };
-            let same = ct.iter().zip(&gt).take(limit).take_while(|(a, b)| a == b).count();
-            compared += limit;
-            agree += same;
-            if let Some((gi, _)) = gold {
-                golden_agree += gt.iter().zip(gi).take(limit).take_while(|(a, b)| a == b).count();
+                    .map(|x| x.as_f64().unwrap())
+                    .collect();
+                prompts.push((
+                    c["id"].as_str().unwrap().to_string(),
+                    ids(&c["prompt_ids"]),
+                    Some((ids(&c["greedy_ids"]), margins)),
+                ));
             }
-            if same < limit {
-                println!("  - {method} {id}: GPU and CPU diverge at token {same} of {limit} comparable");
-            }
-        }
-        let extra = if golden.is_some() {
-            format!("; GPU equals llama.cpp's golden tokens for {golden_agree}/{compared}")
         } else {
-            String::new()
-        };
-        check(
-            &format!("greedy tokens GPU == CPU ({method} cache)"),
-            agree == compared,
-            format!("{agree}/{compared} tokens equal up to each prompt's first margin < 0.1{extra}"),
-        );
-    }
+            for k in 0..4u32 {
+                let p: Vec<u32> = (0..40 + 17 * k).map(|i| (i * 7919 + k * 104729) % 49000 + 3).collect();
+                prompts.push((format!("synthetic-{k}"), p, None));
+            }
+        }
+        let n_gen = if quick { 24 } else { 64 };
+        // key reparameterization as a calibrated profile applies it (λ per kv channel, equal within a rotary pair)
+        let scales: Vec<Vec<f32>> = (0..g.layers)
+            .map(|l| {
+                (0..g.kv_dim())
+                    .map(|c| 0.6 + 0.8 * (((c / 2 + 7 * l) % 13) as f32 / 12.0))
+                    .collect()
+            })
+            .collect();
+        for method in ["fp16", "pmkvq", "pmkvq+key-scales", "rtn:4"] {
+            let m = match method {
+                "pmkvq+key-scales" => MethodSpec {
+                    key_scales: Some(Arc::new(scales.clone())),
+                    ..spec("pmkvq", None)
+                },
+                _ => spec(method, None),
+            };
+            let mut agree = 0usize;
+            let mut compared = 0usize;
+            let mut golden_agree = 0usize;
+            for (id, p, gold) in &prompts {
+                let (ct, cm, _) = greedy(&cpu, &m, p, n_gen);
+                let (gt, _, _) = greedy(&dev, &m, p, n_gen);
+                // compare up to the first small margin (the CPU's own, or the golden one when given)
+                let limit = match gold {
+                    Some((_, gm)) => gm.iter().position(|&x| x < 0.1).unwrap_or(gm.len()).min(n_gen),
+                    None => cm.iter().position(|&x| x < 0.1).unwrap_or(n_gen),
+                };
+                let same = ct.iter().zip(&gt).take(limit).take_while(|(a, b)| a == b).count();
+                compared += limit;
+                agree += same;
+                if let Some((gi, _)) = gold {
+                    golden_agree += gt.iter().zip(gi).take(limit).take_while(|(a, b)| a == b).count();
+                }
+                if same < limit {
+                    println!("  - {method} {id}: GPU and CPU diverge at token {same} of {limit} comparable");
+                }
+            }
+            let extra = if golden.is_some() {
+                format!("; GPU equals llama.cpp's golden tokens for {golden_agree}/{compared}")
+            } else {
+                String::new()
+            };
+            check(
+                &format!("greedy tokens GPU == CPU ({method} cache)"),
+                agree == compared,
+                format!("{agree}/{compared} tokens equal up to each prompt's first margin < 0.1{extra}"),
+            );
+        }
 
-    stage("teacher-forced");
-    // 2. Teacher-forced top-1 over a long trace.
-    let trace_len = if quick { 512 } else { 2048 };
-    let text_trace = arg("--trace-text").map(|p| {
-        let text = std::fs::read_to_string(&p).expect("trace text");
-        let mut ids = tok.encode(&text, true).expect("tokenize");
-        ids.truncate(trace_len);
-        ids
-    });
-    let trace: Vec<u32> = if let Some(t) = text_trace {
-        t
-    } else {
-        let (mut t, _, _) = greedy(&cpu, &spec("fp16", None), &prompts[0].1, 48);
-        let mut all = prompts[0].1.clone();
-        all.append(&mut t);
-        let mut k = 0u32;
-        while all.len() < trace_len {
-            all.push((k * 2654435761u32.wrapping_add(all.len() as u32)) % 48000 + 5);
-            k += 1;
-        }
-        all.truncate(trace_len);
-        all
-    };
-    let trace_len = trace.len();
-    let tf = |b: &dyn Backend, m: &MethodSpec| -> Vec<f32> {
-        let mut kv = b.new_store(m, g, trace_len + 1).unwrap();
-        let mut out = Vec::new();
-        for (ci, c) in trace.chunks(256).enumerate() {
-            let pos: Vec<u32> = (ci * 256..ci * 256 + c.len()).map(|p| p as u32).collect();
-            out.extend(b.forward(&[SeqInput { tokens: c, positions: &pos }], &mut [kv.as_mut()], LogitsMode::All).unwrap().pop().unwrap());
-        }
-        out
-    };
-    let vocab = cpu.config.vocab_size;
-    // yardstick: the CPU path against itself with every RMSNorm scale one ulp off
-    {
-        let m = spec("pmkvq", None);
-        let a = tf(&cpu, &m);
-        pmkvq::model::NORM_ULP_PROBE.store(true, std::sync::atomic::Ordering::Relaxed);
-        let b = tf(&cpu, &m);
-        pmkvq::model::NORM_ULP_PROBE.store(false, std::sync::atomic::Ordering::Relaxed);
-        let same = a.chunks(vocab).zip(b.chunks(vocab)).filter(|(x, y)| argmax(x).0 == argmax(y).0).count();
-        let md = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        println!(
+        stage("teacher-forced");
+        // 2. Teacher-forced top-1 over a long trace.
+        let trace_len = if quick { 512 } else { 2048 };
+        let text_trace = arg("--trace-text").map(|p| {
+            let text = std::fs::read_to_string(&p).expect("trace text");
+            let mut ids = tok.encode(&text, true).expect("tokenize");
+            ids.truncate(trace_len);
+            ids
+        });
+        let trace: Vec<u32> = if let Some(t) = text_trace {
+            t
+        } else {
+            let (mut t, _, _) = greedy(&cpu, &spec("fp16", None), &prompts[0].1, 48);
+            let mut all = prompts[0].1.clone();
+            all.append(&mut t);
+            let mut k = 0u32;
+            while all.len() < trace_len {
+                all.push((k * 2654435761u32.wrapping_add(all.len() as u32)) % 48000 + 5);
+                k += 1;
+            }
+            all.truncate(trace_len);
+            all
+        };
+        let trace_len = trace.len();
+        let tf = |b: &dyn Backend, m: &MethodSpec| -> Vec<f32> {
+            let mut kv = b.new_store(m, g, trace_len + 1).unwrap();
+            let mut out = Vec::new();
+            for (ci, c) in trace.chunks(256).enumerate() {
+                let pos: Vec<u32> = (ci * 256..ci * 256 + c.len()).map(|p| p as u32).collect();
+                out.extend(
+                    b.forward(
+                        &[SeqInput {
+                            tokens: c,
+                            positions: &pos,
+                        }],
+                        &mut [kv.as_mut()],
+                        LogitsMode::All,
+                    )
+                    .unwrap()
+                    .pop()
+                    .unwrap(),
+                );
+            }
+            out
+        };
+        let vocab = cpu.config.vocab_size;
+        // yardstick: the CPU path against itself with every RMSNorm scale one ulp off
+        {
+            let m = spec("pmkvq", None);
+            let a = tf(&cpu, &m);
+            pmkvq::model::NORM_ULP_PROBE.store(true, std::sync::atomic::Ordering::Relaxed);
+            let b = tf(&cpu, &m);
+            pmkvq::model::NORM_ULP_PROBE.store(false, std::sync::atomic::Ordering::Relaxed);
+            let same = a
+                .chunks(vocab)
+                .zip(b.chunks(vocab))
+                .filter(|(x, y)| argmax(x).0 == argmax(y).0)
+                .count();
+            let md = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            println!(
             "- yardstick: CPU vs CPU with RMSNorm one ulp off, teacher-forced over {trace_len} tokens (pmkvq): {:.2} % top-1 agree, max |logit difference| {md:.4}",
             100.0 * same as f64 / trace_len as f64
         );
-    }
-    for method in ["fp16", "pmkvq"] {
-        let m = spec(method, None);
-        let mut kc = cpu.new_store(&m, g, trace_len + 1).unwrap();
-        let mut kg = dev.new_store(&m, g, trace_len + 1).unwrap();
-        let mut same = 0usize;
-        let (mut confident, mut confident_same) = (0usize, 0usize);
-        let mut maxdiff = 0f32;
-        for (ci, c) in trace.chunks(256).enumerate() {
-            let pos: Vec<u32> = (ci * 256..ci * 256 + c.len()).map(|p| p as u32).collect();
-            let lc = cpu
-                .forward(
-                    &[SeqInput {
-                        tokens: c,
-                        positions: &pos,
-                    }],
-                    &mut [kc.as_mut()],
-                    LogitsMode::All,
-                )
-                .unwrap()
-                .pop()
-                .unwrap();
-            let lg = dev
-                .forward(
-                    &[SeqInput {
-                        tokens: c,
-                        positions: &pos,
-                    }],
-                    &mut [kg.as_mut()],
-                    LogitsMode::All,
-                )
-                .unwrap()
-                .pop()
-                .unwrap();
-            for (a, b) in lc.chunks(vocab).zip(lg.chunks(vocab)) {
-                let (ta, ma) = argmax(a);
-                same += usize::from(ta == argmax(b).0);
-                if ma >= 0.1 {
-                    confident += 1;
-                    confident_same += usize::from(ta == argmax(b).0);
-                }
-                for (x, y) in a.iter().zip(b) {
-                    maxdiff = maxdiff.max((x - y).abs());
+        }
+        for method in ["fp16", "pmkvq"] {
+            let m = spec(method, None);
+            let mut kc = cpu.new_store(&m, g, trace_len + 1).unwrap();
+            let mut kg = dev.new_store(&m, g, trace_len + 1).unwrap();
+            let mut same = 0usize;
+            let (mut confident, mut confident_same) = (0usize, 0usize);
+            let mut maxdiff = 0f32;
+            for (ci, c) in trace.chunks(256).enumerate() {
+                let pos: Vec<u32> = (ci * 256..ci * 256 + c.len()).map(|p| p as u32).collect();
+                let lc = cpu
+                    .forward(
+                        &[SeqInput {
+                            tokens: c,
+                            positions: &pos,
+                        }],
+                        &mut [kc.as_mut()],
+                        LogitsMode::All,
+                    )
+                    .unwrap()
+                    .pop()
+                    .unwrap();
+                let lg = dev
+                    .forward(
+                        &[SeqInput {
+                            tokens: c,
+                            positions: &pos,
+                        }],
+                        &mut [kg.as_mut()],
+                        LogitsMode::All,
+                    )
+                    .unwrap()
+                    .pop()
+                    .unwrap();
+                for (a, b) in lc.chunks(vocab).zip(lg.chunks(vocab)) {
+                    let (ta, ma) = argmax(a);
+                    same += usize::from(ta == argmax(b).0);
+                    if ma >= 0.1 {
+                        confident += 1;
+                        confident_same += usize::from(ta == argmax(b).0);
+                    }
+                    for (x, y) in a.iter().zip(b) {
+                        maxdiff = maxdiff.max((x - y).abs());
+                    }
                 }
             }
-        }
-        let frac = same as f64 / trace_len as f64;
-        check(
+            let frac = same as f64 / trace_len as f64;
+            check(
             &format!("teacher-forced top-1 GPU vs CPU over {trace_len} tokens ({method})"),
             frac >= 0.99,
             format!(
@@ -430,187 +482,187 @@ fn main() {
                 100.0 * confident_same as f64 / confident.max(1) as f64
             ),
         );
-    }
-
-    stage("codes");
-    // 3. Device cache codes == CPU cache codes after the same K/V and the same cuts.
-    {
-        let m = spec("pmkvq", None);
-        let mut kc = cpu.new_store(&m, g, 2000).unwrap();
-        let mut kg = dev.new_store(&m, g, 2000).unwrap();
-        let kvd = g.kv_dim();
-        let x: Vec<f32> = (0..700 * kvd)
-            .map(|i| ((i as f32 * 0.7311).sin() * 3.0) + ((i % 97) as f32 * 0.01))
-            .collect();
-        let y: Vec<f32> = (0..700 * kvd).map(|i| (i as f32 * 0.1931).cos() * 2.0).collect();
-        let mut steps = vec![];
-        for (n, cut) in [(300usize, false), (1, false), (150, true), (249, false)] {
-            let off = steps.iter().sum::<usize>();
-            for li in 0..g.layers {
-                kc.append(li, &x[off * kvd..(off + n) * kvd], &y[off * kvd..(off + n) * kvd], n)
-                    .unwrap();
-                kg.append(li, &x[off * kvd..(off + n) * kvd], &y[off * kvd..(off + n) * kvd], n)
-                    .unwrap();
-            }
-            steps.push(n);
-            if cut {
-                let _ = kc.set_layer_budgets(&vec![1; g.layers]);
-                let _ = kg.set_layer_budgets(&vec![1; g.layers]);
-            }
-            let (sc, sg) = (kc.spill().unwrap(), kg.spill().unwrap());
-            if cut {
-                // lift the budget again so later tokens flush into the 2-bit body
-                kc.set_layer_budgets(&vec![usize::MAX; g.layers]).unwrap();
-                kg.set_layer_budgets(&vec![usize::MAX; g.layers]).unwrap();
-            }
-            let same = codes_equal(&sc, &sg);
-            check(
-                &format!(
-                    "device cache codes == CPU after {} tokens{}",
-                    off + n,
-                    if cut { " and a cut to the floor" } else { "" }
-                ),
-                same && kc.layer_bits() == kg.layer_bits(),
-                format!(
-                    "bits CPU {:?}… GPU {:?}…; spills {} / {} bytes",
-                    &kc.layer_bits()[..3],
-                    &kg.layer_bits()[..3],
-                    sc.len(),
-                    sg.len()
-                ),
-            );
         }
-        // a device spill restores on the CPU and back bit-exactly
-        let sg = kg.spill().unwrap();
-        let mut back = dev.new_store(&m, g, 2000).unwrap();
-        back.restore(&sg).unwrap();
-        check(
-            "device spill → restore round trip",
-            back.spill().unwrap() == sg,
-            format!("{} bytes", sg.len()),
-        );
-    }
 
-    stage("budget cut");
-    // 4. A budget cut mid-generation lowers device bits within one step; bytes stay under the budget after.
-    {
-        let m = spec("pmkvq", None);
-        let p = &prompts[0].1;
-        let mut kv = dev.new_store(&m, g, 4096).unwrap();
-        let mut pos = 0u32;
-        let posv: Vec<u32> = (0..p.len() as u32).collect();
-        let mut logits = dev
-            .forward(
-                &[SeqInput {
-                    tokens: p,
-                    positions: &posv,
-                }],
-                &mut [kv.as_mut()],
-                LogitsMode::Last,
-            )
-            .unwrap()
-            .pop()
-            .unwrap();
-        pos += p.len() as u32;
-        let mut ok = true;
-        let mut detail = String::new();
-        let mut budget = usize::MAX;
-        for step in 0..400 {
-            if step == 300 {
-                budget = kv.true_bytes() / 2;
-                let before = kv.layer_bits();
-                let r = kv.set_total_budget(budget, None, 1);
-                detail = format!(
-                    "cut to {budget} B at step 300 ({} B held): {:?}, bits {:?}… → {:?}…",
-                    kv.true_bytes(),
-                    r.is_ok(),
-                    &before[..3],
-                    &kv.layer_bits()[..3]
+        stage("codes");
+        // 3. Device cache codes == CPU cache codes after the same K/V and the same cuts.
+        {
+            let m = spec("pmkvq", None);
+            let mut kc = cpu.new_store(&m, g, 2000).unwrap();
+            let mut kg = dev.new_store(&m, g, 2000).unwrap();
+            let kvd = g.kv_dim();
+            let x: Vec<f32> = (0..700 * kvd)
+                .map(|i| ((i as f32 * 0.7311).sin() * 3.0) + ((i % 97) as f32 * 0.01))
+                .collect();
+            let y: Vec<f32> = (0..700 * kvd).map(|i| (i as f32 * 0.1931).cos() * 2.0).collect();
+            let mut steps = vec![];
+            for (n, cut) in [(300usize, false), (1, false), (150, true), (249, false)] {
+                let off = steps.iter().sum::<usize>();
+                for li in 0..g.layers {
+                    kc.append(li, &x[off * kvd..(off + n) * kvd], &y[off * kvd..(off + n) * kvd], n)
+                        .unwrap();
+                    kg.append(li, &x[off * kvd..(off + n) * kvd], &y[off * kvd..(off + n) * kvd], n)
+                        .unwrap();
+                }
+                steps.push(n);
+                if cut {
+                    let _ = kc.set_layer_budgets(&vec![1; g.layers]);
+                    let _ = kg.set_layer_budgets(&vec![1; g.layers]);
+                }
+                let (sc, sg) = (kc.spill().unwrap(), kg.spill().unwrap());
+                if cut {
+                    // lift the budget again so later tokens flush into the 2-bit body
+                    kc.set_layer_budgets(&vec![usize::MAX; g.layers]).unwrap();
+                    kg.set_layer_budgets(&vec![usize::MAX; g.layers]).unwrap();
+                }
+                let same = codes_equal(&sc, &sg);
+                check(
+                    &format!(
+                        "device cache codes == CPU after {} tokens{}",
+                        off + n,
+                        if cut { " and a cut to the floor" } else { "" }
+                    ),
+                    same && kc.layer_bits() == kg.layer_bits(),
+                    format!(
+                        "bits CPU {:?}… GPU {:?}…; spills {} / {} bytes",
+                        &kc.layer_bits()[..3],
+                        &kg.layer_bits()[..3],
+                        sc.len(),
+                        sg.len()
+                    ),
                 );
             }
-            let t = argmax(&logits).0;
-            match dev.forward(
-                &[SeqInput {
-                    tokens: &[t],
-                    positions: &[pos],
-                }],
-                &mut [kv.as_mut()],
-                LogitsMode::Last,
-            ) {
-                Ok(mut l) => logits = l.pop().unwrap(),
-                Err(e) => {
-                    detail.push_str(&format!("; step {step}: {e}"));
+            // a device spill restores on the CPU and back bit-exactly
+            let sg = kg.spill().unwrap();
+            let mut back = dev.new_store(&m, g, 2000).unwrap();
+            back.restore(&sg).unwrap();
+            check(
+                "device spill → restore round trip",
+                back.spill().unwrap() == sg,
+                format!("{} bytes", sg.len()),
+            );
+        }
+
+        stage("budget cut");
+        // 4. A budget cut mid-generation lowers device bits within one step; bytes stay under the budget after.
+        {
+            let m = spec("pmkvq", None);
+            let p = &prompts[0].1;
+            let mut kv = dev.new_store(&m, g, 4096).unwrap();
+            let mut pos = 0u32;
+            let posv: Vec<u32> = (0..p.len() as u32).collect();
+            let mut logits = dev
+                .forward(
+                    &[SeqInput {
+                        tokens: p,
+                        positions: &posv,
+                    }],
+                    &mut [kv.as_mut()],
+                    LogitsMode::Last,
+                )
+                .unwrap()
+                .pop()
+                .unwrap();
+            pos += p.len() as u32;
+            let mut ok = true;
+            let mut detail = String::new();
+            let mut budget = usize::MAX;
+            for step in 0..400 {
+                if step == 300 {
+                    budget = kv.true_bytes() / 2;
+                    let before = kv.layer_bits();
+                    let r = kv.set_total_budget(budget, None, 1);
+                    detail = format!(
+                        "cut to {budget} B at step 300 ({} B held): {:?}, bits {:?}… → {:?}…",
+                        kv.true_bytes(),
+                        r.is_ok(),
+                        &before[..3],
+                        &kv.layer_bits()[..3]
+                    );
+                }
+                let t = argmax(&logits).0;
+                match dev.forward(
+                    &[SeqInput {
+                        tokens: &[t],
+                        positions: &[pos],
+                    }],
+                    &mut [kv.as_mut()],
+                    LogitsMode::Last,
+                ) {
+                    Ok(mut l) => logits = l.pop().unwrap(),
+                    Err(e) => {
+                        detail.push_str(&format!("; step {step}: {e}"));
+                        break;
+                    }
+                }
+                pos += 1;
+                if kv.true_bytes() > budget {
+                    ok = false;
+                    detail.push_str(&format!("; step {step}: {} B > budget", kv.true_bytes()));
                     break;
                 }
             }
-            pos += 1;
-            if kv.true_bytes() > budget {
-                ok = false;
-                detail.push_str(&format!("; step {step}: {} B > budget", kv.true_bytes()));
-                break;
-            }
+            check("budget cut mid-generation", ok && budget != usize::MAX, detail);
         }
-        check("budget cut mid-generation", ok && budget != usize::MAX, detail);
-    }
 
-    stage("batched");
-    // 5. 8 concurrent streams equal their solo runs.
-    {
-        let m = spec("pmkvq", None);
-        let n = if quick { 16 } else { 48 };
-        let ps: Vec<Vec<u32>> = (0..8u32)
-            .map(|k| (0..20 + 9 * k).map(|i| (i * 7919 + k * 31337) % 49000 + 3).collect())
-            .collect();
-        let solo: Vec<(Vec<u32>, Vec<f32>)> = ps
-            .iter()
-            .map(|p| {
-                let (t, mg, _) = greedy(&dev, &m, p, n);
-                (t, mg)
-            })
-            .collect();
-        let mut stores: Vec<Box<dyn KvStore>> = (0..8).map(|_| dev.new_store(&m, g, 512).unwrap()).collect();
-        let mut out: Vec<Vec<u32>> = vec![Vec::new(); 8];
-        let positions: Vec<Vec<u32>> = ps.iter().map(|p| (0..p.len() as u32).collect()).collect();
-        let inputs: Vec<SeqInput> = ps
-            .iter()
-            .zip(&positions)
-            .map(|(p, q)| SeqInput {
-                tokens: p,
-                positions: q,
-            })
-            .collect();
-        let mut kvs: Vec<&mut dyn KvStore> = stores.iter_mut().map(|s| s.as_mut() as &mut dyn KvStore).collect();
-        let mut logits = dev.forward(&inputs, &mut kvs, LogitsMode::Last).unwrap();
-        for step in 0..n {
-            let toks: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l).0]).collect();
-            for (o, t) in out.iter_mut().zip(&toks) {
-                o.push(t[0]);
-            }
-            let pos: Vec<[u32; 1]> = ps.iter().map(|p| [(p.len() + step) as u32]).collect();
-            let inputs: Vec<SeqInput> = toks
+        stage("batched");
+        // 5. 8 concurrent streams equal their solo runs.
+        {
+            let m = spec("pmkvq", None);
+            let n = if quick { 16 } else { 48 };
+            let ps: Vec<Vec<u32>> = (0..8u32)
+                .map(|k| (0..20 + 9 * k).map(|i| (i * 7919 + k * 31337) % 49000 + 3).collect())
+                .collect();
+            let solo: Vec<(Vec<u32>, Vec<f32>)> = ps
                 .iter()
-                .zip(&pos)
-                .map(|(t, q)| SeqInput {
-                    tokens: t,
+                .map(|p| {
+                    let (t, mg, _) = greedy(&dev, &m, p, n);
+                    (t, mg)
+                })
+                .collect();
+            let mut stores: Vec<Box<dyn KvStore>> = (0..8).map(|_| dev.new_store(&m, g, 512).unwrap()).collect();
+            let mut out: Vec<Vec<u32>> = vec![Vec::new(); 8];
+            let positions: Vec<Vec<u32>> = ps.iter().map(|p| (0..p.len() as u32).collect()).collect();
+            let inputs: Vec<SeqInput> = ps
+                .iter()
+                .zip(&positions)
+                .map(|(p, q)| SeqInput {
+                    tokens: p,
                     positions: q,
                 })
                 .collect();
             let mut kvs: Vec<&mut dyn KvStore> = stores.iter_mut().map(|s| s.as_mut() as &mut dyn KvStore).collect();
-            logits = dev.forward(&inputs, &mut kvs, LogitsMode::Last).unwrap();
+            let mut logits = dev.forward(&inputs, &mut kvs, LogitsMode::Last).unwrap();
+            for step in 0..n {
+                let toks: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l).0]).collect();
+                for (o, t) in out.iter_mut().zip(&toks) {
+                    o.push(t[0]);
+                }
+                let pos: Vec<[u32; 1]> = ps.iter().map(|p| [(p.len() + step) as u32]).collect();
+                let inputs: Vec<SeqInput> = toks
+                    .iter()
+                    .zip(&pos)
+                    .map(|(t, q)| SeqInput {
+                        tokens: t,
+                        positions: q,
+                    })
+                    .collect();
+                let mut kvs: Vec<&mut dyn KvStore> =
+                    stores.iter_mut().map(|s| s.as_mut() as &mut dyn KvStore).collect();
+                logits = dev.forward(&inputs, &mut kvs, LogitsMode::Last).unwrap();
+            }
+            let (mut eq, mut cmp) = (0, 0);
+            for ((st, sm), o) in solo.iter().zip(&out) {
+                let lim = sm.iter().position(|&x| x < 0.1).unwrap_or(n);
+                cmp += lim;
+                eq += st.iter().zip(o).take(lim).take_while(|(a, b)| a == b).count();
+            }
+            check(
+                "8 batched streams == their solo runs (GPU)",
+                eq == cmp,
+                format!("{eq}/{cmp} tokens up to each stream's first margin < 0.1"),
+            );
         }
-        let (mut eq, mut cmp) = (0, 0);
-        for ((st, sm), o) in solo.iter().zip(&out) {
-            let lim = sm.iter().position(|&x| x < 0.1).unwrap_or(n);
-            cmp += lim;
-            eq += st.iter().zip(o).take(lim).take_while(|(a, b)| a == b).count();
-        }
-        check(
-            "8 batched streams == their solo runs (GPU)",
-            eq == cmp,
-            format!("{eq}/{cmp} tokens up to each stream's first margin < 0.1"),
-        );
-    }
-
     }
     stage("speed");
     // 6. Speed, side by side with the CPU path.

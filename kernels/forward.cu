@@ -224,17 +224,16 @@ extern "C" __global__ void pk_matmul_f(const void* __restrict__ w, int fmt, int 
     }
 }
 
-// RoPE in place on x (t rows of heads·d, leading dimension ld), one (cos, sin) table row of d/2 per token.
-// neox: pairs (j, j + d/2); otherwise interleaved pairs (2j, 2j+1). Grid (t), block 128.
-extern "C" __global__ void pk_rope(float* __restrict__ x, int ld, int heads, int d, const float* __restrict__ cosv,
-                                   const float* __restrict__ sinv, int neox) {
+// RoPE in place on q (t rows of q_heads·d) and k (t rows of kv_heads·d), one (cos, sin) table row of d/2 per
+// token. neox: pairs (j, j + d/2); otherwise interleaved pairs (2j, 2j+1). Grid (t), block 128.
+extern "C" __global__ void pk_rope(float* __restrict__ q, float* __restrict__ k, int q_heads, int kv_heads, int d,
+                                   const float* __restrict__ cosv, const float* __restrict__ sinv, int neox) {
     int ti = blockIdx.x, half = d / 2;
-    float* row = x + (size_t)ti * ld;
     const float* c = cosv + (size_t)ti * half;
     const float* s = sinv + (size_t)ti * half;
-    for (int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+    for (int i = threadIdx.x; i < (q_heads + kv_heads) * half; i += blockDim.x) {
         int h = i / half, j = i % half;
-        float* hd = row + h * d;
+        float* hd = h < q_heads ? q + ((size_t)ti * q_heads + h) * d : k + ((size_t)ti * kv_heads + (h - q_heads)) * d;
         int ia = neox ? j : 2 * j, ib = neox ? j + half : 2 * j + 1;
         float a = hd[ia], b = hd[ib];
         hd[ia] = __fsub_rn(__fmul_rn(a, c[j]), __fmul_rn(b, s[j]));
@@ -286,36 +285,112 @@ struct pk_dst {
     int bits, g;  // g: the cache's quantization group (a multiple of the batch's smallest)
 };
 
-// q · (stored key `pos` of segment s, head kvh).
+// Four packed codes of one 32-bit word as floats, by width (2: the word holds codes j, j+G/4, j+G/2, j+3G/4 for
+// four consecutive j; callers below index them accordingly).
+__device__ __forceinline__ float pk_h2f_lo(unsigned w) { return pmkvq_h2f((pmkvq_u16)(w & 0xFFFF)); }
+__device__ __forceinline__ float pk_h2f_hi(unsigned w) { return pmkvq_h2f((pmkvq_u16)(w >> 16)); }
+
+// q · (stored key `pos` of segment s, head kvh): the group sums S·Σ q·code + min·Σ q read as 32-bit words (16-byte
+// aligned vectors for raw f16 rows). Needs g % 16 == 0 for the word loads of every width (checked on the host).
 __device__ __forceinline__ float pk_score(const pk_seg& s, int pos, int kvh, int kv_heads, int d, int g,
                                           const float* qs, const float* qsum) {
     float acc = 0.0f;
     if (s.bits == 0) {
-        const pmkvq_u16* k = (const pmkvq_u16*)s.k_data + ((size_t)pos * kv_heads + kvh) * d;
-        for (int j = 0; j < d; ++j) acc += qs[j] * pmkvq_h2f(k[j]);
+        const uint4* k = (const uint4*)((const pmkvq_u16*)s.k_data + ((size_t)pos * kv_heads + kvh) * d);
+        for (int v = 0; v < d / 8; ++v) {
+            uint4 w = k[v];
+            const float* qv = qs + 8 * v;
+            acc += qv[0] * pk_h2f_lo(w.x) + qv[1] * pk_h2f_hi(w.x) + qv[2] * pk_h2f_lo(w.y) + qv[3] * pk_h2f_hi(w.y) +
+                   qv[4] * pk_h2f_lo(w.z) + qv[5] * pk_h2f_hi(w.z) + qv[6] * pk_h2f_lo(w.w) + qv[7] * pk_h2f_hi(w.w);
+        }
         return acc;
     }
     int gph = d / g, gb = pmkvq_group_bytes(s.bits, g);
     size_t g0 = ((size_t)pos * kv_heads + kvh) * gph;
     const pmkvq_u8* data = (const pmkvq_u8*)s.k_data;
     for (int k = 0; k < gph; ++k) {
-        const pmkvq_u8* p = data + (g0 + k) * gb;
+        const unsigned* p = (const unsigned*)(data + (g0 + k) * gb);
+        const float* qg = qs + k * g;
         float dot = 0.0f;
-        for (int j = 0; j < g; ++j) dot += qs[k * g + j] * (float)pmkvq_code(p, s.bits, g, j);
+        switch (s.bits) {
+        case 2: {
+            int qd = g / 4;
+            for (int b = 0; b < qd; b += 4) {
+                unsigned w = p[b / 4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    unsigned x = (w >> (8 * e)) & 0xFF;
+                    int jb = b + e;
+                    dot += qg[jb] * (float)(x & 3) + qg[jb + qd] * (float)((x >> 2) & 3) +
+                           qg[jb + 2 * qd] * (float)((x >> 4) & 3) + qg[jb + 3 * qd] * (float)(x >> 6);
+                }
+            }
+            break;
+        }
+        case 4: {
+            int h = g / 2;
+            for (int b = 0; b < h; b += 4) {
+                unsigned w = p[b / 4];
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    unsigned x = (w >> (8 * e)) & 0xFF;
+                    dot += qg[b + e] * (float)(x & 0x0F) + qg[b + e + h] * (float)(x >> 4);
+                }
+            }
+            break;
+        }
+        case 8:
+            for (int b = 0; b < g; b += 4) {
+                unsigned w = p[b / 4];
+                dot += qg[b] * (float)(w & 0xFF) + qg[b + 1] * (float)((w >> 8) & 0xFF) +
+                       qg[b + 2] * (float)((w >> 16) & 0xFF) + qg[b + 3] * (float)(w >> 24);
+            }
+            break;
+        default:
+            for (int b = 0; b < g; b += 2) {
+                unsigned w = p[b / 2];
+                dot += qg[b] * (float)(w & 0xFFFF) + qg[b + 1] * (float)(w >> 16);
+            }
+        }
         acc += pmkvq_h2f(((const pmkvq_u16*)s.k_scale)[g0 + k]) * dot +
                pmkvq_h2f(((const pmkvq_u16*)s.k_off)[g0 + k]) * qsum[k];
     }
     return acc;
 }
 
-// Stored value `pos`, dimension j of head kvh.
-__device__ __forceinline__ float pk_value(const pk_seg& s, int pos, int kvh, int j, int kv_heads, int d, int g) {
+// Where dimension jj (0 <= jj < g) of a group sits at each width: byte and shift (see pmkvq_kv.h's layout).
+struct pk_dim {
+    int grp;  // group of the head the dimension is in
+    int b16, b8, b4, s4, b2, s2;
+};
+
+__device__ __forceinline__ pk_dim pk_dim_of(int j, int g) {
+    pk_dim r;
+    int jj = j % g, h = g / 2, q = g / 4;
+    r.grp = j / g;
+    r.b16 = 2 * jj;
+    r.b8 = jj;
+    r.b4 = jj % h;
+    r.s4 = 4 * (jj / h);
+    r.b2 = jj % q;
+    r.s2 = 2 * (jj / q);
+    return r;
+}
+
+// Stored value `pos`, dimension j (described by dm) of head kvh.
+__device__ __forceinline__ float pk_value(const pk_seg& s, int pos, int kvh, int j, const pk_dim& dm, int kv_heads,
+                                          int d, int g) {
     if (s.bits == 0) return pmkvq_h2f(((const pmkvq_u16*)s.v_data)[((size_t)pos * kv_heads + kvh) * d + j]);
-    int gph = d / g;
-    size_t gi = ((size_t)pos * kv_heads + kvh) * gph + j / g;
+    size_t gi = ((size_t)pos * kv_heads + kvh) * (d / g) + dm.grp;
     const pmkvq_u8* p = (const pmkvq_u8*)s.v_data + gi * pmkvq_group_bytes(s.bits, g);
-    return (float)pmkvq_code(p, s.bits, g, j % g) * pmkvq_h2f(((const pmkvq_u16*)s.v_scale)[gi]) +
-           pmkvq_h2f(((const pmkvq_u16*)s.v_off)[gi]);
+    unsigned c;
+    switch (s.bits) {
+    case 2: c = (p[dm.b2] >> dm.s2) & 3; break;
+    case 4: c = (p[dm.b4] >> dm.s4) & 0x0F; break;
+    case 8: c = p[dm.b8]; break;
+    default: c = (unsigned)p[dm.b16] | ((unsigned)p[dm.b16 + 1] << 8);
+    }
+    return (float)c * pmkvq_h2f(((const pmkvq_u16*)s.v_scale)[gi]) + pmkvq_h2f(((const pmkvq_u16*)s.v_off)[gi]);
 }
 
 // Attention of every new row over its sequence's stored segments, then its own call's tokens up to itself,
@@ -351,6 +426,8 @@ extern "C" __global__ void pk_attention(const pk_seg* __restrict__ segs, const p
     int total = L.stored + row_fresh[row];
     int t0 = split * chunk, t1 = min(total, t0 + chunk);
     float m = -PMKVQ_INF, l = 0.0f, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    pk_dim dims[4];
+    for (int k = 0; k < 4; ++k) dims[k] = pk_dim_of(min(lane + 32 * k, d - 1), g);
     const pk_seg* my = segs + L.seg_start;
     int cs = 0, cbase = 0;  // the segment holding the tile's first stored token, and where it starts
     for (int tile = t0; tile < t1; tile += 32) {
@@ -388,7 +465,7 @@ extern "C" __global__ void pk_attention(const pk_seg* __restrict__ segs, const p
             for (int k = 0; k < 4; ++k) {
                 int j = lane + 32 * k;
                 if (j >= d) break;
-                float val = su >= 0 ? pk_value(my[su], pou, kvh, j, kv_heads, d, g)
+                float val = su >= 0 ? pk_value(my[su], pou, kvh, j, dims[k], kv_heads, d, g)
                                     : vnew[(size_t)(fresh0 + pou) * kvd + kvh * d + j];
                 acc[k] += pu * val;
             }

@@ -195,7 +195,8 @@ impl Gpu {
         // SAFETY: every launch and copy of this crate goes to the one stream below, which orders them; cudarc's
         // per-buffer events only matter across streams.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        // A stream of our own: the legacy default stream cannot be captured into a CUDA graph.
+        let stream = ctx.new_stream().map_err(drv)?;
         let load = |file: &str, func: &str| -> Result<CudaFunction, GpuError> {
             let cubin = compile_cubin(file, &arch)?;
             let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)).map_err(drv)?;

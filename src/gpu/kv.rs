@@ -259,7 +259,7 @@ impl DeviceStore {
             }
         }
         let g = if group == 0 { geom.head_dim } else { group };
-        if g == 0 || !g.is_multiple_of(4) || !geom.head_dim.is_multiple_of(g) || g > 256 {
+        if g == 0 || !g.is_multiple_of(16) || !geom.head_dim.is_multiple_of(g) || g > 256 {
             return Err(KvError::BadGroup {
                 method: spec.method.to_string(),
                 group: g,

@@ -279,7 +279,12 @@ impl GpuModel {
         let start = self.gpu.timing_event().map_err(gerr)?;
         *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
         let r = Backend::forward(self, seqs, kv, LogitsMode::Last);
-        let events = self.profile.lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or_default();
+        let events = self
+            .profile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .unwrap_or_default();
         r?;
         let wall_ms = t0.elapsed().as_secs_f64() * 1e3;
         let mut kernels: Vec<(String, f64, usize)> = Vec::new();
@@ -373,7 +378,8 @@ impl GpuModel {
     fn norm(&self, x: u64, w: &CudaSlice<f32>, rows: usize, dim: usize, out: Act) -> Result<(), GpuError> {
         let (d, eps, wp) = (dim as i32, self.cfg.rms_eps, self.gpu.ptr(w));
         self.launch(
-            "norm", &self.gpu.fwd.norm,
+            "norm",
+            &self.gpu.fwd.norm,
             cfg1((rows as u32, 1, 1), 256),
             &[&x, &wp, &d, &eps, &out.f, &out.qs, &out.qd, &out.qsum],
         )
@@ -387,7 +393,8 @@ impl GpuModel {
         let grid = (lin.rows.div_ceil(4) as u32, t.div_ceil(8) as u32, 1);
         if lin.fmt >= 2 {
             self.launch(
-                "matmul", &self.gpu.fwd.matmul_q,
+                "matmul",
+                &self.gpu.fwd.matmul_q,
                 cfg1(grid, 128),
                 &[
                     &w,
@@ -404,7 +411,8 @@ impl GpuModel {
             )
         } else {
             self.launch(
-                "matmul", &self.gpu.fwd.matmul_f,
+                "matmul",
+                &self.gpu.fwd.matmul_f,
                 cfg1(grid, 128),
                 &[&w, &lin.fmt, &rows, &cols, &input.f, &ti, &bias, &out],
             )
@@ -450,20 +458,23 @@ impl GpuModel {
         let nb = values / 32;
         let n = nb as i32;
         self.launch(
-            "quant8", &self.gpu.fwd.quant8,
+            "quant8",
+            &self.gpu.fwd.quant8,
             cfg1((nb.div_ceil(8) as u32, 1, 1), 256),
             &[&x, &n, &out.qs, &out.qd, &out.qsum],
         )
     }
 
-    fn rope(&self, x: u64, t: usize, heads: usize, cos: u64, sin: u64) -> Result<(), GpuError> {
-        let d = self.cfg.head_dim;
-        let (ld, hi, di) = ((heads * d) as i32, heads as i32, d as i32);
-        let neox = matches!(self.cfg.rope.layout, RopeLayout::Neox) as i32;
+    /// RoPE on the step's q and k rows, one launch.
+    fn rope(&self, q: u64, k: u64, t: usize, cos: u64, sin: u64) -> Result<(), GpuError> {
+        let c = &self.cfg;
+        let (qh, kvh, di) = (c.heads as i32, c.kv_heads as i32, c.head_dim as i32);
+        let neox = matches!(c.rope.layout, RopeLayout::Neox) as i32;
         self.launch(
-            "rope", &self.gpu.fwd.rope,
+            "rope",
+            &self.gpu.fwd.rope,
             cfg1((t as u32, 1, 1), 128),
-            &[&x, &ld, &hi, &di, &cos, &sin, &neox],
+            &[&q, &k, &qh, &kvh, &di, &cos, &sin, &neox],
         )
     }
 
@@ -735,7 +746,8 @@ impl GpuModel {
         // embeddings
         let (emb, cols, tokp) = (gpu.ptr(&self.embed.w), self.embed.cols as i32, at(l.tokens));
         self.launch(
-            "embed", &gpu.fwd.embed,
+            "embed",
+            &gpu.fwd.embed,
             cfg1((t as u32, 1, 1), 256),
             &[&emb, &self.embed.fmt, &cols, &tokp, &x],
         )?;
@@ -754,18 +766,19 @@ impl GpuModel {
         for (li, layer) in self.layers.iter().enumerate() {
             self.norm(x, &layer.attn_norm, t, h, q8(hn))?;
             self.project(&layer.qkv, q8(hn), t, &[(q, qd), (k, kd), (v, kd)], false)?;
-            self.rope(q, t, qh, cosp, sinp)?;
-            self.rope(k, t, kvh, cosp, sinp)?;
+            self.rope(q, k, t, cosp, sinp)?;
             let seqp = at(l.seqs + li * p.ns * std::mem::size_of::<SeqArg>());
             self.launch(
-                "attention", &gpu.fwd.attention,
+                "attention",
+                &gpu.fwd.attention,
                 cfg1((qh as u32, t as u32, p.splits as u32), 32),
                 &[
                     &segp, &seqp, &rsp, &rfp, &r0p, &q, &k, &v, &qhi, &kvhi, &di, &sm, &chi, &work,
                 ],
             )?;
             self.launch(
-                "attn_combine", &gpu.fwd.attn_combine,
+                "attn_combine",
+                &gpu.fwd.attn_combine,
                 cfg1((qh as u32, t as u32, 1), 32),
                 &[&work, &spi, &di, &attn],
             )?;
@@ -783,7 +796,8 @@ impl GpuModel {
             self.project(&layer.gate_up, q8(hn), t, &[(gate, self.ffn), (upb, self.ffn)], false)?;
             let (n, a) = ((t * self.ffn) as i32, q8(act));
             self.launch(
-                "swiglu", &gpu.fwd.swiglu,
+                "swiglu",
+                &gpu.fwd.swiglu,
                 cfg1(((t * self.ffn).div_ceil(256) as u32, 1, 1), 256),
                 &[&gate, &upb, &n, &a.f, &a.qs, &a.qd, &a.qsum],
             )?;
@@ -795,7 +809,12 @@ impl GpuModel {
         }
         // logits for the rows the mode asks for
         let (rp, selp, hi) = (at(l.rows), gpu.ptr(&st.sel), h as i32);
-        self.launch("gather", &gpu.fwd.gather, cfg1((p.r as u32, 1, 1), 128), &[&x, &rp, &hi, &selp])?;
+        self.launch(
+            "gather",
+            &gpu.fwd.gather,
+            cfg1((p.r as u32, 1, 1), 128),
+            &[&x, &rp, &hi, &selp],
+        )?;
         // `hn` and the 8-bit buffers hold t ≥ r rows
         self.norm(selp, &self.norm, p.r, h, q8(hn))?;
         let head = self.head.as_ref().unwrap_or(&self.embed);
@@ -818,7 +837,8 @@ const MAX_GRAPHS: usize = 32;
 /// warps to fill the device, and (chunk, splits) in coarse steps so a decode step keeps its shape (and its
 /// captured graph) for many tokens. Splits past the data write an empty partial.
 fn split_plan(max_total: usize, rows_heads: usize) -> (usize, usize) {
-    let want = 1024usize.div_ceil(rows_heads.max(1)).max(1);
+    // ~8k warps fill an H200 (132 SMs × 64); a Jetson needs fewer but loses little to the extra empty splits
+    let want = 8192usize.div_ceil(rows_heads.max(1)).max(1);
     let chunk = if max_total <= 64 * want {
         64
     } else {
