@@ -410,10 +410,20 @@ fn start_engine(
     limits.max_tokens_limit = limits.max_tokens_limit.min(model.config.context_length - 1);
     limits.default_max_tokens = limits.default_max_tokens.min(limits.max_tokens_limit);
     let backend = match gpu {
-        Some(g) => Some(crate::gpu::upload_model(g, &model).map_err(|e| AppError::Model {
-            path: cfg.model.clone(),
-            source: e,
-        })?),
+        Some(g) => match crate::gpu::upload_model(g, &model) {
+            Ok(b) => Some(b),
+            // `auto` takes the GPU when the model can run there, the CPU otherwise; `cuda:N` insists.
+            Err(e) if cfg.device == crate::gpu::DeviceChoice::Auto => {
+                tracing::warn!(error = %e, "device = auto: the model cannot run on the GPU; it runs on the CPU");
+                None
+            }
+            Err(e) => {
+                return Err(AppError::Model {
+                    path: cfg.model.clone(),
+                    source: e,
+                })
+            }
+        },
         None => None,
     };
     EngineHandle::spawn(EngineSetup {

@@ -33,6 +33,10 @@ pub struct ModelSummary {
     pub context_length: usize,
     pub vocab_size: usize,
     pub weight_bytes: usize,
+    /// Where the forward pass runs (`cpu`, or the GPU's name and architecture).
+    pub device: String,
+    /// Bytes of weights in device memory (0 on the CPU).
+    pub device_weight_bytes: usize,
     /// (bits, bytes per token over all layers, K and V).
     pub kv_bytes_per_token: Vec<(u32, usize)>,
     pub profile: Option<ProfileSummary>,
@@ -118,7 +122,7 @@ impl EngineHandle {
         let geom = model.kv_geometry();
         let context_length = model.config.context_length;
         let tokenizer = Arc::new(tokenizer);
-        let info = summarize(&model, &model_sha256, profile.as_ref(), &config);
+        let mut info = summarize(&model, &model_sha256, profile.as_ref(), &config);
         let frontend = Frontend::new(
             tokenizer.clone(),
             model.config.context_length,
@@ -136,9 +140,11 @@ impl EngineHandle {
             Some(b) => b,
             None => model.clone(),
         };
+        info.device = compute.device();
+        info.device_weight_bytes = compute.device_weight_bytes();
         tracing::info!(
-            device = compute.device(),
-            device_weight_bytes = compute.device_weight_bytes(),
+            device = info.device,
+            device_weight_bytes = info.device_weight_bytes,
             "forward pass"
         );
         let engine = Engine::new(EngineParts {
@@ -324,6 +330,8 @@ fn summarize(model: &Model, sha: &str, profile: Option<&(Arc<Profile>, PathBuf)>
         context_length: c.context_length,
         vocab_size: c.vocab_size,
         weight_bytes: model.weight_bytes(),
+        device: "cpu".into(),
+        device_weight_bytes: 0,
         kv_bytes_per_token: [Bits::B16, Bits::B8, Bits::B4, Bits::B2]
             .iter()
             .map(|&b| (b.count(), PmkvqStore::token_bytes(geom, &pm, b)))

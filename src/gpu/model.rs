@@ -1035,3 +1035,159 @@ impl Backend for GpuModel {
         self.weight_bytes
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    /// Field names of `struct NAME { … };` in kernels/forward.cu, in order.
+    fn cuda_fields(name: &str) -> Vec<String> {
+        let src = include_str!("../../kernels/forward.cu");
+        let start = src.find(&format!("struct {name} {{")).expect("struct in forward.cu");
+        let body = &src[start..];
+        let body = &body[body.find('{').unwrap() + 1..body.find("};").unwrap()];
+        body.lines()
+            .map(|l| l.split("//").next().unwrap())
+            .flat_map(|l| l.split(';'))
+            .filter_map(|decl| {
+                let decl = decl.trim();
+                let (_, names) = decl.split_once(' ')?;
+                Some(
+                    names
+                        .split(',')
+                        .map(|n| n.trim().split('[').next().unwrap().to_string())
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .flatten()
+            .filter(|n| !n.is_empty())
+            .collect()
+    }
+
+    #[test]
+    fn table_structs_match_the_kernels_field_for_field() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            cuda_fields("pk_seg"),
+            names(&["k_data", "k_scale", "k_off", "v_data", "v_scale", "v_off", "len", "bits"])
+        );
+        assert_eq!(
+            cuda_fields("pk_seq"),
+            names(&["seg_start", "seg_count", "stored", "g", "qscale", "kinv"])
+        );
+        assert_eq!(
+            cuda_fields("pk_dst"),
+            names(&["k_data", "k_scale", "k_off", "v_data", "v_scale", "v_off", "kinv", "bits", "g"])
+        );
+        assert_eq!(
+            cuda_fields("pk_out"),
+            names(&["ptr", "ld", "start", "parts", "accumulate"])
+        );
+        // C layout of those fields (8-byte pointers, 4-byte ints, no hidden padding the host would leave unset)
+        assert_eq!(
+            (size_of::<SegArg>(), offset_of!(SegArg, len), offset_of!(SegArg, bits)),
+            (56, 48, 52)
+        );
+        assert_eq!(
+            (size_of::<SeqArg>(), offset_of!(SeqArg, g), offset_of!(SeqArg, qscale)),
+            (32, 12, 16)
+        );
+        assert_eq!(
+            (size_of::<DstArg>(), offset_of!(DstArg, kinv), offset_of!(DstArg, g)),
+            (64, 48, 60)
+        );
+        assert_eq!(
+            (
+                size_of::<OutArg>(),
+                offset_of!(OutArg, ld),
+                offset_of!(OutArg, start),
+                offset_of!(OutArg, parts),
+                offset_of!(OutArg, accumulate)
+            ),
+            (64, 24, 36, 52, 56)
+        );
+    }
+
+    #[test]
+    fn split_plan_covers_every_token_in_coarse_steps() {
+        for rows_heads in [9, 27, 72, 288, 4608] {
+            let mut shapes = std::collections::BTreeSet::new();
+            for max_total in (1..70_000).step_by(7) {
+                let (chunk, splits) = split_plan(max_total, rows_heads);
+                assert!(
+                    chunk * splits >= max_total,
+                    "{max_total} tokens, {rows_heads}: {chunk}×{splits}"
+                );
+                assert!(splits.is_multiple_of(8) && chunk.is_multiple_of(32) && chunk >= 64);
+                // no more than one split past the data rounds up to the next multiple of 8
+                assert!((splits - 8) * chunk < max_total || splits == 8);
+                shapes.insert((chunk, splits));
+            }
+            // a decode step keeps its graph for many tokens: few distinct shapes over 70k tokens
+            assert!(shapes.len() <= 200, "{rows_heads}: {} shapes", shapes.len());
+        }
+        // one decode row of 9 heads at 32k tokens: enough warps to fill an H200
+        let (_, splits) = split_plan(32_768, 9);
+        assert!(9 * splits >= 4096);
+    }
+
+    #[test]
+    fn blob_sections_are_aligned_in_order_and_disjoint() {
+        let cap = Capacity {
+            t: 7,
+            r: 3,
+            segs: 101,
+            seqs: 30,
+            dsts: 210,
+            work: 1,
+            half: 32,
+        };
+        let l = BlobLayout::new(&cap);
+        let sections = [
+            (l.segs, cap.segs * size_of::<SegArg>()),
+            (l.seqs, cap.seqs * size_of::<SeqArg>()),
+            (l.dsts, cap.dsts * size_of::<DstArg>()),
+            (l.row_seq, cap.t * 4),
+            (l.row_fresh, cap.t * 4),
+            (l.row_fresh0, cap.t * 4),
+            (l.tokens, cap.t * 4),
+            (l.cos, cap.t * cap.half * 4),
+            (l.sin, cap.t * cap.half * 4),
+            (l.rows, cap.r * 4),
+        ];
+        let mut end = 0;
+        for (off, len) in sections {
+            assert!(
+                off.is_multiple_of(8) && off >= end,
+                "section at {off} overlaps the one ending at {end}"
+            );
+            end = off + len;
+        }
+        assert!(l.total >= end);
+    }
+
+    #[test]
+    fn capacity_grows_past_what_a_step_needs_and_never_shrinks() {
+        let small = Capacity {
+            t: 1,
+            r: 1,
+            segs: 64,
+            seqs: 30,
+            dsts: 30,
+            work: 100,
+            half: 32,
+        };
+        let need = Capacity {
+            t: 4,
+            segs: 65,
+            work: 90,
+            ..small
+        };
+        assert!(!small.holds(&need));
+        let g = small.grow(&need);
+        assert!(g.holds(&need) && g.holds(&small));
+        assert_eq!((g.t, g.work), (4, 100));
+        assert!(g.segs >= 96, "grows by half at least: {}", g.segs);
+    }
+}

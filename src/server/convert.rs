@@ -151,6 +151,8 @@ pub fn model_info(m: &ModelSummary) -> pb::ModelInfo {
         context_length: m.context_length as u32,
         vocab_size: m.vocab_size as u32,
         weight_bytes: m.weight_bytes as u64,
+        device: m.device.clone(),
+        device_weight_bytes: m.device_weight_bytes as u64,
         kv_bytes_per_token: m
             .kv_bytes_per_token
             .iter()

@@ -23,7 +23,8 @@ fn family(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(String
 }
 
 /// The exposition text for one status snapshot and budget.
-pub fn render(st: &EngineStatus, b: &Budget, layers: usize) -> String {
+pub fn render(st: &EngineStatus, b: &Budget, model: &crate::engine::ModelSummary) -> String {
+    let layers = model.layers;
     let mut o = String::new();
     let mut metric =
         |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| family(&mut o, name, kind, help, samples);
@@ -38,6 +39,15 @@ pub fn render(st: &EngineStatus, b: &Budget, layers: usize) -> String {
         "counter",
         "Finished requests by reason.",
         &finished,
+    );
+    metric(
+        "device_weight_bytes",
+        "gauge",
+        "Bytes of model weights in device memory (0 when the model runs on the CPU); the KV gauges count device bytes then.",
+        &[(
+            format!("{{device=\"{}\"}}", model.device.replace(['"', '\\', '\n'], "_")),
+            model.device_weight_bytes as f64,
+        )],
     );
     metric(
         "requests_running",
@@ -204,7 +214,7 @@ pub async fn serve(
             let (code, body) = match (line.starts_with(b"GET /metrics "), engine.get()) {
                 (true, Some(e)) => {
                     let b = budget.borrow().clone();
-                    ("200 OK", render(&e.status(), &b, e.model_info().layers))
+                    ("200 OK", render(&e.status(), &b, e.model_info()))
                 }
                 (true, None) => ("503 Service Unavailable", "loading the model\n".to_string()),
                 (false, _) => ("404 Not Found", "only GET /metrics\n".to_string()),

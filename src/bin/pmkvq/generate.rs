@@ -19,6 +19,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     sampling.validate().map_err(|e| fail(EX_USAGE, e.into()))?;
     if let Some(server) = &a.server {
         let local_only = [
+            ("--device", a.device != "cpu"),
             ("--kv-budget", a.kv_budget.is_some()),
             ("--kv-trace", a.kv_trace.is_some()),
             ("--profile", a.profile.is_some()),
@@ -31,7 +32,29 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
         }
         return super::client::generate_remote(&a, server);
     }
+    let device: pmkvq::gpu::DeviceChoice = a
+        .device
+        .parse()
+        .map_err(|e: String| fail(EX_USAGE, anyhow::anyhow!("`--device` {e}")))?;
     let (model, tok) = load(&a.model)?;
+    let model = std::sync::Arc::new(model);
+    let backend: std::sync::Arc<dyn pmkvq::model::Backend> = match pmkvq::gpu::open(device) {
+        Ok(Some(g)) => match pmkvq::gpu::upload_model(std::sync::Arc::new(g), &model) {
+            Ok(b) => b,
+            Err(e) if device == pmkvq::gpu::DeviceChoice::Auto => {
+                eprintln!("device auto: {e}; running on the CPU");
+                model.clone()
+            }
+            Err(e) => return Err(fail(EX_UNAVAILABLE, e.into())),
+        },
+        Ok(None) => {
+            if device == pmkvq::gpu::DeviceChoice::Auto {
+                eprintln!("device auto: no usable CUDA device; running on the CPU");
+            }
+            model.clone()
+        }
+        Err(e) => return Err(fail(EX_UNAVAILABLE, anyhow::anyhow!("--device {}: {e}", a.device))),
+    };
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => tok.encode(p, true).map_err(|e| fail(EX_USAGE, e.into()))?,
         (None, Some(user)) => {
@@ -77,8 +100,8 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
         ..pmkvq::calib::method_spec(method, profile.as_ref())
     };
     let ctx = model.config.context_length;
-    let mut kv = spec
-        .new_store(model.kv_geometry(), ctx)
+    let mut kv = backend
+        .new_store(&spec, model.kv_geometry(), ctx)
         .map_err(|e| fail(EX_USAGE, e.into()))?;
     let mut trace = match &a.kv_trace {
         None => None,
@@ -97,7 +120,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     let json = a.json;
     let mut trace_err = None;
     let out = engine::generate(
-        &model,
+        &*backend,
         &tok,
         kv.as_mut(),
         &req,
@@ -137,12 +160,13 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     } else {
         writeln!(stdout)?;
         eprintln!(
-            "prompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?} | threads {} | kv {} {} bytes",
+            "prompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?} | {} | threads {} | kv {} {} bytes",
             out.prompt_ids.len(),
             out.prompt_tokens_per_s,
             out.ids.len(),
             out.decode_tokens_per_s,
             out.finish_reason,
+            backend.device(),
             model.threads(),
             out.kv_method,
             out.kv_true_bytes

@@ -251,6 +251,10 @@ struct GenerateArgs {
     /// Generate on a running pmkvqd (HOST:PORT) instead of loading the model here.
     #[arg(long, env = "PMKVQ_SERVER")]
     server: Option<String>,
+    /// Where the model runs locally: cpu, auto (a CUDA GPU when there is one) or cuda:N. Needs a build with
+    /// `--features cuda-kernels` for anything but cpu.
+    #[arg(long, default_value = "cpu", env = "PMKVQ_DEVICE")]
+    device: String,
     /// KV budget for the whole sequence (true bytes: codes, scales, offsets), e.g. 4MiB; split evenly over
     /// layers. Binds `pmkvq`; fixed-width methods cost what their width costs.
     #[arg(long)]
