@@ -2,7 +2,7 @@
 
 use crate::engine::sampler::argmax;
 use crate::kvcache::{KvError, KvMethod, KvStore, MethodSpec};
-use crate::model::{LogitsMode, Model, ModelError, SeqInput};
+use crate::model::{Backend, LogitsMode, ModelError, SeqInput};
 use serde::Serialize;
 
 #[derive(Clone, Debug)]
@@ -82,13 +82,17 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 }
 
 /// Run every method over `tokens` in lockstep with the f16 cache.
-pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> Result<DivergenceReport, ModelError> {
+pub fn run_divergence(
+    model: &dyn Backend,
+    tokens: &[u32],
+    cfg: &DivergenceConfig,
+) -> Result<DivergenceReport, ModelError> {
     let geom = model.kv_geometry();
     let max = tokens.len() + cfg.greedy_tokens + 8;
-    let mut reference = KvMethod::Fp16.new_store(geom, None, max)?;
+    let mut reference = model.new_store(&MethodSpec::plain(KvMethod::Fp16, None, "fp16"), geom, max)?;
     let mut runs: Vec<Run> = Vec::new();
     for m in &cfg.methods {
-        let store = m.new_store(model.kv_geometry(), max)?;
+        let store = model.new_store(m, model.kv_geometry(), max)?;
         runs.push(Run {
             spec: m.clone(),
             store,
@@ -113,7 +117,7 @@ pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> 
             }
         }
     }
-    let vocab = model.config.vocab_size;
+    let vocab = model.config().vocab_size;
     let mut pos = ctx - 1;
     while pos + 1 < tokens.len() {
         let end = (pos + cfg.step.max(1)).min(tokens.len() - 1);
@@ -201,7 +205,7 @@ pub fn run_divergence(model: &Model, tokens: &[u32], cfg: &DivergenceConfig) -> 
 
 /// Greedy generation from the context with `method` and with the f16 cache: the first index where they differ.
 fn greedy_divergence(
-    model: &Model,
+    model: &dyn Backend,
     tokens: &[u32],
     ctx: usize,
     spec: &MethodSpec,
@@ -231,9 +235,9 @@ fn greedy_divergence(
         }
         Ok(out)
     };
-    let mut f = KvMethod::Fp16.new_store(geom, None, ctx + n + 8)?;
+    let mut f = model.new_store(&MethodSpec::plain(KvMethod::Fp16, None, "fp16"), geom, ctx + n + 8)?;
     let reference = run(f.as_mut())?;
-    let mut s = spec.new_store(model.kv_geometry(), ctx + n + 8)?;
+    let mut s = model.new_store(spec, model.kv_geometry(), ctx + n + 8)?;
     let ours = run(s.as_mut())?;
     Ok(ours
         .iter()
@@ -303,7 +307,7 @@ impl DivergenceReport {
 /// A long sequence the model writes itself from `prompt` (a reasoning trace): sampled at the paper's settings
 /// (temperature 0.6, top-p 0.95) with end-of-sequence tokens suppressed, so it reaches `total` tokens.
 pub fn generate_trace(
-    model: &Model,
+    model: &dyn Backend,
     tok: &crate::model::Tokenizer,
     prompt: &[u32],
     total: usize,
@@ -316,7 +320,11 @@ pub fn generate_trace(
         ..Default::default()
     };
     let mut sampler = crate::engine::Sampler::new(params).map_err(|e| ModelError::Input(e.to_string()))?;
-    let mut store = KvMethod::Fp16.new_store(model.kv_geometry(), None, total + 1)?;
+    let mut store = model.new_store(
+        &MethodSpec::plain(KvMethod::Fp16, None, "fp16"),
+        model.kv_geometry(),
+        total + 1,
+    )?;
     let mut logits = model.forward_chunked(prompt, store.as_mut(), 512, LogitsMode::Last)?;
     let mut seq = prompt.to_vec();
     while seq.len() < total {

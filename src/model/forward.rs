@@ -348,7 +348,7 @@ impl Model {
     }
 
     /// Prefill (or teacher-force) one sequence in chunks of at most `chunk` tokens, continuing from what `kv`
-    /// holds. Returns logits per `mode` (for `Last`, of the final token only).
+    /// holds ([`Backend::forward_chunked`](super::Backend::forward_chunked) on the CPU).
     pub fn forward_chunked(
         &self,
         tokens: &[u32],
@@ -356,28 +356,6 @@ impl Model {
         chunk: usize,
         mode: LogitsMode,
     ) -> Result<Vec<f32>, ModelError> {
-        let chunk = chunk.max(1);
-        let mut all = Vec::new();
-        let mut pos0 = kv.len(0) as u32;
-        let n_chunks = tokens.len().div_ceil(chunk);
-        for (ci, c) in tokens.chunks(chunk).enumerate() {
-            let positions: Vec<u32> = (pos0..pos0 + c.len() as u32).collect();
-            let m = match mode {
-                LogitsMode::All => LogitsMode::All,
-                LogitsMode::Last if ci + 1 == n_chunks => LogitsMode::Last,
-                _ => LogitsMode::None,
-            };
-            let mut out = self.forward(
-                &[SeqInput {
-                    tokens: c,
-                    positions: &positions,
-                }],
-                &mut [kv],
-                m,
-            )?;
-            all.append(&mut out[0]);
-            pos0 += c.len() as u32;
-        }
-        Ok(all)
+        super::Backend::forward_chunked(self, tokens, kv, chunk, mode)
     }
 }

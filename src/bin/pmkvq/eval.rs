@@ -23,6 +23,8 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
         ));
     }
     let (model, tok) = load(&a.model)?;
+    let model = std::sync::Arc::new(model);
+    let backend = open_backend(&a.device, &model)?;
     if a.tokens > model.config.context_length {
         return Err(fail(
             EX_USAGE,
@@ -72,7 +74,7 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
             );
             let n = ids.len();
             (
-                eval::divergence::generate_trace(&model, &tok, &ids, a.tokens, a.seed)
+                eval::divergence::generate_trace(&*backend, &tok, &ids, a.tokens, a.seed)
                     .map_err(|e| fail(EX_SOFTWARE, e.into()))?,
                 n,
             )
@@ -151,12 +153,12 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
         let mut parts = Vec::new();
         for (i, chunk) in tokens.chunks_exact(seq_len).enumerate() {
             eprintln!("chunk {} of {} ...", i + 1, tokens.len() / seq_len);
-            parts.push(eval::run_divergence(&model, chunk, &cfg).map_err(|e| fail(EX_SOFTWARE, e.into()))?);
+            parts.push(eval::run_divergence(&*backend, chunk, &cfg).map_err(|e| fail(EX_SOFTWARE, e.into()))?);
         }
         eval::DivergenceReport::merge(parts)
             .ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("text shorter than one chunk")))?
     } else {
-        eval::run_divergence(&model, &tokens, &cfg).map_err(|e| fail(EX_SOFTWARE, e.into()))?
+        eval::run_divergence(&*backend, &tokens, &cfg).map_err(|e| fail(EX_SOFTWARE, e.into()))?
     };
     if let Some(p) = &a.plot {
         eval::report::plot_svg(&report, &a.title, p).map_err(|e| fail(EX_SOFTWARE, anyhow::anyhow!("plot: {e}")))?;

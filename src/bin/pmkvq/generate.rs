@@ -32,29 +32,9 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
         }
         return super::client::generate_remote(&a, server);
     }
-    let device: pmkvq::gpu::DeviceChoice = a
-        .device
-        .parse()
-        .map_err(|e: String| fail(EX_USAGE, anyhow::anyhow!("`--device` {e}")))?;
     let (model, tok) = load(&a.model)?;
     let model = std::sync::Arc::new(model);
-    let backend: std::sync::Arc<dyn pmkvq::model::Backend> = match pmkvq::gpu::open(device) {
-        Ok(Some(g)) => match pmkvq::gpu::upload_model(std::sync::Arc::new(g), &model) {
-            Ok(b) => b,
-            Err(e) if device == pmkvq::gpu::DeviceChoice::Auto => {
-                eprintln!("device auto: {e}; running on the CPU");
-                model.clone()
-            }
-            Err(e) => return Err(fail(EX_UNAVAILABLE, e.into())),
-        },
-        Ok(None) => {
-            if device == pmkvq::gpu::DeviceChoice::Auto {
-                eprintln!("device auto: no usable CUDA device; running on the CPU");
-            }
-            model.clone()
-        }
-        Err(e) => return Err(fail(EX_UNAVAILABLE, anyhow::anyhow!("--device {}: {e}", a.device))),
-    };
+    let backend = open_backend(&a.device, &model)?;
     let prompt_ids = match (&a.prompt, &a.chat) {
         (Some(p), _) => tok.encode(p, true).map_err(|e| fail(EX_USAGE, e.into()))?,
         (None, Some(user)) => {

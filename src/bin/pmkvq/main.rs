@@ -142,6 +142,10 @@ enum EvalCmd {
 struct DivergenceArgs {
     #[command(flatten)]
     model: ModelArgs,
+    /// Where the model runs: cpu, auto or cuda:N (a build with `--features cuda-kernels`); every method's cache
+    /// lives there too.
+    #[arg(long, default_value = "cpu", env = "PMKVQ_DEVICE")]
+    device: String,
     /// A prompt (used verbatim) from which the model writes a trace of --tokens tokens.
     #[arg(long, group = "source")]
     prompt: Option<String>,
@@ -269,6 +273,35 @@ struct GenerateArgs {
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
+}
+
+/// Where the model runs locally (`--device cpu|auto|cuda:N`): the CPU model itself, or its copy on a GPU. `auto`
+/// says on stderr when it falls back to the CPU; `cuda:N` that cannot be used is EX_UNAVAILABLE.
+fn open_backend(
+    device: &str,
+    model: &std::sync::Arc<pmkvq::model::Model>,
+) -> Result<std::sync::Arc<dyn pmkvq::model::Backend>, Failure> {
+    use pmkvq::gpu::DeviceChoice;
+    let choice: DeviceChoice = device
+        .parse()
+        .map_err(|e: String| fail(EX_USAGE, anyhow::anyhow!("`--device` {e}")))?;
+    match pmkvq::gpu::open(choice) {
+        Ok(Some(g)) => match pmkvq::gpu::upload_model(std::sync::Arc::new(g), model) {
+            Ok(b) => Ok(b),
+            Err(e) if choice == DeviceChoice::Auto => {
+                eprintln!("device auto: {e}; running on the CPU");
+                Ok(model.clone())
+            }
+            Err(e) => Err(fail(EX_UNAVAILABLE, e.into())),
+        },
+        Ok(None) => {
+            if choice == DeviceChoice::Auto {
+                eprintln!("device auto: no usable CUDA device; running on the CPU");
+            }
+            Ok(model.clone())
+        }
+        Err(e) => Err(fail(EX_UNAVAILABLE, anyhow::anyhow!("--device {device}: {e}"))),
+    }
 }
 
 struct Failure {
