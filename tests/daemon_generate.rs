@@ -160,6 +160,11 @@ async fn kv_state_stop_strings_and_other_rpcs() {
     let got = collect(&mut c, req).await;
     assert_eq!(got.request_id, "my-id-1");
     let info = c.get_model_info(pb::GetModelInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        (info.device.as_str(), info.device_weight_bytes),
+        ("cpu", 0),
+        "where the forward pass runs"
+    );
     let at: Vec<usize> = got.kv_states.iter().map(|(n, _)| *n).collect();
     let want: Vec<usize> = (1..=got.ids.len() / 4).map(|k| 4 * k).collect();
     assert_eq!(at, want, "a KV state every 4 tokens");

@@ -152,6 +152,8 @@ async fn prometheus_metrics_endpoint() {
         "pmkvq_memory_host_available_bytes",
         "pmkvq_requantizations_total 0",
         "pmkvq_preemptions_total 0",
+        // the model runs on the CPU here: no weights in device memory
+        "pmkvq_device_weight_bytes{device=\"cpu\"} 0",
     ] {
         assert!(text.contains(needle), "`{needle}` missing:\n{text}");
     }
