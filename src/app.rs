@@ -23,6 +23,8 @@ pub enum AppError {
     Model { path: PathBuf, source: ModelError },
     #[error("model {0} not found (run `pmkvq fetch-model` or set `model`)")]
     ModelMissing(PathBuf),
+    #[error("engine.spill_dir: {0}")]
+    Spill(String),
     #[error("profile {path}: {msg}")]
     Profile { path: PathBuf, msg: String },
     #[error("gRPC transport: {0}")]
@@ -48,6 +50,7 @@ impl AppError {
             AppError::Transport(_) | AppError::Join(_) | AppError::Engine(_) => 70,
             AppError::Memory(_) | AppError::Bind(..) => 71,
             AppError::Gpu(_) => 69,
+            AppError::Spill(_) => 73,
         }
     }
 }
@@ -409,6 +412,8 @@ fn start_engine(
     let mut limits = cfg.limits.clone();
     limits.max_tokens_limit = limits.max_tokens_limit.min(model.config.context_length - 1);
     limits.default_max_tokens = limits.default_max_tokens.min(limits.max_tokens_limit);
+    let spill = crate::kvcache::spill::SpillDir::open(&cfg.spill_dir, cfg.spill_max_bytes)
+        .map_err(|e| AppError::Spill(format!("{}: {e}", cfg.spill_dir.display())))?;
     let backend = match gpu {
         Some(g) => match crate::gpu::upload_model(g, &model) {
             Ok(b) => Some(b),
@@ -442,7 +447,7 @@ fn start_engine(
             fault: cfg.fault.clone(),
         },
         budget,
-        spill_dir: cfg.spill_dir.clone(),
+        spill,
     })
     .map_err(|e| AppError::Model {
         path: cfg.model.clone(),

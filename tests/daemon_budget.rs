@@ -285,3 +285,44 @@ fn a_non_loopback_listener_without_a_token_refuses_to_start() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preemption_past_the_spill_quota_ends_the_victim_and_leaves_no_file() {
+    let spill = tempfile::tempdir().unwrap();
+    let dir = spill.path().to_str().unwrap().to_string();
+    // the low-priority cache is ~4 MiB when the cut comes: far past a 64 KiB quota
+    let server = start_server(&[("engine.spill_dir", &dir), ("engine.spill_max_bytes", "64KiB")]).await;
+    let mut c = server.client().await;
+    let mut a = admin(&server).await;
+    let mut low = endless("The history of the lighthouse begins", 300, -10);
+    low.request_id = "low".into();
+    low.kv.as_mut().unwrap().min_bits = Some(16);
+    let mut high = endless("Dear diary, today I", 400, 10);
+    high.request_id = "high".into();
+    let hs = c.generate(high).await.unwrap().into_inner();
+    let ls = c.generate(low).await.unwrap().into_inner();
+    let mid = wait_status(&mut c, Duration::from_secs(30), |s| {
+        seq(s, "low").is_some_and(|q| q.generated_tokens >= 150) && seq(s, "high").is_some()
+    })
+    .await;
+    let cut = 6u64 << 20;
+    assert!(cut < mid.kv_true_bytes);
+    set_bytes(&mut a, cut).await;
+    let low_got = collect_stream(ls).await;
+    assert_eq!(
+        low_got.finish_reason(),
+        pb::FinishReason::MemoryPressure,
+        "no room on disk either: the victim ends, its text so far intact"
+    );
+    assert!(low_got.ids.len() >= 150);
+    set_bytes(&mut a, 1 << 30).await;
+    let high_got = collect_stream(hs).await;
+    assert_eq!(high_got.finish_reason(), pb::FinishReason::Length);
+    assert_eq!(
+        std::fs::read_dir(spill.path()).unwrap().count(),
+        0,
+        "no partial spill file is left"
+    );
+    assert_eq!(status(&mut c).await.preemptions, 0);
+    server.stop().await;
+}

@@ -120,7 +120,14 @@ pub const KEYS: &[KeyDef] = &[
     KeyDef {
         key: "engine.spill_dir",
         default: "",
-        doc: "where preempted sequences' KV caches are spilled (empty = the system temp dir / pmkvq-spill)",
+        doc: "where preempted sequences' KV caches are spilled (empty = the system temp dir / pmkvq-spill); created \
+              0700, and refused when it is a symlink, someone else's, or open to group or others",
+    },
+    KeyDef {
+        key: "engine.spill_max_bytes",
+        default: "4GiB",
+        doc: "most bytes the spill files may hold at once (0 = no limit); a preemption past it ends the victim with \
+              memory_pressure",
     },
     KeyDef {
         key: "memory.budget",
@@ -265,6 +272,8 @@ pub struct Config {
     pub limits: RequestLimits,
     pub shutdown_grace: Duration,
     pub spill_dir: PathBuf,
+    /// `engine.spill_max_bytes` (`None` = no limit).
+    pub spill_max_bytes: Option<u64>,
     pub memory_cap: OperatorCap,
     pub memory_policy: PolicyConfig,
     pub memory_interval: Duration,

@@ -105,6 +105,7 @@ pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Conf
         limits: engine.limits,
         shutdown_grace,
         spill_dir: engine.spill_dir,
+        spill_max_bytes: engine.spill_max_bytes,
         memory_cap: memory.cap,
         memory_policy: memory.policy,
         memory_interval: memory.interval,
@@ -184,6 +185,7 @@ struct EngineSection {
     pause_timeout: Duration,
     limits: RequestLimits,
     spill_dir: PathBuf,
+    spill_max_bytes: Option<u64>,
 }
 
 /// `engine.*`: batch and queue sizes, request limits and defaults, the spill directory.
@@ -215,6 +217,18 @@ fn engine(f: &mut Fields<'_>) -> EngineSection {
         "" => std::env::temp_dir().join("pmkvq-spill"),
         p => PathBuf::from(p),
     };
+    let spill_max_bytes = match parse_bytes(f.val("engine.spill_max_bytes")) {
+        Some(0) => None,
+        Some(n) => Some(n as u64),
+        None => {
+            let v = f.val("engine.spill_max_bytes");
+            f.bad(
+                "engine.spill_max_bytes",
+                format!("must be a byte size such as 4GiB (0 = no limit), got `{v}`"),
+            );
+            None
+        }
+    };
     EngineSection {
         max_running,
         max_queued,
@@ -229,6 +243,7 @@ fn engine(f: &mut Fields<'_>) -> EngineSection {
             default_kv_state_every: kv_state_every,
         },
         spill_dir,
+        spill_max_bytes,
     }
 }
 

@@ -102,8 +102,8 @@ pub struct EngineSetup {
     pub config: EngineConfig,
     /// The live KV budget for all sequences together (the memory monitor's output).
     pub budget: watch::Receiver<Budget>,
-    /// Where preempted sequences' caches are spilled.
-    pub spill_dir: PathBuf,
+    /// Where preempted sequences' caches are spilled (private, with its quota).
+    pub spill: crate::kvcache::spill::SpillDir,
 }
 
 impl EngineHandle {
@@ -117,7 +117,7 @@ impl EngineHandle {
             model_sha256,
             config,
             budget,
-            spill_dir,
+            spill,
         } = setup;
         let geom = model.kv_geometry();
         let context_length = model.config.context_length;
@@ -158,7 +158,7 @@ impl EngineHandle {
             intake_closed: intake_closed.clone(),
             status: status_tx,
             budget: budget.clone(),
-            spill_dir,
+            spill,
         });
         std::thread::Builder::new()
             .name("pmkvq-engine".into())

@@ -33,14 +33,12 @@ use super::request::RequestLimits;
 use super::sampler::Sampler;
 use super::sequence::{Admission, Sequence};
 use crate::kvcache::quant::Bits;
-use crate::kvcache::spill::SpillFile;
 use crate::kvcache::{KvError, KvStore, PmkvqConfig, PmkvqStore};
 use crate::memory::Budget;
 use crate::model::{Backend, LogitsMode, Model, SeqInput, Tokenizer};
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -87,7 +85,7 @@ pub(super) struct EngineParts {
     pub intake_closed: Arc<Mutex<bool>>,
     pub status: watch::Sender<Arc<EngineStatus>>,
     pub budget: watch::Receiver<Budget>,
-    pub spill_dir: PathBuf,
+    pub spill: crate::kvcache::spill::SpillDir,
 }
 
 pub(super) struct Engine {
@@ -108,10 +106,12 @@ pub(super) struct Engine {
     status: watch::Sender<Arc<EngineStatus>>,
     snapshot: EngineStatus,
     budget: watch::Receiver<Budget>,
-    spill_dir: PathBuf,
+    spill: crate::kvcache::spill::SpillDir,
     /// Preempted sequences, their caches on disk.
     spilled: Vec<Sequence<'static>>,
     spill_seq: u64,
+    /// Distinguishes this engine's spill files from another engine's in the same process.
+    engine_nonce: u64,
     /// Re-quantizations of sequences that are gone.
     requants_done: u64,
     /// Indices into `running` of the step being computed (a panic in it ends these). Stable for the whole
@@ -139,9 +139,13 @@ impl Engine {
             status: p.status,
             snapshot: EngineStatus::new(),
             budget: p.budget,
-            spill_dir: p.spill_dir,
+            spill: p.spill,
             spilled: Vec::new(),
             spill_seq: 0,
+            engine_nonce: {
+                static ENGINES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                ENGINES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
             requants_done: 0,
             in_step: Vec::new(),
             f16_token_bytes: PmkvqStore::token_bytes(geom, &PmkvqConfig::pmkvq(), Bits::B16),
@@ -339,9 +343,8 @@ impl Engine {
                 .compute
                 .new_store(&s.req.kv, self.model.kv_geometry(), s.max_len)
                 .and_then(|mut st| {
-                    let map = file
-                        .map()
-                        .map_err(|e| KvError::Corrupt(format!("{}: {e}", file.path().display())))?;
+                    // the file's length and checksum are verified before a byte of it is restored
+                    let map = file.map()?;
                     st.restore(&map)?;
                     Ok(st)
                 });
@@ -425,12 +428,18 @@ impl Engine {
         let floor = self.floor_of(&self.running[i]);
         let mut s = self.running.remove(i);
         self.spill_seq += 1;
-        let name = format!("pmkvq-{}-{}.kv", std::process::id(), self.spill_seq);
+        // pid first (stale-file cleanup reads it), then this engine (several may share a process and a directory)
+        let name = format!(
+            "pmkvq-{}-{}-{}.kv",
+            std::process::id(),
+            self.engine_nonce,
+            self.spill_seq
+        );
         let spilled =
             s.kv.as_ref()
                 .ok_or_else(|| "no cache".to_string())
                 .and_then(|kv| kv.spill().map_err(|e| e.to_string()))
-                .and_then(|data| SpillFile::write(&self.spill_dir, &name, &data).map_err(|e| e.to_string()));
+                .and_then(|data| self.spill.write(&name, &data).map_err(|e| e.to_string()));
         match spilled {
             Ok(file) => {
                 tracing::info!(

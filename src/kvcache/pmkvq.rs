@@ -591,6 +591,21 @@ impl KvStore for PmkvqStore {
             if k.len() != v.len() {
                 return Err(KvError::Corrupt("k and v hold different token counts".into()));
             }
+            let cfg = &self.cfg;
+            for side in [&k, &v] {
+                if side.sink.len() > cfg.sink || (cfg.window > 0 && side.window.len() >= cfg.window) {
+                    return Err(KvError::Corrupt(format!(
+                        "sink of {} or window of {} tokens: this cache keeps at most {} and fewer than {}",
+                        side.sink.len(),
+                        side.window.len(),
+                        cfg.sink,
+                        cfg.window
+                    )));
+                }
+                if side.sink.bits != Bits::B16 || side.window.bits != Bits::B16 {
+                    return Err(KvError::Corrupt("sink and window must be 16-bit".into()));
+                }
+            }
             layers.push(Layer { k, v, budget });
         }
         r.finish()?;
