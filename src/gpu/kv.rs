@@ -765,35 +765,13 @@ impl KvStore for DeviceStore {
             .sum()
     }
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
-        let floors: Vec<usize> = (0..self.layers.len())
+        let floors = (0..self.layers.len())
             .map(|li| self.projected(li, ahead, self.floor_bits(li)))
             .collect();
-        let need: usize = floors.iter().sum();
-        if need > total {
-            return Err(KvError::OutOfBudget {
-                layer: 0,
-                need,
-                budget: total,
-                floor_bits: self.floor_bits(0),
-            });
-        }
-        let current: Vec<usize> = (0..self.layers.len())
+        let current = (0..self.layers.len())
             .map(|li| self.projected(li, ahead, self.layers[li].bits))
             .collect();
-        let (base, need) = match current.iter().sum::<usize>() {
-            c if c <= total => (current, c),
-            _ => (floors, need),
-        };
-        let rest = (total - need) as f64;
-        let n = base.len() as f64;
-        let sum: f64 = shares.map_or(n, |s| s.iter().sum::<f64>().max(f64::MIN_POSITIVE));
-        let budgets: Vec<usize> = base
-            .iter()
-            .enumerate()
-            .map(|(li, f)| {
-                f + (rest * shares.map_or(1.0, |s| s.get(li).copied().unwrap_or(0.0)) / sum).floor() as usize
-            })
-            .collect();
+        let budgets = crate::kvcache::split_total_budget(floors, current, total, shares, self.floor_bits(0))?;
         self.set_layer_budgets(&budgets)
     }
     fn spill(&self) -> Result<Vec<u8>, KvError> {
@@ -817,21 +795,15 @@ impl KvStore for DeviceStore {
                 Ok(w.buf)
             }
             Kind::Pmkvq(c) => {
-                let mut w = Writer::new("pmkvq");
-                w.bytes(c.name.as_bytes());
-                w.u64(self.requants);
-                for (li, l) in self.layers.iter().enumerate() {
-                    w.u64(l.budget as u64);
-                    for side in self.download_layer(li)? {
-                        for seg in side {
-                            w.u64(seg.bits.count() as u64);
-                            w.bytes(&seg.data);
-                            w.f16s(&seg.scale);
-                            w.f16s(&seg.offset);
-                        }
-                    }
-                }
-                Ok(w.buf)
+                let host = (0..self.layers.len())
+                    .map(|li| self.download_layer(li))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let layers = self
+                    .layers
+                    .iter()
+                    .zip(&host)
+                    .map(|(l, [k, v])| (l.budget, [[&k[0], &k[1], &k[2]], [&v[0], &v[1], &v[2]]]));
+                Ok(crate::kvcache::write_spill(&c.name, self.requants, layers))
             }
         }
     }
@@ -860,50 +832,10 @@ impl KvStore for DeviceStore {
                 Ok(())
             }
             Kind::Pmkvq(c) => {
-                let mut r = Reader::new(data, "pmkvq")?;
-                if r.bytes()? != c.name.as_bytes() {
-                    return Err(KvError::Corrupt("written by a differently configured cache".into()));
-                }
-                let requants = r.u64()?;
-                let mut layers = Vec::with_capacity(g.layers);
-                for _ in 0..g.layers {
-                    let budget = r.u64()? as usize;
-                    let mut sides: Vec<Vec<PackedRows>> = Vec::with_capacity(2);
-                    for _ in 0..2 {
-                        let mut segs = Vec::with_capacity(3);
-                        for _ in 0..3 {
-                            let bits = u32::try_from(r.u64()?)
-                                .ok()
-                                .and_then(Bits::from_count)
-                                .ok_or_else(|| KvError::Corrupt("bad bit-width".into()))?;
-                            let mut rows = PackedRows::new(
-                                bits,
-                                s.g,
-                                g.kv_heads,
-                                g.head_dim,
-                                crate::kvcache::quant::OffsetMode::Stored,
-                            );
-                            rows.data = r.bytes()?.to_vec();
-                            rows.scale = r.f16s()?;
-                            rows.offset = r.f16s()?;
-                            let groups = rows.scale.len();
-                            if !groups.is_multiple_of(s.gpt)
-                                || rows.offset.len() != groups
-                                || rows.data.len() != groups * rows.group_bytes()
-                            {
-                                return Err(KvError::Corrupt("segment sizes disagree".into()));
-                            }
-                            segs.push(rows);
-                        }
-                        sides.push(segs);
-                    }
-                    let (k, v) = (&sides[0], &sides[1]);
-                    if (0..3).any(|i| k[i].len() != v[i].len() || k[i].bits != v[i].bits) {
-                        return Err(KvError::Corrupt("k and v disagree".into()));
-                    }
-                    if k[0].len() > c.sink || (c.window > 0 && k[2].len() >= c.window) {
-                        return Err(KvError::Corrupt("sink or window longer than configured".into()));
-                    }
+                let (requants, spilled) = crate::kvcache::read_spill(data, &c, g, s.g)?;
+                let mut layers = Vec::with_capacity(spilled.len());
+                for sl in spilled {
+                    let [k, v] = &sl.sides;
                     let up = |rows: &PackedRows, cap: usize| Rows::upload(&gpu, s, rows, cap).map_err(gpu_err);
                     let pair = |i: usize, cap: usize| -> Result<Pair, KvError> {
                         Ok(Pair {
@@ -913,7 +845,7 @@ impl KvStore for DeviceStore {
                     };
                     let mut l = Layer {
                         bits: k[1].bits.count(),
-                        budget,
+                        budget: sl.budget,
                         sink_len: k[0].len(),
                         body_len: k[1].len(),
                         win_len: k[2].len(),
@@ -929,11 +861,6 @@ impl KvStore for DeviceStore {
                         l.window = Some(pair(2, c.window)?);
                     }
                     layers.push(l);
-                }
-                r.finish()?;
-                let n = layers[0].sink_len + layers[0].body_len + layers[0].win_len;
-                if layers.iter().any(|l| l.sink_len + l.body_len + l.win_len != n) {
-                    return Err(KvError::Corrupt("layers hold different token counts".into()));
                 }
                 self.layers = layers;
                 self.requants = requants;

@@ -22,7 +22,7 @@ pub mod spill;
 pub mod tap;
 
 pub use method::{KvMethod, MethodSpec};
-pub use pmkvq::{PmkvqConfig, PmkvqStore, Quantizer};
+pub use pmkvq::{read_spill, split_total_budget, write_spill, PmkvqConfig, PmkvqStore, Quantizer, SpilledLayer};
 pub use reference::{F16KvStore, F32KvStore, RefElem, RefKvStore};
 pub use reparam::{KeyScaled, KeyScales};
 pub use tap::{KvTap, Tapped};

@@ -16,7 +16,9 @@ use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use rayon::prelude::*;
 
 mod config;
+mod shared;
 pub use config::{PmkvqConfig, Quantizer};
+pub use shared::{read_spill, split_total_budget, write_spill, SpilledLayer};
 
 struct Side {
     sink: PackedRows,
@@ -499,120 +501,35 @@ impl KvStore for PmkvqStore {
     }
 
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
-        let floors: Vec<usize> = (0..self.layers.len())
+        let floors = (0..self.layers.len())
             .map(|li| self.projected_bytes(li, ahead, self.floor_bits(li)))
             .collect();
-        let need: usize = floors.iter().sum();
-        if need > total {
-            return Err(KvError::OutOfBudget {
-                layer: 0,
-                need,
-                budget: total,
-                floor_bits: self.cfg.floor_bits.count(),
-            });
-        }
-        // When every layer can take the step at its current width, nothing shrinks (precision is only given up
-        // under pressure). Otherwise every layer gets its floor first (so none is starved below what it must
-        // hold) and the rest follows the calibrated shares (spec §11), or is split evenly.
-        let current: Vec<usize> = (0..self.layers.len())
+        let current = (0..self.layers.len())
             .map(|li| self.projected_bytes(li, ahead, self.layers[li].k.body.bits))
             .collect();
-        let (floors, need) = match current.iter().sum::<usize>() {
-            c if c <= total => (current, c),
-            _ => (floors, need),
-        };
-        let rest = (total - need) as f64;
-        let n = floors.len() as f64;
-        let sum: f64 = shares.map_or(n, |s| s.iter().sum::<f64>().max(f64::MIN_POSITIVE));
-        let budgets: Vec<usize> = floors
-            .iter()
-            .enumerate()
-            .map(|(li, f)| {
-                let share = shares.map_or(1.0, |s| s.get(li).copied().unwrap_or(0.0));
-                f + (rest * share / sum).floor() as usize
-            })
-            .collect();
+        let budgets = split_total_budget(floors, current, total, shares, self.cfg.floor_bits.count())?;
         self.set_layer_budgets(&budgets)
     }
 
     fn spill(&self) -> Result<Vec<u8>, KvError> {
-        let mut w = super::spill::Writer::new("pmkvq");
-        w.bytes(self.cfg.name.as_bytes());
-        w.u64(self.requants);
-        for l in &self.layers {
-            w.u64(l.budget as u64);
-            for side in [&l.k, &l.v] {
-                for seg in side.segments() {
-                    w.u64(seg.bits.count() as u64);
-                    w.bytes(&seg.data);
-                    w.f16s(&seg.scale);
-                    w.f16s(&seg.offset);
-                }
-            }
-        }
-        Ok(w.buf)
+        let layers = self.layers.iter().map(|l| (l.budget, [l.k.segments(), l.v.segments()]));
+        Ok(write_spill(&self.cfg.name, self.requants, layers))
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
-        let mut r = super::spill::Reader::new(data, "pmkvq")?;
-        if r.bytes()? != self.cfg.name.as_bytes() {
-            return Err(KvError::Corrupt("written by a differently configured cache".into()));
-        }
-        let requants = r.u64()?;
-        let mut layers = Vec::with_capacity(self.layers.len());
-        for l in &self.layers {
-            let budget = r.u64()? as usize;
-            let mut sides = Vec::with_capacity(2);
-            for side in [&l.k, &l.v] {
-                let mut segs = Vec::with_capacity(3);
-                for seg in side.segments() {
-                    let bits = u32::try_from(r.u64()?)
-                        .ok()
-                        .and_then(Bits::from_count)
-                        .ok_or_else(|| KvError::Corrupt("bad bit-width".into()))?;
-                    let mut rows = seg.empty_like(bits);
-                    rows.data = r.bytes()?.to_vec();
-                    rows.scale = r.f16s()?;
-                    rows.offset = r.f16s()?;
-                    let groups = rows.scale.len();
-                    if !groups.is_multiple_of(rows.groups_per_token()) || rows.data.len() != groups * rows.group_bytes()
-                    {
-                        return Err(KvError::Corrupt("segment sizes disagree".into()));
-                    }
-                    segs.push(rows);
+        let (requants, spilled) = read_spill(data, &self.cfg, self.geom, self.cfg.group)?;
+        self.layers = spilled
+            .into_iter()
+            .map(|l| {
+                let side = |[sink, body, window]: [PackedRows; 3]| Side { sink, body, window };
+                let [k, v] = l.sides;
+                Layer {
+                    k: side(k),
+                    v: side(v),
+                    budget: l.budget,
                 }
-                let window = segs.pop().expect("3 segments");
-                let body = segs.pop().expect("3 segments");
-                let sink = segs.pop().expect("3 segments");
-                sides.push(Side { sink, body, window });
-            }
-            let v = sides.pop().expect("2 sides");
-            let k = sides.pop().expect("2 sides");
-            if k.len() != v.len() {
-                return Err(KvError::Corrupt("k and v hold different token counts".into()));
-            }
-            let cfg = &self.cfg;
-            for side in [&k, &v] {
-                if side.sink.len() > cfg.sink || (cfg.window > 0 && side.window.len() >= cfg.window) {
-                    return Err(KvError::Corrupt(format!(
-                        "sink of {} or window of {} tokens: this cache keeps at most {} and fewer than {}",
-                        side.sink.len(),
-                        side.window.len(),
-                        cfg.sink,
-                        cfg.window
-                    )));
-                }
-                if side.sink.bits != Bits::B16 || side.window.bits != Bits::B16 {
-                    return Err(KvError::Corrupt("sink and window must be 16-bit".into()));
-                }
-            }
-            layers.push(Layer { k, v, budget });
-        }
-        r.finish()?;
-        if layers.iter().any(|l| l.k.len() != layers[0].k.len()) {
-            return Err(KvError::Corrupt("layers hold different token counts".into()));
-        }
-        self.layers = layers;
+            })
+            .collect();
         self.requants = requants;
         Ok(())
     }

@@ -77,7 +77,7 @@ impl PmkvqConfig {
         }
     }
     /// Where body groups keep their offsets: llama.cpp's symmetric formats store none.
-    pub(super) fn body_offsets(&self) -> OffsetMode {
+    pub(crate) fn body_offsets(&self) -> OffsetMode {
         match (self.quantizer, self.init_bits) {
             (Quantizer::LlamaSymmetric, Bits::B4) => OffsetMode::Symmetric { center: 8 },
             (Quantizer::LlamaSymmetric, _) => OffsetMode::Symmetric { center: 128 },

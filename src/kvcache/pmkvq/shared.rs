@@ -1,0 +1,143 @@
+//! What every PM-KVQ layout shares whatever holds its bytes (host memory here, device memory in `gpu::kv`): the
+//! split of a total budget over layers, and the spill format (one codec, so a cache spilled on one side restores
+//! on the other).
+
+use super::{Bits, OffsetMode, PackedRows, PmkvqConfig};
+use crate::kvcache::spill::{Reader, Writer};
+use crate::kvcache::{KvError, KvGeometry};
+
+/// Per-layer budgets for `total` true bytes. `floors[l]` / `current[l]`: what layer `l` needs for the next step
+/// at its floor width / its current width. When every layer fits at its current width nothing shrinks
+/// (precision is only given up under pressure); otherwise every layer gets its floor first (so none is starved
+/// below what it must hold) and the rest follows the calibrated shares (spec §11), or is split evenly.
+pub fn split_total_budget(
+    floors: Vec<usize>,
+    current: Vec<usize>,
+    total: usize,
+    shares: Option<&[f64]>,
+    floor_bits: u32,
+) -> Result<Vec<usize>, KvError> {
+    let need: usize = floors.iter().sum();
+    if need > total {
+        return Err(KvError::OutOfBudget {
+            layer: 0,
+            need,
+            budget: total,
+            floor_bits,
+        });
+    }
+    let (base, need) = match current.iter().sum::<usize>() {
+        c if c <= total => (current, c),
+        _ => (floors, need),
+    };
+    let rest = (total - need) as f64;
+    let n = base.len() as f64;
+    let sum: f64 = shares.map_or(n, |s| s.iter().sum::<f64>().max(f64::MIN_POSITIVE));
+    Ok(base
+        .iter()
+        .enumerate()
+        .map(|(li, f)| {
+            let share = shares.map_or(1.0, |s| s.get(li).copied().unwrap_or(0.0));
+            f + (rest * share / sum).floor() as usize
+        })
+        .collect())
+}
+
+/// One layer as spilled: its budget and (sink, body, window) of K and of V.
+pub struct SpilledLayer {
+    pub budget: usize,
+    pub sides: [[PackedRows; 3]; 2],
+}
+
+/// Serialize a PM-KVQ cache: its name, re-quantization count, then per layer the budget and the six segments.
+pub fn write_spill<'a>(
+    name: &str,
+    requants: u64,
+    layers: impl Iterator<Item = (usize, [[&'a PackedRows; 3]; 2])>,
+) -> Vec<u8> {
+    let mut w = Writer::new("pmkvq");
+    w.bytes(name.as_bytes());
+    w.u64(requants);
+    for (budget, sides) in layers {
+        w.u64(budget as u64);
+        for seg in sides.iter().flatten() {
+            w.u64(seg.bits.count() as u64);
+            w.bytes(&seg.data);
+            w.f16s(&seg.scale);
+            w.f16s(&seg.offset);
+        }
+    }
+    w.buf
+}
+
+/// Read what [`write_spill`] wrote for a cache configured as `cfg` over `geom` (groups of `group`), checking
+/// every length against the configuration: segment sizes, K and V alike, sink ≤ the configured sink, window
+/// shorter than the window size, 16-bit sink and window, one token count across layers.
+pub fn read_spill(
+    data: &[u8],
+    cfg: &PmkvqConfig,
+    geom: KvGeometry,
+    group: usize,
+) -> Result<(u64, Vec<SpilledLayer>), KvError> {
+    let mut r = Reader::new(data, "pmkvq")?;
+    if r.bytes()? != cfg.name.as_bytes() {
+        return Err(KvError::Corrupt("written by a differently configured cache".into()));
+    }
+    let requants = r.u64()?;
+    let mut layers = Vec::with_capacity(geom.layers);
+    for _ in 0..geom.layers {
+        let budget = r.u64()? as usize;
+        let mut segment = |i: usize| -> Result<PackedRows, KvError> {
+            let bits = u32::try_from(r.u64()?)
+                .ok()
+                .and_then(Bits::from_count)
+                .ok_or_else(|| KvError::Corrupt("bad bit-width".into()))?;
+            let offsets = if i == 1 { cfg.body_offsets() } else { OffsetMode::Stored };
+            let mut rows = PackedRows::new(bits, group, geom.kv_heads, geom.head_dim, offsets);
+            rows.data = r.bytes()?.to_vec();
+            rows.scale = r.f16s()?;
+            rows.offset = r.f16s()?;
+            let groups = rows.scale.len();
+            let offsets_ok = match offsets {
+                OffsetMode::Stored => rows.offset.len() == groups,
+                OffsetMode::Symmetric { .. } => rows.offset.is_empty(),
+            };
+            if !groups.is_multiple_of(rows.groups_per_token())
+                || rows.data.len() != groups * rows.group_bytes()
+                || !offsets_ok
+            {
+                return Err(KvError::Corrupt("segment sizes disagree".into()));
+            }
+            Ok(rows)
+        };
+        let mut side = || -> Result<[PackedRows; 3], KvError> { Ok([segment(0)?, segment(1)?, segment(2)?]) };
+        let sides = [side()?, side()?];
+        let [k, v] = &sides;
+        if (0..3).any(|i| k[i].len() != v[i].len()) {
+            return Err(KvError::Corrupt("k and v hold different token counts".into()));
+        }
+        for s in [k, v] {
+            if s[0].len() > cfg.sink || (cfg.window > 0 && s[2].len() >= cfg.window) {
+                return Err(KvError::Corrupt(format!(
+                    "sink of {} or window of {} tokens: this cache keeps at most {} and fewer than {}",
+                    s[0].len(),
+                    s[2].len(),
+                    cfg.sink,
+                    cfg.window
+                )));
+            }
+            if s[0].bits != Bits::B16 || s[2].bits != Bits::B16 || k[1].bits != v[1].bits {
+                return Err(KvError::Corrupt(
+                    "sink and window must be 16-bit, K and V bodies alike".into(),
+                ));
+            }
+        }
+        layers.push(SpilledLayer { budget, sides });
+    }
+    r.finish()?;
+    let tokens = |l: &SpilledLayer| l.sides[0].iter().map(PackedRows::len).sum::<usize>();
+    if layers.iter().any(|l| tokens(l) != layers.first().map_or(0, tokens)) {
+        return Err(KvError::Corrupt("layers hold different token counts".into()));
+    }
+    Ok((requants, layers))
+}
