@@ -593,21 +593,8 @@ impl GpuModel {
             }
             start += s.tokens.len() as i32;
         }
-        // logits rows
-        let mut rows = Vec::new();
-        let mut counts = Vec::with_capacity(ns);
-        let mut s0 = 0usize;
-        for s in seqs {
-            let n = s.tokens.len();
-            let picked: Vec<i32> = match mode {
-                LogitsMode::All => (s0..s0 + n).map(|r| r as i32).collect(),
-                LogitsMode::Last if n > 0 => vec![(s0 + n - 1) as i32],
-                _ => Vec::new(),
-            };
-            counts.push(picked.len());
-            rows.extend(picked);
-            s0 += n;
-        }
+        let (rows, counts) = crate::model::logit_rows(seqs, mode);
+        let rows: Vec<i32> = rows.into_iter().map(|r| r as i32).collect();
         let r = rows.len();
         let (chunk, splits) = split_plan(max_total, qh * t);
         let need = Capacity {
@@ -687,13 +674,7 @@ impl GpuModel {
         }
         let vocab = c.vocab_size;
         let all = self.gpu.dtoh(&st.logits, r * vocab)?;
-        let mut res = Vec::with_capacity(ns);
-        let mut off = 0;
-        for cnt in counts {
-            res.push(all[off * vocab..(off + cnt) * vocab].to_vec());
-            off += cnt;
-        }
-        Ok(res)
+        Ok(crate::model::split_logits(&all, &counts, vocab))
     }
 
     fn capture(&self, st: &StepBuffers, plan: &StepPlan) -> Result<cudarc::driver::CudaGraph, GpuError> {
@@ -986,25 +967,7 @@ impl Backend for GpuModel {
         kv: &mut [&mut dyn KvStore],
         mode: LogitsMode,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        if seqs.len() != kv.len() {
-            return Err(ModelError::Input(format!(
-                "{} sequences but {} kv stores",
-                seqs.len(),
-                kv.len()
-            )));
-        }
-        for s in seqs {
-            if s.tokens.len() != s.positions.len() {
-                return Err(ModelError::Input("tokens and positions differ in length".into()));
-            }
-            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-                return Err(ModelError::Input(format!(
-                    "token id {bad} out of range (vocab size {})",
-                    self.cfg.vocab_size
-                )));
-            }
-        }
-        let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let t = crate::model::check_batch(seqs, kv.len(), self.cfg.vocab_size)?;
         if t == 0 {
             return Ok(vec![Vec::new(); seqs.len()]);
         }

@@ -32,6 +32,65 @@ pub enum LogitsMode {
 #[doc(hidden)]
 pub static NORM_ULP_PROBE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Check one sequence's input against a vocabulary of `vocab` ids (every backend runs this before any layer).
+pub fn check_input(s: &SeqInput<'_>, vocab: usize) -> Result<(), ModelError> {
+    if s.tokens.len() != s.positions.len() {
+        return Err(ModelError::Input("tokens and positions differ in length".into()));
+    }
+    if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ModelError::Input(format!(
+            "token id {bad} out of range (vocab size {vocab})"
+        )));
+    }
+    Ok(())
+}
+
+/// A batch's inputs checked (one store per sequence, every sequence's tokens): the total tokens.
+pub fn check_batch(seqs: &[SeqInput<'_>], stores: usize, vocab: usize) -> Result<usize, ModelError> {
+    if seqs.len() != stores {
+        return Err(ModelError::Input(format!(
+            "{} sequences but {stores} kv stores",
+            seqs.len()
+        )));
+    }
+    for s in seqs {
+        check_input(s, vocab)?;
+    }
+    Ok(seqs.iter().map(|s| s.tokens.len()).sum())
+}
+
+/// Which rows of a batch get logits under `mode` (indices into all sequences' rows), and how many per sequence.
+pub fn logit_rows(seqs: &[SeqInput<'_>], mode: LogitsMode) -> (Vec<usize>, Vec<usize>) {
+    let mut rows = Vec::new();
+    let mut counts = Vec::with_capacity(seqs.len());
+    let mut start = 0;
+    for s in seqs {
+        let n = s.tokens.len();
+        let before = rows.len();
+        match mode {
+            LogitsMode::All => rows.extend(start..start + n),
+            LogitsMode::Last if n > 0 => rows.push(start + n - 1),
+            _ => {}
+        }
+        counts.push(rows.len() - before);
+        start += n;
+    }
+    (rows, counts)
+}
+
+/// Split `rows × vocab` logits into each sequence's rows (`counts` from [`logit_rows`]).
+pub fn split_logits(all: &[f32], counts: &[usize], vocab: usize) -> Vec<Vec<f32>> {
+    let mut off = 0;
+    counts
+        .iter()
+        .map(|&c| {
+            let v = all[off * vocab..(off + c) * vocab].to_vec();
+            off += c;
+            v
+        })
+        .collect()
+}
+
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     out.clear();
     let dim = w.len();
@@ -107,17 +166,7 @@ impl Model {
         kv: &mut [&mut dyn KvStore],
         mode: LogitsMode,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        if seqs.len() != kv.len() {
-            return Err(ModelError::Input(format!(
-                "{} sequences but {} kv stores",
-                seqs.len(),
-                kv.len()
-            )));
-        }
-        for s in seqs {
-            self.check_seq(s)?;
-        }
-        let t_total: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let t_total = check_batch(seqs, kv.len(), self.config.vocab_size)?;
         if t_total == 0 {
             return Ok(vec![Vec::new(); seqs.len()]);
         }
@@ -145,25 +194,9 @@ impl Model {
         for li in 0..self.layers.len() {
             self.run_layer(li, &mut x, t, &cos, &sin, seqs, kv, false)?;
         }
-        // Rows that need logits.
-        let mut rows = Vec::new();
-        let mut counts = Vec::with_capacity(seqs.len());
-        let mut start = 0;
-        for s in seqs {
-            let n = s.tokens.len();
-            let picked: Vec<usize> = match mode {
-                LogitsMode::All => (start..start + n).collect(),
-                LogitsMode::Last if n > 0 => vec![start + n - 1],
-                _ => Vec::new(),
-            };
-            counts.push(picked.len());
-            rows.extend(picked);
-            start += n;
-        }
-        let mut out = Vec::with_capacity(seqs.len());
+        let (rows, counts) = logit_rows(seqs, mode);
         if rows.is_empty() {
-            out.resize(seqs.len(), Vec::new());
-            return Ok(out);
+            return Ok(vec![Vec::new(); seqs.len()]);
         }
         let mut sel = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
@@ -173,13 +206,7 @@ impl Model {
         rms_norm(&sel, &self.norm, cfg.rms_eps, &mut hbuf);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let logits = head.forward(&hbuf, rows.len())?;
-        let vocab = cfg.vocab_size;
-        let mut off = 0;
-        for c in counts {
-            out.push(logits[off * vocab..(off + c) * vocab].to_vec());
-            off += c;
-        }
-        Ok(out)
+        Ok(split_logits(&logits, &counts, cfg.vocab_size))
     }
 
     fn angle_tables<'a>(&self, positions: impl Iterator<Item = &'a u32>, t: usize) -> (Vec<f32>, Vec<f32>) {
@@ -262,7 +289,7 @@ impl Model {
         kv: &mut dyn KvStore,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let seqs = [SeqInput { tokens, positions }];
-        self.check_seq(&seqs[0])?;
+        check_input(&seqs[0], self.config.vocab_size)?;
         let t = tokens.len();
         self.install(|| {
             let mut x = self.embed_rows(tokens)?;
@@ -332,19 +359,6 @@ impl Model {
             self.embed.row_f32(tok as usize, row)?;
         }
         Ok(x)
-    }
-
-    fn check_seq(&self, s: &SeqInput<'_>) -> Result<(), ModelError> {
-        if s.tokens.len() != s.positions.len() {
-            return Err(ModelError::Input("tokens and positions differ in length".into()));
-        }
-        if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(ModelError::Input(format!(
-                "token id {bad} out of range (vocab size {})",
-                self.config.vocab_size
-            )));
-        }
-        Ok(())
     }
 
     /// Prefill (or teacher-force) one sequence in chunks of at most `chunk` tokens, continuing from what `kv`

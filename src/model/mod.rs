@@ -15,7 +15,7 @@ mod safetensors;
 pub mod tokenizer;
 
 pub use config::{Arch, ModelConfig, RopeLayout};
-pub use forward::{LogitsMode, SeqInput, NORM_ULP_PROBE};
+pub use forward::{check_batch, logit_rows, split_logits, LogitsMode, SeqInput, NORM_ULP_PROBE};
 pub use tokenizer::Tokenizer;
 
 use crate::kvcache::KvError;
