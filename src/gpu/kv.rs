@@ -428,10 +428,17 @@ impl DeviceStore {
 
     /// Slots for `n` new tokens in layer `li` and the segments attention reads before they are stored.
     pub fn prepare(&mut self, li: usize, n: usize) -> Result<LayerPlan, KvError> {
-        let (gpu, s) = (self.gpu.clone(), self.shape);
         let kinv = self.kinv(li);
-        let kind = self.kind.clone();
-        let l = &mut self.layers[li];
+        // disjoint borrows: the decode step calls this per layer and sequence, so nothing is cloned
+        let Self {
+            gpu,
+            shape: s,
+            kind,
+            layers,
+            ..
+        } = self;
+        let s = *s;
+        let l = &mut layers[li];
         let mut dsts = Vec::with_capacity(n);
         let mut segs = Vec::new();
         let stored = l.sink_len + l.body_len + l.win_len;
@@ -439,65 +446,65 @@ impl DeviceStore {
         match kind {
             Kind::Fp16 => {
                 for p in &l.body {
-                    segs.push(p.seg(&gpu, s, p.k.len));
+                    segs.push(p.seg(gpu, s, p.k.len));
                 }
-                paged_slots(l, &gpu, s, 0, n, kinv, &mut dsts).map_err(e)?;
+                paged_slots(l, gpu, s, 0, n, kinv, &mut dsts).map_err(e)?;
             }
             Kind::Pmkvq(c) => {
                 if c.sink > 0 && l.sink_len > 0 {
-                    segs.push(l.sink.as_ref().expect("sink").seg(&gpu, s, l.sink_len));
+                    segs.push(l.sink.as_ref().expect("sink").seg(gpu, s, l.sink_len));
                 }
                 for p in &l.body {
-                    segs.push(p.seg(&gpu, s, p.k.len));
+                    segs.push(p.seg(gpu, s, p.k.len));
                 }
                 let m = c.sink.saturating_sub(l.sink_len).min(n);
                 if m > 0 {
                     if l.sink.is_none() {
-                        l.sink = Some(Pair::alloc(&gpu, s, 16, c.sink).map_err(e)?);
+                        l.sink = Some(Pair::alloc(gpu, s, 16, c.sink).map_err(e)?);
                     }
                     let p = l.sink.as_ref().expect("sink");
                     for i in 0..m {
-                        dsts.push(p.dst(&gpu, s, l.sink_len + i, kinv));
+                        dsts.push(p.dst(gpu, s, l.sink_len + i, kinv));
                     }
                 }
                 let rem = n - m;
                 if c.window == 0 {
                     // rtn: pages at the fixed width
                     let bits = l.bits;
-                    paged_slots(l, &gpu, s, bits, rem, kinv, &mut dsts).map_err(e)?;
+                    paged_slots(l, gpu, s, bits, rem, kinv, &mut dsts).map_err(e)?;
                 } else if rem > 0 {
                     let w = l.win_len;
                     let tot = w + rem;
                     let flushed = tot / c.window * c.window;
                     if l.window.is_none() {
-                        l.window = Some(Pair::alloc(&gpu, s, 16, c.window).map_err(e)?);
+                        l.window = Some(Pair::alloc(gpu, s, 16, c.window).map_err(e)?);
                     }
                     if flushed == 0 {
                         let p = l.window.as_ref().expect("window");
                         if w > 0 {
-                            segs.push(p.seg(&gpu, s, w));
+                            segs.push(p.seg(gpu, s, w));
                         }
                         for i in 0..rem {
-                            dsts.push(p.dst(&gpu, s, w + i, kinv));
+                            dsts.push(p.dst(gpu, s, w + i, kinv));
                         }
                     } else {
-                        let mut chunk = Pair::alloc(&gpu, s, 16, flushed).map_err(e)?;
+                        let mut chunk = Pair::alloc(gpu, s, 16, flushed).map_err(e)?;
                         let win = l.window.as_ref().expect("window");
-                        win.k.copy_into(&gpu, s, w, &mut chunk.k).map_err(e)?;
-                        win.v.copy_into(&gpu, s, w, &mut chunk.v).map_err(e)?;
+                        win.k.copy_into(gpu, s, w, &mut chunk.k).map_err(e)?;
+                        win.v.copy_into(gpu, s, w, &mut chunk.v).map_err(e)?;
                         if w > 0 {
-                            segs.push(chunk.seg(&gpu, s, w));
+                            segs.push(chunk.seg(gpu, s, w));
                         }
                         for i in 0..flushed - w {
-                            dsts.push(chunk.dst(&gpu, s, w + i, kinv));
+                            dsts.push(chunk.dst(gpu, s, w + i, kinv));
                         }
                         for i in 0..tot - flushed {
-                            dsts.push(win.dst(&gpu, s, i, kinv));
+                            dsts.push(win.dst(gpu, s, i, kinv));
                         }
                         l.chunk = Some(chunk);
                     }
                 } else if l.win_len > 0 {
-                    segs.push(l.window.as_ref().expect("window").seg(&gpu, s, l.win_len));
+                    segs.push(l.window.as_ref().expect("window").seg(gpu, s, l.win_len));
                 }
             }
         }
@@ -508,9 +515,16 @@ impl DeviceStore {
     /// After the step's kernels: the new tokens are in their slots; fix lengths, lower a flushed chunk to the
     /// body's width and append it as a page, then enforce the layer's budget.
     pub fn commit(&mut self, li: usize, n: usize) -> Result<(), KvError> {
-        let (gpu, s, mode) = (self.gpu.clone(), self.shape, self.shift());
-        let kind = self.kind.clone();
-        let l = &mut self.layers[li];
+        let mode = self.shift();
+        let Self {
+            gpu,
+            shape: s,
+            kind,
+            layers,
+            ..
+        } = self;
+        let s = *s;
+        let l = &mut layers[li];
         match kind {
             Kind::Fp16 => commit_pages(l, n),
             Kind::Pmkvq(c) => {
@@ -529,8 +543,8 @@ impl DeviceStore {
                     chunk.k.len = flushed;
                     chunk.v.len = flushed;
                     while chunk.k.bits > l.bits {
-                        chunk.k.shrink(&gpu, s, mode).map_err(gpu_err)?;
-                        chunk.v.shrink(&gpu, s, mode).map_err(gpu_err)?;
+                        chunk.k.shrink(gpu, s, mode).map_err(gpu_err)?;
+                        chunk.v.shrink(gpu, s, mode).map_err(gpu_err)?;
                     }
                     l.body.push(chunk);
                     l.body_len += flushed;

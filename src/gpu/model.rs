@@ -133,6 +133,8 @@ pub struct GpuModel {
     dumps: std::sync::Mutex<Option<Vec<Vec<f32>>>>,
     /// Profiling: when set, an event is recorded after every launch, labelled with the kernel.
     profile: std::sync::Mutex<Option<Vec<(&'static str, cudarc::driver::CudaEvent)>>>,
+    /// Set while `trace_hidden` or `profile_step` runs: the launches check it before taking either lock above.
+    diagnosing: std::sync::atomic::AtomicBool,
     /// Whether decode steps may replay captured graphs (on unless `PMKVQ_NO_CUDA_GRAPHS` is set).
     graphs_on: std::sync::atomic::AtomicBool,
     /// Graphs captured and replayed since load.
@@ -244,6 +246,7 @@ impl GpuModel {
             step: std::sync::Mutex::new(None),
             dumps: std::sync::Mutex::new(None),
             profile: std::sync::Mutex::new(None),
+            diagnosing: std::sync::atomic::AtomicBool::new(false),
             graphs_on: std::sync::atomic::AtomicBool::new(std::env::var_os("PMKVQ_NO_CUDA_GRAPHS").is_none()),
             graph_counts: Default::default(),
         })
@@ -262,7 +265,9 @@ impl GpuModel {
         kv: &mut [&mut dyn KvStore],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         *self.dumps.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        self.diagnosing.store(true, std::sync::atomic::Ordering::Relaxed);
         let r = Backend::forward(self, seqs, kv, LogitsMode::None);
+        self.diagnosing.store(false, std::sync::atomic::Ordering::Relaxed);
         let d = self
             .dumps
             .lock()
@@ -278,7 +283,9 @@ impl GpuModel {
         let t0 = std::time::Instant::now();
         let start = self.gpu.timing_event().map_err(gerr)?;
         *self.profile.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        self.diagnosing.store(true, std::sync::atomic::Ordering::Relaxed);
         let r = Backend::forward(self, seqs, kv, LogitsMode::Last);
+        self.diagnosing.store(false, std::sync::atomic::Ordering::Relaxed);
         let events = self
             .profile
             .lock()
@@ -320,6 +327,9 @@ impl GpuModel {
     }
 
     fn mark(&self, name: &'static str) -> Result<(), GpuError> {
+        if !self.diagnosing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let mut g = self.profile.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = g.as_mut() {
             v.push((name, self.gpu.timing_event()?));
@@ -328,6 +338,9 @@ impl GpuModel {
     }
 
     fn dump(&self, x: &CudaSlice<f32>, n: usize) -> Result<(), GpuError> {
+        if !self.diagnosing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
         let mut g = self.dumps.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(d) = g.as_mut() {
             d.push(self.gpu.dtoh(x, n)?);
@@ -635,8 +648,7 @@ impl GpuModel {
             splits,
             g_min,
         };
-        let dumping = self.dumps.lock().unwrap_or_else(|p| p.into_inner()).is_some()
-            || self.profile.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        let dumping = self.diagnosing.load(std::sync::atomic::Ordering::Relaxed)
             || !self.graphs_on.load(std::sync::atomic::Ordering::Relaxed);
         // Decode-only steps (one token per sequence) repeat the same launches with the same addresses: they
         // replay a captured CUDA graph (one launch instead of ~11 per layer). Others launch directly.
