@@ -1,0 +1,100 @@
+//! The model's weights on the device: each matrix in its GGUF blocks (or f16 when the type has no kernel).
+
+use super::{gerr, Gpu};
+use crate::model::linear::{Linear, WeightData};
+use crate::model::{ModelError, Projection};
+use cudarc::driver::CudaSlice;
+use half::f16;
+
+/// Weight storage codes of `forward.cu` (PK_F32 …).
+pub(super) const F32: i32 = 0;
+pub(super) const F16: i32 = 1;
+
+pub(super) struct DevLinear {
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) fmt: i32,
+    pub(super) w: CudaSlice<u8>,
+    pub(super) bias: Option<CudaSlice<f32>>,
+}
+
+impl DevLinear {
+    pub(super) fn upload(gpu: &Gpu, l: &Linear, name: &str) -> Result<DevLinear, ModelError> {
+        use crate::cpu::BlockFormat;
+        let (fmt, bytes): (i32, Vec<u8>) = match &l.data {
+            WeightData::Blocks { format, bytes } => (
+                match format {
+                    BlockFormat::Q4_0 => 2,
+                    BlockFormat::Q4_1 => 3,
+                    BlockFormat::Q8_0 => 4,
+                },
+                bytes.clone(),
+            ),
+            WeightData::F32(v) => (F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            WeightData::F16(v) => (F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            WeightData::Candle(mm) => {
+                // K-quants and other types without a device kernel: dequantized to f16 once, at load.
+                use candle_core::quantized::QMatMul;
+                use candle_core::{DType, Device};
+                let t = match mm {
+                    QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+                };
+                let v = t.flatten_all()?.to_vec1::<f32>()?;
+                tracing::info!(
+                    tensor = name,
+                    "no GPU kernel for this weight type: dequantized to f16 at load"
+                );
+                (F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect())
+            }
+        };
+        Ok(DevLinear {
+            rows: l.rows,
+            cols: l.cols,
+            fmt,
+            w: gpu.upload(&bytes).map_err(gerr)?,
+            bias: match &l.bias {
+                Some(b) => Some(gpu.upload(b).map_err(gerr)?),
+                None => None,
+            },
+        })
+    }
+    pub(super) fn bytes(&self) -> usize {
+        self.w.len() + self.bias.as_ref().map_or(0, |b| b.len() * 4)
+    }
+}
+
+pub(super) enum DevProj {
+    /// One matrix whose rows are the parts, stacked.
+    Fused(DevLinear),
+    Split(Vec<DevLinear>),
+}
+
+impl DevProj {
+    pub(super) fn upload(gpu: &Gpu, p: &Projection, name: &str) -> Result<DevProj, ModelError> {
+        Ok(match p {
+            Projection::Fused { linear, .. } => DevProj::Fused(DevLinear::upload(gpu, linear, name)?),
+            Projection::Split(parts) => DevProj::Split(
+                parts
+                    .iter()
+                    .map(|l| DevLinear::upload(gpu, l, name))
+                    .collect::<Result<_, _>>()?,
+            ),
+        })
+    }
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            DevProj::Fused(l) => l.bytes(),
+            DevProj::Split(p) => p.iter().map(DevLinear::bytes).sum(),
+        }
+    }
+}
+
+pub(super) struct DevLayer {
+    pub(super) attn_norm: CudaSlice<f32>,
+    pub(super) qkv: DevProj,
+    pub(super) o: DevLinear,
+    pub(super) ffn_norm: CudaSlice<f32>,
+    pub(super) gate_up: DevProj,
+    pub(super) down: DevLinear,
+}
