@@ -206,6 +206,11 @@ async fn front_start(
     let opts = ServeOptions {
         admin_token,
         tls: cfg.tls.clone(),
+        max_connections: cfg.edge.max_connections,
+        max_streams_per_connection: cfg.edge.max_streams_per_connection,
+        handshake_timeout: cfg.edge.handshake_timeout,
+        keepalive_interval: cfg.edge.keepalive_interval,
+        keepalive_timeout: cfg.edge.keepalive_timeout,
     };
     let transport = tokio::spawn(server::serve(
         listener,
@@ -443,6 +448,7 @@ fn start_engine(
             prefill_chunk: cfg.prefill_chunk,
             stream_buffer: cfg.stream_buffer,
             pause_timeout: cfg.pause_timeout,
+            prepare_threads: cfg.prepare_threads,
             limits,
             fault: cfg.fault.clone(),
         },

@@ -93,6 +93,12 @@ pub const KEYS: &[KeyDef] = &[
         doc: "a sequence whose client has not read for this long ends (cancelled); paused ones take no batch slot",
     },
     KeyDef {
+        key: "engine.prepare_threads",
+        default: "2",
+        doc: "threads that tokenize prompts and render chat templates, off the network runtime; requests beyond them \
+              wait holding their queue place",
+    },
+    KeyDef {
         key: "engine.kv_method",
         default: "pmkvq",
         doc: "default KV cache: fp16, pmkvq, pmkvq:direct, pmkvq:modified, rtn:<b>, kivi:<b>, q8_0, q4_0",
@@ -168,6 +174,31 @@ pub const KEYS: &[KeyDef] = &[
         key: "memory.root",
         default: "/",
         doc: "root the memory samplers read /proc and /sys under (a container with the host's /proc mounted elsewhere)",
+    },
+    KeyDef {
+        key: "server.max_connections",
+        default: "512",
+        doc: "open gRPC connections at most; further clients wait in the listen backlog until one closes",
+    },
+    KeyDef {
+        key: "server.max_streams_per_connection",
+        default: "32",
+        doc: "concurrent RPCs one HTTP/2 connection may carry (SETTINGS_MAX_CONCURRENT_STREAMS)",
+    },
+    KeyDef {
+        key: "server.handshake_timeout",
+        default: "10s",
+        doc: "a new connection must send the HTTP/2 preface, and finish the TLS handshake, within this or it is closed",
+    },
+    KeyDef {
+        key: "server.keepalive_interval",
+        default: "30s",
+        doc: "HTTP/2 ping to a connection after this long without traffic (0s = off)",
+    },
+    KeyDef {
+        key: "server.keepalive_timeout",
+        default: "10s",
+        doc: "a connection whose peer does not answer a ping within this is closed",
     },
     KeyDef {
         key: "auth.token",
@@ -254,6 +285,17 @@ pub enum ListenAddr {
     Unix(PathBuf),
 }
 
+/// Limits on connections at the gRPC listener (`server.*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EdgeLimits {
+    pub max_connections: usize,
+    pub max_streams_per_connection: u32,
+    pub handshake_timeout: Duration,
+    /// `None`: no keepalive pings.
+    pub keepalive_interval: Option<Duration>,
+    pub keepalive_timeout: Duration,
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -269,6 +311,7 @@ pub struct Config {
     pub prefill_chunk: usize,
     pub stream_buffer: usize,
     pub pause_timeout: Duration,
+    pub prepare_threads: usize,
     pub limits: RequestLimits,
     pub shutdown_grace: Duration,
     pub spill_dir: PathBuf,
@@ -282,6 +325,7 @@ pub struct Config {
     /// PEM certificate chain and key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub metrics_listen: Option<SocketAddr>,
+    pub edge: EdgeLimits,
     /// Test-only fault injection in the engine; no file, variable or flag sets it.
     #[doc(hidden)]
     pub fault: Option<crate::engine::FaultHook>,

@@ -2,7 +2,7 @@
 //! parsing exactly its keys. Every problem is collected (never only the first), each naming the key, where its
 //! value came from and the bound it broke.
 
-use super::{Config, ListenAddr, LogFormat, ProfileChoice, RawConfig};
+use super::{Config, EdgeLimits, ListenAddr, LogFormat, ProfileChoice, RawConfig};
 use crate::engine::RequestLimits;
 use crate::gpu::DeviceChoice;
 use crate::kvcache::KvMethod;
@@ -83,6 +83,7 @@ pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Conf
     let engine = engine(&mut f);
     let shutdown_grace = f.duration("shutdown.grace");
     let memory = memory(&mut f);
+    let edge = server(&mut f);
     let admin_token = auth(&mut f, &top.listen);
     let tls = tls(&mut f);
     let metrics_listen = metrics(&mut f);
@@ -102,6 +103,7 @@ pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Conf
         prefill_chunk: engine.prefill_chunk,
         stream_buffer: engine.stream_buffer,
         pause_timeout: engine.pause_timeout,
+        prepare_threads: engine.prepare_threads,
         limits: engine.limits,
         shutdown_grace,
         spill_dir: engine.spill_dir,
@@ -113,6 +115,7 @@ pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Conf
         admin_token,
         tls,
         metrics_listen,
+        edge,
         fault: None,
     })
 }
@@ -183,6 +186,7 @@ struct EngineSection {
     prefill_chunk: usize,
     stream_buffer: usize,
     pause_timeout: Duration,
+    prepare_threads: usize,
     limits: RequestLimits,
     spill_dir: PathBuf,
     spill_max_bytes: Option<u64>,
@@ -199,6 +203,7 @@ fn engine(f: &mut Fields<'_>) -> EngineSection {
         let v = f.val("engine.pause_timeout");
         f.bad("engine.pause_timeout", format!("must be >= 100ms, got `{v}`"));
     }
+    let prepare_threads = f.count("engine.prepare_threads", 1, 64);
     let default_kv_method = f.val("engine.kv_method").parse::<KvMethod>().unwrap_or_else(|e| {
         f.bad("engine.kv_method", e.to_string());
         KvMethod::Fp16
@@ -235,6 +240,7 @@ fn engine(f: &mut Fields<'_>) -> EngineSection {
         prefill_chunk,
         stream_buffer,
         pause_timeout,
+        prepare_threads,
         limits: RequestLimits {
             default_max_tokens,
             max_tokens_limit,
@@ -287,6 +293,41 @@ fn memory(f: &mut Fields<'_>) -> MemorySection {
         policy,
         interval,
         root: PathBuf::from(f.val("memory.root")),
+    }
+}
+
+/// `server.*`: connection and stream limits at the gRPC listener.
+fn server(f: &mut Fields<'_>) -> EdgeLimits {
+    let max_connections = f.count("server.max_connections", 1, 1 << 20);
+    let max_streams_per_connection = f.count("server.max_streams_per_connection", 1, 65_535) as u32;
+    fn at_least(f: &mut Fields<'_>, key: &str, min: Duration) -> Duration {
+        let d = f.duration(key);
+        if d < min {
+            let v = f.val(key);
+            f.bad(key, format!("must be >= {min:?}, got `{v}`"));
+        }
+        d
+    }
+    let handshake_timeout = at_least(f, "server.handshake_timeout", Duration::from_millis(100));
+    let keepalive_timeout = at_least(f, "server.keepalive_timeout", Duration::from_millis(100));
+    let keepalive_interval = match f.duration("server.keepalive_interval") {
+        d if d.is_zero() => None,
+        d if d < Duration::from_millis(100) => {
+            let v = f.val("server.keepalive_interval");
+            f.bad(
+                "server.keepalive_interval",
+                format!("must be 0s (off) or >= 100ms, got `{v}`"),
+            );
+            None
+        }
+        d => Some(d),
+    };
+    EdgeLimits {
+        max_connections,
+        max_streams_per_connection,
+        handshake_timeout,
+        keepalive_interval,
+        keepalive_timeout,
     }
 }
 

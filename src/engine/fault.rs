@@ -41,3 +41,11 @@ pub fn check(hook: &Option<FaultHook>, at: FaultPoint, id: &str) {
         }
     }
 }
+
+/// The message of a caught panic.
+pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}

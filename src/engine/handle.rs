@@ -65,6 +65,31 @@ pub(super) enum Command {
     Wake,
 }
 
+/// A place in the engine's queue (see [`EngineHandle::reserve`]).
+pub struct QueueSlot {
+    pending: Arc<AtomicUsize>,
+    /// Requests already waiting when this one came.
+    queued: usize,
+    /// Still ours to give back (false once the engine has the request).
+    held: bool,
+}
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        if self.held {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+struct DecrementOnDrop(Arc<AtomicUsize>);
+
+impl Drop for DecrementOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Cloneable handle the transport uses: validates and submits requests, reads status. Never blocks.
 #[derive(Clone)]
 pub struct EngineHandle {
@@ -78,6 +103,10 @@ struct HandleInner {
     stream_buffer: usize,
     /// Accepted requests not yet running (shared with the engine, which decrements on admission).
     pending: Arc<AtomicUsize>,
+    /// Permits for the preparation threads (tokenizing, templates, store sizing).
+    prep: Arc<tokio::sync::Semaphore>,
+    /// Tokenize calls waiting for a preparation thread.
+    prep_waiting: Arc<AtomicUsize>,
     draining: AtomicBool,
     /// Set by the engine thread when it stops taking commands (shared with it).
     intake_closed: Arc<Mutex<bool>>,
@@ -171,6 +200,8 @@ impl EngineHandle {
                 max_queued: config.max_queued,
                 stream_buffer: config.stream_buffer.max(2),
                 pending,
+                prep: Arc::new(tokio::sync::Semaphore::new(config.prepare_threads.max(1))),
+                prep_waiting: Arc::new(AtomicUsize::new(0)),
                 draining: AtomicBool::new(false),
                 intake_closed,
                 fault: config.fault.clone(),
@@ -185,9 +216,10 @@ impl EngineHandle {
         })
     }
 
-    /// Validate, tokenize and queue a request. Errors are immediate; once this returns `Ok` the stream always
-    /// ends with a `Complete` or `Error` event.
-    pub fn submit(&self, req: Request) -> Result<Submission, RequestError> {
+    /// Take a place in the queue before any work is spent on a request: a draining, warming or full server
+    /// refuses here, before tokenizing. The place is given back when the slot is dropped unless the request
+    /// reached the engine.
+    pub fn reserve(&self) -> Result<QueueSlot, RequestError> {
         let h = &*self.inner;
         if h.draining.load(Ordering::Acquire) {
             return Err(RequestError::Unavailable("shutting down"));
@@ -195,6 +227,86 @@ impl EngineHandle {
         if !h.status.borrow().ready {
             return Err(RequestError::Unavailable("warming up"));
         }
+        let queued = h.pending.fetch_add(1, Ordering::AcqRel);
+        let slot = QueueSlot {
+            pending: h.pending.clone(),
+            queued,
+            held: true,
+        };
+        if queued >= h.max_queued {
+            return Err(RequestError::QueueFull {
+                queued,
+                limit: h.max_queued,
+            });
+        }
+        Ok(slot)
+    }
+
+    /// Validate, tokenize and queue a request. Errors are immediate; once this returns `Ok` the stream always
+    /// ends with a `Complete` or `Error` event. Blocking (tokenizing a long prompt takes a while): the network
+    /// runtime calls [`EngineHandle::submit_async`] instead.
+    pub fn submit(&self, req: Request) -> Result<Submission, RequestError> {
+        let slot = self.reserve()?;
+        self.submit_reserved(slot, req)
+    }
+
+    /// [`EngineHandle::submit`] without blocking the async runtime: the queue place is taken first, then
+    /// validation, tokenizing and template rendering run on one of the `prepare_threads` blocking threads
+    /// (requests beyond them wait, each holding its queue place, so the wait is bounded by `max_queued`).
+    /// A panic while preparing ends this request with `Internal`, nothing else.
+    pub async fn submit_async(&self, req: Request) -> Result<Submission, RequestError> {
+        let slot = self.reserve()?;
+        let h = self.clone();
+        self.prepare(move || h.submit_reserved(slot, req)).await
+    }
+
+    /// [`EngineHandle::tokenize`] on the preparation threads; at most `max_queued` calls wait for one.
+    pub async fn tokenize_async(&self, input: PromptInput) -> Result<(Vec<u32>, Vec<String>), RequestError> {
+        let h = &*self.inner;
+        let waiting = h.prep_waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = DecrementOnDrop(h.prep_waiting.clone());
+        if waiting >= h.max_queued {
+            return Err(RequestError::QueueFull {
+                queued: waiting,
+                limit: h.max_queued,
+            });
+        }
+        let me = self.clone();
+        self.prepare(move || me.tokenize(&input)).await
+    }
+
+    /// Run `work` on a preparation thread once one of the `prepare_threads` permits is free.
+    async fn prepare<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, RequestError> + Send + 'static,
+    ) -> Result<T, RequestError> {
+        let permit = self
+            .inner
+            .prep
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| RequestError::Unavailable("stopped"))?;
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        });
+        match task.await {
+            Ok(r) => r,
+            Err(e) => {
+                let what = match e.try_into_panic() {
+                    Ok(p) => super::fault::panic_text(p.as_ref()),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(error = %what, "preparing a request panicked; it ends, the server goes on");
+                Err(RequestError::Internal(what))
+            }
+        }
+    }
+
+    /// [`EngineHandle::submit`] with the queue place already taken.
+    pub fn submit_reserved(&self, mut slot: QueueSlot, req: Request) -> Result<Submission, RequestError> {
+        let h = &*self.inner;
         let id = if req.request_id.is_empty() {
             format!("req-{}", h.next_id.fetch_add(1, Ordering::Relaxed))
         } else {
@@ -215,14 +327,6 @@ impl EngineHandle {
                 });
             }
         }
-        let queued = h.pending.fetch_add(1, Ordering::AcqRel);
-        if queued >= h.max_queued {
-            h.pending.fetch_sub(1, Ordering::AcqRel);
-            return Err(RequestError::QueueFull {
-                queued,
-                limit: h.max_queued,
-            });
-        }
         let (tx, rx) = mpsc::channel(h.stream_buffer);
         let prompt_tokens = valid.prompt_ids.len();
         let adm = Admission {
@@ -238,27 +342,25 @@ impl EngineHandle {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if *gate {
-            h.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(RequestError::Unavailable("shutting down"));
         }
         let sent = h.cmd.try_send(Command::Submit(Box::new(adm)));
         drop(gate);
         match sent {
-            Ok(()) => Ok(Submission {
-                request_id: id,
-                prompt_tokens,
-                events: rx,
-            }),
-            Err(e) => {
-                h.pending.fetch_sub(1, Ordering::AcqRel);
-                Err(match e {
-                    TrySendError::Full(_) => RequestError::QueueFull {
-                        queued,
-                        limit: h.max_queued,
-                    },
-                    TrySendError::Disconnected(_) => RequestError::Unavailable("stopped"),
+            Ok(()) => {
+                // The engine owns the place now (it gives it back on admission).
+                slot.held = false;
+                Ok(Submission {
+                    request_id: id,
+                    prompt_tokens,
+                    events: rx,
                 })
             }
+            Err(TrySendError::Full(_)) => Err(RequestError::QueueFull {
+                queued: slot.queued,
+                limit: h.max_queued,
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(RequestError::Unavailable("stopped")),
         }
     }
 

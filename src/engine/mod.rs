@@ -23,7 +23,7 @@ pub use detok::Detokenizer;
 pub use events::{Completion, EngineStatus, Event, KvState, SeqPhase, SeqStatus, Timings, Usage};
 pub use fault::{FaultHook, FaultPoint};
 pub use generate::{generate, FinishReason, GenerateOutput, GenerateRequest};
-pub use handle::{EngineHandle, EngineSetup, ModelSummary, ProfileSummary, Submission};
+pub use handle::{EngineHandle, EngineSetup, ModelSummary, ProfileSummary, QueueSlot, Submission};
 pub use request::{
     is_printable_id_char, ChatMessage, Frontend, PromptInput, Request, RequestError, RequestLimits, SamplingOverrides,
     ValidRequest,

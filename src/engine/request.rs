@@ -119,6 +119,9 @@ pub enum RequestError {
          the KV budget is {budget} bytes; lower `stopping.max_tokens` or raise the budget"
     )]
     WontFit { need: usize, budget: usize, tokens: usize },
+    /// Preparing the request failed inside the server (a bug; the request ends, the server goes on).
+    #[error("internal error while preparing the request: {0}")]
+    Internal(String),
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> RequestError {

@@ -46,7 +46,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 mod ending;
-use ending::{panic_text, StoppedGuard};
+use super::fault::panic_text;
+use ending::StoppedGuard;
 
 /// How long the idle engine sleeps between looks at the drain signal (it wakes at once for a command).
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -69,6 +70,9 @@ pub struct EngineConfig {
     /// A paused sequence (its client not reading) ends after this long; while paused it takes no batch slot.
     pub pause_timeout: Duration,
     pub limits: RequestLimits,
+    /// Threads that tokenize prompts and render chat templates (off the network runtime); requests beyond them
+    /// wait, each holding its queue slot.
+    pub prepare_threads: usize,
     /// Test-only fault injection (see `fault.rs`); `None` in production.
     pub fault: Option<FaultHook>,
 }
@@ -155,7 +159,7 @@ impl Engine {
     pub(super) fn run(mut self) {
         let _guard = StoppedGuard(self.status.clone());
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.warm_up())) {
-            return self.give_up(&format!("warm-up panicked: {}", panic_text(&p)));
+            return self.give_up(&format!("warm-up panicked: {}", panic_text(p.as_ref())));
         }
         self.snapshot.ready = true;
         self.publish();
@@ -194,11 +198,11 @@ impl Engine {
                 self.apply_budget();
             }));
             if let Err(p) = between {
-                return self.give_up(&format!("panicked between steps: {}", panic_text(&p)));
+                return self.give_up(&format!("panicked between steps: {}", panic_text(p.as_ref())));
             }
             // A panic inside a step is that step's: its sequences end with `error`, the engine goes on.
             if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.step())) {
-                self.contain_step_panic(&panic_text(&p));
+                self.contain_step_panic(&panic_text(p.as_ref()));
             }
             self.publish();
         }

@@ -16,6 +16,7 @@ pub fn status_of(e: &RequestError) -> Status {
         RequestError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         RequestError::QueueFull { .. } | RequestError::WontFit { .. } => Status::resource_exhausted(e.to_string()),
         RequestError::Unavailable(_) => Status::unavailable(e.to_string()),
+        RequestError::Internal(_) => Status::internal(e.to_string()),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Prometheus text exposition (format 0.0.4) on its own port, off by default: `GET /metrics`.
 //!
-//! A deliberately small HTTP/1.1 responder (one request per connection, 8 KiB request limit, 5 s read timeout):
-//! scrapers need nothing more, and it keeps an HTTP framework out of the daemon.
+//! A deliberately small HTTP/1.1 responder (one request per connection, 8 KiB request limit, 5 s read timeout,
+//! 16 connections at once, back-off when out of descriptors): scrapers need nothing more, and it keeps an HTTP framework out of the daemon.
 
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::memory::Budget;
@@ -10,9 +10,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 
 const MAX_REQUEST: usize = 8 << 10;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrape connections open at once.
+const MAX_CONNECTIONS: usize = 16;
 
 /// One metric family: HELP, TYPE and its samples (`labels` like `{layer="3"}`, or empty).
 fn family(o: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
@@ -188,10 +191,15 @@ pub async fn serve(
     engine: Arc<OnceLock<EngineHandle>>,
     budget: watch::Receiver<Budget>,
 ) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
+    // Scrapes are one short request each: a few at a time is plenty, and the cap (with the read timeout) keeps a
+    // flood of idle connections from taking the process's descriptors.
+    let limits = super::edge::AcceptLimits {
+        max_connections: MAX_CONNECTIONS,
+        handshake_timeout: None,
+    };
+    let mut conns = super::edge::incoming(listener, limits, "metrics");
+    while let Some(conn) = conns.next().await {
+        let Ok(mut sock) = conn else { continue };
         let engine = engine.clone();
         let budget = budget.clone();
         tokio::spawn(async move {

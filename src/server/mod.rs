@@ -2,12 +2,13 @@
 //!
 //! Owns: wire ⇄ engine conversion ([`convert`], also the one error → status mapping), one tracing span per RPC,
 //! turning an engine event stream into a response stream. Does not own: model, KV cache or sampling (it may not
-//! import `candle`, `model` or `kvcache`); it never blocks the runtime (the engine handle's calls do not block).
+//! import `candle`, `model` or `kvcache`); it never blocks the runtime (tokenizing runs on the engine handle's preparation threads).
 //! Invariants: every started Generate stream ends with `complete` or `error`, or the client went away.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod convert;
+pub mod edge;
 pub mod metrics;
 pub mod proto;
 
@@ -135,7 +136,7 @@ impl PmkvqService for GrpcService {
         if !r.request_id.is_empty() && r.request_id.chars().all(crate::engine::is_printable_id_char) {
             span.record("request_id", r.request_id.as_str());
         }
-        let sub = engine.submit(r).map_err(|e| {
+        let sub = engine.submit_async(r).await.map_err(|e| {
             let st = convert::status_of(&e);
             span.in_scope(|| tracing::info!(code = ?st.code(), error = %e, "request refused"));
             st
@@ -161,7 +162,11 @@ impl PmkvqService for GrpcService {
         req: Request<proto::TokenizeRequest>,
     ) -> Result<Response<proto::TokenizeResponse>, Status> {
         let input = convert::prompt_of_tokenize(req.into_inner().input)?;
-        let (ids, pieces) = self.engine()?.tokenize(&input).map_err(|e| convert::status_of(&e))?;
+        let (ids, pieces) = self
+            .engine()?
+            .tokenize_async(input)
+            .await
+            .map_err(|e| convert::status_of(&e))?;
         Ok(Response::new(proto::TokenizeResponse { ids, pieces }))
     }
 
@@ -187,12 +192,36 @@ pub enum Listener {
     Unix(tokio::net::UnixListener),
 }
 
-/// Transport security: a bearer token for admin calls, TLS for everything.
-#[derive(Clone, Default)]
+/// Transport security (a bearer token for admin calls, TLS for everything) and the limits at the edge.
+#[derive(Clone)]
 pub struct ServeOptions {
     pub admin_token: Option<Arc<str>>,
     /// PEM certificate chain and private key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
+    /// Open connections at most (the listener stops accepting at the cap).
+    pub max_connections: usize,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS: RPCs one connection may carry at once.
+    pub max_streams_per_connection: u32,
+    /// For the HTTP/2 preface after accept, and separately for the TLS handshake.
+    pub handshake_timeout: std::time::Duration,
+    /// HTTP/2 pings after this long idle (`None`: off), answered within `keepalive_timeout` or the connection ends.
+    pub keepalive_interval: Option<std::time::Duration>,
+    pub keepalive_timeout: std::time::Duration,
+}
+
+impl Default for ServeOptions {
+    /// The defaults of `server.*` in the configuration.
+    fn default() -> Self {
+        ServeOptions {
+            admin_token: None,
+            tls: None,
+            max_connections: 512,
+            max_streams_per_connection: 32,
+            handshake_timeout: std::time::Duration::from_secs(10),
+            keepalive_interval: Some(std::time::Duration::from_secs(30)),
+            keepalive_timeout: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 /// Serve `pmkvq.v1` (generation and admin), health and reflection on `listener` until `shutdown` resolves; then
@@ -216,10 +245,17 @@ pub async fn serve(
     let reflect_v1alpha = reflection(tonic_reflection::server::Builder::configure())
         .build_v1alpha()
         .expect("our descriptor sets are valid");
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(opts.max_streams_per_connection)
+        .http2_keepalive_interval(opts.keepalive_interval)
+        .http2_keepalive_timeout(Some(opts.keepalive_timeout));
     if let Some((cert, key)) = &opts.tls {
         let identity = tonic::transport::Identity::from_pem(cert, key);
-        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        builder = builder.tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(identity)
+                .timeout(opts.handshake_timeout),
+        )?;
     }
     let router = builder
         .add_service(health)
@@ -230,20 +266,19 @@ pub async fn serve(
             admin,
             admin::bearer_check(opts.admin_token.clone()),
         ));
+    let limits = edge::AcceptLimits {
+        max_connections: opts.max_connections,
+        handshake_timeout: Some(opts.handshake_timeout),
+    };
     match listener {
         Listener::Tcp(l) => {
-            // Token chunks are small writes: without TCP_NODELAY, Nagle's algorithm meets the client's delayed
-            // ACK and holds each one back ~40 ms.
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(l).map(|s| {
-                let s = s?;
-                s.set_nodelay(true)?;
-                Ok::<_, std::io::Error>(s)
-            });
-            router.serve_with_incoming_shutdown(incoming, shutdown).await
+            router
+                .serve_with_incoming_shutdown(edge::incoming(l, limits, "grpc"), shutdown)
+                .await
         }
         Listener::Unix(l) => {
             router
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), shutdown)
+                .serve_with_incoming_shutdown(edge::incoming(l, limits, "grpc"), shutdown)
                 .await
         }
     }

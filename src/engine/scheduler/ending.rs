@@ -91,11 +91,3 @@ impl Engine {
         self.publish();
     }
 }
-
-/// The message of a caught panic.
-pub(super) fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
