@@ -84,3 +84,38 @@ async fn a_panic_during_warm_up_fails_the_start() {
     assert!(e.to_string().contains("warm-up"), "{e}");
     assert_ne!(e.exit_code(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_error_in_one_sequence_ends_only_that_sequence() {
+    let server = start_server_with(&[], |c| c.fault = hook(FaultPoint::StoreError, "bad")).await;
+    let mut c = server.client().await;
+    let long = |id: &str| {
+        let mut r = named(id, 48);
+        r.stopping.as_mut().unwrap().ignore_eos = Some(true);
+        r
+    };
+    let alone = collect(&mut c, long("alone")).await;
+    assert_eq!(alone.ids.len(), 48, "{:?}", alone.error);
+    // The same request again, and while it decodes, one whose cache fails half-way through the layers of the
+    // step they share: its neighbour's cache already holds that step's first layers.
+    let mut neighbour = c.generate(long("neighbour")).await.unwrap().into_inner();
+    let mut ids = match neighbour.message().await.unwrap().expect("first chunk").kind {
+        Some(pmkvq::server::proto::generate_response::Kind::Chunk(ch)) => ch.token_ids,
+        other => panic!("expected a chunk, got {other:?}"),
+    };
+    let bad = collect(&mut c, named("bad", 8)).await;
+    let err = bad.error.expect("the failing sequence ends with an error");
+    assert!(
+        err.contains("forward pass failed") && err.contains("fault injected"),
+        "{err}"
+    );
+    let rest = collect_stream(neighbour).await;
+    assert!(rest.error.is_none(), "the neighbour goes on: {:?}", rest.error);
+    ids.extend_from_slice(&rest.ids);
+    assert_eq!(ids, alone.ids, "the neighbour's tokens are those it makes alone");
+    wait_status(&mut c, Duration::from_secs(5), |s| {
+        s.sequences.is_empty() && s.kv_true_bytes == 0
+    })
+    .await;
+    server.stop().await;
+}

@@ -183,6 +183,29 @@ fn out_of_range_token_is_an_error() {
         .unwrap_err();
     assert!(e.to_string().contains("token id 64"), "{e}");
     assert!(kv.is_empty(), "a rejected batch stores nothing");
+    // In a batch the error names the sequence it belongs to, so a caller can end that one only.
+    let (mut a, mut b) = (
+        F16KvStore::new(model.kv_geometry(), 16),
+        F16KvStore::new(model.kv_geometry(), 16),
+    );
+    let seqs = [
+        pmkvq::model::SeqInput {
+            tokens: &[3, 4],
+            positions: &[0, 1],
+        },
+        pmkvq::model::SeqInput {
+            tokens: &[5, 99],
+            positions: &[0, 1],
+        },
+    ];
+    let e = model
+        .forward(&seqs, &mut [&mut a, &mut b], LogitsMode::Last)
+        .unwrap_err();
+    assert!(
+        matches!(&e, ModelError::InSequence { index: 1, source } if source.to_string().contains("token id 99")),
+        "{e}"
+    );
+    assert!(a.is_empty() && b.is_empty(), "a rejected batch stores nothing");
     // the context limit is enforced by the store, as an error
     let mut small = F16KvStore::new(model.kv_geometry(), 4);
     assert!(model

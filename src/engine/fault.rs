@@ -1,8 +1,10 @@
 //! A fault injector for tests: the engine calls it at fixed points with the request id it is working on, and
-//! panics where it says so (a hook may also sleep before answering, to widen a race window). Off (`None`) in every configuration a file, the environment or argv can express;
-//! only code that builds a `Config` (the integration tests) can set one. It exists so that panic containment is
-//! tested against real panics in the real loop.
+//! panics where it says so (at [`FaultPoint::StoreError`] a sequence's cache returns an error instead; a hook
+//! may also sleep before answering, to widen a race window). Off (`None`) in every configuration a file, the
+//! environment or argv can express; only code that builds a `Config` (the integration tests) can set one. It
+//! exists so that fault containment is tested against real panics and errors in the real loop.
 
+use crate::kvcache::{KvError, KvStore};
 use std::sync::Arc;
 
 /// Where the engine asks.
@@ -16,6 +18,9 @@ pub enum FaultPoint {
     Housekeeping,
     /// In `EngineHandle::submit`, after the request passed the draining check and before it is sent.
     Submit,
+    /// Inside the forward pass, when a sequence's cache takes the middle layer's new tokens: answering true makes
+    /// that cache fail with an error (not a panic), half-way through the layers of a batched step.
+    StoreError,
     /// On the engine thread, right after it left its loop (id `""`). A hook that sleeps here widens the
     /// window in which a submission can race the engine's exit.
     EngineExit,
@@ -48,4 +53,41 @@ pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// With a hook, `kv` wrapped so that the hook can fail it at [`FaultPoint::StoreError`]; without one, `kv`.
+pub(super) fn wrap_store(hook: &Option<FaultHook>, kv: Box<dyn KvStore>, id: &str) -> Box<dyn KvStore> {
+    match hook {
+        None => kv,
+        Some(h) => Box::new(FaultyStore {
+            inner: kv,
+            hook: h.clone(),
+            id: id.to_string(),
+        }),
+    }
+}
+
+/// A cache that fails when the hook says so (tests only: a per-sequence error in the middle of a real step).
+struct FaultyStore {
+    inner: Box<dyn KvStore>,
+    hook: FaultHook,
+    id: String,
+}
+
+impl KvStore for FaultyStore {
+    fn attend_and_store(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError> {
+        if layer == self.inner.geometry().layers / 2 && (self.hook.0)(FaultPoint::StoreError, &self.id) {
+            return Err(KvError::Corrupt(format!("fault injected in layer {layer}")));
+        }
+        self.inner.attend_and_store(layer, q, k, v, n, out)
+    }
+    crate::forward_kv_store!(self => self.inner);
 }

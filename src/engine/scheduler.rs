@@ -35,7 +35,7 @@ use super::sequence::{Admission, Sequence};
 use crate::kvcache::quant::Bits;
 use crate::kvcache::{KvError, KvStore, PmkvqConfig, PmkvqStore};
 use crate::memory::Budget;
-use crate::model::{Backend, LogitsMode, Model, SeqInput, Tokenizer};
+use crate::model::{Backend, LogitsMode, Model, ModelError, SeqInput, Tokenizer};
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -507,7 +507,10 @@ impl Engine {
         while self.batch_slots_used() < self.cfg.max_running {
             let Some(a) = self.waiting.pop_front() else { break };
             let max_len = budget::max_len(a.req.prompt_ids.len(), a.req.max_tokens, ctx);
-            let store = self.compute.new_store(&a.req.kv, self.model.kv_geometry(), max_len);
+            let store = self
+                .compute
+                .new_store(&a.req.kv, self.model.kv_geometry(), max_len)
+                .map(|kv| fault::wrap_store(&self.cfg.fault, kv, &a.req.request_id));
             let sampler = Sampler::new(a.req.sampling.clone());
             match (store, sampler) {
                 (Ok(kv), Ok(sampler)) => {
@@ -597,6 +600,7 @@ impl Engine {
                 }
             }
         }
+        let before: Vec<usize> = kvs.iter().map(|kv| kv.len(0)).collect();
         let result = self.compute.forward(&inputs, &mut kvs, LogitsMode::Last);
         drop(kvs);
         self.snapshot.steps += 1;
@@ -609,6 +613,18 @@ impl Engine {
                         s.finish(reason, None);
                     }
                     self.snapshot.generated_tokens += (s.generated - before) as u64;
+                }
+            }
+            Err(ModelError::InSequence { index, source }) if index < batch.len() => {
+                // One sequence's input or cache failed: it ends; the others take back whatever part of the
+                // step their caches hold and run it again next step.
+                let bad = batch[index].0;
+                tracing::error!(request_id = %self.running[bad].id(), error = %source, "forward pass failed for one sequence");
+                self.running[bad].finish(FinishReason::Error, Some(format!("forward pass failed: {source}")));
+                for (k, (i, _, _)) in batch.iter().enumerate() {
+                    if k != index {
+                        self.running[*i].roll_back_to(before[k]);
+                    }
                 }
             }
             Err(e) => {

@@ -303,6 +303,20 @@ impl<'kv> Sequence<'kv> {
         self.spill = None;
     }
 
+    /// Take back the part of a failed step its cache holds (the step failed for a neighbour): keep the first
+    /// `len` tokens in every layer. A cache that cannot give them back exactly ends the sequence with an error
+    /// rather than let it run on a state no forward pass produced.
+    pub fn roll_back_to(&mut self, len: usize) {
+        let Some(kv) = self.kv.as_mut() else { return };
+        kv.truncate(len);
+        if (0..kv.geometry().layers).any(|l| kv.len(l) != len) {
+            self.finish(
+                FinishReason::Error,
+                Some("a step shared with a failing sequence could not be taken back from this cache".into()),
+            );
+        }
+    }
+
     /// Re-quantizations over the sequence's life so far.
     pub fn requantizations(&self) -> u64 {
         self.requants_before + self.kv.as_ref().map_or(0, |k| k.requantizations())

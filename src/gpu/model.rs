@@ -313,8 +313,8 @@ impl GpuModel {
         let nl = self.layers.len();
         let ns = seqs.len();
         // Every store confirms it can take its tokens before any layer is touched (as the CPU path).
-        for (s, st) in seqs.iter().zip(stores.iter_mut()) {
-            st.reserve(s.tokens.len())?;
+        for (i, (s, st)) in seqs.iter().zip(stores.iter_mut()).enumerate() {
+            st.reserve(s.tokens.len()).map_err(|e| ModelError::in_sequence(i, e))?;
         }
         // Tables for every layer: segments, per-sequence entries, per-token slots.
         let mut segs: Vec<SegArg> = Vec::new();
@@ -349,14 +349,14 @@ impl GpuModel {
                 }
             }
         }
-        if let Some((e, _, _)) = fail {
+        if let Some((e, _, si)) = fail {
             // prepare changes no lengths: dropping the pending chunks and empty pages undoes it
             for li in 0..nl {
                 for st in stores.iter_mut() {
                     st.abandon(li);
                 }
             }
-            return Err(e.into());
+            return Err(ModelError::in_sequence(si, e));
         }
         let run = self.run_layers(seqs, &segs, &seqtab, &dsts, t, max_total, g_min, mode);
         let logits = match run {
@@ -372,14 +372,14 @@ impl GpuModel {
         };
         let mut first_err = None;
         for li in 0..nl {
-            for (s, st) in seqs.iter().zip(stores.iter_mut()) {
+            for (si, (s, st)) in seqs.iter().zip(stores.iter_mut()).enumerate() {
                 if let Err(e) = st.commit(li, s.tokens.len()) {
-                    first_err.get_or_insert(e);
+                    first_err.get_or_insert(ModelError::in_sequence(si, e));
                 }
             }
         }
         if let Some(e) = first_err {
-            return Err(e.into());
+            return Err(e);
         }
         Ok(logits)
     }

@@ -237,15 +237,73 @@ pub fn check_append(g: &KvGeometry, layer: usize, k: &[f32], v: &[f32], n: usize
     Ok(())
 }
 
+/// Implements every [`KvStore`] method except `attend_and_store` by forwarding to `$inner` (an expression of
+/// `self`): for stores that wrap another and change only how it attends.
+#[macro_export]
+macro_rules! forward_kv_store {
+    ($s:ident => $inner:expr) => {
+        fn geometry(&$s) -> $crate::kvcache::KvGeometry {
+            $inner.geometry()
+        }
+        fn len(&$s, layer: usize) -> usize {
+            $inner.len(layer)
+        }
+        fn append(&mut $s, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), $crate::kvcache::KvError> {
+            $inner.append(layer, k, v, n)
+        }
+        fn clear(&mut $s) {
+            $inner.clear()
+        }
+        fn truncate(&mut $s, tokens: usize) {
+            $inner.truncate(tokens)
+        }
+        fn true_bytes(&$s) -> usize {
+            $inner.true_bytes()
+        }
+        fn payload_bytes(&$s) -> usize {
+            $inner.payload_bytes()
+        }
+        fn reserve(&mut $s, n: usize) -> Result<(), $crate::kvcache::KvError> {
+            $inner.reserve(n)
+        }
+        fn layer_bits(&$s) -> Vec<u32> {
+            $inner.layer_bits()
+        }
+        fn set_layer_budgets(&mut $s, budgets: &[usize]) -> Result<(), $crate::kvcache::KvError> {
+            $inner.set_layer_budgets(budgets)
+        }
+        fn method(&$s) -> String {
+            $inner.method()
+        }
+        fn floor_bytes(&$s, ahead: usize) -> usize {
+            $inner.floor_bytes(ahead)
+        }
+        fn set_total_budget(
+            &mut $s,
+            total: usize,
+            shares: Option<&[f64]>,
+            ahead: usize,
+        ) -> Result<(), $crate::kvcache::KvError> {
+            $inner.set_total_budget(total, shares, ahead)
+        }
+        fn spill(&$s) -> Result<Vec<u8>, $crate::kvcache::KvError> {
+            $inner.spill()
+        }
+        fn restore(&mut $s, data: &[u8]) -> Result<(), $crate::kvcache::KvError> {
+            $inner.restore(data)
+        }
+        fn requantizations(&$s) -> u64 {
+            $inner.requantizations()
+        }
+        fn as_any_mut(&mut $s) -> Option<&mut dyn std::any::Any> {
+            $inner.as_any_mut()
+        }
+    };
+}
+
 /// A borrowed store is a store: the CLI's local loop runs a `Sequence` over a cache its caller keeps (to read
 /// it afterwards), where the daemon's sequences own theirs.
 impl<S: KvStore + ?Sized> KvStore for &mut S {
-    fn geometry(&self) -> KvGeometry {
-        (**self).geometry()
-    }
-    fn len(&self, layer: usize) -> usize {
-        (**self).len(layer)
-    }
     fn attend_and_store(
         &mut self,
         layer: usize,
@@ -257,49 +315,5 @@ impl<S: KvStore + ?Sized> KvStore for &mut S {
     ) -> Result<(), KvError> {
         (**self).attend_and_store(layer, q, k, v, n, out)
     }
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
-        (**self).append(layer, k, v, n)
-    }
-    fn clear(&mut self) {
-        (**self).clear()
-    }
-    fn truncate(&mut self, tokens: usize) {
-        (**self).truncate(tokens)
-    }
-    fn true_bytes(&self) -> usize {
-        (**self).true_bytes()
-    }
-    fn payload_bytes(&self) -> usize {
-        (**self).payload_bytes()
-    }
-    fn reserve(&mut self, n: usize) -> Result<(), KvError> {
-        (**self).reserve(n)
-    }
-    fn layer_bits(&self) -> Vec<u32> {
-        (**self).layer_bits()
-    }
-    fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
-        (**self).set_layer_budgets(budgets)
-    }
-    fn method(&self) -> String {
-        (**self).method()
-    }
-    fn floor_bytes(&self, ahead: usize) -> usize {
-        (**self).floor_bytes(ahead)
-    }
-    fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
-        (**self).set_total_budget(total, shares, ahead)
-    }
-    fn spill(&self) -> Result<Vec<u8>, KvError> {
-        (**self).spill()
-    }
-    fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
-        (**self).restore(data)
-    }
-    fn requantizations(&self) -> u64 {
-        (**self).requantizations()
-    }
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
-        (**self).as_any_mut()
-    }
+    forward_kv_store!(self => (**self));
 }

@@ -53,8 +53,8 @@ pub fn check_batch(seqs: &[SeqInput<'_>], stores: usize, vocab: usize) -> Result
             seqs.len()
         )));
     }
-    for s in seqs {
-        check_input(s, vocab)?;
+    for (i, s) in seqs.iter().enumerate() {
+        check_input(s, vocab).map_err(|e| ModelError::in_sequence(i, e))?;
     }
     Ok(seqs.iter().map(|s| s.tokens.len()).sum())
 }
@@ -171,8 +171,10 @@ impl Model {
             return Ok(vec![Vec::new(); seqs.len()]);
         }
         // Every store confirms it can take its tokens in every layer before any layer is touched.
-        for (s, store) in seqs.iter().zip(kv.iter_mut()) {
-            store.reserve(s.tokens.len())?;
+        for (i, (s, store)) in seqs.iter().zip(kv.iter_mut()).enumerate() {
+            store
+                .reserve(s.tokens.len())
+                .map_err(|e| ModelError::in_sequence(i, e))?;
         }
         self.install(|| self.forward_inner(seqs, kv, mode, t_total))
     }
@@ -248,16 +250,18 @@ impl Model {
         self.rope(&mut k, cfg.kv_heads, cos, sin);
         let mut attn = vec![0.0f32; t * qd];
         let mut start = 0;
-        for (s, store) in seqs.iter().zip(kv.iter_mut()) {
+        for (i, (s, store)) in seqs.iter().zip(kv.iter_mut()).enumerate() {
             let n = s.tokens.len();
-            store.attend_and_store(
-                li,
-                &q[start * qd..(start + n) * qd],
-                &k[start * kd..(start + n) * kd],
-                &v[start * kd..(start + n) * kd],
-                n,
-                &mut attn[start * qd..(start + n) * qd],
-            )?;
+            store
+                .attend_and_store(
+                    li,
+                    &q[start * qd..(start + n) * qd],
+                    &k[start * kd..(start + n) * kd],
+                    &v[start * kd..(start + n) * kd],
+                    n,
+                    &mut attn[start * qd..(start + n) * qd],
+                )
+                .map_err(|e| ModelError::in_sequence(i, e))?;
             start += n;
         }
         let o = layer.o.forward(&attn, t)?;

@@ -59,6 +59,21 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("thread pool: {0}")]
     ThreadPool(String),
+    /// An error that belongs to one sequence of a batched forward pass (its input, or its cache): the caller
+    /// ends that sequence and keeps the others (whose caches hold no part of the failed step, see
+    /// [`Backend::forward`]).
+    #[error("sequence {index} of the batch: {source}")]
+    InSequence { index: usize, source: Box<ModelError> },
+}
+
+impl ModelError {
+    /// `e`, attributed to sequence `index` of the batch.
+    pub fn in_sequence(index: usize, e: impl Into<ModelError>) -> ModelError {
+        ModelError::InSequence {
+            index,
+            source: Box::new(e.into()),
+        }
+    }
 }
 
 /// Runtime options that do not change the model's numerics.
@@ -73,6 +88,9 @@ pub struct LoadOptions {
 /// stores for the CPU, device stores for the GPU), so callers never pick a store type themselves.
 pub trait Backend: Send + Sync {
     fn config(&self) -> &ModelConfig;
+    /// One batched step. An error that belongs to one sequence comes as [`ModelError::InSequence`]; then the
+    /// other sequences' caches may hold part of the step (some layers), which `KvStore::truncate` to their
+    /// length before the call takes back.
     fn forward(
         &self,
         seqs: &[SeqInput<'_>],
