@@ -113,7 +113,7 @@ fn a_tight_budget_is_never_exceeded_and_a_lowered_one_applies_before_the_next_st
             &mut [kv.as_mut()],
             LogitsMode::Last,
         );
-        match out {
+        match out.map_err(pmkvq::model::ModelError::unattributed) {
             Ok(mut l) => logits = l.pop().unwrap(),
             // after the cut the 2-bit floor may fill up: a typed refusal, with nothing stored
             Err(pmkvq::model::ModelError::Kv(pmkvq::kvcache::KvError::OutOfBudget { .. })) if step > 450 => {

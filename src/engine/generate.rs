@@ -178,7 +178,10 @@ pub fn generate(
             tokens: &tokens,
             positions: &positions,
         }];
-        match model.forward(&input, &mut [store], mode) {
+        match model
+            .forward(&input, &mut [store], mode)
+            .map_err(ModelError::unattributed)
+        {
             Ok(mut logits) => {
                 on_step(seq.kv.as_deref().expect("held until the sequence finishes"));
                 let mut l = logits.pop().unwrap_or_default();

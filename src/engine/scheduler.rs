@@ -321,15 +321,21 @@ impl Engine {
 
     /// Bytes `s` needs at its floor to take its next step.
     fn floor_of(&self, s: &Sequence<'_>) -> usize {
-        s.kv.as_ref()
-            .map_or(0, |k| k.floor_bytes(s.ahead(self.cfg.prefill_chunk)))
+        match &s.kv {
+            Some(k) => k.floor_bytes(s.ahead(self.cfg.prefill_chunk)),
+            // chosen to resume, its cache still on disk: what it needs once restored
+            None if s.spill.is_some() => s.resume_floor,
+            None => 0,
+        }
     }
 
     fn used_floor(&self) -> usize {
         self.running.iter().map(|s| self.floor_of(s)).sum()
     }
 
-    /// Bring preempted sequences back (highest priority, oldest first) while their floors fit.
+    /// Choose preempted sequences to bring back (highest priority, oldest first) while their floors fit. They
+    /// join the running ones with their caches still on disk; [`Engine::apply_budget`] restores each into its
+    /// share of the budget, after the others have been fitted to theirs, so no instant holds more than the budget.
     fn resume(&mut self) {
         if self.spilled.is_empty() {
             return;
@@ -341,36 +347,45 @@ impl Engine {
             if self.batch_slots_used() >= self.cfg.max_running || !budget::fits(used, s.resume_floor, total) {
                 break;
             }
-            let mut s = self.spilled.remove(0);
-            let file = s.spill.take().expect("a preempted sequence has a spill");
-            let restored = self
-                .compute
-                .new_store(&s.req.kv, self.model.kv_geometry(), s.max_len)
-                .and_then(|mut st| {
-                    // the file's length and checksum are verified before a byte of it is restored
-                    let map = file.map()?;
-                    st.restore(&map)?;
-                    Ok(st)
-                });
-            drop(file);
-            match restored {
-                Ok(kv) => {
-                    tracing::info!(request_id = %s.id(), tokens = kv.len(0), "resumed from spill");
-                    used += s.resume_floor;
-                    s.kv = Some(kv);
-                    self.snapshot.resumptions += 1;
-                    self.running.push(s);
-                }
-                Err(e) => {
-                    s.finish(
-                        FinishReason::Error,
-                        Some(format!("cannot resume the spilled kv cache: {e}")),
-                    );
-                    self.settle(s);
-                }
-            }
+            let s = self.spilled.remove(0);
+            used += s.resume_floor;
+            self.running.push(s);
         }
         self.running.sort_by_key(|s| s.arrived());
+    }
+
+    /// Restore `running[i]`'s spilled cache within `alloc` bytes (at a width that fits).
+    fn restore(&mut self, i: usize, alloc: usize) {
+        let chunk = self.cfg.prefill_chunk;
+        let geom = self.model.kv_geometry();
+        let s = &mut self.running[i];
+        let Some(file) = s.spill.take() else { return };
+        let ahead = s.ahead(chunk);
+        let restored = self.compute.new_store(&s.req.kv, geom, s.max_len).and_then(|mut st| {
+            // the file's length and checksum are verified before a byte of it is restored
+            let map = file.map()?;
+            st.restore_within(&map, alloc, s.req.kv.shares.as_deref(), ahead)?;
+            Ok(st)
+        });
+        drop(file);
+        match restored {
+            Ok(kv) => {
+                tracing::info!(
+                    request_id = %s.id(),
+                    tokens = kv.len(0),
+                    bytes = kv.true_bytes(),
+                    budget = alloc,
+                    "resumed from spill"
+                );
+                s.kv = Some(kv);
+                self.snapshot.resumptions += 1;
+            }
+            Err(KvError::OutOfBudget { .. }) => s.finish(FinishReason::MemoryPressure, None),
+            Err(e) => s.finish(
+                FinishReason::Error,
+                Some(format!("cannot resume the spilled kv cache: {e}")),
+            ),
+        }
     }
 
     /// Keep every sequence inside the budget before the next step: preempt (lowest priority, newest first) while
@@ -415,13 +430,19 @@ impl Engine {
             .collect();
         let weights: Vec<f64> = self.running.iter().map(|s| budget::weight(s.req.priority)).collect();
         let alloc = budget::water_fill(total, &floors, &demands, &weights);
-        for (s, a) in self.running.iter_mut().zip(alloc) {
+        // Caches in memory are fitted (shrunk) first, then spilled ones restored into what they were given.
+        for (s, &a) in self.running.iter_mut().zip(&alloc) {
             let ahead = s.ahead(chunk);
             if let Some(kv) = s.kv.as_mut() {
                 if let Err(e) = kv.set_total_budget(a, s.req.kv.shares.as_deref(), ahead) {
                     tracing::warn!(request_id = %s.id(), error = %e, "cannot apply the kv budget");
                     s.finish(FinishReason::MemoryPressure, None);
                 }
+            }
+        }
+        for (i, &a) in alloc.iter().enumerate() {
+            if self.running[i].kv.is_none() && self.running[i].spill.is_some() {
+                self.restore(i, a);
             }
         }
         self.retire();
@@ -431,6 +452,11 @@ impl Engine {
     fn preempt(&mut self, i: usize) {
         let floor = self.floor_of(&self.running[i]);
         let mut s = self.running.remove(i);
+        if s.kv.is_none() && s.spill.is_some() {
+            // chosen to resume but not restored yet: its file is still there
+            self.spilled.push(s);
+            return;
+        }
         self.spill_seq += 1;
         // pid first (stale-file cleanup reads it), then this engine (several may share a process and a directory)
         let name = format!(
@@ -439,11 +465,12 @@ impl Engine {
             self.engine_nonce,
             self.spill_seq
         );
-        let spilled =
-            s.kv.as_ref()
-                .ok_or_else(|| "no cache".to_string())
-                .and_then(|kv| kv.spill().map_err(|e| e.to_string()))
-                .and_then(|data| self.spill.write(&name, &data).map_err(|e| e.to_string()));
+        // Streamed into the file as it is read: no second copy of the cache in memory.
+        let spilled = s.kv.as_ref().ok_or_else(|| "no cache".to_string()).and_then(|kv| {
+            self.spill
+                .write_with(&name, |out| kv.spill_to(out))
+                .map_err(|e| e.to_string())
+        });
         match spilled {
             Ok(file) => {
                 tracing::info!(

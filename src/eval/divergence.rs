@@ -133,7 +133,10 @@ pub fn run_divergence(
             .unwrap_or_default();
         let ref_lp: Vec<Vec<f64>> = ref_logits.chunks_exact(vocab).map(log_softmax).collect();
         for r in runs.iter_mut().filter(|r| r.stopped.is_none()) {
-            let logits = match model.forward(&input, &mut [r.store.as_mut()], LogitsMode::All) {
+            let logits = match model
+                .forward(&input, &mut [r.store.as_mut()], LogitsMode::All)
+                .map_err(ModelError::unattributed)
+            {
                 Ok(mut l) => l.pop().unwrap_or_default(),
                 Err(ModelError::Kv(e @ KvError::OutOfBudget { .. })) => {
                     r.stopped = Some(format!("at {} tokens: {e}", r.store.len(0)));
@@ -220,14 +223,17 @@ fn greedy_divergence(
             let t = argmax(&logits);
             out.push(t);
             let pos = [store.len(0) as u32];
-            match model.forward(
-                &[SeqInput {
-                    tokens: &[t],
-                    positions: &pos,
-                }],
-                &mut [store],
-                LogitsMode::Last,
-            ) {
+            match model
+                .forward(
+                    &[SeqInput {
+                        tokens: &[t],
+                        positions: &pos,
+                    }],
+                    &mut [store],
+                    LogitsMode::Last,
+                )
+                .map_err(ModelError::unattributed)
+            {
                 Ok(mut l) => logits = l.pop().unwrap_or_default(),
                 Err(ModelError::Kv(_)) => break,
                 Err(e) => return Err(e),

@@ -547,10 +547,10 @@ impl KvStore for DeviceStore {
         let budgets = crate::kvcache::split_total_budget(floors, current, total, shares, self.floor_bits(0))?;
         self.set_layer_budgets(&budgets)
     }
-    fn spill(&self) -> Result<Vec<u8>, KvError> {
+    fn spill_to(&self, out: &mut dyn std::io::Write) -> Result<(), KvError> {
         match &self.kind {
             Kind::Fp16 => {
-                let mut w = Writer::new("fp16");
+                let mut w = Writer::new(out, "fp16");
                 for side in 0..2 {
                     for l in &self.layers {
                         let mut vals = Vec::with_capacity(l.body_len * self.geom.kv_dim());
@@ -565,18 +565,12 @@ impl KvStore for DeviceStore {
                         w.f32s(&vals);
                     }
                 }
-                Ok(w.buf)
+                w.finish()
             }
             Kind::Pmkvq(c) => {
-                let host = (0..self.layers.len())
-                    .map(|li| self.download_layer(li))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let layers = self
-                    .layers
-                    .iter()
-                    .zip(&host)
-                    .map(|(l, [k, v])| (l.budget, [[&k[0], &k[1], &k[2]], [&v[0], &v[1], &v[2]]]));
-                Ok(crate::kvcache::write_spill(&c.name, self.requants, layers))
+                // one layer on the host at a time
+                let layers = (0..self.layers.len()).map(|li| Ok((self.layers[li].budget, self.download_layer(li)?)));
+                crate::kvcache::write_spill(out, &c.name, self.requants, layers)
             }
         }
     }

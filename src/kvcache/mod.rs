@@ -22,7 +22,9 @@ pub mod spill;
 pub mod tap;
 
 pub use method::{KvMethod, MethodSpec};
-pub use pmkvq::{read_spill, split_total_budget, write_spill, PmkvqConfig, PmkvqStore, Quantizer, SpilledLayer};
+pub use pmkvq::{
+    read_spill, split_total_budget, write_spill, PmkvqConfig, PmkvqStore, Quantizer, SpillLayers, SpilledLayer,
+};
 pub use reference::{F16KvStore, F32KvStore, RefElem, RefKvStore};
 pub use reparam::{KeyScaled, KeyScales};
 pub use tap::{KvTap, Tapped};
@@ -76,6 +78,9 @@ pub enum KvError {
     Unsupported { what: &'static str, method: String },
     #[error("spilled kv state is corrupt: {0}")]
     Corrupt(String),
+    /// Writing a spill failed (a full disk, the spill quota); `kind` tells which.
+    #[error("cannot write the spill: {msg}")]
+    Spill { kind: std::io::ErrorKind, msg: String },
     #[error(
         "the `{method}` cache quantizes groups of {group} values, which must be a multiple of 4 dividing the head \
          dimension {head_dim}; this model's heads need the fp16 cache"
@@ -160,12 +165,20 @@ pub trait KvStore: Send {
         }
         Ok(())
     }
-    /// Everything the store holds, serialized bit-exactly (preemption spills it to disk).
-    fn spill(&self) -> Result<Vec<u8>, KvError> {
+    /// Everything the store holds, serialized bit-exactly into `out` as it is read (preemption streams it to a
+    /// file: no second copy of the cache is made in memory).
+    fn spill_to(&self, out: &mut dyn std::io::Write) -> Result<(), KvError> {
+        let _ = out;
         Err(KvError::Unsupported {
             what: "be spilled",
             method: self.method(),
         })
+    }
+    /// [`spill_to`](Self::spill_to) into memory (tests and tools).
+    fn spill(&self) -> Result<Vec<u8>, KvError> {
+        let mut v = Vec::new();
+        self.spill_to(&mut v)?;
+        Ok(v)
     }
     /// Load what [`spill`](Self::spill) wrote into this (empty, identically configured) store.
     fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
@@ -174,6 +187,20 @@ pub trait KvStore: Send {
             what: "be restored",
             method: self.method(),
         })
+    }
+    /// Load a spill into this (empty, identically configured) store within `total` bytes, split as
+    /// [`set_total_budget`](Self::set_total_budget) would (`ahead` tokens to come): a store that can lower
+    /// precision restores at a width that fits rather than at the width it was spilled with. The default
+    /// restores, then fits.
+    fn restore_within(
+        &mut self,
+        data: &[u8],
+        total: usize,
+        shares: Option<&[f64]>,
+        ahead: usize,
+    ) -> Result<(), KvError> {
+        self.restore(data)?;
+        self.set_total_budget(total, shares, ahead)
     }
     /// Re-quantizations (one layer's body lowered one level) since creation.
     fn requantizations(&self) -> u64 {
@@ -286,11 +313,20 @@ macro_rules! forward_kv_store {
         ) -> Result<(), $crate::kvcache::KvError> {
             $inner.set_total_budget(total, shares, ahead)
         }
-        fn spill(&$s) -> Result<Vec<u8>, $crate::kvcache::KvError> {
-            $inner.spill()
+        fn spill_to(&$s, out: &mut dyn std::io::Write) -> Result<(), $crate::kvcache::KvError> {
+            $inner.spill_to(out)
         }
         fn restore(&mut $s, data: &[u8]) -> Result<(), $crate::kvcache::KvError> {
             $inner.restore(data)
+        }
+        fn restore_within(
+            &mut $s,
+            data: &[u8],
+            total: usize,
+            shares: Option<&[f64]>,
+            ahead: usize,
+        ) -> Result<(), $crate::kvcache::KvError> {
+            $inner.restore_within(data, total, shares, ahead)
         }
         fn requantizations(&$s) -> u64 {
             $inner.requantizations()

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 mod config;
 mod shared;
 pub use config::{PmkvqConfig, Quantizer};
-pub use shared::{read_spill, split_total_budget, write_spill, SpilledLayer};
+pub use shared::{read_spill, split_total_budget, write_spill, SpillLayers, SpilledLayer};
 
 struct Side {
     sink: PackedRows,
@@ -168,19 +168,21 @@ impl PmkvqStore {
 
     /// True bytes of layer `li` after storing `n` more tokens with its body at `body_bits`.
     fn projected_bytes(&self, li: usize, n: usize, body_bits: Bits) -> usize {
-        let l = &self.layers[li];
-        let s = &l.k;
-        let sink = (s.sink.len() + n).min(self.cfg.sink);
-        let rem = n - (sink - s.sink.len());
-        let (body, win) = match (s.window.len() + rem).checked_div(self.cfg.window) {
-            None => (s.body.len() + rem, 0),
-            Some(chunks) => (
-                s.body.len() + chunks * self.cfg.window,
-                (s.window.len() + rem) % self.cfg.window,
-            ),
+        let s = &self.layers[li].k;
+        self.projected([s.sink.len(), s.body.len(), s.window.len()], n, body_bits)
+    }
+
+    /// True bytes of a layer holding `[sink, body, window]` tokens after storing `n` more with its body at
+    /// `body_bits`.
+    fn projected(&self, [sink0, body0, win0]: [usize; 3], n: usize, body_bits: Bits) -> usize {
+        let sink = (sink0 + n).min(self.cfg.sink);
+        let rem = n - (sink - sink0);
+        let (body, win) = match (win0 + rem).checked_div(self.cfg.window) {
+            None => (body0 + rem, 0),
+            Some(chunks) => (body0 + chunks * self.cfg.window, (win0 + rem) % self.cfg.window),
         };
         if self.cfg.payload_accounting {
-            let pb = |b: Bits| token_payload_bytes(b, s.body.group, self.geom.kv_dim());
+            let pb = |b: Bits| token_payload_bytes(b, self.cfg.group, self.geom.kv_dim());
             return 2 * ((sink + win) * pb(Bits::B16) + body * pb(body_bits));
         }
         let tb16 = self.cfg.side_token_bytes(self.geom, None);
@@ -511,9 +513,59 @@ impl KvStore for PmkvqStore {
         self.set_layer_budgets(&budgets)
     }
 
-    fn spill(&self) -> Result<Vec<u8>, KvError> {
-        let layers = self.layers.iter().map(|l| (l.budget, [l.k.segments(), l.v.segments()]));
-        Ok(write_spill(&self.cfg.name, self.requants, layers))
+    fn spill_to(&self, out: &mut dyn std::io::Write) -> Result<(), KvError> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| Ok((l.budget, [l.k.segments(), l.v.segments()])));
+        write_spill(out, &self.cfg.name, self.requants, layers)
+    }
+
+    /// Layer by layer: a first pass checks the whole file and notes each layer's shape (one layer in memory at
+    /// a time), the budget is split over those shapes as `set_total_budget` would, and the second pass lowers
+    /// each layer to its share as soon as it is read — the cache never holds more than `total` plus the one
+    /// layer being lowered, as during any shrink.
+    fn restore_within(
+        &mut self,
+        data: &[u8],
+        total: usize,
+        shares: Option<&[f64]>,
+        ahead: usize,
+    ) -> Result<(), KvError> {
+        let (cfg, geom) = (&self.cfg, self.geom);
+        let mut shapes = Vec::with_capacity(self.layers.len());
+        let mut r = SpillLayers::new(data, cfg, geom, cfg.group)?;
+        while let Some(l) = r.next_layer()? {
+            let k = &l.sides[0];
+            shapes.push(([k[0].len(), k[1].len(), k[2].len()], k[1].bits));
+        }
+        r.finish()?;
+        let floor = |bits: Bits| if cfg.adaptive { cfg.floor_bits } else { bits };
+        let floors = shapes
+            .iter()
+            .map(|&(len, bits)| self.projected(len, ahead, floor(bits)))
+            .collect();
+        let current = shapes
+            .iter()
+            .map(|&(len, bits)| self.projected(len, ahead, bits))
+            .collect();
+        let budgets = split_total_budget(floors, current, total, shares, cfg.floor_bits.count())?;
+        let cfg = self.cfg.clone();
+        let mut r = SpillLayers::new(data, &cfg, geom, cfg.group)?;
+        self.requants = r.requants;
+        let mut li = 0;
+        while let Some(l) = r.next_layer()? {
+            let side = |[sink, body, window]: [PackedRows; 3]| Side { sink, body, window };
+            let [k, v] = l.sides;
+            self.layers[li] = Layer {
+                k: side(k),
+                v: side(v),
+                budget: budgets[li],
+            };
+            self.enforce(li)?;
+            li += 1;
+        }
+        r.finish()
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {

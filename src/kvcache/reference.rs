@@ -199,14 +199,14 @@ impl<T: RefElem> KvStore for RefKvStore<T> {
         self.true_bytes() + ahead * 2 * self.geom.kv_dim() * std::mem::size_of::<T>() * self.geom.layers
     }
 
-    fn spill(&self) -> Result<Vec<u8>, KvError> {
-        let mut w = super::spill::Writer::new(T::NAME);
+    fn spill_to(&self, out: &mut dyn std::io::Write) -> Result<(), KvError> {
+        let mut w = super::spill::Writer::new(out, T::NAME);
         for side in [&self.k, &self.v] {
             for layer in side {
                 w.f32s(&layer.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
             }
         }
-        Ok(w.buf)
+        w.finish()
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {

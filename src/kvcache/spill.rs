@@ -9,34 +9,63 @@ use std::path::{Path, PathBuf};
 /// First bytes of every spill (format version 1).
 pub const MAGIC: &[u8; 8] = b"PMKVQSP1";
 
-#[derive(Default)]
-pub struct Writer {
-    pub buf: Vec<u8>,
+/// Writes the codec to any `Write` (a spill file, or a `Vec` in tests), remembering the first error so the
+/// stores' encoders stay plain sequences of calls; [`Writer::finish`] reports it.
+pub struct Writer<'w> {
+    out: &'w mut dyn std::io::Write,
+    err: Option<std::io::Error>,
 }
 
-impl Writer {
-    pub fn new(kind: &str) -> Self {
-        let mut w = Writer { buf: MAGIC.to_vec() };
+impl<'w> Writer<'w> {
+    pub fn new(out: &'w mut dyn std::io::Write, kind: &str) -> Self {
+        let mut w = Writer { out, err: None };
+        w.raw(MAGIC);
         w.bytes(kind.as_bytes());
         w
     }
+    fn raw(&mut self, b: &[u8]) {
+        if self.err.is_none() {
+            if let Err(e) = self.out.write_all(b) {
+                self.err = Some(e);
+            }
+        }
+    }
     pub fn u64(&mut self, v: u64) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.raw(&v.to_le_bytes());
     }
     pub fn bytes(&mut self, b: &[u8]) {
         self.u64(b.len() as u64);
-        self.buf.extend_from_slice(b);
+        self.raw(b);
     }
     pub fn f16s(&mut self, v: &[f16]) {
         self.u64(v.len() as u64);
-        for x in v {
-            self.buf.extend_from_slice(&x.to_bits().to_le_bytes());
+        // in slices, so a buffered file sees a few large writes rather than one per value
+        let mut buf = [0u8; 512];
+        for chunk in v.chunks(buf.len() / 2) {
+            for (o, x) in buf.chunks_exact_mut(2).zip(chunk) {
+                o.copy_from_slice(&x.to_bits().to_le_bytes());
+            }
+            self.raw(&buf[..2 * chunk.len()]);
         }
     }
     pub fn f32s(&mut self, v: &[f32]) {
         self.u64(v.len() as u64);
-        for x in v {
-            self.buf.extend_from_slice(&x.to_bits().to_le_bytes());
+        let mut buf = [0u8; 512];
+        for chunk in v.chunks(buf.len() / 4) {
+            for (o, x) in buf.chunks_exact_mut(4).zip(chunk) {
+                o.copy_from_slice(&x.to_bits().to_le_bytes());
+            }
+            self.raw(&buf[..4 * chunk.len()]);
+        }
+    }
+    /// The first write error, if any.
+    pub fn finish(self) -> Result<(), KvError> {
+        match self.err {
+            None => Ok(()),
+            Some(e) => Err(KvError::Spill {
+                kind: e.kind(),
+                msg: e.to_string(),
+            }),
         }
     }
 }
@@ -117,13 +146,47 @@ impl<'a> Reader<'a> {
 /// Last bytes of every spill file: a 64-bit FNV-1a checksum of what precedes it, then this tag.
 const SUM_TAG: &[u8; 8] = b"PMKVQSUM";
 
-fn fnv1a(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+fn fnv1a_update(mut h: u64, data: &[u8]) -> u64 {
     for &b in data {
         h ^= b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+fn fnv1a(data: &[u8]) -> u64 {
+    fnv1a_update(FNV_START, data)
+}
+
+/// The spill file as it is written: buffered, checksummed as it goes, and refusing bytes past the quota.
+struct SpillSink {
+    file: std::io::BufWriter<std::fs::File>,
+    sum: u64,
+    written: u64,
+    /// Bytes this file may take (`None`: no quota).
+    room: Option<u64>,
+}
+
+impl std::io::Write for SpillSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(room) = self.room {
+            if self.written + buf.len() as u64 > room {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::StorageFull,
+                    format!("spill quota engine.spill_max_bytes reached ({room} bytes left for this file)"),
+                ));
+            }
+        }
+        let n = self.file.write(buf)?;
+        self.sum = fnv1a_update(self.sum, &buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
 }
 
 fn io_err(what: String) -> std::io::Error {
@@ -221,47 +284,82 @@ impl SpillDir {
         }
     }
 
-    /// Write `data` to a new file `name` (created exclusively, mode 0600, never through a symlink) with its
-    /// checksum. Over the quota, or on any write error (a full disk), nothing is left behind.
+    /// Write `data` to a new file `name`; see [`SpillDir::write_with`].
     pub fn write(&self, name: &str, data: &[u8]) -> std::io::Result<SpillFile> {
+        self.write_with(name, |w| {
+            w.write_all(data).map_err(|e| KvError::Spill {
+                kind: e.kind(),
+                msg: e.to_string(),
+            })
+        })
+    }
+
+    /// Stream a spill into a new file `name` (created exclusively, mode 0600, never through a symlink) through
+    /// `fill`, then its checksum: no copy of the whole spill is ever held in memory. Past the quota, or on any
+    /// write error (a full disk), the file is removed and nothing is left behind.
+    pub fn write_with(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut dyn std::io::Write) -> Result<(), KvError>,
+    ) -> std::io::Result<SpillFile> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let total = data.len() as u64 + 16;
-        if let Some(q) = self.quota {
-            if self.held() + total > q {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::StorageFull,
-                    format!(
-                        "spill quota engine.spill_max_bytes ({q} bytes) reached: {} held, {total} more asked",
-                        self.held()
-                    ),
-                ));
-            }
-        }
+        let room = match self.quota {
+            None => None,
+            Some(q) => match q.checked_sub(self.held() + 16) {
+                Some(r) => Some(r),
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::StorageFull,
+                        format!(
+                            "spill quota engine.spill_max_bytes ({q} bytes) reached: {} held",
+                            self.held()
+                        ),
+                    ))
+                }
+            },
+        };
         if name.contains('/') || name.starts_with('.') {
             return Err(io_err(format!("bad spill file name `{name}`")));
         }
         let path = self.path.join(name);
-        let mut f = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)?;
-        let written = f
-            .write_all(data)
-            .and_then(|()| f.write_all(&fnv1a(data).to_le_bytes()))
-            .and_then(|()| f.write_all(SUM_TAG))
-            .and_then(|()| f.flush());
-        if let Err(e) = written {
-            drop(f);
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
-        }
-        self.held.fetch_add(total, std::sync::atomic::Ordering::Relaxed);
+        let mut sink = SpillSink {
+            file: std::io::BufWriter::with_capacity(1 << 16, file),
+            sum: FNV_START,
+            written: 0,
+            room,
+        };
+        let written = fill(&mut sink)
+            .map_err(|e| match e {
+                // the quota's and the disk's errors keep their kind
+                KvError::Spill { kind, msg } => std::io::Error::new(kind, msg),
+                e => std::io::Error::other(e.to_string()),
+            })
+            .and_then(|()| {
+                let (sum, bytes) = (sink.sum, sink.written);
+                sink.file.write_all(&sum.to_le_bytes())?;
+                sink.file.write_all(SUM_TAG)?;
+                sink.file.flush()?;
+                Ok(bytes)
+            });
+        drop(sink);
+        let bytes = match written {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        self.held.fetch_add(bytes + 16, std::sync::atomic::Ordering::Relaxed);
         Ok(SpillFile {
             path,
-            bytes: data.len(),
+            bytes: bytes as usize,
             held: Some(self.held.clone()),
         })
     }

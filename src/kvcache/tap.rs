@@ -97,11 +97,20 @@ impl<T: KvTap> KvStore for Tapped<T> {
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
         self.inner.set_total_budget(total, shares, ahead)
     }
-    fn spill(&self) -> Result<Vec<u8>, KvError> {
-        self.inner.spill()
+    fn spill_to(&self, out: &mut dyn std::io::Write) -> Result<(), KvError> {
+        self.inner.spill_to(out)
     }
     fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
         self.inner.restore(data)
+    }
+    fn restore_within(
+        &mut self,
+        data: &[u8],
+        total: usize,
+        shares: Option<&[f64]>,
+        ahead: usize,
+    ) -> Result<(), KvError> {
+        self.inner.restore_within(data, total, shares, ahead)
     }
     fn requantizations(&self) -> u64 {
         self.inner.requantizations()

@@ -74,6 +74,14 @@ impl ModelError {
             source: Box::new(e.into()),
         }
     }
+
+    /// The error without its sequence (for callers that run one sequence at a time).
+    pub fn unattributed(self) -> ModelError {
+        match self {
+            ModelError::InSequence { source, .. } => source.unattributed(),
+            e => e,
+        }
+    }
 }
 
 /// Runtime options that do not change the model's numerics.
@@ -125,14 +133,16 @@ pub trait Backend: Send + Sync {
                 LogitsMode::Last if ci + 1 == n_chunks => LogitsMode::Last,
                 _ => LogitsMode::None,
             };
-            let mut out = self.forward(
-                &[SeqInput {
-                    tokens: c,
-                    positions: &positions,
-                }],
-                &mut [kv],
-                m,
-            )?;
+            let mut out = self
+                .forward(
+                    &[SeqInput {
+                        tokens: c,
+                        positions: &positions,
+                    }],
+                    &mut [kv],
+                    m,
+                )
+                .map_err(ModelError::unattributed)?;
             all.append(&mut out[0]);
             pos0 += c.len() as u32;
         }

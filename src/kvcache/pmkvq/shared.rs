@@ -49,43 +49,71 @@ pub struct SpilledLayer {
     pub sides: [[PackedRows; 3]; 2],
 }
 
-/// Serialize a PM-KVQ cache: its name, re-quantization count, then per layer the budget and the six segments.
-pub fn write_spill<'a>(
+/// Serialize a PM-KVQ cache into `out`: its name, re-quantization count, then per layer the budget and the six
+/// segments. Layers come one at a time (borrowed from host memory, or downloaded from the device one by one).
+pub fn write_spill<R: std::borrow::Borrow<PackedRows>>(
+    out: &mut dyn std::io::Write,
     name: &str,
     requants: u64,
-    layers: impl Iterator<Item = (usize, [[&'a PackedRows; 3]; 2])>,
-) -> Vec<u8> {
-    let mut w = Writer::new("pmkvq");
+    layers: impl Iterator<Item = Result<(usize, [[R; 3]; 2]), KvError>>,
+) -> Result<(), KvError> {
+    let mut w = Writer::new(out, "pmkvq");
     w.bytes(name.as_bytes());
     w.u64(requants);
-    for (budget, sides) in layers {
+    for layer in layers {
+        let (budget, sides) = layer?;
         w.u64(budget as u64);
         for seg in sides.iter().flatten() {
+            let seg = seg.borrow();
             w.u64(seg.bits.count() as u64);
             w.bytes(&seg.data);
             w.f16s(&seg.scale);
             w.f16s(&seg.offset);
         }
     }
-    w.buf
+    w.finish()
 }
 
-/// Read what [`write_spill`] wrote for a cache configured as `cfg` over `geom` (groups of `group`), checking
-/// every length against the configuration: segment sizes, K and V alike, sink ≤ the configured sink, window
-/// shorter than the window size, 16-bit sink and window, one token count across layers.
-pub fn read_spill(
-    data: &[u8],
-    cfg: &PmkvqConfig,
+/// Reads what [`write_spill`] wrote for a cache configured as `cfg` over `geom` (groups of `group`) one layer at
+/// a time, checking every length against the configuration: segment sizes, K and V alike, sink ≤ the configured
+/// sink, window shorter than the window size, 16-bit sink and window, one token count across layers.
+pub struct SpillLayers<'a> {
+    r: Reader<'a>,
+    cfg: &'a PmkvqConfig,
     geom: KvGeometry,
     group: usize,
-) -> Result<(u64, Vec<SpilledLayer>), KvError> {
-    let mut r = Reader::new(data, "pmkvq")?;
-    if r.bytes()? != cfg.name.as_bytes() {
-        return Err(KvError::Corrupt("written by a differently configured cache".into()));
+    left: usize,
+    tokens: Option<usize>,
+    /// The cache's re-quantizations when it was spilled.
+    pub requants: u64,
+}
+
+impl<'a> SpillLayers<'a> {
+    pub fn new(data: &'a [u8], cfg: &'a PmkvqConfig, geom: KvGeometry, group: usize) -> Result<Self, KvError> {
+        let mut r = Reader::new(data, "pmkvq")?;
+        if r.bytes()? != cfg.name.as_bytes() {
+            return Err(KvError::Corrupt("written by a differently configured cache".into()));
+        }
+        let requants = r.u64()?;
+        Ok(SpillLayers {
+            r,
+            cfg,
+            geom,
+            group,
+            left: geom.layers,
+            tokens: None,
+            requants,
+        })
     }
-    let requants = r.u64()?;
-    let mut layers = Vec::with_capacity(geom.layers);
-    for _ in 0..geom.layers {
+
+    /// The next layer (`None` after the last).
+    pub fn next_layer(&mut self) -> Result<Option<SpilledLayer>, KvError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        let (cfg, geom, group) = (self.cfg, self.geom, self.group);
+        let r = &mut self.r;
         let budget = r.u64()? as usize;
         let mut segment = |i: usize| -> Result<PackedRows, KvError> {
             let bits = u32::try_from(r.u64()?)
@@ -132,12 +160,35 @@ pub fn read_spill(
                 ));
             }
         }
-        layers.push(SpilledLayer { budget, sides });
+        let tokens = k.iter().map(PackedRows::len).sum::<usize>();
+        if *self.tokens.get_or_insert(tokens) != tokens {
+            return Err(KvError::Corrupt("layers hold different token counts".into()));
+        }
+        Ok(Some(SpilledLayer { budget, sides }))
     }
+
+    /// Check that every layer was read and nothing follows.
+    pub fn finish(self) -> Result<(), KvError> {
+        if self.left > 0 {
+            return Err(KvError::Corrupt(format!("{} layers not read", self.left)));
+        }
+        self.r.finish()
+    }
+}
+
+/// Read a whole spill at once (see [`SpillLayers`]).
+pub fn read_spill(
+    data: &[u8],
+    cfg: &PmkvqConfig,
+    geom: KvGeometry,
+    group: usize,
+) -> Result<(u64, Vec<SpilledLayer>), KvError> {
+    let mut r = SpillLayers::new(data, cfg, geom, group)?;
+    let mut layers = Vec::with_capacity(geom.layers);
+    while let Some(l) = r.next_layer()? {
+        layers.push(l);
+    }
+    let requants = r.requants;
     r.finish()?;
-    let tokens = |l: &SpilledLayer| l.sides[0].iter().map(PackedRows::len).sum::<usize>();
-    if layers.iter().any(|l| tokens(l) != layers.first().map_or(0, tokens)) {
-        return Err(KvError::Corrupt("layers hold different token counts".into()));
-    }
     Ok((requants, layers))
 }
