@@ -326,3 +326,34 @@ async fn a_preemption_past_the_spill_quota_ends_the_victim_and_leaves_no_file() 
     assert_eq!(status(&mut c).await.preemptions, 0);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_tight_budget_every_request_that_fits_alone_completes() {
+    // Room for about two of these at a time: the rest wait, or are preempted and resumed, but none ends with
+    // memory_pressure — each fits the budget by itself. Every kind of cache takes part.
+    let server = start_server(&[("memory.budget", "8MiB")]).await;
+    let mut tasks = Vec::new();
+    for (i, method) in ["pmkvq", "kivi:2", "fp16", "rtn:4", "pmkvq", "q4_0"]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = server.client().await;
+        let mut r = endless(&format!("Story {i}: a lighthouse keeper finds a map."), 150, 0);
+        r.kv.as_mut().unwrap().method = Some(method.into());
+        r.request_id = format!("{method}-{i}");
+        tasks.push(tokio::spawn(
+            async move { (r.request_id.clone(), collect(&mut c, r).await) },
+        ));
+    }
+    for t in tasks {
+        let (id, got) = t.await.unwrap();
+        assert!(got.error.is_none(), "{id}: {:?}", got.error);
+        assert_eq!(got.finish_reason(), pb::FinishReason::Length, "{id}");
+        assert_eq!(got.ids.len(), 150, "{id}");
+    }
+    let mut c = server.client().await;
+    let s = wait_status(&mut c, Duration::from_secs(5), |s| s.sequences.is_empty()).await;
+    assert!(s.preemptions > 0, "the budget was tight enough to preempt");
+    assert_eq!(s.kv_true_bytes, 0);
+    server.stop().await;
+}

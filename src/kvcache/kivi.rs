@@ -237,12 +237,118 @@ impl KvStore for KiviStore {
     fn method(&self) -> String {
         format!("kivi:{}", self.bits.count())
     }
+
+    fn spill_to(&self, out: &mut dyn std::io::Write) -> Result<(), KvError> {
+        let mut w = super::spill::Writer::new(out, "kivi");
+        w.u64(self.bits.count() as u64);
+        for l in &self.layers {
+            w.u64(l.k_blocks.len() as u64);
+            for rows in l.k_blocks.iter().flatten() {
+                w.rows(rows);
+            }
+            w.rows(&l.v);
+            w.f16s(&l.k_res);
+            w.f16s(&l.v_res);
+        }
+        w.finish()
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
+        let corrupt = |what: &str| KvError::Corrupt(what.to_string());
+        let mut r = super::spill::Reader::new(data, "kivi")?;
+        if r.u64()? != self.bits.count() as u64 {
+            return Err(corrupt("written by a cache of another bit-width"));
+        }
+        let (h, d, kv) = (self.geom.kv_heads, self.geom.head_dim, self.geom.kv_dim());
+        let key_rows = PackedRows::new(self.bits, KIVI_BLOCK, 1, KIVI_BLOCK, OffsetMode::Stored);
+        let mut layers = Vec::with_capacity(self.geom.layers);
+        let mut tokens = None;
+        for _ in 0..self.geom.layers {
+            let blocks = r.u64()? as usize;
+            if blocks > self.max_tokens / KIVI_BLOCK {
+                return Err(corrupt("more key blocks than the cache holds"));
+            }
+            let mut k_blocks = Vec::with_capacity(blocks);
+            for _ in 0..blocks {
+                let block = (0..h).map(|_| r.rows(&key_rows)).collect::<Result<Vec<_>, _>>()?;
+                // one row per channel, every row one block of tokens
+                if block.iter().any(|b| b.bits != self.bits || b.len() != d) {
+                    return Err(corrupt("a key block of the wrong shape"));
+                }
+                k_blocks.push(block);
+            }
+            let v = r.rows(&self.layers[0].v)?;
+            let (k_res, v_res) = (r.f16s()?, r.f16s()?);
+            let res = k_res.len() / kv;
+            if v.bits != self.bits
+                || v.len() != blocks * KIVI_BLOCK
+                || k_res.len() != v_res.len()
+                || !k_res.len().is_multiple_of(kv)
+                || res >= KIVI_BLOCK
+            {
+                return Err(corrupt("values or residual tokens of the wrong length"));
+            }
+            let n = blocks * KIVI_BLOCK + res;
+            if *tokens.get_or_insert(n) != n || n > self.max_tokens {
+                return Err(corrupt("layers hold different token counts, or more than the cache"));
+            }
+            layers.push(Layer {
+                k_blocks,
+                v,
+                k_res,
+                v_res,
+            });
+        }
+        r.finish()?;
+        self.layers = layers;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kvcache::F16KvStore;
+
+    #[test]
+    fn spill_and_restore_are_bit_exact_and_a_damaged_spill_is_refused() {
+        let g = KvGeometry {
+            layers: 2,
+            q_heads: 4,
+            kv_heads: 2,
+            head_dim: 32,
+        };
+        let mut s = KiviStore::new(g, Bits::B2, 1024);
+        let x = vals(300 * g.kv_dim(), 7);
+        for l in 0..2 {
+            s.append(l, &x, &x, 300).unwrap();
+        }
+        let data = s.spill().unwrap();
+        let mut r = KiviStore::new(g, Bits::B2, 1024);
+        r.restore(&data).unwrap();
+        assert_eq!(r.len(0), 300);
+        assert_eq!(r.true_bytes(), s.true_bytes());
+        assert_eq!(r.spill().unwrap(), data);
+        let q = vals(g.q_dim(), 9);
+        let (mut a, mut b) = (vec![0f32; g.q_dim()], vec![0f32; g.q_dim()]);
+        let k = vals(g.kv_dim(), 11);
+        s.attend_and_store(1, &q, &k, &k, 1, &mut a).unwrap();
+        r.attend_and_store(1, &q, &k, &k, 1, &mut b).unwrap();
+        assert_eq!(a, b, "the restored cache attends exactly as the original");
+        for bad in [&data[..data.len() - 5], &data[..40]] {
+            let mut f = KiviStore::new(g, Bits::B2, 1024);
+            assert!(f.restore(bad).is_err());
+            assert_eq!(f.len(0), 0, "a failed restore leaves the store empty");
+        }
+        assert!(
+            KiviStore::new(g, Bits::B4, 1024).restore(&data).is_err(),
+            "another width"
+        );
+        assert!(
+            KiviStore::new(g, Bits::B2, 200).restore(&data).is_err(),
+            "more than it holds"
+        );
+    }
 
     fn vals(n: usize, seed: u64) -> Vec<f32> {
         (0..n)

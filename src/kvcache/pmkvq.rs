@@ -166,15 +166,24 @@ impl PmkvqStore {
         self.layers.iter().map(|l| l.budget).collect()
     }
 
-    /// True bytes of layer `li` after storing `n` more tokens with its body at `body_bits`.
+    /// True bytes layer `li` needs, now and after storing `n` more tokens, with its body at `body_bits`.
     fn projected_bytes(&self, li: usize, n: usize, body_bits: Bits) -> usize {
         let s = &self.layers[li].k;
         self.projected([s.sink.len(), s.body.len(), s.window.len()], n, body_bits)
     }
 
+    /// What a layer holding `[sink, body, window]` tokens needs with its body at `body_bits`, now and after
+    /// storing `n` more: the larger of the two. (Storing can lower the true bytes: a full window flushes into the
+    /// narrower body. A budget split on the bytes after the step alone would give the layer less than it holds
+    /// until then, and fitting it would fail although the step fits.)
+    fn projected(&self, lens: [usize; 3], n: usize, body_bits: Bits) -> usize {
+        self.bytes_after(lens, 0, body_bits)
+            .max(self.bytes_after(lens, n, body_bits))
+    }
+
     /// True bytes of a layer holding `[sink, body, window]` tokens after storing `n` more with its body at
     /// `body_bits`.
-    fn projected(&self, [sink0, body0, win0]: [usize; 3], n: usize, body_bits: Bits) -> usize {
+    fn bytes_after(&self, [sink0, body0, win0]: [usize; 3], n: usize, body_bits: Bits) -> usize {
         let sink = (sink0 + n).min(self.cfg.sink);
         let rem = n - (sink - sink0);
         let (body, win) = match (win0 + rem).checked_div(self.cfg.window) {

@@ -2,6 +2,7 @@
 //! the stores write themselves with, and the spill file (read back through a memory map, so a resumed
 //! sequence's codes are paged in once and copied straight into the store).
 
+use super::quant::{Bits, OffsetMode, PackedRows};
 use super::KvError;
 use half::f16;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,13 @@ impl<'w> Writer<'w> {
             }
             self.raw(&buf[..4 * chunk.len()]);
         }
+    }
+    /// Packed rows: bit-width, codes, scales, offsets.
+    pub fn rows(&mut self, r: &PackedRows) {
+        self.u64(r.bits.count() as u64);
+        self.bytes(&r.data);
+        self.f16s(&r.scale);
+        self.f16s(&r.offset);
     }
     /// The first write error, if any.
     pub fn finish(self) -> Result<(), KvError> {
@@ -133,6 +141,30 @@ impl<'a> Reader<'a> {
         Ok(b.chunks_exact(4)
             .map(|c| f32::from_bits(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
             .collect())
+    }
+    /// Packed rows as [`Writer::rows`] wrote them, laid out as `template` (group, heads, head size, offsets; its
+    /// bit-width is read), every length checked: whole tokens, codes matching the scales, offsets as the mode says.
+    pub fn rows(&mut self, template: &PackedRows) -> Result<PackedRows, KvError> {
+        let bits = u32::try_from(self.u64()?)
+            .ok()
+            .and_then(Bits::from_count)
+            .ok_or_else(|| corrupt("bad bit-width"))?;
+        let mut rows = template.empty_like(bits);
+        rows.data = self.bytes()?.to_vec();
+        rows.scale = self.f16s()?;
+        rows.offset = self.f16s()?;
+        let groups = rows.scale.len();
+        let offsets_ok = match rows.offset_mode {
+            OffsetMode::Stored => rows.offset.len() == groups,
+            OffsetMode::Symmetric { .. } => rows.offset.is_empty(),
+        };
+        if !groups.is_multiple_of(rows.groups_per_token())
+            || rows.data.len() != groups * rows.group_bytes()
+            || !offsets_ok
+        {
+            return Err(corrupt("segment sizes disagree"));
+        }
+        Ok(rows)
     }
     pub fn finish(self) -> Result<(), KvError> {
         if self.pos == self.data.len() {

@@ -64,11 +64,7 @@ pub fn write_spill<R: std::borrow::Borrow<PackedRows>>(
         let (budget, sides) = layer?;
         w.u64(budget as u64);
         for seg in sides.iter().flatten() {
-            let seg = seg.borrow();
-            w.u64(seg.bits.count() as u64);
-            w.bytes(&seg.data);
-            w.f16s(&seg.scale);
-            w.f16s(&seg.offset);
+            w.rows(seg.borrow());
         }
     }
     w.finish()
@@ -116,27 +112,14 @@ impl<'a> SpillLayers<'a> {
         let r = &mut self.r;
         let budget = r.u64()? as usize;
         let mut segment = |i: usize| -> Result<PackedRows, KvError> {
-            let bits = u32::try_from(r.u64()?)
-                .ok()
-                .and_then(Bits::from_count)
-                .ok_or_else(|| KvError::Corrupt("bad bit-width".into()))?;
             let offsets = if i == 1 { cfg.body_offsets() } else { OffsetMode::Stored };
-            let mut rows = PackedRows::new(bits, group, geom.kv_heads, geom.head_dim, offsets);
-            rows.data = r.bytes()?.to_vec();
-            rows.scale = r.f16s()?;
-            rows.offset = r.f16s()?;
-            let groups = rows.scale.len();
-            let offsets_ok = match offsets {
-                OffsetMode::Stored => rows.offset.len() == groups,
-                OffsetMode::Symmetric { .. } => rows.offset.is_empty(),
-            };
-            if !groups.is_multiple_of(rows.groups_per_token())
-                || rows.data.len() != groups * rows.group_bytes()
-                || !offsets_ok
-            {
-                return Err(KvError::Corrupt("segment sizes disagree".into()));
-            }
-            Ok(rows)
+            r.rows(&PackedRows::new(
+                Bits::B16,
+                group,
+                geom.kv_heads,
+                geom.head_dim,
+                offsets,
+            ))
         };
         let mut side = || -> Result<[PackedRows; 3], KvError> { Ok([segment(0)?, segment(1)?, segment(2)?]) };
         let sides = [side()?, side()?];

@@ -412,3 +412,27 @@ fn total_budget_gives_every_layer_its_floor_first() {
         Err(KvError::OutOfBudget { .. })
     ));
 }
+
+#[test]
+fn a_window_about_to_flush_still_gets_what_it_holds_now() {
+    // 1 sink + 256 body + 127 window tokens: the next token flushes the 16-bit window into the narrow body, so
+    // the layer needs fewer bytes after the step than it holds before it. Its floor and its budget must cover
+    // both, or fitting it fails although the step fits.
+    let g = KvGeometry {
+        layers: 2,
+        q_heads: 2,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    let mut s = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX; 2], 4096).unwrap();
+    let x: Vec<f32> = (0..384).flat_map(|t| token(t, g.kv_dim())).collect();
+    for l in 0..2 {
+        s.append(l, &x, &x, 384).unwrap();
+    }
+    assert_eq!(counts(&s), (1, 256, 127));
+    let floor = s.floor_bytes(1);
+    s.set_total_budget(floor, None, 1)
+        .expect("the floor is enough, now and after the step");
+    assert!(s.true_bytes() <= floor);
+    s.reserve(1).expect("and the step fits");
+}
