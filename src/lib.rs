@@ -36,6 +36,7 @@ pub mod doctor;
 pub mod engine;
 pub mod eval;
 pub mod fetch;
+pub mod fuzz;
 pub mod gpu;
 pub mod kvcache;
 pub mod memory;

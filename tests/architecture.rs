@@ -50,7 +50,7 @@ const LAYERS: &[&[&str]] = &[
     &["gpu", "calib"],
     &["engine", "doctor"],
     &["eval", "server", "config"],
-    &["app"],
+    &["app", "fuzz"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -91,4 +91,21 @@ fn bad_configuration_exits_64_naming_every_error() {
     // Usage errors from the command line are 64 as well.
     let out = pmkvqd().arg("--no-such-flag").output().unwrap();
     assert_eq!(out.status.code(), Some(64));
+    // A token or certificate path naming a device (endless) or a huge file is refused, not read forever.
+    let out = pmkvqd()
+        .args([
+            "--set",
+            "auth.token_file=/dev/zero",
+            "--set",
+            "tls.cert=/dev/urandom",
+            "--set",
+            "tls.key=/dev/zero",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in ["`auth.token_file`", "`tls.cert`", "not a regular file"] {
+        assert!(err.contains(needle), "`{needle}` missing from:\n{err}");
+    }
 }

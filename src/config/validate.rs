@@ -336,7 +336,9 @@ fn auth(f: &mut Fields<'_>, listen: &ListenAddr) -> Option<String> {
     let mut token = match (f.val("auth.token"), f.val("auth.token_file")) {
         ("", "") => None,
         (t, "") => Some(t.to_string()),
-        ("", file) => match std::fs::read_to_string(file) {
+        ("", file) => match read_small(file, 4 << 10)
+            .and_then(|b| String::from_utf8(b).map_err(|_| std::io::Error::other("not UTF-8")))
+        {
             Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
             Ok(_) => {
                 f.bad("auth.token_file", format!("{file} is empty"));
@@ -371,11 +373,27 @@ fn auth(f: &mut Fields<'_>, listen: &ListenAddr) -> Option<String> {
     token
 }
 
+/// A file of at most `limit` bytes (a token or a PEM file): a path to a device or a huge file is an error, not a
+/// read that never ends.
+fn read_small(path: &str, limit: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut buf = Vec::new();
+    f.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(std::io::Error::other(format!("larger than {limit} bytes")));
+    }
+    Ok(buf)
+}
+
 /// `tls.cert`, `tls.key`: PEM files, read now so a bad path stops the start.
 fn tls(f: &mut Fields<'_>) -> Option<(Vec<u8>, Vec<u8>)> {
     match (f.val("tls.cert"), f.val("tls.key")) {
         ("", "") => None,
-        (c, k) if !c.is_empty() && !k.is_empty() => match (std::fs::read(c), std::fs::read(k)) {
+        (c, k) if !c.is_empty() && !k.is_empty() => match (read_small(c, 1 << 20), read_small(k, 1 << 20)) {
             (Ok(c), Ok(k)) => Some((c, k)),
             (Err(e), _) => {
                 f.bad("tls.cert", format!("cannot read {c}: {e}"));

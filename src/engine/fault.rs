@@ -47,13 +47,7 @@ pub fn check(hook: &Option<FaultHook>, at: FaultPoint, id: &str) {
     }
 }
 
-/// The message of a caught panic.
-pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
-}
+pub(crate) use crate::model::panic_text;
 
 /// With a hook, `kv` wrapped so that the hook can fail it at [`FaultPoint::StoreError`]; without one, `kv`.
 pub(super) fn wrap_store(hook: &Option<FaultHook>, kv: Box<dyn KvStore>, id: &str) -> Box<dyn KvStore> {
@@ -89,5 +83,5 @@ impl KvStore for FaultyStore {
         }
         self.inner.attend_and_store(layer, q, k, v, n, out)
     }
-    crate::forward_kv_store!(self => self.inner);
+    crate::kvcache::forward_kv_store!(self => self.inner);
 }

@@ -481,7 +481,7 @@ impl Engine {
                     "preempted: kv spilled"
                 );
                 let kv = s.kv.take().expect("checked above");
-                s.requants_before += kv.requantizations();
+                s.requants_before = s.requants_before.saturating_add(kv.requantizations());
                 s.spill = Some(file);
                 s.resume_floor = floor;
                 self.snapshot.preemptions += 1;
@@ -504,7 +504,7 @@ impl Engine {
             self.snapshot.ttft_sum_s += t.as_secs_f64();
             self.snapshot.ttft_count += 1;
         }
-        self.requants_done += s.requantizations();
+        self.requants_done = self.requants_done.saturating_add(s.requantizations());
         if !s.drained() {
             self.closing.push(s);
         }

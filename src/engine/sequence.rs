@@ -298,7 +298,7 @@ impl<'kv> Sequence<'kv> {
     /// Free the cache, keeping its re-quantization count.
     pub fn release_kv(&mut self) {
         if let Some(kv) = self.kv.take() {
-            self.requants_before += kv.requantizations();
+            self.requants_before = self.requants_before.saturating_add(kv.requantizations());
         }
         self.spill = None;
     }

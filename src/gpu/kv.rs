@@ -245,7 +245,7 @@ impl DeviceStore {
                 p.v.shrink(&self.gpu, shape, mode).map_err(gpu_err)?;
             }
             l.bits /= 2;
-            self.requants += 1;
+            self.requants = self.requants.saturating_add(1);
         }
     }
 

@@ -266,7 +266,6 @@ pub fn check_append(g: &KvGeometry, layer: usize, k: &[f32], v: &[f32], n: usize
 
 /// Implements every [`KvStore`] method except `attend_and_store` by forwarding to `$inner` (an expression of
 /// `self`): for stores that wrap another and change only how it attends.
-#[macro_export]
 macro_rules! forward_kv_store {
     ($s:ident => $inner:expr) => {
         fn geometry(&$s) -> $crate::kvcache::KvGeometry {
@@ -336,6 +335,7 @@ macro_rules! forward_kv_store {
         }
     };
 }
+pub(crate) use forward_kv_store;
 
 /// A borrowed store is a store: the CLI's local loop runs a `Sequence` over a cache its caller keeps (to read
 /// it afterwards), where the daemon's sequences own theirs.

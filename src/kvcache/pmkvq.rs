@@ -230,7 +230,7 @@ impl PmkvqStore {
             }
             l.k.body.shrink(self.cfg.shift);
             l.v.body.shrink(self.cfg.shift);
-            self.requants += 1;
+            self.requants = self.requants.saturating_add(1);
         }
     }
 

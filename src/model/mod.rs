@@ -84,6 +84,14 @@ impl ModelError {
     }
 }
 
+/// The message of a caught panic.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// Runtime options that do not change the model's numerics.
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {

@@ -258,7 +258,15 @@ impl Tokenizer {
 
     /// From an HF `tokenizer.json` (+ `tokenizer_config.json` for BOS/EOS and the chat template).
     pub fn from_hf_files(tokenizer_json: &[u8], config_json: Option<&str>) -> Result<Tokenizer, ModelError> {
-        let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json).map_err(tok_err)?;
+        // `tokenizers` panics on some malformed files (0.23: a decoder entry of the wrong shape hits an
+        // `expect`, found by fuzzing); a model file is input, so that is an error here like any other.
+        let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(tokenizer_json)).map_err(|p| {
+            tok_err(format!(
+                "malformed tokenizer.json (the tokenizers library panicked: {})",
+                super::panic_text(p.as_ref())
+            ))
+        })?;
+        let inner = parsed.map_err(tok_err)?;
         // Per-token tables are indexed by id, and ids may have holes: size them by the largest id, which a
         // hostile file must not make arbitrarily large.
         let vocab = inner.get_vocab(true);

@@ -70,6 +70,9 @@ pub fn write_spill<R: std::borrow::Borrow<PackedRows>>(
     w.finish()
 }
 
+/// More re-quantizations than a cache can have gone through (three per layer per shrink, far beyond any run).
+const MAX_REQUANTS: u64 = 1 << 48;
+
 /// Reads what [`write_spill`] wrote for a cache configured as `cfg` over `geom` (groups of `group`) one layer at
 /// a time, checking every length against the configuration: segment sizes, K and V alike, sink ≤ the configured
 /// sink, window shorter than the window size, 16-bit sink and window, one token count across layers.
@@ -91,6 +94,10 @@ impl<'a> SpillLayers<'a> {
             return Err(KvError::Corrupt("written by a differently configured cache".into()));
         }
         let requants = r.u64()?;
+        // a count, not a size: anything near 2^64 is a corrupt file (and would overflow the next increment)
+        if requants > MAX_REQUANTS {
+            return Err(KvError::Corrupt(format!("{requants} re-quantizations")));
+        }
         Ok(SpillLayers {
             r,
             cfg,
