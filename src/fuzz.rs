@@ -9,7 +9,7 @@
 //! codecs of every cache ([`spill`]) and the request validator behind Generate ([`request`]).
 #![doc(hidden)]
 
-use crate::engine::{Frontend, RequestLimits};
+use crate::engine::Frontend;
 use crate::kvcache::{KvGeometry, KvMethod, KvStore, PmkvqConfig, PmkvqStore};
 use crate::model::chat::{ChatMessage, ChatTemplate};
 use crate::model::{LoadOptions, Model, Tokenizer};
@@ -168,13 +168,8 @@ fn request_frontend() -> Option<&'static Frontend> {
                     .join(crate::fetch::DEFAULT_MODEL_FILE)
             });
             let (model, tok) = Model::load(&path, &LoadOptions { threads: 1 }).ok()?;
-            let limits = RequestLimits {
-                default_max_tokens: 256,
-                max_tokens_limit: 8191,
-                max_stop: 16,
-                default_kv_method: "pmkvq".parse().ok()?,
-                default_kv_state_every: 16,
-            };
+            // the daemon's defaults, from the one place that has them
+            let limits = crate::config::from_pairs(&[]).ok()?.limits;
             Frontend::new(
                 std::sync::Arc::new(tok),
                 model.config.context_length,

@@ -51,6 +51,15 @@ impl<'a> Fields<'a> {
         })
     }
 
+    fn duration_at_least(&mut self, key: &str, min: Duration) -> Duration {
+        let d = self.duration(key);
+        if d < min {
+            let v = self.val(key);
+            self.bad(key, format!("must be >= {min:?}, got `{v}`"));
+        }
+        d
+    }
+
     fn number(&mut self, key: &str, lo: f64, hi: f64) -> f64 {
         match self.val(key).trim().parse::<f64>() {
             Ok(x) if x >= lo && x <= hi => x,
@@ -198,11 +207,7 @@ fn engine(f: &mut Fields<'_>) -> EngineSection {
     let max_queued = f.count("engine.max_queued", 1, 65_536);
     let prefill_chunk = f.count("engine.prefill_chunk", 1, 65_536);
     let stream_buffer = f.count("engine.stream_buffer", 2, 4096);
-    let pause_timeout = f.duration("engine.pause_timeout");
-    if pause_timeout < Duration::from_millis(100) {
-        let v = f.val("engine.pause_timeout");
-        f.bad("engine.pause_timeout", format!("must be >= 100ms, got `{v}`"));
-    }
+    let pause_timeout = f.duration_at_least("engine.pause_timeout", Duration::from_millis(100));
     let prepare_threads = f.count("engine.prepare_threads", 1, 64);
     let default_kv_method = f.val("engine.kv_method").parse::<KvMethod>().unwrap_or_else(|e| {
         f.bad("engine.kv_method", e.to_string());
@@ -283,11 +288,7 @@ fn memory(f: &mut Fields<'_>) -> MemorySection {
         min_interval: f.duration("memory.min_interval"),
         kv_on_device: false,
     };
-    let interval = f.duration("memory.interval");
-    if interval < Duration::from_millis(10) {
-        let v = f.val("memory.interval");
-        f.bad("memory.interval", format!("must be >= 10ms, got `{v}`"));
-    }
+    let interval = f.duration_at_least("memory.interval", Duration::from_millis(10));
     MemorySection {
         cap,
         policy,
@@ -300,16 +301,8 @@ fn memory(f: &mut Fields<'_>) -> MemorySection {
 fn server(f: &mut Fields<'_>) -> EdgeLimits {
     let max_connections = f.count("server.max_connections", 1, 1 << 20);
     let max_streams_per_connection = f.count("server.max_streams_per_connection", 1, 65_535) as u32;
-    fn at_least(f: &mut Fields<'_>, key: &str, min: Duration) -> Duration {
-        let d = f.duration(key);
-        if d < min {
-            let v = f.val(key);
-            f.bad(key, format!("must be >= {min:?}, got `{v}`"));
-        }
-        d
-    }
-    let handshake_timeout = at_least(f, "server.handshake_timeout", Duration::from_millis(100));
-    let keepalive_timeout = at_least(f, "server.keepalive_timeout", Duration::from_millis(100));
+    let handshake_timeout = f.duration_at_least("server.handshake_timeout", Duration::from_millis(100));
+    let keepalive_timeout = f.duration_at_least("server.keepalive_timeout", Duration::from_millis(100));
     let keepalive_interval = match f.duration("server.keepalive_interval") {
         d if d.is_zero() => None,
         d if d < Duration::from_millis(100) => {

@@ -47,8 +47,6 @@ pub fn check(hook: &Option<FaultHook>, at: FaultPoint, id: &str) {
     }
 }
 
-pub(crate) use crate::model::panic_text;
-
 /// With a hook, `kv` wrapped so that the hook can fail it at [`FaultPoint::StoreError`]; without one, `kv`.
 pub(super) fn wrap_store(hook: &Option<FaultHook>, kv: Box<dyn KvStore>, id: &str) -> Box<dyn KvStore> {
     match hook {
@@ -82,6 +80,15 @@ impl KvStore for FaultyStore {
             return Err(KvError::Corrupt(format!("fault injected in layer {layer}")));
         }
         self.inner.attend_and_store(layer, q, k, v, n, out)
+    }
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
+        self.inner.append(layer, k, v, n)
+    }
+    fn method(&self) -> String {
+        self.inner.method()
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        self.inner.as_any_mut()
     }
     crate::kvcache::forward_kv_store!(self => self.inner);
 }

@@ -9,7 +9,7 @@ use super::sampler::{Sampler, SamplingError, SamplingParams};
 use super::sequence::{Admission, Sequence};
 use crate::kvcache::quant::Bits;
 use crate::kvcache::{KvError, KvMethod, KvStore, MethodSpec};
-use crate::model::{Backend, LogitsMode, ModelError, SeqInput, Tokenizer};
+use crate::model::{Backend, LogitsMode, ModelError, Tokenizer};
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
@@ -174,17 +174,9 @@ pub fn generate(
             LogitsMode::Last
         };
         let Some(store) = seq.kv.as_deref_mut() else { break };
-        let input = [SeqInput {
-            tokens: &tokens,
-            positions: &positions,
-        }];
-        match model
-            .forward(&input, &mut [store], mode)
-            .map_err(ModelError::unattributed)
-        {
-            Ok(mut logits) => {
+        match model.forward_one(&tokens, &positions, store, mode) {
+            Ok(mut l) => {
                 on_step(seq.kv.as_deref().expect("held until the sequence finishes"));
-                let mut l = logits.pop().unwrap_or_default();
                 if let Some(reason) = seq.on_logits(tokens.len(), &mut l, tok, ctx) {
                     seq.finish(reason, None);
                 }

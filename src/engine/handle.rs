@@ -65,29 +65,45 @@ pub(super) enum Command {
     Wake,
 }
 
-/// A place in the engine's queue (see [`EngineHandle::reserve`]).
-pub struct QueueSlot {
-    pending: Arc<AtomicUsize>,
-    /// Requests already waiting when this one came.
-    queued: usize,
-    /// Still ours to give back (false once the engine has the request).
+/// One place counted in a shared counter, given back when dropped unless it was handed on ([`Place::keep`]).
+struct Place {
+    counter: Arc<AtomicUsize>,
     held: bool,
 }
 
-impl Drop for QueueSlot {
+impl Place {
+    /// One of `limit` places, with how many were taken before it; `Err(taken)` when none is free.
+    fn take(counter: &Arc<AtomicUsize>, limit: usize) -> Result<(Place, usize), usize> {
+        let taken = counter.fetch_add(1, Ordering::AcqRel);
+        let place = Place {
+            counter: counter.clone(),
+            held: true,
+        };
+        if taken >= limit {
+            return Err(taken);
+        }
+        Ok((place, taken))
+    }
+
+    /// Someone else gives it back now (the engine, on admission).
+    fn keep(mut self) {
+        self.held = false;
+    }
+}
+
+impl Drop for Place {
     fn drop(&mut self) {
         if self.held {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.counter.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
 
-struct DecrementOnDrop(Arc<AtomicUsize>);
-
-impl Drop for DecrementOnDrop {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+/// A place in the engine's queue (see [`EngineHandle::reserve`]).
+pub struct QueueSlot {
+    place: Place,
+    /// Requests already waiting when this one came.
+    queued: usize,
 }
 
 /// Cloneable handle the transport uses: validates and submits requests, reads status. Never blocks.
@@ -227,19 +243,11 @@ impl EngineHandle {
         if !h.status.borrow().ready {
             return Err(RequestError::Unavailable("warming up"));
         }
-        let queued = h.pending.fetch_add(1, Ordering::AcqRel);
-        let slot = QueueSlot {
-            pending: h.pending.clone(),
+        let (place, queued) = Place::take(&h.pending, h.max_queued).map_err(|queued| RequestError::QueueFull {
             queued,
-            held: true,
-        };
-        if queued >= h.max_queued {
-            return Err(RequestError::QueueFull {
-                queued,
-                limit: h.max_queued,
-            });
-        }
-        Ok(slot)
+            limit: h.max_queued,
+        })?;
+        Ok(QueueSlot { place, queued })
     }
 
     /// Validate, tokenize and queue a request. Errors are immediate; once this returns `Ok` the stream always
@@ -263,14 +271,10 @@ impl EngineHandle {
     /// [`EngineHandle::tokenize`] on the preparation threads; at most `max_queued` calls wait for one.
     pub async fn tokenize_async(&self, input: PromptInput) -> Result<(Vec<u32>, Vec<String>), RequestError> {
         let h = &*self.inner;
-        let waiting = h.prep_waiting.fetch_add(1, Ordering::AcqRel);
-        let _waiting = DecrementOnDrop(h.prep_waiting.clone());
-        if waiting >= h.max_queued {
-            return Err(RequestError::QueueFull {
-                queued: waiting,
-                limit: h.max_queued,
-            });
-        }
+        let _place = Place::take(&h.prep_waiting, h.max_queued).map_err(|queued| RequestError::QueueFull {
+            queued,
+            limit: h.max_queued,
+        })?;
         let me = self.clone();
         self.prepare(move || me.tokenize(&input)).await
     }
@@ -295,7 +299,7 @@ impl EngineHandle {
             Ok(r) => r,
             Err(e) => {
                 let what = match e.try_into_panic() {
-                    Ok(p) => super::fault::panic_text(p.as_ref()),
+                    Ok(p) => crate::model::panic_text(p.as_ref()),
                     Err(e) => e.to_string(),
                 };
                 tracing::error!(error = %what, "preparing a request panicked; it ends, the server goes on");
@@ -305,7 +309,7 @@ impl EngineHandle {
     }
 
     /// [`EngineHandle::submit`] with the queue place already taken.
-    pub fn submit_reserved(&self, mut slot: QueueSlot, req: Request) -> Result<Submission, RequestError> {
+    pub fn submit_reserved(&self, slot: QueueSlot, req: Request) -> Result<Submission, RequestError> {
         let h = &*self.inner;
         let id = if req.request_id.is_empty() {
             format!("req-{}", h.next_id.fetch_add(1, Ordering::Relaxed))
@@ -349,7 +353,7 @@ impl EngineHandle {
         match sent {
             Ok(()) => {
                 // The engine owns the place now (it gives it back on admission).
-                slot.held = false;
+                slot.place.keep();
                 Ok(Submission {
                     request_id: id,
                     prompt_tokens,

@@ -46,7 +46,7 @@ use tokio::sync::watch;
 
 mod ending;
 mod memory;
-use super::fault::panic_text;
+use crate::model::panic_text;
 use ending::StoppedGuard;
 
 /// How long the idle engine sleeps between looks at the drain signal (it wakes at once for a command).
@@ -319,7 +319,6 @@ impl Engine {
         self.budget.borrow().bytes.min(usize::MAX as u64) as usize
     }
 
-    /// Bytes `s` needs at its floor to take its next step.
     /// Account for a sequence that ended; keep it only while its last events wait for the client.
     fn settle(&mut self, s: Sequence<'static>) {
         self.snapshot.completed += 1;
@@ -452,7 +451,6 @@ impl Engine {
                 }
             }
         }
-        let before: Vec<usize> = kvs.iter().map(|kv| kv.len(0)).collect();
         let result = self.compute.forward(&inputs, &mut kvs, LogitsMode::Last);
         drop(kvs);
         self.snapshot.steps += 1;
@@ -473,9 +471,10 @@ impl Engine {
                 let bad = batch[index].0;
                 tracing::error!(request_id = %self.running[bad].id(), error = %source, "forward pass failed for one sequence");
                 self.running[bad].finish(FinishReason::Error, Some(format!("forward pass failed: {source}")));
-                for (k, (i, _, _)) in batch.iter().enumerate() {
+                for (k, (i, _, p)) in batch.iter().enumerate() {
                     if k != index {
-                        self.running[*i].roll_back_to(before[k]);
+                        // a step's first position is what the cache held before it
+                        self.running[*i].roll_back_to(p[0] as usize);
                     }
                 }
             }

@@ -303,6 +303,11 @@ impl<'kv> Sequence<'kv> {
         self.spill = None;
     }
 
+    /// Chosen to resume, its cache still on disk (the engine restores it into its share of the budget).
+    pub fn restoring(&self) -> bool {
+        self.kv.is_none() && self.spill.is_some()
+    }
+
     /// Take back the part of a failed step its cache holds (the step failed for a neighbour): keep the first
     /// `len` tokens in every layer. A cache that cannot give them back exactly ends the sequence with an error
     /// rather than let it run on a state no forward pass produced.

@@ -2,7 +2,7 @@
 
 use crate::engine::sampler::argmax;
 use crate::kvcache::{KvError, KvMethod, KvStore, MethodSpec};
-use crate::model::{Backend, LogitsMode, ModelError, SeqInput};
+use crate::model::{Backend, LogitsMode, ModelError};
 use serde::Serialize;
 
 #[derive(Clone, Debug)]
@@ -123,21 +123,11 @@ pub fn run_divergence(
         let end = (pos + cfg.step.max(1)).min(tokens.len() - 1);
         let chunk = &tokens[pos..end];
         let positions: Vec<u32> = (pos as u32..end as u32).collect();
-        let input = [SeqInput {
-            tokens: chunk,
-            positions: &positions,
-        }];
-        let ref_logits = model
-            .forward(&input, &mut [reference.as_mut()], LogitsMode::All)?
-            .pop()
-            .unwrap_or_default();
+        let ref_logits = model.forward_one(chunk, &positions, reference.as_mut(), LogitsMode::All)?;
         let ref_lp: Vec<Vec<f64>> = ref_logits.chunks_exact(vocab).map(log_softmax).collect();
         for r in runs.iter_mut().filter(|r| r.stopped.is_none()) {
-            let logits = match model
-                .forward(&input, &mut [r.store.as_mut()], LogitsMode::All)
-                .map_err(ModelError::unattributed)
-            {
-                Ok(mut l) => l.pop().unwrap_or_default(),
+            let logits = match model.forward_one(chunk, &positions, r.store.as_mut(), LogitsMode::All) {
+                Ok(l) => l,
                 Err(ModelError::Kv(e @ KvError::OutOfBudget { .. })) => {
                     r.stopped = Some(format!("at {} tokens: {e}", r.store.len(0)));
                     continue;
@@ -223,18 +213,8 @@ fn greedy_divergence(
             let t = argmax(&logits);
             out.push(t);
             let pos = [store.len(0) as u32];
-            match model
-                .forward(
-                    &[SeqInput {
-                        tokens: &[t],
-                        positions: &pos,
-                    }],
-                    &mut [store],
-                    LogitsMode::Last,
-                )
-                .map_err(ModelError::unattributed)
-            {
-                Ok(mut l) => logits = l.pop().unwrap_or_default(),
+            match model.forward_one(&[t], &pos, store, LogitsMode::Last) {
+                Ok(l) => logits = l,
                 Err(ModelError::Kv(_)) => break,
                 Err(e) => return Err(e),
             }
@@ -342,17 +322,7 @@ pub fn generate_trace(
         let t = sampler.sample(&mut logits, &seq);
         seq.push(t);
         let pos = [(seq.len() - 1) as u32];
-        logits = model
-            .forward(
-                &[SeqInput {
-                    tokens: &[t],
-                    positions: &pos,
-                }],
-                &mut [store.as_mut()],
-                LogitsMode::Last,
-            )?
-            .pop()
-            .unwrap_or_default();
+        logits = model.forward_one(&[t], &pos, store.as_mut(), LogitsMode::Last)?;
     }
     Ok(seq)
 }

@@ -92,6 +92,16 @@ pub enum KvError {
     },
 }
 
+impl From<std::io::Error> for KvError {
+    /// A failed spill write, keeping its kind (a full disk, the spill quota).
+    fn from(e: std::io::Error) -> Self {
+        KvError::Spill {
+            kind: e.kind(),
+            msg: e.to_string(),
+        }
+    }
+}
+
 /// One sequence's KV state, all layers.
 pub trait KvStore: Send {
     fn geometry(&self) -> KvGeometry;
@@ -264,8 +274,10 @@ pub fn check_append(g: &KvGeometry, layer: usize, k: &[f32], v: &[f32], n: usize
     Ok(())
 }
 
-/// Implements every [`KvStore`] method except `attend_and_store` by forwarding to `$inner` (an expression of
-/// `self`): for stores that wrap another and change only how it attends.
+/// Implements the bookkeeping [`KvStore`] methods (geometry, lengths, bytes, budgets, spill and restore,
+/// re-quantizations) by forwarding to `$inner` (an expression of `self`), for stores that wrap another. The
+/// wrapper writes what it may change itself: `attend_and_store`, `append`, `method`, and `as_any_mut` (a
+/// wrapper that forwarded it would let a backend downcast past it).
 macro_rules! forward_kv_store {
     ($s:ident => $inner:expr) => {
         fn geometry(&$s) -> $crate::kvcache::KvGeometry {
@@ -273,9 +285,6 @@ macro_rules! forward_kv_store {
         }
         fn len(&$s, layer: usize) -> usize {
             $inner.len(layer)
-        }
-        fn append(&mut $s, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), $crate::kvcache::KvError> {
-            $inner.append(layer, k, v, n)
         }
         fn clear(&mut $s) {
             $inner.clear()
@@ -297,9 +306,6 @@ macro_rules! forward_kv_store {
         }
         fn set_layer_budgets(&mut $s, budgets: &[usize]) -> Result<(), $crate::kvcache::KvError> {
             $inner.set_layer_budgets(budgets)
-        }
-        fn method(&$s) -> String {
-            $inner.method()
         }
         fn floor_bytes(&$s, ahead: usize) -> usize {
             $inner.floor_bytes(ahead)
@@ -330,9 +336,6 @@ macro_rules! forward_kv_store {
         fn requantizations(&$s) -> u64 {
             $inner.requantizations()
         }
-        fn as_any_mut(&mut $s) -> Option<&mut dyn std::any::Any> {
-            $inner.as_any_mut()
-        }
     };
 }
 pub(crate) use forward_kv_store;
@@ -350,6 +353,15 @@ impl<S: KvStore + ?Sized> KvStore for &mut S {
         out: &mut [f32],
     ) -> Result<(), KvError> {
         (**self).attend_and_store(layer, q, k, v, n, out)
+    }
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
+        (**self).append(layer, k, v, n)
+    }
+    fn method(&self) -> String {
+        (**self).method()
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        (**self).as_any_mut()
     }
     forward_kv_store!(self => (**self));
 }

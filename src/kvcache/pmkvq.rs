@@ -47,6 +47,22 @@ struct Layer {
     budget: usize,
 }
 
+/// A layer read back from a spill, under the budget it was spilled with.
+impl From<SpilledLayer> for Layer {
+    fn from(l: SpilledLayer) -> Layer {
+        let side = |[sink, body, window]: [PackedRows; 3]| Side { sink, body, window };
+        let [k, v] = l.sides;
+        Layer {
+            k: side(k),
+            v: side(v),
+            budget: l.budget,
+        }
+    }
+}
+
+/// A layer as budgets see it: `[sink, body, window]` tokens and the body's width.
+type Shape = ([usize; 3], Bits);
+
 /// Fixed per-layer bookkeeping counted in true bytes (the segment headers themselves).
 const LAYER_BOOKKEEPING: usize = std::mem::size_of::<Layer>();
 
@@ -168,8 +184,33 @@ impl PmkvqStore {
 
     /// True bytes layer `li` needs, now and after storing `n` more tokens, with its body at `body_bits`.
     fn projected_bytes(&self, li: usize, n: usize, body_bits: Bits) -> usize {
+        self.projected(self.shape(li).0, n, body_bits)
+    }
+
+    /// Layer `li`'s [`Shape`].
+    fn shape(&self, li: usize) -> Shape {
         let s = &self.layers[li].k;
-        self.projected([s.sink.len(), s.body.len(), s.window.len()], n, body_bits)
+        ([s.sink.len(), s.body.len(), s.window.len()], s.body.bits)
+    }
+
+    /// Per-layer budgets for `total` true bytes over layers of these shapes, `ahead` tokens to come
+    /// ([`split_total_budget`] of their floors and current widths).
+    fn split_budget(
+        &self,
+        shapes: &[Shape],
+        total: usize,
+        shares: Option<&[f64]>,
+        ahead: usize,
+    ) -> Result<Vec<usize>, KvError> {
+        let floors = shapes
+            .iter()
+            .map(|&(len, bits)| self.projected(len, ahead, self.floor_for(bits)))
+            .collect();
+        let current = shapes
+            .iter()
+            .map(|&(len, bits)| self.projected(len, ahead, bits))
+            .collect();
+        split_total_budget(floors, current, total, shares, self.cfg.floor_bits.count())
     }
 
     /// What a layer holding `[sink, body, window]` tokens needs with its body at `body_bits`, now and after
@@ -200,10 +241,15 @@ impl PmkvqStore {
     }
 
     fn floor_bits(&self, li: usize) -> Bits {
+        self.floor_for(self.layers[li].k.body.bits)
+    }
+
+    /// The lowest width a body now at `bits` may be lowered to.
+    fn floor_for(&self, bits: Bits) -> Bits {
         if self.cfg.adaptive {
             self.cfg.floor_bits
         } else {
-            self.layers[li].k.body.bits
+            bits
         }
     }
 
@@ -512,13 +558,8 @@ impl KvStore for PmkvqStore {
     }
 
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
-        let floors = (0..self.layers.len())
-            .map(|li| self.projected_bytes(li, ahead, self.floor_bits(li)))
-            .collect();
-        let current = (0..self.layers.len())
-            .map(|li| self.projected_bytes(li, ahead, self.layers[li].k.body.bits))
-            .collect();
-        let budgets = split_total_budget(floors, current, total, shares, self.cfg.floor_bits.count())?;
+        let shapes: Vec<Shape> = (0..self.layers.len()).map(|li| self.shape(li)).collect();
+        let budgets = self.split_budget(&shapes, total, shares, ahead)?;
         self.set_layer_budgets(&budgets)
     }
 
@@ -541,35 +582,22 @@ impl KvStore for PmkvqStore {
         shares: Option<&[f64]>,
         ahead: usize,
     ) -> Result<(), KvError> {
-        let (cfg, geom) = (&self.cfg, self.geom);
+        let cfg = self.cfg.clone();
         let mut shapes = Vec::with_capacity(self.layers.len());
-        let mut r = SpillLayers::new(data, cfg, geom, cfg.group)?;
+        let mut r = SpillLayers::new(data, &cfg, self.geom, cfg.group)?;
         while let Some(l) = r.next_layer()? {
             let k = &l.sides[0];
             shapes.push(([k[0].len(), k[1].len(), k[2].len()], k[1].bits));
         }
         r.finish()?;
-        let floor = |bits: Bits| if cfg.adaptive { cfg.floor_bits } else { bits };
-        let floors = shapes
-            .iter()
-            .map(|&(len, bits)| self.projected(len, ahead, floor(bits)))
-            .collect();
-        let current = shapes
-            .iter()
-            .map(|&(len, bits)| self.projected(len, ahead, bits))
-            .collect();
-        let budgets = split_total_budget(floors, current, total, shares, cfg.floor_bits.count())?;
-        let cfg = self.cfg.clone();
-        let mut r = SpillLayers::new(data, &cfg, geom, cfg.group)?;
+        let budgets = self.split_budget(&shapes, total, shares, ahead)?;
+        let mut r = SpillLayers::new(data, &cfg, self.geom, cfg.group)?;
         self.requants = r.requants;
         let mut li = 0;
         while let Some(l) = r.next_layer()? {
-            let side = |[sink, body, window]: [PackedRows; 3]| Side { sink, body, window };
-            let [k, v] = l.sides;
             self.layers[li] = Layer {
-                k: side(k),
-                v: side(v),
                 budget: budgets[li],
+                ..l.into()
             };
             self.enforce(li)?;
             li += 1;
@@ -579,18 +607,7 @@ impl KvStore for PmkvqStore {
 
     fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
         let (requants, spilled) = read_spill(data, &self.cfg, self.geom, self.cfg.group)?;
-        self.layers = spilled
-            .into_iter()
-            .map(|l| {
-                let side = |[sink, body, window]: [PackedRows; 3]| Side { sink, body, window };
-                let [k, v] = l.sides;
-                Layer {
-                    k: side(k),
-                    v: side(v),
-                    budget: l.budget,
-                }
-            })
-            .collect();
+        self.layers = spilled.into_iter().map(Layer::from).collect();
         self.requants = requants;
         Ok(())
     }

@@ -38,26 +38,28 @@ impl<'w> Writer<'w> {
         self.u64(b.len() as u64);
         self.raw(b);
     }
-    pub fn f16s(&mut self, v: &[f16]) {
-        self.u64(v.len() as u64);
-        // in slices, so a buffered file sees a few large writes rather than one per value
+    /// A count, then the values' little-endian bytes, gathered in slices so a buffered file sees a few large
+    /// writes rather than one per value.
+    fn values<const N: usize>(&mut self, n: usize, mut bytes: impl Iterator<Item = [u8; N]>) {
+        self.u64(n as u64);
         let mut buf = [0u8; 512];
-        for chunk in v.chunks(buf.len() / 2) {
-            for (o, x) in buf.chunks_exact_mut(2).zip(chunk) {
-                o.copy_from_slice(&x.to_bits().to_le_bytes());
+        loop {
+            let mut len = 0;
+            for (o, b) in buf.chunks_exact_mut(N).zip(bytes.by_ref()) {
+                o.copy_from_slice(&b);
+                len += N;
             }
-            self.raw(&buf[..2 * chunk.len()]);
+            if len == 0 {
+                return;
+            }
+            self.raw(&buf[..len]);
         }
     }
+    pub fn f16s(&mut self, v: &[f16]) {
+        self.values(v.len(), v.iter().map(|x| x.to_bits().to_le_bytes()));
+    }
     pub fn f32s(&mut self, v: &[f32]) {
-        self.u64(v.len() as u64);
-        let mut buf = [0u8; 512];
-        for chunk in v.chunks(buf.len() / 4) {
-            for (o, x) in buf.chunks_exact_mut(4).zip(chunk) {
-                o.copy_from_slice(&x.to_bits().to_le_bytes());
-            }
-            self.raw(&buf[..4 * chunk.len()]);
-        }
+        self.values(v.len(), v.iter().map(|x| x.to_bits().to_le_bytes()));
     }
     /// Packed rows: bit-width, codes, scales, offsets.
     pub fn rows(&mut self, r: &PackedRows) {
@@ -68,13 +70,7 @@ impl<'w> Writer<'w> {
     }
     /// The first write error, if any.
     pub fn finish(self) -> Result<(), KvError> {
-        match self.err {
-            None => Ok(()),
-            Some(e) => Err(KvError::Spill {
-                kind: e.kind(),
-                msg: e.to_string(),
-            }),
-        }
+        self.err.map_or(Ok(()), |e| Err(e.into()))
     }
 }
 
@@ -318,12 +314,7 @@ impl SpillDir {
 
     /// Write `data` to a new file `name`; see [`SpillDir::write_with`].
     pub fn write(&self, name: &str, data: &[u8]) -> std::io::Result<SpillFile> {
-        self.write_with(name, |w| {
-            w.write_all(data).map_err(|e| KvError::Spill {
-                kind: e.kind(),
-                msg: e.to_string(),
-            })
-        })
+        self.write_with(name, |w| Ok(w.write_all(data)?))
     }
 
     /// Stream a spill into a new file `name` (created exclusively, mode 0600, never through a symlink) through

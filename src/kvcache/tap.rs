@@ -35,12 +35,6 @@ impl<T: KvTap> Tapped<T> {
 }
 
 impl<T: KvTap> KvStore for Tapped<T> {
-    fn geometry(&self) -> KvGeometry {
-        self.inner.geometry()
-    }
-    fn len(&self, layer: usize) -> usize {
-        self.inner.len(layer)
-    }
     fn attend_and_store(
         &mut self,
         layer: usize,
@@ -70,52 +64,8 @@ impl<T: KvTap> KvStore for Tapped<T> {
         self.inner
             .append(layer, k2.as_deref().unwrap_or(k), v2.as_deref().unwrap_or(v), n)
     }
-    fn clear(&mut self) {
-        self.inner.clear()
-    }
-    fn truncate(&mut self, tokens: usize) {
-        self.inner.truncate(tokens)
-    }
-    fn true_bytes(&self) -> usize {
-        self.inner.true_bytes()
-    }
-    fn payload_bytes(&self) -> usize {
-        self.inner.payload_bytes()
-    }
-    fn reserve(&mut self, n: usize) -> Result<(), KvError> {
-        self.inner.reserve(n)
-    }
-    fn layer_bits(&self) -> Vec<u32> {
-        self.inner.layer_bits()
-    }
-    fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
-        self.inner.set_layer_budgets(budgets)
-    }
-    fn floor_bytes(&self, ahead: usize) -> usize {
-        self.inner.floor_bytes(ahead)
-    }
-    fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
-        self.inner.set_total_budget(total, shares, ahead)
-    }
-    fn spill_to(&self, out: &mut dyn std::io::Write) -> Result<(), KvError> {
-        self.inner.spill_to(out)
-    }
-    fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
-        self.inner.restore(data)
-    }
-    fn restore_within(
-        &mut self,
-        data: &[u8],
-        total: usize,
-        shares: Option<&[f64]>,
-        ahead: usize,
-    ) -> Result<(), KvError> {
-        self.inner.restore_within(data, total, shares, ahead)
-    }
-    fn requantizations(&self) -> u64 {
-        self.inner.requantizations()
-    }
     fn method(&self) -> String {
         self.label.clone()
     }
+    super::forward_kv_store!(self => self.inner);
 }

@@ -60,7 +60,7 @@ pub enum ModelError {
     #[error("thread pool: {0}")]
     ThreadPool(String),
     /// An error that belongs to one sequence of a batched forward pass (its input, or its cache): the caller
-    /// ends that sequence and keeps the others (whose caches hold no part of the failed step, see
+    /// ends that sequence and keeps the others, after taking the failed step back out of their caches (see
     /// [`Backend::forward`]).
     #[error("sequence {index} of the batch: {source}")]
     InSequence { index: usize, source: Box<ModelError> },
@@ -141,20 +141,24 @@ pub trait Backend: Send + Sync {
                 LogitsMode::Last if ci + 1 == n_chunks => LogitsMode::Last,
                 _ => LogitsMode::None,
             };
-            let mut out = self
-                .forward(
-                    &[SeqInput {
-                        tokens: c,
-                        positions: &positions,
-                    }],
-                    &mut [kv],
-                    m,
-                )
-                .map_err(ModelError::unattributed)?;
-            all.append(&mut out[0]);
+            all.append(&mut self.forward_one(c, &positions, kv, m)?);
             pos0 += c.len() as u32;
         }
         Ok(all)
+    }
+    /// One sequence's step (`positions` as in [`SeqInput`]): its logits rows as `mode` asks, its errors as they
+    /// are (not attributed to a place in a batch).
+    fn forward_one(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        kv: &mut dyn crate::kvcache::KvStore,
+        mode: LogitsMode,
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut out = self
+            .forward(&[SeqInput { tokens, positions }], &mut [kv], mode)
+            .map_err(ModelError::unattributed)?;
+        Ok(out.pop().unwrap_or_default())
     }
     /// Bytes of weights held in device memory (0 on the CPU).
     fn device_weight_bytes(&self) -> usize {

@@ -1,7 +1,8 @@
 //! Prometheus text exposition (format 0.0.4) on its own port, off by default: `GET /metrics`.
 //!
 //! A deliberately small HTTP/1.1 responder (one request per connection, 8 KiB request limit, 5 s read timeout,
-//! 16 connections at once, back-off when out of descriptors): scrapers need nothing more, and it keeps an HTTP framework out of the daemon.
+//! 16 connections at once, back-off when out of descriptors): scrapers need nothing more, and it keeps an HTTP
+//! framework out of the daemon.
 
 use crate::engine::{EngineHandle, EngineStatus};
 use crate::memory::Budget;

@@ -2,7 +2,8 @@
 //!
 //! Owns: wire ⇄ engine conversion ([`convert`], also the one error → status mapping), one tracing span per RPC,
 //! turning an engine event stream into a response stream. Does not own: model, KV cache or sampling (it may not
-//! import `candle`, `model` or `kvcache`); it never blocks the runtime (tokenizing runs on the engine handle's preparation threads).
+//! import `candle`, `model` or `kvcache`); it never blocks the runtime (tokenizing runs on the engine handle's
+//! preparation threads).
 //! Invariants: every started Generate stream ends with `complete` or `error`, or the client went away.
 #![forbid(unsafe_code)]
 
@@ -207,21 +208,6 @@ pub struct ServeOptions {
     /// HTTP/2 pings after this long idle (`None`: off), answered within `keepalive_timeout` or the connection ends.
     pub keepalive_interval: Option<std::time::Duration>,
     pub keepalive_timeout: std::time::Duration,
-}
-
-impl Default for ServeOptions {
-    /// The defaults of `server.*` in the configuration.
-    fn default() -> Self {
-        ServeOptions {
-            admin_token: None,
-            tls: None,
-            max_connections: 512,
-            max_streams_per_connection: 32,
-            handshake_timeout: std::time::Duration::from_secs(10),
-            keepalive_interval: Some(std::time::Duration::from_secs(30)),
-            keepalive_timeout: std::time::Duration::from_secs(10),
-        }
-    }
 }
 
 /// Serve `pmkvq.v1` (generation and admin), health and reflection on `listener` until `shutdown` resolves; then

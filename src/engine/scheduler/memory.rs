@@ -7,11 +7,11 @@ use crate::kvcache::KvError;
 use std::cmp::Reverse;
 
 impl Engine {
+    /// Bytes `s` needs at its floor to take its next step.
     pub(super) fn floor_of(&self, s: &Sequence<'_>) -> usize {
         match &s.kv {
             Some(k) => k.floor_bytes(s.ahead(self.cfg.prefill_chunk)),
-            // chosen to resume, its cache still on disk: what it needs once restored
-            None if s.spill.is_some() => s.resume_floor,
+            None if s.restoring() => s.resume_floor,
             None => 0,
         }
     }
@@ -128,7 +128,7 @@ impl Engine {
             }
         }
         for (i, &a) in alloc.iter().enumerate() {
-            if self.running[i].kv.is_none() && self.running[i].spill.is_some() {
+            if self.running[i].restoring() {
                 self.restore(i, a);
             }
         }
@@ -139,8 +139,8 @@ impl Engine {
     fn preempt(&mut self, i: usize) {
         let floor = self.floor_of(&self.running[i]);
         let mut s = self.running.remove(i);
-        if s.kv.is_none() && s.spill.is_some() {
-            // chosen to resume but not restored yet: its file is still there
+        if s.restoring() {
+            // its file is still there
             self.spilled.push(s);
             return;
         }
