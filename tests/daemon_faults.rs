@@ -119,3 +119,27 @@ async fn a_cache_error_in_one_sequence_ends_only_that_sequence() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_s_complete_arrives_only_after_the_status_no_longer_shows_it() {
+    // A slow publish widens the window between a step and the status that reports it: a client that has its
+    // `complete` and then asks for the status must not find the sequence (or its cache) still there.
+    let slow_publish = FaultHook(Arc::new(|at, _| {
+        if at == FaultPoint::Publish {
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        false
+    }));
+    let server = start_server_with(&[], |c| c.fault = Some(slow_publish)).await;
+    let mut c = server.client().await;
+    for round in 0..3 {
+        let got = collect(&mut c, named(&format!("r{round}"), 3)).await;
+        assert!(got.complete.is_some(), "{:?}", got.error);
+        let s = status(&mut c).await;
+        assert!(
+            s.sequences.is_empty() && s.kv_true_bytes == 0,
+            "round {round}: the status after `complete` still shows the sequence: {s:?}"
+        );
+    }
+    server.stop().await;
+}

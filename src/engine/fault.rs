@@ -24,6 +24,9 @@ pub enum FaultPoint {
     /// On the engine thread, right after it left its loop (id `""`). A hook that sleeps here widens the
     /// window in which a submission can race the engine's exit.
     EngineExit,
+    /// On the engine thread, before it publishes its status (id `""`). A hook that sleeps here widens the window
+    /// between a step and the status that reports it.
+    Publish,
 }
 
 /// Answers whether to panic at a point for a request id.

@@ -205,6 +205,7 @@ impl Engine {
                 self.contain_step_panic(&panic_text(p.as_ref()));
             }
             self.publish();
+            self.flush_closing();
         }
         fault::check(&self.cfg.fault, FaultPoint::EngineExit, "");
         self.close_intake();
@@ -302,6 +303,11 @@ impl Engine {
             }
         }
         self.retire();
+    }
+
+    /// Deliver the last events of finished sequences. Called after `publish`, so the status a client reads once
+    /// it has its `complete` no longer shows that sequence or its cache.
+    fn flush_closing(&mut self) {
         for s in &mut self.closing {
             s.flush();
         }
@@ -490,6 +496,7 @@ impl Engine {
     }
 
     fn publish(&mut self) {
+        fault::check(&self.cfg.fault, FaultPoint::Publish, "");
         let mut seqs: Vec<SeqStatus> = self.running.iter().map(Sequence::status).collect();
         seqs.extend(self.spilled.iter().map(Sequence::status));
         seqs.extend(self.waiting.iter().map(Admission::status));

@@ -251,7 +251,7 @@ impl<'kv> Sequence<'kv> {
         None
     }
 
-    /// End the sequence: release held-back text (unless a stop string matched), send the completion, free the
+    /// End the sequence: release held-back text (unless a stop string matched), queue the completion, free the
     /// cache. Idempotent.
     pub fn finish(&mut self, reason: FinishReason, error: Option<String>) {
         if self.finished {
@@ -292,7 +292,9 @@ impl<'kv> Sequence<'kv> {
         };
         // (the completion above carries the cache's last state)
         self.release_kv();
-        self.emit(ev);
+        // Held, not sent: the owner delivers it (`flush`) once the state it publishes no longer shows this
+        // sequence, so a client that has its `complete` and then asks for the status never finds it running.
+        self.held.push_back(ev);
     }
 
     /// Free the cache, keeping its re-quantization count.

@@ -78,8 +78,9 @@ impl Engine {
         }
     }
 
-    /// Give finished streams a last moment to take their final message.
+    /// Give finished streams a last moment to take their final message (after publishing the state without them).
     pub(super) fn final_flush(&mut self) {
+        self.publish();
         let until = Instant::now() + FINAL_FLUSH;
         while !self.closing.is_empty() && Instant::now() < until {
             for s in &mut self.closing {
