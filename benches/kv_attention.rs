@@ -1,8 +1,9 @@
 //! One decode-step attention for one layer (spec'd shapes: SmolLM2's 9 q / 3 KV heads at d = 64, and
 //! Qwen2.5-7B-style 28 / 4 at d = 128) over contexts of 1k/4k/8k tokens, for the f16 cache and for 8/4/2-bit
-//! bodies (fixed width, so each number is one width). One thread: the figure is ns per layer-step.
+//! bodies (fixed width, so each number is one width). One thread (`PMKVQ_BENCH_THREADS` for more): the figure is
+//! the time per layer-step, and the throughput the bandwidth reached over the bytes the step reads.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use pmkvq::kvcache::quant::Bits;
 use pmkvq::kvcache::{F16KvStore, KvGeometry, KvStore, PmkvqConfig, PmkvqStore};
 use std::time::Duration;
@@ -37,7 +38,11 @@ fn store(kind: &str, geom: KvGeometry, ctx: usize) -> Box<dyn KvStore> {
 }
 
 fn bench(c: &mut Criterion) {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let threads = std::env::var("PMKVQ_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
     let shapes = [
         (
             "9q3kv_d64",
@@ -69,10 +74,19 @@ fn bench(c: &mut Criterion) {
             for kind in ["fp16", "8bit", "4bit", "2bit"] {
                 let mut s = store(kind, geom, ctx);
                 let mut out = vec![0f32; geom.q_dim()];
+                // every stored byte (codes, scales, offsets) is read once per step: criterion's throughput is
+                // the bandwidth the kernel reaches
+                let bytes = s.true_bytes();
+                eprintln!("{name}/{kind}/{ctx}: {bytes} bytes of K/V read per step");
+                g.throughput(Throughput::Bytes(bytes as u64));
                 g.bench_with_input(BenchmarkId::new(kind, ctx), &ctx, |b, &ctx| {
-                    b.iter(|| {
-                        pool.install(|| s.attend_and_store(0, &q, &k, &v, 1, &mut out)).unwrap();
-                        s.truncate(ctx);
+                    // inside the pool, as the forward pass runs (a call into the pool from outside would time
+                    // two thread hand-offs per step)
+                    pool.install(|| {
+                        b.iter(|| {
+                            s.attend_and_store(0, &q, &k, &v, 1, &mut out).unwrap();
+                            s.truncate(ctx);
+                        })
                     })
                 });
             }

@@ -126,7 +126,7 @@ impl KvStore for KiviStore {
             for (b, block) in l.k_blocks.iter().enumerate() {
                 // scores of the block's tokens: Σ_c q_c·x̂[c][t], i.e. `accumulate` with channels as rows
                 let s = &mut p[b * KIVI_BLOCK..(b + 1) * KIVI_BLOCK];
-                (ak.accumulate)(&block[kvh], 0, qv, s);
+                (ak.accumulate)(&block[kvh], 0, qv, 0, s);
                 s.iter_mut().for_each(|x| *x *= scale);
             }
             for t in 0..n_res {
@@ -138,7 +138,7 @@ impl KvStore for KiviStore {
             }
             softmax_in_place(&mut p);
             o.fill(0.0);
-            (ak.accumulate)(&l.v, kvh, &p[..n_quant], o);
+            (ak.accumulate)(&l.v, kvh, &p[..n_quant], 0, o);
             for t in 0..n_res {
                 (kern.axpy_f16)(p[n_quant + t], &l.v_res[t * kv + kvh * d..t * kv + (kvh + 1) * d], o);
             }

@@ -9,7 +9,8 @@
 //! Invariant: true bytes ≤ budget in every layer after every call that returns Ok. `reserve` refuses a step
 //! that could not fit even at the floor width *before* any layer changes, so a refusal loses nothing.
 
-use super::attention::{attend_segments, AttnOps, Fresh};
+use super::attention::group::{attend_layer, GroupOps, Heads};
+use super::attention::Fresh;
 use super::quant::rows::{group_fits, token_payload_bytes};
 use super::quant::{Bits, OffsetMode, PackedRows};
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
@@ -168,16 +169,6 @@ impl PmkvqStore {
         l.k.bytes() + l.v.bytes() + LAYER_BOOKKEEPING
     }
 
-    /// The bytes budgets are enforced on.
-    fn layer_charged_bytes(&self, layer: usize) -> usize {
-        if self.cfg.payload_accounting {
-            let l = &self.layers[layer];
-            l.k.payload() + l.v.payload()
-        } else {
-            self.layer_true_bytes(layer)
-        }
-    }
-
     pub fn layer_budgets(&self) -> Vec<usize> {
         self.layers.iter().map(|l| l.budget).collect()
     }
@@ -255,29 +246,9 @@ impl PmkvqStore {
 
     /// Shrink layer `li` until it fits its budget.
     fn enforce(&mut self, li: usize) -> Result<(), KvError> {
-        loop {
-            let bytes = self.layer_charged_bytes(li);
-            let l = &mut self.layers[li];
-            if bytes <= l.budget {
-                return Ok(());
-            }
-            let floor = if self.cfg.adaptive {
-                self.cfg.floor_bits
-            } else {
-                l.k.body.bits
-            };
-            if l.k.body.is_empty() || l.k.body.bits <= floor {
-                return Err(KvError::OutOfBudget {
-                    layer: li,
-                    need: bytes,
-                    budget: l.budget,
-                    floor_bits: floor.count(),
-                });
-            }
-            l.k.body.shrink(self.cfg.shift);
-            l.v.body.shrink(self.cfg.shift);
-            self.requants = self.requants.saturating_add(1);
-        }
+        let r = enforce_layer(&self.cfg, self.geom, li, &mut self.layers[li]);
+        self.requants = self.requants.saturating_add(r.levels);
+        r.result
     }
 
     fn store_side(cfg: &PmkvqConfig, side: &mut Side, x: &[f32], kv_dim: usize) {
@@ -338,8 +309,68 @@ fn round_through_q8_0(q: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Below this many score multiply-adds per call, heads run on the calling thread.
-const PARALLEL_MIN_MACS: usize = 1 << 15;
+/// The bytes a layer's budget is enforced on: true bytes, or code bytes only under payload accounting.
+fn charged_bytes(cfg: &PmkvqConfig, l: &Layer) -> usize {
+    if cfg.payload_accounting {
+        l.k.payload() + l.v.payload()
+    } else {
+        l.k.bytes() + l.v.bytes() + LAYER_BOOKKEEPING
+    }
+}
+
+/// What lowering one layer did: levels lowered (K and V together count one per level) and whether it fits.
+struct Enforced {
+    levels: u64,
+    result: Result<(), KvError>,
+}
+
+/// Lower layer `li`'s body until the layer fits its budget: straight to the highest width that fits (ERS
+/// composes, so one pass over the body however many levels it drops), or to the floor, where a layer that still
+/// does not fit is refused.
+fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &mut Layer) -> Enforced {
+    let mut levels = 0u64;
+    loop {
+        let bytes = charged_bytes(cfg, l);
+        if bytes <= l.budget {
+            return Enforced { levels, result: Ok(()) };
+        }
+        let floor = if cfg.adaptive { cfg.floor_bits } else { l.k.body.bits };
+        if l.k.body.is_empty() || l.k.body.bits <= floor {
+            let result = Err(KvError::OutOfBudget {
+                layer: li,
+                need: bytes,
+                budget: l.budget,
+                floor_bits: floor.count(),
+            });
+            return Enforced { levels, result };
+        }
+        let body_now = if cfg.payload_accounting {
+            l.k.body.payload_bytes() + l.v.body.payload_bytes()
+        } else {
+            l.k.body.true_bytes() + l.v.body.true_bytes()
+        };
+        let at = |w: Bits| {
+            let per_token = if cfg.payload_accounting {
+                token_payload_bytes(w, cfg.group, geom.kv_dim())
+            } else {
+                cfg.side_token_bytes(geom, Some(w))
+            };
+            bytes - body_now + 2 * l.k.body.len() * per_token
+        };
+        let mut target = floor;
+        let mut w = l.k.body.bits.halved();
+        while let Some(b) = w.filter(|b| *b >= floor) {
+            if at(b) <= l.budget {
+                target = b;
+                break;
+            }
+            w = b.halved();
+        }
+        let n = l.k.body.shrink_to(target, cfg.shift);
+        l.v.body.shrink_to(target, cfg.shift);
+        levels += n as u64;
+    }
+}
 
 impl KvStore for PmkvqStore {
     fn geometry(&self) -> KvGeometry {
@@ -361,8 +392,7 @@ impl KvStore for PmkvqStore {
     ) -> Result<(), KvError> {
         let g = self.geom;
         check_inputs(&g, layer, q, k, v, n, out)?;
-        let (d, kv_dim, qh, group) = (g.head_dim, g.kv_dim(), g.q_heads, g.group());
-        let scale = 1.0 / (d as f32).sqrt();
+        let (d, kv_dim, qh) = (g.head_dim, g.kv_dim(), g.q_heads);
         let llama = self.cfg.llama_semantics;
         let rounded_q;
         let (q, n_raw) = if llama {
@@ -378,13 +408,15 @@ impl KvStore for PmkvqStore {
         // with llama semantics the new tokens are already stored: token i sees the stored prefix up to itself
         let stored = l.k.len() - (n - n_raw);
         let (segs_k, segs_v) = (l.k.segments(), l.v.segments());
-        let ops = AttnOps::detected();
-        let head = |(idx, o): (usize, &mut [f32])| {
-            let (i, h) = (idx / qh, idx % qh);
-            let qv = &q[idx * d..(idx + 1) * d];
-            // llama semantics: token i sees the stored prefix up to itself; otherwise the stored tokens and then
-            // the call's tokens up to itself, unquantized (spec §3.3)
-            let (visible, fresh) = if n_raw == 0 {
+        let heads = Heads {
+            q_heads: qh,
+            kv_heads: g.kv_heads,
+            d,
+        };
+        // llama semantics: token i sees the stored prefix up to itself; otherwise the stored tokens and then the
+        // call's tokens up to itself, unquantized (spec §3.3)
+        let see = |i: usize| {
+            if n_raw == 0 {
                 (stored + i + 1, None)
             } else {
                 let fresh = Fresh {
@@ -394,14 +426,9 @@ impl KvStore for PmkvqStore {
                     count: i + 1,
                 };
                 (stored, Some(fresh))
-            };
-            attend_segments(ops, &segs_k, &segs_v, visible, fresh, h / group, qv, scale, o);
+            }
         };
-        if rayon::current_num_threads() > 1 && n * qh * (stored + n) * d >= PARALLEL_MIN_MACS {
-            out.par_chunks_mut(d).enumerate().for_each(head);
-        } else {
-            out.chunks_mut(d).enumerate().for_each(head);
-        }
+        attend_layer(GroupOps::detected(), &segs_k, &segs_v, heads, q, n, see, out);
         // store after attention (post-attention quantization, WKVQuant-style)
         if !llama {
             let cfg = &self.cfg;
@@ -538,9 +565,28 @@ impl KvStore for PmkvqStore {
         for (l, &b) in self.layers.iter_mut().zip(budgets) {
             l.budget = b;
         }
+        // Only layers over their budget have work; those are lowered in parallel (one pass each), the rest are
+        // not touched (this runs every engine step, and most steps change nothing).
+        let (cfg, geom) = (&self.cfg, self.geom);
+        let over: Vec<(usize, &mut Layer)> = self
+            .layers
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, l)| charged_bytes(cfg, l) > l.budget)
+            .collect();
+        let results: Vec<Enforced> = if over.len() > 1 {
+            over.into_par_iter()
+                .map(|(li, l)| enforce_layer(cfg, geom, li, l))
+                .collect()
+        } else {
+            over.into_iter()
+                .map(|(li, l)| enforce_layer(cfg, geom, li, l))
+                .collect()
+        };
         let mut first_err = None;
-        for li in 0..self.layers.len() {
-            if let Err(e) = self.enforce(li) {
+        for r in results {
+            self.requants = self.requants.saturating_add(r.levels);
+            if let Err(e) = r.result {
                 first_err.get_or_insert(e);
             }
         }

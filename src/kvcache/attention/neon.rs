@@ -48,17 +48,17 @@ unsafe fn codes8(bytes: &[u8], bits: Bits, c0: usize, g: usize) -> (float32x4_t,
     )
 }
 
-fn scores(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]) {
+fn scores(rows: &PackedRows, head: usize, q: &[f32], scale: f32, t0: usize, out: &mut [f32]) {
     if !rows.group.is_multiple_of(32) {
-        return scalar::scores(rows, head, q, scale, out);
+        return scalar::scores(rows, head, q, scale, t0, out);
     }
     let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
     assert!(q.len() >= gph * g);
     let qsum: Vec<f32> = q.chunks_exact(g).map(|c| c.iter().sum()).collect();
-    for (t, o) in out.iter_mut().enumerate().take(rows.len()) {
+    for (t, o) in out.iter_mut().enumerate().take(rows.len().saturating_sub(t0)) {
         let mut s = 0.0f32;
         for (k, &qs) in qsum.iter().enumerate().take(gph) {
-            let (bytes, sc, mn) = rows.group_at(t * gpt + head * gph + k);
+            let (bytes, sc, mn) = rows.group_at((t0 + t) * gpt + head * gph + k);
             assert!(bytes.len() == rows.bits.group_bytes(g));
             // SAFETY: g is a multiple of 32, every c0 < g is a multiple of 8, q has gph·g values (asserted).
             let dot = unsafe {
@@ -78,15 +78,15 @@ fn scores(rows: &PackedRows, head: usize, q: &[f32], scale: f32, out: &mut [f32]
     }
 }
 
-fn accumulate(rows: &PackedRows, head: usize, p: &[f32], acc: &mut [f32]) {
+fn accumulate(rows: &PackedRows, head: usize, p: &[f32], t0: usize, acc: &mut [f32]) {
     if !rows.group.is_multiple_of(32) {
-        return scalar::accumulate(rows, head, p, acc);
+        return scalar::accumulate(rows, head, p, t0, acc);
     }
     let (g, gph, gpt) = (rows.group, rows.groups_per_head(), rows.groups_per_token());
     assert!(acc.len() >= gph * g);
-    for (t, &pt) in p.iter().enumerate().take(rows.len()) {
+    for (t, &pt) in p.iter().enumerate().take(rows.len().saturating_sub(t0)) {
         for k in 0..gph {
-            let (bytes, sc, mn) = rows.group_at(t * gpt + head * gph + k);
+            let (bytes, sc, mn) = rows.group_at((t0 + t) * gpt + head * gph + k);
             assert!(bytes.len() == rows.bits.group_bytes(g));
             // SAFETY: as in `scores`; `acc` has gph·g values (asserted).
             unsafe {

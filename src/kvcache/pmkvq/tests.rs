@@ -175,7 +175,10 @@ fn fbit2_budget_timeline_matches_the_reference_accounting() {
                     changes.push((l, b));
                     bits = b;
                 }
-                assert!(s.layer_charged_bytes(0) <= budget, "over budget at L = {l}");
+                assert!(
+                    super::charged_bytes(&s.cfg, &s.layers[0]) <= budget,
+                    "over budget at L = {l}"
+                );
             }
             Err(KvError::OutOfBudget { .. }) => break l + 1,
             Err(e) => panic!("{e}"),

@@ -118,6 +118,25 @@ pub fn shift_code(q: u32, n: u32, mode: ShiftMode) -> u32 {
     }
 }
 
+/// Lower a group's codes by one level (`2n` → `n` bits) under `mode`, in place. The ERS products fit u32 for every
+/// level (16→8: at most 65281·65663 < 2³²), so the loop vectorizes.
+pub fn shift_codes(codes: &mut [u16], n: u32, mode: ShiftMode) {
+    match mode {
+        ShiftMode::Equivalent => {
+            let m = (1u32 << (2 * n)) - (1u32 << n) + 1;
+            let (h, sh) = (1u32 << (n - 1), 3 * n);
+            for c in codes.iter_mut() {
+                *c = ((m * (*c as u32 + h)) >> sh) as u16;
+            }
+        }
+        ShiftMode::Direct | ShiftMode::Modified => {
+            for c in codes.iter_mut() {
+                *c >>= n;
+            }
+        }
+    }
+}
+
 /// The group parameters after lowering from `2n` to `n` bits under `mode`.
 pub fn shift_params(p: GroupParams, n: u32, mode: ShiftMode) -> GroupParams {
     let two_n = (1u32 << n) as f32;

@@ -203,3 +203,70 @@ fn shrinking_rows_matches_requantizing_the_original_values() {
     assert_eq!(r16.true_bytes(), r2.true_bytes());
     assert!(!r16.clone().shrink(ShiftMode::Equivalent), "2 bits is the floor");
 }
+
+/// The old one-level-at-a-time shrink, kept here as the specification: unpack, shift every code with
+/// `shift_code`, update the stored parameters, pack; repeated per level.
+fn shrink_chain(r: &PackedRows, bits: Bits, mode: ShiftMode) -> PackedRows {
+    let mut cur = r.clone();
+    while cur.bits > bits {
+        let lower = cur.bits.halved().unwrap();
+        let n = lower.count();
+        let mut out = cur.empty_like(lower);
+        let mut codes = vec![0u16; cur.group];
+        for gi in 0..cur.scale.len() {
+            let (bytes, s, m) = cur.group_at(gi);
+            unpack(bytes, cur.bits, &mut codes);
+            for c in codes.iter_mut() {
+                *c = shift_code(*c as u32, n, mode) as u16;
+            }
+            let p = shift_params(GroupParams { scale: s, offset: m }, n, mode);
+            let start = out.data.len();
+            out.data.resize(start + out.group_bytes(), 0);
+            pack(&codes, lower, &mut out.data[start..]);
+            out.scale.push(store_param(p.scale));
+            if cur.offset_mode == OffsetMode::Stored {
+                out.offset.push(store_param(p.offset));
+            }
+        }
+        cur = out;
+    }
+    cur
+}
+
+#[test]
+fn one_pass_shrink_equals_the_level_by_level_chain_bit_for_bit() {
+    let mut seed = 17;
+    for mode in [ShiftMode::Equivalent, ShiftMode::Direct, ShiftMode::Modified] {
+        for (from, offsets) in [
+            (Bits::B16, OffsetMode::Stored),
+            (Bits::B8, OffsetMode::Stored),
+            (Bits::B8, OffsetMode::Symmetric { center: 128 }),
+        ] {
+            let mut r = PackedRows::new(from, 32, 2, 64, offsets);
+            for _ in 0..37 {
+                let x: Vec<f32> = (0..128).map(|_| lcg(&mut seed) * 7.0 - 1.0).collect();
+                match offsets {
+                    OffsetMode::Stored => r.push_token(&x),
+                    OffsetMode::Symmetric { .. } => r.push_token_symmetric(&x),
+                }
+            }
+            for to in [Bits::B8, Bits::B4, Bits::B2] {
+                if to >= from {
+                    continue;
+                }
+                let want = shrink_chain(&r, to, mode);
+                let mut got = r.clone();
+                let levels = got.shrink_to(to, mode);
+                assert_eq!(
+                    levels,
+                    from.count().ilog2() - to.count().ilog2(),
+                    "{mode:?} {from:?}→{to:?}"
+                );
+                assert_eq!(got.bits, want.bits);
+                assert_eq!(got.data, want.data, "{mode:?} {from:?}→{to:?} codes");
+                assert_eq!(got.scale, want.scale, "{mode:?} {from:?}→{to:?} scales");
+                assert_eq!(got.offset, want.offset, "{mode:?} {from:?}→{to:?} offsets");
+            }
+        }
+    }
+}
