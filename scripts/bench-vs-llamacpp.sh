@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# pmkvq next to llama.cpp on this machine: same model, same thread count, the same tests (llama-bench's pp/tg at
+# pmkvq next to llama.cpp on this machine (llama.cpp's f16 cache with flash attention off and on: on this CPU
+# its f16 flash-attention path is the slower one at depth; q4_0 needs it on): same model, same thread count, the same tests (llama-bench's pp/tg at
 # a depth), run interleaved — round r runs every pmkvq test and every llama-bench test once before round r+1 —
 # and reported as medians over the rounds, because this machine drifts ±25 % between minutes.
 #   scripts/bench-vs-llamacpp.sh                 THREADS=2 ROUNDS=3 DEPTH=4096 DEEP=8128 by default
@@ -20,10 +21,10 @@ trap 'rm -rf "$out"' EXIT
 
 # name | pmkvq bench arguments | llama-bench arguments
 tests=(
-  "d0|--depth 0 --prompt 512 --gen 128 --kv fp16|-d 0 -p 512 -n 128"
-  "fp16|--depth $depth --prompt 512 --gen 64 --kv fp16|-d $depth -p 512 -n 64"
-  "pmkvq|--depth $depth --prompt 0 --gen 64 --kv pmkvq --kv-budget 1/5|-d $depth -p 0 -n 64 -ctk q4_0 -ctv q4_0"
-  "deep|--depth $deep --prompt 0 --gen 64 --kv pmkvq --kv-budget 1/5|-d $deep -p 0 -n 64"
+  "d0|--depth 0 --prompt 512 --gen 128 --kv fp16|-fa 0,1 -d 0 -p 512 -n 128"
+  "fp16|--depth $depth --prompt 512 --gen 64 --kv fp16|-fa 0,1 -d $depth -p 512 -n 64"
+  "pmkvq|--depth $depth --prompt 0 --gen 64 --kv pmkvq --kv-budget 1/5|-fa 1 -d $depth -p 0 -n 64 -ctk q4_0 -ctv q4_0"
+  "deep|--depth $deep --prompt 0 --gen 64 --kv pmkvq --kv-budget 1/5|-fa 0,1 -d $deep -p 0 -n 64"
 )
 for r in $(seq 1 "$rounds"); do
   for t in "${tests[@]}"; do
@@ -32,7 +33,7 @@ for r in $(seq 1 "$rounds"); do
     # shellcheck disable=SC2086
     "$pmkvq" bench --model "$model" --threads "$threads" --reps 1 --json $ours >>"$out/pmkvq-$name.jsonl"
     # shellcheck disable=SC2086
-    "$bin/llama-bench" -m "$model" -t "$threads" -fa 1 -r 1 -o jsonl $theirs >>"$out/llama-$name.jsonl" 2>/dev/null
+    "$bin/llama-bench" -m "$model" -t "$threads" -r 1 -o jsonl $theirs >>"$out/llama-$name.jsonl" 2>/dev/null
   done
 done
 python3 - "$out" "$threads" "$rounds" <<'EOF'
@@ -51,7 +52,7 @@ for f in sorted(os.listdir(out)):
             ours.setdefault((j['test'], j['n'], j['depth'], kv), []).append(j['mean'])
         else:
             test = 'pp' if j['n_prompt'] > 0 else 'tg'
-            kv = f"{j['type_k']}/{j['type_v']}"
+            kv = f"{j['type_k']}/{j['type_v']}, flash-attn {'on' if j.get('flash_attn') else 'off'}"
             theirs.setdefault((test, j['n_prompt'] or j['n_gen'], j['n_depth'], kv), []).append(j['avg_ts'])
 print(f"threads {threads}, medians of {rounds} interleaved rounds (tokens/s)\n")
 print("| test | pmkvq KV | pmkvq | llama.cpp KV | llama.cpp | ratio |")

@@ -12,6 +12,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod scalar;
@@ -115,6 +117,8 @@ pub fn kernels() -> &'static Kernels {
     detect(
         &CHOSEN,
         &[
+            #[cfg(target_arch = "x86_64")]
+            (avx512::supported, &avx512::AVX512),
             #[cfg(target_arch = "x86_64")]
             (avx2::supported, &avx2::AVX2),
             #[cfg(target_arch = "aarch64")]
@@ -246,6 +250,16 @@ mod tests {
         simd_matches_scalar(&avx2::AVX2);
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn kernels_avx512_match_scalar() {
+        assert!(
+            avx512::supported(),
+            "this test machine has AVX-512 VNNI; a CPU without it needs its own test run"
+        );
+        simd_matches_scalar(&avx512::AVX512);
+    }
+
     #[cfg(target_arch = "aarch64")]
     #[test]
     fn kernels_neon_match_scalar() {
@@ -255,7 +269,7 @@ mod tests {
     #[allow(dead_code)]
     fn simd_matches_scalar(k: &Kernels) {
         let mut seed = 11;
-        for blocks in [1usize, 3, 18, 48] {
+        for blocks in [1usize, 3, 18, 48, 301] {
             let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed) * 3.0).collect();
             let (mut qa, mut qb) = (Q8Row::default(), Q8Row::default());
             scalar::quantize_q8(&x, &mut qa);
@@ -263,6 +277,15 @@ mod tests {
             assert_eq!(qa.qs, qb.qs);
             assert_eq!(qa.d, qb.d);
             assert_eq!(qa.s, qb.s);
+            // three more activation rows for the 4-row kernels
+            let more: Vec<Q8Row> = (0..3)
+                .map(|_| {
+                    let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed) * 2.0).collect();
+                    let mut q = Q8Row::default();
+                    scalar::quantize_q8(&x, &mut q);
+                    q
+                })
+                .collect();
             for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
                 let w = random_blocks(format, blocks, &mut seed);
                 let a = format.dot(&SCALAR, &w, &qa);
@@ -271,6 +294,17 @@ mod tests {
                     (a - b).abs() <= 1e-4 * a.abs().max(1.0),
                     "{format:?} {blocks}: {a} vs {b}"
                 );
+                // the batched form equals the single-row form bit for bit, row by row
+                let rows = [&qa, &more[0], &more[1], &more[2]];
+                let four = format.dot4(k, &w, rows);
+                for (r, got) in rows.iter().zip(four) {
+                    assert_eq!(
+                        got.to_bits(),
+                        format.dot(k, &w, r).to_bits(),
+                        "{} {format:?} {blocks}",
+                        k.name
+                    );
+                }
             }
         }
         for n in [1usize, 7, 8, 31, 64, 67, 200] {
