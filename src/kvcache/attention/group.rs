@@ -368,10 +368,12 @@ pub fn attend_layer<'a, S: Segment + ?Sized>(
         usize::MAX
     };
     // (token, kv head, block start, block end)
+    // KV head outermost: consecutive tasks (and each thread's share of them) read the same head's K/V, which
+    // stays in cache across a prefill chunk's query tokens
     let mut tasks = Vec::new();
-    for i in 0..n {
-        let t = total_of(see(i));
-        for hk in 0..kvh {
+    for hk in 0..kvh {
+        for i in 0..n {
+            let t = total_of(see(i));
             let mut a = 0;
             while a < t {
                 let b = t.min(a.saturating_add(block));
