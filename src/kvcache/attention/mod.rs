@@ -10,6 +10,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod avx512_f16;
 pub mod group;
 #[cfg(target_arch = "aarch64")]
 mod neon;
