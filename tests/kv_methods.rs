@@ -45,7 +45,10 @@ fn pmkvq_with_an_unbinding_budget_reproduces_llama_cpp_greedy_tokens() {
             |s| assert!(s.layer_bits().iter().all(|&b| b == 16)),
         )
         .unwrap();
-        match out.ids.iter().zip(&c.greedy_ids).position(|(a, b)| a != b) {
+        // as for the fp16 cache (`golden_parity.rs`): the tokens before the first position where llama.cpp's own
+        // margin is below 0.1 — that position's token is within the noise between two correct kernel sets
+        let want = &c.greedy_ids[..upto.min(out.ids.len())];
+        match out.ids[..want.len()].iter().zip(want).position(|(a, b)| a != b) {
             None => exact += 1,
             Some(i) => {
                 let m = c.greedy_margins[i];
