@@ -16,7 +16,7 @@ pub(super) fn scores(r: &F16Rows<'_>, kvh: usize, q: &GroupQuery, s: Span, out: 
         && (s.t0 + s.len) * r.kv_heads * r.d <= r.data.len()
         && (s.len == 0 || out.len() >= (q.heads - 1) * stride + s.len);
     if !fits {
-        return scores_f16_per_token(r, kvh, q, s, out, stride);
+        return scores_f16_per_token(crate::cpu::kernels(), r, kvh, q, s, out, stride);
     }
     let mut j0 = 0;
     while j0 < q.heads {
@@ -51,7 +51,7 @@ pub(super) fn accumulate(
         && acc.len() == heads * r.d
         && (s.len == 0 || p.len() >= (heads - 1) * stride + s.len);
     if !fits {
-        return accumulate_f16_per_token(r, kvh, p, stride, s, heads, acc);
+        return accumulate_f16_per_token(crate::cpu::kernels(), r, kvh, p, stride, s, heads, acc);
     }
     let mut j0 = 0;
     while j0 < heads {

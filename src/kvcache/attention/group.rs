@@ -8,6 +8,7 @@
 //! scores over the packed codes) where the CPU has it, otherwise the single-head kernels head by head.
 
 use super::{AttnKernels, Fresh};
+use crate::cpu::Kernels;
 use crate::kvcache::quant::PackedRows;
 use rayon::prelude::*;
 
@@ -174,18 +175,28 @@ impl Segment for F16Rows<'_> {
     }
 }
 
-/// f16 scores with this CPU's f16 dot product, head by head and token by token (the specification).
-pub fn scores_f16_per_token(r: &F16Rows<'_>, kvh: usize, q: &GroupQuery, s: Span, out: &mut [f32], stride: usize) {
-    let dot = crate::cpu::kernels().dot_f16;
+/// f16 scores with `k`'s f16 dot product, head by head and token by token (the specification with the scalar
+/// table, the fallback for shapes a SIMD table does not take).
+pub fn scores_f16_per_token(
+    k: &Kernels,
+    r: &F16Rows<'_>,
+    kvh: usize,
+    q: &GroupQuery,
+    s: Span,
+    out: &mut [f32],
+    stride: usize,
+) {
     for j in 0..q.heads {
         for t in 0..s.len {
-            out[j * stride + t] = dot(r.row(s.t0 + t, kvh), q.head(j)) * q.scale;
+            out[j * stride + t] = (k.dot_f16)(r.row(s.t0 + t, kvh), q.head(j)) * q.scale;
         }
     }
 }
 
-/// f16 value accumulation with this CPU's f16 axpy, token by token.
+/// f16 value accumulation with `k`'s f16 axpy, token by token.
+#[allow(clippy::too_many_arguments)]
 pub fn accumulate_f16_per_token(
+    k: &Kernels,
     r: &F16Rows<'_>,
     kvh: usize,
     p: &[f32],
@@ -194,11 +205,10 @@ pub fn accumulate_f16_per_token(
     heads: usize,
     acc: &mut [f32],
 ) {
-    let axpy = crate::cpu::kernels().axpy_f16;
     let d = r.d;
     for j in 0..heads {
         for t in 0..s.len {
-            axpy(p[j * stride + t], r.row(s.t0 + t, kvh), &mut acc[j * d..(j + 1) * d]);
+            (k.axpy_f16)(p[j * stride + t], r.row(s.t0 + t, kvh), &mut acc[j * d..(j + 1) * d]);
         }
     }
 }
@@ -253,22 +263,8 @@ pub static SCALAR_GROUP: GroupKernels = GroupKernels {
     name: "scalar",
     scores: |r, h, q, s, o, st| scores_per_head(&super::SCALAR, r, h, q, s, o, st),
     accumulate: |r, h, p, st, s, n, a| accumulate_per_head(&super::SCALAR, r, h, p, st, s, n, a),
-    scores_f16: |r, h, q, s, o, st| {
-        let dot = crate::cpu::SCALAR.dot_f16;
-        for j in 0..q.heads {
-            for t in 0..s.len {
-                o[j * st + t] = dot(r.row(s.t0 + t, h), q.head(j)) * q.scale;
-            }
-        }
-    },
-    accumulate_f16: |r, h, p, st, s, n, a| {
-        let axpy = crate::cpu::SCALAR.axpy_f16;
-        for j in 0..n {
-            for t in 0..s.len {
-                axpy(p[j * st + t], r.row(s.t0 + t, h), &mut a[j * r.d..(j + 1) * r.d]);
-            }
-        }
-    },
+    scores_f16: |r, h, q, s, o, st| scores_f16_per_token(&crate::cpu::SCALAR, r, h, q, s, o, st),
+    accumulate_f16: |r, h, p, st, s, n, a| accumulate_f16_per_token(&crate::cpu::SCALAR, r, h, p, st, s, n, a),
 };
 
 /// This CPU's single-head kernels, head by head.
@@ -276,8 +272,8 @@ pub static DETECTED_PER_HEAD: GroupKernels = GroupKernels {
     name: "per-head",
     scores: |r, h, q, s, o, st| scores_per_head(super::attn_kernels(), r, h, q, s, o, st),
     accumulate: |r, h, p, st, s, n, a| accumulate_per_head(super::attn_kernels(), r, h, p, st, s, n, a),
-    scores_f16: scores_f16_per_token,
-    accumulate_f16: accumulate_f16_per_token,
+    scores_f16: |r, h, q, s, o, st| scores_f16_per_token(crate::cpu::kernels(), r, h, q, s, o, st),
+    accumulate_f16: |r, h, p, st, s, n, a| accumulate_f16_per_token(crate::cpu::kernels(), r, h, p, st, s, n, a),
 };
 
 /// The grouped kernels for this CPU, detected on first use.
