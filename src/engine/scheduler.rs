@@ -20,7 +20,8 @@
 //! 4. [`budget::water_fill`] splits the budget: floors first, the rest by [`budget::weight`] up to each
 //!    sequence's [`budget::demand`];
 //! 5. each store's `set_total_budget` splits its share over layers (calibrated shares) and lowers bodies now
-//!    (ERS, 16→8→4→2), so true bytes are within the budget before the step runs.
+//!    (ERS, 16→8→4→2), so true bytes are within the budget before the step runs;
+//! 6. a status snapshot is published at once, before the step.
 //!
 //! Admission and resumption ask [`budget::fits`] with the same floors, so a cut also holds new work back.
 
@@ -191,6 +192,7 @@ impl Engine {
             // Between steps the engine's own bookkeeping changes: a panic there leaves it in an unknown state,
             // so the engine gives up (every stream ends with `error`, health turns NOT_SERVING, the daemon exits
             // non-zero and its supervisor restarts it).
+            let new_budget = self.budget.has_changed().unwrap_or(false);
             let between = catch_unwind(AssertUnwindSafe(|| {
                 self.housekeeping(deadline);
                 self.resume();
@@ -199,6 +201,12 @@ impl Engine {
             }));
             if let Err(p) = between {
                 return self.give_up(&format!("panicked between steps: {}", panic_text(p.as_ref())));
+            }
+            // A new budget is applied (caches lowered, spilled or ended) before the step: say so now rather than
+            // a whole forward pass later, so whoever cut it — the monitor, an operator — sees it take effect.
+            if new_budget {
+                self.publish();
+                self.flush_closing();
             }
             // A panic inside a step is that step's: its sequences end with `error`, the engine goes on.
             if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.step())) {
