@@ -22,6 +22,7 @@ pub static AVX2: Kernels = Kernels {
     dot_f16,
     axpy_f16,
     exp_sum,
+    panel_dot: None,
 };
 
 // Each safe wrapper is only reachable through `AVX2`, which `kernels()` selects only when `supported()`.

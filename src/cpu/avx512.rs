@@ -10,7 +10,8 @@
 //! The 4-row form unpacks each weight pair once for four activation rows; per row its operations and their
 //! order are exactly the 1-row form's, so batched and single results agree bit for bit.
 
-use super::{avx2, Kernels, Q8Row, QK};
+use super::panel::{Q8Panel, PANEL_ROWS};
+use super::{avx2, BlockFormat, Kernels, Q8Row, QK};
 use std::arch::x86_64::*;
 
 pub fn supported() -> bool {
@@ -34,6 +35,7 @@ pub static AVX512: Kernels = Kernels {
     dot_f16: avx2::AVX2.dot_f16,
     axpy_f16: avx2::AVX2.axpy_f16,
     exp_sum: avx2::AVX2.exp_sum,
+    panel_dot: Some(panel_dot),
 };
 
 /// `KIND` 0 = Q4_0, 1 = Q4_1, 2 = Q8_0; `N` activation rows.
@@ -155,4 +157,112 @@ unsafe fn dot_impl<const KIND: u8, const N: usize>(row: &[u8], nb: usize, x: [&Q
         out[j] = _mm512_reduce_add_ps(acc[j]) + _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
     }
     out
+}
+
+/// One panel of `h` ≤ 16 weight rows in the panel layout (`cpu::panel`) against activation rows `xs`:
+/// `out[j·h + i] = row i · xs[j]`. Activation rows go in tiles of 8, then 4, then one at a time; each row's
+/// operations are the same in every tile size, so results do not depend on how many rows are batched.
+fn panel_dot(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out: &mut [f32]) {
+    let kind = match format {
+        BlockFormat::Q4_0 => 0,
+        BlockFormat::Q4_1 => 1,
+        BlockFormat::Q8_0 => 2,
+    };
+    let unit = h * block_bytes(kind);
+    assert!((1..=PANEL_ROWS).contains(&h) && panel.len().is_multiple_of(unit) && out.len() == xs.len() * h);
+    let nb = panel.len() / unit;
+    for x in xs {
+        assert!(x.q.d.len() >= nb && x.q.s.len() >= nb && x.corr.len() >= nb && x.q.qs.len() >= nb * QK);
+    }
+    fn tile<const N: usize>(kind: u8, panel: &[u8], h: usize, nb: usize, x: [&Q8Panel; N], out: &mut [f32]) {
+        debug_assert!(out.len() == N * h);
+        // SAFETY: `AVX512` (the only table holding `panel_dot`) is selected only when `supported()`; `panel`
+        // holds `nb` block columns of `h` rows, every `x` has `nb` scales, sums, corrections and 32·nb codes,
+        // and `out` has room for N·h results (asserted above).
+        unsafe {
+            match kind {
+                0 => panel_impl::<0, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
+                1 => panel_impl::<1, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
+                _ => panel_impl::<2, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
+            }
+        }
+    }
+    let mut j = 0;
+    while j + 8 <= xs.len() {
+        let x: [&Q8Panel; 8] = std::array::from_fn(|i| &xs[j + i]);
+        tile(kind, panel, h, nb, x, &mut out[j * h..(j + 8) * h]);
+        j += 8;
+    }
+    if j + 4 <= xs.len() {
+        let x: [&Q8Panel; 4] = std::array::from_fn(|i| &xs[j + i]);
+        tile(kind, panel, h, nb, x, &mut out[j * h..(j + 4) * h]);
+        j += 4;
+    }
+    while j < xs.len() {
+        tile(kind, panel, h, nb, [&xs[j]], &mut out[j * h..(j + 1) * h]);
+        j += 1;
+    }
+}
+
+/// # Safety
+/// AVX-512 F/BW/VL/VNNI, F16C; `panel` points to `nb` block columns of `h` ≤ 16 rows in the panel layout; every
+/// `x` has `nb` scales, sums and corrections and `32·nb` codes; `out` has room for `N·h` floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
+unsafe fn panel_impl<const KIND: u8, const N: usize>(
+    panel: *const u8,
+    h: usize,
+    nb: usize,
+    x: [&Q8Panel; N],
+    out: *mut f32,
+) {
+    let unit = h * block_bytes(KIND);
+    let params = if KIND == 1 { 4 } else { 2 };
+    // one weight row per 32-bit lane; a last panel of h < 16 rows leaves the upper lanes zero (masked loads
+    // neither read past its end nor add anything, masked stores write only its rows)
+    let m: __mmask16 = ((1u32 << h) - 1) as u16;
+    let low = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..nb {
+        let u = panel.add(b * unit);
+        let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, u as *const i16));
+        let mw = if KIND == 1 {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, u.add(2 * h) as *const i16))
+        } else {
+            _mm512_setzero_ps()
+        };
+        let codes = u.add(params * h);
+        // w[k] meets activation word k of the block (Q4: low nibbles of code word k, then the high ones)
+        let mut w = [_mm512_setzero_si512(); 8];
+        if KIND == 2 {
+            for (k, wk) in w.iter_mut().enumerate() {
+                *wk = _mm512_maskz_loadu_epi32(m, codes.add(4 * k * h) as *const i32);
+            }
+        } else {
+            for k in 0..4 {
+                let v = _mm512_maskz_loadu_epi32(m, codes.add(4 * k * h) as *const i32);
+                w[k] = _mm512_and_si512(v, low);
+                w[4 + k] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+            }
+        }
+        for j in 0..N {
+            let xq = x[j].q.qs.as_ptr().add(b * QK) as *const i32;
+            let mut isum = if KIND == 1 {
+                _mm512_setzero_si512()
+            } else {
+                _mm512_set1_epi32(*x[j].corr.get_unchecked(b))
+            };
+            for (k, wk) in w.iter().enumerate() {
+                isum = _mm512_dpbusd_epi32(isum, *wk, _mm512_set1_epi32(xq.add(k).read_unaligned()));
+            }
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*x[j].q.d.get_unchecked(b)));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[j]);
+            if KIND == 1 {
+                acc[j] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x[j].q.s.get_unchecked(b)), acc[j]);
+            }
+        }
+    }
+    for (j, a) in acc.iter().enumerate() {
+        _mm512_mask_storeu_ps(out.add(j * h), m, *a);
+    }
 }

@@ -16,6 +16,7 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+pub mod panel;
 mod scalar;
 
 use half::f16;
@@ -81,7 +82,13 @@ pub struct Kernels {
     pub axpy_f16: fn(f32, &[f16], &mut [f32]),
     /// `x[i] = exp(x[i] − max)` in place; returns the sum (f64, as ggml's softmax keeps it).
     pub exp_sum: fn(&mut [f32], f32) -> f64,
+    /// One panel of weight rows in the [`panel`] layout against several activation rows; `Some` where it
+    /// beats the per-row kernels above (then block weights are laid out in panels at load).
+    pub panel_dot: Option<PanelDot>,
 }
+
+/// `out[j·h + i] = row i · xs[j]` for a panel of `h` weight rows (its bytes) in the [`panel`] layout.
+pub type PanelDot = fn(BlockFormat, &[u8], usize, &[panel::Q8Panel], &mut [f32]);
 
 pub static SCALAR: Kernels = Kernels {
     name: "scalar",
@@ -96,6 +103,7 @@ pub static SCALAR: Kernels = Kernels {
     dot_f16: scalar::dot_f16,
     axpy_f16: scalar::axpy_f16,
     exp_sum: scalar::exp_sum,
+    panel_dot: None,
 };
 
 /// A SIMD kernel table and the run-time check that this CPU can run it.
@@ -264,6 +272,67 @@ mod tests {
     #[test]
     fn kernels_neon_match_scalar() {
         simd_matches_scalar(&neon::NEON);
+    }
+
+    /// The panel matmul (the scalar specification, and every table's `panel_dot`) against the scalar block
+    /// kernels on GGUF rows; a table's batched results equal its one-row results bit for bit.
+    #[test]
+    fn panel_dots_match_the_block_dots() {
+        let mut seed = 23;
+        let tables: Vec<&Kernels> = [kernels()].into_iter().filter(|k| k.panel_dot.is_some()).collect();
+        #[cfg(target_arch = "x86_64")]
+        assert!(
+            !avx512::supported() || tables.iter().any(|k| k.name == "avx512-vnni"),
+            "this CPU has AVX-512 VNNI: its panel kernel must be under test"
+        );
+        for (rows, blocks) in [(1usize, 1usize), (16, 3), (21, 18), (40, 48), (7, 301)] {
+            let acts: Vec<Q8Row> = (0..13)
+                .map(|_| {
+                    let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed) * 2.5).collect();
+                    let mut q = Q8Row::default();
+                    scalar::quantize_q8(&x, &mut q);
+                    q
+                })
+                .collect();
+            for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+                let rb = blocks * format.block_bytes();
+                let w = random_blocks(format, rows * blocks, &mut seed);
+                let wp = panel::interleave(format, rows, &w);
+                let xp: Vec<panel::Q8Panel> = acts.iter().map(|q| panel::Q8Panel::new(q.clone(), format)).collect();
+                for (r0, h) in panel::panels(rows) {
+                    let slab = &wp[r0 * rb..(r0 + h) * rb];
+                    let want: Vec<f32> = acts
+                        .iter()
+                        .flat_map(|q| (r0..r0 + h).map(move |r| (r, q)))
+                        .map(|(r, q)| format.dot(&SCALAR, &w[r * rb..(r + 1) * rb], q))
+                        .collect();
+                    let close = |what: &str, got: &[f32]| {
+                        for (n, (a, b)) in want.iter().zip(got).enumerate() {
+                            assert!(
+                                (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                                "{what} {format:?} {rows}×{blocks} panel {r0} out {n}: {a} vs {b}"
+                            );
+                        }
+                    };
+                    let mut spec = vec![0f32; want.len()];
+                    panel::dot_rows(format, slab, h, &xp, &mut spec);
+                    close("spec", &spec);
+                    for k in &tables {
+                        let dot = k.panel_dot.unwrap();
+                        let mut all = vec![0f32; want.len()];
+                        dot(format, slab, h, &xp, &mut all);
+                        close(k.name, &all);
+                        for j in 0..xp.len() {
+                            let mut one = vec![0f32; h];
+                            dot(format, slab, h, &xp[j..j + 1], &mut one);
+                            for (a, b) in one.iter().zip(&all[j * h..(j + 1) * h]) {
+                                assert_eq!(a.to_bits(), b.to_bits(), "{} {format:?} row {j}", k.name);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[allow(dead_code)]

@@ -23,6 +23,7 @@ pub static NEON: Kernels = Kernels {
     dot_f16: scalar::dot_f16,
     axpy_f16: scalar::axpy_f16,
     exp_sum: scalar::exp_sum,
+    panel_dot: None,
 };
 
 #[inline(always)]

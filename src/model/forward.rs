@@ -114,6 +114,11 @@ impl Linear {
                 let rb = self.cols / QK * format.block_bytes();
                 dequantize_row(*format, &bytes[r * rb..(r + 1) * rb], out);
             }
+            WeightData::Panels { format, bytes } => {
+                let mut row = vec![0u8; self.cols / QK * format.block_bytes()];
+                crate::cpu::panel::gguf_row(*format, self.rows, bytes, r, &mut row);
+                dequantize_row(*format, &row, out);
+            }
             WeightData::F32(w) => out.copy_from_slice(&w[r * self.cols..(r + 1) * self.cols]),
             WeightData::F16(w) => {
                 for (o, v) in out.iter_mut().zip(&w[r * self.cols..(r + 1) * self.cols]) {

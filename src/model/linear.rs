@@ -4,13 +4,21 @@
 //! per weight); other GGUF types go through candle's `QMatMul`. Rows are split across the model's worker pool.
 
 use super::ModelError;
-use crate::cpu::{kernels, BlockFormat, Q8Row, QK};
+use crate::cpu::panel::{self, Q8Panel, PANEL_ROWS};
+use crate::cpu::{kernels, BlockFormat, Kernels, Q8Row, QK};
 use half::f16;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 pub enum WeightData {
     /// GGUF blocks, row-major: each row is `cols/32` blocks.
     Blocks {
+        format: BlockFormat,
+        bytes: Vec<u8>,
+    },
+    /// The same blocks with each row in the panel layout (`cpu::panel`): the layout the CPU's batched kernel
+    /// reads, chosen at load where that kernel exists. Same size and row offsets as `Blocks`.
+    Panels {
         format: BlockFormat,
         bytes: Vec<u8>,
     },
@@ -33,7 +41,9 @@ const PARALLEL_MIN_MACS: usize = 1 << 16;
 impl Linear {
     pub fn row_bytes(&self) -> usize {
         match &self.data {
-            WeightData::Blocks { format, .. } => self.cols / QK * format.block_bytes(),
+            WeightData::Blocks { format, .. } | WeightData::Panels { format, .. } => {
+                self.cols / QK * format.block_bytes()
+            }
             _ => 0,
         }
     }
@@ -41,10 +51,43 @@ impl Linear {
     /// Bytes the weights occupy in memory.
     pub fn weight_bytes(&self) -> usize {
         match &self.data {
-            WeightData::Blocks { bytes, .. } => bytes.len(),
+            WeightData::Blocks { bytes, .. } | WeightData::Panels { bytes, .. } => bytes.len(),
             WeightData::F32(v) => v.len() * 4,
             WeightData::F16(v) => v.len() * 2,
             WeightData::Candle(_) => 0,
+        }
+    }
+
+    /// Lay block weights out for `k`'s batched kernel (the panel layout) when it has one; anything else is
+    /// returned unchanged.
+    pub fn for_kernels(self, k: &Kernels) -> Linear {
+        if k.panel_dot.is_none() {
+            return self;
+        }
+        self.into_panels()
+    }
+
+    /// Block weights in the panel layout (a CPU without a panel kernel runs them with the scalar one).
+    pub fn into_panels(mut self) -> Linear {
+        if self.rows == 0 {
+            return self;
+        }
+        if let WeightData::Blocks { format, bytes } = self.data {
+            let bytes = panel::interleave(format, self.rows, &bytes);
+            self.data = WeightData::Panels { format, bytes };
+        }
+        self
+    }
+
+    /// Block weights in GGUF's own layout (what the GPU kernels read), with their format; `None` for other
+    /// storage.
+    pub fn gguf_blocks(&self) -> Option<(BlockFormat, Cow<'_, [u8]>)> {
+        match &self.data {
+            WeightData::Blocks { format, bytes } => Some((*format, Cow::Borrowed(bytes))),
+            WeightData::Panels { format, bytes } => {
+                Some((*format, Cow::Owned(panel::deinterleave(*format, self.rows, bytes))))
+            }
+            _ => None,
         }
     }
 
@@ -90,6 +133,59 @@ impl Linear {
                 } else {
                     out_t.chunks_mut(chunk_rows * t).enumerate().for_each(body);
                 }
+            }
+            WeightData::Panels { format, bytes } => {
+                let rb = self.row_bytes();
+                let dot = k.panel_dot.unwrap_or(panel::dot_rows);
+                let prepare = |xr: &[f32]| {
+                    let mut q = Q8Row::default();
+                    (k.quantize_q8)(xr, &mut q);
+                    Q8Panel::new(q, *format)
+                };
+                let xp: Vec<Q8Panel> = if parallel && t > 1 {
+                    x.par_chunks_exact(self.cols).map(prepare).collect()
+                } else {
+                    x.chunks_exact(self.cols).map(prepare).collect()
+                };
+                // out_t holds panel p's results at p·16·t as [activation row][row in panel]
+                let per_task = (rows.div_ceil(PANEL_ROWS) / (rayon::current_num_threads() * 4)).clamp(1, 16);
+                let body = |(ti, chunk): (usize, &mut [f32])| {
+                    let r0 = ti * per_task * PANEL_ROWS;
+                    for (pi, o) in chunk.chunks_mut(PANEL_ROWS * t).enumerate() {
+                        let (p0, h) = (r0 + pi * PANEL_ROWS, o.len() / t);
+                        dot(*format, &bytes[p0 * rb..(p0 + h) * rb], h, &xp, o);
+                    }
+                };
+                if parallel {
+                    out_t
+                        .par_chunks_mut(per_task * PANEL_ROWS * t)
+                        .enumerate()
+                        .for_each(body);
+                } else {
+                    out_t.chunks_mut(per_task * PANEL_ROWS * t).enumerate().for_each(body);
+                }
+                let mut out = if t == 1 {
+                    out_t
+                } else {
+                    let mut o = vec![0.0f32; rows * t];
+                    let scatter = |(ti, orow): (usize, &mut [f32])| {
+                        for (r, v) in orow.iter_mut().enumerate() {
+                            let (p0, h) = (
+                                r / PANEL_ROWS * PANEL_ROWS,
+                                PANEL_ROWS.min(rows - r / PANEL_ROWS * PANEL_ROWS),
+                            );
+                            *v = out_t[p0 * t + ti * h + (r - p0)];
+                        }
+                    };
+                    if parallel {
+                        o.par_chunks_mut(rows).enumerate().for_each(scatter);
+                    } else {
+                        o.chunks_mut(rows).enumerate().for_each(scatter);
+                    }
+                    o
+                };
+                self.add_bias(&mut out, t);
+                return Ok(out);
             }
             WeightData::F32(w) => {
                 let cols = self.cols;
@@ -169,13 +265,32 @@ impl Linear {
         let same = parts.windows(2).all(|w| {
             w[0].cols == w[1].cols
                 && match (&w[0].data, &w[1].data) {
-                    (WeightData::Blocks { format: a, .. }, WeightData::Blocks { format: b, .. }) => a == b,
+                    (WeightData::Blocks { format: a, .. }, WeightData::Blocks { format: b, .. })
+                    | (WeightData::Panels { format: a, .. }, WeightData::Panels { format: b, .. }) => a == b,
                     (WeightData::F32(_), WeightData::F32(_)) | (WeightData::F16(_), WeightData::F16(_)) => true,
                     _ => false,
                 }
         });
         if !same || parts.is_empty() {
             return Err(parts);
+        }
+        // Panels stack by concatenation only when no part ends in a partial panel; otherwise restack the GGUF
+        // rows and lay the whole out again.
+        let ragged = parts[..parts.len() - 1]
+            .iter()
+            .any(|p| !p.rows.is_multiple_of(PANEL_ROWS));
+        if ragged && matches!(parts[0].data, WeightData::Panels { .. }) {
+            let blocks = parts
+                .into_iter()
+                .map(|mut p| {
+                    if let Some((format, bytes)) = p.gguf_blocks() {
+                        let bytes = bytes.into_owned();
+                        p.data = WeightData::Blocks { format, bytes };
+                    }
+                    p
+                })
+                .collect();
+            return Linear::concat_rows(blocks).map(Linear::into_panels);
         }
         let cols = parts[0].cols;
         let rows = parts.iter().map(|p| p.rows).sum();
@@ -191,12 +306,93 @@ impl Linear {
         let mut data = first.data;
         for p in it {
             match (&mut data, p.data) {
-                (WeightData::Blocks { bytes, .. }, WeightData::Blocks { bytes: b, .. }) => bytes.extend(b),
+                (WeightData::Blocks { bytes, .. }, WeightData::Blocks { bytes: b, .. })
+                | (WeightData::Panels { bytes, .. }, WeightData::Panels { bytes: b, .. }) => bytes.extend(b),
                 (WeightData::F32(v), WeightData::F32(b)) => v.extend(b),
                 (WeightData::F16(v), WeightData::F16(b)) => v.extend(b),
                 _ => unreachable!("checked above"),
             }
         }
         Ok(Linear { rows, cols, data, bias })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    fn random(format: BlockFormat, rows: usize, cols: usize, seed: &mut u64) -> Linear {
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / QK {
+            bytes.extend_from_slice(&f16::from_f32(lcg(seed).abs() * 0.1 + 0.01).to_le_bytes());
+            if format == BlockFormat::Q4_1 {
+                bytes.extend_from_slice(&f16::from_f32(lcg(seed) * 0.5).to_le_bytes());
+            }
+            let codes = if format == BlockFormat::Q8_0 { 32 } else { 16 };
+            bytes.extend((0..codes).map(|_| (lcg(seed) * 127.0) as i8 as u8));
+        }
+        Linear {
+            rows,
+            cols,
+            data: WeightData::Blocks { format, bytes },
+            bias: None,
+        }
+    }
+
+    /// A matmul over panels (this CPU's panel kernel, or the scalar one) gives the row kernels' results (to
+    /// rounding), for one and many activation rows, also after stacking matrices whose row counts leave partial
+    /// panels; the GGUF bytes come back intact.
+    #[test]
+    fn panel_matmuls_match_row_matmuls() {
+        let mut seed = 5;
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let parts: Vec<Linear> = [21usize, 16, 3]
+                .iter()
+                .map(|&r| random(format, r, 576, &mut seed))
+                .collect();
+            let rows_ref = Linear::concat_rows(parts.iter().map(clone_blocks).collect())
+                .ok()
+                .unwrap();
+            let panels = Linear::concat_rows(parts.into_iter().map(Linear::into_panels).collect())
+                .ok()
+                .unwrap();
+            assert!(matches!(panels.data, WeightData::Panels { .. }));
+            let (WeightData::Blocks { bytes: want, .. }, Some((_, got))) = (&rows_ref.data, panels.gguf_blocks())
+            else {
+                panic!("layouts")
+            };
+            assert_eq!(&got[..], &want[..]);
+            for t in [1usize, 5, 12] {
+                let x: Vec<f32> = (0..t * 576).map(|_| lcg(&mut seed) * 2.0).collect();
+                let a = rows_ref.forward(&x, t).unwrap();
+                let b = panels.forward(&x, t).unwrap();
+                for (n, (a, b)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                        "{format:?} t {t} out {n}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn clone_blocks(l: &Linear) -> Linear {
+        let WeightData::Blocks { format, bytes } = &l.data else {
+            panic!("blocks")
+        };
+        Linear {
+            rows: l.rows,
+            cols: l.cols,
+            data: WeightData::Blocks {
+                format: *format,
+                bytes: bytes.clone(),
+            },
+            bias: None,
+        }
     }
 }

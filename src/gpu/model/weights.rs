@@ -22,14 +22,17 @@ impl DevLinear {
     pub(super) fn upload(gpu: &Gpu, l: &Linear, name: &str) -> Result<DevLinear, ModelError> {
         use crate::cpu::BlockFormat;
         let (fmt, bytes): (i32, Vec<u8>) = match &l.data {
-            WeightData::Blocks { format, bytes } => (
-                match format {
-                    BlockFormat::Q4_0 => 2,
-                    BlockFormat::Q4_1 => 3,
-                    BlockFormat::Q8_0 => 4,
-                },
-                bytes.clone(),
-            ),
+            WeightData::Blocks { .. } | WeightData::Panels { .. } => {
+                let (format, bytes) = l.gguf_blocks().expect("block weights");
+                (
+                    match format {
+                        BlockFormat::Q4_0 => 2,
+                        BlockFormat::Q4_1 => 3,
+                        BlockFormat::Q8_0 => 4,
+                    },
+                    bytes.into_owned(),
+                )
+            }
             WeightData::F32(v) => (F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             WeightData::F16(v) => (F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             WeightData::Candle(mm) => {

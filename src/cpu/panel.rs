@@ -1,0 +1,204 @@
+//! The panel layout: block weights regrouped so that one 32-bit lane of a 512-bit register holds one weight
+//! row, and a matmul over many activation rows (prefill, batched decode) is a real GEMM micro-kernel: 16 output
+//! rows × several activation rows per pass, a handful of instructions per 512 multiply-adds and row.
+//!
+//! Rows go in panels of [`PANEL_ROWS`] (16; the last panel holds the rest, `h` ≤ 16). A panel stores its blocks
+//! column by column; block column `b` of a panel of `h` rows is `h` f16 scales, then (Q4_1) `h` f16 minimums,
+//! then the rows' codes word by word: 32-bit word `k` of row `i`'s block at word `k·h + i`. A panel takes
+//! exactly the bytes of its `h` GGUF rows and starts where its first row did, so the layout is a permutation
+//! of each 16-row slab ([`interleave`], undone by [`deinterleave`] for GPU uploads and [`gguf_row`] for
+//! embedding lookups). Q8_0 codes are stored biased by 128 (as `u8`), the operand order `vpdpbusd` wants.
+//!
+//! Word `k` of a Q4 block holds weights `4k..4k+4` in its low nibbles and `16+4k..16+4k+4` in its high ones
+//! (GGUF's order), so the low and high nibbles of word `k` meet activation words `k` and `4+k` of the block.
+//! Activations stay in their Q8 rows ([`Q8Panel`]), with the integer correction `−center·Σq` per block for
+//! the formats whose codes are offset (Q4_0: 8, Q8_0: 128), which starts each block's integer sum so the offset
+//! costs nothing in the loop: block dots are llama.cpp's integer block dots, exactly.
+
+use super::{BlockFormat, Q8Row, QK};
+use half::f16;
+
+/// Weight rows per panel: one per 32-bit lane of a 512-bit register.
+pub const PANEL_ROWS: usize = 16;
+
+/// Bytes of the f16 parameters that open a GGUF block, and of its codes.
+pub const fn split(format: BlockFormat) -> (usize, usize) {
+    match format {
+        BlockFormat::Q4_0 => (2, 16),
+        BlockFormat::Q4_1 => (4, 16),
+        BlockFormat::Q8_0 => (2, 32),
+    }
+}
+
+/// The panels of a matrix of `rows` rows: `(first row, h)`.
+pub fn panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..rows.div_ceil(PANEL_ROWS)).map(move |p| {
+        let r0 = p * PANEL_ROWS;
+        (r0, PANEL_ROWS.min(rows - r0))
+    })
+}
+
+/// Where GGUF row `r`'s block `b` byte `at` sits in the panel layout of a matrix with `nb` blocks per row.
+#[inline]
+fn panel_offset(format: BlockFormat, rows: usize, nb: usize, r: usize, b: usize, at: usize) -> usize {
+    let bb = format.block_bytes();
+    let (params, _) = split(format);
+    let r0 = r / PANEL_ROWS * PANEL_ROWS;
+    let (h, i) = (PANEL_ROWS.min(rows - r0), r - r0);
+    let unit = r0 * nb * bb + b * h * bb;
+    if at < params {
+        // f16 parameter at/2 of row i
+        unit + 2 * ((at / 2) * h + i) + at % 2
+    } else {
+        let (k, j) = ((at - params) / 4, (at - params) % 4);
+        unit + params * h + 4 * (k * h + i) + j
+    }
+}
+
+fn permute(format: BlockFormat, rows: usize, src: &[u8], dst: &mut [u8], to_panel: bool) {
+    let bb = format.block_bytes();
+    assert!(rows > 0 && src.len() == dst.len() && src.len().is_multiple_of(rows * bb));
+    let nb = src.len() / rows / bb;
+    let (params, codes) = split(format);
+    let bias = if format == BlockFormat::Q8_0 { 0x80 } else { 0 };
+    let mut mv = |g: usize, p: usize, n: usize, flip: u8| {
+        let (from, to) = if to_panel { (g, p) } else { (p, g) };
+        for j in 0..n {
+            dst[to + j] = src[from + j] ^ flip;
+        }
+    };
+    for (r0, h) in panels(rows) {
+        for b in 0..nb {
+            let unit = r0 * nb * bb + b * h * bb;
+            for i in 0..h {
+                let g = ((r0 + i) * nb + b) * bb;
+                for q in 0..params / 2 {
+                    mv(g + 2 * q, unit + 2 * (q * h + i), 2, 0);
+                }
+                for k in 0..codes / 4 {
+                    mv(g + params + 4 * k, unit + params * h + 4 * (k * h + i), 4, bias);
+                }
+            }
+        }
+    }
+}
+
+/// A matrix of `rows` GGUF rows of `format` blocks (`gguf`), laid out in panels.
+pub fn interleave(format: BlockFormat, rows: usize, gguf: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; gguf.len()];
+    permute(format, rows, gguf, &mut out, true);
+    out
+}
+
+/// Undo [`interleave`].
+pub fn deinterleave(format: BlockFormat, rows: usize, panel: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; panel.len()];
+    permute(format, rows, panel, &mut out, false);
+    out
+}
+
+/// GGUF row `r` (`out`: one row's bytes) of a matrix of `rows` rows in the panel layout.
+pub fn gguf_row(format: BlockFormat, rows: usize, panel: &[u8], r: usize, out: &mut [u8]) {
+    let bb = format.block_bytes();
+    let nb = out.len() / bb;
+    let (params, _) = split(format);
+    let bias = if format == BlockFormat::Q8_0 { 0x80 } else { 0 };
+    for b in 0..nb {
+        for at in 0..bb {
+            let flip = if at >= params { bias } else { 0 };
+            out[b * bb + at] = panel[panel_offset(format, rows, nb, r, b, at)] ^ flip;
+        }
+    }
+}
+
+/// A quantized activation row and, per block, the integer correction `−center·Σq` for weights of one format.
+#[derive(Default, Clone, Debug)]
+pub struct Q8Panel {
+    pub q: Q8Row,
+    pub corr: Vec<i32>,
+}
+
+impl Q8Panel {
+    pub fn new(q: Q8Row, format: BlockFormat) -> Q8Panel {
+        let center = match format {
+            BlockFormat::Q4_0 => 8,
+            BlockFormat::Q4_1 => 0,
+            BlockFormat::Q8_0 => 128,
+        };
+        let corr = q.qs[..q.blocks() * QK]
+            .chunks_exact(QK)
+            .map(|b| -center * b.iter().map(|&v| v as i32).sum::<i32>())
+            .collect();
+        Q8Panel { q, corr }
+    }
+
+    pub fn blocks(&self) -> usize {
+        self.q.blocks()
+    }
+}
+
+/// The specification of the panel matmul (and the kernel of CPUs without a faster one): for one panel of `h`
+/// rows (`panel`: its bytes), `out[j·h + i] = row i · xs[j]`, block by block in exact integers, then
+/// `Σ_b (isum·dw·dx + mw·s)` in block order.
+pub fn dot_rows(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out: &mut [f32]) {
+    let bb = format.block_bytes();
+    let nb = panel.len() / (h * bb);
+    let (params, codes) = split(format);
+    let f16_at = |at: usize| f16::from_le_bytes([panel[at], panel[at + 1]]).to_f32();
+    for (x, o) in xs.iter().zip(out.chunks_exact_mut(h)) {
+        for (i, o) in o.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for b in 0..nb {
+                let unit = b * h * bb;
+                let mut isum = x.corr[b];
+                for k in 0..codes / 4 {
+                    let w = unit + params * h + 4 * (k * h + i);
+                    for j in 0..4 {
+                        let wb = panel[w + j];
+                        let a = |word: usize| x.q.qs[b * QK + 4 * word + j] as i32;
+                        match format {
+                            BlockFormat::Q8_0 => isum += wb as i32 * a(k),
+                            _ => isum += (wb & 0x0F) as i32 * a(k) + (wb >> 4) as i32 * a(4 + k),
+                        }
+                    }
+                }
+                acc += isum as f32 * (f16_at(unit + 2 * i) * x.q.d[b]);
+                if format == BlockFormat::Q4_1 {
+                    acc += f16_at(unit + 2 * (h + i)) * x.q.s[b];
+                }
+            }
+            *o = acc;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interleaving_is_a_permutation_undone_by_deinterleaving() {
+        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            let bb = format.block_bytes();
+            for (rows, nb) in [(1usize, 1usize), (16, 18), (17, 3), (40, 2), (5, 48)] {
+                let m: Vec<u8> = (0..rows * nb * bb).map(|i| (i * 37 % 251) as u8).collect();
+                let p = interleave(format, rows, &m);
+                assert_eq!(deinterleave(format, rows, &p), m, "{format:?} {rows}×{nb}");
+                let mut row = vec![0u8; nb * bb];
+                for r in [0, rows / 2, rows - 1] {
+                    gguf_row(format, rows, &p, r, &mut row);
+                    assert_eq!(row, m[r * nb * bb..(r + 1) * nb * bb], "{format:?} {rows}×{nb} row {r}");
+                }
+                // row 1's first code word is lane 1 of its panel's first word load
+                if rows >= 2 && format != BlockFormat::Q8_0 {
+                    let (params, _) = split(format);
+                    let h = rows.min(PANEL_ROWS);
+                    assert_eq!(
+                        p[params * h + 4..params * h + 8],
+                        m[nb * bb + params..nb * bb + params + 4]
+                    );
+                }
+            }
+        }
+    }
+}
