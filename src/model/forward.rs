@@ -5,6 +5,7 @@ use super::linear::{Linear, WeightData};
 use super::{Model, ModelError};
 use crate::cpu::{dequantize_row, QK};
 use crate::kvcache::KvStore;
+use rayon::prelude::*;
 
 /// One sequence's new tokens in a batched forward pass.
 #[derive(Clone, Copy, Debug)]
@@ -254,21 +255,34 @@ impl Model {
         self.rope(&mut q, cfg.heads, cos, sin);
         self.rope(&mut k, cfg.kv_heads, cos, sin);
         let mut attn = vec![0.0f32; t * qd];
-        let mut start = 0;
+        // Each sequence's attention over its own cache; sequences side by side on the pool (one fork-join for
+        // the batch rather than one per sequence; a long one still splits its own work inside).
+        let mut work = Vec::with_capacity(seqs.len());
+        let (mut start, mut rest) = (0, attn.as_mut_slice());
         for (i, (s, store)) in seqs.iter().zip(kv.iter_mut()).enumerate() {
             let n = s.tokens.len();
-            store
-                .attend_and_store(
-                    li,
-                    &q[start * qd..(start + n) * qd],
-                    &k[start * kd..(start + n) * kd],
-                    &v[start * kd..(start + n) * kd],
-                    n,
-                    &mut attn[start * qd..(start + n) * qd],
-                )
-                .map_err(|e| ModelError::in_sequence(i, e))?;
+            let (out, tail) = std::mem::take(&mut rest).split_at_mut(n * qd);
+            rest = tail;
+            work.push((i, store, start, n, out));
             start += n;
         }
+        let attend = |(i, store, start, n, out): (usize, &mut &mut dyn KvStore, usize, usize, &mut [f32])| {
+            let (q, k, v) = (
+                &q[start * qd..(start + n) * qd],
+                &k[start * kd..(start + n) * kd],
+                &v[start * kd..(start + n) * kd],
+            );
+            store
+                .attend_and_store(li, q, k, v, n, out)
+                .map_err(|e| ModelError::in_sequence(i, e))
+        };
+        let done: Vec<Result<(), ModelError>> = if work.len() > 1 && rayon::current_num_threads() > 1 {
+            work.into_par_iter().map(attend).collect()
+        } else {
+            work.into_iter().map(attend).collect()
+        };
+        // the first failing sequence in batch order, as a sequential loop would report it
+        done.into_iter().collect::<Result<Vec<()>, _>>()?;
         let o = layer.o.forward(&attn, t)?;
         if attn_only {
             return Ok(Some(o));

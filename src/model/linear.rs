@@ -37,6 +37,9 @@ pub struct Linear {
 
 /// Below this many multiply-adds a matmul runs on the calling thread: handing it to the pool costs more.
 const PARALLEL_MIN_MACS: usize = 1 << 16;
+/// Below this many values, quantizing the activations and reordering the output stay on the calling thread
+/// (a few microseconds: a fork-join on the pool costs as much, and a decode step has hundreds of them).
+const PARALLEL_MIN_VALUES: usize = 1 << 15;
 
 impl Linear {
     pub fn row_bytes(&self) -> usize {
@@ -96,6 +99,8 @@ impl Linear {
         debug_assert_eq!(x.len(), t * self.cols);
         let rows = self.rows;
         let parallel = rayon::current_num_threads() > 1 && rows * self.cols * t >= PARALLEL_MIN_MACS;
+        let par_in = parallel && t * self.cols >= PARALLEL_MIN_VALUES;
+        let par_out = parallel && t * rows >= PARALLEL_MIN_VALUES;
         // Work on the transposed output (row-major over weight rows) so tasks own contiguous chunks.
         let mut out_t = vec![0.0f32; rows * t];
         let k = kernels();
@@ -108,7 +113,7 @@ impl Linear {
                     (k.quantize_q8)(xr, &mut q);
                     q
                 };
-                let xq: Vec<Q8Row> = if parallel && t > 1 {
+                let xq: Vec<Q8Row> = if par_in {
                     x.par_chunks_exact(self.cols).map(quantize).collect()
                 } else {
                     x.chunks_exact(self.cols).map(quantize).collect()
@@ -142,7 +147,7 @@ impl Linear {
                     (k.quantize_q8)(xr, &mut q);
                     Q8Panel::new(q, *format)
                 };
-                let xp: Vec<Q8Panel> = if parallel && t > 1 {
+                let xp: Vec<Q8Panel> = if par_in {
                     x.par_chunks_exact(self.cols).map(prepare).collect()
                 } else {
                     x.chunks_exact(self.cols).map(prepare).collect()
@@ -168,16 +173,14 @@ impl Linear {
                     out_t
                 } else {
                     let mut o = vec![0.0f32; rows * t];
+                    // activation row ti's results: h contiguous floats per panel
                     let scatter = |(ti, orow): (usize, &mut [f32])| {
-                        for (r, v) in orow.iter_mut().enumerate() {
-                            let (p0, h) = (
-                                r / PANEL_ROWS * PANEL_ROWS,
-                                PANEL_ROWS.min(rows - r / PANEL_ROWS * PANEL_ROWS),
-                            );
-                            *v = out_t[p0 * t + ti * h + (r - p0)];
+                        for (p0, h) in panel::panels(rows) {
+                            let from = p0 * t + ti * h;
+                            orow[p0..p0 + h].copy_from_slice(&out_t[from..from + h]);
                         }
                     };
-                    if parallel {
+                    if par_out {
                         o.par_chunks_mut(rows).enumerate().for_each(scatter);
                     } else {
                         o.chunks_mut(rows).enumerate().for_each(scatter);
@@ -238,7 +241,7 @@ impl Linear {
                     *v = out_t[r * t + ti];
                 }
             };
-            if parallel {
+            if par_out {
                 o.par_chunks_mut(rows).enumerate().for_each(transpose);
             } else {
                 o.chunks_mut(rows).enumerate().for_each(transpose);
