@@ -1,17 +1,16 @@
-//! AVX-512 VNNI dot products of quantized weight rows with 8-bit activation rows (Q4_0, Q4_1, Q8_0), chosen
-//! over the AVX2 table when the CPU has AVX-512 F/BW/VL and VNNI; the rest of the table is AVX2's.
+//! AVX-512 VNNI: the panel matmul for Q4_0, Q4_1 and Q8_0 weights (`cpu::panel`), chosen over the AVX2 table
+//! when the CPU has AVX-512 F/BW/VL and VNNI; with it, block weights are laid out in panels at load, so the row
+//! kernels of the table (AVX2's, as is the rest of it) serve only callers that hold GGUF rows.
 //!
-//! Two blocks (64 weights) go through one `vpdpbusd` (64 u8 × s8 products into 16 i32 lanes, 8 per block):
-//! a Q4 block's 16 bytes are broadcast to two 128-bit lanes and shifted by 0 and 4 (`vpsrlvw`) so low and high
-//! nibbles land in the activations' order with no shuffle; signed weights or the Q4_0 offset are handled exactly
-//! in integers (`(w+128)·a − 128·Σa`, `n·a − 8·Σa`). A pair's two f16 scales (and Q4_1 minimums) are converted
-//! by one `vcvtph2ps`, multiplied with the activations' two scales and spread over the lanes by one permute (a
-//! pre-pass that stored them for 16 blocks stalled on store forwarding).
-//! The 4-row form unpacks each weight pair once for four activation rows; per row its operations and their
-//! order are exactly the 1-row form's, so batched and single results agree bit for bit.
+//! Per block column of a 16-row panel: the rows' f16 scales (and Q4_1 minimums) converted by one `vcvtph2ps`;
+//! the code words loaded with one 32-bit lane per row, Q4 nibbles split by one shift and two masks into eight
+//! operands; then per activation row eight `vpdpbusd` with the row's code words broadcast from memory (the
+//! Q4_0/Q8_0 offsets start the integer sum as `−center·Σq`), one convert, and one FMA with `dw·dx` (Q4_1: one
+//! more for `mw·s`). Sixteen outputs per register, no horizontal sums; each activation row's operations are the
+//! same whatever the tile, so batched and single results agree bit for bit.
 
 use super::panel::{Q8Panel, PANEL_ROWS};
-use super::{avx2, BlockFormat, Kernels, Q8Row, QK};
+use super::{avx2, BlockFormat, Kernels, QK};
 use std::arch::x86_64::*;
 
 pub fn supported() -> bool {
@@ -25,12 +24,12 @@ pub fn supported() -> bool {
 pub static AVX512: Kernels = Kernels {
     name: "avx512-vnni",
     quantize_q8: avx2::AVX2.quantize_q8,
-    dot_q4_0: |w, x| dot::<0, 1>(w, [x; 1])[0],
-    dot_q4_1: |w, x| dot::<1, 1>(w, [x; 1])[0],
-    dot_q8_0: |w, x| dot::<2, 1>(w, [x; 1])[0],
-    dot4_q4_0: dot::<0, 4>,
-    dot4_q4_1: dot::<1, 4>,
-    dot4_q8_0: dot::<2, 4>,
+    dot_q4_0: avx2::AVX2.dot_q4_0,
+    dot_q4_1: avx2::AVX2.dot_q4_1,
+    dot_q8_0: avx2::AVX2.dot_q8_0,
+    dot4_q4_0: avx2::AVX2.dot4_q4_0,
+    dot4_q4_1: avx2::AVX2.dot4_q4_1,
+    dot4_q8_0: avx2::AVX2.dot4_q8_0,
     dot_f32: avx2::AVX2.dot_f32,
     dot_f16: avx2::AVX2.dot_f16,
     axpy_f16: avx2::AVX2.axpy_f16,
@@ -38,125 +37,12 @@ pub static AVX512: Kernels = Kernels {
     panel_dot: Some(panel_dot),
 };
 
-/// `KIND` 0 = Q4_0, 1 = Q4_1, 2 = Q8_0; `N` activation rows.
-fn dot<const KIND: u8, const N: usize>(row: &[u8], x: [&Q8Row; N]) -> [f32; N] {
-    let bb = block_bytes(KIND);
-    let nb = row.len() / bb;
-    assert!(row.len() == nb * bb);
-    for xi in &x {
-        assert!(xi.d.len() >= nb && xi.qs.len() >= nb * QK && (KIND != 1 || xi.s.len() >= nb));
-    }
-    // SAFETY: `AVX512` is selected only when `supported()`; the lengths every unchecked read relies on are
-    // asserted above (whole blocks in `row`, `nb` scales and 32·nb codes per activation row).
-    unsafe { dot_impl::<KIND, N>(row, nb, x) }
-}
-
 const fn block_bytes(kind: u8) -> usize {
     match kind {
         0 => 18,
         1 => 20,
         _ => 34,
     }
-}
-
-/// # Safety
-/// AVX-512 F/BW/VL/VNNI, AVX2, FMA, F16C; `row` holds `nb` whole blocks; every `x` has `nb` scales (and sums
-/// for Q4_1) and `32·nb` codes.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-// SAFETY: an `unsafe fn` for its SIMD intrinsics; the contract is in its `# Safety` section.
-unsafe fn dot_impl<const KIND: u8, const N: usize>(row: &[u8], nb: usize, x: [&Q8Row; N]) -> [f32; N] {
-    let bb = block_bytes(KIND);
-    let base = row.as_ptr();
-    let mut acc = [_mm512_setzero_ps(); N];
-    let mut acc_min = [_mm_setzero_ps(); N];
-    // lanes 0..8 take the pair's first scale, lanes 8..16 its second
-    let pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    let shifts = _mm512_set_epi64(
-        0x0004_0004_0004_0004,
-        0x0004_0004_0004_0004,
-        0,
-        0,
-        0x0004_0004_0004_0004,
-        0x0004_0004_0004_0004,
-        0,
-        0,
-    );
-    let low = _mm512_set1_epi8(0x0F);
-    let eight = _mm512_set1_epi8(8);
-    let bias = _mm512_set1_epi8(-128);
-    // two blocks per step (a lone last block with its partner's half masked off)
-    let mut b = 0;
-    while b < nb {
-        let two = b + 1 < nb;
-        let kmask: __mmask64 = if two { u64::MAX } else { 0xFFFF_FFFF };
-        let blk = base.add(b * bb);
-        // the f16 scale (and Q4_1 minimum) opening each block: [d0, m0, d1, m1]
-        let w0 = (blk as *const u32).read_unaligned() as i32;
-        let w1 = if two {
-            (blk.add(bb) as *const u32).read_unaligned() as i32
-        } else {
-            0
-        };
-        let dm = _mm_cvtph_ps(_mm_insert_epi32::<1>(_mm_cvtsi32_si128(w0), w1));
-        let dw = _mm_shuffle_ps::<0b10_00_10_00>(dm, dm);
-        let w = match KIND {
-            2 => {
-                let lo = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                let hi = if two {
-                    _mm256_loadu_si256(blk.add(bb + 2) as *const __m256i)
-                } else {
-                    _mm256_setzero_si256()
-                };
-                // signed weights as unsigned: w + 128
-                _mm512_xor_si512(_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), bias)
-            }
-            _ => {
-                let q = if KIND == 1 { 4 } else { 2 };
-                let b0 = _mm512_broadcast_i32x4(_mm_loadu_si128(blk.add(q) as *const __m128i));
-                let both = if two {
-                    _mm512_mask_broadcast_i32x4(b0, 0xFF00, _mm_loadu_si128(blk.add(bb + q) as *const __m128i))
-                } else {
-                    b0
-                };
-                // lanes: [low nibbles, high nibbles] of block b, then of block b+1
-                _mm512_and_si512(_mm512_srlv_epi16(both, shifts), low)
-            }
-        };
-        let w = _mm512_maskz_mov_epi8(kmask, w);
-        for j in 0..N {
-            let a = _mm512_maskz_loadu_epi8(kmask, x[j].qs.as_ptr().add(b * QK));
-            let mut s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
-            match KIND {
-                0 => s = _mm512_sub_epi32(s, _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, a)),
-                2 => s = _mm512_sub_epi32(s, _mm512_dpbusd_epi32(_mm512_setzero_si512(), bias, a)),
-                _ => {}
-            }
-            let dx = if two {
-                _mm_castpd_ps(_mm_load_sd(x[j].d.as_ptr().add(b) as *const f64))
-            } else {
-                _mm_load_ss(x[j].d.as_ptr().add(b))
-            };
-            let scale = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_mul_ps(dw, dx)));
-            acc[j] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s), acc[j]);
-            if KIND == 1 {
-                let mw = _mm_shuffle_ps::<0b11_01_11_01>(dm, dm);
-                let sx = if two {
-                    _mm_castpd_ps(_mm_load_sd(x[j].s.as_ptr().add(b) as *const f64))
-                } else {
-                    _mm_load_ss(x[j].s.as_ptr().add(b))
-                };
-                acc_min[j] = _mm_fmadd_ps(mw, sx, acc_min[j]);
-            }
-        }
-        b += 2;
-    }
-    let mut out = [0f32; N];
-    for j in 0..N {
-        let m = acc_min[j];
-        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-        out[j] = _mm512_reduce_add_ps(acc[j]) + _mm_cvtss_f32(_mm_add_ss(m, _mm_movehdup_ps(m)));
-    }
-    out
 }
 
 /// One panel of `h` ≤ 16 weight rows in the panel layout (`cpu::panel`) against activation rows `xs`:

@@ -6,8 +6,10 @@
 //!
 //! Owns: the byte layouts of the GGUF block types we execute natively (Q4_0, Q4_1, Q8_0, F16, F32), the
 //! quantization of activations to 8-bit blocks (llama.cpp's `quantize_row_q8_0/q8_1`, so our numerics follow
-//! the peer's), and the per-row dot products. `scalar.rs` is the specification; `avx2.rs` is chosen once at
-//! start-up when the CPU has AVX2+FMA+F16C and is tested equal to the scalar kernels.
+//! the peer's), the per-row dot products, and the panel layout with its matmul (`panel.rs`: 16 weight rows per
+//! register lane set, laid out at load where a panel kernel exists). `scalar.rs` and `panel::dot_rows` are the
+//! specification; `avx512.rs` (the panel kernel, AVX-512 VNNI), `avx2.rs` (AVX2+FMA+F16C) and `neon.rs` are
+//! chosen once at start-up and tested equal to them.
 //! Does not own: threading or matrix shapes (see `model/linear.rs`), packed KV codes (see `kvcache/attention/`).
 
 #[cfg(target_arch = "x86_64")]
