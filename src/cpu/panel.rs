@@ -38,23 +38,6 @@ pub fn panels(rows: usize) -> impl Iterator<Item = (usize, usize)> {
     })
 }
 
-/// Where GGUF row `r`'s block `b` byte `at` sits in the panel layout of a matrix with `nb` blocks per row.
-#[inline]
-fn panel_offset(format: BlockFormat, rows: usize, nb: usize, r: usize, b: usize, at: usize) -> usize {
-    let bb = format.block_bytes();
-    let (params, _) = split(format);
-    let r0 = r / PANEL_ROWS * PANEL_ROWS;
-    let (h, i) = (PANEL_ROWS.min(rows - r0), r - r0);
-    let unit = r0 * nb * bb + b * h * bb;
-    if at < params {
-        // f16 parameter at/2 of row i
-        unit + 2 * ((at / 2) * h + i) + at % 2
-    } else {
-        let (k, j) = ((at - params) / 4, (at - params) % 4);
-        unit + params * h + 4 * (k * h + i) + j
-    }
-}
-
 fn permute(format: BlockFormat, rows: usize, src: &[u8], dst: &mut [u8], to_panel: bool) {
     let bb = format.block_bytes();
     assert!(rows > 0 && src.len() == dst.len() && src.len().is_multiple_of(rows * bb));
@@ -101,12 +84,21 @@ pub fn deinterleave(format: BlockFormat, rows: usize, panel: &[u8]) -> Vec<u8> {
 pub fn gguf_row(format: BlockFormat, rows: usize, panel: &[u8], r: usize, out: &mut [u8]) {
     let bb = format.block_bytes();
     let nb = out.len() / bb;
-    let (params, _) = split(format);
+    let (params, codes) = split(format);
     let bias = if format == BlockFormat::Q8_0 { 0x80 } else { 0 };
-    for b in 0..nb {
-        for at in 0..bb {
-            let flip = if at >= params { bias } else { 0 };
-            out[b * bb + at] = panel[panel_offset(format, rows, nb, r, b, at)] ^ flip;
+    let r0 = r / PANEL_ROWS * PANEL_ROWS;
+    let (h, i) = (PANEL_ROWS.min(rows - r0), r - r0);
+    for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
+        let unit = r0 * nb * bb + b * h * bb;
+        for q in 0..params / 2 {
+            let at = unit + 2 * (q * h + i);
+            blk[2 * q..2 * q + 2].copy_from_slice(&panel[at..at + 2]);
+        }
+        for k in 0..codes / 4 {
+            let at = unit + params * h + 4 * (k * h + i);
+            for j in 0..4 {
+                blk[params + 4 * k + j] = panel[at + j] ^ bias;
+            }
         }
     }
 }
