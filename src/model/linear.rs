@@ -16,8 +16,8 @@ pub enum WeightData {
         format: BlockFormat,
         bytes: Vec<u8>,
     },
-    /// The same blocks with each row in the panel layout (`cpu::panel`): the layout the CPU's batched kernel
-    /// reads, chosen at load where that kernel exists. Same size and row offsets as `Blocks`.
+    /// The same blocks laid out in panels of 16 rows (`cpu::panel`): the layout the CPU's panel kernel reads,
+    /// chosen at load where that kernel exists. Same size as `Blocks`; each panel starts where its first row did.
     Panels {
         format: BlockFormat,
         bytes: Vec<u8>,
