@@ -38,8 +38,11 @@ async fn a_slow_client_pauses_only_its_own_sequence() {
     .await;
     let held = paused.sequences[0].generated_tokens;
     assert!(held < 200, "paused after {held} tokens, not at the end");
-    // Another client is served meanwhile, and the paused one does not advance.
-    let other = collect(&mut c, text_request("The capital of France is", 32)).await;
+    // Another client is served meanwhile, and the paused one does not advance. (EOS ignored: whether greedy
+    // decoding ends this prompt early hangs on a low-margin token that correct kernels decide differently.)
+    let mut other_req = text_request("The capital of France is", 32);
+    other_req.stopping.as_mut().unwrap().ignore_eos = Some(true);
+    let other = collect(&mut c, other_req).await;
     assert_eq!(other.ids.len(), 32);
     let still = wait_status(&mut c, Duration::from_secs(1), |_| true).await;
     let q = still.sequences.iter().find(|q| q.request_id == "slow").unwrap();
