@@ -214,6 +214,14 @@ mod tests {
         out
     }
 
+    /// An activation row of `blocks` blocks, uniform in ±`amp`, quantized by the scalar specification.
+    fn random_q8(blocks: usize, amp: f32, seed: &mut u64) -> Q8Row {
+        let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(seed) * amp).collect();
+        let mut q = Q8Row::default();
+        scalar::quantize_q8(&x, &mut q);
+        q
+    }
+
     #[test]
     fn quantize_q8_follows_llama_cpp() {
         let x: Vec<f32> = (0..32).map(|i| i as f32 - 10.0).collect();
@@ -288,14 +296,7 @@ mod tests {
             "this CPU has AVX-512 VNNI: its panel kernel must be under test"
         );
         for (rows, blocks) in [(1usize, 1usize), (16, 3), (21, 18), (40, 48), (7, 301)] {
-            let acts: Vec<Q8Row> = (0..13)
-                .map(|_| {
-                    let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed) * 2.5).collect();
-                    let mut q = Q8Row::default();
-                    scalar::quantize_q8(&x, &mut q);
-                    q
-                })
-                .collect();
+            let acts: Vec<Q8Row> = (0..13).map(|_| random_q8(blocks, 2.5, &mut seed)).collect();
             for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
                 let rb = blocks * format.block_bytes();
                 let w = random_blocks(format, rows * blocks, &mut seed);
@@ -349,14 +350,7 @@ mod tests {
             assert_eq!(qa.d, qb.d);
             assert_eq!(qa.s, qb.s);
             // three more activation rows for the 4-row kernels
-            let more: Vec<Q8Row> = (0..3)
-                .map(|_| {
-                    let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed) * 2.0).collect();
-                    let mut q = Q8Row::default();
-                    scalar::quantize_q8(&x, &mut q);
-                    q
-                })
-                .collect();
+            let more: Vec<Q8Row> = (0..3).map(|_| random_q8(blocks, 2.0, &mut seed)).collect();
             for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
                 let w = random_blocks(format, blocks, &mut seed);
                 let a = format.dot(&SCALAR, &w, &qa);
