@@ -269,8 +269,7 @@ impl WeightSource for GgufSource {
             cols,
             data,
             bias: None,
-        }
-        .for_kernels(crate::cpu::kernels()))
+        })
     }
 
     fn vector(&self, role: Role, len: usize) -> Result<Vec<f32>, ModelError> {

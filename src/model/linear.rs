@@ -268,32 +268,13 @@ impl Linear {
         let same = parts.windows(2).all(|w| {
             w[0].cols == w[1].cols
                 && match (&w[0].data, &w[1].data) {
-                    (WeightData::Blocks { format: a, .. }, WeightData::Blocks { format: b, .. })
-                    | (WeightData::Panels { format: a, .. }, WeightData::Panels { format: b, .. }) => a == b,
+                    (WeightData::Blocks { format: a, .. }, WeightData::Blocks { format: b, .. }) => a == b,
                     (WeightData::F32(_), WeightData::F32(_)) | (WeightData::F16(_), WeightData::F16(_)) => true,
                     _ => false,
                 }
         });
         if !same || parts.is_empty() {
             return Err(parts);
-        }
-        // Panels stack by concatenation only when no part ends in a partial panel; otherwise restack the GGUF
-        // rows and lay the whole out again.
-        let ragged = parts[..parts.len() - 1]
-            .iter()
-            .any(|p| !p.rows.is_multiple_of(PANEL_ROWS));
-        if ragged && matches!(parts[0].data, WeightData::Panels { .. }) {
-            let blocks = parts
-                .into_iter()
-                .map(|mut p| {
-                    if let Some((format, bytes)) = p.gguf_blocks() {
-                        let bytes = bytes.into_owned();
-                        p.data = WeightData::Blocks { format, bytes };
-                    }
-                    p
-                })
-                .collect();
-            return Linear::concat_rows(blocks).map(Linear::into_panels);
         }
         let cols = parts[0].cols;
         let rows = parts.iter().map(|p| p.rows).sum();
@@ -309,8 +290,7 @@ impl Linear {
         let mut data = first.data;
         for p in it {
             match (&mut data, p.data) {
-                (WeightData::Blocks { bytes, .. }, WeightData::Blocks { bytes: b, .. })
-                | (WeightData::Panels { bytes, .. }, WeightData::Panels { bytes: b, .. }) => bytes.extend(b),
+                (WeightData::Blocks { bytes, .. }, WeightData::Blocks { bytes: b, .. }) => bytes.extend(b),
                 (WeightData::F32(v), WeightData::F32(b)) => v.extend(b),
                 (WeightData::F16(v), WeightData::F16(b)) => v.extend(b),
                 _ => unreachable!("checked above"),
@@ -361,9 +341,8 @@ mod tests {
             let rows_ref = Linear::concat_rows(parts.iter().map(clone_blocks).collect())
                 .ok()
                 .unwrap();
-            let panels = Linear::concat_rows(parts.into_iter().map(Linear::into_panels).collect())
-                .ok()
-                .unwrap();
+            // stacked as GGUF rows, then laid out, as the loader does: panels straddle the parts' boundaries
+            let panels = Linear::concat_rows(parts).ok().unwrap().into_panels();
             assert!(matches!(panels.data, WeightData::Panels { .. }));
             let (WeightData::Blocks { bytes: want, .. }, Some((_, got))) = (&rows_ref.data, panels.gguf_blocks())
             else {

@@ -217,11 +217,15 @@ pub(crate) enum Projection {
 }
 
 impl Projection {
+    /// Stack `parts` when they share a storage type, then lay them out for this CPU's kernels.
     pub fn new(parts: Vec<Linear>) -> Self {
         let splits = parts.iter().map(|p| p.rows).collect();
         match Linear::concat_rows(parts) {
-            Ok(linear) => Projection::Fused { linear, splits },
-            Err(parts) => Projection::Split(parts),
+            Ok(linear) => Projection::Fused {
+                linear: lay_out(linear),
+                splits,
+            },
+            Err(parts) => Projection::Split(parts.into_iter().map(lay_out).collect()),
         }
     }
 
@@ -386,6 +390,12 @@ pub(crate) trait WeightSource {
     fn vector(&self, role: Role, len: usize) -> Result<Vec<f32>, ModelError>;
 }
 
+/// A matrix in the layout this CPU's matmul kernels read (panels where a panel kernel exists), decided once
+/// for every matrix here, after stacking.
+fn lay_out(l: Linear) -> Linear {
+    l.for_kernels(crate::cpu::kernels())
+}
+
 /// Build every layer from a source, checking each shape against the config.
 pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<ModelParts, ModelError> {
     let (h, qd, kd, f) = (cfg.hidden, cfg.heads * cfg.head_dim, cfg.kv_dim(), cfg.ffn);
@@ -404,15 +414,15 @@ pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<Mo
         layers.push(Layer {
             attn_norm: src.vector(Role::AttnNorm(l), h)?,
             qkv: Projection::new(vec![q, k, v]),
-            o: src.matrix(Role::O(l), h, qd)?,
+            o: lay_out(src.matrix(Role::O(l), h, qd)?),
             ffn_norm: src.vector(Role::FfnNorm(l), h)?,
             gate_up: Projection::new(vec![src.matrix(Role::Gate(l), f, h)?, src.matrix(Role::Up(l), f, h)?]),
-            down: src.matrix(Role::Down(l), h, f)?,
+            down: lay_out(src.matrix(Role::Down(l), h, f)?),
         });
     }
-    let embed = src.matrix(Role::Embed, cfg.vocab_size, h)?;
+    let embed = lay_out(src.matrix(Role::Embed, cfg.vocab_size, h)?);
     let lm_head = if src.has(Role::Output) && !cfg.tie_embeddings {
-        Some(src.matrix(Role::Output, cfg.vocab_size, h)?)
+        Some(lay_out(src.matrix(Role::Output, cfg.vocab_size, h)?))
     } else {
         None
     };
