@@ -73,20 +73,6 @@ pub fn interleave(format: BlockFormat, rows: usize, gguf: &[u8]) -> Vec<u8> {
     out
 }
 
-/// [`interleave`] in place, one 16-row slab at a time through a slab-sized buffer (loading a model must not
-/// hold a second copy of its largest matrix).
-pub fn interleave_in_place(format: BlockFormat, rows: usize, bytes: &mut [u8]) {
-    assert!(rows > 0 && bytes.len().is_multiple_of(rows));
-    let rb = bytes.len() / rows;
-    let mut slab = Vec::new();
-    for (r0, h) in panels(rows) {
-        let at = &mut bytes[r0 * rb..(r0 + h) * rb];
-        slab.clear();
-        slab.extend_from_slice(at);
-        permute(format, h, &slab, at, true);
-    }
-}
-
 /// Undo [`interleave`].
 pub fn deinterleave(format: BlockFormat, rows: usize, panel: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; panel.len()];
@@ -190,9 +176,6 @@ mod tests {
                 let m: Vec<u8> = (0..rows * nb * bb).map(|i| (i * 37 % 251) as u8).collect();
                 let p = interleave(format, rows, &m);
                 assert_eq!(deinterleave(format, rows, &p), m, "{format:?} {rows}×{nb}");
-                let mut q = m.clone();
-                interleave_in_place(format, rows, &mut q);
-                assert_eq!(q, p, "{format:?} {rows}×{nb} in place");
                 let mut row = vec![0u8; nb * bb];
                 for r in [0, rows / 2, rows - 1] {
                     gguf_row(format, rows, &p, r, &mut row);

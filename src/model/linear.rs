@@ -75,8 +75,8 @@ impl Linear {
         if self.rows == 0 {
             return self;
         }
-        if let WeightData::Blocks { format, mut bytes } = self.data {
-            panel::interleave_in_place(format, self.rows, &mut bytes);
+        if let WeightData::Blocks { format, bytes } = self.data {
+            let bytes = panel::interleave(format, self.rows, &bytes);
             self.data = WeightData::Panels { format, bytes };
         }
         self
