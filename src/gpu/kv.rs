@@ -87,6 +87,12 @@ impl DeviceStore {
             KvMethod::Rtn(b) => (Kind::Pmkvq(PmkvqConfig::rtn(*b)), 0),
             m => return Err(unsupported(m)),
         };
+        if spec.rotate {
+            return Err(KvError::Unsupported {
+                what: "rotate its inputs on the GPU (the CUDA kernels have no rotation yet; turn `kv_rotation` off)",
+                method: spec.method.to_string(),
+            });
+        }
         if let Kind::Pmkvq(c) = &kind {
             if c.quantizer != Quantizer::Asymmetric || c.llama_semantics || c.payload_accounting {
                 return Err(unsupported(&spec.method));

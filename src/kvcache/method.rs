@@ -2,6 +2,7 @@
 
 use super::kivi::KiviStore;
 use super::quant::{Bits, ShiftMode};
+use super::rotate::{Rotated, ROTATION_SEED};
 use super::{F16KvStore, KeyScaled, KeyScales, KvError, KvGeometry, KvStore, PmkvqConfig, PmkvqStore};
 use std::fmt;
 use std::str::FromStr;
@@ -128,6 +129,8 @@ pub struct MethodSpec {
     pub shares: Option<Vec<f64>>,
     /// Key reparameterization scales applied after RoPE.
     pub key_scales: Option<KeyScales>,
+    /// Rotate queries, keys and values per head before the store sees them (`+rot`, [`super::rotate`]).
+    pub rotate: bool,
 }
 
 impl MethodSpec {
@@ -138,15 +141,20 @@ impl MethodSpec {
             label: label.to_string(),
             shares: None,
             key_scales: None,
+            rotate: false,
         }
     }
 
-    /// A store for this method: its budget split by the shares, wrapped in the key scaling if any.
+    /// A store for this method: its budget split by the shares, wrapped in the rotation and then the key
+    /// scaling if any (keys are scaled first, then rotated: [`super::rotate`]).
     pub fn new_store(&self, geom: KvGeometry, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
         let budgets = self
             .budget
             .map(|b| self.method.layer_budgets(geom, b, self.shares.as_deref()));
-        let store = self.method.new_store(geom, budgets.as_deref(), max_tokens)?;
+        let mut store = self.method.new_store(geom, budgets.as_deref(), max_tokens)?;
+        if self.rotate {
+            store = Box::new(Rotated::rotate(store, ROTATION_SEED)?);
+        }
         match &self.key_scales {
             None => Ok(store),
             Some(s) => Ok(Box::new(KeyScaled::new(store, s.clone(), "")?)),

@@ -18,6 +18,7 @@ mod pmkvq;
 pub mod quant;
 mod reference;
 pub mod reparam;
+pub mod rotate;
 pub mod spill;
 pub mod tap;
 
@@ -27,6 +28,7 @@ pub use pmkvq::{
 };
 pub use reference::{F16KvStore, F32KvStore, RefElem, RefKvStore};
 pub use reparam::{KeyScaled, KeyScales};
+pub use rotate::{Rotated, ROTATION_SEED};
 pub use tap::{KvTap, Tapped};
 
 /// Shape of the KV state of one sequence.

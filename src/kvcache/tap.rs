@@ -18,6 +18,10 @@ pub trait KvTap: Send {
         let _ = (layer, g, v);
         None
     }
+    /// Map the attention output back (in place) after the inner store computed it from the tapped inputs.
+    fn output(&self, layer: usize, g: &KvGeometry, out: &mut [f32]) {
+        let _ = (layer, g, out);
+    }
 }
 
 pub struct Tapped<T: KvTap> {
@@ -55,7 +59,9 @@ impl<T: KvTap> KvStore for Tapped<T> {
             v2.as_deref().unwrap_or(v),
             n,
             out,
-        )
+        )?;
+        self.tap.output(layer, &g, out);
+        Ok(())
     }
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
         let g = self.inner.geometry();

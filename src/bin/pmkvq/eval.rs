@@ -127,10 +127,11 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
                 "alloc" => spec.shares = Some(need(&profile, "--profile")?.shares),
                 "rep" => spec.key_scales = Some(need(&profile, "--profile")?.channel_scales()),
                 "rep-alt" => spec.key_scales = Some(need(&alt_profile, "--alt-profile")?.channel_scales()),
+                "rot" => spec.rotate = true,
                 other => {
                     return Err(fail(
                         EX_USAGE,
-                        anyhow::anyhow!("unknown method flag `+{other}` (alloc, rep, rep-alt)"),
+                        anyhow::anyhow!("unknown method flag `+{other}` (alloc, rep, rep-alt, rot)"),
                     ))
                 }
             }
