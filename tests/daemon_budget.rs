@@ -357,3 +357,44 @@ async fn under_a_tight_budget_every_request_that_fits_alone_completes() {
     assert_eq!(s.kv_true_bytes, 0);
     server.stop().await;
 }
+
+/// Issue 15 item 6: a lone sequence cut to a tight budget mid-trace keeps generating until the byte formula says
+/// its floor (every layer's body at 2 bits, its 16-bit sink and a full window) no longer fits — the calibrated
+/// shares and key scales of the default profile, and the daemon's own bookkeeping, strand nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_sequence_runs_until_its_floor_no_longer_fits() {
+    use pmkvq::kvcache::{PmkvqConfig, PmkvqStore};
+    let (model, _) = pmkvq::model::Model::load(&common::default_model_path(), &Default::default()).unwrap();
+    let geom = model.kv_geometry();
+    drop(model);
+    let server = start_server(&[]).await;
+    let mut c = server.client().await;
+    let mut a = admin(&server).await;
+    let cut = 8_850_000u64;
+    let mut req = endless("Write a long story about a lighthouse keeper.", 4000, 0);
+    req.request_id = "cut".into();
+    let mut stream = c.generate(req).await.unwrap().into_inner();
+    let mut n = 0;
+    while n < 1100 {
+        if let Some(pb::generate_response::Kind::Chunk(ch)) = stream.message().await.unwrap().unwrap().kind {
+            n += ch.token_ids.len();
+        }
+    }
+    set_bytes(&mut a, cut).await;
+    let rest = collect_stream(stream).await;
+    assert_eq!(rest.finish_reason(), pb::FinishReason::MemoryPressure);
+    let usage = rest.complete.as_ref().unwrap().usage.unwrap();
+    let held = (usage.prompt_tokens + usage.completion_tokens) as usize;
+    let fits = (0..8192)
+        .take_while(|&t| PmkvqStore::floor_bytes(geom, &PmkvqConfig::pmkvq(), t) <= cut as usize)
+        .last()
+        .unwrap();
+    eprintln!("ended at {held} tokens under {cut} bytes; the floor fits {fits}");
+    // the step that ends it stores one more token than what fits; the final token is sampled, never stored
+    assert!(
+        held + 2 >= fits,
+        "ended at {held} tokens under {cut} bytes; the 2-bit floor fits {fits}"
+    );
+    assert!(held <= fits + 2, "ended at {held} tokens, beyond the floor's {fits}");
+    server.stop().await;
+}

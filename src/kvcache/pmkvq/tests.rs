@@ -439,3 +439,49 @@ fn a_window_about_to_flush_still_gets_what_it_holds_now() {
     assert!(s.true_bytes() <= floor);
     s.reserve(1).expect("and the step fits");
 }
+
+/// Issue 15 item 6: under a budget cut, a sequence (the engine's loop: fit the whole cache to the budget, reserve
+/// the step, store) runs until the floor itself no longer fits — with calibrated, uneven shares too.
+#[test]
+fn a_cut_budget_holds_the_sequence_until_the_floor_itself_no_longer_fits() {
+    let g = KvGeometry {
+        layers: 30,
+        q_heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    let cfg = PmkvqConfig::pmkvq();
+    let shares: Vec<f64> = (0..30).map(|l| if l % 4 == 1 { 2.0 } else { 1.0 }).collect();
+    let (before, after, cut_at) = (25_300_000usize, 8_850_000usize, 1100usize);
+    let last_fit = (0..4096)
+        .take_while(|&t| PmkvqStore::floor_bytes(g, &cfg, t) <= after)
+        .last()
+        .unwrap();
+    for shares in [None, Some(&shares[..])] {
+        let mut s = PmkvqStore::new(g, cfg.clone(), &vec![usize::MAX; 30], 4096).unwrap();
+        let x = token(3, g.kv_dim());
+        let mut stored = 0;
+        let ended = loop {
+            let total = if stored < cut_at { before } else { after };
+            if let Err(e) = s.set_total_budget(total, shares, 1).and_then(|_| s.reserve(1)) {
+                break (stored, e);
+            }
+            for li in 0..30 {
+                s.append(li, &x, &x, 1).unwrap();
+            }
+            stored += 1;
+            assert!(
+                s.true_bytes() <= total,
+                "{} bytes over the budget {total} at {stored}",
+                s.true_bytes()
+            );
+        };
+        assert!(
+            ended.0 + 1 >= last_fit,
+            "shares {:?}: ended at {} ({}), the floor fits {last_fit} tokens",
+            shares.is_some(),
+            ended.0,
+            ended.1
+        );
+    }
+}
