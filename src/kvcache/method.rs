@@ -148,10 +148,16 @@ impl MethodSpec {
     /// A store for this method: its budget split by the shares, wrapped in the rotation and then the key
     /// scaling if any (keys are scaled first, then rotated: [`super::rotate`]).
     pub fn new_store(&self, geom: KvGeometry, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
-        let budgets = self
-            .budget
-            .map(|b| self.method.layer_budgets(geom, b, self.shares.as_deref()));
+        // a store that plans its widths on the calibrated sensitivity takes the total itself
+        let planned = matches!(&self.method, KvMethod::Pmkvq(c) if c.sensitivity.is_some() && c.adaptive);
+        let budgets = match self.budget {
+            Some(b) if !planned => Some(self.method.layer_budgets(geom, b, self.shares.as_deref())),
+            _ => None,
+        };
         let mut store = self.method.new_store(geom, budgets.as_deref(), max_tokens)?;
+        if let (true, Some(b)) = (planned, self.budget) {
+            store.set_total_budget(b, None, 0)?;
+        }
         if self.rotate {
             store = Box::new(Rotated::rotate(store, ROTATION_SEED)?);
         }

@@ -17,8 +17,10 @@ use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use rayon::prelude::*;
 
 mod config;
+mod plan;
 mod shared;
 pub use config::{PmkvqConfig, Quantizer};
+pub use plan::{level, Sensitivity, LEVELS};
 pub use shared::{read_spill, split_total_budget, write_spill, SpillLayers, SpilledLayer};
 
 struct Side {
@@ -74,6 +76,8 @@ pub struct PmkvqStore {
     max_tokens: usize,
     /// Layer bodies lowered one level, since creation.
     requants: u64,
+    /// The whole cache's budget, when widths are planned from the calibrated sensitivity ([`plan`]).
+    total: Option<usize>,
 }
 
 impl PmkvqStore {
@@ -87,6 +91,15 @@ impl PmkvqStore {
             });
         }
         cfg.group = cfg.group_for(geom);
+        if let Some(s) = &cfg.sensitivity {
+            if s.layers() != geom.layers || s.v.len() != geom.layers {
+                return Err(KvError::BadBudgets {
+                    what: "sensitivity rows",
+                    expected: geom.layers,
+                    got: s.layers(),
+                });
+            }
+        }
         if !group_fits(cfg.group, geom.head_dim) {
             return Err(KvError::BadGroup {
                 method: cfg.name.clone(),
@@ -115,6 +128,7 @@ impl PmkvqStore {
             layers,
             max_tokens,
             requants: 0,
+            total: None,
         })
     }
 
@@ -215,7 +229,17 @@ impl PmkvqStore {
 
     /// True bytes of a layer holding `[sink, body, window]` tokens after storing `n` more with its body at
     /// `body_bits`.
-    fn bytes_after(&self, [sink0, body0, win0]: [usize; 3], n: usize, body_bits: Bits) -> usize {
+    fn bytes_after(&self, lens: [usize; 3], n: usize, body_bits: Bits) -> usize {
+        let bookkeeping = if self.cfg.payload_accounting {
+            0
+        } else {
+            LAYER_BOOKKEEPING
+        };
+        2 * self.side_bytes_after(lens, n, body_bits) + bookkeeping
+    }
+
+    /// One side's (K's or V's) part of [`bytes_after`](Self::bytes_after).
+    fn side_bytes_after(&self, [sink0, body0, win0]: [usize; 3], n: usize, body_bits: Bits) -> usize {
         let sink = (sink0 + n).min(self.cfg.sink);
         let rem = n - (sink - sink0);
         let (body, win) = match (win0 + rem).checked_div(self.cfg.window) {
@@ -224,11 +248,107 @@ impl PmkvqStore {
         };
         if self.cfg.payload_accounting {
             let pb = |b: Bits| token_payload_bytes(b, self.cfg.group, self.geom.kv_dim());
-            return 2 * ((sink + win) * pb(Bits::B16) + body * pb(body_bits));
+            return (sink + win) * pb(Bits::B16) + body * pb(body_bits);
         }
         let tb16 = self.cfg.side_token_bytes(self.geom, None);
         let tbb = self.cfg.side_token_bytes(self.geom, Some(body_bits));
-        2 * ((sink + win) * tb16 + body * tbb) + LAYER_BOOKKEEPING
+        (sink + win) * tb16 + body * tbb
+    }
+
+    /// Whether widths are planned on the calibrated sensitivity (a total budget is set and the store adapts).
+    fn planned(&self) -> bool {
+        self.total.is_some() && self.cfg.sensitivity.is_some() && self.cfg.adaptive
+    }
+
+    /// The plan for layers holding `lens` tokens with bodies at `widths` (K, V) under `total` bytes, `ahead` tokens
+    /// to come: each layer's budget and (K, V) widths. Nothing is lowered that fits; otherwise the exact knapsack
+    /// on the sensitivity chooses which bodies give way.
+    fn plan_layers(
+        &self,
+        shapes: &[([usize; 3], [Bits; 2])],
+        total: usize,
+        ahead: usize,
+    ) -> Result<Vec<(usize, [Bits; 2])>, KvError> {
+        let sens = self
+            .cfg
+            .sensitivity
+            .as_deref()
+            .expect("planned stores have a sensitivity");
+        let floor = plan::level(self.cfg.floor_bits);
+        let mut cost = Vec::with_capacity(2 * shapes.len());
+        let mut current = Vec::with_capacity(2 * shapes.len());
+        for &(lens, widths) in shapes {
+            let c = LEVELS.map(|b| {
+                self.side_bytes_after(lens, 0, b)
+                    .max(self.side_bytes_after(lens, ahead, b))
+            });
+            for w in widths {
+                cost.push(c);
+                current.push(plan::level(w));
+            }
+        }
+        let capacity = total.saturating_sub(shapes.len() * LAYER_BOOKKEEPING);
+        let spent = |levels: &[usize]| (0..levels.len()).map(|u| cost[u][levels[u]]).sum::<usize>();
+        let levels = if spent(&current) <= capacity {
+            current
+        } else {
+            let units: Vec<[f64; 4]> = sens.units().copied().collect();
+            plan::choose(&units, &cost, &current, floor, capacity).ok_or_else(|| KvError::OutOfBudget {
+                layer: 0,
+                need: spent(&vec![floor; cost.len()]) + shapes.len() * LAYER_BOOKKEEPING,
+                budget: total,
+                floor_bits: self.cfg.floor_bits.count(),
+            })?
+        };
+        let slack = (capacity - spent(&levels)) / shapes.len().max(1);
+        Ok((0..shapes.len())
+            .map(|li| {
+                let (k, v) = (levels[2 * li], levels[2 * li + 1]);
+                let budget = cost[2 * li][k] + cost[2 * li + 1][v] + LAYER_BOOKKEEPING + slack;
+                (budget, [LEVELS[k], LEVELS[v]])
+            })
+            .collect())
+    }
+
+    /// Plan the whole cache for `ahead` more tokens under its total and lower the bodies the plan lowers.
+    fn replan(&mut self, ahead: usize) -> Result<(), KvError> {
+        let Some(total) = self.total else { return Ok(()) };
+        let shapes: Vec<_> = (0..self.layers.len()).map(|li| self.kv_shape(li)).collect();
+        let plan = self.plan_layers(&shapes, total, ahead)?;
+        let (cfg, geom) = (&self.cfg, self.geom);
+        let lower = |(li, (l, (budget, [kb, vb]))): (usize, (&mut Layer, (usize, [Bits; 2])))| {
+            l.budget = budget;
+            let mut n = l.k.body.shrink_to(kb, cfg.shift) as u64;
+            n += l.v.body.shrink_to(vb, cfg.shift) as u64;
+            let r = enforce_layer(cfg, geom, li, l);
+            Enforced {
+                levels: n + r.levels,
+                result: r.result,
+            }
+        };
+        let work: Vec<_> = self.layers.iter_mut().zip(plan).enumerate().collect();
+        let lowering = work
+            .iter()
+            .any(|(_, (l, (_, [kb, vb])))| l.k.body.bits != *kb || l.v.body.bits != *vb);
+        let results: Vec<Enforced> = if lowering {
+            work.into_par_iter().map(lower).collect()
+        } else {
+            work.into_iter().map(lower).collect()
+        };
+        let mut first_err = None;
+        for r in results {
+            self.requants = self.requants.saturating_add(r.levels);
+            if let Err(e) = r.result {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Layer `li`'s token counts and its K and V body widths.
+    fn kv_shape(&self, li: usize) -> ([usize; 3], [Bits; 2]) {
+        let l = &self.layers[li];
+        (self.shape(li).0, [l.k.body.bits, l.v.body.bits])
     }
 
     fn floor_bits(&self, li: usize) -> Bits {
@@ -335,7 +455,8 @@ fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &mut Layer) 
             return Enforced { levels, result: Ok(()) };
         }
         let floor = if cfg.adaptive { cfg.floor_bits } else { l.k.body.bits };
-        if l.k.body.is_empty() || l.k.body.bits <= floor {
+        let (kb, vb) = (l.k.body.bits, l.v.body.bits);
+        if l.k.body.is_empty() || kb.max(vb) <= floor {
             let result = Err(KvError::OutOfBudget {
                 layer: li,
                 need: bytes,
@@ -343,6 +464,14 @@ fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &mut Layer) 
                 floor_bits: floor.count(),
             });
             return Enforced { levels, result };
+        }
+        if kb != vb {
+            // a planned layer with K and V apart: the wider body gives way first, one level at a time
+            let side = if kb > vb { &mut l.k } else { &mut l.v };
+            if let Some(w) = side.body.bits.halved() {
+                levels += side.body.shrink_to(w, cfg.shift) as u64;
+            }
+            continue;
         }
         let body_now = if cfg.payload_accounting {
             l.k.body.payload_bytes() + l.v.body.payload_bytes()
@@ -457,6 +586,9 @@ impl KvStore for PmkvqStore {
                 limit: self.max_tokens,
             });
         }
+        if self.planned() {
+            return self.replan(n);
+        }
         let needs: Vec<usize> = (0..self.layers.len())
             .map(|li| self.projected_bytes(li, n, self.floor_bits(li)))
             .collect();
@@ -550,8 +682,12 @@ impl KvStore for PmkvqStore {
         self.layers.iter().map(|l| l.k.payload() + l.v.payload()).sum()
     }
 
+    /// The narrower of each layer's K and V bodies (they differ only in planned stores).
     fn layer_bits(&self) -> Vec<u32> {
-        self.layers.iter().map(|l| l.k.body.bits.count()).collect()
+        self.layers
+            .iter()
+            .map(|l| l.k.body.bits.min(l.v.body.bits).count())
+            .collect()
     }
 
     fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
@@ -604,6 +740,10 @@ impl KvStore for PmkvqStore {
     }
 
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
+        if self.cfg.sensitivity.is_some() && self.cfg.adaptive {
+            self.total = Some(total);
+            return self.replan(ahead);
+        }
         let shapes: Vec<Shape> = (0..self.layers.len()).map(|li| self.shape(li)).collect();
         let budgets = self.split_budget(&shapes, total, shares, ahead)?;
         self.set_layer_budgets(&budgets)
@@ -632,19 +772,31 @@ impl KvStore for PmkvqStore {
         let mut shapes = Vec::with_capacity(self.layers.len());
         let mut r = SpillLayers::new(data, &cfg, self.geom, cfg.group)?;
         while let Some(l) = r.next_layer()? {
-            let k = &l.sides[0];
-            shapes.push(([k[0].len(), k[1].len(), k[2].len()], k[1].bits));
+            let [k, v] = &l.sides;
+            shapes.push(([k[0].len(), k[1].len(), k[2].len()], [k[1].bits, v[1].bits]));
         }
         r.finish()?;
-        let budgets = self.split_budget(&shapes, total, shares, ahead)?;
+        // per layer: budget and, when planned, the widths its bodies go down to as it is read
+        let plan: Vec<(usize, Option<[Bits; 2]>)> = if cfg.sensitivity.is_some() && cfg.adaptive {
+            self.total = Some(total);
+            let p = self.plan_layers(&shapes, total, ahead)?;
+            p.into_iter().map(|(b, w)| (b, Some(w))).collect()
+        } else {
+            let simple: Vec<Shape> = shapes.iter().map(|&(lens, [k, _])| (lens, k)).collect();
+            let budgets = self.split_budget(&simple, total, shares, ahead)?;
+            budgets.into_iter().map(|b| (b, None)).collect()
+        };
         let mut r = SpillLayers::new(data, &cfg, self.geom, cfg.group)?;
         self.requants = r.requants;
         let mut li = 0;
         while let Some(l) = r.next_layer()? {
-            self.layers[li] = Layer {
-                budget: budgets[li],
-                ..l.into()
-            };
+            let (budget, widths) = plan[li];
+            let mut layer = Layer { budget, ..l.into() };
+            if let Some([kb, vb]) = widths {
+                let n = layer.k.body.shrink_to(kb, cfg.shift) + layer.v.body.shrink_to(vb, cfg.shift);
+                self.requants = self.requants.saturating_add(n as u64);
+            }
+            self.layers[li] = layer;
             self.enforce(li)?;
             li += 1;
         }
@@ -663,5 +815,7 @@ impl KvStore for PmkvqStore {
     }
 }
 
+#[cfg(test)]
+mod plan_tests;
 #[cfg(test)]
 mod tests;

@@ -1,9 +1,11 @@
 //! PM-KVQ's store configuration: the progressive cache's defaults (spec §3) and the fixed-width baselines that
 //! share its storage, and what one token costs in it.
 
+use super::plan::Sensitivity;
 use crate::kvcache::quant::rows::token_bytes;
 use crate::kvcache::quant::{Bits, OffsetMode, ShiftMode};
 use crate::kvcache::KvGeometry;
+use std::sync::Arc;
 
 /// How body tokens are quantized when they are written directly (no window).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub struct PmkvqConfig {
     /// reads them back, and the query is rounded through q8_0 for the K·Q product (flash attention's
     /// `vec_dot_type`). Off for PM-KVQ, whose current token attends to itself unquantized (§3.3).
     pub llama_semantics: bool,
+    /// Calibrated per-layer K and V sensitivity: under a total budget the store chooses every body's width by
+    /// an exact knapsack on it ([`super::plan`]) instead of splitting the budget by shares. Adaptive stores only.
+    pub sensitivity: Option<Arc<Sensitivity>>,
     pub name: String,
 }
 
@@ -53,6 +58,7 @@ impl PmkvqConfig {
             quantizer: Quantizer::Asymmetric,
             payload_accounting: false,
             llama_semantics: false,
+            sensitivity: None,
             name: "pmkvq".into(),
         }
     }

@@ -144,10 +144,8 @@ impl<'a> SpillLayers<'a> {
                     cfg.window
                 )));
             }
-            if s[0].bits != Bits::B16 || s[2].bits != Bits::B16 || k[1].bits != v[1].bits {
-                return Err(KvError::Corrupt(
-                    "sink and window must be 16-bit, K and V bodies alike".into(),
-                ));
+            if s[0].bits != Bits::B16 || s[2].bits != Bits::B16 {
+                return Err(KvError::Corrupt("sink and window must be 16-bit".into()));
             }
         }
         let tokens = k.iter().map(PackedRows::len).sum::<usize>();

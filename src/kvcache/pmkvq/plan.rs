@@ -1,0 +1,188 @@
+//! Budget-aware allocation at run time (issue 15): with the calibrated sensitivity of every layer's K and V at
+//! each width, the widths a cache holds under a total budget are chosen by an exact knapsack over the 2·layers
+//! bodies (K and V apart) for the bytes at hand, instead of splitting the budget by shares solved offline for one
+//! average width. A body only ever goes down (ERS cannot add bits back), so each is bounded by its current width
+//! and the floor. At a budget near q4_0's bytes this keeps most bodies at 4 bits and drops only the least
+//! sensitive; at a fifth of fp16 it picks which K or V bodies take 2 bits.
+
+use crate::kvcache::quant::Bits;
+
+/// Widths by level: 0 = 16 bits, 1 = 8, 2 = 4, 3 = 2.
+pub const LEVELS: [Bits; 4] = [Bits::B16, Bits::B8, Bits::B4, Bits::B2];
+
+pub fn level(b: Bits) -> usize {
+    LEVELS.iter().position(|&l| l == b).unwrap_or(0)
+}
+
+/// Calibrated cost of quantizing one layer's K or V body at each level (mean KL to full precision per token;
+/// level 0 costs nothing).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sensitivity {
+    pub k: Vec<[f64; 4]>,
+    pub v: Vec<[f64; 4]>,
+}
+
+impl Sensitivity {
+    /// Units in store order: layer 0 K, layer 0 V, layer 1 K, ...
+    pub fn units(&self) -> impl Iterator<Item = &[f64; 4]> {
+        self.k.iter().zip(&self.v).flat_map(|(k, v)| [k, v])
+    }
+    pub fn layers(&self) -> usize {
+        self.k.len()
+    }
+}
+
+/// Resolution of the knapsack: the bytes to spare over every body at its floor are counted in at most STEPS
+/// steps, each body's extra bytes rounded up to whole steps (so a chosen plan always fits; it may leave up to one
+/// step per body unused, under 1 % of the spare bytes for 60 bodies).
+const STEPS: usize = 8192;
+
+/// The levels minimizing total sensitivity such that the bodies' bytes fit `capacity`: `cost[u][lvl]` is body
+/// `u`'s bytes at level `lvl`, `current[u]` its level now (it may only rise, toward fewer bits, up to `floor`).
+/// `None` when even every body at the floor does not fit.
+pub fn choose(
+    sens: &[[f64; 4]],
+    cost: &[[usize; 4]],
+    current: &[usize],
+    floor: usize,
+    capacity: usize,
+) -> Option<Vec<usize>> {
+    let n = current.len();
+    // a body already narrower than the floor (a floor raised later) stays where it is
+    let lowest = |u: usize| floor.max(current[u]);
+    let base: usize = (0..n).map(|u| cost[u][lowest(u)]).sum();
+    let spare = capacity.checked_sub(base)?;
+    let allowed = |u: usize| current[u]..=lowest(u);
+    let extra = |u: usize, l: usize| cost[u][l].saturating_sub(cost[u][lowest(u)]);
+    let q = spare.div_ceil(STEPS).max(1);
+    let cap = spare / q;
+    const INF: f64 = f64::INFINITY;
+    let mut dp = vec![INF; cap + 1];
+    dp[0] = 0.0;
+    let mut pick = vec![0u8; n * (cap + 1)];
+    for u in 0..n {
+        let mut next = vec![INF; cap + 1];
+        for (c, &d) in dp.iter().enumerate() {
+            if d == INF {
+                continue;
+            }
+            for l in allowed(u) {
+                let w = c + extra(u, l).div_ceil(q);
+                if w > cap {
+                    continue;
+                }
+                let s = d + sens[u][l];
+                if s < next[w] {
+                    next[w] = s;
+                    pick[u * (cap + 1) + w] = l as u8;
+                }
+            }
+        }
+        dp = next;
+    }
+    let (mut c, _) = dp
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.is_finite())
+        .min_by(|a, b| a.1.total_cmp(b.1))?;
+    let mut levels = vec![0; n];
+    for u in (0..n).rev() {
+        let l = pick[u * (cap + 1) + c] as usize;
+        levels[u] = l;
+        c -= extra(u, l).div_ceil(q);
+    }
+    Some(levels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn brute(sens: &[[f64; 4]], cost: &[[usize; 4]], current: &[usize], floor: usize, cap: usize) -> Option<f64> {
+        let n = current.len();
+        let mut best: Option<f64> = None;
+        let mut idx = current.to_vec();
+        loop {
+            let bytes: usize = (0..n).map(|u| cost[u][idx[u]]).sum();
+            if bytes <= cap {
+                let s: f64 = (0..n).map(|u| sens[u][idx[u]]).sum();
+                best = Some(best.map_or(s, |b: f64| b.min(s)));
+            }
+            let mut u = 0;
+            while u < n {
+                if idx[u] < floor {
+                    idx[u] += 1;
+                    break;
+                }
+                idx[u] = current[u];
+                u += 1;
+            }
+            if u == n {
+                return best;
+            }
+        }
+    }
+
+    #[test]
+    fn the_knapsack_matches_brute_force_and_never_overspends() {
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as f64 / (1u64 << 31) as f64
+        };
+        for case in 0..200 {
+            let n = 2 + case % 5;
+            let sens: Vec<[f64; 4]> = (0..n)
+                .map(|_| {
+                    let a = rnd();
+                    [0.0, a * 0.01, a * 0.1 + rnd() * 0.01, a + rnd()]
+                })
+                .collect();
+            // cost per token shaped like 16/8/4/2-bit bodies with per-group parameters, over a body length
+            let body = 1 + (rnd() * 500.0) as usize;
+            let cost: Vec<[usize; 4]> = (0..n).map(|_| [396, 204, 108, 60].map(|b| b * body)).collect();
+            let current: Vec<usize> = (0..n).map(|_| (rnd() * 3.0) as usize).collect();
+            let floor = 3;
+            let lo: usize = (0..n).map(|u| cost[u][3]).sum();
+            let hi: usize = (0..n).map(|u| cost[u][current[u]]).sum();
+            let cap = lo + ((hi - lo) as f64 * rnd()) as usize;
+            let got = choose(&sens, &cost, &current, floor, cap).expect("the floor fits");
+            let bytes: usize = (0..n).map(|u| cost[u][got[u]]).sum();
+            assert!(bytes <= cap, "case {case}: {bytes} > {cap}");
+            assert!(
+                (0..n).all(|u| got[u] >= current[u] && got[u] <= floor),
+                "case {case}: raised a width"
+            );
+            let s: f64 = (0..n).map(|u| sens[u][got[u]]).sum();
+            let best = brute(&sens, &cost, &current, floor, cap).unwrap();
+            assert!(s >= best - 1e-12, "case {case}: better than the optimum?");
+            // rounding each body's cost up to a step loses at most one step per body of the capacity: the
+            // plan is at least as good as the optimum for that much less
+            let step = (cap - lo).div_ceil(STEPS).max(1);
+            if let Some(b) = brute(&sens, &cost, &current, floor, cap.saturating_sub(n * step)) {
+                assert!(
+                    s <= b + 1e-12,
+                    "case {case}: {s} worse than the optimum {b} with {} bytes less",
+                    n * step
+                );
+            }
+        }
+        assert_eq!(
+            choose(&[[0.0; 4]], &[[10, 8, 6, 4]], &[0], 3, 3),
+            None,
+            "below the floor"
+        );
+    }
+
+    #[test]
+    fn the_least_sensitive_body_gives_way_first() {
+        let sens = [[0.0, 0.001, 0.01, 1.0], [0.0, 0.001, 0.01, 0.1]];
+        let cost = [[400, 200, 100, 60], [400, 200, 100, 60]];
+        // room for one body at 4 bits and one at 2: the second (less sensitive at 2 bits) takes the 2
+        assert_eq!(choose(&sens, &cost, &[0, 0], 3, 160), Some(vec![2, 3]));
+        // everything at 16 fits: nothing moves
+        assert_eq!(choose(&sens, &cost, &[0, 0], 3, 800), Some(vec![0, 0]));
+        // a body already at 4 bits never comes back up
+        assert_eq!(choose(&sens, &cost, &[2, 0], 3, 800), Some(vec![2, 0]));
+    }
+}
