@@ -176,6 +176,7 @@ fn request_frontend() -> Option<&'static Frontend> {
                 model.config.vocab_size,
                 limits,
                 None,
+                true,
             )
             .ok()
         })

@@ -105,6 +105,7 @@ fn calibration_runs_end_to_end_and_the_profile_is_bound_to_its_model() {
         alpha_bits: 4,
         data: vec![data],
         seed: 1,
+        rotate: false,
     };
     let mut ticks = 0;
     let p = calibrate(&model, &tok, "abc123", &cfg, &mut |_, _, _| ticks += 1).unwrap();
@@ -136,4 +137,42 @@ fn calibration_runs_end_to_end_and_the_profile_is_bound_to_its_model() {
     assert!(e.contains("another model"), "{e}");
     std::fs::write(&file, "{\"version\": 1}").unwrap();
     assert!(Profile::load(&file).is_err());
+    // K and V are measured apart at every width the run-time plan picks; the joint table is their sum
+    assert_eq!(p.widths, vec![2, 4, 8]);
+    assert!(!p.rotated);
+    for l in 0..p.layers {
+        for w in 0..3 {
+            let sum = p.sensitivity_k[l][w] + p.sensitivity_v[l][w];
+            assert!((p.sensitivity_kl[l][w] - sum).abs() < 1e-12);
+        }
+    }
+    let sens = p.sensitivity();
+    for row in sens.k.iter().chain(&sens.v) {
+        assert_eq!(row[0], 0.0, "16 bits cost nothing");
+        assert!(
+            row.windows(2).all(|w| w[0] <= w[1]),
+            "costs never fall as bits fall: {row:?}"
+        );
+    }
+    // A version 1 profile (joint K+V sensitivity at the allocation's widths only) still loads: each side gets
+    // half, 8 bits is estimated from 4.
+    let mut v1 = serde_json::to_value(&p).unwrap();
+    let o = v1.as_object_mut().unwrap();
+    o.insert("version".into(), 1.into());
+    for k in ["rotated", "sensitivity_k", "sensitivity_v"] {
+        o.remove(k);
+    }
+    o.insert("widths".into(), serde_json::json!([2, 4]));
+    let joint: Vec<Vec<f64>> = p.sensitivity_kl.iter().map(|r| r[..2].to_vec()).collect();
+    o.insert("sensitivity_kl".into(), serde_json::to_value(&joint).unwrap());
+    o.insert("sensitivity_loss".into(), serde_json::to_value(&joint).unwrap());
+    std::fs::write(&file, serde_json::to_string(&v1).unwrap()).unwrap();
+    let old = Profile::load(&file).expect("a version 1 profile loads");
+    let s1 = old.sensitivity();
+    assert_eq!(s1.k.len(), old.layers);
+    for ((k, v), j) in s1.k.iter().zip(&s1.v).zip(&joint) {
+        assert_eq!(k, v);
+        assert!((k[3] - j[0] / 2.0).abs() < 1e-12, "2 bits: half the joint cost");
+        assert!((k[1] - k[2] / 16.0).abs() < 1e-12, "8 bits estimated from 4");
+    }
 }

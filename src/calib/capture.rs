@@ -8,8 +8,8 @@ use crate::model::RopeLayout;
 /// Rounds the chosen layers' K and V through the PM-KVQ quantizer at a given width — every token, the current
 /// one included — before attention.
 pub struct FakeQuant {
-    /// Width per layer; `None` = full precision.
-    bits: Vec<Option<Bits>>,
+    /// Width per layer for K and for V; `None` = full precision.
+    bits: Vec<(Option<Bits>, Option<Bits>)>,
     group: usize,
 }
 
@@ -18,6 +18,10 @@ pub type FakeQuantStore = Tapped<FakeQuant>;
 
 impl Tapped<FakeQuant> {
     pub fn new(geom: KvGeometry, bits: Vec<Option<Bits>>, max_tokens: usize) -> Self {
+        Self::sides(geom, bits.into_iter().map(|b| (b, b)).collect(), max_tokens)
+    }
+    /// K and V quantized at their own widths.
+    pub fn sides(geom: KvGeometry, bits: Vec<(Option<Bits>, Option<Bits>)>, max_tokens: usize) -> Self {
         Tapped::wrap(
             Box::new(F32KvStore::new(geom, max_tokens)),
             FakeQuant {
@@ -30,8 +34,8 @@ impl Tapped<FakeQuant> {
 }
 
 impl FakeQuant {
-    fn round(&self, layer: usize, x: &[f32]) -> Option<Vec<f32>> {
-        let b = self.bits.get(layer).copied().flatten()?;
+    fn round(&self, b: Option<Bits>, x: &[f32]) -> Option<Vec<f32>> {
+        let b = b?;
         let mut out = x.to_vec();
         let mut codes = vec![0u16; self.group];
         for g in out.chunks_exact_mut(self.group) {
@@ -46,10 +50,10 @@ impl FakeQuant {
 
 impl KvTap for FakeQuant {
     fn key(&mut self, layer: usize, _g: &KvGeometry, k: &[f32]) -> Option<Vec<f32>> {
-        self.round(layer, k)
+        self.round(self.bits.get(layer)?.0, k)
     }
     fn value(&mut self, layer: usize, _g: &KvGeometry, v: &[f32]) -> Option<Vec<f32>> {
-        self.round(layer, v)
+        self.round(self.bits.get(layer)?.1, v)
     }
 }
 

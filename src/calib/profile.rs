@@ -1,12 +1,16 @@
 //! The calibration profile: one versioned JSON file bound to the model it was measured on.
 
+use crate::kvcache::pmkvq_plan::{level, Sensitivity};
+use crate::kvcache::quant::Bits;
 use crate::kvcache::{KeyScales, KvMethod, MethodSpec};
 use crate::model::{Arch, Model, RopeLayout};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub const PROFILE_VERSION: u32 = 1;
+/// Version 2 adds K and V sensitivity apart (for the run-time plan) and whether calibration ran rotated;
+/// version 1 profiles still load (joint sensitivity, unrotated).
+pub const PROFILE_VERSION: u32 = 2;
 
 /// Where `profile = "auto"` (the daemon's and the CLI's default) looks.
 pub const AUTO_PROFILE: &str = "profiles/default.profile.json";
@@ -76,14 +80,26 @@ pub fn resolve_profile(choice: &ProfileChoice, model: &Model) -> Result<(Option<
     }
 }
 
-/// The store configuration for `method`: PM-KVQ takes the profile's per-layer shares and key scales; the
-/// baselines run as they are. The daemon's requests and the CLI both go through here.
-pub fn method_spec(method: KvMethod, profile: Option<&Profile>) -> MethodSpec {
+/// The store configuration for `method`: PM-KVQ as shipped takes everything the profile measured — per-layer
+/// shares, key scales, and (where the backend's caches support them: `extensions`) the rotation it was
+/// calibrated with and the K/V sensitivity its widths are planned on. The baselines run as they are. The
+/// daemon's requests and the CLI both go through here.
+pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool) -> MethodSpec {
     let label = method.to_string();
     let p = profile.filter(|_| matches!(method, KvMethod::Pmkvq(_)));
+    let method = match (method, p) {
+        (KvMethod::Pmkvq(mut c), Some(p)) if extensions => {
+            c.sensitivity = Some(Arc::new(p.sensitivity()));
+            KvMethod::Pmkvq(c)
+        }
+        (m, _) => m,
+    };
     MethodSpec {
         shares: p.map(|p| p.shares.clone()),
-        key_scales: p.map(|p| p.channel_scales()),
+        key_scales: p
+            .filter(|p| p.alpha.iter().any(|a| *a > 0.0))
+            .map(|p| p.channel_scales()),
+        rotate: extensions && p.is_some_and(|p| p.rotated),
         ..MethodSpec::plain(method, None, &label)
     }
 }
@@ -129,6 +145,15 @@ pub struct Profile {
     /// `[layer][kv_head·(d/2) + pair]`.
     pub alpha: Vec<f64>,
     pub key_scales: Vec<Vec<f32>>,
+    /// Calibration ran with the rotation (`+rot`) in place: sensitivity and α were measured on rotated K/V, and
+    /// the method as shipped rotates.
+    #[serde(default)]
+    pub rotated: bool,
+    /// Mean KL per token with only that layer's K (resp. V) quantized: `[layer][width]` (version 2).
+    #[serde(default)]
+    pub sensitivity_k: Vec<Vec<f64>>,
+    #[serde(default)]
+    pub sensitivity_v: Vec<Vec<f64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +179,7 @@ impl Profile {
             file: file.clone(),
             what: e.to_string(),
         })?;
-        if p.version != PROFILE_VERSION {
+        if p.version == 0 || p.version > PROFILE_VERSION {
             return Err(ProfileError::Version {
                 file,
                 got: p.version,
@@ -167,7 +192,16 @@ impl Profile {
             && p.alpha.len() == n
             && p.key_scales.len() == n
             && p.key_scales.iter().all(|s| s.len() == p.kv_heads * p.head_dim / 2)
-            && p.key_scales.iter().flatten().all(|s| s.is_finite() && *s > 0.0);
+            && p.key_scales.iter().flatten().all(|s| s.is_finite() && *s > 0.0)
+            && p.sensitivity_kl.len() == n
+            && [&p.sensitivity_kl, &p.sensitivity_k, &p.sensitivity_v].iter().all(|t| {
+                t.iter()
+                    .all(|r| r.len() == p.widths.len() && r.iter().all(|x| x.is_finite()))
+            })
+            && [&p.sensitivity_k, &p.sensitivity_v]
+                .iter()
+                .all(|t| t.is_empty() || t.len() == n)
+            && p.widths.iter().all(|&w| Bits::from_count(w).is_some());
         if !ok {
             return Err(ProfileError::Format {
                 file,
@@ -214,6 +248,47 @@ impl Profile {
             )));
         }
         Ok(())
+    }
+
+    /// Per layer, the cost of K and of V at 16/8/4/2 bits for the run-time plan. Version 1 profiles measured K
+    /// and V together: each side gets half. A width not measured is estimated from the next narrower one (÷16:
+    /// two more bits quarter the step, and the KL follows the squared error); costs never fall as bits fall.
+    pub fn sensitivity(&self) -> Sensitivity {
+        let side = |table: &[Vec<f64>], scale: f64| -> Vec<[f64; 4]> {
+            table
+                .iter()
+                .map(|row| {
+                    let mut at = [None; 4];
+                    for (w, x) in self.widths.iter().zip(row) {
+                        if let Some(b) = Bits::from_count(*w) {
+                            at[level(b)] = Some(x.max(0.0) * scale);
+                        }
+                    }
+                    let mut out = [0.0; 4];
+                    let mut narrower = None;
+                    for lvl in (1..4).rev() {
+                        out[lvl] = at[lvl].or(narrower.map(|n: f64| n / 16.0)).unwrap_or(0.0);
+                        narrower = Some(out[lvl]);
+                    }
+                    for lvl in 1..4 {
+                        out[lvl] = out[lvl].max(out[lvl - 1]);
+                    }
+                    out
+                })
+                .collect()
+        };
+        if self.sensitivity_k.len() == self.layers && self.sensitivity_v.len() == self.layers {
+            Sensitivity {
+                k: side(&self.sensitivity_k, 1.0),
+                v: side(&self.sensitivity_v, 1.0),
+            }
+        } else {
+            let joint = side(&self.sensitivity_kl, 0.5);
+            Sensitivity {
+                k: joint.clone(),
+                v: joint,
+            }
+        }
     }
 
     /// Per-channel key scales for `KeyScaled`.

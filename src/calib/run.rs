@@ -5,7 +5,7 @@ use super::allocate::{allocate, shares, AllocError};
 use super::capture::{expand_pair_scales, FakeQuantStore, KeyStatsStore};
 use super::profile::{CalibSettings, Profile, PROFILE_VERSION};
 use crate::kvcache::quant::Bits;
-use crate::kvcache::{F32KvStore, KeyScaled, KvStore};
+use crate::kvcache::{F32KvStore, KeyScaled, KvStore, Rotated, ROTATION_SEED};
 use crate::model::{Model, ModelError, Tokenizer};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +23,9 @@ pub struct CalibConfig {
     pub alpha_bits: u32,
     pub data: Vec<PathBuf>,
     pub seed: u64,
+    /// Calibrate the rotated method (`+rot`): K/V are rotated before they are fake-quantized in every
+    /// measurement, and the α search may choose α = 0 (no key scaling) when rotation alone is better.
+    pub rotate: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +55,31 @@ pub enum Stage {
     AlphaSearch,
 }
 
-/// α grid: 1.00, 0.95, …, 0.05 (α = 0 is not tried, spec §5.4).
-pub fn alpha_grid() -> Vec<f64> {
-    (0..20).map(|n| 1.0 - n as f64 / 20.0).collect()
+/// α grid: 1.00, 0.95, …, 0.05 (α = 0 is not tried, spec §5.4); with rotation also 0 (rotation alone).
+pub fn alpha_grid(rotate: bool) -> Vec<f64> {
+    let n = if rotate { 21 } else { 20 };
+    (0..n).map(|n| 1.0 - n as f64 / 20.0).collect()
+}
+
+/// The measurement store: full precision with layer `l`'s K and/or V fake-quantized, rotated first if asked.
+fn fake_quant(
+    geom: crate::kvcache::KvGeometry,
+    l: usize,
+    k: Option<Bits>,
+    v: Option<Bits>,
+    max: usize,
+    rotate: bool,
+) -> Result<Box<dyn KvStore>, ModelError> {
+    let mut bits = vec![(None, None); geom.layers];
+    bits[l] = (k, v);
+    let store: Box<dyn KvStore> = Box::new(FakeQuantStore::sides(geom, bits, max));
+    if rotate {
+        Ok(Box::new(
+            Rotated::rotate(store, ROTATION_SEED).map_err(ModelError::from)?,
+        ))
+    } else {
+        Ok(store)
+    }
 }
 
 /// Position ids with positional interpolation: `[0, s, 2s, …]`, `s = effective_len / seq_len`.
@@ -175,32 +200,44 @@ pub fn calibrate(
     }
     base_nll /= samples.len() as f64;
 
-    // 2. sensitivity: only layer ℓ's K/V quantized at b bits, the rest full precision (measured, not Taylor)
+    // 2. sensitivity: only layer ℓ's K, or only its V, quantized at b bits, the rest full precision (measured,
+    // not Taylor), at the allocation's choices and every width the run-time plan can pick (8, 4, 2). The
+    // joint K+V cost the allocation uses is their sum.
     let widths: Vec<Bits> = {
         let mut w = choices.clone();
+        w.extend([Bits::B2, Bits::B4, Bits::B8]);
+        w.retain(|b| *b != Bits::B16);
         w.sort();
         w.dedup();
         w
     };
-    let mut sens_kl = vec![vec![0.0f64; widths.len()]; layers];
+    let mut sens_k = vec![vec![0.0f64; widths.len()]; layers];
+    let mut sens_v = vec![vec![0.0f64; widths.len()]; layers];
     let mut sens_loss = vec![vec![0.0f64; widths.len()]; layers];
-    let total = layers * widths.len() * samples.len();
+    let total = layers * widths.len() * samples.len() * 2;
     let mut done = 0;
     for l in 0..layers {
         for (wi, &b) in widths.iter().enumerate() {
             for (si, s) in samples.iter().enumerate() {
-                let mut bits = vec![None; layers];
-                bits[l] = Some(b);
-                let mut store = FakeQuantStore::new(geom, bits, max);
-                let logits = model.forward_from(l, inputs[si][l].clone(), &pos, &mut store)?;
-                let (kl, nll) = compare(&ref_lp[si], &logits, s, vocab);
-                sens_kl[l][wi] += kl / samples.len() as f64;
-                sens_loss[l][wi] += (nll - base_nll) / samples.len() as f64;
-                done += 1;
-                progress(Stage::Sensitivity, done, total);
+                for side in 0..2 {
+                    let (k, v) = if side == 0 { (Some(b), None) } else { (None, Some(b)) };
+                    let mut store = fake_quant(geom, l, k, v, max, cfg.rotate)?;
+                    let logits = model.forward_from(l, inputs[si][l].clone(), &pos, store.as_mut())?;
+                    let (kl, nll) = compare(&ref_lp[si], &logits, s, vocab);
+                    let table = if side == 0 { &mut sens_k } else { &mut sens_v };
+                    table[l][wi] += kl / samples.len() as f64;
+                    sens_loss[l][wi] += (nll - base_nll) / samples.len() as f64;
+                    done += 1;
+                    progress(Stage::Sensitivity, done, total);
+                }
             }
         }
     }
+    let sens_kl: Vec<Vec<f64>> = sens_k
+        .iter()
+        .zip(&sens_v)
+        .map(|(k, v)| k.iter().zip(v).map(|(a, b)| a + b).collect())
+        .collect();
 
     // 3. allocation on the measured KL (always ≥ 0 and less noisy than the loss difference)
     let choice_idx: Vec<usize> = choices
@@ -215,7 +252,7 @@ pub fn calibrate(
     let bits = allocate(&sens_for_choices, &cfg.choices, budget_bits)?;
 
     // 4. α search per layer: attention output MSE with K/V at `alpha_bits` against the full-precision layer
-    let grid = alpha_grid();
+    let grid = alpha_grid(cfg.rotate);
     let mut alpha = vec![1.0f64; layers];
     let mut key_scales = vec![vec![1.0f32; geom.kv_heads * geom.head_dim / 2]; layers];
     for l in 0..layers {
@@ -234,9 +271,7 @@ pub fn calibrate(
             let scales = Arc::new(per_layer);
             let mut loss = 0.0;
             for (si, xs) in inputs.iter().enumerate() {
-                let mut bits = vec![None; layers];
-                bits[l] = Some(alpha_bits);
-                let inner = Box::new(FakeQuantStore::new(geom, bits, max));
+                let inner = fake_quant(geom, l, Some(alpha_bits), Some(alpha_bits), max, cfg.rotate)?;
                 let mut store = KeyScaled::new(inner, scales.clone(), "").map_err(ModelError::from)?;
                 let out = model.attention_block(l, &xs[l], &pos, &mut store as &mut dyn KvStore)?;
                 loss += out
@@ -288,5 +323,8 @@ pub fn calibrate(
         bits,
         alpha,
         key_scales,
+        rotated: cfg.rotate,
+        sensitivity_k: sens_k,
+        sensitivity_v: sens_v,
     })
 }

@@ -149,6 +149,8 @@ pub struct Frontend {
     pub vocab_size: usize,
     pub limits: RequestLimits,
     profile: Option<Arc<Profile>>,
+    /// The backend's caches take the rotation and the planned widths ([`crate::model::Backend::kv_extensions`]).
+    kv_extensions: bool,
 }
 
 impl Frontend {
@@ -158,6 +160,7 @@ impl Frontend {
         vocab_size: usize,
         limits: RequestLimits,
         profile: Option<Arc<Profile>>,
+        kv_extensions: bool,
     ) -> Result<Self, crate::model::ModelError> {
         let template = tokenizer.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
         Ok(Frontend {
@@ -167,6 +170,7 @@ impl Frontend {
             vocab_size,
             limits,
             profile,
+            kv_extensions,
         })
     }
 
@@ -351,7 +355,7 @@ impl Frontend {
 
     /// The store configuration for a method: PM-KVQ takes the profile's shares and key scales.
     pub fn method_spec(&self, method: KvMethod) -> MethodSpec {
-        crate::calib::method_spec(method, self.profile.as_deref())
+        crate::calib::method_spec(method, self.profile.as_deref(), self.kv_extensions)
     }
 }
 

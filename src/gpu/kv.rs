@@ -87,6 +87,12 @@ impl DeviceStore {
             KvMethod::Rtn(b) => (Kind::Pmkvq(PmkvqConfig::rtn(*b)), 0),
             m => return Err(unsupported(m)),
         };
+        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.sensitivity.is_some()) {
+            return Err(KvError::Unsupported {
+                what: "plan its widths on the sensitivity on the GPU (the device cache splits by shares)",
+                method: spec.method.to_string(),
+            });
+        }
         if spec.rotate {
             return Err(KvError::Unsupported {
                 what: "rotate its inputs on the GPU (the CUDA kernels have no rotation yet; turn `kv_rotation` off)",

@@ -685,4 +685,8 @@ impl Backend for GpuModel {
     fn device_weight_bytes(&self) -> usize {
         self.weight_bytes
     }
+
+    fn kv_extensions(&self) -> bool {
+        false
+    }
 }

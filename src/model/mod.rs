@@ -160,6 +160,11 @@ pub trait Backend: Send + Sync {
             .map_err(ModelError::unattributed)?;
         Ok(out.pop().unwrap_or_default())
     }
+    /// Whether this backend's caches take the rotation and the sensitivity-planned widths (the host stores do;
+    /// the CUDA kernels have neither yet, so a GPU runs PM-KVQ with shares and key scales only).
+    fn kv_extensions(&self) -> bool {
+        true
+    }
     /// Bytes of weights held in device memory (0 on the CPU).
     fn device_weight_bytes(&self) -> usize {
         0

@@ -110,7 +110,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<(), Failure> {
         let spec = pmkvq::eval::MethodSpec {
             budget,
             label: a.kv.clone(),
-            ..pmkvq::calib::method_spec(method.clone(), profile.as_ref())
+            ..pmkvq::calib::method_spec(method.clone(), profile.as_ref(), backend.kv_extensions())
         };
         let mut kv = backend
             .new_store(&spec, geom, total)

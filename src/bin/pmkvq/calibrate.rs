@@ -51,6 +51,7 @@ pub(crate) fn cmd_calibrate(a: CalibrateArgs) -> Result<(), Failure> {
         alpha_bits: a.alpha_bits,
         data: data_files(&a.data)?,
         seed: a.seed,
+        rotate: !a.no_rotate,
     };
     let sha = fetch::model_sha256(&model.source).map_err(|e| fail(EX_NOINPUT, e.into()))?;
     let started = std::time::Instant::now();

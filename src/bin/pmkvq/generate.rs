@@ -77,7 +77,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<(), Failure> {
     let spec = pmkvq::eval::MethodSpec {
         budget,
         label: kv_name.to_string(),
-        ..pmkvq::calib::method_spec(method, profile.as_ref())
+        ..pmkvq::calib::method_spec(method, profile.as_ref(), backend.kv_extensions())
     };
     let ctx = model.config.context_length;
     let mut kv = backend
