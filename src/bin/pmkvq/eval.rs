@@ -2,16 +2,110 @@
 
 use super::*;
 
-/// `bytes`, `1/N` (of the f16 bytes of the sequence) or `min` (PM-KVQ's floor for it).
-fn parse_budget(s: &str, fp16_bytes: usize, floor: usize) -> Option<usize> {
-    if s == "min" {
-        return Some(floor);
+/// A budget as written: bytes (`4MiB`), a fraction `a/b` of the f16 bytes of the sequence, or `min` (PM-KVQ's
+/// floor for it). Checked when the command line is read; resolved once the sequence length is known.
+#[derive(Clone, Copy, Debug)]
+enum BudgetArg {
+    Bytes(usize),
+    Fraction(u64, u64),
+    Min,
+}
+
+impl BudgetArg {
+    fn parse(s: &str, what: &str) -> Result<Self, Failure> {
+        let bad = |why: String| fail(EX_USAGE, anyhow::anyhow!("{what} `{s}`: {why}"));
+        if s == "min" {
+            return Ok(BudgetArg::Min);
+        }
+        if let Some((a, b)) = s.split_once('/') {
+            let num = |x: &str| {
+                x.trim()
+                    .parse::<u64>()
+                    .map_err(|_| bad(format!("`{x}` is not a whole number")))
+            };
+            let (a, b) = (num(a)?, num(b)?);
+            if a == 0 || b == 0 || a > b {
+                return Err(bad("a fraction a/b of the fp16 bytes needs 0 < a <= b".into()));
+            }
+            return Ok(BudgetArg::Fraction(a, b));
+        }
+        match parse_bytes(s) {
+            Some(b) if b > 0 => Ok(BudgetArg::Bytes(b)),
+            _ => Err(bad(
+                "must be a byte size (4MiB), a fraction a/b of the fp16 bytes, or min".into(),
+            )),
+        }
     }
-    if let Some(d) = s.strip_prefix("1/") {
-        let d: f64 = d.parse().ok().filter(|d: &f64| *d >= 1.0)?;
-        return Some((fp16_bytes as f64 / d) as usize);
+
+    fn bytes(self, fp16_bytes: usize, floor: usize) -> usize {
+        match self {
+            BudgetArg::Bytes(b) => b,
+            BudgetArg::Fraction(a, b) => (fp16_bytes as u128 * a as u128 / b as u128) as usize,
+            BudgetArg::Min => floor,
+        }
     }
-    parse_bytes(s)
+}
+
+/// One `--methods` item: `pmkvq` (the method as shipped: everything the profile holds), a baseline, or an
+/// ablation `progressive[+alloc][+rep|+rep-alt][+rot][+plan]` / `BASELINE+rot`, with an optional `@BUDGET`.
+struct MethodArg {
+    item: String,
+    base: KvMethod,
+    shipped: bool,
+    flags: Vec<String>,
+    budget: Option<BudgetArg>,
+}
+
+fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>, Failure> {
+    let mut out = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (name, budget) = match item.split_once('@') {
+            Some((n, b)) => (n, Some(BudgetArg::parse(b, &format!("budget of `{item}`"))?)),
+            None => (item, global),
+        };
+        let mut parts = name.split('+');
+        let base_name = parts.next().unwrap_or_default();
+        let flags: Vec<String> = parts.map(str::to_string).collect();
+        let (base, shipped) = match base_name {
+            "progressive" => (
+                KvMethod::Pmkvq(pmkvq::kvcache::PmkvqConfig {
+                    name: "progressive".into(),
+                    ..pmkvq::kvcache::PmkvqConfig::pmkvq()
+                }),
+                false,
+            ),
+            "pmkvq" => (KvMethod::Pmkvq(pmkvq::kvcache::PmkvqConfig::pmkvq()), true),
+            b => (
+                b.parse()
+                    .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?,
+                false,
+            ),
+        };
+        let allowed: &[&str] = match base_name {
+            "progressive" => &["alloc", "rep", "rep-alt", "rot", "plan", "alt"],
+            "pmkvq" => &[],
+            _ => &["rot"],
+        };
+        for f in &flags {
+            if !allowed.contains(&f.as_str()) {
+                return Err(fail(
+                    EX_USAGE,
+                    anyhow::anyhow!(
+                        "method `{item}`: unknown flag `+{f}` (`pmkvq` is the method as shipped; build ablations on \
+                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +alt; baselines take +rot)"
+                    ),
+                ));
+            }
+        }
+        out.push(MethodArg {
+            item: item.to_string(),
+            base,
+            shipped,
+            flags,
+            budget,
+        });
+    }
+    Ok(out)
 }
 
 pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
@@ -22,6 +116,13 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
             anyhow::anyhow!("`--tokens` must be >= 2, got {}", a.tokens),
         ));
     }
+    // everything on the command line is checked before a trace is written
+    let global = a
+        .kv_budget
+        .as_deref()
+        .map(|s| BudgetArg::parse(s, "`--kv-budget`"))
+        .transpose()?;
+    let method_args = parse_methods(&a.methods, global)?;
     let (model, tok) = load(&a.model)?;
     let model = std::sync::Arc::new(model);
     let backend = open_backend(&a.device, &model)?;
@@ -34,6 +135,35 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
                 a.tokens
             ),
         ));
+    }
+    let profile = load_profile(
+        &a.profile.as_ref().map_or("auto".into(), |p| p.display().to_string()),
+        &model,
+    )?;
+    let alt_profile = match &a.alt_profile {
+        None => None,
+        Some(p) => load_profile(&p.display().to_string(), &model)?,
+    };
+    let need = |p: &Option<pmkvq::calib::Profile>, item: &str, opt: &str| {
+        p.clone()
+            .ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("method `{item}` needs {opt}")))
+    };
+    // `+alt`: the item's +alloc, +rep and +plan come from --alt-profile instead of --profile
+    let source = |m: &MethodArg| {
+        if m.flags.iter().any(|f| f == "alt") {
+            (&alt_profile, "--alt-profile")
+        } else {
+            (&profile, "a profile (--profile)")
+        }
+    };
+    for m in &method_args {
+        for f in &m.flags {
+            match f.as_str() {
+                "alloc" | "rep" | "plan" | "alt" => drop(need(source(m).0, &m.item, source(m).1)?),
+                "rep-alt" => drop(need(&alt_profile, &m.item, "--alt-profile")?),
+                _ => {}
+            }
+        }
     }
     let (tokens, prompt_len) = match (&a.prompt, &a.chat, &a.text_file) {
         (_, _, Some(f)) => {
@@ -88,52 +218,33 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
     let geom = model.kv_geometry();
     let fp16_bytes = 2 * geom.layers * geom.kv_dim() * 2 * seq_len;
     let floor = pmkvq::kvcache::PmkvqStore::floor_bytes(geom, &pmkvq::kvcache::PmkvqConfig::pmkvq(), seq_len);
-    let budget_of = |s: &str| {
-        parse_budget(s, fp16_bytes, floor).ok_or_else(|| {
-            fail(
-                EX_USAGE,
-                anyhow::anyhow!("budget must be bytes (4MiB), 1/N or min, got `{s}`"),
-            )
-        })
-    };
-    let global = a.kv_budget.as_deref().map(budget_of).transpose()?;
-    let explicit = |p: &Option<PathBuf>| -> Result<Option<pmkvq::calib::Profile>, Failure> {
-        match p {
-            None => Ok(None),
-            Some(p) => load_profile(&p.display().to_string(), &model),
-        }
-    };
-    let profile = explicit(&a.profile)?;
-    let alt_profile = explicit(&a.alt_profile)?;
+    let ext = backend.kv_extensions();
     let mut methods = Vec::new();
-    for item in a.methods.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (name, budget) = match item.split_once('@') {
-            Some((n, b)) => (n, Some(budget_of(b)?)),
-            None => (item, global),
+    for m in method_args {
+        let budget = m.budget.map(|b| b.bytes(fp16_bytes, floor));
+        let mut spec = if m.shipped {
+            MethodSpec {
+                budget,
+                label: m.item.clone(),
+                ..pmkvq::calib::method_spec(m.base.clone(), profile.as_ref(), ext)
+            }
+        } else {
+            MethodSpec::plain(m.base.clone(), budget, &m.item)
         };
-        // `METHOD[+alloc][+rep|+rep-alt]`: calibrated shares and key scales from --profile / --alt-profile
-        let mut parts = name.split('+');
-        let base = parts.next().unwrap_or_default();
-        let method: KvMethod = base
-            .parse()
-            .map_err(|e: pmkvq::kvcache::method::BadMethod| fail(EX_USAGE, e.into()))?;
-        let mut spec = MethodSpec::plain(method, budget, item);
-        for flag in parts {
-            let need = |p: &Option<pmkvq::calib::Profile>, opt: &str| {
-                p.clone()
-                    .ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("method `{item}` needs {opt}")))
-            };
-            match flag {
-                "alloc" => spec.shares = Some(need(&profile, "--profile")?.shares),
-                "rep" => spec.key_scales = Some(need(&profile, "--profile")?.channel_scales()),
-                "rep-alt" => spec.key_scales = Some(need(&alt_profile, "--alt-profile")?.channel_scales()),
+        for flag in &m.flags {
+            let p = || need(source(&m).0, &m.item, source(&m).1);
+            match flag.as_str() {
+                "alloc" => spec.shares = Some(p()?.shares),
+                "rep" => spec.key_scales = Some(p()?.channel_scales()),
+                "rep-alt" => spec.key_scales = Some(need(&alt_profile, &m.item, "--alt-profile")?.channel_scales()),
                 "rot" => spec.rotate = true,
-                other => {
-                    return Err(fail(
-                        EX_USAGE,
-                        anyhow::anyhow!("unknown method flag `+{other}` (alloc, rep, rep-alt, rot)"),
-                    ))
+                "alt" => {}
+                "plan" => {
+                    if let KvMethod::Pmkvq(c) = &mut spec.method {
+                        c.sensitivity = Some(std::sync::Arc::new(p()?.sensitivity()));
+                    }
                 }
+                _ => unreachable!("flags are checked when parsed"),
             }
         }
         methods.push(spec);

@@ -132,6 +132,10 @@ struct CalibrateArgs {
     alpha_bits: u32,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Calibrate without the rotation (the paper's method: sensitivity and α on unrotated K/V; the method as
+    /// shipped then does not rotate).
+    #[arg(long)]
+    no_rotate: bool,
     /// Where to write the profile.
     #[arg(long, default_value = "profiles/default.profile.json")]
     out: PathBuf,
@@ -167,11 +171,14 @@ struct DivergenceArgs {
     /// KL-divergence convention); 0 = one sequence.
     #[arg(long, default_value_t = 0)]
     chunk_len: usize,
-    /// Budget for methods without their own: bytes (4MiB), a fraction of the f16 bytes of the sequence (1/4),
-    /// or `min` (the smallest PM-KVQ can hold the sequence in).
+    /// Budget for methods without their own: bytes (4MiB), a fraction a/b of the f16 bytes of the sequence
+    /// (1/4, 2/9), or `min` (the smallest PM-KVQ can hold the sequence in). Checked before the trace is written.
     #[arg(long)]
     kv_budget: Option<String>,
     /// Methods, comma-separated; `METHOD@BUDGET` gives one its own budget (e.g. pmkvq@1/4,pmkvq@min,kivi:2).
+    /// `pmkvq` is the method as shipped (everything the profile holds: rotation, planned K/V widths, shares, key
+    /// scales); ablations build on `progressive` (PM-KVQ's progressive cache alone) with +alloc, +rep, +rep-alt,
+    /// +rot, +plan; baselines (q4_0, q8_0, rtn:N, kivi:N) take +rot.
     #[arg(long, default_value = "pmkvq,kivi:2,rtn:2,fp16")]
     methods: String,
     /// First scored token (default: the prompt's end for traces, 1 for text).
@@ -195,10 +202,12 @@ struct DivergenceArgs {
     /// Also write the Markdown table here.
     #[arg(long)]
     markdown: Option<PathBuf>,
-    /// Calibration profile for `+alloc` (its per-layer shares) and `+rep` (its key scales) method variants.
+    /// Calibration profile for `pmkvq` and the `+alloc` (shares), `+rep` (key scales) and `+plan` (K/V
+    /// sensitivity) variants; default: profiles/default.profile.json when it matches the model.
     #[arg(long)]
     profile: Option<PathBuf>,
-    /// A second profile for `+rep-alt` (e.g. one calibrated without positional interpolation).
+    /// A second profile: `+rep-alt` takes its key scales, `+alt` makes an item take all of its +alloc, +rep and
+    /// +plan from it (e.g. the paper's unrotated calibration beside the shipped one).
     #[arg(long)]
     alt_profile: Option<PathBuf>,
     /// Title for the table and plot.
