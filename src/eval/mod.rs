@@ -8,6 +8,7 @@
 
 pub mod divergence;
 pub mod report;
+pub mod retrieval;
 
 pub use crate::kvcache::MethodSpec;
 pub use divergence::{run_divergence, DivergenceConfig, DivergenceReport, MethodResult};

@@ -108,8 +108,104 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
     Ok(out)
 }
 
+/// The profiles `--methods` draw on: `--profile` (default: the automatic one) and `--alt-profile` (`+alt`).
+struct Calibrations {
+    profile: Option<pmkvq::calib::Profile>,
+    alt: Option<pmkvq::calib::Profile>,
+}
+
+impl Calibrations {
+    /// Load both and check every item's flags have the profile they need (before any long work starts).
+    fn load(
+        profile: &Option<PathBuf>,
+        alt: &Option<PathBuf>,
+        model: &Model,
+        methods: &[MethodArg],
+    ) -> Result<Self, Failure> {
+        let cal = Calibrations {
+            profile: load_profile(
+                &profile.as_ref().map_or("auto".into(), |p| p.display().to_string()),
+                model,
+            )?,
+            alt: match alt {
+                None => None,
+                Some(p) => load_profile(&p.display().to_string(), model)?,
+            },
+        };
+        for m in methods {
+            for f in &m.flags {
+                match f.as_str() {
+                    "alloc" | "rep" | "plan" | "alt" => drop(cal.source(m)?),
+                    "rep-alt" => drop(cal.need(&cal.alt, m, "--alt-profile")?),
+                    _ => {}
+                }
+            }
+        }
+        Ok(cal)
+    }
+
+    fn need(
+        &self,
+        p: &Option<pmkvq::calib::Profile>,
+        m: &MethodArg,
+        opt: &str,
+    ) -> Result<pmkvq::calib::Profile, Failure> {
+        p.clone()
+            .ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("method `{}` needs {opt}", m.item)))
+    }
+
+    /// The profile an item's +alloc, +rep and +plan come from: --alt-profile with `+alt`, else --profile.
+    fn source(&self, m: &MethodArg) -> Result<pmkvq::calib::Profile, Failure> {
+        if m.flags.iter().any(|f| f == "alt") {
+            self.need(&self.alt, m, "--alt-profile")
+        } else {
+            self.need(&self.profile, m, "a profile (--profile)")
+        }
+    }
+
+    /// Store configurations for a sequence whose fp16 cache takes `fp16_bytes` (PM-KVQ's floor for it: `floor`).
+    fn specs(
+        &self,
+        methods: &[MethodArg],
+        extensions: bool,
+        fp16_bytes: usize,
+        floor: usize,
+    ) -> Result<Vec<pmkvq::eval::MethodSpec>, Failure> {
+        use pmkvq::eval::MethodSpec;
+        let mut out = Vec::new();
+        for m in methods {
+            let budget = m.budget.map(|b| b.bytes(fp16_bytes, floor));
+            let mut spec = if m.shipped {
+                MethodSpec {
+                    budget,
+                    label: m.item.clone(),
+                    ..pmkvq::calib::method_spec(m.base.clone(), self.profile.as_ref(), extensions)
+                }
+            } else {
+                MethodSpec::plain(m.base.clone(), budget, &m.item)
+            };
+            for flag in &m.flags {
+                match flag.as_str() {
+                    "alloc" => spec.shares = Some(self.source(m)?.shares),
+                    "rep" => spec.key_scales = Some(self.source(m)?.channel_scales()),
+                    "rep-alt" => spec.key_scales = Some(self.need(&self.alt, m, "--alt-profile")?.channel_scales()),
+                    "rot" => spec.rotate = true,
+                    "plan" => {
+                        if let KvMethod::Pmkvq(c) = &mut spec.method {
+                            c.sensitivity = Some(std::sync::Arc::new(self.source(m)?.sensitivity()));
+                        }
+                    }
+                    _ => {} // `alt` only chooses the source
+                }
+            }
+            out.push(spec);
+        }
+        Ok(out)
+    }
+}
+
 pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
-    use pmkvq::eval::{self, DivergenceConfig, MethodSpec};
+    use pmkvq::eval::{self, DivergenceConfig};
     if a.tokens < 2 {
         return Err(fail(
             EX_USAGE,
@@ -136,35 +232,7 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
             ),
         ));
     }
-    let profile = load_profile(
-        &a.profile.as_ref().map_or("auto".into(), |p| p.display().to_string()),
-        &model,
-    )?;
-    let alt_profile = match &a.alt_profile {
-        None => None,
-        Some(p) => load_profile(&p.display().to_string(), &model)?,
-    };
-    let need = |p: &Option<pmkvq::calib::Profile>, item: &str, opt: &str| {
-        p.clone()
-            .ok_or_else(|| fail(EX_USAGE, anyhow::anyhow!("method `{item}` needs {opt}")))
-    };
-    // `+alt`: the item's +alloc, +rep and +plan come from --alt-profile instead of --profile
-    let source = |m: &MethodArg| {
-        if m.flags.iter().any(|f| f == "alt") {
-            (&alt_profile, "--alt-profile")
-        } else {
-            (&profile, "a profile (--profile)")
-        }
-    };
-    for m in &method_args {
-        for f in &m.flags {
-            match f.as_str() {
-                "alloc" | "rep" | "plan" | "alt" => drop(need(source(m).0, &m.item, source(m).1)?),
-                "rep-alt" => drop(need(&alt_profile, &m.item, "--alt-profile")?),
-                _ => {}
-            }
-        }
-    }
+    let cal = Calibrations::load(&a.profile, &a.alt_profile, &model, &method_args)?;
     let (tokens, prompt_len) = match (&a.prompt, &a.chat, &a.text_file) {
         (_, _, Some(f)) => {
             let text =
@@ -218,37 +286,7 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
     let geom = model.kv_geometry();
     let fp16_bytes = 2 * geom.layers * geom.kv_dim() * 2 * seq_len;
     let floor = pmkvq::kvcache::PmkvqStore::floor_bytes(geom, &pmkvq::kvcache::PmkvqConfig::pmkvq(), seq_len);
-    let ext = backend.kv_extensions();
-    let mut methods = Vec::new();
-    for m in method_args {
-        let budget = m.budget.map(|b| b.bytes(fp16_bytes, floor));
-        let mut spec = if m.shipped {
-            MethodSpec {
-                budget,
-                label: m.item.clone(),
-                ..pmkvq::calib::method_spec(m.base.clone(), profile.as_ref(), ext)
-            }
-        } else {
-            MethodSpec::plain(m.base.clone(), budget, &m.item)
-        };
-        for flag in &m.flags {
-            let p = || need(source(&m).0, &m.item, source(&m).1);
-            match flag.as_str() {
-                "alloc" => spec.shares = Some(p()?.shares),
-                "rep" => spec.key_scales = Some(p()?.channel_scales()),
-                "rep-alt" => spec.key_scales = Some(need(&alt_profile, &m.item, "--alt-profile")?.channel_scales()),
-                "rot" => spec.rotate = true,
-                "alt" => {}
-                "plan" => {
-                    if let KvMethod::Pmkvq(c) = &mut spec.method {
-                        c.sensitivity = Some(std::sync::Arc::new(p()?.sensitivity()));
-                    }
-                }
-                _ => unreachable!("flags are checked when parsed"),
-            }
-        }
-        methods.push(spec);
-    }
+    let methods = cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor)?;
     let score_from = a.score_from.unwrap_or(if a.chunk_len > 0 {
         seq_len / 2
     } else {
@@ -282,6 +320,107 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
     let mut stdout = std::io::stdout().lock();
     if a.json {
         serde_json::to_writer(&mut stdout, &report).context("writing JSON")?;
+        writeln!(stdout)?;
+    } else {
+        write!(stdout, "{table}")?;
+    }
+    Ok(())
+}
+
+pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
+    use pmkvq::eval::retrieval;
+    let global = BudgetArg::parse(&a.kv_budget, "`--kv-budget`")?;
+    let method_args = parse_methods(&a.methods, Some(global))?;
+    let bad = |what: &str| fail(EX_USAGE, anyhow::anyhow!("{what}"));
+    if a.depths.iter().any(|d| !(0.0..=1.0).contains(d)) {
+        return Err(bad("`--depths` must lie in [0, 1]"));
+    }
+    if a.keys == 0 || a.answer_tokens == 0 {
+        return Err(bad("`--keys` and `--answer-tokens` must be >= 1"));
+    }
+    let filler = match &a.filler_file {
+        None => None,
+        Some(f) => {
+            Some(std::fs::read_to_string(f).map_err(|e| fail(EX_NOINPUT, anyhow::anyhow!("{}: {e}", f.display())))?)
+        }
+    };
+    let (model, tok) = load(&a.model)?;
+    let model = std::sync::Arc::new(model);
+    let ctx = model.config.context_length;
+    if let Some(l) = a.lengths.iter().find(|&&l| l < 64 || l + a.answer_tokens > ctx) {
+        return Err(bad(&format!(
+            "`--lengths`: {l} must be >= 64 and leave room for the answer in the context of {ctx} tokens"
+        )));
+    }
+    let backend = open_backend(&a.device, &model)?;
+    let cal = Calibrations::load(&a.profile, &a.alt_profile, &model, &method_args)?;
+    let src = tok
+        .chat_template
+        .as_deref()
+        .ok_or_else(|| bad("the model has no chat template"))?;
+    let template = ChatTemplate::new(src).map_err(|e| fail(EX_DATAERR, e.into()))?;
+    let geom = model.kv_geometry();
+    let mut answers = Vec::new();
+    let mut rng = a.seed;
+    for (li, &length) in a.lengths.iter().enumerate() {
+        for &depth in &a.depths {
+            for _ in 0..a.keys {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let key = 10_000 + ((rng >> 33) % 90_000) as u32;
+                let p = retrieval::probe(&tok, &template, length, depth, key, filler.as_deref())
+                    .map_err(|e| fail(EX_USAGE, e.into()))?;
+                let fp16_bytes = 2 * geom.layers * geom.kv_dim() * 2 * (p.tokens.len() + a.answer_tokens);
+                let floor = pmkvq::kvcache::PmkvqStore::floor_bytes(
+                    geom,
+                    &pmkvq::kvcache::PmkvqConfig::pmkvq(),
+                    p.tokens.len() + a.answer_tokens,
+                );
+                for spec in cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor)? {
+                    let ans = retrieval::answer(&*backend, &tok, &spec, &p, a.answer_tokens)
+                        .map_err(|e| fail(EX_SOFTWARE, e.into()))?;
+                    eprintln!(
+                        "{:>6} tokens, depth {:.2}, {:<24} {} {:?}",
+                        ans.length,
+                        depth,
+                        ans.method,
+                        if ans.correct { "ok  " } else { "MISS" },
+                        ans.answer
+                    );
+                    answers.push((li, ans));
+                }
+            }
+        }
+    }
+    let mut table = format!(
+        "### {}\n\nExact-match accuracy ({} keys per length and depth; depths {:?}; budget {} of the fp16 bytes)\n\n",
+        a.title, a.keys, a.depths, a.kv_budget
+    );
+    table.push_str("| method |");
+    for l in &a.lengths {
+        table.push_str(&format!(" ≤ {l} tokens |"));
+    }
+    table.push_str(" all |\n|---|");
+    table.push_str(&"---|".repeat(a.lengths.len() + 1));
+    table.push('\n');
+    let acc = |v: Vec<&(usize, retrieval::Answer)>| {
+        let ok = v.iter().filter(|(_, x)| x.correct).count();
+        format!("{ok}/{} ({:.0} %)", v.len(), 100.0 * ok as f64 / v.len().max(1) as f64)
+    };
+    for m in &method_args {
+        let mine = || answers.iter().filter(move |(_, x)| x.method == m.item);
+        table.push_str(&format!("| {} |", m.item));
+        for li in 0..a.lengths.len() {
+            table.push_str(&format!(" {} |", acc(mine().filter(|(l, _)| *l == li).collect())));
+        }
+        table.push_str(&format!(" {} |\n", acc(mine().collect())));
+    }
+    if let Some(p) = &a.markdown {
+        std::fs::write(p, &table).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if a.json {
+        let all: Vec<_> = answers.iter().map(|(_, x)| x).collect();
+        serde_json::to_writer(&mut stdout, &all).context("writing JSON")?;
         writeln!(stdout)?;
     } else {
         write!(stdout, "{table}")?;

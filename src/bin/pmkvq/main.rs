@@ -20,7 +20,7 @@ mod generate;
 use bench::cmd_bench;
 use calibrate::cmd_calibrate;
 use client::{cmd_budget, cmd_status};
-use eval::cmd_divergence;
+use eval::{cmd_divergence, cmd_retrieval};
 use generate::cmd_generate;
 
 /// Exit codes (sysexits.h): bad usage or input, bad model data, missing input file.
@@ -145,6 +145,53 @@ struct CalibrateArgs {
 enum EvalCmd {
     /// Divergence of each KV method from the f16 cache at equal memory: KL, top-1 agreement, perplexity, bytes.
     Divergence(Box<DivergenceArgs>),
+    /// Long-context retrieval: a pass key at several depths of long contexts, exact-match answers per method at
+    /// equal bytes.
+    Retrieval(Box<RetrievalArgs>),
+}
+
+#[derive(Args)]
+struct RetrievalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Where the model runs: cpu, auto or cuda:N.
+    #[arg(long, default_value = "cpu", env = "PMKVQ_DEVICE")]
+    device: String,
+    /// Context lengths in tokens (each prompt is filled up to at most this, chat template included).
+    #[arg(long, value_delimiter = ',', default_value = "2048,4096,8000")]
+    lengths: Vec<usize>,
+    /// Where the key sits in the filler: 0 = start, 1 = end.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.5,0.9")]
+    depths: Vec<f64>,
+    /// Keys (prompts) per length and depth.
+    #[arg(long, default_value_t = 2)]
+    keys: usize,
+    /// Budget for methods without their own: bytes, a fraction a/b of the fp16 bytes of each prompt, or min.
+    #[arg(long, default_value = "1/5")]
+    kv_budget: String,
+    /// Methods, as for `eval divergence`.
+    #[arg(long, default_value = "fp16,pmkvq,q4_0+rot,kivi:2")]
+    methods: String,
+    /// Tokens of greedy answer.
+    #[arg(long, default_value_t = 8)]
+    answer_tokens: usize,
+    /// Distractor text (sentences repeated to fill); default: the classic pass-key filler.
+    #[arg(long)]
+    filler_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Calibration profile (default: the automatic one), as for `eval divergence`.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    #[arg(long)]
+    alt_profile: Option<PathBuf>,
+    /// Print every answer as JSON instead of the Markdown table.
+    #[arg(long)]
+    json: bool,
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+    #[arg(long, default_value = "Pass-key retrieval")]
+    title: String,
 }
 
 #[derive(Args)]
@@ -368,6 +415,7 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Eval(EvalCmd::Divergence(a)) => cmd_divergence(*a),
+        Cmd::Eval(EvalCmd::Retrieval(a)) => cmd_retrieval(*a),
         Cmd::Calibrate(a) => cmd_calibrate(*a),
         Cmd::Bench(a) => cmd_bench(*a),
         Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
