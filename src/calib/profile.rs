@@ -82,7 +82,7 @@ pub fn resolve_profile(choice: &ProfileChoice, model: &Model) -> Result<(Option<
 
 /// The store configuration for `method`: PM-KVQ as shipped takes everything the profile measured — per-layer
 /// shares, key scales, and (where the backend's caches support them: `extensions`) the rotation it was
-/// calibrated with and the K/V sensitivity its widths are planned on. The baselines run as they are. The
+/// calibrated with (always, without a profile) and the K/V sensitivity its widths are planned on. The baselines run as they are. The
 /// daemon's requests and the CLI both go through here.
 pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool) -> MethodSpec {
     let label = method.to_string();
@@ -99,7 +99,9 @@ pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool
         key_scales: p
             .filter(|p| p.alpha.iter().any(|a| *a > 0.0))
             .map(|p| p.channel_scales()),
-        rotate: extensions && p.is_some_and(|p| p.rotated),
+        // rotation needs no calibration: without a profile the progressive cache rotates too; a profile
+        // calibrated unrotated (version 1, `--no-rotate`) is used as it was measured
+        rotate: extensions && matches!(method, KvMethod::Pmkvq(_)) && p.is_none_or(|p| p.rotated),
         ..MethodSpec::plain(method, None, &label)
     }
 }
