@@ -31,6 +31,8 @@ pub struct MethodResult {
     /// True bits per stored K/V element at the end of the run (all tokens stored).
     pub bits_per_element: f64,
     pub within_budget: bool,
+    /// Each layer's K and V body widths at the end of the run.
+    pub final_kv_bits: Vec<[u32; 2]>,
     /// Tokens scored before the method stopped (a budget can end a run early).
     pub scored_tokens: usize,
     /// Why the run stopped early, if it did.
@@ -181,6 +183,7 @@ pub fn run_divergence(
             payload_bytes: r.peak_payload,
             bits_per_element: r.store.true_bytes() as f64 * 8.0 / (elems_per_token * r.store.len(0).max(1) as f64),
             within_budget: r.spec.budget.is_none_or(|b| r.peak_true <= b),
+            final_kv_bits: r.store.layer_kv_bits(),
             scored_tokens: r.kls.len(),
             stopped: r.stopped,
             greedy_first_divergence: greedy,

@@ -150,6 +150,10 @@ pub trait KvStore: Send {
     fn layer_bits(&self) -> Vec<u32> {
         vec![16; self.geometry().layers]
     }
+    /// Each layer's K and V body widths (they differ where widths are planned on the K/V sensitivity).
+    fn layer_kv_bits(&self) -> Vec<[u32; 2]> {
+        self.layer_bits().into_iter().map(|b| [b, b]).collect()
+    }
     /// Set per-layer budgets in true bytes; a layer over its new budget shrinks now, before the next attention.
     /// Stores without adaptive precision only check that what they hold fits.
     fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
@@ -309,6 +313,9 @@ macro_rules! forward_kv_store {
         }
         fn layer_bits(&$s) -> Vec<u32> {
             $inner.layer_bits()
+        }
+        fn layer_kv_bits(&$s) -> Vec<[u32; 2]> {
+            $inner.layer_kv_bits()
         }
         fn set_layer_budgets(&mut $s, budgets: &[usize]) -> Result<(), $crate::kvcache::KvError> {
             $inner.set_layer_budgets(budgets)

@@ -690,6 +690,13 @@ impl KvStore for PmkvqStore {
             .collect()
     }
 
+    fn layer_kv_bits(&self) -> Vec<[u32; 2]> {
+        self.layers
+            .iter()
+            .map(|l| [l.k.body.bits.count(), l.v.body.bits.count()])
+            .collect()
+    }
+
     fn set_layer_budgets(&mut self, budgets: &[usize]) -> Result<(), KvError> {
         if budgets.len() != self.layers.len() {
             return Err(KvError::BadBudgets {

@@ -383,7 +383,11 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
                         ans.length,
                         depth,
                         ans.method,
-                        if ans.correct { "ok  " } else { "MISS" },
+                        match (ans.correct, &ans.error) {
+                            (true, _) => "ok  ",
+                            (false, Some(_)) => "ENDED",
+                            (false, None) => "MISS",
+                        },
                         ans.answer
                     );
                     answers.push((li, ans));
@@ -404,7 +408,12 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
     table.push('\n');
     let acc = |v: Vec<&(usize, retrieval::Answer)>| {
         let ok = v.iter().filter(|(_, x)| x.correct).count();
-        format!("{ok}/{} ({:.0} %)", v.len(), 100.0 * ok as f64 / v.len().max(1) as f64)
+        let ended = v.iter().filter(|(_, x)| x.error.is_some()).count();
+        let mut c = format!("{ok}/{} ({:.0} %)", v.len(), 100.0 * ok as f64 / v.len().max(1) as f64);
+        if ended > 0 {
+            c.push_str(&format!(", {ended} out of budget"));
+        }
+        c
     };
     for m in &method_args {
         let mine = || answers.iter().filter(move |(_, x)| x.method == m.item);
