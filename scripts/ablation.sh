@@ -6,11 +6,10 @@
 #   +alloc                           calibrated per-layer shares (the paper's allocation, unrotated profile)
 #   +rep                             + key reparameterization (the paper's method as published)
 #   +rot                             + rotation (randomized Walsh-Hadamard on Q/K/V, this profile's calibration)
-#   +plan                            + run-time K/V-asymmetric widths planned on the rotated K/V sensitivity
-#                                    (replacing the shares)
-#   pmkvq                            the method as shipped (profiles/default.profile.json): the row above
+#   pmkvq = +plan                    + run-time K/V-asymmetric widths planned on the rotated K/V sensitivity
+#                                    (replacing the shares): the method as shipped (profiles/default.profile.json)
 # beside KIVI-2, RTN-2, q4_0 with and without rotation and q8_0 (fixed widths, their own bytes).
-# Calibrates twice first (rotated: the shipped profile; unrotated: the paper's). ~80 min on 2 cores.
+# Calibrates twice first (rotated: the shipped profile; unrotated: the paper's). ~90 min on 2 cores.
 # Usage: scripts/ablation.sh [--skip-calibration]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +30,7 @@ fi
 steps() { # $1 = budget
   local b=$1
   echo -n "progressive@$b,progressive+alloc+alt@$b,progressive+alloc+rep+alt@$b,progressive+alloc+rep+rot@$b,"
-  echo -n "progressive+rep+rot+plan@$b,pmkvq@$b,"
+  echo -n "pmkvq@$b,"
 }
 methods="fp16,$(steps 1/5)$(steps 9/32)pmkvq@min,kivi:2,rtn:2,q4_0,q4_0+rot,q8_0"
 common=(--model "$model" --threads 2 --profile profiles/default.profile.json
