@@ -17,9 +17,11 @@ use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use rayon::prelude::*;
 
 mod config;
+mod enforce;
 mod plan;
 mod shared;
 pub use config::{PmkvqConfig, Quantizer};
+use enforce::{charged_bytes, enforce_layer, Enforced};
 pub use plan::{level, Sensitivity, LEVELS};
 pub use shared::{read_spill, split_total_budget, write_spill, SpillLayers, SpilledLayer};
 
@@ -255,102 +257,6 @@ impl PmkvqStore {
         (sink + win) * tb16 + body * tbb
     }
 
-    /// Whether widths are planned on the calibrated sensitivity (a total budget is set and the store adapts).
-    fn planned(&self) -> bool {
-        self.total.is_some() && self.cfg.sensitivity.is_some() && self.cfg.adaptive
-    }
-
-    /// The plan for layers holding `lens` tokens with bodies at `widths` (K, V) under `total` bytes, `ahead` tokens
-    /// to come: each layer's budget and (K, V) widths. Nothing is lowered that fits; otherwise the exact knapsack
-    /// on the sensitivity chooses which bodies give way.
-    fn plan_layers(
-        &self,
-        shapes: &[([usize; 3], [Bits; 2])],
-        total: usize,
-        ahead: usize,
-    ) -> Result<Vec<(usize, [Bits; 2])>, KvError> {
-        let sens = self
-            .cfg
-            .sensitivity
-            .as_deref()
-            .expect("planned stores have a sensitivity");
-        let floor = plan::level(self.cfg.floor_bits);
-        let mut cost = Vec::with_capacity(2 * shapes.len());
-        let mut current = Vec::with_capacity(2 * shapes.len());
-        for &(lens, widths) in shapes {
-            let c = LEVELS.map(|b| {
-                self.side_bytes_after(lens, 0, b)
-                    .max(self.side_bytes_after(lens, ahead, b))
-            });
-            for w in widths {
-                cost.push(c);
-                current.push(plan::level(w));
-            }
-        }
-        let capacity = total.saturating_sub(shapes.len() * LAYER_BOOKKEEPING);
-        let spent = |levels: &[usize]| (0..levels.len()).map(|u| cost[u][levels[u]]).sum::<usize>();
-        let levels = if spent(&current) <= capacity {
-            current
-        } else {
-            let units: Vec<[f64; 4]> = sens.units().copied().collect();
-            plan::choose(&units, &cost, &current, floor, capacity).ok_or_else(|| KvError::OutOfBudget {
-                layer: 0,
-                need: spent(&vec![floor; cost.len()]) + shapes.len() * LAYER_BOOKKEEPING,
-                budget: total,
-                floor_bits: self.cfg.floor_bits.count(),
-            })?
-        };
-        let slack = (capacity - spent(&levels)) / shapes.len().max(1);
-        Ok((0..shapes.len())
-            .map(|li| {
-                let (k, v) = (levels[2 * li], levels[2 * li + 1]);
-                let budget = cost[2 * li][k] + cost[2 * li + 1][v] + LAYER_BOOKKEEPING + slack;
-                (budget, [LEVELS[k], LEVELS[v]])
-            })
-            .collect())
-    }
-
-    /// Plan the whole cache for `ahead` more tokens under its total and lower the bodies the plan lowers.
-    fn replan(&mut self, ahead: usize) -> Result<(), KvError> {
-        let Some(total) = self.total else { return Ok(()) };
-        let shapes: Vec<_> = (0..self.layers.len()).map(|li| self.kv_shape(li)).collect();
-        let plan = self.plan_layers(&shapes, total, ahead)?;
-        let (cfg, geom) = (&self.cfg, self.geom);
-        let lower = |(li, (l, (budget, [kb, vb]))): (usize, (&mut Layer, (usize, [Bits; 2])))| {
-            l.budget = budget;
-            let mut n = l.k.body.shrink_to(kb, cfg.shift) as u64;
-            n += l.v.body.shrink_to(vb, cfg.shift) as u64;
-            let r = enforce_layer(cfg, geom, li, l);
-            Enforced {
-                levels: n + r.levels,
-                result: r.result,
-            }
-        };
-        let work: Vec<_> = self.layers.iter_mut().zip(plan).enumerate().collect();
-        let lowering = work
-            .iter()
-            .any(|(_, (l, (_, [kb, vb])))| l.k.body.bits != *kb || l.v.body.bits != *vb);
-        let results: Vec<Enforced> = if lowering {
-            work.into_par_iter().map(lower).collect()
-        } else {
-            work.into_iter().map(lower).collect()
-        };
-        let mut first_err = None;
-        for r in results {
-            self.requants = self.requants.saturating_add(r.levels);
-            if let Err(e) = r.result {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
-    }
-
-    /// Layer `li`'s token counts and its K and V body widths.
-    fn kv_shape(&self, li: usize) -> ([usize; 3], [Bits; 2]) {
-        let l = &self.layers[li];
-        (self.shape(li).0, [l.k.body.bits, l.v.body.bits])
-    }
-
     fn floor_bits(&self, li: usize) -> Bits {
         self.floor_for(self.layers[li].k.body.bits)
     }
@@ -369,6 +275,18 @@ impl PmkvqStore {
         let r = enforce_layer(&self.cfg, self.geom, li, &mut self.layers[li]);
         self.requants = self.requants.saturating_add(r.levels);
         r.result
+    }
+
+    /// Count the levels the layers were lowered by; the first refusal, if any, is the result.
+    fn tally(&mut self, results: Vec<Enforced>) -> Result<(), KvError> {
+        let mut first_err = None;
+        for r in results {
+            self.requants = self.requants.saturating_add(r.levels);
+            if let Err(e) = r.result {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 
     fn store_side(cfg: &PmkvqConfig, side: &mut Side, x: &[f32], kv_dim: usize) {
@@ -427,78 +345,6 @@ fn round_through_q8_0(q: &[f32]) -> Vec<f32> {
         }
     }
     out
-}
-
-/// The bytes a layer's budget is enforced on: true bytes, or code bytes only under payload accounting.
-fn charged_bytes(cfg: &PmkvqConfig, l: &Layer) -> usize {
-    if cfg.payload_accounting {
-        l.k.payload() + l.v.payload()
-    } else {
-        l.k.bytes() + l.v.bytes() + LAYER_BOOKKEEPING
-    }
-}
-
-/// What lowering one layer did: levels lowered (K and V together count one per level) and whether it fits.
-struct Enforced {
-    levels: u64,
-    result: Result<(), KvError>,
-}
-
-/// Lower layer `li`'s body until the layer fits its budget: straight to the highest width that fits (ERS
-/// composes, so one pass over the body however many levels it drops), or to the floor, where a layer that still
-/// does not fit is refused.
-fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &mut Layer) -> Enforced {
-    let mut levels = 0u64;
-    loop {
-        let bytes = charged_bytes(cfg, l);
-        if bytes <= l.budget {
-            return Enforced { levels, result: Ok(()) };
-        }
-        let floor = if cfg.adaptive { cfg.floor_bits } else { l.k.body.bits };
-        let (kb, vb) = (l.k.body.bits, l.v.body.bits);
-        if l.k.body.is_empty() || kb.max(vb) <= floor {
-            let result = Err(KvError::OutOfBudget {
-                layer: li,
-                need: bytes,
-                budget: l.budget,
-                floor_bits: floor.count(),
-            });
-            return Enforced { levels, result };
-        }
-        if kb != vb {
-            // a planned layer with K and V apart: the wider body gives way first, one level at a time
-            let side = if kb > vb { &mut l.k } else { &mut l.v };
-            if let Some(w) = side.body.bits.halved() {
-                levels += side.body.shrink_to(w, cfg.shift) as u64;
-            }
-            continue;
-        }
-        let body_now = if cfg.payload_accounting {
-            l.k.body.payload_bytes() + l.v.body.payload_bytes()
-        } else {
-            l.k.body.true_bytes() + l.v.body.true_bytes()
-        };
-        let at = |w: Bits| {
-            let per_token = if cfg.payload_accounting {
-                token_payload_bytes(w, cfg.group, geom.kv_dim())
-            } else {
-                cfg.side_token_bytes(geom, Some(w))
-            };
-            bytes - body_now + 2 * l.k.body.len() * per_token
-        };
-        let mut target = floor;
-        let mut w = l.k.body.bits.halved();
-        while let Some(b) = w.filter(|b| *b >= floor) {
-            if at(b) <= l.budget {
-                target = b;
-                break;
-            }
-            w = b.halved();
-        }
-        let n = l.k.body.shrink_to(target, cfg.shift);
-        l.v.body.shrink_to(target, cfg.shift);
-        levels += n as u64;
-    }
 }
 
 impl KvStore for PmkvqStore {
@@ -726,14 +572,7 @@ impl KvStore for PmkvqStore {
                 .map(|(li, l)| enforce_layer(cfg, geom, li, l))
                 .collect()
         };
-        let mut first_err = None;
-        for r in results {
-            self.requants = self.requants.saturating_add(r.levels);
-            if let Err(e) = r.result {
-                first_err.get_or_insert(e);
-            }
-        }
-        first_err.map_or(Ok(()), Err)
+        self.tally(results)
     }
 
     fn method(&self) -> String {

@@ -5,7 +5,11 @@
 //! and the floor. At a budget near q4_0's bytes this keeps most bodies at 4 bits and drops only the least
 //! sensitive; at a fifth of fp16 it picks which K or V bodies take 2 bits.
 
+use super::enforce::{enforce_layer, Enforced};
+use super::{Layer, LAYER_BOOKKEEPING};
 use crate::kvcache::quant::Bits;
+use crate::kvcache::KvError;
+use rayon::prelude::*;
 
 /// Widths by level: 0 = 16 bits, 1 = 8, 2 = 4, 3 = 2.
 pub const LEVELS: [Bits; 4] = [Bits::B16, Bits::B8, Bits::B4, Bits::B2];
@@ -92,6 +96,98 @@ pub fn choose(
         c -= extra(u, l).div_ceil(q);
     }
     Some(levels)
+}
+
+/// The planned store: choosing and applying the widths (see the module header).
+impl super::PmkvqStore {
+    /// Whether widths are planned on the calibrated sensitivity (a total budget is set and the store adapts).
+    pub(super) fn planned(&self) -> bool {
+        self.total.is_some() && self.cfg.sensitivity.is_some() && self.cfg.adaptive
+    }
+
+    /// The plan for layers holding `lens` tokens with bodies at `widths` (K, V) under `total` bytes, `ahead` tokens
+    /// to come: each layer's budget and (K, V) widths. Nothing is lowered that fits; otherwise the exact knapsack
+    /// on the sensitivity chooses which bodies give way.
+    pub(super) fn plan_layers(
+        &self,
+        shapes: &[([usize; 3], [Bits; 2])],
+        total: usize,
+        ahead: usize,
+    ) -> Result<Vec<(usize, [Bits; 2])>, KvError> {
+        let sens = self
+            .cfg
+            .sensitivity
+            .as_deref()
+            .expect("planned stores have a sensitivity");
+        let floor = level(self.cfg.floor_bits);
+        let mut cost = Vec::with_capacity(2 * shapes.len());
+        let mut current = Vec::with_capacity(2 * shapes.len());
+        for &(lens, widths) in shapes {
+            let c = LEVELS.map(|b| {
+                self.side_bytes_after(lens, 0, b)
+                    .max(self.side_bytes_after(lens, ahead, b))
+            });
+            for w in widths {
+                cost.push(c);
+                current.push(level(w));
+            }
+        }
+        let capacity = total.saturating_sub(shapes.len() * LAYER_BOOKKEEPING);
+        let spent = |levels: &[usize]| (0..levels.len()).map(|u| cost[u][levels[u]]).sum::<usize>();
+        let levels = if spent(&current) <= capacity {
+            current
+        } else {
+            let units: Vec<[f64; 4]> = sens.units().copied().collect();
+            choose(&units, &cost, &current, floor, capacity).ok_or_else(|| KvError::OutOfBudget {
+                layer: 0,
+                need: spent(&vec![floor; cost.len()]) + shapes.len() * LAYER_BOOKKEEPING,
+                budget: total,
+                floor_bits: self.cfg.floor_bits.count(),
+            })?
+        };
+        let slack = (capacity - spent(&levels)) / shapes.len().max(1);
+        Ok((0..shapes.len())
+            .map(|li| {
+                let (k, v) = (levels[2 * li], levels[2 * li + 1]);
+                let budget = cost[2 * li][k] + cost[2 * li + 1][v] + LAYER_BOOKKEEPING + slack;
+                (budget, [LEVELS[k], LEVELS[v]])
+            })
+            .collect())
+    }
+
+    /// Plan the whole cache for `ahead` more tokens under its total and lower the bodies the plan lowers.
+    pub(super) fn replan(&mut self, ahead: usize) -> Result<(), KvError> {
+        let Some(total) = self.total else { return Ok(()) };
+        let shapes: Vec<_> = (0..self.layers.len()).map(|li| self.kv_shape(li)).collect();
+        let plan = self.plan_layers(&shapes, total, ahead)?;
+        let (cfg, geom) = (&self.cfg, self.geom);
+        let lower = |(li, (l, (budget, [kb, vb]))): (usize, (&mut Layer, (usize, [Bits; 2])))| {
+            l.budget = budget;
+            let mut n = l.k.body.shrink_to(kb, cfg.shift) as u64;
+            n += l.v.body.shrink_to(vb, cfg.shift) as u64;
+            let r = enforce_layer(cfg, geom, li, l);
+            Enforced {
+                levels: n + r.levels,
+                result: r.result,
+            }
+        };
+        let work: Vec<_> = self.layers.iter_mut().zip(plan).enumerate().collect();
+        let lowering = work
+            .iter()
+            .any(|(_, (l, (_, [kb, vb])))| l.k.body.bits != *kb || l.v.body.bits != *vb);
+        let results: Vec<Enforced> = if lowering {
+            work.into_par_iter().map(lower).collect()
+        } else {
+            work.into_iter().map(lower).collect()
+        };
+        self.tally(results)
+    }
+
+    /// Layer `li`'s token counts and its K and V body widths.
+    pub(super) fn kv_shape(&self, li: usize) -> ([usize; 3], [Bits; 2]) {
+        let l = &self.layers[li];
+        (self.shape(li).0, [l.k.body.bits, l.v.body.bits])
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,78 @@
+//! Lowering one layer until it fits its budget (ERS, whole bodies, the wider of K and V first).
+
+use super::{Layer, PmkvqConfig, LAYER_BOOKKEEPING};
+use crate::kvcache::quant::rows::token_payload_bytes;
+use crate::kvcache::quant::Bits;
+use crate::kvcache::{KvError, KvGeometry};
+
+/// The bytes a layer's budget is enforced on: true bytes, or code bytes only under payload accounting.
+pub(super) fn charged_bytes(cfg: &PmkvqConfig, l: &Layer) -> usize {
+    if cfg.payload_accounting {
+        l.k.payload() + l.v.payload()
+    } else {
+        l.k.bytes() + l.v.bytes() + LAYER_BOOKKEEPING
+    }
+}
+
+/// What lowering one layer did: levels lowered (K and V together count one per level) and whether it fits.
+pub(super) struct Enforced {
+    pub levels: u64,
+    pub result: Result<(), KvError>,
+}
+
+/// Lower layer `li`'s body until the layer fits its budget: straight to the highest width that fits (ERS
+/// composes, so one pass over the body however many levels it drops), or to the floor, where a layer that still
+/// does not fit is refused.
+pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &mut Layer) -> Enforced {
+    let mut levels = 0u64;
+    loop {
+        let bytes = charged_bytes(cfg, l);
+        if bytes <= l.budget {
+            return Enforced { levels, result: Ok(()) };
+        }
+        let floor = if cfg.adaptive { cfg.floor_bits } else { l.k.body.bits };
+        let (kb, vb) = (l.k.body.bits, l.v.body.bits);
+        if l.k.body.is_empty() || kb.max(vb) <= floor {
+            let result = Err(KvError::OutOfBudget {
+                layer: li,
+                need: bytes,
+                budget: l.budget,
+                floor_bits: floor.count(),
+            });
+            return Enforced { levels, result };
+        }
+        if kb != vb {
+            // a planned layer with K and V apart: the wider body gives way first, one level at a time
+            let side = if kb > vb { &mut l.k } else { &mut l.v };
+            if let Some(w) = side.body.bits.halved() {
+                levels += side.body.shrink_to(w, cfg.shift) as u64;
+            }
+            continue;
+        }
+        let body_now = if cfg.payload_accounting {
+            l.k.body.payload_bytes() + l.v.body.payload_bytes()
+        } else {
+            l.k.body.true_bytes() + l.v.body.true_bytes()
+        };
+        let at = |w: Bits| {
+            let per_token = if cfg.payload_accounting {
+                token_payload_bytes(w, cfg.group, geom.kv_dim())
+            } else {
+                cfg.side_token_bytes(geom, Some(w))
+            };
+            bytes - body_now + 2 * l.k.body.len() * per_token
+        };
+        let mut target = floor;
+        let mut w = l.k.body.bits.halved();
+        while let Some(b) = w.filter(|b| *b >= floor) {
+            if at(b) <= l.budget {
+                target = b;
+                break;
+            }
+            w = b.halved();
+        }
+        let n = l.k.body.shrink_to(target, cfg.shift);
+        l.v.body.shrink_to(target, cfg.shift);
+        levels += n as u64;
+    }
+}
