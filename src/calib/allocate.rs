@@ -2,6 +2,8 @@
 //! a total memory budget, solved exactly by dynamic programming over bit totals (the memory of a choice is
 //! proportional to its width and the same for every layer, so "bits" is the only resource).
 
+use crate::kvcache::pmkvq_plan::knapsack;
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum AllocError {
     #[error("the budget allows {budget_bits} layer-bits but even the lowest choice needs {need_bits} ({layers} layers at {min_bits} bits)")]
@@ -36,48 +38,12 @@ pub fn allocate(sens: &[Vec<f64>], choices: &[u32], budget_bits: u64) -> Result<
         });
     }
     let max_total = (n as u64 * *distinct.last().unwrap_or(&0) as u64).min(budget_bits) as usize;
-    // best[t] = least sensitivity of the layers so far using exactly t bits; choice[i][t] = pick of layer i
-    let mut best = vec![f64::INFINITY; max_total + 1];
-    best[0] = 0.0;
-    let mut pick = vec![vec![u8::MAX; max_total + 1]; n];
-    for (i, s) in sens.iter().enumerate() {
-        let mut next = vec![f64::INFINITY; max_total + 1];
-        for (t, &b) in best.iter().enumerate() {
-            if !b.is_finite() {
-                continue;
-            }
-            for (k, &w) in choices.iter().enumerate() {
-                let t2 = t + w as usize;
-                if t2 > max_total {
-                    continue;
-                }
-                let v = b + s[k];
-                let better =
-                    v < next[t2] || (v == next[t2] && pick[i][t2] != u8::MAX && w > choices[pick[i][t2] as usize]);
-                if better {
-                    next[t2] = v;
-                    pick[i][t2] = k as u8;
-                }
-            }
-        }
-        best = next;
-    }
-    // the best total over all feasible bit counts (prefer more bits on ties)
-    let (mut t, _) =
-        best.iter()
-            .enumerate()
-            .filter(|(_, v)| v.is_finite())
-            .fold(
-                (0usize, f64::INFINITY),
-                |acc, (t, &v)| if v <= acc.1 { (t, v) } else { acc },
-            );
-    let mut out = vec![0u32; n];
-    for i in (0..n).rev() {
-        let k = pick[i][t] as usize;
-        out[i] = choices[k];
-        t -= choices[k] as usize;
-    }
-    Ok(out)
+    let options: Vec<Vec<(usize, f64)>> = sens
+        .iter()
+        .map(|s| choices.iter().zip(s).map(|(&w, &v)| (w as usize, v)).collect())
+        .collect();
+    let picks = knapsack(&options, max_total).ok_or(AllocError::BadInput)?;
+    Ok(picks.into_iter().map(|k| choices[k]).collect())
 }
 
 /// Each layer's share of a total budget, proportional to its width (spec §11: budgets as per-layer shares).

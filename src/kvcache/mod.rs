@@ -25,7 +25,7 @@ pub mod tap;
 pub use method::{KvMethod, MethodSpec};
 /// The run-time width plan's sensitivity table and levels (for profiles and tools).
 pub mod pmkvq_plan {
-    pub use super::pmkvq::{level, Sensitivity, LEVELS};
+    pub use super::pmkvq::{knapsack, level, Sensitivity, LEVELS};
 }
 pub use pmkvq::{
     read_spill, split_total_budget, write_spill, PmkvqConfig, PmkvqStore, Quantizer, SpillLayers, SpilledLayer,

@@ -22,7 +22,7 @@ mod plan;
 mod shared;
 pub use config::{PmkvqConfig, Quantizer};
 use enforce::{charged_bytes, enforce_layer, Enforced};
-pub use plan::{level, Sensitivity, LEVELS};
+pub use plan::{knapsack, level, Sensitivity, LEVELS};
 pub use shared::{read_spill, split_total_budget, write_spill, SpillLayers, SpilledLayer};
 
 struct Side {

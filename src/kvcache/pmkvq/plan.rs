@@ -41,6 +41,53 @@ impl Sensitivity {
 /// step per body unused, under 1 % of the spare bytes for 60 bodies).
 const STEPS: usize = 8192;
 
+/// Exact multiple-choice knapsack: one option `(cost, value)` per unit minimizing the total value with the total
+/// cost at most `cap`, by dynamic programming over cost totals. Ties go to the costlier option (more bits), then to
+/// the larger total. Returns each unit's option index; `None` when nothing fits. The offline allocation
+/// (`calib::allocate`, cost = width) and the run-time plan below both solve this.
+pub fn knapsack(options: &[Vec<(usize, f64)>], cap: usize) -> Option<Vec<usize>> {
+    let n = options.len();
+    // best[t] = least value of the units so far at total cost exactly t; pick[u·(cap+1) + t] = unit u's option
+    let mut best = vec![f64::INFINITY; cap + 1];
+    best[0] = 0.0;
+    let mut pick = vec![u8::MAX; n * (cap + 1)];
+    for (u, opts) in options.iter().enumerate() {
+        let row = &mut pick[u * (cap + 1)..(u + 1) * (cap + 1)];
+        let mut next = vec![f64::INFINITY; cap + 1];
+        for (t, &b) in best.iter().enumerate() {
+            if !b.is_finite() {
+                continue;
+            }
+            for (k, &(c, v)) in opts.iter().enumerate() {
+                let t2 = t + c;
+                if t2 > cap {
+                    continue;
+                }
+                let s = b + v;
+                if s < next[t2] || (s == next[t2] && row[t2] != u8::MAX && c > opts[row[t2] as usize].0) {
+                    next[t2] = s;
+                    row[t2] = k as u8;
+                }
+            }
+        }
+        best = next;
+    }
+    let (mut t, least) = best
+        .iter()
+        .enumerate()
+        .fold((0, f64::INFINITY), |acc, (t, &v)| if v <= acc.1 { (t, v) } else { acc });
+    if !least.is_finite() {
+        return None;
+    }
+    let mut out = vec![0; n];
+    for u in (0..n).rev() {
+        let k = pick[u * (cap + 1) + t] as usize;
+        out[u] = k;
+        t -= options[u][k].0;
+    }
+    Some(out)
+}
+
 /// The levels minimizing total sensitivity such that the bodies' bytes fit `capacity`: `cost[u][lvl]` is body
 /// `u`'s bytes at level `lvl`, `current[u]` its level now (it may only rise, toward fewer bits, up to `floor`).
 /// `None` when even every body at the floor does not fit.
@@ -56,46 +103,17 @@ pub fn choose(
     let lowest = |u: usize| floor.max(current[u]);
     let base: usize = (0..n).map(|u| cost[u][lowest(u)]).sum();
     let spare = capacity.checked_sub(base)?;
-    let allowed = |u: usize| current[u]..=lowest(u);
-    let extra = |u: usize, l: usize| cost[u][l].saturating_sub(cost[u][lowest(u)]);
     let q = spare.div_ceil(STEPS).max(1);
-    let cap = spare / q;
-    const INF: f64 = f64::INFINITY;
-    let mut dp = vec![INF; cap + 1];
-    dp[0] = 0.0;
-    let mut pick = vec![0u8; n * (cap + 1)];
-    for u in 0..n {
-        let mut next = vec![INF; cap + 1];
-        for (c, &d) in dp.iter().enumerate() {
-            if d == INF {
-                continue;
-            }
-            for l in allowed(u) {
-                let w = c + extra(u, l).div_ceil(q);
-                if w > cap {
-                    continue;
-                }
-                let s = d + sens[u][l];
-                if s < next[w] {
-                    next[w] = s;
-                    pick[u * (cap + 1) + w] = l as u8;
-                }
-            }
-        }
-        dp = next;
-    }
-    let (mut c, _) = dp
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| d.is_finite())
-        .min_by(|a, b| a.1.total_cmp(b.1))?;
-    let mut levels = vec![0; n];
-    for u in (0..n).rev() {
-        let l = pick[u * (cap + 1) + c] as usize;
-        levels[u] = l;
-        c -= extra(u, l).div_ceil(q);
-    }
-    Some(levels)
+    // each body's bytes over its floor, in steps of q rounded up
+    let options: Vec<Vec<(usize, f64)>> = (0..n)
+        .map(|u| {
+            (current[u]..=lowest(u))
+                .map(|l| (cost[u][l].saturating_sub(cost[u][lowest(u)]).div_ceil(q), sens[u][l]))
+                .collect()
+        })
+        .collect();
+    let picks = knapsack(&options, spare / q)?;
+    Some((0..n).map(|u| current[u] + picks[u]).collect())
 }
 
 /// The planned store: choosing and applying the widths (see the module header).
