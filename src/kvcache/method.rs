@@ -149,7 +149,7 @@ impl MethodSpec {
     /// scaling if any (keys are scaled first, then rotated: [`super::rotate`]).
     pub fn new_store(&self, geom: KvGeometry, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
         // a store that plans its widths on the calibrated sensitivity takes the total itself
-        let planned = matches!(&self.method, KvMethod::Pmkvq(c) if c.sensitivity.is_some() && c.adaptive);
+        let planned = matches!(&self.method, KvMethod::Pmkvq(c) if c.plans_widths());
         let budgets = match self.budget {
             Some(b) if !planned => Some(self.method.layer_budgets(geom, b, self.shares.as_deref())),
             _ => None,

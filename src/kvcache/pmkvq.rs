@@ -586,7 +586,7 @@ impl KvStore for PmkvqStore {
     }
 
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
-        if self.cfg.sensitivity.is_some() && self.cfg.adaptive {
+        if self.cfg.plans_widths() {
             self.total = Some(total);
             return self.replan(ahead);
         }
@@ -623,7 +623,7 @@ impl KvStore for PmkvqStore {
         }
         r.finish()?;
         // per layer: budget and, when planned, the widths its bodies go down to as it is read
-        let plan: Vec<(usize, Option<[Bits; 2]>)> = if cfg.sensitivity.is_some() && cfg.adaptive {
+        let plan: Vec<(usize, Option<[Bits; 2]>)> = if cfg.plans_widths() {
             self.total = Some(total);
             let p = self.plan_layers(&shapes, total, ahead)?;
             p.into_iter().map(|(b, w)| (b, Some(w))).collect()

@@ -124,21 +124,24 @@ impl SplitMix {
     }
 }
 
+impl Rotation {
+    /// `R·x` as a new buffer (what a tap hands on).
+    fn rotated(&self, layer: usize, x: &[f32]) -> Option<Vec<f32>> {
+        let mut out = x.to_vec();
+        self.forward(layer, &mut out);
+        Some(out)
+    }
+}
+
 impl KvTap for Rotation {
     fn query(&self, layer: usize, _g: &KvGeometry, q: &[f32]) -> Option<Vec<f32>> {
-        let mut out = q.to_vec();
-        self.forward(layer, &mut out);
-        Some(out)
+        self.rotated(layer, q)
     }
     fn key(&mut self, layer: usize, _g: &KvGeometry, k: &[f32]) -> Option<Vec<f32>> {
-        let mut out = k.to_vec();
-        self.forward(layer, &mut out);
-        Some(out)
+        self.rotated(layer, k)
     }
     fn value(&mut self, layer: usize, _g: &KvGeometry, v: &[f32]) -> Option<Vec<f32>> {
-        let mut out = v.to_vec();
-        self.forward(layer, &mut out);
-        Some(out)
+        self.rotated(layer, v)
     }
     fn output(&self, layer: usize, _g: &KvGeometry, out: &mut [f32]) {
         self.inverse(layer, out);

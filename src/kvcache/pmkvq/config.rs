@@ -99,6 +99,10 @@ impl PmkvqConfig {
             Some(bits) => token_bytes(bits, g, values, self.body_offsets()),
         }
     }
+    /// Whether a store of this configuration plans its widths on the sensitivity under a total budget.
+    pub fn plans_widths(&self) -> bool {
+        self.sensitivity.is_some() && self.adaptive
+    }
     /// llama.cpp's `q8_0` / `q4_0` cache types: symmetric 32-element blocks.
     pub fn llama(bits: Bits) -> Self {
         PmkvqConfig {

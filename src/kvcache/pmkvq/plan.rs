@@ -6,7 +6,7 @@
 //! sensitive; at a fifth of fp16 it picks which K or V bodies take 2 bits.
 
 use super::enforce::{enforce_layer, Enforced};
-use super::{Layer, LAYER_BOOKKEEPING};
+use super::LAYER_BOOKKEEPING;
 use crate::kvcache::quant::Bits;
 use crate::kvcache::KvError;
 use rayon::prelude::*;
@@ -120,7 +120,7 @@ pub fn choose(
 impl super::PmkvqStore {
     /// Whether widths are planned on the calibrated sensitivity (a total budget is set and the store adapts).
     pub(super) fn planned(&self) -> bool {
-        self.total.is_some() && self.cfg.sensitivity.is_some() && self.cfg.adaptive
+        self.total.is_some() && self.cfg.plans_widths()
     }
 
     /// The plan for layers holding `lens` tokens with bodies at `widths` (K, V) under `total` bytes, `ahead` tokens
@@ -178,26 +178,35 @@ impl super::PmkvqStore {
         let Some(total) = self.total else { return Ok(()) };
         let shapes: Vec<_> = (0..self.layers.len()).map(|li| self.kv_shape(li)).collect();
         let plan = self.plan_layers(&shapes, total, ahead)?;
-        let (cfg, geom) = (&self.cfg, self.geom);
-        let lower = |(li, (l, (budget, [kb, vb]))): (usize, (&mut Layer, (usize, [Bits; 2])))| {
-            l.budget = budget;
-            let mut n = l.k.body.shrink_to(kb, cfg.shift) as u64;
-            n += l.v.body.shrink_to(vb, cfg.shift) as u64;
-            let r = enforce_layer(cfg, geom, li, l);
-            Enforced {
-                levels: n + r.levels,
-                result: r.result,
-            }
-        };
-        let work: Vec<_> = self.layers.iter_mut().zip(plan).enumerate().collect();
-        let lowering = work
+        let lowering = self
+            .layers
             .iter()
-            .any(|(_, (l, (_, [kb, vb])))| l.k.body.bits != *kb || l.v.body.bits != *vb);
-        let results: Vec<Enforced> = if lowering {
-            work.into_par_iter().map(lower).collect()
-        } else {
-            work.into_iter().map(lower).collect()
-        };
+            .zip(&plan)
+            .any(|(l, (_, [kb, vb]))| l.k.body.bits != *kb || l.v.body.bits != *vb);
+        if !lowering {
+            // the widths held fit: the plan's budgets (what each layer holds now and after the step, plus its
+            // share of the slack) are all that changes — the per-step case
+            for (l, (budget, _)) in self.layers.iter_mut().zip(plan) {
+                l.budget = budget;
+            }
+            return Ok(());
+        }
+        let (cfg, geom) = (&self.cfg, self.geom);
+        let results: Vec<Enforced> = self
+            .layers
+            .par_iter_mut()
+            .zip(plan)
+            .enumerate()
+            .map(|(li, (l, (budget, [kb, vb])))| {
+                l.budget = budget;
+                let n = l.k.body.shrink_to(kb, cfg.shift) as u64 + l.v.body.shrink_to(vb, cfg.shift) as u64;
+                let r = enforce_layer(cfg, geom, li, l);
+                Enforced {
+                    levels: n + r.levels,
+                    result: r.result,
+                }
+            })
+            .collect();
         self.tally(results)
     }
 
