@@ -39,6 +39,8 @@ pub enum AppError {
     Gpu(#[from] crate::gpu::GpuError),
     #[error("{0}")]
     Engine(String),
+    #[error("HTTP listener: {0}")]
+    Tls(String),
 }
 
 impl AppError {
@@ -51,6 +53,7 @@ impl AppError {
             AppError::Memory(_) | AppError::Bind(..) => 71,
             AppError::Gpu(_) => 69,
             AppError::Spill(_) => 73,
+            AppError::Tls(_) => 78,
         }
     }
 }
@@ -177,6 +180,14 @@ struct Front {
     stop_tx: tokio::sync::oneshot::Sender<()>,
     transport: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+    /// The OpenAI-compatible listener (`http.listen`): its state (health follows SERVING), stop signal and task.
+    http: Option<HttpFront>,
+}
+
+struct HttpFront {
+    state: server::http::HttpState,
+    stop_tx: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 async fn front_start(
@@ -212,6 +223,10 @@ async fn front_start(
         keepalive_interval: cfg.edge.keepalive_interval,
         keepalive_timeout: cfg.edge.keepalive_timeout,
     };
+    let http = match cfg.http.listen {
+        None => None,
+        Some(a) => Some(http_start(cfg, a, &service, admin.clone()).await?),
+    };
     let transport = tokio::spawn(server::serve(
         listener,
         service.clone(),
@@ -245,7 +260,46 @@ async fn front_start(
         stop_tx,
         transport,
         metrics_task,
+        http,
     })
+}
+
+/// Bind `http.listen` and serve the OpenAI-compatible API from the same engine, with gRPC's TLS identity, admin
+/// token and connection limits.
+async fn http_start(
+    cfg: &Config,
+    addr: std::net::SocketAddr,
+    service: &GrpcService,
+    admin: AdminService,
+) -> Result<HttpFront, AppError> {
+    let tls = match &cfg.tls {
+        None => None,
+        Some((cert, key)) => Some(server::http::tls_acceptor(cert, key).map_err(AppError::Tls)?),
+    };
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| AppError::Bind(addr.to_string(), e))?;
+    let state = server::http::HttpState::new(
+        service.engine_cell(),
+        admin,
+        cfg.admin_token.as_deref().map(Arc::from),
+        &cfg.http.model_name,
+        cfg.http.metrics,
+    );
+    let opts = server::http::HttpServeOptions {
+        tls,
+        max_connections: cfg.edge.max_connections,
+        max_streams_per_connection: cfg.edge.max_streams_per_connection,
+        handshake_timeout: cfg.edge.handshake_timeout,
+        keepalive_interval: cfg.edge.keepalive_interval,
+        keepalive_timeout: cfg.edge.keepalive_timeout,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server::http::serve(l, state.clone(), opts, async {
+        let _ = stop_rx.await;
+    }));
+    tracing::info!(listen = %addr, tls = cfg.tls.is_some(), "OpenAI-compatible HTTP API on /v1");
+    Ok(HttpFront { state, stop_tx, task })
 }
 
 /// Load the model and start the engine off the runtime. `None` when shutdown came first (the transport is
@@ -291,6 +345,9 @@ async fn supervise(
     reloads: &mut tokio::sync::mpsc::Receiver<Reload>,
 ) -> Result<(), AppError> {
     server::set_health(&front.health, ServingStatus::Serving).await;
+    if let Some(h) = &front.http {
+        h.state.set_serving(true);
+    }
     let info = engine.model_info();
     tracing::info!(
         model = %info.name,
@@ -317,6 +374,9 @@ async fn supervise(
                 // The engine gave up (or its thread died): nothing can serve; say so, and exit non-zero so the
                 // supervisor (systemd, Kubernetes) restarts the daemon.
                 server::set_health(&front.health, ServingStatus::NotServing).await;
+                if let Some(h) = &front.http {
+                    h.state.set_serving(false);
+                }
                 let why = engine.status().failure.clone().unwrap_or_else(|| "its thread exited".into());
                 return Err(AppError::Engine(format!("the engine stopped: {why}")));
             }
@@ -357,6 +417,9 @@ async fn supervise(
 async fn drain(grace: Duration, engine: &EngineHandle, mut front: Front, monitor_task: tokio::task::JoinHandle<()>) {
     tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: draining");
     server::set_health(&front.health, ServingStatus::NotServing).await;
+    if let Some(h) = &front.http {
+        h.state.set_serving(false);
+    }
     notify(&[
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("draining"),
@@ -369,8 +432,19 @@ async fn drain(grace: Duration, engine: &EngineHandle, mut front: Front, monitor
     {
         tracing::warn!("the engine did not stop within the grace period");
     }
+    // The HTTP listener accepts until here, answering /health and new requests with 503 (a load balancer's probe
+    // sees "draining", not a refused connection); then it closes idle connections and lets the last bytes out.
+    let mut http_task = front.http.map(|h| {
+        let _ = h.stop_tx.send(());
+        h.task
+    });
     // Streams that ended are flushed; long-lived ones (health watches) are cut here.
     let _ = tokio::time::timeout(TRANSPORT_CLOSE, &mut front.transport).await;
+    if let Some(t) = http_task.as_mut() {
+        if tokio::time::timeout(TRANSPORT_CLOSE, &mut *t).await.is_err() {
+            t.abort();
+        }
+    }
     monitor_task.abort();
     if let Some(t) = front.metrics_task {
         t.abort();

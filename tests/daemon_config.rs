@@ -22,9 +22,17 @@ fn example_config_lists_every_key_with_its_default() {
         .into_iter()
         .map(|(k, v)| (k, v.unwrap()))
         .collect();
+    // The installed config turns the HTTP API on at loopback; the built-in default is off.
+    let example_differs = [("http.listen", "127.0.0.1:8080")];
     let keys: std::collections::BTreeMap<String, String> = pmkvq::config::KEYS
         .iter()
-        .map(|k| (k.key.to_string(), k.default.to_string()))
+        .map(|k| {
+            let v = example_differs
+                .iter()
+                .find(|(key, _)| *key == k.key)
+                .map_or(k.default, |(_, v)| *v);
+            (k.key.to_string(), v.to_string())
+        })
         .collect();
     assert_eq!(
         in_file, keys,

@@ -226,6 +226,22 @@ pub const KEYS: &[KeyDef] = &[
         doc: "PEM private key for tls.cert",
     },
     KeyDef {
+        key: "http.listen",
+        default: "",
+        doc: "OpenAI-compatible HTTP API address (HOST:PORT): /v1/chat/completions, /v1/completions, /v1/models, \
+              /health; empty = off. Same TLS, admin token and connection limits as gRPC",
+    },
+    KeyDef {
+        key: "http.model_name",
+        default: "",
+        doc: "the model id /v1/models lists and requests name (empty = the model's file name)",
+    },
+    KeyDef {
+        key: "http.metrics",
+        default: "false",
+        doc: "also serve the Prometheus text on the HTTP listener's /metrics",
+    },
+    KeyDef {
         key: "metrics.listen",
         default: "",
         doc: "Prometheus text endpoint address (HOST:PORT, path /metrics); empty = off",
@@ -296,6 +312,17 @@ pub struct EdgeLimits {
     pub keepalive_timeout: Duration,
 }
 
+/// The OpenAI-compatible HTTP listener (`http.*`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// `None`: off.
+    pub listen: Option<SocketAddr>,
+    /// Empty: the model's file name.
+    pub model_name: String,
+    /// Serve `/metrics` there too.
+    pub metrics: bool,
+}
+
 /// Validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -325,6 +352,7 @@ pub struct Config {
     /// PEM certificate chain and key.
     pub tls: Option<(Vec<u8>, Vec<u8>)>,
     pub metrics_listen: Option<SocketAddr>,
+    pub http: HttpConfig,
     pub edge: EdgeLimits,
     /// Test-only fault injection in the engine; no file, variable or flag sets it.
     #[doc(hidden)]

@@ -2,7 +2,7 @@
 //! parsing exactly its keys. Every problem is collected (never only the first), each naming the key, where its
 //! value came from and the bound it broke.
 
-use super::{Config, EdgeLimits, ListenAddr, LogFormat, ProfileChoice, RawConfig};
+use super::{Config, EdgeLimits, HttpConfig, ListenAddr, LogFormat, ProfileChoice, RawConfig};
 use crate::engine::RequestLimits;
 use crate::gpu::DeviceChoice;
 use crate::kvcache::KvMethod;
@@ -95,6 +95,7 @@ pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Conf
     let edge = server(&mut f);
     let admin_token = auth(&mut f, &top.listen);
     let tls = tls(&mut f);
+    let http = http(&mut f, admin_token.is_some());
     let metrics_listen = metrics(&mut f);
     if f.errors.len() > before {
         return None;
@@ -124,6 +125,7 @@ pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Conf
         admin_token,
         tls,
         metrics_listen,
+        http,
         edge,
         fault: None,
     })
@@ -415,5 +417,46 @@ fn metrics(f: &mut Fields<'_>) -> Option<SocketAddr> {
             );
             None
         }),
+    }
+}
+
+/// `http.*`: the OpenAI-compatible listener, off when `http.listen` is empty. A non-loopback address needs the
+/// admin token, as `listen` does (the admin routes are served there too; a malformed `auth.allow_insecure_remote` is reported by `auth`).
+fn http(f: &mut Fields<'_>, has_token: bool) -> HttpConfig {
+    let listen = match f.val("http.listen") {
+        "" => None,
+        v => match v.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                f.bad(
+                    "http.listen",
+                    format!("must be HOST:PORT with an IP address (e.g. 127.0.0.1:8080), got `{v}`"),
+                );
+                None
+            }
+        },
+    };
+    if let Some(a) = listen {
+        if !a.ip().is_loopback() && !has_token && f.val("auth.allow_insecure_remote") != "true" {
+            f.bad(
+                "http.listen",
+                format!(
+                    "is {a}, reachable from other machines, but no `auth.token` protects the admin routes; set one, \
+                     or set `auth.allow_insecure_remote = true`"
+                ),
+            );
+        }
+    }
+    let model_name = f.val("http.model_name").to_string();
+    if model_name.len() > 256 || model_name.chars().any(|c| c.is_control()) {
+        f.bad(
+            "http.model_name",
+            "must be at most 256 bytes without control characters".into(),
+        );
+    }
+    HttpConfig {
+        listen,
+        model_name,
+        metrics: f.flag("http.metrics"),
     }
 }

@@ -53,14 +53,16 @@ pub fn bearer_check(token: Option<Arc<str>>) -> impl Fn(Request<()>) -> Result<R
 
 /// Whether `md` carries the bearer token `want` (always, when no token is configured).
 pub fn bearer_ok(want: Option<&str>, md: &tonic::metadata::MetadataMap) -> bool {
+    bearer_matches(want, md.get("authorization").and_then(|v| v.to_str().ok()))
+}
+
+/// Whether an `authorization` header value is `Bearer <want>` (always, when no token is configured); gRPC
+/// metadata and HTTP headers both come here.
+pub fn bearer_matches(want: Option<&str>, authorization: Option<&str>) -> bool {
     let Some(want) = want else {
         return true;
     };
-    let got = md
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let got = authorization.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
     constant_time_eq(got.as_bytes(), want.as_bytes())
 }
 
@@ -70,6 +72,66 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         return false;
     }
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What an operator's cap did (SetMemoryBudget, and `POST /v1/admin/memory_budget` on HTTP).
+pub struct CapOutcome {
+    pub budget: Budget,
+    /// KV bytes in use when the cap was applied.
+    pub kv_bytes: u64,
+    /// In words: whether sequences shrink.
+    pub effect: String,
+}
+
+/// Why a cap could not be applied.
+pub enum CapFailure {
+    Unavailable(&'static str),
+    Timeout(&'static str),
+}
+
+impl AdminService {
+    /// Hand `cap` to the memory monitor and wait (bounded) for the budget it yields: the one path both
+    /// transports take.
+    pub async fn apply_cap(&self, cap: OperatorCap) -> Result<CapOutcome, CapFailure> {
+        let (tx, rx) = oneshot::channel();
+        self.caps
+            .send(CapRequest {
+                cap,
+                policy: None,
+                reply: tx,
+            })
+            .await
+            .map_err(|_| CapFailure::Unavailable("the memory monitor is not running"))?;
+        let b = tokio::time::timeout(CAP_REPLY_TIMEOUT, rx)
+            .await
+            .map_err(|_| CapFailure::Timeout("the memory monitor did not answer"))?
+            .map_err(|_| CapFailure::Unavailable("the memory monitor stopped"))?;
+        let used = self.engine().map(|e| e.status().kv_true_bytes as u64).unwrap_or(0);
+        let effect = if (b.bytes) < used {
+            format!(
+                "{used} bytes in use exceed the budget: sequences shrink (preempting the lowest priority if needed) \
+                 before their next step"
+            )
+        } else {
+            "within budget: sequences keep their precision; new tokens enter at 16 bits".to_string()
+        };
+        tracing::info!(
+            ?cap,
+            budget_bytes = b.bytes,
+            source = b.source.as_str(),
+            "operator set the kv budget"
+        );
+        Ok(CapOutcome {
+            budget: b,
+            kv_bytes: used,
+            effect,
+        })
+    }
+
+    /// The budget the monitor last published.
+    pub fn budget(&self) -> Budget {
+        self.budget.borrow().clone()
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::StatusUpdate, Status>> + Send>>;
@@ -97,39 +159,15 @@ impl PmkvqAdmin for AdminService {
                 ))
             }
         };
-        let (tx, rx) = oneshot::channel();
-        self.caps
-            .send(CapRequest {
-                cap,
-                policy: None,
-                reply: tx,
-            })
-            .await
-            .map_err(|_| Status::unavailable("the memory monitor is not running"))?;
-        let b = tokio::time::timeout(CAP_REPLY_TIMEOUT, rx)
-            .await
-            .map_err(|_| Status::deadline_exceeded("the memory monitor did not answer"))?
-            .map_err(|_| Status::unavailable("the memory monitor stopped"))?;
-        let used = self.engine().map(|e| e.status().kv_true_bytes as u64).unwrap_or(0);
-        let effect = if (b.bytes) < used {
-            format!(
-                "{used} bytes in use exceed the budget: sequences shrink (preempting the lowest priority if needed) \
-                 before their next step"
-            )
-        } else {
-            "within budget: sequences keep their precision; new tokens enter at 16 bits".to_string()
-        };
-        tracing::info!(
-            ?cap,
-            budget_bytes = b.bytes,
-            source = b.source.as_str(),
-            "operator set the kv budget"
-        );
+        let o = self.apply_cap(cap).await.map_err(|e| match e {
+            CapFailure::Unavailable(m) => Status::unavailable(m),
+            CapFailure::Timeout(m) => Status::deadline_exceeded(m),
+        })?;
         Ok(Response::new(pb::SetMemoryBudgetResponse {
-            budget_bytes: b.bytes,
-            source: convert::budget_source(b.source) as i32,
-            kv_bytes: used,
-            effect,
+            budget_bytes: o.budget.bytes,
+            source: convert::budget_source(o.budget.source) as i32,
+            kv_bytes: o.kv_bytes,
+            effect: o.effect,
         }))
     }
 

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod convert;
 pub mod edge;
+pub mod http;
 pub mod metrics;
 pub mod proto;
 

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod fake_tree;
+pub mod http;
 pub mod tiny;
 
 use pmkvq::model::{LoadOptions, Model, Tokenizer};
