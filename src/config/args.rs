@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[command(
     name = "pmkvqd",
     version,
-    about = "pmkvq daemon: streams LLM tokens over gRPC with a PM-KVQ KV cache",
+    about = "pmkvq daemon: streams LLM tokens over gRPC (and OpenAI-compatible HTTP) with a PM-KVQ KV cache",
     after_help = "Every key can also be set in the config file (--config) or as PMKVQ_<SECTION>_<KEY> in the \
                   environment; flags win over the environment, which wins over the file. \
                   `--print-config` shows each effective value and where it came from."
@@ -23,6 +23,9 @@ pub struct DaemonArgs {
     /// gRPC listen address. Key `listen`.
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
+    /// OpenAI-compatible HTTP API address ("" = off). Key `http.listen`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http_listen: Option<String>,
     /// Calibration profile: a path, `none` or `auto`. Key `profile`.
     #[arg(long, value_name = "FILE")]
     pub profile: Option<String>,
@@ -53,6 +56,7 @@ impl DaemonArgs {
         let named = [
             ("model", &self.model, "--model"),
             ("listen", &self.listen, "--listen"),
+            ("http.listen", &self.http_listen, "--http-listen"),
             ("profile", &self.profile, "--profile"),
             ("threads", &self.threads, "--threads"),
             ("device", &self.device, "--device"),

@@ -584,6 +584,22 @@ mod tests {
     }
 
     #[test]
+    fn the_http_listener_is_checked_like_the_grpc_one() {
+        let errs = |pairs: &[(&str, &str)]| match from_pairs(pairs) {
+            Err(ConfigError::Invalid(e)) => e.join("\n"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => String::new(),
+        };
+        let e = errs(&[("http.listen", "0.0.0.0:8080")]);
+        assert!(e.contains("`http.listen`") && e.contains("auth.token"), "{e}");
+        let e = errs(&[("http.listen", "localhost:8080")]);
+        assert!(e.contains("`http.listen`") && e.contains("HOST:PORT"), "{e}");
+        let c = from_pairs(&[("http.listen", "0.0.0.0:8080"), ("auth.token", "a-token-of-16-chars")]).unwrap();
+        assert_eq!(c.http.listen, Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(from_pairs(&[]).unwrap().http.listen, None, "off by default");
+    }
+
+    #[test]
     fn env_names() {
         assert_eq!(env_name("engine.max_running"), "PMKVQ_ENGINE_MAX_RUNNING");
         assert_eq!(
