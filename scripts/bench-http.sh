@@ -4,7 +4,7 @@
 # "within 5 % of gRPC"). Twice: with the official client, and with a
 # standard-library reader (the server's cost alone, without the client's per-chunk parsing). Writes
 # docs/bench-http-{openai,raw}.json and prints the medians.
-#   scripts/bench-http.sh                 ROUNDS=7 MAX_TOKENS=256 THREADS=2 by default
+#   scripts/bench-http.sh                 ROUNDS=9 TTFT_ROUNDS=41 MAX_TOKENS=256 THREADS=2 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pmkvq-target}
@@ -28,5 +28,5 @@ curl -sf "http://127.0.0.1:$http_port/health" >/dev/null || { echo "bench-http: 
 for client in openai raw; do
   echo "== HTTP client: $client"
   "$venv/bin/python" scripts/bench-http.py --grpc "127.0.0.1:$grpc_port" --http "http://127.0.0.1:$http_port/v1" \
-    --rounds "${ROUNDS:-7}" --max-tokens "${MAX_TOKENS:-256}" --http-client $client --json "docs/bench-http-$client.json"
+    --rounds "${ROUNDS:-9}" --ttft-rounds "${TTFT_ROUNDS:-41}" --max-tokens "${MAX_TOKENS:-256}" --http-client $client --json "docs/bench-http-$client.json"
 done

@@ -506,3 +506,50 @@ async fn https_with_the_grpc_certificate() {
     let _ = stop.send(());
     app.await.unwrap().unwrap();
 }
+
+/// `/health` answers 503 (`loading`) from the moment the listener is up until the model is warm, then 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_until_the_model_is_warm() {
+    use pmkvq::engine::{FaultHook, FaultPoint};
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let h2 = http.clone();
+    // A warm-up that takes 2 s longer (the hook sleeps on the engine thread and injects nothing).
+    let server = tokio::spawn(async move {
+        start_server_with(&[("http.listen", &h2)], |c| {
+            c.fault = Some(FaultHook(std::sync::Arc::new(|p, _| {
+                if p == FaultPoint::WarmUp {
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                false
+            })))
+        })
+        .await
+    });
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    while t0.elapsed() < Duration::from_secs(60) {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(&http).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).await.unwrap();
+            let status = if buf.starts_with("HTTP/1.1 200") { 200 } else { 503 };
+            if status == 503 {
+                assert!(buf.contains("\"loading\""), "{buf}");
+                assert!(buf.contains("\"server_error\""), "{buf}");
+            }
+            if seen.last() != Some(&status) {
+                seen.push(status);
+            }
+            if status == 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, [503, 200], "503 while loading and warming up, then 200");
+    server.await.unwrap().stop().await;
+}
