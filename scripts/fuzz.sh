@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${FUZZ_SECONDS:-60}
-targets=${FUZZ_TARGETS:-"gguf safetensors tokenizer chat_template config spill request"}
+targets=${FUZZ_TARGETS:-"gguf safetensors tokenizer chat_template config spill request openai"}
 export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-$HOME/.cache/pmkvq-fuzz-target}
 command -v cc >/dev/null && command -v make >/dev/null \
   || { apt-get update -qq && apt-get install -y -qq build-essential >/dev/null; }

@@ -6,7 +6,8 @@
 //! Targets: the GGUF reader with the model and tokenizer it builds ([`gguf`]), the safetensors directory (header,
 //! config.json, tokenizer.json: [`safetensors_dir`]), tokenizer construction from `tokenizer.json`
 //! ([`tokenizer_json`]), chat template rendering ([`chat_template`]), config files ([`config_file`]), the spill
-//! codecs of every cache ([`spill`]) and the request validator behind Generate ([`request`]).
+//! codecs of every cache ([`spill`]), the request validator behind Generate ([`request`]) and the OpenAI-compatible
+//! bodies behind the HTTP API ([`openai`]).
 #![doc(hidden)]
 
 use crate::engine::Frontend;
@@ -198,6 +199,25 @@ pub fn request(data: &[u8]) -> bool {
     true
 }
 
+/// Parse `data` as an OpenAI-compatible HTTP body (chat when it mentions `"messages"`, completions otherwise),
+/// convert it and validate it as the daemon does. Returns false when the model is missing.
+pub fn openai(data: &[u8]) -> bool {
+    use crate::server::http::openai as oa;
+    let Some(f) = request_frontend() else {
+        return false;
+    };
+    let chat = data.windows(10).any(|w| w == b"\"messages\"");
+    let parsed = if chat {
+        oa::parse_chat(data).and_then(|r| r.into_request())
+    } else {
+        oa::parse_completion(data).and_then(|r| r.into_request())
+    };
+    if let Ok((r, _)) = parsed {
+        let _ = f.validate(r, "fuzz".into());
+    }
+    true
+}
+
 /// A fuzz target: any bytes in, no panic out.
 pub type Target = fn(&[u8]);
 
@@ -210,7 +230,15 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("config", config_file),
     ("spill", spill),
     ("request", request_unit),
+    ("openai", openai_unit),
 ];
+
+fn openai_unit(data: &[u8]) {
+    assert!(
+        openai(data),
+        "the openai target needs the default model (deploy/fetch-model.sh models)"
+    );
+}
 
 fn request_unit(data: &[u8]) {
     assert!(
