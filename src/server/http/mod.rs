@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod openai;
+pub mod shape;
 pub mod stream;
 
 use super::admin::{bearer_matches, AdminService, CapFailure};
@@ -22,8 +23,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use error::ApiError;
-use openai::{Kind, Shape};
 use serde_json::json;
+use shape::{Kind, Shape};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};

@@ -1,14 +1,14 @@
-//! OpenAI's request and response bodies ⇄ engine types: which fields are served, which are accepted and ignored,
-//! which are refused (each with a 400 that names it), and how a finished stream reads as a completion.
+//! OpenAI's request bodies → engine requests: which fields are served, which are accepted and ignored, which are
+//! refused (each with a 400 that names it). The responses are in [`super::shape`].
 //!
 //! The table in README.md ("OpenAI-compatible HTTP") lists the same fields; `tests/http_openai.rs` checks both
 //! directions with the official client.
 
 use super::error::ApiError;
-use crate::engine::{ChatMessage, Completion, FinishReason, KvState, PromptInput, Request, SamplingOverrides};
+use crate::engine::{ChatMessage, PromptInput, Request, SamplingOverrides};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// Fields both endpoints take ([`Common`]).
 const COMMON_FIELDS: &[&str] = &[
@@ -427,172 +427,10 @@ pub fn param_of(engine_field: &str, max_tokens_param: &str) -> String {
     format!("{name}{index}")
 }
 
-/// OpenAI's finish reason: `stop` for an end the model or a stop string chose, `length` for every limit (tokens,
-/// context, memory, time) and for a cut; the exact reason is in the `pmkvq` extension object.
-pub fn finish_reason(f: FinishReason) -> &'static str {
-    match f {
-        FinishReason::Eos | FinishReason::Stop => "stop",
-        FinishReason::Length
-        | FinishReason::ContextLimit
-        | FinishReason::MemoryPressure
-        | FinishReason::TimeLimit
-        | FinishReason::Cancelled
-        | FinishReason::Error => "length",
-    }
-}
-
-pub fn usage(c: &Completion) -> Value {
-    json!({
-        "prompt_tokens": c.usage.prompt_tokens,
-        "completion_tokens": c.usage.completion_tokens,
-        "total_tokens": c.usage.prompt_tokens + c.usage.completion_tokens,
-    })
-}
-
-fn kv(k: &KvState) -> Value {
-    json!({
-        "method": k.method,
-        "tokens": k.tokens,
-        "true_bytes": k.true_bytes,
-        "layer_bits": k.layer_bits,
-    })
-}
-
-/// The `pmkvq` extension object on a finished completion: the exact finish reason, the stop that matched, the
-/// KV cache's final state and the timings (clients that do not know it ignore it).
-pub fn extension(c: &Completion) -> Value {
-    json!({
-        "finish_reason": format!("{:?}", c.finish).to_lowercase(),
-        "stop_matched": c.stop_matched,
-        "kv": kv(&c.kv),
-        "timings": {
-            "queue_ms": c.timings.queue_ms,
-            "prefill_ms": c.timings.prefill_ms,
-            "decode_ms": c.timings.decode_ms,
-            "ttft_ms": c.timings.ttft_ms,
-            "total_ms": c.timings.total_ms,
-        },
-    })
-}
-
-/// Which endpoint a response belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Chat,
-    Text,
-}
-
-/// Response ids, objects and the shapes of one choice.
-#[derive(Clone)]
-pub struct Shape {
-    pub kind: Kind,
-    pub id: String,
-    pub model: String,
-    pub created: u64,
-}
-
-impl Shape {
-    pub fn new(kind: Kind, request_id: &str, model: String) -> Self {
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let prefix = match kind {
-            Kind::Chat => "chatcmpl-",
-            Kind::Text => "cmpl-",
-        };
-        Shape {
-            kind,
-            id: format!("{prefix}{request_id}"),
-            model,
-            created,
-        }
-    }
-
-    fn object(&self, chunk: bool) -> &'static str {
-        match (self.kind, chunk) {
-            (Kind::Chat, false) => "chat.completion",
-            (Kind::Chat, true) => "chat.completion.chunk",
-            (Kind::Text, _) => "text_completion",
-        }
-    }
-
-    /// The whole (non-streamed) response.
-    pub fn complete(&self, text: String, c: &Completion) -> Value {
-        let choice = match self.kind {
-            Kind::Chat => json!({
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": null},
-                "logprobs": null,
-                "finish_reason": finish_reason(c.finish),
-            }),
-            Kind::Text => json!({
-                "index": 0,
-                "text": text,
-                "logprobs": null,
-                "finish_reason": finish_reason(c.finish),
-            }),
-        };
-        json!({
-            "id": self.id,
-            "object": self.object(false),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [choice],
-            "usage": usage(c),
-            "pmkvq": extension(c),
-        })
-    }
-
-    /// One streamed chunk with a choice: `text` (a first chat chunk also says the role) and, on the last, the
-    /// finish reason and our extension. `usage: null` when the client asked for usage (OpenAI's convention).
-    pub fn chunk(&self, text: &str, first: bool, done: Option<&Completion>, include_usage: bool) -> Value {
-        let finish = done.map(|c| finish_reason(c.finish));
-        let choice = match self.kind {
-            Kind::Chat => {
-                let delta = match (first, done) {
-                    (true, _) => json!({"role": "assistant", "content": text}),
-                    (false, Some(_)) if text.is_empty() => json!({}),
-                    (false, _) => json!({"content": text}),
-                };
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
-            }
-            Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
-        };
-        let mut v = json!({
-            "id": self.id,
-            "object": self.object(true),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [choice],
-        });
-        if include_usage {
-            v["usage"] = Value::Null;
-        }
-        if let Some(c) = done {
-            v["pmkvq"] = extension(c);
-        }
-        v
-    }
-
-    /// The usage-only chunk after the last choice (`stream_options.include_usage`).
-    pub fn usage_chunk(&self, c: &Completion) -> Value {
-        json!({
-            "id": self.id,
-            "object": self.object(true),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [],
-            "usage": usage(c),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn chat(body: Value) -> Result<(Request, Delivery), ApiError> {
         parse_chat(body.to_string().as_bytes())?.into_request()

@@ -6,7 +6,8 @@
 
 use super::super::RpcOutcome;
 use super::error::ApiError;
-use super::openai::{Delivery, Shape};
+use super::openai::Delivery;
+use super::shape::Shape;
 use crate::engine::{Event, Submission};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -41,7 +42,7 @@ impl Sse {
         }
         if !self.started {
             self.started = true;
-            if self.shape.kind == super::openai::Kind::Chat {
+            if self.shape.kind == super::shape::Kind::Chat {
                 // OpenAI's first chunk announces the role before any text.
                 return Some(frame(&self.shape.chunk("", true, None, self.delivery.include_usage)).into());
             }
