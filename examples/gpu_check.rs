@@ -214,6 +214,7 @@ fn synth_model(path: &std::path::Path) {
         ffn: 1536,
         seed: 7,
         weight_scale: 1.0 / 3.0,
+        head_dim: None,
     };
     let toks: Vec<Value> = (0..s.vocab)
         .map(|i| {

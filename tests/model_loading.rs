@@ -27,13 +27,18 @@ fn assert_close(a: &[f32], b: &[f32], rel: f32, what: &str) {
 }
 
 /// The same network as GGUF and as safetensors gives the same logits: proves both loaders, the llama.cpp
-/// row permutation + interleaved RoPE against HF's NeoX RoPE, and (qwen2) the q/k/v biases.
+/// row permutation + interleaved RoPE against HF's NeoX RoPE, (qwen2) the q/k/v biases, (qwen3) the q/k norms
+/// and a head size that is not hidden / heads.
 #[test]
 fn gguf_and_safetensors_give_the_same_logits() {
     let dir = tempfile::tempdir().unwrap();
     let tokens: Vec<u32> = (0..9).map(|i| (i * 7 + 3) % 64).collect();
-    for arch in [TinyArch::Llama, TinyArch::Qwen2] {
-        let spec = TinySpec::new(arch);
+    for arch in [TinyArch::Llama, TinyArch::Qwen2, TinyArch::Qwen3] {
+        let mut spec = TinySpec::new(arch);
+        if arch == TinyArch::Qwen3 {
+            // as in the real Qwen3 models, the q dimension differs from the hidden size
+            spec.head_dim = Some(24);
+        }
         let g = write_gguf(&spec, &dir.path().join(format!("{arch:?}.gguf")), Damage::None);
         let h = write_hf_dir(&spec, &dir.path().join(format!("{arch:?}-hf")));
         let (lg, mg) = logits(&g, &tokens);

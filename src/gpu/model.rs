@@ -111,6 +111,9 @@ impl GpuModel {
                 c.head_dim, c.heads, c.kv_heads
             )));
         }
+        if model.layers.iter().any(|l| l.qk_norm.is_some()) {
+            return Err(unsupported(format!("{:?}'s q/k norms have no CUDA kernel yet", c.arch)));
+        }
         let up = |v: &[f32]| gpu.upload(v).map_err(gerr);
         let mut layers = Vec::with_capacity(model.layers.len());
         for (i, l) in model.layers.iter().enumerate() {

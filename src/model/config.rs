@@ -11,6 +11,15 @@ use std::path::Path;
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Qwen2 without q/k/v biases, with an RMSNorm over each head of q and k before RoPE.
+    Qwen3,
+}
+
+impl Arch {
+    /// Whether q and k get a per-head RMSNorm (`q_norm`, `k_norm`) before RoPE.
+    pub fn qk_norm(self) -> bool {
+        self == Arch::Qwen3
+    }
 }
 
 /// Which channels RoPE rotates together. KV calibration (key scales shared per rotary pair) depends on it.
@@ -19,7 +28,7 @@ pub enum Arch {
 pub enum RopeLayout {
     /// Pairs `(2j, 2j+1)`: GGUF files converted from HF Llama (llama.cpp permutes q/k rows for this).
     Interleaved,
-    /// Pairs `(j, j+d/2)` ("rotate_half"): HF checkpoints and GGUF qwen2.
+    /// Pairs `(j, j+d/2)` ("rotate_half"): HF checkpoints and GGUF qwen2 / qwen3.
     Neox,
 }
 
@@ -177,6 +186,7 @@ impl ModelConfig {
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             other => {
                 return Err(ModelError::UnsupportedArch {
                     file: file.to_path_buf(),
@@ -229,7 +239,7 @@ impl ModelConfig {
                 theta: get_f("rope.freq_base").unwrap_or(10_000.0),
                 layout: match arch {
                     Arch::Llama => RopeLayout::Interleaved,
-                    Arch::Qwen2 => RopeLayout::Neox,
+                    Arch::Qwen2 | Arch::Qwen3 => RopeLayout::Neox,
                 },
                 dim: rope_dim,
                 llama3,
@@ -251,6 +261,7 @@ impl ModelConfig {
         let arch = match arch_name {
             "LlamaForCausalLM" => Arch::Llama,
             "Qwen2ForCausalLM" => Arch::Qwen2,
+            "Qwen3ForCausalLM" => Arch::Qwen3,
             other => {
                 return Err(ModelError::UnsupportedArch {
                     file: file.to_path_buf(),

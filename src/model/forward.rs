@@ -92,6 +92,13 @@ pub fn split_logits(all: &[f32], counts: &[usize], vocab: usize) -> Vec<Vec<f32>
         .collect()
 }
 
+/// RMSNorm over every head (`w.len()` values) of `x` in place (Qwen3's q/k norm, as ggml's rms_norm per row).
+fn head_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let mut out = Vec::with_capacity(x.len());
+    rms_norm(x, w, eps, &mut out);
+    x.copy_from_slice(&out);
+}
+
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     out.clear();
     let dim = w.len();
@@ -252,6 +259,10 @@ impl Model {
         let v = qkv.pop().unwrap_or_default();
         let mut k = qkv.pop().unwrap_or_default();
         let mut q = qkv.pop().unwrap_or_default();
+        if let Some((qn, kn)) = &layer.qk_norm {
+            head_norm(&mut q, qn, cfg.rms_eps);
+            head_norm(&mut k, kn, cfg.rms_eps);
+        }
         self.rope(&mut q, cfg.heads, cos, sin);
         self.rope(&mut k, cfg.kv_heads, cos, sin);
         let mut attn = vec![0.0f32; t * qd];

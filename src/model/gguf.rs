@@ -216,6 +216,8 @@ impl WeightSource for GgufSource {
             Role::QBias(l) => format!("blk.{l}.attn_q.bias"),
             Role::KBias(l) => format!("blk.{l}.attn_k.bias"),
             Role::VBias(l) => format!("blk.{l}.attn_v.bias"),
+            Role::QNorm(l) => format!("blk.{l}.attn_q_norm.weight"),
+            Role::KNorm(l) => format!("blk.{l}.attn_k_norm.weight"),
             Role::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
             Role::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
             Role::Up(l) => format!("blk.{l}.ffn_up.weight"),

@@ -1,4 +1,4 @@
-//! Model weights, the Llama/Qwen2 forward pass, tokenizer and chat template.
+//! Model weights, the Llama/Qwen2/Qwen3 forward pass, tokenizer and chat template.
 //!
 //! Owns: loading GGUF (v2/v3) and HF safetensors checkpoints into [`Model`], the forward pass given a KV store,
 //! the tokenizer and the chat template. Does not own: KV state (the caller passes a [`crate::kvcache::KvStore`]
@@ -29,7 +29,7 @@ pub enum ModelError {
     #[error("{file}: {what}")]
     Format { file: PathBuf, what: String },
     #[error(
-        "{file}: unsupported architecture `{arch}` (supported: llama, qwen2 / LlamaForCausalLM, Qwen2ForCausalLM)"
+        "{file}: unsupported architecture `{arch}` (supported: llama, qwen2, qwen3 / LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
     )]
     UnsupportedArch { file: PathBuf, arch: String },
     #[error("{file}: tensor `{tensor}` has unsupported type {dtype}")]
@@ -207,6 +207,8 @@ impl Backend for Model {
 
 pub(crate) struct Layer {
     pub attn_norm: Vec<f32>,
+    /// Qwen3: RMSNorm weights (head_dim) applied to every head of q and of k before RoPE.
+    pub qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// q, k and v stacked when they share a storage type (one pass over the input), else separate.
     pub qkv: Projection,
     pub o: Linear,
@@ -379,6 +381,8 @@ pub(crate) enum Role {
     QBias(usize),
     KBias(usize),
     VBias(usize),
+    QNorm(usize),
+    KNorm(usize),
     FfnNorm(usize),
     Gate(usize),
     Up(usize),
@@ -416,8 +420,17 @@ pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<Mo
         let q = with_bias(src.matrix(Role::Q(l), qd, h)?, Role::QBias(l))?;
         let k = with_bias(src.matrix(Role::K(l), kd, h)?, Role::KBias(l))?;
         let v = with_bias(src.matrix(Role::V(l), kd, h)?, Role::VBias(l))?;
+        let qk_norm = if cfg.arch.qk_norm() {
+            Some((
+                src.vector(Role::QNorm(l), cfg.head_dim)?,
+                src.vector(Role::KNorm(l), cfg.head_dim)?,
+            ))
+        } else {
+            None
+        };
         layers.push(Layer {
             attn_norm: src.vector(Role::AttnNorm(l), h)?,
+            qk_norm,
             qkv: Projection::new(vec![q, k, v]),
             o: lay_out(src.matrix(Role::O(l), h, qd)?),
             ffn_norm: src.vector(Role::FfnNorm(l), h)?,

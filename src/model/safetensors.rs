@@ -155,6 +155,8 @@ impl WeightSource for SafetensorsSource {
             Role::QBias(l) => p(l, "self_attn.q_proj.bias"),
             Role::KBias(l) => p(l, "self_attn.k_proj.bias"),
             Role::VBias(l) => p(l, "self_attn.v_proj.bias"),
+            Role::QNorm(l) => p(l, "self_attn.q_norm.weight"),
+            Role::KNorm(l) => p(l, "self_attn.k_norm.weight"),
             Role::FfnNorm(l) => p(l, "post_attention_layernorm.weight"),
             Role::Gate(l) => p(l, "mlp.gate_proj.weight"),
             Role::Up(l) => p(l, "mlp.up_proj.weight"),

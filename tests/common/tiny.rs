@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 pub enum TinyArch {
     Llama,
     Qwen2,
+    /// No biases; q/k RMSNorm per head before RoPE.
+    Qwen3,
 }
 
 pub struct TinySpec {
@@ -27,6 +29,8 @@ pub struct TinySpec {
     /// Multiplies every matrix's random range (1 for the tiny models; ~1/√(hidden/64) keeps a wide model's
     /// activations in the range a trained one has).
     pub weight_scale: f32,
+    /// Head size when it is not `hidden / heads` (Qwen3's q dimension differs from the hidden size).
+    pub head_dim: Option<usize>,
 }
 
 impl TinySpec {
@@ -41,10 +45,11 @@ impl TinySpec {
             ffn: 96,
             seed: 1,
             weight_scale: 1.0,
+            head_dim: None,
         }
     }
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        self.head_dim.unwrap_or(self.hidden / self.heads)
     }
 }
 
@@ -108,6 +113,11 @@ pub fn weights(s: &TinySpec) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
         for n in ["input_layernorm.weight", "post_attention_layernorm.weight"] {
             m.insert(p(n), (vec![h], (0..h).map(|_| 1.0 + rnd(0.2)).collect()));
         }
+        if s.arch == TinyArch::Qwen3 {
+            for n in ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] {
+                m.insert(p(n), (vec![d], (0..d).map(|_| 1.0 + rnd(0.5)).collect()));
+            }
+        }
     }
     m.insert(
         "model.norm.weight".into(),
@@ -137,13 +147,17 @@ pub fn write_hf_dir(s: &TinySpec, dir: &Path) -> PathBuf {
     let arch = match s.arch {
         TinyArch::Llama => "LlamaForCausalLM",
         TinyArch::Qwen2 => "Qwen2ForCausalLM",
+        TinyArch::Qwen3 => "Qwen3ForCausalLM",
     };
-    let cfg = serde_json::json!({
+    let mut cfg = serde_json::json!({
         "architectures": [arch], "hidden_size": s.hidden, "intermediate_size": s.ffn,
         "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads, "num_hidden_layers": s.layers,
         "vocab_size": s.vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
         "tie_word_embeddings": false
     });
+    if let Some(d) = s.head_dim {
+        cfg["head_dim"] = d.into();
+    }
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
     let bytes: BTreeMap<String, (Vec<usize>, Vec<u8>)> = w
         .iter()
@@ -229,6 +243,7 @@ fn write_gguf_impl(s: &TinySpec, path: &Path, damage: Damage, overrides: &[(&str
         (Damage::UnknownArch, _) => "gpt5",
         (_, TinyArch::Llama) => "llama",
         (_, TinyArch::Qwen2) => "qwen2",
+        (_, TinyArch::Qwen3) => "qwen3",
     };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut put = |name: String, shape: &[usize], data: Vec<f32>| {
@@ -280,6 +295,12 @@ fn write_gguf_impl(s: &TinySpec, path: &Path, damage: Damage, overrides: &[(&str
                 put(format!("blk.{l}.attn_{n}.bias"), &shape, data);
             }
         }
+        if s.arch == TinyArch::Qwen3 {
+            for n in ["q", "k"] {
+                let (shape, data) = hf(&format!("self_attn.{n}_norm.weight"));
+                put(format!("blk.{l}.attn_{n}_norm.weight"), &shape, data);
+            }
+        }
     }
     let toks = vocab(s.vocab);
     let mut md: Vec<(String, Value)> = vec![
@@ -310,6 +331,10 @@ fn write_gguf_impl(s: &TinySpec, path: &Path, damage: Damage, overrides: &[(&str
             "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}".into(),
         ),
     ));
+    if let Some(d) = s.head_dim {
+        md.push((format!("{arch}.attention.key_length"), Value::U32(d as u32)));
+        md.push((format!("{arch}.attention.value_length"), Value::U32(d as u32)));
+    }
     for (k, v) in overrides {
         let k = k.replace("ARCH.", &format!("{arch}."));
         md.retain(|(have, _)| *have != k);
@@ -320,4 +345,50 @@ fn write_gguf_impl(s: &TinySpec, path: &Path, damage: Damage, overrides: &[(&str
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &md_refs, &t_refs).unwrap();
     path.to_path_buf()
+}
+
+/// The tiny models checked against llama.cpp (`tests/llamacpp_parity.rs`, reference logits in
+/// `tests/golden/llamacpp-tiny.json` from `scripts/llamacpp-parity.sh`): one per architecture, each with a shape
+/// its architecture has in the wild (llama: GQA; qwen2: biases; qwen3: q dimension ≠ hidden size, q/k norms).
+pub fn parity_specs() -> Vec<(&'static str, TinySpec)> {
+    let mut out = Vec::new();
+    for (name, arch, seed) in [
+        ("llama", TinyArch::Llama, 11),
+        ("qwen2", TinyArch::Qwen2, 12),
+        ("qwen3", TinyArch::Qwen3, 13),
+    ] {
+        let mut s = TinySpec::new(arch);
+        s.seed = seed;
+        s.layers = 3;
+        if arch == TinyArch::Qwen3 {
+            s.head_dim = Some(24);
+        }
+        out.push((name, s));
+    }
+    out
+}
+
+/// A parity model as a GGUF file llama.cpp loads: its vocabulary reader wants unique tokens ([`vocab`] wraps
+/// around after `` ` `` for 64 tokens; repeats become `0`, `1`, …) and a non-empty merge list (an empty array has
+/// no element type), so the last token becomes "ab" with the one merge `a b`.
+pub fn write_parity_gguf(s: &TinySpec, path: &Path) -> PathBuf {
+    let mut toks = vocab(s.vocab);
+    let mut seen = std::collections::HashSet::new();
+    let mut digit = 0;
+    for t in toks.iter_mut() {
+        if !seen.insert(t.clone()) {
+            *t = digit.to_string();
+            digit += 1;
+            seen.insert(t.clone());
+        }
+    }
+    *toks.last_mut().unwrap() = "ab".into();
+    let tokens = Value::Array(toks.into_iter().map(Value::String).collect());
+    let merges = Value::Array(vec![Value::String("a b".into())]);
+    write_gguf_with(
+        s,
+        path,
+        Damage::None,
+        &[("tokenizer.ggml.tokens", tokens), ("tokenizer.ggml.merges", merges)],
+    )
 }
