@@ -28,6 +28,8 @@ impl KvState {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Of the completion tokens, those inside a thinking span (its markers included).
+    pub reasoning_tokens: usize,
 }
 
 /// Milliseconds from arrival.
@@ -48,6 +50,8 @@ pub struct Completion {
     pub usage: Usage,
     pub timings: Timings,
     pub kv: KvState,
+    /// The thinking budget closed a span (the engine emitted the end-of-thinking tokens).
+    pub thinking_budget_reached: bool,
 }
 
 /// One message on a request's stream. A stream always ends with exactly one `Complete` or `Error`.
@@ -57,6 +61,8 @@ pub enum Event {
         text: String,
         token_ids: Vec<u32>,
         kv: Option<KvState>,
+        /// The chunk's tokens are reasoning (inside a thinking span).
+        reasoning: bool,
     },
     Complete(Completion),
     Error(String),

@@ -80,6 +80,7 @@ impl GenerateRequest {
             min_bits: Bits::B2,
             priority: 0,
             kv_state_every: 0,
+            thinking: None,
         }
     }
 }

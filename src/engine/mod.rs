@@ -18,6 +18,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
+pub mod thinking;
 
 pub use detok::Detokenizer;
 pub use events::{Completion, EngineStatus, Event, KvState, SeqPhase, SeqStatus, Timings, Usage};
@@ -31,3 +32,4 @@ pub use request::{
 pub use sampler::{Sampler, SamplingError, SamplingParams};
 pub use scheduler::EngineConfig;
 pub use stop::StopChecker;
+pub use thinking::{ThinkMarkers, Thinking};

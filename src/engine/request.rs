@@ -66,6 +66,10 @@ pub struct Request {
     pub priority: Option<i32>,
     /// Attach a KV state to every this-many generated tokens; 0 = only at the end.
     pub kv_state_every: Option<u32>,
+    /// Reasoning tokens before the engine closes the thinking span (models with `<think>` … `</think>`).
+    pub thinking_budget: Option<u32>,
+    /// The chat template's `enable_thinking` variable (Qwen3); unset leaves it undefined.
+    pub enable_thinking: Option<bool>,
 }
 
 impl Request {
@@ -84,6 +88,8 @@ impl Request {
             min_bits: None,
             priority: None,
             kv_state_every: None,
+            thinking_budget: None,
+            enable_thinking: None,
         }
     }
 }
@@ -103,6 +109,8 @@ pub struct ValidRequest {
     pub min_bits: Bits,
     pub priority: i32,
     pub kv_state_every: usize,
+    /// `Some` when the model has a thinking span.
+    pub thinking: Option<super::Thinking>,
 }
 
 /// Why a request was refused. Messages name the field and the bound.
@@ -151,6 +159,8 @@ pub struct Frontend {
     profile: Option<Arc<Profile>>,
     /// The backend's caches take the rotation and the planned widths ([`crate::model::Backend::kv_extensions`]).
     kv_extensions: bool,
+    /// The model's thinking-span markers, if it has them.
+    pub think: Option<super::ThinkMarkers>,
 }
 
 impl Frontend {
@@ -163,7 +173,9 @@ impl Frontend {
         kv_extensions: bool,
     ) -> Result<Self, crate::model::ModelError> {
         let template = tokenizer.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
+        let think = super::ThinkMarkers::of(&tokenizer);
         Ok(Frontend {
+            think,
             tokenizer,
             template,
             context_length,
@@ -176,6 +188,11 @@ impl Frontend {
 
     /// Tokenize a prompt. `field` names the input in errors (`text`, `chat`, `tokens`).
     pub fn encode(&self, input: &PromptInput) -> Result<Vec<u32>, RequestError> {
+        self.encode_with(input, None)
+    }
+
+    /// [`Frontend::encode`] with the chat template's `enable_thinking`.
+    pub fn encode_with(&self, input: &PromptInput, enable_thinking: Option<bool>) -> Result<Vec<u32>, RequestError> {
         let tok = &self.tokenizer;
         let ids = match input {
             PromptInput::Text(t) => {
@@ -193,7 +210,7 @@ impl Frontend {
                 if msgs.is_empty() {
                     return Err(invalid("chat.messages", "must not be empty"));
                 }
-                tmpl.encode(tok, msgs).map_err(|e| match e {
+                tmpl.encode_with(tok, msgs, enable_thinking).map_err(|e| match e {
                     // The template's own checks name the message (`messages[2].role must be one of …`).
                     crate::model::ModelError::Template(msg) => invalid("chat", msg),
                     e => invalid("chat", format!("cannot be tokenized: {e}")),
@@ -327,7 +344,20 @@ impl Frontend {
                 format!("must be in -{MAX_PRIORITY}..={MAX_PRIORITY}, got {priority}"),
             ));
         }
-        let prompt_ids = self.encode(&req.input)?;
+        if self.think.is_none() {
+            if let Some(b) = req.thinking_budget {
+                return Err(invalid(
+                    "thinking_budget",
+                    format!("needs a model with a thinking span (`<think>` … `</think>` tokens); this one has none, got {b}"),
+                ));
+            }
+        }
+        let prompt_ids = self.encode_with(&req.input, req.enable_thinking)?;
+        let thinking = self.think.clone().map(|markers| super::Thinking {
+            open_in_prompt: markers.open_after(&prompt_ids),
+            markers,
+            budget: req.thinking_budget.map(|b| b as usize),
+        });
         // The request's own floor: the memory policy never lowers it below `min_bits`.
         let method = match method {
             KvMethod::Pmkvq(mut c) if min_bits.count() > c.floor_bits.count() => {
@@ -350,6 +380,7 @@ impl Frontend {
             min_bits,
             priority,
             kv_state_every: req.kv_state_every.map_or(l.default_kv_state_every, |n| n as usize),
+            thinking,
         })
     }
 

@@ -61,6 +61,8 @@ pub struct Sequence<'kv> {
     stop_matched: Option<String>,
     /// A stop string matched: text held back after it is dropped, not released.
     text_cut: bool,
+    /// Where it is in thinking spans (reasoning tokens so far, the budget's forced tokens).
+    think: super::thinking::ThinkState,
     /// Why it ended (`None` while running, or when the client went away).
     pub reason: Option<FinishReason>,
     pub finished: bool,
@@ -69,6 +71,7 @@ pub struct Sequence<'kv> {
 impl<'kv> Sequence<'kv> {
     pub fn new(a: Admission, kv: Box<dyn KvStore + 'kv>, sampler: Sampler, max_len: usize) -> Self {
         let stops = StopChecker::new(a.req.stop.clone());
+        let think = super::thinking::ThinkState::new(a.req.thinking.as_ref());
         let history = a.req.prompt_ids.clone();
         Sequence {
             req: a.req,
@@ -92,6 +95,7 @@ impl<'kv> Sequence<'kv> {
             first_token: None,
             stop_matched: None,
             text_cut: false,
+            think,
             reason: None,
             finished: false,
         }
@@ -205,7 +209,11 @@ impl<'kv> Sequence<'kv> {
                 return None;
             }
         }
-        let t = self.sampler.sample(logits, &self.history);
+        let thinking = self.req.thinking.as_ref();
+        let t = match self.think.forced_next(thinking) {
+            Some(t) => t,
+            None => self.sampler.sample(logits, &self.history),
+        };
         self.history.push(t);
         self.generated += 1;
         self.first_token.get_or_insert_with(Instant::now);
@@ -220,20 +228,28 @@ impl<'kv> Sequence<'kv> {
         } else {
             None
         };
+        let (reasoning, marker) = self.think.observe(thinking, t);
         if let Some(reason) = ending {
             self.emit(Event::Chunk {
                 text: String::new(),
                 token_ids: vec![t],
                 kv,
+                reasoning,
             });
             return Some(reason);
         }
-        let piece = self.detok.push(tok.token_bytes(t, false));
+        // A span marker is streamed by id without text: reasoning reads without its tags.
+        let piece = if marker {
+            String::new()
+        } else {
+            self.detok.push(tok.token_bytes(t, false))
+        };
         let fed = self.stops.feed(&piece);
         self.emit(Event::Chunk {
             text: fed.emit,
             token_ids: vec![t],
             kv,
+            reasoning,
         });
         if let Some(s) = fed.matched {
             self.stop_matched = Some(s);
@@ -267,6 +283,7 @@ impl<'kv> Sequence<'kv> {
                     text: rest,
                     token_ids: Vec::new(),
                     kv: None,
+                    reasoning: self.think.inside,
                 });
             }
         }
@@ -279,6 +296,7 @@ impl<'kv> Sequence<'kv> {
                 usage: Usage {
                     prompt_tokens: self.prompt_len(),
                     completion_tokens: self.generated,
+                    reasoning_tokens: self.think.reasoning_tokens,
                 },
                 timings: Timings {
                     queue_ms: ms(self.arrived, self.started),
@@ -288,6 +306,7 @@ impl<'kv> Sequence<'kv> {
                     total_ms: ms(self.arrived, now),
                 },
                 kv: self.kv_state(),
+                thinking_budget_reached: self.think.budget_reached,
             }),
         };
         // (the completion above carries the cache's last state)
@@ -373,6 +392,7 @@ impl Admission {
             usage: Usage {
                 prompt_tokens: self.req.prompt_ids.len(),
                 completion_tokens: 0,
+                reasoning_tokens: 0,
             },
             timings: Timings {
                 queue_ms: ms(self.arrived, now),
@@ -380,6 +400,7 @@ impl Admission {
                 ..Timings::default()
             },
             kv: KvState::default(),
+            thinking_budget_reached: false,
         }));
     }
 

@@ -40,9 +40,20 @@ impl ChatTemplate {
     /// Render `messages` with a generation prompt, using the tokenizer's BOS/EOS texts, and tokenize the result
     /// (without adding BOS: the template writes it where the model wants one).
     pub fn encode(&self, tok: &super::Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>, ModelError> {
+        self.encode_with(tok, messages, None)
+    }
+
+    /// [`ChatTemplate::encode`] with the template variable `enable_thinking` (Qwen3's switch; undefined when
+    /// `None`, as templates that test `enable_thinking is defined` expect).
+    pub fn encode_with(
+        &self,
+        tok: &super::Tokenizer,
+        messages: &[ChatMessage],
+        enable_thinking: Option<bool>,
+    ) -> Result<Vec<u32>, ModelError> {
         let bos = tok.bos.map(|b| tok.decode(&[b], true)).unwrap_or_default();
         let eos = tok.eos.first().map(|&e| tok.decode(&[e], true)).unwrap_or_default();
-        let text = self.render(messages, true, &bos, &eos)?;
+        let text = self.render_with(messages, true, &bos, &eos, enable_thinking)?;
         tok.encode(&text, false)
     }
 
@@ -53,6 +64,18 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         bos: &str,
         eos: &str,
+    ) -> Result<String, ModelError> {
+        self.render_with(messages, add_generation_prompt, bos, eos, None)
+    }
+
+    /// [`ChatTemplate::render`] with `enable_thinking` defined when `Some`.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        bos: &str,
+        eos: &str,
+        enable_thinking: Option<bool>,
     ) -> Result<String, ModelError> {
         if messages.is_empty() {
             return Err(ModelError::Template("`messages` must not be empty".into()));
@@ -77,6 +100,7 @@ impl ChatTemplate {
             add_generation_prompt => add_generation_prompt,
             bos_token => bos,
             eos_token => eos,
+            enable_thinking => enable_thinking.map_or(minijinja::Value::UNDEFINED, minijinja::Value::from),
         };
         tmpl.render_captured_to(ctx, &mut out).map_err(|e| {
             ModelError::Template(match e.kind() {

@@ -372,6 +372,11 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The id of a token written exactly as `text` (`<think>`), if the vocabulary has one.
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.inner.token_to_id(text)
+    }
+
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos.contains(&id)
     }

@@ -78,6 +78,8 @@ pub fn request_of(r: pb::GenerateRequest) -> Result<Request, Status> {
         min_bits: kv.min_bits,
         priority: kv.priority,
         kv_state_every: r.kv_state_every,
+        thinking_budget: r.thinking_budget,
+        enable_thinking: r.enable_thinking,
     })
 }
 
@@ -110,6 +112,7 @@ fn complete(c: &Completion) -> pb::Complete {
         usage: Some(pb::Usage {
             prompt_tokens: c.usage.prompt_tokens as u32,
             completion_tokens: c.usage.completion_tokens as u32,
+            reasoning_tokens: c.usage.reasoning_tokens as u32,
         }),
         timings: Some(pb::Timings {
             queue_ms: c.timings.queue_ms,
@@ -119,16 +122,23 @@ fn complete(c: &Completion) -> pb::Complete {
             total_ms: c.timings.total_ms,
         }),
         kv: Some(kv_state(&c.kv)),
+        thinking_budget_reached: c.thinking_budget_reached,
     }
 }
 
 pub fn response_of(request_id: &str, ev: &Event) -> pb::GenerateResponse {
     use pb::generate_response::Kind;
     let kind = match ev {
-        Event::Chunk { text, token_ids, kv } => Kind::Chunk(pb::Chunk {
+        Event::Chunk {
+            text,
+            token_ids,
+            kv,
+            reasoning,
+        } => Kind::Chunk(pb::Chunk {
             text: text.clone(),
             token_ids: token_ids.clone(),
             kv: kv.as_ref().map(kv_state),
+            reasoning: *reasoning,
         }),
         Event::Complete(c) => Kind::Complete(complete(c)),
         Event::Error(m) => Kind::Error(pb::Error { message: m.clone() }),

@@ -392,3 +392,38 @@ pub fn write_parity_gguf(s: &TinySpec, path: &Path) -> PathBuf {
         &[("tokenizer.ggml.tokens", tokens), ("tokenizer.ggml.merges", merges)],
     )
 }
+
+/// Qwen3's generation prompt logic (its template's `enable_thinking` switch), with plain message turns.
+pub const QWEN3_TEMPLATE: &str = r#"{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"#;
+
+/// The DeepSeek-R1 distills' habit: the generation prompt opens the thinking span.
+pub const R1_TEMPLATE: &str = r#"{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}{%- endif %}"#;
+
+/// A tiny model with a thinking span: `<think>` and `</think>` as control tokens (ids 62, 63) and a newline
+/// token (`Ċ`, id 61), with the chat template `template`.
+pub fn write_thinking_gguf(s: &TinySpec, path: &Path, template: &str) -> PathBuf {
+    assert!(
+        s.vocab == 64,
+        "the thinking vocabulary replaces the last three of 64 tokens"
+    );
+    let mut toks = vocab(s.vocab);
+    toks[61] = "\u{10a}".into();
+    toks[62] = "<think>".into();
+    toks[63] = "</think>".into();
+    let types = (0..s.vocab)
+        .map(|i| Value::I32(if (3..62).contains(&i) { 1 } else { 3 }))
+        .collect();
+    write_gguf_with(
+        s,
+        path,
+        Damage::None,
+        &[
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(toks.into_iter().map(Value::String).collect()),
+            ),
+            ("tokenizer.ggml.token_type", Value::Array(types)),
+            ("tokenizer.chat_template", Value::String(template.into())),
+        ],
+    )
+}

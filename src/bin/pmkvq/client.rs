@@ -77,14 +77,17 @@ pub(crate) fn generate_remote(a: &GenerateArgs, server: &str) -> Result<(), Fail
             ..Default::default()
         }),
         kv_state_every: None,
+        thinking_budget: a.thinking_budget,
+        enable_thinking: a.enable_thinking,
     };
-    let json = a.json;
+    let (json, hide_thinking) = (a.json, a.hide_thinking);
     runtime()?.block_on(async move {
         let mut client = connect(server).await?;
         let mut stream = client.generate(req).await.map_err(status_failure)?.into_inner();
         let mut stdout = std::io::stdout().lock();
         let mut ids = Vec::new();
         let mut text = String::new();
+        let mut reasoning_text = String::new();
         loop {
             let msg = stream.message().await.map_err(status_failure)?;
             let Some(msg) = msg else {
@@ -93,9 +96,20 @@ pub(crate) fn generate_remote(a: &GenerateArgs, server: &str) -> Result<(), Fail
             match msg.kind {
                 Some(pb::generate_response::Kind::Chunk(c)) => {
                     ids.extend_from_slice(&c.token_ids);
-                    text.push_str(&c.text);
-                    if !json {
-                        let _ = stdout.write_all(c.text.as_bytes());
+                    if c.reasoning {
+                        reasoning_text.push_str(&c.text);
+                    } else {
+                        text.push_str(&c.text);
+                    }
+                    let shown_here = !json && !c.text.is_empty();
+                    if shown_here && !(c.reasoning && hide_thinking) {
+                        // reasoning dimmed (SGR 2), the answer plain
+                        let shown = if c.reasoning {
+                            format!("\x1b[2m{}\x1b[0m", c.text)
+                        } else {
+                            c.text
+                        };
+                        let _ = stdout.write_all(shown.as_bytes());
                         let _ = stdout.flush();
                     }
                 }
@@ -111,6 +125,9 @@ pub(crate) fn generate_remote(a: &GenerateArgs, server: &str) -> Result<(), Fail
                             "request_id": msg.request_id,
                             "ids": ids,
                             "text": text,
+                            "reasoning": reasoning_text,
+                            "reasoning_tokens": usage.reasoning_tokens,
+                            "thinking_budget_reached": c.thinking_budget_reached,
                             "finish_reason": reason,
                             "prompt_tokens": usage.prompt_tokens,
                             "completion_tokens": usage.completion_tokens,

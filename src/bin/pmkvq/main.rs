@@ -334,6 +334,15 @@ struct GenerateArgs {
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// With --server, on a model with a thinking span: reasoning tokens before the server closes the span.
+    #[arg(long, requires = "server")]
+    thinking_budget: Option<u32>,
+    /// With --server: the chat template's `enable_thinking` (Qwen3), true or false.
+    #[arg(long, requires = "server")]
+    enable_thinking: Option<bool>,
+    /// With --server: do not print reasoning (text inside a thinking span); it is dimmed otherwise.
+    #[arg(long, requires = "server")]
+    hide_thinking: bool,
 }
 
 /// Where the model runs locally (`--device cpu|auto|cuda:N`): the CPU model itself, or its copy on a GPU. `auto`

@@ -32,6 +32,7 @@ const COMMON_FIELDS: &[&str] = &[
     "kv_method",
     "kv_min_bits",
     "priority",
+    "thinking_budget",
 ];
 /// Fields only `/v1/chat/completions` takes ([`ChatOnly`]).
 const CHAT_FIELDS: &[&str] = &[
@@ -43,6 +44,8 @@ const CHAT_FIELDS: &[&str] = &[
     "tools",
     "tool_choice",
     "parallel_tool_calls",
+    "enable_thinking",
+    "chat_template_kwargs",
 ];
 /// Fields only `/v1/completions` takes ([`CompletionOnly`]).
 const COMPLETION_FIELDS: &[&str] = &["prompt", "echo", "suffix", "best_of", "logprobs"];
@@ -145,6 +148,8 @@ pub struct Common {
     pub kv_method: Option<String>,
     pub kv_min_bits: Option<u32>,
     pub priority: Option<i32>,
+    /// Reasoning tokens before the engine closes the thinking span.
+    pub thinking_budget: Option<u32>,
 }
 
 pub struct ChatRequest {
@@ -163,6 +168,16 @@ pub struct ChatOnly {
     pub tool_choice: Option<Value>,
     /// Accepted and ignored (no tools are served).
     pub parallel_tool_calls: Option<bool>,
+    /// The chat template's `enable_thinking` (Qwen3).
+    pub enable_thinking: Option<bool>,
+    /// vLLM's way to pass template variables; `enable_thinking` is the one served.
+    pub chat_template_kwargs: Option<TemplateKwargs>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateKwargs {
+    pub enable_thinking: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -281,6 +296,7 @@ fn common_request(c: Common, input: PromptInput, max_tokens: Option<u32>) -> Res
     r.kv_method = c.kv_method;
     r.min_bits = c.kv_min_bits;
     r.priority = c.priority;
+    r.thinking_budget = c.thinking_budget;
     // Token chunks ride on SSE without KV states; the final object carries one.
     r.kv_state_every = Some(0);
     Ok((
@@ -362,7 +378,12 @@ impl ChatRequest {
                 content,
             });
         }
-        common_request(common, PromptInput::Chat(msgs), c.max_completion_tokens)
+        let enable_thinking = c
+            .enable_thinking
+            .or(c.chat_template_kwargs.and_then(|k| k.enable_thinking));
+        let (mut r, d) = common_request(common, PromptInput::Chat(msgs), c.max_completion_tokens)?;
+        r.enable_thinking = enable_thinking;
+        Ok((r, d))
     }
 }
 

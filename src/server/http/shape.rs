@@ -23,6 +23,7 @@ pub fn usage(c: &Completion) -> Value {
         "prompt_tokens": c.usage.prompt_tokens,
         "completion_tokens": c.usage.completion_tokens,
         "total_tokens": c.usage.prompt_tokens + c.usage.completion_tokens,
+        "completion_tokens_details": {"reasoning_tokens": c.usage.reasoning_tokens},
     })
 }
 
@@ -93,9 +94,11 @@ impl Shape {
         }
     }
 
-    /// The whole (non-streamed) response.
-    pub fn complete(&self, text: String, c: &Completion) -> Value {
-        let choice = match self.kind {
+    /// The whole (non-streamed) response; `reasoning` (the text inside thinking spans) goes to
+    /// `reasoning_content`, as vLLM and DeepSeek's API put it.
+    pub fn complete(&self, text: String, reasoning: String, c: &Completion) -> Value {
+        let reasoning = (!reasoning.is_empty()).then_some(reasoning);
+        let mut choice = match self.kind {
             Kind::Chat => json!({
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": null},
@@ -109,6 +112,12 @@ impl Shape {
                 "finish_reason": finish_reason(c.finish),
             }),
         };
+        if let Some(r) = reasoning {
+            match self.kind {
+                Kind::Chat => choice["message"]["reasoning_content"] = r.into(),
+                Kind::Text => choice["reasoning_content"] = r.into(),
+            }
+        }
         json!({
             "id": self.id,
             "object": self.object(false),
@@ -149,6 +158,17 @@ impl Shape {
         }
         if let Some(c) = done {
             v["pmkvq"] = extension(c);
+        }
+        v
+    }
+
+    /// A streamed chunk of reasoning: `delta.reasoning_content` (chat) or `reasoning_content` beside an empty
+    /// `text` (completions).
+    pub fn reasoning_chunk(&self, text: &str, include_usage: bool) -> Value {
+        let mut v = self.chunk("", false, None, include_usage);
+        match self.kind {
+            Kind::Chat => v["choices"][0]["delta"] = json!({"reasoning_content": text}),
+            Kind::Text => v["choices"][0]["reasoning_content"] = text.into(),
         }
         v
     }

@@ -57,6 +57,9 @@ impl Sse {
             }
             let out = match ev {
                 Some(Event::Chunk { text, .. }) if text.is_empty() => continue,
+                Some(Event::Chunk {
+                    text, reasoning: true, ..
+                }) => frame(&self.shape.reasoning_chunk(&text, self.delivery.include_usage)),
                 Some(Event::Chunk { text, .. }) => {
                     frame(&self.shape.chunk(&text, false, None, self.delivery.include_usage))
                 }
@@ -122,12 +125,17 @@ pub(super) async fn respond(sub: Submission, shape: Shape, delivery: Delivery, o
 
 /// Wait for the whole generation and answer with one completion object.
 async fn collect(mut events: mpsc::Receiver<Event>, shape: &Shape, mut outcome: RpcOutcome) -> Response {
-    let mut text = String::new();
+    let (mut text, mut reasoning) = (String::new(), String::new());
     while let Some(ev) = events.recv().await {
         outcome.observe(&ev);
         match ev {
+            Event::Chunk {
+                text: t,
+                reasoning: true,
+                ..
+            } => reasoning.push_str(&t),
             Event::Chunk { text: t, .. } => text.push_str(&t),
-            Event::Complete(c) => return axum::Json(shape.complete(text, &c)).into_response(),
+            Event::Complete(c) => return axum::Json(shape.complete(text, reasoning, &c)).into_response(),
             Event::Error(m) => {
                 return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, Some("generation_failed"), m).into_response()
             }

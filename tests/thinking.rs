@@ -1,0 +1,197 @@
+//! Thinking spans end to end through pmkvqd (gRPC and the OpenAI-compatible HTTP API), on a tiny random-weight
+//! Qwen3 whose vocabulary has `<think>`/`</think>`: chunks say which tokens are reasoning, usage counts them, the
+//! thinking budget closes the span by emitting the end-of-thinking tokens, and `enable_thinking` reaches the
+//! chat template. (Random weights make the text meaningless; the mechanics are what is checked.)
+
+mod common;
+
+use common::daemon::{chat_request, collect, start_server, text_request, Collected};
+use common::http::{free_port, post};
+use common::tiny::{write_thinking_gguf, TinyArch, TinySpec, QWEN3_TEMPLATE, R1_TEMPLATE};
+use serde_json::json;
+
+const NEWLINE: u32 = 61;
+const OPEN: u32 = 62;
+const CLOSE: u32 = 63;
+
+fn spec() -> TinySpec {
+    let mut s = TinySpec::new(TinyArch::Qwen3);
+    s.seed = 21;
+    s
+}
+
+/// (token, reasoning) for every generated token, from the chunks.
+fn flagged(raw: &[pmkvq::server::proto::GenerateResponse]) -> Vec<(u32, bool)> {
+    raw.iter()
+        .filter_map(|m| match &m.kind {
+            Some(pmkvq::server::proto::generate_response::Kind::Chunk(ch)) => {
+                Some(ch.token_ids.iter().map(|&t| (t, ch.reasoning)).collect::<Vec<_>>())
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+async fn run(
+    c: &mut common::daemon::Client,
+    req: pmkvq::server::proto::GenerateRequest,
+) -> (Collected, Vec<(u32, bool)>) {
+    let mut stream = c.generate(req).await.expect("accepted").into_inner();
+    let mut raw = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        raw.push(m);
+    }
+    let mut out = Collected::default();
+    for m in &raw {
+        match &m.kind {
+            // `text`: the answer; reasoning is collected apart (as a client that hides or dims it would)
+            Some(pmkvq::server::proto::generate_response::Kind::Chunk(ch)) => {
+                out.ids.extend_from_slice(&ch.token_ids);
+                if !ch.reasoning {
+                    out.text.push_str(&ch.text);
+                }
+            }
+            Some(pmkvq::server::proto::generate_response::Kind::Complete(cm)) => out.complete = Some(cm.clone()),
+            Some(pmkvq::server::proto::generate_response::Kind::Error(e)) => out.error = Some(e.message.clone()),
+            None => {}
+        }
+    }
+    let f = flagged(&raw);
+    (out, f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_thinking_budget_closes_an_open_span_and_the_answer_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_thinking_gguf(&spec(), &dir.path().join("r1.gguf"), R1_TEMPLATE);
+    let port = free_port();
+    let http = format!("127.0.0.1:{port}");
+    let server = start_server(&[
+        ("model", model.to_str().unwrap()),
+        ("profile", "none"),
+        ("http.listen", &http),
+    ])
+    .await;
+    let mut c = server.client().await;
+    let budget = 5;
+    let mut req = chat_request(&[("user", "abc")], 24);
+    req.stopping.as_mut().unwrap().ignore_eos = Some(true);
+    req.thinking_budget = Some(budget);
+    let (got, tokens) = run(&mut c, req.clone()).await;
+    let done = got.complete.clone().expect("completes");
+    // The prompt opened the span: reasoning from the first token; after `budget` reasoning tokens the engine emits
+    // `</think>` and the blank line, then the answer follows.
+    let close = tokens
+        .iter()
+        .position(|&(t, _)| t == CLOSE)
+        .expect("the span is closed within 24 tokens");
+    assert!(tokens[..=close].iter().all(|&(_, r)| r), "{tokens:?}");
+    let usage = done.usage.unwrap();
+    let reasoning = tokens.iter().filter(|&&(_, r)| r).count();
+    assert_eq!(usage.reasoning_tokens as usize, reasoning, "{tokens:?}");
+    assert!(
+        done.thinking_budget_reached,
+        "the seed is chosen so the budget, not the model, closes the span"
+    );
+    assert_eq!(close, budget as usize, "closed right after the budget: {tokens:?}");
+    assert_eq!(
+        &tokens[close + 1..close + 3],
+        &[(NEWLINE, false), (NEWLINE, false)],
+        "{tokens:?}"
+    );
+    // After the span nothing is reasoning (unless the model opens another one).
+    let reopen = tokens[close..]
+        .iter()
+        .position(|&(t, _)| t == OPEN)
+        .map_or(tokens.len(), |i| close + i);
+    assert!(tokens[close + 1..reopen].iter().all(|&(_, r)| !r), "{tokens:?}");
+    assert!(
+        got.text.chars().all(|ch| ch != '<'),
+        "markers carry no text: {:?}",
+        got.text
+    );
+
+    // Without a budget the same prompt reasons longer (the model does not close the span by itself here).
+    let mut free = req.clone();
+    free.thinking_budget = None;
+    let (_, free_tokens) = run(&mut c, free).await;
+    assert!(free_tokens.iter().take(budget as usize + 1).all(|&(_, r)| r));
+
+    // The same over HTTP: reasoning arrives as `reasoning_content`, usage counts it.
+    let body = json!({"messages": [{"role": "user", "content": "abc"}], "max_tokens": 24, "ignore_eos": true,
+                      "thinking_budget": budget, "stream": true, "stream_options": {"include_usage": true}});
+    let r = post(&http, "/v1/chat/completions", &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events: Vec<serde_json::Value> = r
+        .sse_data()
+        .iter()
+        .filter(|d| d.as_str() != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let reasoning_text: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["reasoning_content"].as_str())
+        .collect();
+    let answer: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!(
+        usage["completion_tokens_details"]["reasoning_tokens"], reasoning,
+        "{usage}"
+    );
+    assert!(
+        !reasoning_text.is_empty() && answer == got.text,
+        "{reasoning_text:?} / {answer:?}"
+    );
+    let non_stream = post(
+        &http,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "abc"}], "max_tokens": 24, "ignore_eos": true,
+                "thinking_budget": budget}),
+    )
+    .await
+    .json();
+    assert_eq!(non_stream["choices"][0]["message"]["reasoning_content"], reasoning_text);
+    assert_eq!(non_stream["choices"][0]["message"]["content"], answer);
+    assert_eq!(non_stream["pmkvq"]["finish_reason"], "length");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enable_thinking_reaches_the_template_and_a_closed_span_is_not_reasoning() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_thinking_gguf(&spec(), &dir.path().join("qwen3.gguf"), QWEN3_TEMPLATE);
+    let server = start_server(&[("model", model.to_str().unwrap()), ("profile", "none")]).await;
+    let mut c = server.client().await;
+    let mut on = chat_request(&[("user", "abc")], 12);
+    on.stopping.as_mut().unwrap().ignore_eos = Some(true);
+    let mut off = on.clone();
+    off.enable_thinking = Some(false);
+    let (a, _) = run(&mut c, on).await;
+    let (b, b_tokens) = run(&mut c, off).await;
+    let prompt = |x: &Collected| x.complete.as_ref().unwrap().usage.unwrap().prompt_tokens;
+    // `<think>\n\n</think>\n\n`: six tokens more in the prompt, a closed span, so nothing generated is reasoning
+    // until the model opens a span itself.
+    assert_eq!(prompt(&b), prompt(&a) + 6);
+    let first_open = b_tokens.iter().position(|&(t, _)| t == OPEN).unwrap_or(b_tokens.len());
+    assert!(b_tokens[..first_open].iter().all(|&(_, r)| !r), "{b_tokens:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thinking_budget_on_a_model_without_a_span_is_refused_naming_the_field() {
+    let server = start_server(&[]).await;
+    let mut c = server.client().await;
+    let mut req = text_request("Hello", 4);
+    req.thinking_budget = Some(8);
+    let e = c.generate(req).await.expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("`thinking_budget`"), "{}", e.message());
+    // and everything else about the request is as before
+    let ok = collect(&mut c, text_request("Hello", 4)).await;
+    assert_eq!(ok.complete.unwrap().usage.unwrap().reasoning_tokens, 0);
+    server.stop().await;
+}
