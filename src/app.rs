@@ -525,6 +525,7 @@ fn start_engine(
             prepare_threads: cfg.prepare_threads,
             limits,
             fault: cfg.fault.clone(),
+            conclude_reserve: cfg.conclude_reserve,
         },
         budget,
         spill,

@@ -195,3 +195,112 @@ async fn a_thinking_budget_on_a_model_without_a_span_is_refused_naming_the_field
     assert_eq!(ok.complete.unwrap().usage.unwrap().reasoning_tokens, 0);
     server.stop().await;
 }
+
+/// Generate on the R1-style tiny model, cut the KV budget to `room` more tokens than the prompt a few tokens in
+/// (each step slowed to 20 ms by a fault hook that injects nothing, so the cut lands mid-thought), then read to
+/// the end: (tokens with flags, completion).
+async fn cut_mid_thought(overrides: &[(&str, &str)], room: u64) -> (Vec<(u32, bool)>, pmkvq::server::proto::Complete) {
+    use pmkvq::server::proto::{self as pb, pmkvq_admin_client::PmkvqAdminClient};
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_thinking_gguf(&spec(), &dir.path().join("r1.gguf"), R1_TEMPLATE);
+    let mut pairs = vec![("model", model.to_str().unwrap()), ("profile", "none")];
+    pairs.extend_from_slice(overrides);
+    let server = common::daemon::start_server_with(&pairs, |c| {
+        c.fault = Some(pmkvq::engine::FaultHook(std::sync::Arc::new(|p, _| {
+            if p == pmkvq::engine::FaultPoint::Step {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            false
+        })))
+    })
+    .await;
+    let mut c = server.client().await;
+    let info = c.get_model_info(pb::GetModelInfoRequest {}).await.unwrap().into_inner();
+    let per_token = info.kv_bytes_per_token.iter().find(|k| k.bits == 16).unwrap().bytes;
+    let mut req = chat_request(&[("user", "abc")], 200);
+    req.stopping.as_mut().unwrap().ignore_eos = Some(true);
+    req.kv = Some(pb::KvPolicy {
+        method: Some("fp16".into()),
+        ..Default::default()
+    });
+    let mut stream = c.generate(req).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let status = common::daemon::wait_status(&mut c, std::time::Duration::from_secs(10), |s| {
+        s.sequences.iter().any(|q| q.generated_tokens >= 3)
+    })
+    .await;
+    let seq = &status.sequences[0];
+    let budget = (seq.prompt_tokens as u64 + room) * per_token;
+    let mut admin = PmkvqAdminClient::connect(server.url()).await.unwrap();
+    admin
+        .set_memory_budget(pb::SetMemoryBudgetRequest {
+            budget: Some(pb::set_memory_budget_request::Budget::Bytes(budget)),
+        })
+        .await
+        .unwrap();
+    let mut raw = vec![first];
+    while let Some(m) = stream.message().await.unwrap() {
+        raw.push(m);
+    }
+    let complete = raw
+        .iter()
+        .find_map(|m| match &m.kind {
+            Some(pb::generate_response::Kind::Complete(c)) => Some(c.clone()),
+            _ => None,
+        })
+        .expect("completes");
+    server.stop().await;
+    (flagged(&raw), complete)
+}
+
+/// `on_memory_pressure = "conclude"`: a reasoning trace whose budget is cut below what its thinking would need
+/// closes its span while `conclude_reserve` tokens still fit, and answers until the floor is full; with `end` the
+/// same trace ends mid-thought.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_reasoning_trace_concludes_instead_of_ending_mid_thought() {
+    use pmkvq::server::proto::FinishReason;
+    let (ended, e) = cut_mid_thought(&[], 60).await;
+    assert_eq!(e.finish_reason, FinishReason::MemoryPressure as i32);
+    assert!(!e.thinking_concluded);
+    assert!(
+        ended.iter().all(|&(t, r)| r && t != CLOSE),
+        "still thinking when it ended: {ended:?}"
+    );
+
+    let reserve = 16;
+    let (concluded, c) = cut_mid_thought(
+        &[
+            ("engine.on_memory_pressure", "conclude"),
+            ("engine.conclude_reserve", "16"),
+        ],
+        60,
+    )
+    .await;
+    assert_eq!(
+        c.finish_reason,
+        FinishReason::MemoryPressure as i32,
+        "it still ends at its floor"
+    );
+    assert!(c.thinking_concluded, "{concluded:?}");
+    let close = concluded
+        .iter()
+        .position(|&(t, _)| t == CLOSE)
+        .expect("the span was closed");
+    let answer = concluded.len() - close - 1;
+    // `</think>` once `reserve` tokens no longer fit beyond the next ones: the answer gets the reserve (less the
+    // two newline tokens that follow the marker, and the step in flight when the floor filled).
+    assert!(
+        answer + 1 >= reserve - 1,
+        "{answer} answer tokens after the close: {concluded:?}"
+    );
+    // answer tokens after the close, until the (random) model opens another span itself
+    let reopen = concluded[close..]
+        .iter()
+        .position(|&(t, _)| t == OPEN)
+        .map_or(concluded.len(), |i| close + i);
+    assert!(reopen > close + 3, "{concluded:?}");
+    assert!(concluded[close + 1..reopen].iter().all(|&(_, r)| !r), "{concluded:?}");
+    assert_eq!(concluded.len(), ended.len(), "both ran until the same floor");
+    let flagged = concluded.iter().filter(|&&(_, r)| r).count();
+    assert_eq!(c.usage.unwrap().reasoning_tokens as usize, flagged);
+}

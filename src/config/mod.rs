@@ -136,6 +136,17 @@ pub const KEYS: &[KeyDef] = &[
               memory_pressure",
     },
     KeyDef {
+        key: "engine.on_memory_pressure",
+        default: "end",
+        doc: "a reasoning trace whose KV floor will soon no longer fit: `end` it with memory_pressure when it does not, \
+              or `conclude`: close its thinking span while engine.conclude_reserve tokens still fit, so it answers",
+    },
+    KeyDef {
+        key: "engine.conclude_reserve",
+        default: "64",
+        doc: "with on_memory_pressure = conclude: tokens of room kept for the answer",
+    },
+    KeyDef {
         key: "memory.budget",
         default: "auto",
         doc: "operator KV budget cap: `auto` (follow memory), bytes such as `512MiB`, or a fraction such as `0.5` of usable memory",
@@ -344,6 +355,8 @@ pub struct Config {
     pub spill_dir: PathBuf,
     /// `engine.spill_max_bytes` (`None` = no limit).
     pub spill_max_bytes: Option<u64>,
+    /// `engine.on_memory_pressure = "conclude"`: the tokens kept for the answer (`None`: `end`).
+    pub conclude_reserve: Option<usize>,
     pub memory_cap: OperatorCap,
     pub memory_policy: PolicyConfig,
     pub memory_interval: Duration,

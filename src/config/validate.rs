@@ -118,6 +118,7 @@ pub(super) fn validate(raw: &RawConfig, errors: &mut Vec<String>) -> Option<Conf
         shutdown_grace,
         spill_dir: engine.spill_dir,
         spill_max_bytes: engine.spill_max_bytes,
+        conclude_reserve: engine.conclude_reserve,
         memory_cap: memory.cap,
         memory_policy: memory.policy,
         memory_interval: memory.interval,
@@ -201,6 +202,7 @@ struct EngineSection {
     limits: RequestLimits,
     spill_dir: PathBuf,
     spill_max_bytes: Option<u64>,
+    conclude_reserve: Option<usize>,
 }
 
 /// `engine.*`: batch and queue sizes, request limits and defaults, the spill directory.
@@ -241,7 +243,20 @@ fn engine(f: &mut Fields<'_>) -> EngineSection {
             None
         }
     };
+    let reserve = f.count("engine.conclude_reserve", 1, 1 << 20);
+    let conclude_reserve = match f.val("engine.on_memory_pressure") {
+        "end" => None,
+        "conclude" => Some(reserve),
+        v => {
+            f.bad(
+                "engine.on_memory_pressure",
+                format!("must be `end` or `conclude`, got `{v}`"),
+            );
+            None
+        }
+    };
     EngineSection {
+        conclude_reserve,
         max_running,
         max_queued,
         prefill_chunk,

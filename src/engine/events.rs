@@ -52,6 +52,8 @@ pub struct Completion {
     pub kv: KvState,
     /// The thinking budget closed a span (the engine emitted the end-of-thinking tokens).
     pub thinking_budget_reached: bool,
+    /// The memory budget closed a span (`on_memory_pressure = "conclude"`).
+    pub thinking_concluded: bool,
 }
 
 /// One message on a request's stream. A stream always ends with exactly one `Complete` or `Error`.

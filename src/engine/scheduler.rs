@@ -76,6 +76,9 @@ pub struct EngineConfig {
     pub prepare_threads: usize,
     /// Test-only fault injection (see `fault.rs`); `None` in production.
     pub fault: Option<FaultHook>,
+    /// `on_memory_pressure = "conclude"`: a sequence inside a thinking span whose floor cannot take this many
+    /// more tokens in its share of the budget has its span closed, so it answers before the budget ends it.
+    pub conclude_reserve: Option<usize>,
 }
 
 /// What [`EngineHandle::spawn`](super::EngineHandle::spawn) hands the engine thread.

@@ -267,6 +267,12 @@ impl<'kv> Sequence<'kv> {
         None
     }
 
+    /// `on_memory_pressure = "conclude"`: close the thinking span at the next token (see
+    /// [`super::thinking::ThinkState::conclude`]).
+    pub fn conclude_thinking(&mut self) -> bool {
+        !self.finished && self.think.conclude(self.req.thinking.as_ref())
+    }
+
     /// End the sequence: release held-back text (unless a stop string matched), queue the completion, free the
     /// cache. Idempotent.
     pub fn finish(&mut self, reason: FinishReason, error: Option<String>) {
@@ -307,6 +313,7 @@ impl<'kv> Sequence<'kv> {
                 },
                 kv: self.kv_state(),
                 thinking_budget_reached: self.think.budget_reached,
+                thinking_concluded: self.think.concluded,
             }),
         };
         // (the completion above carries the cache's last state)
@@ -401,6 +408,7 @@ impl Admission {
             },
             kv: KvState::default(),
             thinking_budget_reached: false,
+            thinking_concluded: false,
         }));
     }
 

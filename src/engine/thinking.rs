@@ -54,6 +54,8 @@ pub struct ThinkState {
     /// Tokens to emit instead of sampling (the end of a span the budget closed).
     pub forced: std::collections::VecDeque<u32>,
     pub budget_reached: bool,
+    /// The memory budget closed the span (`on_memory_pressure = "conclude"`).
+    pub concluded: bool,
 }
 
 impl ThinkState {
@@ -74,6 +76,19 @@ impl ThinkState {
             }
         }
         self.forced.pop_front()
+    }
+
+    /// Close the span at the next token (the memory budget is running out). Returns whether it did: only inside a
+    /// span, and once.
+    pub fn conclude(&mut self, t: Option<&Thinking>) -> bool {
+        match t {
+            Some(t) if self.inside && self.forced.is_empty() && !self.concluded => {
+                self.forced.extend(&t.markers.conclude);
+                self.concluded = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// After choosing `tok`: (whether it is reasoning, whether it is a marker).

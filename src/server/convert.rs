@@ -123,6 +123,7 @@ fn complete(c: &Completion) -> pb::Complete {
         }),
         kv: Some(kv_state(&c.kv)),
         thinking_budget_reached: c.thinking_budget_reached,
+        thinking_concluded: c.thinking_concluded,
     }
 }
 

@@ -127,6 +127,14 @@ impl Engine {
                 }
             }
         }
+        // A reasoning trace about to run out of room concludes while its answer still fits.
+        if let Some(reserve) = self.cfg.conclude_reserve {
+            for (s, &a) in self.running.iter_mut().zip(&alloc) {
+                if s.kv.as_ref().is_some_and(|kv| kv.floor_bytes(reserve) > a) && s.conclude_thinking() {
+                    tracing::info!(request_id = %s.id(), budget = a, reserve, "closing the thinking span: memory");
+                }
+            }
+        }
         for (i, &a) in alloc.iter().enumerate() {
             if self.running[i].restoring() {
                 self.restore(i, a);

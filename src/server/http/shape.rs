@@ -41,6 +41,8 @@ fn kv(k: &KvState) -> Value {
 pub fn extension(c: &Completion) -> Value {
     json!({
         "finish_reason": format!("{:?}", c.finish).to_lowercase(),
+        "thinking_budget_reached": c.thinking_budget_reached,
+        "thinking_concluded": c.thinking_concluded,
         "stop_matched": c.stop_matched,
         "kv": kv(&c.kv),
         "timings": {
