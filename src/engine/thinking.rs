@@ -79,10 +79,11 @@ impl ThinkState {
     }
 
     /// Close the span at the next token (the memory budget is running out). Returns whether it did: only inside a
-    /// span, and once.
+    /// span. Called before every step while the room is short, so a span the model opens again is closed again:
+    /// the room left is the answer's.
     pub fn conclude(&mut self, t: Option<&Thinking>) -> bool {
         match t {
-            Some(t) if self.inside && self.forced.is_empty() && !self.concluded => {
+            Some(t) if self.inside && self.forced.is_empty() => {
                 self.forced.extend(&t.markers.conclude);
                 self.concluded = true;
                 true
@@ -160,6 +161,22 @@ mod tests {
         );
         assert!(s.budget_reached && !s.inside);
         assert_eq!(s.reasoning_tokens, 4, "the closing marker counts as reasoning");
+    }
+
+    #[test]
+    fn concluding_closes_every_span_opened_while_the_room_is_short() {
+        let t = thinking(None, true);
+        let mut s = ThinkState::new(Some(&t));
+        let mut out = Vec::new();
+        for sampled in [7, 8, 10, 9] {
+            s.conclude(Some(&t));
+            let tok = s.forced_next(Some(&t)).unwrap_or(sampled);
+            out.push(tok);
+            s.observe(Some(&t), tok);
+        }
+        // closed at once; the model reopens with 10, which is closed again at the next step
+        assert_eq!(out, [11, 5, 10, 11]);
+        assert!(s.concluded && !s.inside);
     }
 
     #[test]
