@@ -92,11 +92,11 @@ pub fn split_logits(all: &[f32], counts: &[usize], vocab: usize) -> Vec<Vec<f32>
         .collect()
 }
 
-/// RMSNorm over every head (`w.len()` values) of `x` in place (Qwen3's q/k norm, as ggml's rms_norm per row).
-fn head_norm(x: &mut [f32], w: &[f32], eps: f32) {
-    let mut out = Vec::with_capacity(x.len());
-    rms_norm(x, w, eps, &mut out);
-    x.copy_from_slice(&out);
+/// RMSNorm over every head (`w.len()` values) of `x` in place (Qwen3's q/k norm, as ggml's rms_norm per row),
+/// through the caller's scratch buffer (no allocation in the decode step).
+fn head_norm(x: &mut [f32], w: &[f32], eps: f32, scratch: &mut Vec<f32>) {
+    rms_norm(x, w, eps, scratch);
+    x.copy_from_slice(scratch);
 }
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
@@ -260,8 +260,9 @@ impl Model {
         let mut k = qkv.pop().unwrap_or_default();
         let mut q = qkv.pop().unwrap_or_default();
         if let Some((qn, kn)) = &layer.qk_norm {
-            head_norm(&mut q, qn, cfg.rms_eps);
-            head_norm(&mut k, kn, cfg.rms_eps);
+            // (hbuf, the normed input, is spent: the projections have read it)
+            head_norm(&mut q, qn, cfg.rms_eps, &mut hbuf);
+            head_norm(&mut k, kn, cfg.rms_eps, &mut hbuf);
         }
         self.rope(&mut q, cfg.heads, cos, sin);
         self.rope(&mut k, cfg.kv_heads, cos, sin);
