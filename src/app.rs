@@ -225,7 +225,7 @@ async fn front_start(
     };
     let http = match cfg.http.listen {
         None => None,
-        Some(a) => Some(http_start(cfg, a, &service, admin.clone()).await?),
+        Some(a) => Some(http_start(cfg, a, &service, admin.clone(), &opts).await?),
     };
     let transport = tokio::spawn(server::serve(
         listener,
@@ -265,14 +265,15 @@ async fn front_start(
 }
 
 /// Bind `http.listen` and serve the OpenAI-compatible API from the same engine, with gRPC's TLS identity, admin
-/// token and connection limits.
+/// token and connection limits (`opts`).
 async fn http_start(
     cfg: &Config,
     addr: std::net::SocketAddr,
     service: &GrpcService,
     admin: AdminService,
+    opts: &ServeOptions,
 ) -> Result<HttpFront, AppError> {
-    let tls = match &cfg.tls {
+    let tls = match &opts.tls {
         None => None,
         Some((cert, key)) => Some(server::http::tls_acceptor(cert, key).map_err(AppError::Tls)?),
     };
@@ -282,20 +283,12 @@ async fn http_start(
     let state = server::http::HttpState::new(
         service.engine_cell(),
         admin,
-        cfg.admin_token.as_deref().map(Arc::from),
+        opts.admin_token.clone(),
         &cfg.http.model_name,
         cfg.http.metrics,
     );
-    let opts = server::http::HttpServeOptions {
-        tls,
-        max_connections: cfg.edge.max_connections,
-        max_streams_per_connection: cfg.edge.max_streams_per_connection,
-        handshake_timeout: cfg.edge.handshake_timeout,
-        keepalive_interval: cfg.edge.keepalive_interval,
-        keepalive_timeout: cfg.edge.keepalive_timeout,
-    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(server::http::serve(l, state.clone(), opts, async {
+    let task = tokio::spawn(server::http::serve(l, state.clone(), opts.clone(), tls, async {
         let _ = stop_rx.await;
     }));
     tracing::info!(listen = %addr, tls = cfg.tls.is_some(), "OpenAI-compatible HTTP API on /v1");

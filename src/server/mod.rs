@@ -7,6 +7,23 @@
 //! Invariants: every started Generate stream ends with `complete` or `error`, or the client went away.
 #![forbid(unsafe_code)]
 
+/// The span of one generation request (`rpc.generate`, `http.generate`, extra fields after the name): every
+/// field [`RpcOutcome`] records is declared here, once for both transports (a field not declared is dropped).
+macro_rules! generate_span {
+    ($name:literal $(, $k:ident = $v:expr)*) => {
+        tracing::info_span!(
+            $name,
+            $($k = $v,)*
+            request_id = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty,
+            completion_tokens = tracing::field::Empty,
+            ttft_ms = tracing::field::Empty,
+            total_ms = tracing::field::Empty,
+            finish_reason = tracing::field::Empty
+        )
+    };
+}
+
 pub mod admin;
 pub mod convert;
 pub mod edge;
@@ -23,7 +40,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
-use tracing::field::Empty;
 
 pub use tonic_health::server::HealthReporter;
 pub use tonic_health::ServingStatus;
@@ -79,6 +95,18 @@ struct RpcOutcome {
 }
 
 impl RpcOutcome {
+    /// Trace a submitted request in `span` (opened by [`generate_span!`] at `started`).
+    fn new(span: tracing::Span, started: Instant, sub: &crate::engine::Submission) -> Self {
+        span.record("request_id", sub.request_id.as_str());
+        span.record("prompt_tokens", sub.prompt_tokens);
+        RpcOutcome {
+            span,
+            started,
+            done: false,
+            tokens: 0,
+        }
+    }
+
     fn observe(&mut self, ev: &Event) {
         match ev {
             Event::Chunk { token_ids, .. } => self.tokens += token_ids.len(),
@@ -118,15 +146,7 @@ impl PmkvqService for GrpcService {
     async fn generate(&self, req: Request<proto::GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let started = Instant::now();
         let engine = self.engine()?;
-        let span = tracing::info_span!(
-            "rpc.generate",
-            request_id = Empty,
-            prompt_tokens = Empty,
-            completion_tokens = Empty,
-            ttft_ms = Empty,
-            total_ms = Empty,
-            finish_reason = Empty
-        );
+        let span = generate_span!("rpc.generate");
         let priority = req.get_ref().kv.as_ref().and_then(|k| k.priority).unwrap_or(0);
         if priority > 0 && !admin::bearer_ok(self.admin_token.as_deref(), req.metadata()) {
             return Err(Status::permission_denied(format!(
@@ -143,15 +163,8 @@ impl PmkvqService for GrpcService {
             span.in_scope(|| tracing::info!(code = ?st.code(), error = %e, "request refused"));
             st
         })?;
-        span.record("request_id", sub.request_id.as_str());
-        span.record("prompt_tokens", sub.prompt_tokens);
+        let mut outcome = RpcOutcome::new(span, started, &sub);
         let id = sub.request_id;
-        let mut outcome = RpcOutcome {
-            span,
-            started,
-            done: false,
-            tokens: 0,
-        };
         let stream = tokio_stream::wrappers::ReceiverStream::new(sub.events).map(move |ev| {
             outcome.observe(&ev);
             Ok(convert::response_of(&id, &ev))

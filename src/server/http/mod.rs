@@ -29,7 +29,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio_stream::StreamExt;
-use tracing::field::Empty;
 
 /// Largest request body: a prompt at any context length this daemon serves fits many times over.
 pub const MAX_BODY_BYTES: usize = 8 << 20;
@@ -224,33 +223,18 @@ async fn generate(
             }
         };
     }
-    let span = tracing::info_span!(
-        "http.generate",
-        route = match kind {
-            Kind::Chat => "chat",
-            Kind::Text => "completions",
-        },
-        request_id = Empty,
-        prompt_tokens = Empty,
-        completion_tokens = Empty,
-        ttft_ms = Empty,
-        total_ms = Empty,
-        finish_reason = Empty
-    );
+    let route = match kind {
+        Kind::Chat => "chat",
+        Kind::Text => "completions",
+    };
+    let span = generate_span!("http.generate", route = route);
     let sub = engine.submit_async(req).await.map_err(|e| {
         let err = ApiError::of_engine(&e, max_tokens_param);
         span.in_scope(|| tracing::info!(status = err.status.as_u16(), error = %e, "request refused"));
         err
     })?;
-    span.record("request_id", sub.request_id.as_str());
-    span.record("prompt_tokens", sub.prompt_tokens);
-    let shape = Shape::new(kind, &sub.request_id, model);
-    let outcome = super::RpcOutcome {
-        span,
-        started,
-        done: false,
-        tokens: 0,
-    };
+    let outcome = super::RpcOutcome::new(span, started, &sub);
+    let shape = Shape::new(kind, &sub.request_id, model, delivery.include_usage);
     Ok(stream::respond(sub, shape, delivery, outcome).await)
 }
 
@@ -386,17 +370,6 @@ async fn memory_budget(State(s): State<HttpState>, headers: HeaderMap, body: Bod
     .into_response())
 }
 
-/// Connection settings: the gRPC edge's (`server.*`) and the TLS identity.
-#[derive(Clone)]
-pub struct HttpServeOptions {
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    pub max_connections: usize,
-    pub max_streams_per_connection: u32,
-    pub handshake_timeout: Duration,
-    pub keepalive_interval: Option<Duration>,
-    pub keepalive_timeout: Duration,
-}
-
 /// A TLS acceptor for PEM `cert` (chain) and `key`, offering h2 and HTTP/1.1.
 pub fn tls_acceptor(cert: &[u8], key: &[u8]) -> Result<tokio_rustls::TlsAcceptor, String> {
     use rustls_pki_types::pem::PemObject;
@@ -420,11 +393,13 @@ pub fn tls_acceptor(cert: &[u8], key: &[u8]) -> Result<tokio_rustls::TlsAcceptor
 }
 
 /// Serve until `shutdown` resolves; then stop accepting, let every open request finish (the engine's drain
-/// bounds how long) and close idle connections.
+/// bounds how long) and close idle connections. `opts` are the gRPC listener's connection limits (its PEM
+/// identity arrives built, as `tls`, so a bad one stops the start: [`tls_acceptor`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: HttpState,
-    opts: HttpServeOptions,
+    opts: super::ServeOptions,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -457,7 +432,7 @@ pub async fn serve(
             },
             _ = &mut shutdown => break,
         };
-        let (builder, service, watcher, tls) = (builder.clone(), service.clone(), graceful.watcher(), opts.tls.clone());
+        let (builder, service, watcher, tls) = (builder.clone(), service.clone(), graceful.watcher(), tls.clone());
         let handshake = opts.handshake_timeout;
         tokio::spawn(async move {
             let result = match tls {

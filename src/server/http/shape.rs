@@ -69,10 +69,12 @@ pub struct Shape {
     pub id: String,
     pub model: String,
     pub created: u64,
+    /// `stream_options.include_usage`: chunks carry `"usage": null`, and a usage chunk ends the stream.
+    pub include_usage: bool,
 }
 
 impl Shape {
-    pub fn new(kind: Kind, request_id: &str, model: String) -> Self {
+    pub fn new(kind: Kind, request_id: &str, model: String, include_usage: bool) -> Self {
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -85,7 +87,25 @@ impl Shape {
             id: format!("{prefix}{request_id}"),
             model,
             created,
+            include_usage,
         }
+    }
+
+    /// The object around the choices: id, object, created, model (and, on a chunk with usage asked for,
+    /// `"usage": null`, OpenAI's convention).
+    fn envelope(&self, chunk: bool, choices: Value) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": null,
+            "choices": choices,
+        });
+        if chunk && self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -120,21 +140,15 @@ impl Shape {
                 Kind::Text => choice["reasoning_content"] = r.into(),
             }
         }
-        json!({
-            "id": self.id,
-            "object": self.object(false),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [choice],
-            "usage": usage(c),
-            "pmkvq": extension(c),
-        })
+        let mut v = self.envelope(false, json!([choice]));
+        v["usage"] = usage(c);
+        v["pmkvq"] = extension(c);
+        v
     }
 
     /// One streamed chunk with a choice: `text` (a first chat chunk also says the role) and, on the last, the
-    /// finish reason and our extension. `usage: null` when the client asked for usage (OpenAI's convention).
-    pub fn chunk(&self, text: &str, first: bool, done: Option<&Completion>, include_usage: bool) -> Value {
+    /// finish reason and our extension.
+    pub fn chunk(&self, text: &str, first: bool, done: Option<&Completion>) -> Value {
         let finish = done.map(|c| finish_reason(c.finish));
         let choice = match self.kind {
             Kind::Chat => {
@@ -147,17 +161,7 @@ impl Shape {
             }
             Kind::Text => json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish}),
         };
-        let mut v = json!({
-            "id": self.id,
-            "object": self.object(true),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [choice],
-        });
-        if include_usage {
-            v["usage"] = Value::Null;
-        }
+        let mut v = self.envelope(true, json!([choice]));
         if let Some(c) = done {
             v["pmkvq"] = extension(c);
         }
@@ -166,8 +170,8 @@ impl Shape {
 
     /// A streamed chunk of reasoning: `delta.reasoning_content` (chat) or `reasoning_content` beside an empty
     /// `text` (completions).
-    pub fn reasoning_chunk(&self, text: &str, include_usage: bool) -> Value {
-        let mut v = self.chunk("", false, None, include_usage);
+    pub fn reasoning_chunk(&self, text: &str) -> Value {
+        let mut v = self.chunk("", false, None);
         match self.kind {
             Kind::Chat => v["choices"][0]["delta"] = json!({"reasoning_content": text}),
             Kind::Text => v["choices"][0]["reasoning_content"] = text.into(),
@@ -177,14 +181,8 @@ impl Shape {
 
     /// The usage-only chunk after the last choice (`stream_options.include_usage`).
     pub fn usage_chunk(&self, c: &Completion) -> Value {
-        json!({
-            "id": self.id,
-            "object": self.object(true),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": null,
-            "choices": [],
-            "usage": usage(c),
-        })
+        let mut v = self.envelope(true, json!([]));
+        v["usage"] = usage(c);
+        v
     }
 }

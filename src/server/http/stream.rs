@@ -28,7 +28,6 @@ struct Sse {
     events: mpsc::Receiver<Event>,
     outcome: RpcOutcome,
     shape: Shape,
-    delivery: Delivery,
     /// The role chunk (chat) has been sent.
     started: bool,
     done: bool,
@@ -44,7 +43,7 @@ impl Sse {
             self.started = true;
             if self.shape.kind == super::shape::Kind::Chat {
                 // OpenAI's first chunk announces the role before any text.
-                return Some(frame(&self.shape.chunk("", true, None, self.delivery.include_usage)).into());
+                return Some(frame(&self.shape.chunk("", true, None)).into());
             }
         }
         loop {
@@ -59,14 +58,12 @@ impl Sse {
                 Some(Event::Chunk { text, .. }) if text.is_empty() => continue,
                 Some(Event::Chunk {
                     text, reasoning: true, ..
-                }) => frame(&self.shape.reasoning_chunk(&text, self.delivery.include_usage)),
-                Some(Event::Chunk { text, .. }) => {
-                    frame(&self.shape.chunk(&text, false, None, self.delivery.include_usage))
-                }
+                }) => frame(&self.shape.reasoning_chunk(&text)),
+                Some(Event::Chunk { text, .. }) => frame(&self.shape.chunk(&text, false, None)),
                 Some(Event::Complete(c)) => {
                     self.done = true;
-                    let mut s = frame(&self.shape.chunk("", false, Some(&c), self.delivery.include_usage));
-                    if self.delivery.include_usage {
+                    let mut s = frame(&self.shape.chunk("", false, Some(&c)));
+                    if self.shape.include_usage {
                         s.push_str(&frame(&self.shape.usage_chunk(&c)));
                     }
                     s + "data: [DONE]\n\n"
@@ -100,7 +97,6 @@ pub(super) async fn respond(sub: Submission, shape: Shape, delivery: Delivery, o
             events: sub.events,
             outcome,
             shape,
-            delivery,
             started: false,
             done: false,
         };
