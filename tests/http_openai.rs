@@ -21,6 +21,20 @@ fn script() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_check.py")
 }
 
+/// A free loopback address for the HTTP listener.
+fn http_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
+/// pmkvqd on the default model with the HTTP API on a free port and `overrides`: the server and its HTTP address.
+async fn with_http(overrides: &[(&str, &str)]) -> (common::daemon::TestServer, String) {
+    let http = http_addr();
+    let mut pairs = vec![("http.listen", http.as_str())];
+    pairs.extend_from_slice(overrides);
+    let server = start_server(&pairs).await;
+    (server, http)
+}
+
 /// An error object in OpenAI's shape naming `param`.
 fn assert_error(v: &Value, status: u16, param: Option<&str>) {
     let e = &v["error"];
@@ -45,9 +59,7 @@ fn assert_error(v: &Value, status: u16, param: Option<&str>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_package_gets_the_same_tokens_as_grpc() {
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let server = start_server(&[("http.listen", &http)]).await;
+    let (server, http) = with_http(&[]).await;
     let mut c = server.client().await;
     let (chat_prompt, text_prompt, max_tokens) = ("Name three colours of the rainbow.", "The capital of France is", 24);
     let chat = collect(&mut c, chat_request(&[("user", chat_prompt)], max_tokens)).await;
@@ -127,9 +139,7 @@ async fn the_openai_package_gets_the_same_tokens_as_grpc() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_a_stream_frees_the_sequence_within_a_second() {
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let server = start_server(&[("http.listen", &http)]).await;
+    let (server, http) = with_http(&[]).await;
     let mut c = server.client().await;
     let mut child = tokio::process::Command::new(python())
         .args([script(), "disconnect", &format!("http://{http}/v1")])
@@ -157,9 +167,7 @@ async fn closing_a_stream_frees_the_sequence_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_openai_errors_with_the_right_status() {
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let server = start_server(&[("http.listen", &http), ("auth.token", TOKEN)]).await;
+    let (server, http) = with_http(&[("auth.token", TOKEN)]).await;
     let msgs = json!([{"role": "user", "content": "hi"}]);
     for (path, body, status, param) in [
         (
@@ -297,14 +305,7 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_health_metrics_and_request_ids() {
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let server = start_server(&[
-        ("http.listen", &http),
-        ("http.model_name", "smollm2"),
-        ("http.metrics", "true"),
-    ])
-    .await;
+    let (server, http) = with_http(&[("http.model_name", "smollm2"), ("http.metrics", "true")]).await;
     let r = get(&http, "/v1/models").await;
     assert_eq!(r.status, 200);
     let m = r.json();
@@ -341,9 +342,7 @@ async fn models_health_metrics_and_request_ids() {
 /// properly (its last chunk, then `[DONE]`) when the grace period cuts it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_answers_503_and_ends_open_streams_cleanly() {
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let server = start_server(&[("http.listen", &http), ("shutdown.grace", "2s")]).await;
+    let (server, http) = with_http(&[("shutdown.grace", "2s")]).await;
     let mut c = server.client().await;
     let h2 = http.clone();
     let stream = tokio::spawn(async move {
@@ -382,8 +381,7 @@ async fn draining_answers_503_and_ends_open_streams_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_fault_ends_the_request_with_an_openai_error() {
     use pmkvq::engine::{FaultHook, FaultPoint};
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
+    let http = http_addr();
     let server = start_server_with(&[("http.listen", &http)], |c| {
         c.fault = Some(FaultHook(std::sync::Arc::new(|p, r| {
             p == FaultPoint::Step && r.starts_with("boom")
@@ -424,14 +422,7 @@ async fn an_engine_fault_ends_the_request_with_an_openai_error() {
 /// With the queue full a request gets 429 (with Retry-After) in OpenAI's shape; the held ones are unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_answers_429() {
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let server = start_server(&[
-        ("http.listen", &http),
-        ("engine.max_running", "1"),
-        ("engine.max_queued", "1"),
-    ])
-    .await;
+    let (server, http) = with_http(&[("engine.max_running", "1"), ("engine.max_queued", "1")]).await;
     let mut c = server.client().await;
     let long = json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true, "stream": true});
     let (h1, b1) = (http.clone(), long.clone());
@@ -511,8 +502,7 @@ async fn https_with_the_grpc_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_503_until_the_model_is_warm() {
     use pmkvq::engine::{FaultHook, FaultPoint};
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
+    let http = http_addr();
     let h2 = http.clone();
     // A warm-up that takes 2 s longer (the hook sleeps on the engine thread and injects nothing).
     let server = tokio::spawn(async move {

@@ -66,12 +66,21 @@ impl ThinkState {
         }
     }
 
+    /// Queue the end of the open span in place of sampling; false when there is no span to close (or its end is
+    /// already queued).
+    fn close_span(&mut self, t: &Thinking) -> bool {
+        let closing = self.inside && self.forced.is_empty();
+        if closing {
+            self.forced.extend(&t.markers.conclude);
+        }
+        closing
+    }
+
     /// Before choosing the next token: the token the engine emits itself, if the budget is spent.
     pub fn forced_next(&mut self, t: Option<&Thinking>) -> Option<u32> {
         if let Some(t) = t {
             let spent = t.budget.is_some_and(|b| self.reasoning_tokens >= b);
-            if self.inside && spent && !self.budget_reached && self.forced.is_empty() {
-                self.forced.extend(&t.markers.conclude);
+            if spent && !self.budget_reached && self.close_span(t) {
                 self.budget_reached = true;
             }
         }
@@ -82,14 +91,9 @@ impl ThinkState {
     /// span. Called before every step while the room is short, so a span the model opens again is closed again:
     /// the room left is the answer's.
     pub fn conclude(&mut self, t: Option<&Thinking>) -> bool {
-        match t {
-            Some(t) if self.inside && self.forced.is_empty() => {
-                self.forced.extend(&t.markers.conclude);
-                self.concluded = true;
-                true
-            }
-            _ => false,
-        }
+        let closed = t.is_some_and(|t| self.close_span(t));
+        self.concluded |= closed;
+        closed
     }
 
     /// After choosing `tok`: (whether it is reasoning, whether it is a marker).
