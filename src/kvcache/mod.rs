@@ -21,6 +21,7 @@ pub mod reparam;
 pub mod rotate;
 pub mod spill;
 pub mod tap;
+pub mod window;
 
 pub use method::{KvMethod, MethodSpec};
 /// The run-time width plan's sensitivity table and levels (for profiles and tools).
@@ -34,6 +35,7 @@ pub use reference::{F16KvStore, F32KvStore, RefElem, RefKvStore};
 pub use reparam::{KeyScaled, KeyScales};
 pub use rotate::{Rotated, ROTATION_SEED};
 pub use tap::{KvTap, Tapped};
+pub use window::{Windowed, Windowing};
 
 /// Shape of the KV state of one sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,6 +232,11 @@ pub trait KvStore: Send {
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         None
     }
+    /// The sliding-window layers this store attends over windows for ([`Windowed`]); a model with such layers
+    /// refuses a store without them (its local layers would see everything).
+    fn windowing(&self) -> Option<&Windowing> {
+        None
+    }
 }
 
 /// Shape checks shared by every store.
@@ -349,6 +356,9 @@ macro_rules! forward_kv_store {
         fn requantizations(&$s) -> u64 {
             $inner.requantizations()
         }
+        fn windowing(&$s) -> Option<&$crate::kvcache::Windowing> {
+            $inner.windowing()
+        }
     };
 }
 pub(crate) use forward_kv_store;
@@ -356,6 +366,31 @@ pub(crate) use forward_kv_store;
 /// A borrowed store is a store: the CLI's local loop runs a `Sequence` over a cache its caller keeps (to read
 /// it afterwards), where the daemon's sequences own theirs.
 impl<S: KvStore + ?Sized> KvStore for &mut S {
+    fn attend_and_store(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), KvError> {
+        (**self).attend_and_store(layer, q, k, v, n, out)
+    }
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
+        (**self).append(layer, k, v, n)
+    }
+    fn method(&self) -> String {
+        (**self).method()
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        (**self).as_any_mut()
+    }
+    forward_kv_store!(self => (**self));
+}
+
+/// A boxed store is a store (a wrapper's inner store of any method).
+impl<S: KvStore + ?Sized> KvStore for Box<S> {
     fn attend_and_store(
         &mut self,
         layer: usize,

@@ -13,12 +13,49 @@ pub enum Arch {
     Qwen2,
     /// Qwen2 without q/k/v biases, with an RMSNorm over each head of q and k before RoPE.
     Qwen3,
+    /// Gemma 3: q/k norms, RMSNorms before *and after* attention and the MLP, GeGLU (tanh GELU), embeddings
+    /// scaled by √hidden, sliding-window ("local") layers beside global ones with their own RoPE base.
+    Gemma3,
 }
 
 impl Arch {
     /// Whether q and k get a per-head RMSNorm (`q_norm`, `k_norm`) before RoPE.
     pub fn qk_norm(self) -> bool {
-        self == Arch::Qwen3
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// Whether the attention and MLP outputs get their own RMSNorm before the residual add (Gemma 2/3).
+    pub fn post_norms(self) -> bool {
+        self == Arch::Gemma3
+    }
+
+    /// Whether the MLP gate is GELU (tanh approximation, "GeGLU") rather than SiLU.
+    pub fn gelu(self) -> bool {
+        self == Arch::Gemma3
+    }
+}
+
+/// Sliding-window ("local") attention: a local layer's token at position p attends to positions
+/// `p - window + 1 ..= p` only, so its cache never needs more than the last `window - 1` tokens before a step.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SlidingWindow {
+    /// Tokens a query sees, itself included (llama.cpp's `n_swa`, HF's `sliding_window`).
+    pub window: usize,
+    /// `local[l]`: layer `l` is a sliding-window layer (the others attend over everything).
+    pub local: Vec<bool>,
+    /// RoPE of the local layers (Gemma 3: base 10 000, unscaled; the global layers use `ModelConfig::rope`).
+    pub rope: RopeConfig,
+}
+
+impl SlidingWindow {
+    /// Gemma 3's layout: every `pattern`-th layer (1-based) is global, the rest local (llama.cpp
+    /// `set_swa_pattern`).
+    pub fn every(pattern: usize, layers: usize, window: usize, rope: RopeConfig) -> Self {
+        SlidingWindow {
+            window,
+            local: (0..layers).map(|l| pattern == 0 || (l + 1) % pattern != 0).collect(),
+            rope,
+        }
     }
 }
 
@@ -48,6 +85,8 @@ pub struct RopeConfig {
     /// Rotated channels per head (= head_dim for every model in scope).
     pub dim: usize,
     pub llama3: Option<Llama3Scaling>,
+    /// Linear position scaling (`rope.scaling.type = linear`): positions are divided by this factor.
+    pub linear: Option<f32>,
 }
 
 impl RopeConfig {
@@ -65,10 +104,11 @@ impl RopeConfig {
             .collect()
     }
 
-    /// Per-pair divisor of the angle (ggml's `freq_factors`): exactly 1 without llama3 scaling.
+    /// Per-pair divisor of the angle (ggml's `freq_factors`): exactly 1 without scaling, the factor for linear
+    /// scaling.
     pub fn freq_factors(&self) -> Vec<f32> {
         match self.llama3 {
-            None => vec![1.0; self.dim / 2],
+            None => vec![self.linear.unwrap_or(1.0); self.dim / 2],
             Some(s) => (0..self.dim / 2)
                 .map(|j| {
                     let f = 1.0 / self.theta.powf(2.0 * j as f32 / self.dim as f32);
@@ -124,12 +164,34 @@ pub struct ModelConfig {
     pub rope: RopeConfig,
     pub context_length: usize,
     pub tie_embeddings: bool,
+    /// Sliding-window layers, where the model has them (Gemma 3).
+    pub sliding: Option<SlidingWindow>,
+    /// Multiplier of the token embeddings (Gemma: √hidden).
+    pub embed_scale: Option<f32>,
+    /// Extra factor on the queries before attention (which scales scores by 1/√head_dim): Gemma 3 27B scales
+    /// by 1/√(hidden/heads) instead (`query_pre_attn_scalar`). 1 for every other model.
+    pub query_scale: f32,
 }
 
 /// More layers than any released model has (Llama 3.1 405B: 126); a larger `block_count` is a corrupt file.
 pub const MAX_LAYERS: usize = 4096;
 
 impl ModelConfig {
+    /// The sliding-window layers as the KV stores see them.
+    pub fn windowing(&self) -> Option<crate::kvcache::Windowing> {
+        self.sliding.as_ref().map(|s| crate::kvcache::Windowing {
+            window: s.window,
+            local: s.local.clone(),
+        })
+    }
+
+    /// Whether layer `l` is a sliding-window layer.
+    pub fn is_local(&self, l: usize) -> bool {
+        self.sliding
+            .as_ref()
+            .is_some_and(|s| s.local.get(l).copied().unwrap_or(false))
+    }
+
     /// Width of one token's K (or V) in one layer: `kv_heads · head_dim`.
     pub fn kv_dim(&self) -> usize {
         self.kv_heads * self.head_dim
@@ -164,6 +226,18 @@ impl ModelConfig {
                 self.heads, self.kv_heads
             )));
         }
+        if let Some(sw) = &self.sliding {
+            if sw.window < 1 || sw.local.len() != self.layers || sw.rope.dim != self.head_dim {
+                return Err(bad(format!(
+                    "sliding window {} over {} layer flags with rope dim {} (need >= 1, {} layers, rope dim {})",
+                    sw.window,
+                    sw.local.len(),
+                    sw.rope.dim,
+                    self.layers,
+                    self.head_dim
+                )));
+            }
+        }
         if !self.head_dim.is_multiple_of(2) || self.rope.dim != self.head_dim {
             return Err(bad(format!(
                 "rope dimension {} must equal the (even) head dim {}",
@@ -187,6 +261,7 @@ impl ModelConfig {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
+            "gemma3" => Arch::Gemma3,
             other => {
                 return Err(ModelError::UnsupportedArch {
                     file: file.to_path_buf(),
@@ -211,11 +286,11 @@ impl ModelConfig {
         let kv_heads = get_u("attention.head_count_kv").unwrap_or(heads);
         let head_dim = get_u("attention.key_length").unwrap_or(hidden / heads.max(1));
         let rope_dim = get_u("rope.dimension_count").unwrap_or(head_dim);
-        let llama3 = match md
+        let scaling = md
             .get(&key("rope.scaling.type"))
             .and_then(|v| v.to_string().ok())
-            .map(|s| s.as_str())
-        {
+            .map(|s| s.as_str());
+        let llama3 = match scaling {
             Some("llama3") => Some(Llama3Scaling {
                 factor: get_f("rope.scaling.factor").unwrap_or(8.0),
                 low_freq_factor: get_f("rope.scaling.low_freq_factor").unwrap_or(1.0),
@@ -224,12 +299,48 @@ impl ModelConfig {
             }),
             _ => None,
         };
+        let linear = match scaling {
+            Some("linear") => match get_f("rope.scaling.factor") {
+                Some(f) if f.is_finite() && f > 0.0 => Some(f),
+                other => {
+                    return Err(bad(format!(
+                        "{}: {other:?} is not a positive factor",
+                        key("rope.scaling.factor")
+                    )))
+                }
+            },
+            None | Some("none") | Some("llama3") => None,
+            Some(other) => {
+                return Err(bad(format!(
+                    "{}: `{other}` is not supported (none, linear, llama3)",
+                    key("rope.scaling.type")
+                )))
+            }
+        };
         let vocab_size = get_u("vocab_size").unwrap_or(vocab_len);
+        let layers = get_u("block_count")?;
+        let gemma = arch == Arch::Gemma3;
+        let sliding = match (gemma, get_u("attention.sliding_window")) {
+            // llama.cpp: Gemma 3's local layers use RoPE base 10 000 without scaling; every 6th layer is global
+            (true, Ok(window)) => Some(SlidingWindow::every(
+                6,
+                layers.min(MAX_LAYERS),
+                window,
+                RopeConfig {
+                    theta: 10_000.0,
+                    layout: RopeLayout::Neox,
+                    dim: rope_dim,
+                    llama3: None,
+                    linear: None,
+                },
+            )),
+            _ => None,
+        };
         ModelConfig {
             arch,
             vocab_size,
             hidden,
-            layers: get_u("block_count")?,
+            layers,
             heads,
             kv_heads,
             head_dim,
@@ -239,13 +350,22 @@ impl ModelConfig {
                 theta: get_f("rope.freq_base").unwrap_or(10_000.0),
                 layout: match arch {
                     Arch::Llama => RopeLayout::Interleaved,
-                    Arch::Qwen2 | Arch::Qwen3 => RopeLayout::Neox,
+                    Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => RopeLayout::Neox,
                 },
                 dim: rope_dim,
                 llama3,
+                linear,
             },
             context_length: get_u("context_length").unwrap_or(4096),
             tie_embeddings: false, // decided by the loader from the tensor list
+            sliding,
+            embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+            // llama.cpp: `f_attention_scale` is 1/√(n_embd/n_head) for Gemma 3 27B (62 layers), else 1/√head_dim
+            query_scale: if gemma && layers == 62 && heads > 0 {
+                (head_dim as f32 / (hidden as f32 / heads as f32)).sqrt()
+            } else {
+                1.0
+            },
         }
         .validate(file)
     }
@@ -301,9 +421,13 @@ impl ModelConfig {
                 layout: RopeLayout::Neox,
                 dim: head_dim,
                 llama3,
+                linear: None,
             },
             context_length: u("max_position_embeddings").unwrap_or(4096),
             tie_embeddings: j["tie_word_embeddings"].as_bool().unwrap_or(false),
+            sliding: None,
+            embed_scale: None,
+            query_scale: 1.0,
         }
         .validate(file)
     }
@@ -326,6 +450,7 @@ mod tests {
             layout: RopeLayout::Neox,
             dim: 128,
             llama3: Some(s),
+            linear: None,
         };
         let plain = RopeConfig {
             llama3: None,

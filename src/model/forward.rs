@@ -114,6 +114,18 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     }
 }
 
+/// GELU, tanh approximation (ggml's `gelu`, HF `gelu_pytorch_tanh`).
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+}
+
+/// cos/sin tables of a batch's positions: the global layers' RoPE and, where layers slide, the local layers'.
+struct RopeTables {
+    global: (Vec<f32>, Vec<f32>),
+    local: Option<(Vec<f32>, Vec<f32>)>,
+}
+
 impl Linear {
     /// Row `r` as f32 (embedding lookup).
     fn row_f32(&self, r: usize, out: &mut [f32]) -> Result<(), ModelError> {
@@ -185,6 +197,7 @@ impl Model {
         }
         // Every store confirms it can take its tokens in every layer before any layer is touched.
         for (i, (s, store)) in seqs.iter().zip(kv.iter_mut()).enumerate() {
+            self.check_store(&**store).map_err(|e| ModelError::in_sequence(i, e))?;
             store
                 .reserve(s.tokens.len())
                 .map_err(|e| ModelError::in_sequence(i, e))?;
@@ -201,13 +214,11 @@ impl Model {
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.config;
         let h = cfg.hidden;
-        let mut x = vec![0.0f32; t * h];
-        for (row, &tok) in x.chunks_exact_mut(h).zip(seqs.iter().flat_map(|s| s.tokens)) {
-            self.embed.row_f32(tok as usize, row)?;
-        }
-        let (cos, sin) = self.angle_tables(seqs.iter().flat_map(|s| s.positions), t);
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens).copied().collect();
+        let mut x = self.embed_rows(&tokens)?;
+        let rope = self.angle_tables(seqs.iter().flat_map(|s| s.positions), t);
         for li in 0..self.layers.len() {
-            self.run_layer(li, &mut x, t, &cos, &sin, seqs, kv, false)?;
+            self.run_layer(li, &mut x, t, &rope, seqs, kv, false)?;
         }
         let (rows, counts) = logit_rows(seqs, mode);
         if rows.is_empty() {
@@ -224,16 +235,37 @@ impl Model {
         Ok(split_logits(&logits, &counts, cfg.vocab_size))
     }
 
-    fn angle_tables<'a>(&self, positions: impl Iterator<Item = &'a u32>, t: usize) -> (Vec<f32>, Vec<f32>) {
+    fn angle_tables<'a>(&self, positions: impl Iterator<Item = &'a u32> + Clone, t: usize) -> RopeTables {
         let half = self.config.head_dim / 2;
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for &p in positions {
-            self.config
-                .rope
-                .angles(p as f32, &self.rope_factors, &mut cos, &mut sin);
+        let table = |rope: &super::config::RopeConfig, factors: &[f32]| {
+            let mut cos = Vec::with_capacity(t * half);
+            let mut sin = Vec::with_capacity(t * half);
+            for &p in positions.clone() {
+                rope.angles(p as f32, factors, &mut cos, &mut sin);
+            }
+            (cos, sin)
+        };
+        RopeTables {
+            global: table(&self.config.rope, &self.rope_factors),
+            local: self
+                .config
+                .sliding
+                .as_ref()
+                .map(|s| table(&s.rope, &s.rope.freq_factors())),
         }
-        (cos, sin)
+    }
+
+    /// A store must attend over windows where this model's layers slide (and only then).
+    fn check_store(&self, kv: &dyn KvStore) -> Result<(), ModelError> {
+        let want = self.config.windowing();
+        if kv.windowing() != want.as_ref() {
+            return Err(ModelError::Input(format!(
+                "the kv store's sliding windows ({:?}) are not this model's ({:?}): make stores through the model",
+                kv.windowing().map(|w| w.window),
+                want.map(|w| w.window)
+            )));
+        }
+        Ok(())
     }
 
     /// One decoder layer over `x` (`t × hidden`, all sequences' rows) in place. With `attn_only`, returns the
@@ -244,8 +276,7 @@ impl Model {
         li: usize,
         x: &mut [f32],
         t: usize,
-        cos: &[f32],
-        sin: &[f32],
+        rope: &RopeTables,
         seqs: &[SeqInput<'_>],
         kv: &mut [&mut dyn KvStore],
         attn_only: bool,
@@ -264,8 +295,15 @@ impl Model {
             head_norm(&mut q, qn, cfg.rms_eps, &mut hbuf);
             head_norm(&mut k, kn, cfg.rms_eps, &mut hbuf);
         }
+        let (cos, sin) = match &rope.local {
+            Some(local) if cfg.is_local(li) => (&local.0, &local.1),
+            _ => (&rope.global.0, &rope.global.1),
+        };
         self.rope(&mut q, cfg.heads, cos, sin);
         self.rope(&mut k, cfg.kv_heads, cos, sin);
+        if cfg.query_scale != 1.0 {
+            q.iter_mut().for_each(|v| *v *= cfg.query_scale);
+        }
         let mut attn = vec![0.0f32; t * qd];
         // Each sequence's attention over its own cache; sequences side by side on the pool (one fork-join for
         // the batch rather than one per sequence; a long one still splits its own work inside).
@@ -295,7 +333,11 @@ impl Model {
         };
         // the first failing sequence in batch order, as a sequential loop would report it
         done.into_iter().collect::<Result<Vec<()>, _>>()?;
-        let o = layer.o.forward(&attn, t)?;
+        let mut o = layer.o.forward(&attn, t)?;
+        if let Some((post_attn, _)) = &layer.post_norms {
+            rms_norm(&o, post_attn, cfg.rms_eps, &mut hbuf);
+            std::mem::swap(&mut o, &mut hbuf);
+        }
         if attn_only {
             return Ok(Some(o));
         }
@@ -305,10 +347,20 @@ impl Model {
         rms_norm(x, &layer.ffn_norm, cfg.rms_eps, &mut hbuf);
         let gu = layer.gate_up.forward(&hbuf, t)?;
         let mut act = gu[0].clone();
-        for (a, u) in act.iter_mut().zip(&gu[1]) {
-            *a = *a / (1.0 + (-*a).exp()) * u;
+        if cfg.arch.gelu() {
+            for (a, u) in act.iter_mut().zip(&gu[1]) {
+                *a = gelu_tanh(*a) * u;
+            }
+        } else {
+            for (a, u) in act.iter_mut().zip(&gu[1]) {
+                *a = *a / (1.0 + (-*a).exp()) * u;
+            }
         }
-        let down = layer.down.forward(&act, t)?;
+        let mut down = layer.down.forward(&act, t)?;
+        if let Some((_, post_ffn)) = &layer.post_norms {
+            rms_norm(&down, post_ffn, cfg.rms_eps, &mut hbuf);
+            std::mem::swap(&mut down, &mut hbuf);
+        }
         for (xv, dv) in x.iter_mut().zip(&down) {
             *xv += dv;
         }
@@ -325,14 +377,15 @@ impl Model {
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let seqs = [SeqInput { tokens, positions }];
         check_input(&seqs[0], self.config.vocab_size)?;
+        self.check_store(kv)?;
         let t = tokens.len();
         self.install(|| {
             let mut x = self.embed_rows(tokens)?;
-            let (cos, sin) = self.angle_tables(positions.iter(), t);
+            let rope = self.angle_tables(positions.iter(), t);
             let mut out = Vec::with_capacity(self.layers.len() + 1);
             for li in 0..self.layers.len() {
                 out.push(x.clone());
-                self.run_layer(li, &mut x, t, &cos, &sin, &seqs, &mut [&mut *kv], false)?;
+                self.run_layer(li, &mut x, t, &rope, &seqs, &mut [&mut *kv], false)?;
             }
             out.push(x);
             Ok(out)
@@ -353,10 +406,11 @@ impl Model {
             tokens: &dummy,
             positions,
         }];
+        self.check_store(kv)?;
         self.install(|| {
-            let (cos, sin) = self.angle_tables(positions.iter(), t);
+            let rope = self.angle_tables(positions.iter(), t);
             for li in first..self.layers.len() {
-                self.run_layer(li, &mut x, t, &cos, &sin, &seqs, &mut [&mut *kv], false)?;
+                self.run_layer(li, &mut x, t, &rope, &seqs, &mut [&mut *kv], false)?;
             }
             let mut hbuf = Vec::new();
             rms_norm(&x, &self.norm, self.config.rms_eps, &mut hbuf);
@@ -379,10 +433,11 @@ impl Model {
             positions,
         }];
         let mut xm = x.to_vec();
+        self.check_store(kv)?;
         self.install(|| {
-            let (cos, sin) = self.angle_tables(positions.iter(), t);
+            let rope = self.angle_tables(positions.iter(), t);
             Ok(self
-                .run_layer(li, &mut xm, t, &cos, &sin, &seqs, &mut [&mut *kv], true)?
+                .run_layer(li, &mut xm, t, &rope, &seqs, &mut [&mut *kv], true)?
                 .unwrap_or_default())
         })
     }
@@ -392,6 +447,9 @@ impl Model {
         let mut x = vec![0.0f32; tokens.len() * h];
         for (row, &tok) in x.chunks_exact_mut(h).zip(tokens) {
             self.embed.row_f32(tok as usize, row)?;
+        }
+        if let Some(s) = self.config.embed_scale {
+            x.iter_mut().for_each(|v| *v *= s);
         }
         Ok(x)
     }

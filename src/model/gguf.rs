@@ -219,6 +219,8 @@ impl WeightSource for GgufSource {
             Role::QNorm(l) => format!("blk.{l}.attn_q_norm.weight"),
             Role::KNorm(l) => format!("blk.{l}.attn_k_norm.weight"),
             Role::FfnNorm(l) => format!("blk.{l}.ffn_norm.weight"),
+            Role::PostAttnNorm(l) => format!("blk.{l}.post_attention_norm.weight"),
+            Role::PostFfnNorm(l) => format!("blk.{l}.post_ffw_norm.weight"),
             Role::Gate(l) => format!("blk.{l}.ffn_gate.weight"),
             Role::Up(l) => format!("blk.{l}.ffn_up.weight"),
             Role::Down(l) => format!("blk.{l}.ffn_down.weight"),

@@ -1,4 +1,4 @@
-//! Model weights, the Llama/Qwen2/Qwen3 forward pass, tokenizer and chat template.
+//! Model weights, the Llama/Qwen2/Qwen3/Gemma 3 forward pass, tokenizer and chat template.
 //!
 //! Owns: loading GGUF (v2/v3) and HF safetensors checkpoints into [`Model`], the forward pass given a KV store,
 //! the tokenizer and the chat template. Does not own: KV state (the caller passes a [`crate::kvcache::KvStore`]
@@ -29,7 +29,7 @@ pub enum ModelError {
     #[error("{file}: {what}")]
     Format { file: PathBuf, what: String },
     #[error(
-        "{file}: unsupported architecture `{arch}` (supported: llama, qwen2, qwen3 / LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
+        "{file}: unsupported architecture `{arch}` (supported: GGUF llama, qwen2, qwen3, gemma3; safetensors LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)"
     )]
     UnsupportedArch { file: PathBuf, arch: String },
     #[error("{file}: tensor `{tensor}` has unsupported type {dtype}")]
@@ -198,7 +198,7 @@ impl Backend for Model {
         geom: crate::kvcache::KvGeometry,
         max_tokens: usize,
     ) -> Result<Box<dyn crate::kvcache::KvStore>, KvError> {
-        spec.new_store(geom, max_tokens)
+        spec.new_store_in(geom, self.config.windowing().as_ref(), max_tokens)
     }
     fn device(&self) -> String {
         "cpu".into()
@@ -215,6 +215,8 @@ pub(crate) struct Layer {
     pub ffn_norm: Vec<f32>,
     pub gate_up: Projection,
     pub down: Linear,
+    /// Gemma: RMSNorm of the attention and of the MLP output before each residual add.
+    pub post_norms: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// Matrices applied to the same input.
@@ -383,7 +385,9 @@ pub(crate) enum Role {
     VBias(usize),
     QNorm(usize),
     KNorm(usize),
+    PostAttnNorm(usize),
     FfnNorm(usize),
+    PostFfnNorm(usize),
     Gate(usize),
     Up(usize),
     Down(usize),
@@ -428,7 +432,16 @@ pub(crate) fn build_parts(cfg: ModelConfig, src: &dyn WeightSource) -> Result<Mo
         } else {
             None
         };
+        let post_norms = if cfg.arch.post_norms() {
+            Some((
+                src.vector(Role::PostAttnNorm(l), h)?,
+                src.vector(Role::PostFfnNorm(l), h)?,
+            ))
+        } else {
+            None
+        };
         layers.push(Layer {
+            post_norms,
             attn_norm: src.vector(Role::AttnNorm(l), h)?,
             qk_norm,
             qkv: Projection::new(vec![q, k, v]),

@@ -158,6 +158,9 @@ impl WeightSource for SafetensorsSource {
             Role::QNorm(l) => p(l, "self_attn.q_norm.weight"),
             Role::KNorm(l) => p(l, "self_attn.k_norm.weight"),
             Role::FfnNorm(l) => p(l, "post_attention_layernorm.weight"),
+            // (no safetensors architecture here has these: HF Gemma 3 is not loaded from safetensors)
+            Role::PostAttnNorm(l) => p(l, "post_attention_norm.weight"),
+            Role::PostFfnNorm(l) => p(l, "post_feedforward_layernorm.weight"),
             Role::Gate(l) => p(l, "mlp.gate_proj.weight"),
             Role::Up(l) => p(l, "mlp.up_proj.weight"),
             Role::Down(l) => p(l, "mlp.down_proj.weight"),
