@@ -22,7 +22,7 @@ chmod 755 "$stage"
 # Line tables are for our own profiling; the package ships stripped binaries.
 command -v strip >/dev/null && strip --strip-debug "$stage/usr/bin/pmkvqd" "$stage/usr/bin/pmkvq"
 mkdir -p "$stage/DEBIAN" "$stage/usr/share/pmkvq"
-cp profiles/default.profile.json "$stage/usr/share/pmkvq/"
+cp profiles/*.profile.json "$stage/usr/share/pmkvq/"
 cat > "$stage/DEBIAN/control" <<CTL
 Package: pmkvq
 Version: $version

@@ -49,6 +49,6 @@ else
 fi
 install -m600 systemd/pmkvqd.env.example "$etc/pmkvqd.env.example"
 install -d -m755 "$state" "$state/models" "$state/profiles"
-[[ -f profiles/default.profile.json ]] && install -m644 profiles/default.profile.json "$state/profiles/default.profile.json"
+for p in profiles/*.profile.json; do [[ -f $p ]] && install -m644 "$p" "$state/profiles/$(basename "$p")"; done
 live && systemctl daemon-reload || true
 echo "pmkvqd installed${DESTDIR:+ into $DESTDIR}. Put the model in $PREFIX/../var/lib/pmkvq/models (pmkvq fetch-model --dir /var/lib/pmkvq/models), then: systemctl enable --now pmkvqd"

@@ -18,7 +18,7 @@ pub const AUTO_PROFILE: &str = "profiles/default.profile.json";
 /// Which calibration profile to use: `auto`, `none` or a path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProfileChoice {
-    /// [`AUTO_PROFILE`] if it exists and was calibrated for this model; none otherwise.
+    /// [`AUTO_PROFILE`], or another `*.profile.json` beside it, calibrated for this model; none otherwise.
     Auto,
     None,
     Path(PathBuf),
@@ -44,40 +44,67 @@ pub struct LoadedProfile {
 
 /// The one profile loader of the daemon and the CLI: resolve `choice` for `model`. Returns the profile, if any,
 /// and the model's SHA-256 (empty when nothing had to be checked against it). A chosen path must load and match
-/// the model; `auto` quietly goes without when the default file is missing, and with a warning when it does not
-/// load or belongs to another model.
+/// the model; `auto` quietly goes without when there is no profile file, and with a warning when none of them
+/// loads and belongs to this model.
 pub fn resolve_profile(choice: &ProfileChoice, model: &Model) -> Result<(Option<LoadedProfile>, String), ProfileError> {
-    let (path, required) = match choice {
+    let (candidates, required) = match choice {
         ProfileChoice::None => return Ok((None, String::new())),
-        ProfileChoice::Path(p) => (p.clone(), true),
+        ProfileChoice::Path(p) => (vec![p.clone()], true),
         ProfileChoice::Auto => {
-            let p = PathBuf::from(AUTO_PROFILE);
-            if !p.exists() {
+            let found = auto_candidates(Path::new(AUTO_PROFILE));
+            if found.is_empty() {
                 tracing::info!(path = AUTO_PROFILE, "no calibration profile; equal per-layer shares");
                 return Ok((None, String::new()));
             }
-            (p, false)
+            (found, false)
         }
     };
     let sha = crate::fetch::model_sha256(&model.source).map_err(|source| ProfileError::Io {
         file: model.source.display().to_string(),
         source,
     })?;
-    let checked = Profile::load(&path).and_then(|p| p.check(model, &sha, &path).map(|_| p));
-    match checked {
-        Ok(p) => Ok((
-            Some(LoadedProfile {
-                profile: Arc::new(p),
-                path,
-            }),
-            sha,
-        )),
-        Err(e) if required => Err(e),
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "ignoring the automatic profile");
-            Ok((None, sha))
+    let mut first_err = None;
+    for path in candidates {
+        match Profile::load(&path).and_then(|p| p.check(model, &sha, &path).map(|_| p)) {
+            Ok(p) => {
+                return Ok((
+                    Some(LoadedProfile {
+                        profile: Arc::new(p),
+                        path,
+                    }),
+                    sha,
+                ))
+            }
+            Err(e) if required => return Err(e),
+            Err(e) => {
+                first_err.get_or_insert((path, e));
+            }
         }
     }
+    if let Some((path, e)) = first_err {
+        tracing::warn!(path = %path.display(), error = %e, "no automatic profile matches the model; equal per-layer shares");
+    }
+    Ok((None, sha))
+}
+
+/// Where `auto` looks, in order: the default profile, then every other `*.profile.json` beside it (one per
+/// model a deployment ships, e.g. `gemma-3-270m.profile.json`); the first calibrated for the model is used.
+fn auto_candidates(default: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = default.exists().then(|| default.to_path_buf()).into_iter().collect();
+    let dir = default
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut others: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".profile.json") && p.as_path() != default)
+        .collect();
+    others.sort();
+    out.extend(others);
+    out
 }
 
 /// The store configuration for `method`: PM-KVQ as shipped takes everything the profile measured — per-layer

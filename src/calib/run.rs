@@ -189,9 +189,11 @@ pub fn calibrate(
     let mut stats = vec![vec![0.0f32; geom.kv_heads * geom.head_dim / 2]; layers];
     for (i, s) in samples.iter().enumerate() {
         let mut store = KeyStatsStore::new(geom, c.rope.layout, max).with_stats(stats);
-        let xs = model.layer_inputs(s, &pos, &mut store)?;
+        let xs = model.with_windows(&mut store, max, |kv| model.layer_inputs(s, &pos, kv))?;
         stats = std::mem::take(&mut store.tap.max_abs);
-        let logits = model.forward_from(layers, xs[layers].clone(), &pos, &mut F32KvStore::new(geom, max))?;
+        let logits = model.with_windows(&mut F32KvStore::new(geom, max), max, |kv| {
+            model.forward_from(layers, xs[layers].clone(), &pos, kv)
+        })?;
         let lp = log_softmax_rows(&logits, vocab);
         base_nll += compare(&lp, &logits, s, vocab).1;
         ref_lp.push(lp);
@@ -214,15 +216,19 @@ pub fn calibrate(
     let mut sens_k = vec![vec![0.0f64; widths.len()]; layers];
     let mut sens_v = vec![vec![0.0f64; widths.len()]; layers];
     let mut sens_loss = vec![vec![0.0f64; widths.len()]; layers];
-    let total = layers * widths.len() * samples.len() * 2;
     let mut done = 0;
-    for l in 0..layers {
+    // (a sliding-window layer keeps its window at f16 in every method: nothing of it is quantized to measure)
+    let measured: Vec<usize> = (0..layers).filter(|&l| !c.is_local(l)).collect();
+    let total = measured.len() * widths.len() * samples.len() * 2;
+    for &l in &measured {
         for (wi, &b) in widths.iter().enumerate() {
             for (si, s) in samples.iter().enumerate() {
                 for side in 0..2 {
                     let (k, v) = if side == 0 { (Some(b), None) } else { (None, Some(b)) };
                     let mut store = fake_quant(geom, l, k, v, max, cfg.rotate)?;
-                    let logits = model.forward_from(l, inputs[si][l].clone(), &pos, store.as_mut())?;
+                    let logits = model.with_windows(store.as_mut(), max, |kv| {
+                        model.forward_from(l, inputs[si][l].clone(), &pos, kv)
+                    })?;
                     let (kl, nll) = compare(&ref_lp[si], &logits, s, vocab);
                     let table = if side == 0 { &mut sens_k } else { &mut sens_v };
                     table[l][wi] += kl / samples.len() as f64;
@@ -256,9 +262,17 @@ pub fn calibrate(
     let mut alpha = vec![1.0f64; layers];
     let mut key_scales = vec![vec![1.0f32; geom.kv_heads * geom.head_dim / 2]; layers];
     for l in 0..layers {
+        if c.is_local(l) {
+            progress(Stage::AlphaSearch, l + 1, layers);
+            continue;
+        }
         let teacher: Vec<Vec<f32>> = inputs
             .iter()
-            .map(|xs| model.attention_block(l, &xs[l], &pos, &mut F32KvStore::new(geom, max)))
+            .map(|xs| {
+                model.with_windows(&mut F32KvStore::new(geom, max), max, |kv| {
+                    model.attention_block(l, &xs[l], &pos, kv)
+                })
+            })
             .collect::<Result<_, _>>()?;
         let mut best = (f64::INFINITY, 1.0f64, vec![]);
         for &a in &grid {
@@ -273,7 +287,7 @@ pub fn calibrate(
             for (si, xs) in inputs.iter().enumerate() {
                 let inner = fake_quant(geom, l, Some(alpha_bits), Some(alpha_bits), max, cfg.rotate)?;
                 let mut store = KeyScaled::new(inner, scales.clone(), "").map_err(ModelError::from)?;
-                let out = model.attention_block(l, &xs[l], &pos, &mut store as &mut dyn KvStore)?;
+                let out = model.with_windows(&mut store, max, |kv| model.attention_block(l, &xs[l], &pos, kv))?;
                 loss += out
                     .iter()
                     .zip(&teacher[si])

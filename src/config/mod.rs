@@ -40,7 +40,7 @@ pub const KEYS: &[KeyDef] = &[
     KeyDef {
         key: "profile",
         default: "auto",
-        doc: "calibration profile: a path, `none`, or `auto` (profiles/default.profile.json when it exists and matches the model)",
+        doc: "calibration profile: a path, `none`, or `auto` (profiles/default.profile.json, else another profiles/*.profile.json, calibrated for the model)",
     },
     KeyDef {
         key: "listen",

@@ -111,6 +111,12 @@ impl GpuModel {
                 c.head_dim, c.heads, c.kv_heads
             )));
         }
+        if c.sliding.is_some() || c.arch.post_norms() || c.arch.gelu() || c.embed_scale.is_some() {
+            return Err(unsupported(format!(
+                "{:?}'s sliding windows, post-norms and GeGLU have no CUDA kernels yet",
+                c.arch
+            )));
+        }
         if model.layers.iter().any(|l| l.qk_norm.is_some()) {
             return Err(unsupported(format!("{:?}'s q/k norms have no CUDA kernel yet", c.arch)));
         }

@@ -58,6 +58,32 @@ impl Windowing {
     }
 }
 
+/// True bytes of an fp16 cache of `tokens` tokens (the yardstick budgets such as ⅕ are fractions of): every
+/// layer's K and V at f16, where `win` slides only what its local layers hold.
+pub fn fp16_bytes(geom: KvGeometry, win: Option<&Windowing>, tokens: usize) -> usize {
+    let tb = 2 * geom.kv_dim() * 2;
+    match win {
+        None => geom.layers * tokens * tb,
+        Some(w) => w.globals().len() * tokens * tb + w.local_bytes(geom, tokens),
+    }
+}
+
+/// The smallest budget PM-KVQ can hold `tokens` tokens in: every global body at the floor width (every layer's
+/// when nothing slides), plus the windows.
+pub fn pmkvq_floor(geom: KvGeometry, win: Option<&Windowing>, tokens: usize) -> usize {
+    let cfg = super::PmkvqConfig::pmkvq();
+    match win {
+        None => super::PmkvqStore::floor_bytes(geom, &cfg, tokens),
+        Some(w) => {
+            let globals = KvGeometry {
+                layers: w.globals().len(),
+                ..geom
+            };
+            super::PmkvqStore::floor_bytes(globals, &cfg, tokens) + w.local_bytes(geom, tokens)
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Slot {
     Global(usize),
@@ -503,3 +529,7 @@ impl<S: KvStore> Windowed<S> {
         Ok(inner)
     }
 }
+
+#[cfg(test)]
+#[path = "window_tests.rs"]
+mod tests;

@@ -338,6 +338,23 @@ impl Model {
         }
     }
 
+    /// Run `f` on `store` (a measurement store over every layer, made outside [`Backend::new_store`]) with this
+    /// model's sliding windows in front of it where it has them; its local layers then stay unused.
+    pub fn with_windows<R>(
+        &self,
+        store: &mut dyn crate::kvcache::KvStore,
+        max_tokens: usize,
+        f: impl FnOnce(&mut dyn crate::kvcache::KvStore) -> Result<R, ModelError>,
+    ) -> Result<R, ModelError> {
+        match self.config.windowing() {
+            None => f(store),
+            Some(w) => {
+                let mut windowed = crate::kvcache::Windowed::new(store, self.kv_geometry(), w, max_tokens)?;
+                f(&mut windowed)
+            }
+        }
+    }
+
     pub(crate) fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
     }

@@ -24,6 +24,15 @@ pub async fn start_server(overrides: &[(&str, &str)]) -> TestServer {
     start_server_config(cfg).await
 }
 
+/// Another model file with the given config overrides.
+pub async fn start_server_model(model: &std::path::Path, overrides: &[(&str, &str)]) -> TestServer {
+    let model = model.to_str().unwrap().to_string();
+    let mut pairs = vec![("model", model.as_str())];
+    pairs.extend_from_slice(overrides);
+    let cfg = pmkvq::config::from_pairs(&pairs).expect("test config is valid");
+    start_server_config(cfg).await
+}
+
 /// The default model with the config overrides and then `edit` applied to the typed config (settings no file
 /// can express, such as a fault hook).
 pub async fn start_server_with(

@@ -88,7 +88,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<(), Failure> {
                 ),
             ));
         }
-        let fp16_bytes = 2 * geom.layers * geom.kv_dim() * 2 * total;
+        let fp16_bytes = pmkvq::kvcache::fp16_bytes(geom, backend.config().windowing().as_ref(), total);
         let budget = match a.kv_budget.as_deref() {
             None => None,
             Some(s) => Some(match s.strip_prefix("1/") {
@@ -120,6 +120,16 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<(), Failure> {
             .forward_chunked(&fill, kv.as_mut(), chunk, LogitsMode::Last)
             .map_err(|e| fail(EX_SOFTWARE, e.into()))?;
         let at_depth = kv.true_bytes();
+        // A sliding-window model's local layers cannot give back more than their last step (they evict): each
+        // repetition starts from a copy of the cache at depth instead.
+        let snapshot = match kv.windowing() {
+            Some(_) => {
+                let mut b = Vec::new();
+                kv.spill_to(&mut b).map_err(|e| fail(EX_SOFTWARE, e.into()))?;
+                Some(b)
+            }
+            None => None,
+        };
         for (test, n) in [("pp", a.prompt), ("tg", a.gen)] {
             if n == 0 {
                 continue;
@@ -127,7 +137,10 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<(), Failure> {
             let mut rates = Vec::with_capacity(a.reps);
             let mut end_bytes = 0;
             for _ in 0..a.reps {
-                kv.truncate(depth);
+                match &snapshot {
+                    Some(b) => kv.restore(b).map_err(|e| fail(EX_SOFTWARE, e.into()))?,
+                    None => kv.truncate(depth),
+                }
                 let toks = draw(n);
                 let t0 = Instant::now();
                 if test == "pp" {

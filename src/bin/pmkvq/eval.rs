@@ -283,9 +283,9 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
     } else {
         tokens.len()
     };
-    let geom = model.kv_geometry();
-    let fp16_bytes = 2 * geom.layers * geom.kv_dim() * 2 * seq_len;
-    let floor = pmkvq::kvcache::PmkvqStore::floor_bytes(geom, &pmkvq::kvcache::PmkvqConfig::pmkvq(), seq_len);
+    let (geom, win) = (model.kv_geometry(), model.config.windowing());
+    let fp16_bytes = pmkvq::kvcache::fp16_bytes(geom, win.as_ref(), seq_len);
+    let floor = pmkvq::kvcache::pmkvq_floor(geom, win.as_ref(), seq_len);
     let methods = cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor)?;
     let score_from = a.score_from.unwrap_or(if a.chunk_len > 0 {
         seq_len / 2
@@ -369,12 +369,10 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
                 let key = 10_000 + ((rng >> 33) % 90_000) as u32;
                 let p = retrieval::probe(&tok, &template, length, depth, key, filler.as_deref())
                     .map_err(|e| fail(EX_USAGE, e.into()))?;
-                let fp16_bytes = 2 * geom.layers * geom.kv_dim() * 2 * (p.tokens.len() + a.answer_tokens);
-                let floor = pmkvq::kvcache::PmkvqStore::floor_bytes(
-                    geom,
-                    &pmkvq::kvcache::PmkvqConfig::pmkvq(),
-                    p.tokens.len() + a.answer_tokens,
-                );
+                let n = p.tokens.len() + a.answer_tokens;
+                let win = model.config.windowing();
+                let fp16_bytes = pmkvq::kvcache::fp16_bytes(geom, win.as_ref(), n);
+                let floor = pmkvq::kvcache::pmkvq_floor(geom, win.as_ref(), n);
                 for spec in cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor)? {
                     let ans = retrieval::answer(&*backend, &tok, &spec, &p, a.answer_tokens)
                         .map_err(|e| fail(EX_SOFTWARE, e.into()))?;

@@ -1,0 +1,220 @@
+//! The sliding-window store: attention over exactly each token's window, one-step rollback, spills, bounded
+//! bytes and budgets that hold with the windows' cost set aside.
+
+use super::*;
+use crate::kvcache::{KvMethod, MethodSpec};
+
+const WINDOW: usize = 8;
+
+fn geom() -> KvGeometry {
+    KvGeometry {
+        layers: 3,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 32,
+    }
+}
+
+/// Layers 0 and 2 slide, layer 1 is global.
+fn win() -> Windowing {
+    Windowing {
+        window: WINDOW,
+        local: vec![true, false, true],
+    }
+}
+
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn fp16_store(max: usize) -> Box<dyn KvStore> {
+    MethodSpec::plain(KvMethod::Fp16, None, "fp16")
+        .new_store_in(geom(), Some(&win()), max)
+        .unwrap()
+}
+
+/// Attention of one query row over f16-rounded keys/values `lo..=pos` (f64, the specification).
+fn reference(q: &[f32], ks: &[Vec<f32>], vs: &[Vec<f32>], lo: usize, pos: usize) -> Vec<f32> {
+    let g = geom();
+    let (d, group) = (g.head_dim, g.group());
+    let r = |x: f32| f16::from_f32(x).to_f32() as f64;
+    let mut out = vec![0f32; g.q_dim()];
+    for h in 0..g.q_heads {
+        let kh = h / group;
+        let qh: Vec<f64> = q[h * d..(h + 1) * d].iter().map(|&x| r(x)).collect();
+        let scores: Vec<f64> = (lo..=pos)
+            .map(|t| (0..d).map(|c| qh[c] * r(ks[t][kh * d + c])).sum::<f64>() / (d as f64).sqrt())
+            .collect();
+        let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        for c in 0..d {
+            out[h * d + c] = ((lo..=pos).zip(&e).map(|(t, p)| p * r(vs[t][kh * d + c])).sum::<f64>() / z) as f32;
+        }
+    }
+    out
+}
+
+/// Run steps of the given sizes through every layer; returns each layer's outputs per token.
+fn run(store: &mut dyn KvStore, steps: &[usize], seed: u64) -> Vec<Vec<Vec<f32>>> {
+    let g = geom();
+    let mut outs = vec![Vec::new(); g.layers];
+    let mut pos = store.len(0);
+    for (si, &n) in steps.iter().enumerate() {
+        store.reserve(n).unwrap();
+        for (l, layer_outs) in outs.iter_mut().enumerate() {
+            let s = seed + (si * 31 + l) as u64 * 1000 + pos as u64;
+            let q = values(s, n * g.q_dim());
+            let k = values(s + 1, n * g.kv_dim());
+            let v = values(s + 2, n * g.kv_dim());
+            let mut out = vec![0f32; n * g.q_dim()];
+            store.attend_and_store(l, &q, &k, &v, n, &mut out).unwrap();
+            layer_outs.extend(out.chunks(g.q_dim()).map(<[f32]>::to_vec));
+        }
+        pos += n;
+    }
+    outs
+}
+
+#[test]
+fn local_layers_attend_over_exactly_each_tokens_window() {
+    let g = geom();
+    let steps = [3, 1, 1, 5, SLACK + 6, 1, 1, 2, 1];
+    let total: usize = steps.iter().sum();
+    let mut store = fp16_store(total);
+    let (mut ks, mut vs) = (vec![Vec::new(); g.layers], vec![Vec::new(); g.layers]);
+    let mut pos = 0;
+    for (si, &n) in steps.iter().enumerate() {
+        for l in 0..g.layers {
+            let s = (si * 31 + l) as u64 * 1000 + pos as u64;
+            let (q, k, v) = (
+                values(s, n * g.q_dim()),
+                values(s + 1, n * g.kv_dim()),
+                values(s + 2, n * g.kv_dim()),
+            );
+            ks[l].extend(k.chunks(g.kv_dim()).map(<[f32]>::to_vec));
+            vs[l].extend(v.chunks(g.kv_dim()).map(<[f32]>::to_vec));
+            let mut out = vec![0f32; n * g.q_dim()];
+            store.attend_and_store(l, &q, &k, &v, n, &mut out).unwrap();
+            for i in 0..n {
+                let p = pos + i;
+                let lo = if win().local[l] {
+                    (p + 1).saturating_sub(WINDOW)
+                } else {
+                    0
+                };
+                let want = reference(&q[i * g.q_dim()..(i + 1) * g.q_dim()], &ks[l], &vs[l], lo, p);
+                let got = &out[i * g.q_dim()..(i + 1) * g.q_dim()];
+                let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err < 2e-3, "layer {l}, position {p}: max error {err}");
+            }
+        }
+        pos += n;
+    }
+    assert!((0..g.layers).all(|l| store.len(l) == total));
+    assert_eq!(store.layer_bits(), vec![16, 16, 16]);
+}
+
+#[test]
+fn a_local_layer_holds_a_bounded_window_however_long_the_trace() {
+    let g = geom();
+    let n = 2000;
+    let mut store = fp16_store(n);
+    let tok = 2 * g.kv_dim() * 2; // K and V at f16, one layer
+    let cap = win().held_cap();
+    let mut most = 0;
+    for _ in 0..n {
+        run(store.as_mut(), &[1], 7);
+        let local = store.true_bytes() - store.len(1) * tok; // the global layer holds every token
+        most = most.max(local);
+    }
+    assert!(
+        most <= 2 * cap * tok,
+        "windows held {most} bytes, bound {}",
+        2 * cap * tok
+    );
+    assert!(
+        most >= 2 * (WINDOW - 1) * tok,
+        "windows hold at least what the next query reads"
+    );
+    assert_eq!(win().local_bytes(g, n), 2 * cap * tok);
+}
+
+#[test]
+fn the_last_small_step_is_taken_back_exactly_and_a_big_one_says_it_cannot_be() {
+    let steps = [5, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1];
+    let base: usize = steps.iter().sum();
+    let mut a = fp16_store(200);
+    let mut b = fp16_store(200);
+    run(a.as_mut(), &steps, 1);
+    run(b.as_mut(), &steps, 1);
+    // a takes a 3-token step, then gives it back; both then take the same step
+    run(a.as_mut(), &[3], 99);
+    a.truncate(base);
+    assert!((0..3).all(|l| a.len(l) == base));
+    assert_eq!(run(a.as_mut(), &[2], 5), run(b.as_mut(), &[2], 5));
+    // a big step keeps only what the next query reads: rollback past it is refused, visibly
+    let at = a.len(0);
+    run(a.as_mut(), &[SLACK + 20], 6);
+    a.truncate(at);
+    assert_ne!(a.len(0), at, "a local layer cannot give back a step it evicted through");
+    assert_eq!(a.len(1), at, "the global layer can");
+}
+
+#[test]
+fn spill_and_restore_are_bit_exact() {
+    let mut a = fp16_store(300);
+    run(a.as_mut(), &[40, 1, 1, SLACK + 3, 1, 1, 1], 3);
+    let mut bytes = Vec::new();
+    a.spill_to(&mut bytes).unwrap();
+    let mut b = fp16_store(300);
+    b.restore(&bytes).unwrap();
+    assert_eq!(b.true_bytes(), a.true_bytes());
+    assert!((0..3).all(|l| a.len(l) == b.len(l)));
+    assert_eq!(run(a.as_mut(), &[1, 1, 2], 8), run(b.as_mut(), &[1, 1, 2], 8));
+    // a spill of another geometry is refused, and changes nothing
+    let other = Windowing {
+        window: WINDOW + 1,
+        ..win()
+    };
+    let mut c = MethodSpec::plain(KvMethod::Fp16, None, "fp16")
+        .new_store_in(geom(), Some(&other), 300)
+        .unwrap();
+    assert!(c.restore(&bytes).is_err());
+    assert_eq!(c.len(0), 0);
+}
+
+#[test]
+fn a_budgeted_pmkvq_store_never_exceeds_its_budget_with_the_windows_set_aside() {
+    let g = geom();
+    let n = 600;
+    let reserve = win().local_bytes(g, n);
+    // an fp16 global layer would need n·2·kv_dim·2 bytes: give it half of that
+    let budget = reserve + n * 2 * g.kv_dim() * 2 / 2;
+    let spec = MethodSpec::plain("pmkvq".parse().unwrap(), Some(budget), "pmkvq");
+    let mut store = spec.new_store_in(g, Some(&win()), n).unwrap();
+    assert!(store.floor_bytes(0) >= reserve);
+    for i in 0..n {
+        run(store.as_mut(), &[1], i as u64);
+        assert!(
+            store.true_bytes() <= budget,
+            "step {i}: {} > {budget}",
+            store.true_bytes()
+        );
+    }
+    let bits = store.layer_bits();
+    assert_eq!((bits[0], bits[2]), (16, 16), "windows stay at f16");
+    assert!(bits[1] < 16, "the global layer was lowered to fit: {bits:?}");
+    // a budget below the windows' own cost is refused when the store is made
+    let tiny = MethodSpec::plain("pmkvq".parse().unwrap(), Some(reserve / 2), "pmkvq");
+    assert!(matches!(
+        tiny.new_store_in(g, Some(&win()), n),
+        Err(KvError::OutOfBudget { .. })
+    ));
+}
