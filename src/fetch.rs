@@ -13,7 +13,7 @@ const SCRIPT: &str = include_str!("../deploy/fetch-model.sh");
 pub enum FetchError {
     #[error("could not run bash for the fetch script: {0}")]
     Spawn(std::io::Error),
-    #[error("fetching the default model failed (exit code {code:?}); see the messages above")]
+    #[error("fetching the model failed (exit code {code:?}); see the messages above")]
     Failed { code: Option<i32> },
 }
 
@@ -22,13 +22,22 @@ pub fn default_model_path(dir: &Path) -> PathBuf {
     dir.join(DEFAULT_MODEL_FILE)
 }
 
+/// Models the fetch script knows: the default, and Gemma-3-270M (Gemma terms of use apply).
+pub const KNOWN_MODELS: &[&str] = &["smollm2", "gemma3"];
+
 /// Fetch (or verify) the default model into `dir`; returns its path.
 pub fn fetch_default_model(dir: &Path) -> Result<PathBuf, FetchError> {
+    fetch_model(dir, "smollm2")
+}
+
+/// Fetch (or verify) one of [`KNOWN_MODELS`] into `dir`; returns its path.
+pub fn fetch_model(dir: &Path, name: &str) -> Result<PathBuf, FetchError> {
     let out = Command::new("bash")
         .arg("-c")
         .arg(SCRIPT)
         .arg("fetch-model")
         .arg(dir)
+        .arg(name)
         .stderr(std::process::Stdio::inherit())
         .output()
         .map_err(FetchError::Spawn)?;

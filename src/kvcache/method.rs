@@ -186,31 +186,38 @@ impl MethodSpec {
             None => self.base_store(geom, max_tokens)?,
             Some(w) => {
                 let globals = w.globals();
-                let reserve = w.local_bytes(geom, max_tokens);
-                if let Some(b) = self.budget.filter(|&b| b < reserve) {
-                    return Err(KvError::OutOfBudget {
-                        layer: 0,
-                        need: reserve,
-                        budget: b,
-                        floor_bits: 16,
-                    });
-                }
+                // the windows follow the method: an adaptive cache starts them at its initial width and may
+                // lower them to its floor when the global layers at theirs no longer fit beside them; a
+                // fixed-width method keeps them at its width
+                let (start, floor) = match &self.method {
+                    KvMethod::Fp16 => (Bits::B16, Bits::B16),
+                    KvMethod::Pmkvq(c) if c.adaptive => (c.init_bits, c.floor_bits),
+                    KvMethod::Pmkvq(c) => (c.init_bits, c.init_bits),
+                    KvMethod::Rtn(b) | KvMethod::Kivi(b) | KvMethod::Llama(b) => (*b, *b),
+                };
                 let inner = MethodSpec {
                     method: self.method.for_layers(&globals),
-                    budget: self.budget.map(|b| b - reserve),
-                    shares: w.global_shares(self.shares.as_deref()),
+                    budget: None,
+                    shares: None,
                     ..self.clone()
                 };
                 let inner_geom = KvGeometry {
                     layers: globals.len(),
                     ..geom
                 };
-                Box::new(Windowed::new(
+                let mut store = Windowed::with_widths(
                     inner.base_store(inner_geom, max_tokens)?,
                     geom,
                     w.clone(),
                     max_tokens,
-                )?)
+                    start,
+                    floor,
+                )?;
+                // (budgets bind adaptive methods; a fixed-width one costs what its width costs, as without windows)
+                if let (Some(b), true) = (self.budget, floor < start) {
+                    store.set_total_budget(b, self.shares.as_deref(), 0)?;
+                }
+                Box::new(store)
             }
         };
         if self.rotate {

@@ -6,6 +6,10 @@
 //! planned widths then cover exactly the layers whose cost grows with the trace, and the window's bounded cost is
 //! set aside first.
 //!
+//! PM-KVQ's windows start at f16 and are lowered (16→8→4→2 by the Equivalent Right Shift, as its bodies) only
+//! when the global layers at their floor no longer fit beside them, never below its floor width; a fixed-width
+//! method keeps them at its own width (f16 for `fp16`).
+//!
 //! Eviction is lazy (once [`SLACK`] tokens have gone stale), so a decode step copies nothing; and a step never
 //! evicts a token the step itself reads, so the last step can always be taken back ([`KvStore::truncate`]). A
 //! step of more than [`SLACK`] tokens (a prefill chunk) reads the old window and its own tokens, then keeps only
@@ -13,6 +17,8 @@
 //! length as it was (the engine then ends that sequence rather than run it on a state no forward pass made).
 
 use super::attention::group::{attend_layer, F16Rows, GroupOps, Heads};
+use super::quant::rows::{token_bytes, OffsetMode, PackedRows};
+use super::quant::{Bits, ShiftMode};
 use super::{check_append, check_inputs, spill, KvError, KvGeometry, KvStore};
 use half::f16;
 
@@ -41,11 +47,15 @@ impl Windowing {
     pub fn held_cap(&self) -> usize {
         self.window.saturating_sub(1) + 2 * SLACK
     }
-    /// True bytes every local layer together holds at most over a sequence of at most `max_tokens` tokens: the
-    /// windows' share of any budget, set aside before the global layers get theirs — small, and constant
-    /// whatever the trace length.
+    /// True bytes every local layer together holds at most over a sequence of at most `max_tokens` tokens at
+    /// f16: the windows' share of any budget, set aside before the global layers get theirs — small, and
+    /// constant whatever the trace length.
     pub fn local_bytes(&self, geom: KvGeometry, max_tokens: usize) -> usize {
-        self.locals() * max_tokens.min(self.held_cap()) * 2 * geom.kv_dim() * 2
+        self.local_bytes_at(geom, max_tokens, Bits::B16)
+    }
+    /// [`local_bytes`](Self::local_bytes) with the windows at `bits`.
+    pub fn local_bytes_at(&self, geom: KvGeometry, max_tokens: usize, bits: Bits) -> usize {
+        self.locals() * max_tokens.min(self.held_cap()) * 2 * window_token_bytes(geom, bits)
     }
     /// A global-layer share vector for the inner store: the model's shares without the local layers'.
     pub fn global_shares(&self, shares: Option<&[f64]>) -> Option<Vec<f64>> {
@@ -55,6 +65,14 @@ impl Windowing {
                 .map(|&l| s.get(l).copied().unwrap_or(0.0))
                 .collect()
         })
+    }
+}
+
+/// True bytes of one token's K (or V) in a window at `bits`: f16 values, or PM-KVQ's packed groups of a head.
+fn window_token_bytes(geom: KvGeometry, bits: Bits) -> usize {
+    match bits {
+        Bits::B16 => geom.kv_dim() * 2,
+        b => token_bytes(b, geom.head_dim, geom.kv_dim(), OffsetMode::Stored),
     }
 }
 
@@ -79,7 +97,7 @@ pub fn pmkvq_floor(geom: KvGeometry, win: Option<&Windowing>, tokens: usize) -> 
                 layers: w.globals().len(),
                 ..geom
             };
-            super::PmkvqStore::floor_bytes(globals, &cfg, tokens) + w.local_bytes(geom, tokens)
+            super::PmkvqStore::floor_bytes(globals, &cfg, tokens) + w.local_bytes_at(geom, tokens, cfg.floor_bits)
         }
     }
 }
@@ -90,11 +108,93 @@ enum Slot {
     Local(usize),
 }
 
-/// One local layer: positions `first..len` at f16, token-major (`[token][kv_head][d]`).
+/// One side (K or V) of a window, token-major: f16 values, or packed codes once the window was lowered.
+enum Side {
+    F16(Vec<f16>),
+    Packed(PackedRows),
+}
+
+impl Default for Side {
+    fn default() -> Self {
+        Side::F16(Vec::new())
+    }
+}
+
+impl Side {
+    fn bytes(&self) -> usize {
+        match self {
+            Side::F16(v) => v.len() * 2,
+            Side::Packed(p) => p.true_bytes(),
+        }
+    }
+    /// Append tokens (`kv_dim` values each); an f16 buffer never grows past `cap` values by doubling (the
+    /// buffer is the window's whole cost).
+    fn push(&mut self, x: &[f32], kv_dim: usize, cap: usize) {
+        match self {
+            Side::F16(v) => {
+                if v.len() + x.len() > v.capacity() {
+                    let want = (v.len() + x.len())
+                        .max(v.capacity() * 2)
+                        .min(cap.max(v.len() + x.len()));
+                    v.reserve_exact(want - v.len());
+                }
+                v.extend(x.iter().map(|&a| f16::from_f32(a)));
+            }
+            Side::Packed(p) => x.chunks_exact(kv_dim).for_each(|t| p.push_token(t)),
+        }
+    }
+    fn drop_front(&mut self, tokens: usize, kv_dim: usize) {
+        match self {
+            Side::F16(v) => {
+                v.drain(..tokens * kv_dim);
+            }
+            Side::Packed(p) => *p = p.split_off(tokens),
+        }
+    }
+    fn truncate(&mut self, tokens: usize, kv_dim: usize) {
+        match self {
+            Side::F16(v) => v.truncate(tokens * kv_dim),
+            Side::Packed(p) => p.truncate(tokens),
+        }
+    }
+    /// Tokens `from..` as f16 values into `out` (packed ones dequantized).
+    fn extend_f16(&self, from: usize, kv_dim: usize, out: &mut Vec<f16>) {
+        match self {
+            Side::F16(v) => out.extend_from_slice(&v[from * kv_dim..]),
+            Side::Packed(p) => {
+                let mut row = vec![0f32; kv_dim];
+                for t in from..p.len() {
+                    p.dequantize_token(t, &mut row);
+                    out.extend(row.iter().map(|&a| f16::from_f32(a)));
+                }
+            }
+        }
+    }
+    /// Lower to `bits`: f16 values are quantized once (PM-KVQ's quantizer, a group per head), packed codes shift.
+    fn lower(&mut self, bits: Bits, geom: KvGeometry) {
+        match self {
+            Side::F16(v) => {
+                let mut p = PackedRows::new(bits, geom.head_dim, geom.kv_heads, geom.head_dim, OffsetMode::Stored);
+                let mut row = Vec::with_capacity(geom.kv_dim());
+                for t in v.chunks_exact(geom.kv_dim()) {
+                    row.clear();
+                    row.extend(t.iter().map(|x| x.to_f32()));
+                    p.push_token(&row);
+                }
+                *self = Side::Packed(p);
+            }
+            Side::Packed(p) => {
+                p.shrink_to(bits, ShiftMode::Equivalent);
+            }
+        }
+    }
+}
+
+/// One local layer: positions `first..len`.
 #[derive(Default)]
 struct Ring {
-    k: Vec<f16>,
-    v: Vec<f16>,
+    k: Side,
+    v: Side,
     first: usize,
     len: usize,
 }
@@ -104,9 +204,8 @@ impl Ring {
     fn drop_before(&mut self, from: usize, kv_dim: usize) {
         let from = from.min(self.len);
         if from > self.first {
-            let cut = (from - self.first) * kv_dim;
-            self.k.drain(..cut);
-            self.v.drain(..cut);
+            self.k.drop_front(from - self.first, kv_dim);
+            self.v.drop_front(from - self.first, kv_dim);
             self.first = from;
         }
     }
@@ -124,6 +223,13 @@ pub struct Windowed<S: KvStore = Box<dyn KvStore>> {
     slots: Vec<Slot>,
     rings: Vec<Ring>,
     max_tokens: usize,
+    /// The windows' width now, and the lowest they may go (the method's floor; 16 for fixed-width methods).
+    bits: Bits,
+    floor: Bits,
+    /// Window lowerings (each window side one level).
+    lowered: u64,
+    /// The last total budget and shares (what a step that needs more room lowers the windows against).
+    total: Option<(usize, Option<Vec<f64>>)>,
 }
 
 impl<S: KvStore> Windowed<S> {
@@ -131,6 +237,19 @@ impl<S: KvStore> Windowed<S> {
     /// `win.globals().len()` layers; what budgeted stores are built as) or all of `geom`'s layers, the local
     /// ones left unused.
     pub fn new(inner: S, geom: KvGeometry, win: Windowing, max_tokens: usize) -> Result<Self, KvError> {
+        Self::with_widths(inner, geom, win, max_tokens, Bits::B16, Bits::B16)
+    }
+
+    /// [`new`](Self::new) with windows stored at `start` bits (16: f16 values) that may be lowered down to
+    /// `floor` when a budget needs it.
+    pub fn with_widths(
+        inner: S,
+        geom: KvGeometry,
+        win: Windowing,
+        max_tokens: usize,
+        start: Bits,
+        floor: Bits,
+    ) -> Result<Self, KvError> {
         let globals = win.globals().len();
         let inner_layers = inner.geometry().layers;
         let compact = inner_layers == globals && globals != geom.layers;
@@ -163,7 +282,54 @@ impl<S: KvStore> Windowed<S> {
             win,
             slots,
             max_tokens,
+            bits: start.max(floor),
+            floor,
+            lowered: 0,
+            total: None,
         })
+    }
+
+    /// The windows' width now.
+    pub fn window_bits(&self) -> Bits {
+        self.bits
+    }
+
+    /// What the windows are set aside at `bits`.
+    fn reserve_at(&self, bits: Bits) -> usize {
+        self.win.local_bytes_at(self.geom, self.max_tokens, bits)
+    }
+
+    /// The highest width, at most the current one and at least the floor, at which the windows leave the global
+    /// layers (needing `inner_floor`) room in `total`.
+    fn width_for(&self, total: usize, inner_floor: usize) -> Result<Bits, KvError> {
+        let mut bits = self.bits;
+        while inner_floor + self.reserve_at(bits) > total {
+            match bits.halved() {
+                Some(b) if b >= self.floor => bits = b,
+                _ => {
+                    return Err(KvError::OutOfBudget {
+                        layer: 0,
+                        need: inner_floor + self.reserve_at(self.floor),
+                        budget: total,
+                        floor_bits: self.floor.count(),
+                    })
+                }
+            }
+        }
+        Ok(bits)
+    }
+
+    /// Lower every window to `bits` (never raises).
+    fn lower_windows(&mut self, bits: Bits) {
+        while self.bits > bits {
+            let Some(next) = self.bits.halved() else { break };
+            for r in &mut self.rings {
+                r.k.lower(next, self.geom);
+                r.v.lower(next, self.geom);
+            }
+            self.lowered += 2 * self.rings.len() as u64;
+            self.bits = next;
+        }
     }
 
     fn slot(&self, layer: usize) -> Result<Slot, KvError> {
@@ -174,40 +340,26 @@ impl<S: KvStore> Windowed<S> {
     }
 
     fn local_true_bytes(&self) -> usize {
-        self.rings.iter().map(|r| (r.k.len() + r.v.len()) * 2).sum()
-    }
-
-    /// What the windows are set aside in every budget.
-    fn local_reserve(&self) -> usize {
-        self.win.local_bytes(self.geom, self.max_tokens)
+        self.rings.iter().map(|r| r.k.bytes() + r.v.bytes()).sum()
     }
 
     /// Store `n` tokens in local ring `r`; a big step keeps only what later queries read.
     fn push_local(&mut self, r: usize, k: &[f32], v: &[f32], n: usize) {
         let (kv_dim, window) = (self.geom.kv_dim(), self.win.window);
+        let cap = self.win.held_cap() * kv_dim;
         let ring = &mut self.rings[r];
         let len = ring.len;
-        if n > SLACK {
+        let skip = if n > SLACK {
             // a big step: keep only what the next query reads
             let keep_from = (len + n).saturating_sub(window - 1);
             ring.drop_before(keep_from, kv_dim);
-            let skip = keep_from.saturating_sub(len);
-            ring.k.extend(k[skip * kv_dim..].iter().map(|&x| f16::from_f32(x)));
-            ring.v.extend(v[skip * kv_dim..].iter().map(|&x| f16::from_f32(x)));
             ring.first = ring.first.max(keep_from);
+            keep_from.saturating_sub(len)
         } else {
-            // never grow past the cap by doubling: the buffer is the window's whole cost
-            let cap = self.win.held_cap() * kv_dim;
-            if ring.k.len() + k.len() > ring.k.capacity() {
-                let want = (ring.k.len() + k.len())
-                    .max(ring.k.capacity() * 2)
-                    .min(cap.max(ring.k.len() + k.len()));
-                ring.k.reserve_exact(want - ring.k.len());
-                ring.v.reserve_exact(want - ring.v.len());
-            }
-            ring.k.extend(k.iter().map(|&x| f16::from_f32(x)));
-            ring.v.extend(v.iter().map(|&x| f16::from_f32(x)));
-        }
+            0
+        };
+        ring.k.push(&k[skip * kv_dim..], kv_dim, cap);
+        ring.v.push(&v[skip * kv_dim..], kv_dim, cap);
         ring.len = len + n;
     }
 
@@ -221,8 +373,9 @@ impl<S: KvStore> Windowed<S> {
         }
     }
 
-    /// Attention of `n` new tokens of local ring `r` over their windows: the ring's f16 tokens and the step's
-    /// own, rounded to f16 as the store keeps them (llama.cpp's f16 cache semantics, as [`super::F16KvStore`]).
+    /// Attention of `n` new tokens of local ring `r` over their windows: the ring's tokens (dequantized where
+    /// the window was lowered) and the step's own, unquantized, all rounded to f16 as llama.cpp's f16 cache keeps
+    /// them ([`super::F16KvStore`]'s semantics).
     #[allow(clippy::too_many_arguments)]
     fn attend_local(&self, r: usize, q: &[f32], k: &[f32], v: &[f32], n: usize, out: &mut [f32]) {
         let g = self.geom;
@@ -231,11 +384,11 @@ impl<S: KvStore> Windowed<S> {
         let window = self.win.window;
         // the old window tokens any of the n queries reads, then the step's own tokens, in one f16 buffer
         let from = (ring.len + 1).saturating_sub(window).max(ring.first);
-        let old = (from - ring.first) * kv_dim..ring.k.len();
-        let mut ks: Vec<f16> = Vec::with_capacity(old.len() + n * kv_dim);
-        let mut vs: Vec<f16> = Vec::with_capacity(old.len() + n * kv_dim);
-        ks.extend_from_slice(&ring.k[old.clone()]);
-        vs.extend_from_slice(&ring.v[old]);
+        let old = (ring.len - from) * kv_dim;
+        let mut ks: Vec<f16> = Vec::with_capacity(old + n * kv_dim);
+        let mut vs: Vec<f16> = Vec::with_capacity(old + n * kv_dim);
+        ring.k.extend_f16(from - ring.first, kv_dim, &mut ks);
+        ring.v.extend_f16(from - ring.first, kv_dim, &mut vs);
         ks.extend(k.iter().map(|&x| f16::from_f32(x)));
         vs.extend(v.iter().map(|&x| f16::from_f32(x)));
         let qr: Vec<f32> = q[..n * qh * d].iter().map(|&x| f16::from_f32(x).to_f32()).collect();
@@ -354,9 +507,8 @@ impl<S: KvStore> KvStore for Windowed<S> {
                 *r = Ring::default();
             } else if r.first <= (tokens + 1).saturating_sub(window) {
                 // exact: every token the next query (at position `tokens`) reads is still held
-                let keep = (tokens - r.first) * kv_dim;
-                r.k.truncate(keep);
-                r.v.truncate(keep);
+                r.k.truncate(tokens - r.first, kv_dim);
+                r.v.truncate(tokens - r.first, kv_dim);
                 r.len = tokens;
             }
             // else the window was evicted past what `tokens` needs: the length stays, which says so
@@ -373,7 +525,21 @@ impl<S: KvStore> KvStore for Windowed<S> {
 
     fn reserve(&mut self, n: usize) -> Result<(), KvError> {
         self.check_capacity(0, n)?;
-        self.inner.reserve(n)
+        loop {
+            match self.inner.reserve(n) {
+                // the global layers at their floor need more: the windows give it up, a level at a time
+                Err(KvError::OutOfBudget { .. })
+                    if self.total.is_some() && self.bits.halved().is_some_and(|b| b >= self.floor) =>
+                {
+                    let (total, shares) = self.total.clone().unwrap_or_default();
+                    let next = self.bits.halved().unwrap_or(self.floor);
+                    self.lower_windows(next);
+                    self.inner
+                        .set_total_budget(total.saturating_sub(self.reserve_at(next)), shares.as_deref(), n)?;
+                }
+                done => return done,
+            }
+        }
     }
 
     fn layer_bits(&self) -> Vec<u32> {
@@ -382,7 +548,7 @@ impl<S: KvStore> KvStore for Windowed<S> {
             .iter()
             .map(|s| match s {
                 Slot::Global(g) => inner.get(*g).copied().unwrap_or(16),
-                Slot::Local(_) => 16,
+                Slot::Local(_) => self.bits.count(),
             })
             .collect()
     }
@@ -393,7 +559,7 @@ impl<S: KvStore> KvStore for Windowed<S> {
             .iter()
             .map(|s| match s {
                 Slot::Global(g) => inner.get(*g).copied().unwrap_or([16, 16]),
-                Slot::Local(_) => [16, 16],
+                Slot::Local(_) => [self.bits.count(); 2],
             })
             .collect()
     }
@@ -416,23 +582,16 @@ impl<S: KvStore> KvStore for Windowed<S> {
     }
 
     fn floor_bytes(&self, ahead: usize) -> usize {
-        self.inner.floor_bytes(ahead) + self.local_reserve()
+        self.inner.floor_bytes(ahead) + self.reserve_at(self.floor)
     }
 
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
-        let inner_total = total.saturating_sub(self.local_reserve());
+        let bits = self.width_for(total, self.inner.floor_bytes(ahead))?;
+        self.lower_windows(bits);
         let shares = self.inner_shares(shares);
+        self.total = Some((total, shares.clone()));
         self.inner
-            .set_total_budget(inner_total, shares.as_deref(), ahead)
-            .map_err(|e| match e {
-                KvError::OutOfBudget { layer, floor_bits, .. } => KvError::OutOfBudget {
-                    layer,
-                    need: self.floor_bytes(ahead),
-                    budget: total,
-                    floor_bits,
-                },
-                e => e,
-            })
+            .set_total_budget(total - self.reserve_at(bits), shares.as_deref(), ahead)
     }
 
     fn spill_to(&self, out: &mut dyn std::io::Write) -> Result<(), KvError> {
@@ -441,11 +600,16 @@ impl<S: KvStore> KvStore for Windowed<S> {
         let mut w = spill::Writer::new(out, "windowed");
         w.u64(self.win.window as u64);
         w.u64(self.rings.len() as u64);
+        w.u64(self.bits.count() as u64);
         for r in &self.rings {
             w.u64(r.first as u64);
             w.u64(r.len as u64);
-            w.f16s(&r.k);
-            w.f16s(&r.v);
+            for side in [&r.k, &r.v] {
+                match side {
+                    Side::F16(v) => w.f16s(v),
+                    Side::Packed(p) => w.rows(p),
+                }
+            }
         }
         w.bytes(&inner);
         w.finish()
@@ -464,13 +628,22 @@ impl<S: KvStore> KvStore for Windowed<S> {
         ahead: usize,
     ) -> Result<(), KvError> {
         let inner = self.restore_rings(data)?;
-        let inner_total = total.saturating_sub(self.local_reserve());
         let shares = self.inner_shares(shares);
-        self.inner.restore_within(inner, inner_total, shares.as_deref(), ahead)
+        // the windows as spilled first; lowered a level at a time while the global layers do not fit beside them
+        loop {
+            let room = total.saturating_sub(self.reserve_at(self.bits));
+            match self.inner.restore_within(inner, room, shares.as_deref(), ahead) {
+                Err(KvError::OutOfBudget { .. }) if self.bits.halved().is_some_and(|b| b >= self.floor) => {
+                    let next = self.bits.halved().unwrap_or(self.floor);
+                    self.lower_windows(next);
+                }
+                done => return done,
+            }
+        }
     }
 
     fn requantizations(&self) -> u64 {
-        self.inner.requantizations()
+        self.inner.requantizations() + self.lowered
     }
 }
 
@@ -503,6 +676,10 @@ impl<S: KvStore> Windowed<S> {
         let mut r = spill::Reader::new(data, "windowed")?;
         let window = r.u64()? as usize;
         let count = r.u64()? as usize;
+        let bits = u32::try_from(r.u64()?)
+            .ok()
+            .and_then(Bits::from_count)
+            .ok_or_else(|| bad("bad window width".into()))?;
         if window != self.win.window || count != self.rings.len() {
             return Err(bad(format!(
                 "spill of {count} window layers of {window} tokens, this store has {} of {}",
@@ -511,21 +688,50 @@ impl<S: KvStore> Windowed<S> {
             )));
         }
         let kv_dim = self.geom.kv_dim();
+        let template = PackedRows::new(
+            bits.min(Bits::B8),
+            self.geom.head_dim,
+            self.geom.kv_heads,
+            self.geom.head_dim,
+            OffsetMode::Stored,
+        );
         let mut rings = Vec::with_capacity(count);
         for _ in 0..count {
             let (first, len) = (r.u64()? as usize, r.u64()? as usize);
-            let (k, v) = (r.f16s()?, r.f16s()?);
             let held = len
                 .checked_sub(first)
                 .ok_or_else(|| bad(format!("window starts at {first} past its end {len}")))?;
-            if k.len() != held * kv_dim || v.len() != k.len() || held > self.win.held_cap() || len > self.max_tokens {
-                return Err(bad(format!("window layer of {held} tokens holds {} values", k.len())));
+            let mut side = || -> Result<(Side, usize), KvError> {
+                Ok(if bits == Bits::B16 {
+                    let v = r.f16s()?;
+                    let n = v.len();
+                    (Side::F16(v), n)
+                } else {
+                    let p = r.rows(&template)?;
+                    if p.bits != bits {
+                        return Err(bad("a window side at another width".into()));
+                    }
+                    let n = p.len() * kv_dim;
+                    (Side::Packed(p), n)
+                })
+            };
+            let ((k, kn), (v, vn)) = (side()?, side()?);
+            if kn != held * kv_dim || vn != kn || held > self.win.held_cap() || len > self.max_tokens {
+                return Err(bad(format!("window layer of {held} tokens holds {kn} values")));
             }
             rings.push(Ring { k, v, first, len });
         }
         let inner = r.bytes()?;
         r.finish()?;
+        if bits > self.bits {
+            return Err(bad(format!(
+                "windows spilled at {} bits, this store's are at {}",
+                bits.count(),
+                self.bits.count()
+            )));
+        }
         self.rings = rings;
+        self.bits = bits;
         Ok(inner)
     }
 }

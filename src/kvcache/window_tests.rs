@@ -191,30 +191,94 @@ fn spill_and_restore_are_bit_exact() {
 }
 
 #[test]
-fn a_budgeted_pmkvq_store_never_exceeds_its_budget_with_the_windows_set_aside() {
+fn a_budgeted_pmkvq_store_never_exceeds_its_budget_and_lowers_its_windows_only_when_it_must() {
     let g = geom();
     let n = 600;
-    let reserve = win().local_bytes(g, n);
-    // an fp16 global layer would need n·2·kv_dim·2 bytes: give it half of that
-    let budget = reserve + n * 2 * g.kv_dim() * 2 / 2;
-    let spec = MethodSpec::plain("pmkvq".parse().unwrap(), Some(budget), "pmkvq");
-    let mut store = spec.new_store_in(g, Some(&win()), n).unwrap();
-    assert!(store.floor_bytes(0) >= reserve);
+    let pmkvq = |budget| MethodSpec::plain("pmkvq".parse().unwrap(), Some(budget), "pmkvq");
+    let fp16_global = n * 2 * g.kv_dim() * 2;
+    // room for f16 windows and half of what the global layer would take at f16: the windows stay at f16
+    let roomy = win().local_bytes(g, n) + fp16_global / 2;
+    let mut store = pmkvq(roomy).new_store_in(g, Some(&win()), n).unwrap();
     for i in 0..n {
         run(store.as_mut(), &[1], i as u64);
         assert!(
-            store.true_bytes() <= budget,
-            "step {i}: {} > {budget}",
+            store.true_bytes() <= roomy,
+            "step {i}: {} > {roomy}",
             store.true_bytes()
         );
     }
     let bits = store.layer_bits();
-    assert_eq!((bits[0], bits[2]), (16, 16), "windows stay at f16");
+    assert_eq!(
+        (bits[0], bits[2]),
+        (16, 16),
+        "windows stay at f16 while the global layer fits: {bits:?}"
+    );
     assert!(bits[1] < 16, "the global layer was lowered to fit: {bits:?}");
-    // a budget below the windows' own cost is refused when the store is made
-    let tiny = MethodSpec::plain("pmkvq".parse().unwrap(), Some(reserve / 2), "pmkvq");
+    // room for everything at the floor plus windows at 4 bits: by the end the global layer at its floor cannot
+    // share it with f16 windows, so the windows go down too
+    let tight =
+        pmkvq_floor(g, Some(&win()), n) + win().local_bytes_at(g, n, Bits::B4) - win().local_bytes_at(g, n, Bits::B2);
+    let mut store = pmkvq(tight).new_store_in(g, Some(&win()), n).unwrap();
+    for i in 0..n {
+        run(store.as_mut(), &[1], i as u64);
+        assert!(
+            store.true_bytes() <= tight,
+            "step {i}: {} > {tight}",
+            store.true_bytes()
+        );
+    }
+    let bits = store.layer_bits();
+    assert!(bits[0] < 16 && bits[0] == bits[2], "windows lowered together: {bits:?}");
+    // the floor a scheduler admits against counts the windows at 2 bits beside the global layer's floor; the
+    // tools' floor (`eval --kv-budget min`) is never below it
+    let empty = pmkvq(roomy).new_store_in(g, Some(&win()), n).unwrap();
+    let alone = MethodSpec::plain("pmkvq".parse().unwrap(), None, "pmkvq")
+        .new_store(KvGeometry { layers: 1, ..g }, n)
+        .unwrap();
+    assert_eq!(
+        empty.floor_bytes(n),
+        alone.floor_bytes(n) + win().local_bytes_at(g, n, Bits::B2)
+    );
+    assert!(pmkvq_floor(g, Some(&win()), n) >= empty.floor_bytes(n));
+    // a budget below the windows' own floor is refused when the store is made
+    let below = win().local_bytes_at(g, n, Bits::B2) / 2;
     assert!(matches!(
-        tiny.new_store_in(g, Some(&win()), n),
+        pmkvq(below).new_store_in(g, Some(&win()), n),
         Err(KvError::OutOfBudget { .. })
     ));
+}
+
+#[test]
+fn a_cut_mid_trace_lowers_the_windows_in_place_and_a_spill_keeps_them_bit_exactly() {
+    let g = geom();
+    let n = 400;
+    let mut a = MethodSpec::plain("pmkvq".parse().unwrap(), None, "pmkvq")
+        .new_store_in(g, Some(&win()), n)
+        .unwrap();
+    run(a.as_mut(), &[40, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 11);
+    assert_eq!(a.layer_bits()[0], 16);
+    let cut = win().local_bytes_at(g, n, Bits::B8) + a.floor_bytes(4) / 2;
+    a.set_total_budget(cut, None, 4).unwrap();
+    assert!(a.true_bytes() <= cut);
+    let bits = a.layer_bits();
+    assert!(bits[0] <= 8 && bits[2] == bits[0], "{bits:?}");
+    assert!(a.requantizations() > 0);
+    // the lowered windows still attend over the right tokens: close to the f16 store
+    let mut f = fp16_store(n);
+    run(f.as_mut(), &[40, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 11);
+    let (oa, of) = (run(a.as_mut(), &[1], 12), run(f.as_mut(), &[1], 12));
+    let err = oa[0][0]
+        .iter()
+        .zip(&of[0][0])
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 0.1, "lowered window output off by {err}");
+    let mut bytes = Vec::new();
+    a.spill_to(&mut bytes).unwrap();
+    let mut b = MethodSpec::plain("pmkvq".parse().unwrap(), None, "pmkvq")
+        .new_store_in(g, Some(&win()), n)
+        .unwrap();
+    b.restore(&bytes).unwrap();
+    assert_eq!((b.layer_bits(), b.true_bytes()), (a.layer_bits(), a.true_bytes()));
+    assert_eq!(run(a.as_mut(), &[1, 2], 13), run(b.as_mut(), &[1, 2], 13));
 }

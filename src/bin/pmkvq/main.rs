@@ -72,6 +72,9 @@ enum Cmd {
         /// Directory to place the model in.
         #[arg(long, env = "PMKVQ_MODEL_DIR", default_value = "models")]
         dir: PathBuf,
+        /// Which model: `smollm2` (the default model) or `gemma3` (Gemma-3-270M Q4_K_M; Gemma terms of use apply).
+        #[arg(long, default_value = "smollm2", value_parser = clap::builder::PossibleValuesParser::new(fetch::KNOWN_MODELS))]
+        name: String,
     },
 }
 
@@ -427,7 +430,7 @@ fn main() -> ExitCode {
         Cmd::Eval(EvalCmd::Retrieval(a)) => cmd_retrieval(*a),
         Cmd::Calibrate(a) => cmd_calibrate(*a),
         Cmd::Bench(a) => cmd_bench(*a),
-        Cmd::FetchModel { dir } => fetch::fetch_default_model(&dir)
+        Cmd::FetchModel { dir, name } => fetch::fetch_model(&dir, &name)
             .map(|p| println!("{}", p.display()))
             .map_err(|e| fail(EX_SOFTWARE, e.into())),
     };
