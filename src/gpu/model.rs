@@ -113,7 +113,7 @@ impl GpuModel {
         }
         if c.sliding.is_some() || c.arch.post_norms() || c.arch.gelu() || c.embed_scale.is_some() {
             return Err(unsupported(format!(
-                "{:?}'s sliding windows, post-norms and GeGLU have no CUDA kernels yet",
+                "{:?}'s windows, post-norms and GeGLU have no CUDA kernels",
                 c.arch
             )));
         }

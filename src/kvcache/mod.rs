@@ -364,52 +364,33 @@ macro_rules! forward_kv_store {
 pub(crate) use forward_kv_store;
 
 /// A borrowed store is a store: the CLI's local loop runs a `Sequence` over a cache its caller keeps (to read
-/// it afterwards), where the daemon's sequences own theirs.
-impl<S: KvStore + ?Sized> KvStore for &mut S {
-    fn attend_and_store(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) -> Result<(), KvError> {
-        (**self).attend_and_store(layer, q, k, v, n, out)
-    }
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
-        (**self).append(layer, k, v, n)
-    }
-    fn method(&self) -> String {
-        (**self).method()
-    }
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
-        (**self).as_any_mut()
-    }
-    forward_kv_store!(self => (**self));
+/// it afterwards), where the daemon's sequences own theirs. A boxed store is one too (a wrapper's inner store of
+/// any method).
+macro_rules! store_by_pointer {
+    ($($ptr:ty),*) => {$(
+        impl<S: KvStore + ?Sized> KvStore for $ptr {
+            fn attend_and_store(
+                &mut self,
+                layer: usize,
+                q: &[f32],
+                k: &[f32],
+                v: &[f32],
+                n: usize,
+                out: &mut [f32],
+            ) -> Result<(), KvError> {
+                (**self).attend_and_store(layer, q, k, v, n, out)
+            }
+            fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
+                (**self).append(layer, k, v, n)
+            }
+            fn method(&self) -> String {
+                (**self).method()
+            }
+            fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+                (**self).as_any_mut()
+            }
+            forward_kv_store!(self => (**self));
+        }
+    )*};
 }
-
-/// A boxed store is a store (a wrapper's inner store of any method).
-impl<S: KvStore + ?Sized> KvStore for Box<S> {
-    fn attend_and_store(
-        &mut self,
-        layer: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) -> Result<(), KvError> {
-        (**self).attend_and_store(layer, q, k, v, n, out)
-    }
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
-        (**self).append(layer, k, v, n)
-    }
-    fn method(&self) -> String {
-        (**self).method()
-    }
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
-        (**self).as_any_mut()
-    }
-    forward_kv_store!(self => (**self));
-}
+store_by_pointer!(&mut S, Box<S>);

@@ -18,9 +18,12 @@
 
 use super::attention::group::{attend_layer, F16Rows, GroupOps, Heads};
 use super::quant::rows::{token_bytes, OffsetMode, PackedRows};
-use super::quant::{Bits, ShiftMode};
+use super::quant::Bits;
 use super::{check_append, check_inputs, spill, KvError, KvGeometry, KvStore};
 use half::f16;
+use ring::{Ring, Side};
+
+mod ring;
 
 /// Stale tokens a local layer keeps before it drops them in one copy (and the largest step it can take back).
 pub const SLACK: usize = 64;
@@ -108,109 +111,6 @@ enum Slot {
     Local(usize),
 }
 
-/// One side (K or V) of a window, token-major: f16 values, or packed codes once the window was lowered.
-enum Side {
-    F16(Vec<f16>),
-    Packed(PackedRows),
-}
-
-impl Default for Side {
-    fn default() -> Self {
-        Side::F16(Vec::new())
-    }
-}
-
-impl Side {
-    fn bytes(&self) -> usize {
-        match self {
-            Side::F16(v) => v.len() * 2,
-            Side::Packed(p) => p.true_bytes(),
-        }
-    }
-    /// Append tokens (`kv_dim` values each); an f16 buffer never grows past `cap` values by doubling (the
-    /// buffer is the window's whole cost).
-    fn push(&mut self, x: &[f32], kv_dim: usize, cap: usize) {
-        match self {
-            Side::F16(v) => {
-                if v.len() + x.len() > v.capacity() {
-                    let want = (v.len() + x.len())
-                        .max(v.capacity() * 2)
-                        .min(cap.max(v.len() + x.len()));
-                    v.reserve_exact(want - v.len());
-                }
-                v.extend(x.iter().map(|&a| f16::from_f32(a)));
-            }
-            Side::Packed(p) => x.chunks_exact(kv_dim).for_each(|t| p.push_token(t)),
-        }
-    }
-    fn drop_front(&mut self, tokens: usize, kv_dim: usize) {
-        match self {
-            Side::F16(v) => {
-                v.drain(..tokens * kv_dim);
-            }
-            Side::Packed(p) => *p = p.split_off(tokens),
-        }
-    }
-    fn truncate(&mut self, tokens: usize, kv_dim: usize) {
-        match self {
-            Side::F16(v) => v.truncate(tokens * kv_dim),
-            Side::Packed(p) => p.truncate(tokens),
-        }
-    }
-    /// Tokens `from..` as f16 values into `out` (packed ones dequantized).
-    fn extend_f16(&self, from: usize, kv_dim: usize, out: &mut Vec<f16>) {
-        match self {
-            Side::F16(v) => out.extend_from_slice(&v[from * kv_dim..]),
-            Side::Packed(p) => {
-                let mut row = vec![0f32; kv_dim];
-                for t in from..p.len() {
-                    p.dequantize_token(t, &mut row);
-                    out.extend(row.iter().map(|&a| f16::from_f32(a)));
-                }
-            }
-        }
-    }
-    /// Lower to `bits`: f16 values are quantized once (PM-KVQ's quantizer, a group per head), packed codes shift.
-    fn lower(&mut self, bits: Bits, geom: KvGeometry) {
-        match self {
-            Side::F16(v) => {
-                let mut p = PackedRows::new(bits, geom.head_dim, geom.kv_heads, geom.head_dim, OffsetMode::Stored);
-                let mut row = Vec::with_capacity(geom.kv_dim());
-                for t in v.chunks_exact(geom.kv_dim()) {
-                    row.clear();
-                    row.extend(t.iter().map(|x| x.to_f32()));
-                    p.push_token(&row);
-                }
-                *self = Side::Packed(p);
-            }
-            Side::Packed(p) => {
-                p.shrink_to(bits, ShiftMode::Equivalent);
-            }
-        }
-    }
-}
-
-/// One local layer: positions `first..len`.
-#[derive(Default)]
-struct Ring {
-    k: Side,
-    v: Side,
-    first: usize,
-    len: usize,
-}
-
-impl Ring {
-    /// Drop positions before `from` (which must be held or past the end).
-    fn drop_before(&mut self, from: usize, kv_dim: usize) {
-        let from = from.min(self.len);
-        if from > self.first {
-            self.k.drop_front(from - self.first, kv_dim);
-            self.v.drop_front(from - self.first, kv_dim);
-            self.first = from;
-        }
-    }
-}
-
 /// A store for a model with sliding-window layers: f16 windows for the local layers, `inner` (of any method,
 /// built over the global layers only) for the rest.
 pub struct Windowed<S: KvStore = Box<dyn KvStore>> {
@@ -278,7 +178,7 @@ impl<S: KvStore> Windowed<S> {
             inner,
             compact,
             geom,
-            rings: (0..l).map(|_| Ring::default()).collect(),
+            rings: (0..l).map(|_| Ring::at(start.max(floor), geom)).collect(),
             win,
             slots,
             max_tokens,
@@ -491,20 +391,21 @@ impl<S: KvStore> KvStore for Windowed<S> {
 
     fn clear(&mut self) {
         self.inner.clear();
+        let (bits, geom) = (self.bits, self.geom);
         for r in &mut self.rings {
-            *r = Ring::default();
+            *r = Ring::at(bits, geom);
         }
     }
 
     fn truncate(&mut self, tokens: usize) {
         self.inner.truncate(tokens);
-        let (kv_dim, window) = (self.geom.kv_dim(), self.win.window);
+        let (kv_dim, window, bits, geom) = (self.geom.kv_dim(), self.win.window, self.bits, self.geom);
         for r in &mut self.rings {
             if tokens >= r.len {
                 continue;
             }
             if tokens == 0 {
-                *r = Ring::default();
+                *r = Ring::at(bits, geom);
             } else if r.first <= (tokens + 1).saturating_sub(window) {
                 // exact: every token the next query (at position `tokens`) reads is still held
                 r.k.truncate(tokens - r.first, kv_dim);

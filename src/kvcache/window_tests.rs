@@ -282,3 +282,25 @@ fn a_cut_mid_trace_lowers_the_windows_in_place_and_a_spill_keeps_them_bit_exactl
     assert_eq!((b.layer_bits(), b.true_bytes()), (a.layer_bits(), a.true_bytes()));
     assert_eq!(run(a.as_mut(), &[1, 2], 13), run(b.as_mut(), &[1, 2], 13));
 }
+
+#[test]
+fn a_fixed_width_method_holds_its_windows_at_its_width() {
+    let g = geom();
+    let n = 300;
+    for (method, bits) in [("kivi:2", 2), ("rtn:4", 4), ("q8_0", 8), ("fp16", 16)] {
+        let mut s = MethodSpec::plain(method.parse().unwrap(), None, method)
+            .new_store_in(g, Some(&win()), n)
+            .unwrap();
+        run(s.as_mut(), &[30, 1, 1, 1], 5);
+        let b = s.layer_bits();
+        assert_eq!((b[0], b[2]), (bits, bits), "{method}: {b:?}");
+        // and cost less than f16 windows do
+        let mut f = fp16_store(n);
+        run(f.as_mut(), &[30, 1, 1, 1], 5);
+        assert!(
+            bits == 16 || s.true_bytes() < f.true_bytes(),
+            "{method}: {} bytes",
+            s.true_bytes()
+        );
+    }
+}
