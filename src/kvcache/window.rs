@@ -6,9 +6,9 @@
 //! planned widths then cover exactly the layers whose cost grows with the trace, and the window's bounded cost is
 //! set aside first.
 //!
-//! PM-KVQ's windows start at f16 and are lowered (16→8→4→2 by the Equivalent Right Shift, as its bodies) only
-//! when the global layers at their floor no longer fit beside them, never below its floor width; a fixed-width
-//! method keeps them at its own width (f16 for `fp16`).
+//! PM-KVQ's windows start at f16 and are lowered (16→8→4→2 by the Equivalent Right Shift, as its bodies) as far
+//! as the global layers' floor for the whole sequence needs, then further when a step needs room, never below
+//! its floor width and never back up; a fixed-width method keeps them at its own width (f16 for `fp16`).
 //!
 //! Eviction is lazy (once [`SLACK`] tokens have gone stale), so a decode step copies nothing; and a step never
 //! evicts a token the step itself reads, so the last step can always be taken back ([`KvStore::truncate`]). A
@@ -487,7 +487,13 @@ impl<S: KvStore> KvStore for Windowed<S> {
     }
 
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
-        let bits = self.width_for(total, self.inner.floor_bytes(ahead))?;
+        // The windows' width is chosen for the whole sequence: lowering the global layers' bodies cannot be
+        // undone, so windows that would have to give way later anyway give way now, before the global layers are
+        // squeezed into what f16 windows leave them. Only what the sequence needs now can refuse the budget.
+        let rest = self.max_tokens.saturating_sub(self.len(0)).max(ahead);
+        let bits = self
+            .width_for(total, self.inner.floor_bytes(rest))
+            .or_else(|_| self.width_for(total, self.inner.floor_bytes(ahead)))?;
         self.lower_windows(bits);
         let shares = self.inner_shares(shares);
         self.total = Some((total, shares.clone()));
