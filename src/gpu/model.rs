@@ -111,14 +111,12 @@ impl GpuModel {
                 c.head_dim, c.heads, c.kv_heads
             )));
         }
-        if c.sliding.is_some() || c.arch.post_norms() || c.arch.gelu() || c.embed_scale.is_some() {
+        let extras = c.sliding.is_some() || c.arch.post_norms() || c.arch.gelu() || c.embed_scale.is_some();
+        if extras || model.layers.iter().any(|l| l.qk_norm.is_some()) {
             return Err(unsupported(format!(
-                "{:?}'s windows, post-norms and GeGLU have no CUDA kernels",
+                "{:?}'s q/k norms (or windows, post-norms, GeGLU) have no CUDA kernel yet",
                 c.arch
             )));
-        }
-        if model.layers.iter().any(|l| l.qk_norm.is_some()) {
-            return Err(unsupported(format!("{:?}'s q/k norms have no CUDA kernel yet", c.arch)));
         }
         let up = |v: &[f32]| gpu.upload(v).map_err(gerr);
         let mut layers = Vec::with_capacity(model.layers.len());
