@@ -275,15 +275,12 @@ impl<S: KvStore> Windowed<S> {
 
     /// Attention of `n` new tokens of local ring `r` over their windows: the ring's tokens (dequantized where
     /// the window was lowered) and the step's own, unquantized, all rounded to f16 as llama.cpp's f16 cache keeps
-    /// them ([`super::F16KvStore`]'s semantics).
-    #[allow(clippy::too_many_arguments)]
+    /// them ([`super::F16KvStore`]'s semantics), gathered into one buffer (a lowered window, or a big step).
     fn attend_local(&self, r: usize, q: &[f32], k: &[f32], v: &[f32], n: usize, out: &mut [f32]) {
-        let g = self.geom;
-        let (d, kv_dim, qh) = (g.head_dim, g.kv_dim(), g.q_heads);
+        let kv_dim = self.geom.kv_dim();
         let ring = &self.rings[r];
-        let window = self.win.window;
-        // the old window tokens any of the n queries reads, then the step's own tokens, in one f16 buffer
-        let from = (ring.len + 1).saturating_sub(window).max(ring.first);
+        // the old window tokens any of the n queries reads, then the step's own tokens
+        let from = (ring.len + 1).saturating_sub(self.win.window).max(ring.first);
         let old = (ring.len - from) * kv_dim;
         let mut ks: Vec<f16> = Vec::with_capacity(old + n * kv_dim);
         let mut vs: Vec<f16> = Vec::with_capacity(old + n * kv_dim);
@@ -291,6 +288,15 @@ impl<S: KvStore> Windowed<S> {
         ring.v.extend_f16(from - ring.first, kv_dim, &mut vs);
         ks.extend(k.iter().map(|&x| f16::from_f32(x)));
         vs.extend(v.iter().map(|&x| f16::from_f32(x)));
+        self.attend_rows(&ks, &vs, from, ring.len, q, n, out);
+    }
+
+    /// Attention of `n` query tokens at positions `pos0..pos0 + n` over f16 K/V rows whose first row is position
+    /// `base`; each query sees its window (`pos − window + 1 ..= pos`, from `base` on). Q rounded to f16.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_rows(&self, ks: &[f16], vs: &[f16], base: usize, pos0: usize, q: &[f32], n: usize, out: &mut [f32]) {
+        let g = self.geom;
+        let (d, kv_dim, qh, window) = (g.head_dim, g.kv_dim(), g.q_heads, self.win.window);
         let qr: Vec<f32> = q[..n * qh * d].iter().map(|&x| f16::from_f32(x).to_f32()).collect();
         let heads = Heads {
             q_heads: qh,
@@ -298,10 +304,9 @@ impl<S: KvStore> Windowed<S> {
             d,
         };
         for i in 0..n {
-            // token i is at position ring.len + i and sees max(from, pos − window + 1) ..= pos
-            let pos = ring.len + i;
-            let lo = (pos + 1).saturating_sub(window).max(from) - from;
-            let hi = pos + 1 - from;
+            let pos = pos0 + i;
+            let lo = (pos + 1).saturating_sub(window).max(base) - base;
+            let hi = pos + 1 - base;
             let kr = F16Rows {
                 data: &ks[lo * kv_dim..hi * kv_dim],
                 kv_heads: g.kv_heads,
@@ -369,8 +374,19 @@ impl<S: KvStore> KvStore for Windowed<S> {
             Slot::Local(r) => {
                 self.check_capacity(layer, n)?;
                 self.evict(r);
-                self.attend_local(r, q, k, v, n, out);
-                self.push_local(r, k, v, n);
+                let len = self.rings[r].len;
+                if n <= SLACK && matches!(self.rings[r].k, Side::F16(_)) {
+                    // f16 window, small step: store first (exactly what the copy below would hold), then read
+                    // the ring in place — no per-step copy of the window on the decode path
+                    self.push_local(r, k, v, n);
+                    let ring = &self.rings[r];
+                    if let (Side::F16(ks), Side::F16(vs)) = (&ring.k, &ring.v) {
+                        self.attend_rows(ks, vs, ring.first, len, q, n, out);
+                    }
+                } else {
+                    self.attend_local(r, q, k, v, n, out);
+                    self.push_local(r, k, v, n);
+                }
                 Ok(())
             }
         }
