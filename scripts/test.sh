@@ -9,10 +9,14 @@ echo "== default model"
 deploy/fetch-model.sh models
 echo "== Gemma-3-270M (gemma3 parity and daemon tests; Gemma terms of use apply)"
 deploy/fetch-model.sh models gemma3
+echo "== real chat templates (llama.cpp's models/templates, from the llama-cpp-python source package)"
+scripts/fetch-chat-templates.sh models/templates
 echo "== python client environment (grpcio, health, reflection)"
 venv=${PMKVQ_VENV:-$HOME/.cache/pmkvq-venv}
 [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet --disable-pip-version-check -r clients/python/requirements.txt
+# jinja2: the reference renderer (transformers' chat-template environment) for tests/chat_templates.rs
+"$venv/bin/pip" install --quiet --disable-pip-version-check "jinja2>=3.1"
 export PMKVQ_PYTHON=$venv/bin/python
 echo "== CUDA kernels compile (NVRTC, sm_87 and sm_90; no GPU needed)"
 "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvrtc-cu12>=12.4"

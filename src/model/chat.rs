@@ -1,7 +1,11 @@
 //! Chat templates: the Jinja template from the model's metadata, rendered with minijinja (+ Python string
-//! methods, which HF templates call) exactly as `transformers.apply_chat_template` would.
+//! methods, `tojson` and `strftime_now`, which HF templates call) exactly as `transformers.apply_chat_template`
+//! would: tests/chat_templates.rs checks it against jinja2 on every real template llama.cpp keeps.
 
 use super::ModelError;
+
+mod py;
+pub use py::Civil;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,7 +32,13 @@ impl ChatTemplate {
     pub fn new(source: &str) -> Result<Self, ModelError> {
         let mut env = minijinja::Environment::new();
         env.set_fuel(Some(TEMPLATE_FUEL));
+        // transformers' chat-template environment: block tags eat their own line's whitespace and newline.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", py::tojson);
+        env.add_function("strftime_now", py::strftime_now);
+        env.add_test("iterable", py::is_iterable);
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
@@ -101,6 +111,9 @@ impl ChatTemplate {
             bos_token => bos,
             eos_token => eos,
             enable_thinking => enable_thinking.map_or(minijinja::Value::UNDEFINED, minijinja::Value::from),
+            // apply_chat_template passes these as None when a request has none (`tools is not none` tests work).
+            tools => minijinja::Value::from(()),
+            documents => minijinja::Value::from(()),
         };
         tmpl.render_captured_to(ctx, &mut out).map_err(|e| {
             ModelError::Template(match e.kind() {

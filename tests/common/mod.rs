@@ -98,3 +98,23 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let lse = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
     logits.iter().map(|&l| l as f64 - lse).collect()
 }
+
+/// The real chat templates fetched by `scripts/fetch-chat-templates.sh` (the test command runs it); missing is a
+/// failure, never a skip.
+pub fn chat_templates_dir() -> PathBuf {
+    let p = std::env::var_os("PMKVQ_CHAT_TEMPLATES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/templates"));
+    assert!(
+        p.join(".fetched-from").exists(),
+        "chat templates missing at {}: run `scripts/fetch-chat-templates.sh` (the test command does)",
+        p.display()
+    );
+    p
+}
+
+/// One fetched chat template's source, by file stem (`Qwen-Qwen3-0.6B`).
+pub fn chat_template(name: &str) -> String {
+    let p = chat_templates_dir().join(format!("{name}.jinja"));
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
