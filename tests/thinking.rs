@@ -1,7 +1,8 @@
 //! Thinking spans end to end through pmkvqd (gRPC and the OpenAI-compatible HTTP API), on a tiny random-weight
-//! Qwen3 whose vocabulary has `<think>`/`</think>`: chunks say which tokens are reasoning, usage counts them, the
-//! thinking budget closes the span by emitting the end-of-thinking tokens, and `enable_thinking` reaches the
-//! chat template. (Random weights make the text meaningless; the mechanics are what is checked.)
+//! Qwen3 whose vocabulary has `<think>`/`</think>`, with real chat templates (Qwen3's and a DeepSeek-R1
+//! distill's, fetched by `scripts/fetch-chat-templates.sh`): chunks say which tokens are reasoning, usage counts
+//! them, the thinking budget closes the span by emitting the end-of-thinking tokens, and `enable_thinking`
+//! reaches the template. (Random weights make the text meaningless; the mechanics are what is checked.)
 
 mod common;
 
@@ -64,7 +65,11 @@ async fn run(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_thinking_budget_closes_an_open_span_and_the_answer_follows() {
     let dir = tempfile::tempdir().unwrap();
-    let model = write_thinking_gguf(&spec(), &dir.path().join("r1.gguf"), R1_TEMPLATE);
+    let model = write_thinking_gguf(
+        &spec(),
+        &dir.path().join("r1.gguf"),
+        &common::chat_template(R1_TEMPLATE),
+    );
     let port = free_port();
     let http = format!("127.0.0.1:{port}");
     let server = start_server(&[
@@ -77,9 +82,17 @@ async fn the_thinking_budget_closes_an_open_span_and_the_answer_follows() {
     let budget = 5;
     let mut req = chat_request(&[("user", "abc")], 24);
     req.stopping.as_mut().unwrap().ignore_eos = Some(true);
+    // This template opens the span and closes it again unless thinking is asked for: closed, nothing reasons.
+    let (closed_run, closed) = run(&mut c, req.clone()).await;
+    let first_open = closed.iter().position(|&(t, _)| t == OPEN).unwrap_or(closed.len());
+    assert!(closed[..first_open].iter().all(|&(_, r)| !r), "{closed:?}");
+    req.enable_thinking = Some(true);
     req.thinking_budget = Some(budget);
     let (got, tokens) = run(&mut c, req.clone()).await;
     let done = got.complete.clone().expect("completes");
+    let prompt = |x: &Collected| x.complete.as_ref().unwrap().usage.unwrap().prompt_tokens;
+    // `<｜User｜>abc<｜Assistant｜><think>\n` + `</think>`: the markers are single tokens, the switch adds one.
+    assert_eq!((prompt(&got), prompt(&closed_run)), (7, 8));
     // The prompt opened the span: reasoning from the first token; after `budget` reasoning tokens the engine emits
     // `</think>` and the blank line, then the answer follows.
     let close = tokens
@@ -120,7 +133,7 @@ async fn the_thinking_budget_closes_an_open_span_and_the_answer_follows() {
 
     // The same over HTTP: reasoning arrives as `reasoning_content`, usage counts it.
     let body = json!({"messages": [{"role": "user", "content": "abc"}], "max_tokens": 24, "ignore_eos": true,
-                      "thinking_budget": budget, "stream": true, "stream_options": {"include_usage": true}});
+                      "thinking_budget": budget, "enable_thinking": true, "stream": true, "stream_options": {"include_usage": true}});
     let r = post(&http, "/v1/chat/completions", &body).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let events: Vec<serde_json::Value> = r
@@ -150,7 +163,7 @@ async fn the_thinking_budget_closes_an_open_span_and_the_answer_follows() {
         &http,
         "/v1/chat/completions",
         &json!({"messages": [{"role": "user", "content": "abc"}], "max_tokens": 24, "ignore_eos": true,
-                "thinking_budget": budget}),
+                "thinking_budget": budget, "chat_template_kwargs": {"enable_thinking": true}}),
     )
     .await
     .json();
@@ -163,7 +176,11 @@ async fn the_thinking_budget_closes_an_open_span_and_the_answer_follows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enable_thinking_reaches_the_template_and_a_closed_span_is_not_reasoning() {
     let dir = tempfile::tempdir().unwrap();
-    let model = write_thinking_gguf(&spec(), &dir.path().join("qwen3.gguf"), QWEN3_TEMPLATE);
+    let model = write_thinking_gguf(
+        &spec(),
+        &dir.path().join("qwen3.gguf"),
+        &common::chat_template(QWEN3_TEMPLATE),
+    );
     let server = start_server(&[("model", model.to_str().unwrap()), ("profile", "none")]).await;
     let mut c = server.client().await;
     let mut on = chat_request(&[("user", "abc")], 12);
@@ -202,7 +219,11 @@ async fn a_thinking_budget_on_a_model_without_a_span_is_refused_naming_the_field
 async fn cut_mid_thought(overrides: &[(&str, &str)], room: u64) -> (Vec<(u32, bool)>, pmkvq::server::proto::Complete) {
     use pmkvq::server::proto::{self as pb, pmkvq_admin_client::PmkvqAdminClient};
     let dir = tempfile::tempdir().unwrap();
-    let model = write_thinking_gguf(&spec(), &dir.path().join("r1.gguf"), R1_TEMPLATE);
+    let model = write_thinking_gguf(
+        &spec(),
+        &dir.path().join("r1.gguf"),
+        &common::chat_template(R1_TEMPLATE),
+    );
     let mut pairs = vec![("model", model.to_str().unwrap()), ("profile", "none")];
     pairs.extend_from_slice(overrides);
     let server = common::daemon::start_server_with(&pairs, |c| {
@@ -219,6 +240,7 @@ async fn cut_mid_thought(overrides: &[(&str, &str)], room: u64) -> (Vec<(u32, bo
     let per_token = info.kv_bytes_per_token.iter().find(|k| k.bits == 16).unwrap().bytes;
     let mut req = chat_request(&[("user", "abc")], 200);
     req.stopping.as_mut().unwrap().ignore_eos = Some(true);
+    req.enable_thinking = Some(true);
     req.kv = Some(pb::KvPolicy {
         method: Some("fp16".into()),
         ..Default::default()

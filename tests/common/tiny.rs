@@ -393,25 +393,38 @@ pub fn write_parity_gguf(s: &TinySpec, path: &Path) -> PathBuf {
     )
 }
 
-/// Qwen3's generation prompt logic (its template's `enable_thinking` switch), with plain message turns.
-pub const QWEN3_TEMPLATE: &str = r#"{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}"#;
+/// The real Qwen3 chat template's name (fetched; `common::chat_template` reads it): `enable_thinking = false` closes an empty
+/// span in the generation prompt, otherwise the model opens its own.
+pub const QWEN3_TEMPLATE: &str = "Qwen-Qwen3-0.6B";
 
-/// The DeepSeek-R1 distills' habit: the generation prompt opens the thinking span.
-pub const R1_TEMPLATE: &str = r#"{%- for message in messages %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n<think>\n' }}{%- endif %}"#;
+/// The name of a real DeepSeek-R1 distill template as llama.cpp keeps it: the generation prompt opens the span
+/// (`<｜Assistant｜><think>\n`) and closes it again unless `enable_thinking` is true.
+pub const R1_TEMPLATE: &str = "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B";
 
-/// A tiny model with a thinking span: `<think>` and `</think>` as control tokens (ids 62, 63) and a newline
-/// token (`Ċ`, id 61), with the chat template `template`.
+/// The R1 distills' turn markers, control tokens 57..=60 of the thinking vocabulary.
+pub const R1_MARKERS: [&str; 4] = [
+    "<\u{ff5c}User\u{ff5c}>",
+    "<\u{ff5c}Assistant\u{ff5c}>",
+    "<\u{ff5c}end\u{2581}of\u{2581}sentence\u{ff5c}>",
+    "<\u{ff5c}begin\u{2581}of\u{2581}sentence\u{ff5c}>",
+];
+
+/// A tiny model with a thinking span: `<think>` and `</think>` as control tokens (ids 62, 63), a newline token
+/// (`Ċ`, id 61) and the R1 turn markers (57..=60), with the chat template `template` (its source).
 pub fn write_thinking_gguf(s: &TinySpec, path: &Path, template: &str) -> PathBuf {
     assert!(
         s.vocab == 64,
-        "the thinking vocabulary replaces the last three of 64 tokens"
+        "the thinking vocabulary replaces the last seven of 64 tokens"
     );
     let mut toks = vocab(s.vocab);
+    for (i, m) in R1_MARKERS.iter().enumerate() {
+        toks[57 + i] = m.to_string();
+    }
     toks[61] = "\u{10a}".into();
     toks[62] = "<think>".into();
     toks[63] = "</think>".into();
     let types = (0..s.vocab)
-        .map(|i| Value::I32(if (3..62).contains(&i) { 1 } else { 3 }))
+        .map(|i| Value::I32(if (3..57).contains(&i) { 1 } else { 3 }))
         .collect();
     write_gguf_with(
         s,

@@ -284,7 +284,11 @@ impl Civil {
             let d = chars.next().ok_or("strftime: the format ends with a lone `%`")?;
             let month = MONTHS[self.month as usize - 1];
             let day = DAYS[self.weekday as usize];
-            let h12 = if self.hour % 12 == 0 { 12 } else { self.hour % 12 };
+            let h12 = if self.hour.is_multiple_of(12) {
+                12
+            } else {
+                self.hour % 12
+            };
             match d {
                 'Y' => out.push_str(&self.year.to_string()),
                 'y' => out.push_str(&format!("{:02}", self.year.rem_euclid(100))),
