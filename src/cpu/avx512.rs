@@ -1,4 +1,4 @@
-//! AVX-512 VNNI: the panel matmul for Q4_0, Q4_1 and Q8_0 weights (`cpu::panel`), chosen over the AVX2 table
+//! AVX-512 VNNI: the panel matmul for Q4_0, Q4_1, Q8_0 and Q5_0 weights (`cpu::panel`), chosen over the AVX2 table
 //! when the CPU has AVX-512 F/BW/VL and VNNI; with it, block weights are laid out in panels at load, so the row
 //! kernels of the table (AVX2's, as is the rest of it) serve only callers that hold GGUF rows.
 //!
@@ -6,7 +6,8 @@
 //! the code words loaded with one 32-bit lane per row, Q4 nibbles split by one shift and two masks into eight
 //! operands; then per activation row eight `vpdpbusd` with the row's code words broadcast from memory (the
 //! Q4_0/Q8_0 offsets start the integer sum as `−center·Σq`), one convert, and one FMA with `dw·dx` (Q4_1: one
-//! more for `mw·s`). Sixteen outputs per register, no horizontal sums; each activation row's operations are the
+//! more for `mw·s`). Q5_0 adds its fifth bits to the nibbles: per operand one shift and one mask of the
+//! transposed `qh` word and one OR. Sixteen outputs per register, no horizontal sums; each activation row's operations are the
 //! same whatever the tile, so batched and single results agree bit for bit.
 
 use super::panel::{Q8Panel, PANEL_ROWS};
@@ -41,6 +42,7 @@ const fn block_bytes(kind: u8) -> usize {
     match kind {
         0 => 18,
         1 => 20,
+        3 => 22,
         _ => 34,
     }
 }
@@ -53,6 +55,7 @@ fn panel_dot(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out: &
         BlockFormat::Q4_0 => 0,
         BlockFormat::Q4_1 => 1,
         BlockFormat::Q8_0 => 2,
+        BlockFormat::Q5_0 => 3,
     };
     let unit = h * block_bytes(kind);
     assert!((1..=PANEL_ROWS).contains(&h) && panel.len().is_multiple_of(unit) && out.len() == xs.len() * h);
@@ -69,6 +72,7 @@ fn panel_dot(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out: &
             match kind {
                 0 => panel_impl::<0, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
                 1 => panel_impl::<1, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
+                3 => panel_impl::<3, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
                 _ => panel_impl::<2, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
             }
         }
@@ -123,6 +127,29 @@ unsafe fn panel_impl<const KIND: u8, const N: usize>(
         if KIND == 2 {
             for (k, wk) in w.iter_mut().enumerate() {
                 *wk = _mm512_maskz_loadu_epi32(m, codes.add(4 * k * h) as *const i32);
+            }
+        } else if KIND == 3 {
+            // word 0: the fifth bits, bit 8j + K for operand K's byte j (`panel::qh_to_panel`)
+            let qh = _mm512_maskz_loadu_epi32(m, codes as *const i32);
+            let bit4 = _mm512_set1_epi32(0x1010_1010);
+            // operand K's fifth bits moved to bit 4 of each byte
+            let mut fifth = [
+                _mm512_slli_epi32::<4>(qh),
+                _mm512_slli_epi32::<3>(qh),
+                _mm512_slli_epi32::<2>(qh),
+                _mm512_slli_epi32::<1>(qh),
+                qh,
+                _mm512_srli_epi32::<1>(qh),
+                _mm512_srli_epi32::<2>(qh),
+                _mm512_srli_epi32::<3>(qh),
+            ];
+            for f in fifth.iter_mut() {
+                *f = _mm512_and_si512(*f, bit4);
+            }
+            for k in 0..4 {
+                let v = _mm512_maskz_loadu_epi32(m, codes.add(4 * (1 + k) * h) as *const i32);
+                w[k] = _mm512_or_si512(_mm512_and_si512(v, low), fifth[k]);
+                w[4 + k] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), fifth[4 + k]);
             }
         } else {
             for k in 0..4 {

@@ -33,6 +33,9 @@ pub enum BlockFormat {
     Q4_0,
     Q4_1,
     Q8_0,
+    /// `x = d·(q − 16)`, q 5-bit: f16 `d`, 32 fifth bits `qh`, 16 bytes of low nibbles. Runs natively in the
+    /// panel kernels; CPUs without one get it widened to Q8_0 at load ([`q5_0_to_q8_0`], the same values).
+    Q5_0,
 }
 
 impl BlockFormat {
@@ -41,6 +44,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => 18,
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q8_0 => 34,
+            BlockFormat::Q5_0 => 22,
         }
     }
     /// Q4_1 pairs with Q8_1 activations (they carry the block sum for the min term); the others with Q8_0.
@@ -144,6 +148,8 @@ impl BlockFormat {
             BlockFormat::Q4_0 => (k.dot_q4_0)(row, x),
             BlockFormat::Q4_1 => (k.dot_q4_1)(row, x),
             BlockFormat::Q8_0 => (k.dot_q8_0)(row, x),
+            // GGUF rows of Q5_0 exist only where a caller holds them unconverted (tests): the specification.
+            BlockFormat::Q5_0 => scalar::dot_q5_0(row, x),
         }
     }
 
@@ -152,6 +158,7 @@ impl BlockFormat {
             BlockFormat::Q4_0 => (k.dot4_q4_0)(row, x),
             BlockFormat::Q4_1 => (k.dot4_q4_1)(row, x),
             BlockFormat::Q8_0 => (k.dot4_q8_0)(row, x),
+            BlockFormat::Q5_0 => x.map(|xi| scalar::dot_q5_0(row, xi)),
         }
     }
 }
@@ -197,6 +204,14 @@ pub fn dequantize_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
                     o[j] = d * (chunk[2 + j] as i8) as f32;
                 }
             }
+            BlockFormat::Q5_0 => {
+                let qh = u32::from_le_bytes([chunk[2], chunk[3], chunk[4], chunk[5]]);
+                for j in 0..16 {
+                    let hi = |bit: usize| (((qh >> bit) & 1) << 4) as i32;
+                    o[j] = d * ((chunk[6 + j] & 0x0F) as i32 + hi(j) - 16) as f32;
+                    o[j + 16] = d * ((chunk[6 + j] >> 4) as i32 + hi(j + 16) - 16) as f32;
+                }
+            }
         }
     }
 }
@@ -220,6 +235,7 @@ mod tests {
             }
             let payload = match format {
                 BlockFormat::Q8_0 => 32,
+                BlockFormat::Q5_0 => 20,
                 _ => 16,
             };
             for _ in 0..payload {
@@ -279,13 +295,20 @@ mod tests {
         let mut got = vec![0.0; blocks * QK];
         dequantize_row(BlockFormat::Q8_0, &q8, &mut got);
         assert_eq!(got, want);
-        assert!(q8.chunks_exact(34).all(|b| b[2..].iter().all(|&v| (-16..=15).contains(&(v as i8)))));
+        assert!(q8
+            .chunks_exact(34)
+            .all(|b| b[2..].iter().all(|&v| (-16..=15).contains(&(v as i8)))));
     }
 
     #[test]
     fn q_dots_match_dequantized_dot() {
         let mut seed = 7;
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for format in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q8_0,
+            BlockFormat::Q5_0,
+        ] {
             let blocks = 5;
             let w = random_blocks(format, blocks, &mut seed);
             let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed)).collect();
@@ -344,7 +367,12 @@ mod tests {
         );
         for (rows, blocks) in [(1usize, 1usize), (16, 3), (21, 18), (40, 48), (7, 301)] {
             let acts: Vec<Q8Row> = (0..13).map(|_| random_q8(blocks, 2.5, &mut seed)).collect();
-            for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            for format in [
+                BlockFormat::Q4_0,
+                BlockFormat::Q4_1,
+                BlockFormat::Q8_0,
+                BlockFormat::Q5_0,
+            ] {
                 let rb = blocks * format.block_bytes();
                 let w = random_blocks(format, rows * blocks, &mut seed);
                 let wp = panel::interleave(format, rows, &w);
@@ -398,7 +426,12 @@ mod tests {
             assert_eq!(qa.s, qb.s);
             // three more activation rows for the 4-row kernels
             let more: Vec<Q8Row> = (0..3).map(|_| random_q8(blocks, 2.0, &mut seed)).collect();
-            for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+            for format in [
+                BlockFormat::Q4_0,
+                BlockFormat::Q4_1,
+                BlockFormat::Q8_0,
+                BlockFormat::Q5_0,
+            ] {
                 let w = random_blocks(format, blocks, &mut seed);
                 let a = format.dot(&SCALAR, &w, &qa);
                 let b = format.dot(k, &w, &qa);

@@ -14,6 +14,9 @@
 //! Activations stay in their Q8 rows ([`Q8Panel`]), with the integer correction `−center·Σq` per block for
 //! the formats whose codes are offset (Q4_0: 8, Q8_0: 128), which starts each block's integer sum so the offset
 //! costs nothing in the loop: block dots are llama.cpp's integer block dots, exactly.
+//!
+//! Q5_0's code words are its fifth bits `qh` (word 0, transposed by [`qh_to_panel`] so that one shift and one
+//! mask put any operand's fifth bits at bit 4 of its bytes) and then its four nibble words; its center is 16.
 
 use super::{BlockFormat, Q8Row, QK};
 use half::f16;
@@ -27,6 +30,44 @@ pub const fn split(format: BlockFormat) -> (usize, usize) {
         BlockFormat::Q4_0 => (2, 16),
         BlockFormat::Q4_1 => (4, 16),
         BlockFormat::Q8_0 => (2, 32),
+        BlockFormat::Q5_0 => (2, 20),
+    }
+}
+
+/// Q5_0's fifth bits as the panel layout stores them: bit `8j + K` is the fifth bit of operand `K`'s byte `j`
+/// (operand K < 4: the low nibbles of nibble word K; K ≥ 4: the high nibbles of word K − 4), which is GGUF `qh`
+/// bit `4K + j`.
+pub fn qh_to_panel(qh: u32) -> u32 {
+    let mut o = 0;
+    for k in 0..8 {
+        for j in 0..4 {
+            o |= ((qh >> (4 * k + j)) & 1) << (8 * j + k);
+        }
+    }
+    o
+}
+
+/// Undo [`qh_to_panel`].
+pub fn qh_from_panel(p: u32) -> u32 {
+    let mut o = 0;
+    for k in 0..8 {
+        for j in 0..4 {
+            o |= ((p >> (8 * j + k)) & 1) << (4 * k + j);
+        }
+    }
+    o
+}
+
+/// A code word moved into (`to_panel`) or out of the panel layout: Q8_0 codes flip their sign bit, Q5_0's
+/// fifth bits (word 0) are transposed.
+fn code_word(format: BlockFormat, k: usize, w: [u8; 4], to_panel: bool) -> [u8; 4] {
+    match (format, k) {
+        (BlockFormat::Q8_0, _) => w.map(|b| b ^ 0x80),
+        (BlockFormat::Q5_0, 0) => {
+            let v = u32::from_le_bytes(w);
+            (if to_panel { qh_to_panel(v) } else { qh_from_panel(v) }).to_le_bytes()
+        }
+        _ => w,
     }
 }
 
@@ -43,23 +84,24 @@ fn permute(format: BlockFormat, rows: usize, src: &[u8], dst: &mut [u8], to_pane
     assert!(rows > 0 && src.len() == dst.len() && src.len().is_multiple_of(rows * bb));
     let nb = src.len() / rows / bb;
     let (params, codes) = split(format);
-    let bias = if format == BlockFormat::Q8_0 { 0x80 } else { 0 };
-    let mut mv = |g: usize, p: usize, n: usize, flip: u8| {
-        let (from, to) = if to_panel { (g, p) } else { (p, g) };
-        for j in 0..n {
-            dst[to + j] = src[from + j] ^ flip;
-        }
-    };
     for (r0, h) in panels(rows) {
         for b in 0..nb {
             let unit = r0 * nb * bb + b * h * bb;
             for i in 0..h {
                 let g = ((r0 + i) * nb + b) * bb;
                 for q in 0..params / 2 {
-                    mv(g + 2 * q, unit + 2 * (q * h + i), 2, 0);
+                    let (from, to) = if to_panel {
+                        (g + 2 * q, unit + 2 * (q * h + i))
+                    } else {
+                        (unit + 2 * (q * h + i), g + 2 * q)
+                    };
+                    dst[to..to + 2].copy_from_slice(&src[from..from + 2]);
                 }
                 for k in 0..codes / 4 {
-                    mv(g + params + 4 * k, unit + params * h + 4 * (k * h + i), 4, bias);
+                    let (gw, pw) = (g + params + 4 * k, unit + params * h + 4 * (k * h + i));
+                    let (from, to) = if to_panel { (gw, pw) } else { (pw, gw) };
+                    let w = [src[from], src[from + 1], src[from + 2], src[from + 3]];
+                    dst[to..to + 4].copy_from_slice(&code_word(format, k, w, to_panel));
                 }
             }
         }
@@ -85,7 +127,6 @@ pub fn gguf_row(format: BlockFormat, rows: usize, panel: &[u8], r: usize, out: &
     let bb = format.block_bytes();
     let nb = out.len() / bb;
     let (params, codes) = split(format);
-    let bias = if format == BlockFormat::Q8_0 { 0x80 } else { 0 };
     let r0 = r / PANEL_ROWS * PANEL_ROWS;
     let (h, i) = (PANEL_ROWS.min(rows - r0), r - r0);
     for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
@@ -96,9 +137,8 @@ pub fn gguf_row(format: BlockFormat, rows: usize, panel: &[u8], r: usize, out: &
         }
         for k in 0..codes / 4 {
             let at = unit + params * h + 4 * (k * h + i);
-            for j in 0..4 {
-                blk[params + 4 * k + j] = panel[at + j] ^ bias;
-            }
+            let w = [panel[at], panel[at + 1], panel[at + 2], panel[at + 3]];
+            blk[params + 4 * k..params + 4 * k + 4].copy_from_slice(&code_word(format, k, w, false));
         }
     }
 }
@@ -116,6 +156,7 @@ impl Q8Panel {
             BlockFormat::Q4_0 => 8,
             BlockFormat::Q4_1 => 0,
             BlockFormat::Q8_0 => 128,
+            BlockFormat::Q5_0 => 16,
         };
         let corr = q.qs[..q.blocks() * QK]
             .chunks_exact(QK)
@@ -143,6 +184,21 @@ pub fn dot_rows(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out
             for b in 0..nb {
                 let unit = b * h * bb;
                 let mut isum = x.corr[b];
+                if format == BlockFormat::Q5_0 {
+                    let at = unit + params * h + 4 * i;
+                    let qh = u32::from_le_bytes([panel[at], panel[at + 1], panel[at + 2], panel[at + 3]]);
+                    for k in 0..4 {
+                        let w = unit + params * h + 4 * ((1 + k) * h + i);
+                        for j in 0..4 {
+                            let wb = panel[w + j] as i32;
+                            let hi = |op: usize| (((qh >> (8 * j + op)) & 1) << 4) as i32;
+                            let a = |word: usize| x.q.qs[b * QK + 4 * word + j] as i32;
+                            isum += ((wb & 0x0F) | hi(k)) * a(k) + ((wb >> 4) | hi(4 + k)) * a(4 + k);
+                        }
+                    }
+                    acc += isum as f32 * (f16_at(unit + 2 * i) * x.q.d[b]);
+                    continue;
+                }
                 for k in 0..codes / 4 {
                     let w = unit + params * h + 4 * (k * h + i);
                     for j in 0..4 {
@@ -169,8 +225,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn q5_fifth_bits_are_transposed_and_back() {
+        let mut v = 0x9E37_79B9u32;
+        for _ in 0..1000 {
+            v = v.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            assert_eq!(qh_from_panel(qh_to_panel(v)), v);
+            assert_eq!(qh_to_panel(v).count_ones(), v.count_ones());
+        }
+        // weight 4K + j's bit lands at 8j + K: weight 5 (K 1, j 1) at bit 9; weight 22 (K 5, j 2) at bit 21
+        assert_eq!(qh_to_panel(1 << 5), 1 << 9);
+        assert_eq!(qh_to_panel(1 << 22), 1 << 21);
+    }
+
+    #[test]
     fn interleaving_is_a_permutation_undone_by_deinterleaving() {
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for format in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q8_0,
+            BlockFormat::Q5_0,
+        ] {
             let bb = format.block_bytes();
             for (rows, nb) in [(1usize, 1usize), (16, 18), (17, 3), (40, 2), (5, 48)] {
                 let m: Vec<u8> = (0..rows * nb * bb).map(|i| (i * 37 % 251) as u8).collect();
@@ -182,7 +256,7 @@ mod tests {
                     assert_eq!(row, m[r * nb * bb..(r + 1) * nb * bb], "{format:?} {rows}×{nb} row {r}");
                 }
                 // row 1's first code word is lane 1 of its panel's first word load
-                if rows >= 2 && format != BlockFormat::Q8_0 {
+                if rows >= 2 && matches!(format, BlockFormat::Q4_0 | BlockFormat::Q4_1) {
                     let (params, _) = split(format);
                     let h = rows.min(PANEL_ROWS);
                     assert_eq!(

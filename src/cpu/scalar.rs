@@ -62,6 +62,23 @@ pub fn dot_q4_1(row: &[u8], x: &Q8Row) -> f32 {
     acc
 }
 
+/// llama.cpp's `ggml_vec_dot_q5_0_q8_0`: per block the exact integer sum of `(q − 16)·x`, times `dw·dx`.
+pub fn dot_q5_0(row: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, blk) in row.chunks_exact(22).enumerate() {
+        let q8 = &x.qs[b * QK..(b + 1) * QK];
+        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+        let mut sumi = 0i32;
+        for j in 0..16 {
+            let hi = |bit: usize| (((qh >> bit) & 1) << 4) as i32;
+            sumi += ((blk[6 + j] & 0x0F) as i32 + hi(j) - 16) * q8[j] as i32;
+            sumi += ((blk[6 + j] >> 4) as i32 + hi(j + 16) - 16) * q8[j + 16] as i32;
+        }
+        acc += f16_at(blk, 0) * x.d[b] * sumi as f32;
+    }
+    acc
+}
+
 pub fn dot_q8_0(row: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0.0f32;
     for (b, blk) in row.chunks_exact(34).enumerate() {

@@ -238,17 +238,11 @@ impl WeightSource for GgufSource {
             GgmlDType::Q4_0 => Some(BlockFormat::Q4_0),
             GgmlDType::Q4_1 => Some(BlockFormat::Q4_1),
             GgmlDType::Q8_0 => Some(BlockFormat::Q8_0),
+            GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
             _ => None,
         };
         let data = match (native, dtype) {
             (Some(format), _) if cols.is_multiple_of(QK) => WeightData::Blocks { format, bytes },
-            // Q5_0's values are 5-bit integers under one f16 scale per 32: they are Q8_0 blocks exactly, so the
-            // native Q8_0 kernels run them (the same integer sums as llama.cpp's Q5_0 × Q8_0) for 22 → 34 bytes
-            // per block; candle's Q5_0 path has no batched kernel (prefill ran 3-5× slower than llama.cpp).
-            (_, GgmlDType::Q5_0) if cols.is_multiple_of(QK) => WeightData::Blocks {
-                format: BlockFormat::Q8_0,
-                bytes: crate::cpu::q5_0_to_q8_0(&bytes),
-            },
             (_, GgmlDType::F32) | (_, GgmlDType::BF16) => {
                 WeightData::F32(self.to_f32(&name, &bytes, dtype, &[rows, cols])?)
             }

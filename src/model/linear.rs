@@ -65,9 +65,25 @@ impl Linear {
     /// returned unchanged.
     pub fn for_kernels(self, k: &Kernels) -> Linear {
         if k.panel_dot.is_none() {
-            return self;
+            return self.q5_0_widened();
         }
         self.into_panels()
+    }
+
+    /// Q5_0 blocks rewritten as Q8_0 blocks with the same values (34 bytes per 32 weights instead of 22), for
+    /// CPUs whose row kernels have no Q5_0 path (AVX2 without AVX-512, NEON, scalar); anything else unchanged.
+    pub fn q5_0_widened(mut self) -> Linear {
+        if let WeightData::Blocks {
+            format: BlockFormat::Q5_0,
+            bytes,
+        } = &self.data
+        {
+            self.data = WeightData::Blocks {
+                format: BlockFormat::Q8_0,
+                bytes: crate::cpu::q5_0_to_q8_0(bytes),
+            };
+        }
+        self
     }
 
     /// Block weights in the panel layout (a CPU without a panel kernel runs them with the scalar one).
@@ -316,7 +332,11 @@ mod tests {
             if format == BlockFormat::Q4_1 {
                 bytes.extend_from_slice(&f16::from_f32(lcg(seed) * 0.5).to_le_bytes());
             }
-            let codes = if format == BlockFormat::Q8_0 { 32 } else { 16 };
+            let codes = match format {
+                BlockFormat::Q8_0 => 32,
+                BlockFormat::Q5_0 => 20,
+                _ => 16,
+            };
             bytes.extend((0..codes).map(|_| (lcg(seed) * 127.0) as i8 as u8));
         }
         Linear {
@@ -333,7 +353,12 @@ mod tests {
     #[test]
     fn panel_matmuls_match_row_matmuls() {
         let mut seed = 5;
-        for format in [BlockFormat::Q4_0, BlockFormat::Q4_1, BlockFormat::Q8_0] {
+        for format in [
+            BlockFormat::Q4_0,
+            BlockFormat::Q4_1,
+            BlockFormat::Q8_0,
+            BlockFormat::Q5_0,
+        ] {
             let parts: Vec<Linear> = [21usize, 16, 3]
                 .iter()
                 .map(|&r| random(format, r, 576, &mut seed))

@@ -24,14 +24,13 @@ impl DevLinear {
         let (fmt, bytes): (i32, Vec<u8>) = match &l.data {
             WeightData::Blocks { .. } | WeightData::Panels { .. } => {
                 let (format, bytes) = l.gguf_blocks().expect("block weights");
-                (
-                    match format {
-                        BlockFormat::Q4_0 => 2,
-                        BlockFormat::Q4_1 => 3,
-                        BlockFormat::Q8_0 => 4,
-                    },
-                    bytes.into_owned(),
-                )
+                match format {
+                    BlockFormat::Q4_0 => (2, bytes.into_owned()),
+                    BlockFormat::Q4_1 => (3, bytes.into_owned()),
+                    BlockFormat::Q8_0 => (4, bytes.into_owned()),
+                    // no Q5_0 device kernel: the same values as Q8_0 blocks
+                    BlockFormat::Q5_0 => (4, crate::cpu::q5_0_to_q8_0(&bytes)),
+                }
             }
             WeightData::F32(v) => (F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             WeightData::F16(v) => (F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
