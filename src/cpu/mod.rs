@@ -16,10 +16,13 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod convert;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 pub mod panel;
 mod scalar;
+
+pub use convert::{q4_k_to_q4_1, q5_0_to_q8_0};
 
 use half::f16;
 use std::sync::OnceLock;
@@ -163,22 +166,6 @@ impl BlockFormat {
     }
 }
 
-/// GGUF Q5_0 blocks (f16 `d`, 32 high bits `qh`, 16 bytes of low nibbles; `x = d·(q − 16)`) rewritten as Q8_0
-/// blocks with the same `d` and `q − 16` as the int8: the same values exactly.
-pub fn q5_0_to_q8_0(q5: &[u8]) -> Vec<u8> {
-    const Q5_BYTES: usize = 22;
-    let mut out = Vec::with_capacity(q5.len() / Q5_BYTES * BlockFormat::Q8_0.block_bytes());
-    for b in q5.chunks_exact(Q5_BYTES) {
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let qs = &b[6..22];
-        out.extend_from_slice(&b[..2]);
-        let q = |j: usize, nib: u8| (nib | (((qh >> j) & 1) << 4) as u8) as i8 - 16;
-        out.extend((0..16).map(|j| q(j, qs[j] & 0x0F) as u8));
-        out.extend((0..16).map(|j| q(j + 16, qs[j] >> 4) as u8));
-    }
-    out
-}
-
 /// Dequantize one row of blocks to f32 (embedding lookup, tests).
 pub fn dequantize_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
     let bb = format.block_bytes();
@@ -265,39 +252,6 @@ mod tests {
         assert_eq!(q.qs[0], (-10.0f32 * (127.0 / 21.0)).round_ties_even() as i8);
         let sum: i32 = q.qs.iter().map(|&v| v as i32).sum();
         assert_eq!(q.s[0], f16::from_f32(sum as f32 * (21.0 / 127.0)).to_f32());
-    }
-
-    #[test]
-    fn q5_0_becomes_q8_0_with_the_same_values() {
-        // Random Q5_0 blocks (every high-bit pattern), dequantized by candle's ggml port as the reference.
-        let mut seed = 3;
-        let blocks = 64;
-        let mut q5 = Vec::new();
-        for _ in 0..blocks {
-            q5.extend_from_slice(&f16::from_f32(lcg(&mut seed) * 0.2).to_le_bytes());
-            q5.extend((0..20).map(|_| (lcg(&mut seed) * 128.0 + 128.0) as u8));
-        }
-        let want = candle_core::quantized::ggml_file::qtensor_from_ggml(
-            candle_core::quantized::GgmlDType::Q5_0,
-            &q5,
-            vec![2, blocks / 2 * QK],
-            &candle_core::Device::Cpu,
-        )
-        .unwrap()
-        .dequantize(&candle_core::Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-        let q8 = q5_0_to_q8_0(&q5);
-        assert_eq!(q8.len(), blocks * BlockFormat::Q8_0.block_bytes());
-        let mut got = vec![0.0; blocks * QK];
-        dequantize_row(BlockFormat::Q8_0, &q8, &mut got);
-        assert_eq!(got, want);
-        assert!(q8
-            .chunks_exact(34)
-            .all(|b| b[2..].iter().all(|&v| (-16..=15).contains(&(v as i8)))));
     }
 
     #[test]

@@ -241,7 +241,16 @@ impl WeightSource for GgufSource {
             GgmlDType::Q5_0 => Some(BlockFormat::Q5_0),
             _ => None,
         };
+        // Q4_K runs on the Q4_1 kernels: same codes, each 32-weight block's scale and minimum rounded once to f16
+        // (`cpu::q4_k_to_q4_1`; a tensor whose products leave f16's range keeps candle's exact path).
+        let as_q4_1 = (dtype == GgmlDType::Q4K && cols.is_multiple_of(256))
+            .then(|| crate::cpu::q4_k_to_q4_1(&bytes))
+            .flatten();
         let data = match (native, dtype) {
+            _ if as_q4_1.is_some() => WeightData::Blocks {
+                format: BlockFormat::Q4_1,
+                bytes: as_q4_1.unwrap_or_default(),
+            },
             (Some(format), _) if cols.is_multiple_of(QK) => WeightData::Blocks { format, bytes },
             (_, GgmlDType::F32) | (_, GgmlDType::BF16) => {
                 WeightData::F32(self.to_f32(&name, &bytes, dtype, &[rows, cols])?)
