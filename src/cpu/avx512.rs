@@ -1,14 +1,13 @@
 //! AVX-512 VNNI: the panel matmul for Q4_0, Q4_1, Q8_0 and Q5_0 weights (`cpu::panel`), chosen over the AVX2 table
 //! when the CPU has AVX-512 F/BW/VL and VNNI; with it, block weights are laid out in panels at load, so the row
-//! kernels of the table (AVX2's, as is the rest of it) serve only callers that hold GGUF rows.
-//!
-//! Per block column of a 16-row panel: the rows' f16 scales (and Q4_1 minimums) converted by one `vcvtph2ps`;
-//! the code words loaded with one 32-bit lane per row, Q4 nibbles split by one shift and two masks into eight
-//! operands; then per activation row eight `vpdpbusd` with the row's code words broadcast from memory (the
-//! Q4_0/Q8_0 offsets start the integer sum as `−center·Σq`), one convert, and one FMA with `dw·dx` (Q4_1: one
-//! more for `mw·s`). Q5_0 adds its fifth bits to the nibbles: per operand one shift and one mask of the
-//! transposed `qh` word and one OR. Sixteen outputs per register, no horizontal sums; each activation row's operations are the
-//! same whatever the tile, so batched and single results agree bit for bit.
+//! kernels of the table (AVX2's, as is the rest of it) serve only callers that hold GGUF rows. Per block column of
+//! a 16-row panel: the rows' f16 scales (and Q4_1 minimums) converted by one `vcvtph2ps`; the code words loaded
+//! with one 32-bit lane per row, Q4 nibbles split by one shift and two masks into eight operands; then per
+//! activation row eight `vpdpbusd` with the row's code words broadcast from memory (the Q4_0/Q8_0 offsets start the
+//! integer sum as `−center·Σq`), one convert, and one FMA with `dw·dx` (Q4_1: one more for `mw·s`). Q5_0 adds its
+//! fifth bits to the nibbles: per operand one shift and one mask of the transposed `qh` word and one OR. Sixteen
+//! outputs per register, no horizontal sums; each activation row's operations are the same whatever the tile, so
+//! batched and single results agree bit for bit.
 
 use super::panel::{Q8Panel, PANEL_ROWS};
 use super::{avx2, BlockFormat, Kernels, QK};

@@ -5,7 +5,6 @@
 use super::ModelError;
 
 mod py;
-pub use py::Civil;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -246,11 +246,11 @@ impl WeightSource for GgufSource {
         let as_q4_1 = (dtype == GgmlDType::Q4K && cols.is_multiple_of(256))
             .then(|| crate::cpu::q4_k_to_q4_1(&bytes))
             .flatten();
+        let (native, bytes) = match as_q4_1 {
+            Some(q4_1) => (Some(BlockFormat::Q4_1), q4_1),
+            None => (native, bytes),
+        };
         let data = match (native, dtype) {
-            _ if as_q4_1.is_some() => WeightData::Blocks {
-                format: BlockFormat::Q4_1,
-                bytes: as_q4_1.unwrap_or_default(),
-            },
             (Some(format), _) if cols.is_multiple_of(QK) => WeightData::Blocks { format, bytes },
             (_, GgmlDType::F32) | (_, GgmlDType::BF16) => {
                 WeightData::F32(self.to_f32(&name, &bytes, dtype, &[rows, cols])?)
