@@ -5,7 +5,8 @@
 //! with one 32-bit lane per row, Q4 nibbles split by one shift and two masks into eight operands; then per
 //! activation row eight `vpdpbusd` with the row's code words broadcast from memory (the Q4_0/Q8_0 offsets start the
 //! integer sum as `−center·Σq`), one convert, and one FMA with `dw·dx` (Q4_1: one more for `mw·s`). Q5_0 adds its
-//! fifth bits to the nibbles: per operand one shift and one mask of the transposed `qh` word and one OR. Sixteen
+//! fifth bits to the nibbles: per operand one shift and one mask of the transposed `qh` word and one OR; Q6K32
+//! its bit-4 and bit-5 planes the same way, and sums each 16-weight half under its own scale. Sixteen
 //! outputs per register, no horizontal sums; each activation row's operations are the same whatever the tile, so
 //! batched and single results agree bit for bit.
 
@@ -42,6 +43,7 @@ const fn block_bytes(kind: u8) -> usize {
         0 => 18,
         1 => 20,
         3 => 22,
+        4 => 28,
         _ => 34,
     }
 }
@@ -55,23 +57,27 @@ fn panel_dot(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out: &
         BlockFormat::Q4_1 => 1,
         BlockFormat::Q8_0 => 2,
         BlockFormat::Q5_0 => 3,
+        BlockFormat::Q6K32 => 4,
     };
     let unit = h * block_bytes(kind);
     assert!((1..=PANEL_ROWS).contains(&h) && panel.len().is_multiple_of(unit) && out.len() == xs.len() * h);
     let nb = panel.len() / unit;
     for x in xs {
-        assert!(x.q.d.len() >= nb && x.q.s.len() >= nb && x.corr.len() >= nb && x.q.qs.len() >= nb * QK);
+        let groups = QK / Q8Panel::group(format);
+        assert!(x.q.d.len() >= nb && x.q.s.len() >= nb && x.corr.len() >= nb * groups && x.q.qs.len() >= nb * QK);
     }
     fn tile<const N: usize>(kind: u8, panel: &[u8], h: usize, nb: usize, x: [&Q8Panel; N], out: &mut [f32]) {
         debug_assert!(out.len() == N * h);
         // SAFETY: `AVX512` (the only table holding `panel_dot`) is selected only when `supported()`; `panel`
-        // holds `nb` block columns of `h` rows, every `x` has `nb` scales, sums, corrections and 32·nb codes,
+        // holds `nb` block columns of `h` rows, every `x` has `nb` scales and sums, a correction per group and
+        // 32·nb codes,
         // and `out` has room for N·h results (asserted above).
         unsafe {
             match kind {
                 0 => panel_impl::<0, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
                 1 => panel_impl::<1, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
                 3 => panel_impl::<3, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
+                4 => panel_impl::<4, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
                 _ => panel_impl::<2, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
             }
         }
@@ -106,7 +112,7 @@ unsafe fn panel_impl<const KIND: u8, const N: usize>(
     out: *mut f32,
 ) {
     let unit = h * block_bytes(KIND);
-    let params = if KIND == 1 { 4 } else { 2 };
+    let params = if KIND == 1 || KIND == 4 { 4 } else { 2 };
     // one weight row per 32-bit lane; a last panel of h < 16 rows leaves the upper lanes zero (masked loads
     // neither read past its end nor add anything, masked stores write only its rows)
     let m: __mmask16 = ((1u32 << h) - 1) as u16;
@@ -115,7 +121,8 @@ unsafe fn panel_impl<const KIND: u8, const N: usize>(
     for b in 0..nb {
         let u = panel.add(b * unit);
         let dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, u as *const i16));
-        let mw = if KIND == 1 {
+        // Q4_1: the minimums; Q6K32: the second half's scales
+        let mw = if KIND == 1 || KIND == 4 {
             _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, u.add(2 * h) as *const i16))
         } else {
             _mm512_setzero_ps()
@@ -150,6 +157,41 @@ unsafe fn panel_impl<const KIND: u8, const N: usize>(
                 w[k] = _mm512_or_si512(_mm512_and_si512(v, low), fifth[k]);
                 w[4 + k] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), fifth[4 + k]);
             }
+        } else if KIND == 4 {
+            // words 0, 1: the bit-4 and bit-5 planes, bit 8j + K for operand K's byte j
+            let p4 = _mm512_maskz_loadu_epi32(m, codes as *const i32);
+            let p5 = _mm512_maskz_loadu_epi32(m, codes.add(4 * h) as *const i32);
+            let (bit4, bit5) = (_mm512_set1_epi32(0x1010_1010), _mm512_set1_epi32(0x2020_2020));
+            // each plane shifted to its bit and masked apart (a shift moves neighbouring operands' bits too)
+            let at4 = [
+                _mm512_slli_epi32::<4>(p4),
+                _mm512_slli_epi32::<3>(p4),
+                _mm512_slli_epi32::<2>(p4),
+                _mm512_slli_epi32::<1>(p4),
+                p4,
+                _mm512_srli_epi32::<1>(p4),
+                _mm512_srli_epi32::<2>(p4),
+                _mm512_srli_epi32::<3>(p4),
+            ];
+            let at5 = [
+                _mm512_slli_epi32::<5>(p5),
+                _mm512_slli_epi32::<4>(p5),
+                _mm512_slli_epi32::<3>(p5),
+                _mm512_slli_epi32::<2>(p5),
+                _mm512_slli_epi32::<1>(p5),
+                p5,
+                _mm512_srli_epi32::<1>(p5),
+                _mm512_srli_epi32::<2>(p5),
+            ];
+            let mut high = [_mm512_setzero_si512(); 8];
+            for (hk, (a4, a5)) in high.iter_mut().zip(at4.iter().zip(&at5)) {
+                *hk = _mm512_or_si512(_mm512_and_si512(*a4, bit4), _mm512_and_si512(*a5, bit5));
+            }
+            for k in 0..4 {
+                let v = _mm512_maskz_loadu_epi32(m, codes.add(4 * (2 + k) * h) as *const i32);
+                w[k] = _mm512_or_si512(_mm512_and_si512(v, low), high[k]);
+                w[4 + k] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(v), low), high[4 + k]);
+            }
         } else {
             for k in 0..4 {
                 let v = _mm512_maskz_loadu_epi32(m, codes.add(4 * k * h) as *const i32);
@@ -159,6 +201,18 @@ unsafe fn panel_impl<const KIND: u8, const N: usize>(
         }
         for j in 0..N {
             let xq = x[j].q.qs.as_ptr().add(b * QK) as *const i32;
+            if KIND == 4 {
+                // a scale per 16 weights: operands 0–3 and 4–7 summed apart
+                let dx = _mm512_set1_ps(*x[j].q.d.get_unchecked(b));
+                for (half, dh) in [dw, mw].into_iter().enumerate() {
+                    let mut isum = _mm512_set1_epi32(*x[j].corr.get_unchecked(2 * b + half));
+                    for (k, wk) in w.iter().enumerate().skip(4 * half).take(4) {
+                        isum = _mm512_dpbusd_epi32(isum, *wk, _mm512_set1_epi32(xq.add(k).read_unaligned()));
+                    }
+                    acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dh, dx), acc[j]);
+                }
+                continue;
+            }
             let mut isum = if KIND == 1 {
                 _mm512_setzero_si512()
             } else {

@@ -1,5 +1,5 @@
 //! GGUF block formats rewritten at load into formats our kernels run: Q5_0 into Q8_0 exactly, Q4_K into Q4_1
-//! with its per-32 scale and minimum rounded once to f16.
+//! and Q6_K into [`BlockFormat::Q6K32`], each with its per-32 (Q6_K: per-16) scales rounded once to f16.
 
 use super::{BlockFormat, QK};
 use half::f16;
@@ -64,6 +64,56 @@ pub fn q4_k_to_q4_1(q4k: &[u8]) -> Option<Vec<u8>> {
             let chunk = &qs[32 * (j / 2)..32 * (j / 2) + 32];
             let nib = |l: usize| if j % 2 == 0 { chunk[l] & 0x0F } else { chunk[l] >> 4 };
             out.extend((0..16).map(|i| nib(i) | (nib(i + 16) << 4)));
+        }
+    }
+    Some(out)
+}
+
+/// Bytes of one Q6_K super-block of 256 weights: 128 bytes of low nibbles `ql`, 64 of high bit pairs `qh`, 16
+/// int8 scales (one per 16 weights), f16 `d`.
+pub const Q6_K_BYTES: usize = 210;
+
+/// GGUF Q6_K super-blocks (`x = d·sc_k·(q − 32)`, q 6-bit, a scale per 16) as [`BlockFormat::Q6K32`] blocks with
+/// the same codes and `d·sc_k` rounded to f16 (at most 2⁻¹² of a scale). `None` where a scale leaves f16's normal
+/// range.
+pub fn q6_k_to_q6k32(q6k: &[u8]) -> Option<Vec<u8>> {
+    let per = 256 / QK;
+    let mut out = Vec::with_capacity(q6k.len() / Q6_K_BYTES * per * BlockFormat::Q6K32.block_bytes());
+    let mut q = [0u8; 256];
+    for sb in q6k.chunks_exact(Q6_K_BYTES) {
+        let (ql, qh, sc) = (&sb[..128], &sb[128..192], &sb[192..208]);
+        let d = f16::from_le_bytes([sb[208], sb[209]]).to_f32();
+        // ggml's dequantize_row_q6_K order: per 128 weights, four runs of 32 from one 64-byte ql half and qh
+        for c in 0..2 {
+            let (ql, qh) = (&ql[64 * c..64 * c + 64], &qh[32 * c..32 * c + 32]);
+            for l in 0..32 {
+                let n = 128 * c + l;
+                q[n] = (ql[l] & 0x0F) | ((qh[l] & 3) << 4);
+                q[n + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4);
+                q[n + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+                q[n + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+            }
+        }
+        for b in 0..per {
+            for half in 0..2 {
+                let v = d * (sc[2 * b + half] as i8) as f32;
+                let h = f16::from_f32(v);
+                if !(v == 0.0 || h.is_normal()) {
+                    return None;
+                }
+                out.extend_from_slice(&h.to_le_bytes());
+            }
+            let codes = &q[QK * b..QK * b + QK];
+            let plane = |bit: u8| {
+                let mut p = 0u32;
+                for (i, &c) in codes.iter().enumerate() {
+                    p |= (((c >> bit) & 1) as u32) << i;
+                }
+                p
+            };
+            out.extend_from_slice(&plane(4).to_le_bytes());
+            out.extend_from_slice(&plane(5).to_le_bytes());
+            out.extend((0..16).map(|i| (codes[i] & 0x0F) | ((codes[i + 16] & 0x0F) << 4)));
         }
     }
     Some(out)
@@ -154,5 +204,38 @@ mod tests {
         big[0..2].copy_from_slice(&f16::from_f32(30000.0).to_le_bytes());
         big[4] = 63;
         assert!(q4_k_to_q4_1(&big).is_none());
+    }
+
+    #[test]
+    fn q6_k_becomes_q6k32_within_f16_rounding_of_its_scales() {
+        let mut seed = 17;
+        let supers = 12;
+        let mut q6k = Vec::new();
+        for _ in 0..supers {
+            q6k.extend(bytes(208, &mut seed));
+            let r = bytes(1, &mut seed);
+            q6k.extend_from_slice(&f16::from_f32(r[0] as f32 / 60000.0 + 2e-4).to_le_bytes());
+        }
+        let n = supers * 256;
+        let want = candle_dequant(candle_core::quantized::GgmlDType::Q6K, &q6k, n);
+        let ours = q6_k_to_q6k32(&q6k).expect("normal scales");
+        assert_eq!(ours.len(), n / QK * BlockFormat::Q6K32.block_bytes());
+        let mut got = vec![0.0; n];
+        super::super::dequantize_row(BlockFormat::Q6K32, &ours, &mut got);
+        for (b, (g, w)) in got.chunks(QK).zip(want.chunks(QK)).enumerate() {
+            let blk = &ours[28 * b..28 * b + 28];
+            let d = |at: usize| f16::from_le_bytes([blk[at], blk[at + 1]]).to_f32().abs();
+            let tol = d(0).max(d(2)) * 32.0 * 2f32.powi(-11) + 2f32.powi(-24);
+            for (i, (g, w)) in g.iter().zip(w).enumerate() {
+                assert!((g - w).abs() <= tol, "block {b} weight {i}: {g} vs {w} (tol {tol})");
+            }
+        }
+        // with d = 2⁻⁸ every product is exact in f16: the codes and their order are kept exactly
+        let mut exact = q6k.clone();
+        for sb in exact.chunks_exact_mut(Q6_K_BYTES) {
+            sb[208..210].copy_from_slice(&f16::from_f32(1.0 / 256.0).to_le_bytes());
+        }
+        super::super::dequantize_row(BlockFormat::Q6K32, &q6_k_to_q6k32(&exact).unwrap(), &mut got);
+        assert_eq!(got, candle_dequant(candle_core::quantized::GgmlDType::Q6K, &exact, n));
     }
 }

@@ -24,7 +24,7 @@ mod neon;
 pub mod panel;
 mod scalar;
 
-pub use convert::{q4_k_to_q4_1, q5_0_to_q8_0};
+pub use convert::{q4_k_to_q4_1, q5_0_to_q8_0, q6_k_to_q6k32};
 
 use half::f16;
 use std::sync::OnceLock;
@@ -41,6 +41,10 @@ pub enum BlockFormat {
     /// `x = d·(q − 16)`, q 5-bit: f16 `d`, 32 fifth bits `qh`, 16 bytes of low nibbles. Runs natively in the
     /// panel kernels; CPUs without one get it widened to Q8_0 at load ([`q5_0_to_q8_0`], the same values).
     Q5_0,
+    /// Q6_K's codes and scales regrouped per 32 weights (ours, not a GGUF layout; [`q6_k_to_q6k32`]): two f16
+    /// scales (`d·sc` of each 16), the 32 codes' bit-4 and bit-5 planes (bit `i` for weight `i`), 16 bytes of low
+    /// nibbles (Q4's order); `x = d_half·(q − 32)`. Built at load only where a panel kernel runs it.
+    Q6K32,
 }
 
 impl BlockFormat {
@@ -50,6 +54,7 @@ impl BlockFormat {
             BlockFormat::Q4_1 => 20,
             BlockFormat::Q8_0 => 34,
             BlockFormat::Q5_0 => 22,
+            BlockFormat::Q6K32 => 28,
         }
     }
     /// Q4_1 pairs with Q8_1 activations (they carry the block sum for the min term); the others with Q8_0.
@@ -155,6 +160,7 @@ impl BlockFormat {
             BlockFormat::Q8_0 => (k.dot_q8_0)(row, x),
             // GGUF rows of Q5_0 exist only where a caller holds them unconverted (tests): the specification.
             BlockFormat::Q5_0 => scalar::dot_q5_0(row, x),
+            BlockFormat::Q6K32 => scalar::dot_q6k32(row, x),
         }
     }
 
@@ -164,6 +170,7 @@ impl BlockFormat {
             BlockFormat::Q4_1 => (k.dot4_q4_1)(row, x),
             BlockFormat::Q8_0 => (k.dot4_q8_0)(row, x),
             BlockFormat::Q5_0 => x.map(|xi| scalar::dot_q5_0(row, xi)),
+            BlockFormat::Q6K32 => x.map(|xi| scalar::dot_q6k32(row, xi)),
         }
     }
 }
@@ -201,6 +208,12 @@ pub fn dequantize_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
                     o[j + 16] = d * ((chunk[6 + j] >> 4) as i32 + hi(j + 16) - 16) as f32;
                 }
             }
+            BlockFormat::Q6K32 => {
+                let dh = f16::from_le_bytes([chunk[2], chunk[3]]).to_f32();
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = (if i < 16 { d } else { dh }) * (scalar::q6k32_code(chunk, i) - 32) as f32;
+                }
+            }
         }
     }
 }
@@ -219,12 +232,13 @@ mod tests {
         for _ in 0..blocks {
             let d = f16::from_f32(lcg(seed).abs() * 0.1 + 0.01).to_le_bytes();
             out.extend_from_slice(&d);
-            if format == BlockFormat::Q4_1 {
+            if matches!(format, BlockFormat::Q4_1 | BlockFormat::Q6K32) {
                 out.extend_from_slice(&f16::from_f32(lcg(seed) * 0.5).to_le_bytes());
             }
             let payload = match format {
                 BlockFormat::Q8_0 => 32,
                 BlockFormat::Q5_0 => 20,
+                BlockFormat::Q6K32 => 24,
                 _ => 16,
             };
             for _ in 0..payload {
@@ -264,6 +278,7 @@ mod tests {
             BlockFormat::Q4_1,
             BlockFormat::Q8_0,
             BlockFormat::Q5_0,
+            BlockFormat::Q6K32,
         ] {
             let blocks = 5;
             let w = random_blocks(format, blocks, &mut seed);
@@ -328,6 +343,7 @@ mod tests {
                 BlockFormat::Q4_1,
                 BlockFormat::Q8_0,
                 BlockFormat::Q5_0,
+                BlockFormat::Q6K32,
             ] {
                 let rb = blocks * format.block_bytes();
                 let w = random_blocks(format, rows * blocks, &mut seed);
@@ -387,6 +403,7 @@ mod tests {
                 BlockFormat::Q4_1,
                 BlockFormat::Q8_0,
                 BlockFormat::Q5_0,
+                BlockFormat::Q6K32,
             ] {
                 let w = random_blocks(format, blocks, &mut seed);
                 let a = format.dot(&SCALAR, &w, &qa);

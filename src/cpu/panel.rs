@@ -17,6 +17,8 @@
 //!
 //! Q5_0's code words are its fifth bits `qh` (word 0, transposed by [`qh_to_panel`] so that one shift and one
 //! mask put any operand's fifth bits at bit 4 of its bytes) and then its four nibble words; its center is 16.
+//! Q6K32 has two scales (one per 16 weights: the low nibbles' operands 0–3, the high ones' 4–7), its bit-4 and
+//! bit-5 planes transposed the same way (words 0 and 1), then four nibble words; center 32, corrected per 16.
 
 use super::{BlockFormat, Q8Row, QK};
 use half::f16;
@@ -31,6 +33,7 @@ pub const fn split(format: BlockFormat) -> (usize, usize) {
         BlockFormat::Q4_1 => (4, 16),
         BlockFormat::Q8_0 => (2, 32),
         BlockFormat::Q5_0 => (2, 20),
+        BlockFormat::Q6K32 => (4, 24),
     }
 }
 
@@ -59,11 +62,11 @@ pub fn qh_from_panel(p: u32) -> u32 {
 }
 
 /// A code word moved into (`to_panel`) or out of the panel layout: Q8_0 codes flip their sign bit, Q5_0's
-/// fifth bits (word 0) are transposed.
+/// fifth bits (word 0) and Q6K32's bit planes (words 0, 1) are transposed.
 fn code_word(format: BlockFormat, k: usize, w: [u8; 4], to_panel: bool) -> [u8; 4] {
     match (format, k) {
         (BlockFormat::Q8_0, _) => w.map(|b| b ^ 0x80),
-        (BlockFormat::Q5_0, 0) => {
+        (BlockFormat::Q5_0, 0) | (BlockFormat::Q6K32, 0 | 1) => {
             let v = u32::from_le_bytes(w);
             (if to_panel { qh_to_panel(v) } else { qh_from_panel(v) }).to_le_bytes()
         }
@@ -157,9 +160,10 @@ impl Q8Panel {
             BlockFormat::Q4_1 => 0,
             BlockFormat::Q8_0 => 128,
             BlockFormat::Q5_0 => 16,
+            BlockFormat::Q6K32 => 32,
         };
         let corr = q.qs[..q.blocks() * QK]
-            .chunks_exact(QK)
+            .chunks_exact(Self::group(format))
             .map(|b| -center * b.iter().map(|&v| v as i32).sum::<i32>())
             .collect();
         Q8Panel { q, corr }
@@ -167,6 +171,14 @@ impl Q8Panel {
 
     pub fn blocks(&self) -> usize {
         self.q.blocks()
+    }
+
+    /// Activations per correction: 16 for Q6K32 (a scale per 16 weights), else the block.
+    pub const fn group(format: BlockFormat) -> usize {
+        match format {
+            BlockFormat::Q6K32 => 16,
+            _ => QK,
+        }
     }
 }
 
@@ -183,6 +195,27 @@ pub fn dot_rows(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out
             let mut acc = 0.0f32;
             for b in 0..nb {
                 let unit = b * h * bb;
+                if format == BlockFormat::Q6K32 {
+                    let planes = unit + params * h + 4 * i;
+                    let word = |at: usize| u32::from_le_bytes([panel[at], panel[at + 1], panel[at + 2], panel[at + 3]]);
+                    let (p4, p5) = (word(planes), word(planes + 4 * h));
+                    let mut isum = [x.corr[2 * b], x.corr[2 * b + 1]];
+                    for k in 0..4 {
+                        let w = unit + params * h + 4 * ((2 + k) * h + i);
+                        for j in 0..4 {
+                            let wb = panel[w + j] as i32;
+                            let hi = |op: usize| {
+                                ((((p4 >> (8 * j + op)) & 1) << 4) | (((p5 >> (8 * j + op)) & 1) << 5)) as i32
+                            };
+                            let a = |word: usize| x.q.qs[b * QK + 4 * word + j] as i32;
+                            isum[0] += ((wb & 0x0F) | hi(k)) * a(k);
+                            isum[1] += ((wb >> 4) | hi(4 + k)) * a(4 + k);
+                        }
+                    }
+                    acc += isum[0] as f32 * (f16_at(unit + 2 * i) * x.q.d[b]);
+                    acc += isum[1] as f32 * (f16_at(unit + 2 * (h + i)) * x.q.d[b]);
+                    continue;
+                }
                 let mut isum = x.corr[b];
                 if format == BlockFormat::Q5_0 {
                     let at = unit + params * h + 4 * i;
@@ -244,6 +277,7 @@ mod tests {
             BlockFormat::Q4_1,
             BlockFormat::Q8_0,
             BlockFormat::Q5_0,
+            BlockFormat::Q6K32,
         ] {
             let bb = format.block_bytes();
             for (rows, nb) in [(1usize, 1usize), (16, 18), (17, 3), (40, 2), (5, 48)] {

@@ -79,6 +79,34 @@ pub fn dot_q5_0(row: &[u8], x: &Q8Row) -> f32 {
     acc
 }
 
+/// Weight `i`'s 6-bit code in a [`super::BlockFormat::Q6K32`] block.
+#[inline]
+pub fn q6k32_code(blk: &[u8], i: usize) -> i32 {
+    let plane = |at: usize| u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
+    let nib = if i < 16 {
+        blk[12 + i] & 0x0F
+    } else {
+        blk[12 + i - 16] >> 4
+    };
+    nib as i32 | (((plane(4) >> i) & 1) << 4) as i32 | (((plane(8) >> i) & 1) << 5) as i32
+}
+
+/// A [`super::BlockFormat::Q6K32`] row: per block and half the exact integer sum of `(q − 32)·x`, times
+/// `d_half·dx`, the halves in order.
+pub fn dot_q6k32(row: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    for (b, blk) in row.chunks_exact(28).enumerate() {
+        let q8 = &x.qs[b * QK..(b + 1) * QK];
+        for half in 0..2 {
+            let sumi: i32 = (16 * half..16 * half + 16)
+                .map(|i| (q6k32_code(blk, i) - 32) * q8[i] as i32)
+                .sum();
+            acc += f16_at(blk, 2 * half) * x.d[b] * sumi as f32;
+        }
+    }
+    acc
+}
+
 pub fn dot_q8_0(row: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0.0f32;
     for (b, blk) in row.chunks_exact(34).enumerate() {

@@ -243,11 +243,19 @@ impl WeightSource for GgufSource {
         };
         // Q4_K runs on the Q4_1 kernels: same codes, each 32-weight block's scale and minimum rounded once to f16
         // (`cpu::q4_k_to_q4_1`; a tensor whose products leave f16's range keeps candle's exact path).
-        let as_q4_1 = (dtype == GgmlDType::Q4K && cols.is_multiple_of(256))
-            .then(|| crate::cpu::q4_k_to_q4_1(&bytes))
-            .flatten();
-        let (native, bytes) = match as_q4_1 {
-            Some(q4_1) => (Some(BlockFormat::Q4_1), q4_1),
+        // Q6_K becomes `Q6K32` (its codes per 32 weights under two f16 scales) where a panel kernel runs that;
+        // elsewhere candle's Q6_K path is the faster one.
+        let rewritten = match dtype {
+            GgmlDType::Q4K if cols.is_multiple_of(256) => {
+                crate::cpu::q4_k_to_q4_1(&bytes).map(|b| (BlockFormat::Q4_1, b))
+            }
+            GgmlDType::Q6K if cols.is_multiple_of(256) && crate::cpu::kernels().panel_dot.is_some() => {
+                crate::cpu::q6_k_to_q6k32(&bytes).map(|b| (BlockFormat::Q6K32, b))
+            }
+            _ => None,
+        };
+        let (native, bytes) = match rewritten {
+            Some((format, b)) => (Some(format), b),
             None => (native, bytes),
         };
         let data = match (native, dtype) {

@@ -329,12 +329,13 @@ mod tests {
         let mut bytes = Vec::new();
         for _ in 0..rows * cols / QK {
             bytes.extend_from_slice(&f16::from_f32(lcg(seed).abs() * 0.1 + 0.01).to_le_bytes());
-            if format == BlockFormat::Q4_1 {
+            if matches!(format, BlockFormat::Q4_1 | BlockFormat::Q6K32) {
                 bytes.extend_from_slice(&f16::from_f32(lcg(seed) * 0.5).to_le_bytes());
             }
             let codes = match format {
                 BlockFormat::Q8_0 => 32,
                 BlockFormat::Q5_0 => 20,
+                BlockFormat::Q6K32 => 24,
                 _ => 16,
             };
             bytes.extend((0..codes).map(|_| (lcg(seed) * 127.0) as i8 as u8));

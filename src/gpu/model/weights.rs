@@ -30,6 +30,13 @@ impl DevLinear {
                     BlockFormat::Q8_0 => (4, bytes.into_owned()),
                     // no Q5_0 device kernel: the same values as Q8_0 blocks
                     BlockFormat::Q5_0 => (4, crate::cpu::q5_0_to_q8_0(&bytes)),
+                    // our regrouped Q6_K: no device kernel, f16 as for the other K-quants
+                    BlockFormat::Q6K32 => {
+                        let mut v = vec![0f32; l.rows * l.cols];
+                        crate::cpu::dequantize_row(format, &bytes, &mut v);
+                        tracing::info!(tensor = name, "no GPU kernel for Q6_K: dequantized to f16 at load");
+                        (F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect())
+                    }
                 }
             }
             WeightData::F32(v) => (F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
