@@ -4,9 +4,9 @@
 //! `exp_sum`) both stand on this module; neither reaches into the other for arithmetic (candle keeps its `cpu/`
 //! under everything the same way). `tests/architecture.rs` holds it to importing nothing of ours.
 //!
-//! Owns: the byte layouts of the GGUF block types we execute natively (Q4_0, Q4_1, Q8_0, Q5_0, F16, F32) and
-//! the load-time rewrites of others into them (`convert.rs`: Q5_0 → Q8_0 where no kernel reads Q5_0, Q4_K →
-//! Q4_1), the
+//! Owns: the byte layouts of the GGUF block types we execute natively (Q4_0, Q4_1, Q8_0, Q5_0, F16, F32, and our
+//! Q6K32) and the load-time rewrites of others into them (`convert.rs`: Q5_0 → Q8_0 where no kernel reads Q5_0,
+//! Q4_K → Q4_1, Q6_K → Q6K32), the
 //! quantization of activations to 8-bit blocks (llama.cpp's `quantize_row_q8_0/q8_1`, so our numerics follow
 //! the peer's), the per-row dot products, and the panel layout with its matmul (`panel.rs`: 16 weight rows per
 //! register lane set, laid out at load where a panel kernel exists). `scalar.rs` and `panel::dot_rows` are the
