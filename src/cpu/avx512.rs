@@ -68,10 +68,9 @@ fn panel_dot(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out: &
     }
     fn tile<const N: usize>(kind: u8, panel: &[u8], h: usize, nb: usize, x: [&Q8Panel; N], out: &mut [f32]) {
         debug_assert!(out.len() == N * h);
-        // SAFETY: `AVX512` (the only table holding `panel_dot`) is selected only when `supported()`; `panel`
-        // holds `nb` block columns of `h` rows, every `x` has `nb` scales and sums, a correction per group and
-        // 32·nb codes,
-        // and `out` has room for N·h results (asserted above).
+        // SAFETY: `AVX512` (the only table holding `panel_dot`) is selected only when `supported()`; `panel` holds
+        // `nb` block columns of `h` rows, every `x` has `nb` scales and sums, a correction per group and 32·nb
+        // codes, and `out` has room for N·h results (asserted above).
         unsafe {
             match kind {
                 0 => panel_impl::<0, N>(panel.as_ptr(), h, nb, x, out.as_mut_ptr()),
