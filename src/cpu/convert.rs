@@ -10,12 +10,8 @@ pub fn q5_0_to_q8_0(q5: &[u8]) -> Vec<u8> {
     const Q5_BYTES: usize = 22;
     let mut out = Vec::with_capacity(q5.len() / Q5_BYTES * BlockFormat::Q8_0.block_bytes());
     for b in q5.chunks_exact(Q5_BYTES) {
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let qs = &b[6..22];
         out.extend_from_slice(&b[..2]);
-        let q = |j: usize, nib: u8| (nib | (((qh >> j) & 1) << 4) as u8) as i8 - 16;
-        out.extend((0..16).map(|j| q(j, qs[j] & 0x0F) as u8));
-        out.extend((0..16).map(|j| q(j + 16, qs[j] >> 4) as u8));
+        out.extend((0..QK).map(|i| (super::scalar::q5_0_code(b, i) - 16) as i8 as u8));
     }
     out
 }

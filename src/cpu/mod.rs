@@ -48,6 +48,15 @@ pub enum BlockFormat {
 }
 
 impl BlockFormat {
+    /// Every format, for tests that cover them all.
+    pub const ALL: [BlockFormat; 5] = [
+        BlockFormat::Q4_0,
+        BlockFormat::Q4_1,
+        BlockFormat::Q8_0,
+        BlockFormat::Q5_0,
+        BlockFormat::Q6K32,
+    ];
+
     pub const fn block_bytes(self) -> usize {
         match self {
             BlockFormat::Q4_0 => 18,
@@ -201,11 +210,8 @@ pub fn dequantize_row(format: BlockFormat, row: &[u8], out: &mut [f32]) {
                 }
             }
             BlockFormat::Q5_0 => {
-                let qh = u32::from_le_bytes([chunk[2], chunk[3], chunk[4], chunk[5]]);
-                for j in 0..16 {
-                    let hi = |bit: usize| (((qh >> bit) & 1) << 4) as i32;
-                    o[j] = d * ((chunk[6 + j] & 0x0F) as i32 + hi(j) - 16) as f32;
-                    o[j + 16] = d * ((chunk[6 + j] >> 4) as i32 + hi(j + 16) - 16) as f32;
+                for (i, o) in o.iter_mut().enumerate() {
+                    *o = d * (scalar::q5_0_code(chunk, i) - 16) as f32;
                 }
             }
             BlockFormat::Q6K32 => {
@@ -273,13 +279,7 @@ mod tests {
     #[test]
     fn q_dots_match_dequantized_dot() {
         let mut seed = 7;
-        for format in [
-            BlockFormat::Q4_0,
-            BlockFormat::Q4_1,
-            BlockFormat::Q8_0,
-            BlockFormat::Q5_0,
-            BlockFormat::Q6K32,
-        ] {
+        for format in BlockFormat::ALL {
             let blocks = 5;
             let w = random_blocks(format, blocks, &mut seed);
             let x: Vec<f32> = (0..blocks * QK).map(|_| lcg(&mut seed)).collect();
@@ -338,13 +338,7 @@ mod tests {
         );
         for (rows, blocks) in [(1usize, 1usize), (16, 3), (21, 18), (40, 48), (7, 301)] {
             let acts: Vec<Q8Row> = (0..13).map(|_| random_q8(blocks, 2.5, &mut seed)).collect();
-            for format in [
-                BlockFormat::Q4_0,
-                BlockFormat::Q4_1,
-                BlockFormat::Q8_0,
-                BlockFormat::Q5_0,
-                BlockFormat::Q6K32,
-            ] {
+            for format in BlockFormat::ALL {
                 let rb = blocks * format.block_bytes();
                 let w = random_blocks(format, rows * blocks, &mut seed);
                 let wp = panel::interleave(format, rows, &w);
@@ -398,13 +392,7 @@ mod tests {
             assert_eq!(qa.s, qb.s);
             // three more activation rows for the 4-row kernels
             let more: Vec<Q8Row> = (0..3).map(|_| random_q8(blocks, 2.0, &mut seed)).collect();
-            for format in [
-                BlockFormat::Q4_0,
-                BlockFormat::Q4_1,
-                BlockFormat::Q8_0,
-                BlockFormat::Q5_0,
-                BlockFormat::Q6K32,
-            ] {
+            for format in BlockFormat::ALL {
                 let w = random_blocks(format, blocks, &mut seed);
                 let a = format.dot(&SCALAR, &w, &qa);
                 let b = format.dot(k, &w, &qa);

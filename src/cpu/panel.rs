@@ -184,66 +184,26 @@ impl Q8Panel {
 
 /// The specification of the panel matmul (and the kernel of CPUs without a faster one): for one panel of `h`
 /// rows (`panel`: its bytes), `out[j·h + i] = row i · xs[j]`, block by block in exact integers, then
-/// `Σ_b (isum·dw·dx + mw·s)` in block order.
+/// `Σ_b (Σ_g isum_g·dw_g·dx + mw·s)` in block order (one group per block, Q6K32 two with a scale each).
 pub fn dot_rows(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out: &mut [f32]) {
     let bb = format.block_bytes();
     let nb = panel.len() / (h * bb);
-    let (params, codes) = split(format);
+    let params = split(format).0;
+    let group = Q8Panel::group(format);
+    let groups = QK / group;
     let f16_at = |at: usize| f16::from_le_bytes([panel[at], panel[at + 1]]).to_f32();
     for (x, o) in xs.iter().zip(out.chunks_exact_mut(h)) {
         for (i, o) in o.iter_mut().enumerate() {
             let mut acc = 0.0f32;
             for b in 0..nb {
                 let unit = b * h * bb;
-                if format == BlockFormat::Q6K32 {
-                    let planes = unit + params * h + 4 * i;
-                    let word = |at: usize| u32::from_le_bytes([panel[at], panel[at + 1], panel[at + 2], panel[at + 3]]);
-                    let (p4, p5) = (word(planes), word(planes + 4 * h));
-                    let mut isum = [x.corr[2 * b], x.corr[2 * b + 1]];
-                    for k in 0..4 {
-                        let w = unit + params * h + 4 * ((2 + k) * h + i);
-                        for j in 0..4 {
-                            let wb = panel[w + j] as i32;
-                            let hi = |op: usize| {
-                                ((((p4 >> (8 * j + op)) & 1) << 4) | (((p5 >> (8 * j + op)) & 1) << 5)) as i32
-                            };
-                            let a = |word: usize| x.q.qs[b * QK + 4 * word + j] as i32;
-                            isum[0] += ((wb & 0x0F) | hi(k)) * a(k);
-                            isum[1] += ((wb >> 4) | hi(4 + k)) * a(4 + k);
-                        }
-                    }
-                    acc += isum[0] as f32 * (f16_at(unit + 2 * i) * x.q.d[b]);
-                    acc += isum[1] as f32 * (f16_at(unit + 2 * (h + i)) * x.q.d[b]);
-                    continue;
+                let codes = panel_codes(format, &panel[unit + params * h..unit + h * bb], h, i);
+                let xq = &x.q.qs[b * QK..(b + 1) * QK];
+                for g in 0..groups {
+                    let dot: i32 = (g * group..(g + 1) * group).map(|n| codes[n] * xq[n] as i32).sum();
+                    // group g's scale is parameter g (Q6K32's second scale sits where Q4_1 keeps its minimum)
+                    acc += (x.corr[groups * b + g] + dot) as f32 * (f16_at(unit + 2 * (g * h + i)) * x.q.d[b]);
                 }
-                let mut isum = x.corr[b];
-                if format == BlockFormat::Q5_0 {
-                    let at = unit + params * h + 4 * i;
-                    let qh = u32::from_le_bytes([panel[at], panel[at + 1], panel[at + 2], panel[at + 3]]);
-                    for k in 0..4 {
-                        let w = unit + params * h + 4 * ((1 + k) * h + i);
-                        for j in 0..4 {
-                            let wb = panel[w + j] as i32;
-                            let hi = |op: usize| (((qh >> (8 * j + op)) & 1) << 4) as i32;
-                            let a = |word: usize| x.q.qs[b * QK + 4 * word + j] as i32;
-                            isum += ((wb & 0x0F) | hi(k)) * a(k) + ((wb >> 4) | hi(4 + k)) * a(4 + k);
-                        }
-                    }
-                    acc += isum as f32 * (f16_at(unit + 2 * i) * x.q.d[b]);
-                    continue;
-                }
-                for k in 0..codes / 4 {
-                    let w = unit + params * h + 4 * (k * h + i);
-                    for j in 0..4 {
-                        let wb = panel[w + j];
-                        let a = |word: usize| x.q.qs[b * QK + 4 * word + j] as i32;
-                        match format {
-                            BlockFormat::Q8_0 => isum += wb as i32 * a(k),
-                            _ => isum += (wb & 0x0F) as i32 * a(k) + (wb >> 4) as i32 * a(4 + k),
-                        }
-                    }
-                }
-                acc += isum as f32 * (f16_at(unit + 2 * i) * x.q.d[b]);
                 if format == BlockFormat::Q4_1 {
                     acc += f16_at(unit + 2 * (h + i)) * x.q.s[b];
                 }
@@ -251,6 +211,33 @@ pub fn dot_rows(format: BlockFormat, panel: &[u8], h: usize, xs: &[Q8Panel], out
             *o = acc;
         }
     }
+}
+
+/// Row `i`'s 32 codes of one block column (`cols`: its code words) in weight order, as the panel kernels feed them
+/// to `vpdpbusd`: unsigned, the center still in. Weight `4k + j` is byte `j` of operand `k`: Q8_0 code word `k`;
+/// for the others the low (k < 4) or high nibble of nibble word `k mod 4`, plus Q5_0's fifth and Q6K32's fifth
+/// and sixth bits from their transposed planes (bit `8j + k`), which precede the nibble words.
+fn panel_codes(format: BlockFormat, cols: &[u8], h: usize, i: usize) -> [i32; QK] {
+    let word = |k: usize| {
+        let at = 4 * (k * h + i);
+        [cols[at], cols[at + 1], cols[at + 2], cols[at + 3]]
+    };
+    let planes = match format {
+        BlockFormat::Q5_0 => 1,
+        BlockFormat::Q6K32 => 2,
+        _ => 0,
+    };
+    let plane: [u32; 2] = std::array::from_fn(|p| if p < planes { u32::from_le_bytes(word(p)) } else { 0 });
+    std::array::from_fn(|n| {
+        let (k, j) = (n / 4, n % 4);
+        if format == BlockFormat::Q8_0 {
+            return word(k)[j] as i32;
+        }
+        let b = word(planes + k % 4)[j];
+        let nibble = if k < 4 { b & 0x0F } else { b >> 4 };
+        let high = (((plane[0] >> (8 * j + k)) & 1) << 4) | (((plane[1] >> (8 * j + k)) & 1) << 5);
+        nibble as i32 | high as i32
+    })
 }
 
 #[cfg(test)]
@@ -272,13 +259,7 @@ mod tests {
 
     #[test]
     fn interleaving_is_a_permutation_undone_by_deinterleaving() {
-        for format in [
-            BlockFormat::Q4_0,
-            BlockFormat::Q4_1,
-            BlockFormat::Q8_0,
-            BlockFormat::Q5_0,
-            BlockFormat::Q6K32,
-        ] {
+        for format in BlockFormat::ALL {
             let bb = format.block_bytes();
             for (rows, nb) in [(1usize, 1usize), (16, 18), (17, 3), (40, 2), (5, 48)] {
                 let m: Vec<u8> = (0..rows * nb * bb).map(|i| (i * 37 % 251) as u8).collect();

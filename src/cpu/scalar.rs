@@ -67,16 +67,23 @@ pub fn dot_q5_0(row: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0.0f32;
     for (b, blk) in row.chunks_exact(22).enumerate() {
         let q8 = &x.qs[b * QK..(b + 1) * QK];
-        let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let hi = |bit: usize| (((qh >> bit) & 1) << 4) as i32;
-            sumi += ((blk[6 + j] & 0x0F) as i32 + hi(j) - 16) * q8[j] as i32;
-            sumi += ((blk[6 + j] >> 4) as i32 + hi(j + 16) - 16) * q8[j + 16] as i32;
-        }
+        let sumi: i32 = (0..QK).map(|i| (q5_0_code(blk, i) - 16) * q8[i] as i32).sum();
         acc += f16_at(blk, 0) * x.d[b] * sumi as f32;
     }
     acc
+}
+
+/// Weight `i`'s 5-bit code (0..=31, the value `d·(q − 16)`) in a GGUF Q5_0 block: its low nibble (byte `i`, or
+/// the high nibble of byte `i − 16`) and bit `i` of `qh`.
+#[inline]
+pub fn q5_0_code(blk: &[u8], i: usize) -> i32 {
+    let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+    let nib = if i < 16 {
+        blk[6 + i] & 0x0F
+    } else {
+        blk[6 + i - 16] >> 4
+    };
+    nib as i32 | (((qh >> i) & 1) << 4) as i32
 }
 
 /// Weight `i`'s 6-bit code in a [`super::BlockFormat::Q6K32`] block.

@@ -354,12 +354,7 @@ mod tests {
     #[test]
     fn panel_matmuls_match_row_matmuls() {
         let mut seed = 5;
-        for format in [
-            BlockFormat::Q4_0,
-            BlockFormat::Q4_1,
-            BlockFormat::Q8_0,
-            BlockFormat::Q5_0,
-        ] {
+        for format in BlockFormat::ALL {
             let parts: Vec<Linear> = [21usize, 16, 3]
                 .iter()
                 .map(|&r| random(format, r, 576, &mut seed))

@@ -18,6 +18,15 @@ pub(super) struct DevLinear {
     pub(super) bias: Option<CudaSlice<f32>>,
 }
 
+/// Weights of a type without a device kernel (K-quants and others): dequantized to f16 once, at load.
+fn as_f16(name: &str, v: &[f32]) -> (i32, Vec<u8>) {
+    tracing::info!(
+        tensor = name,
+        "no GPU kernel for this weight type: dequantized to f16 at load"
+    );
+    (F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect())
+}
+
 impl DevLinear {
     pub(super) fn upload(gpu: &Gpu, l: &Linear, name: &str) -> Result<DevLinear, ModelError> {
         use crate::cpu::BlockFormat;
@@ -34,27 +43,20 @@ impl DevLinear {
                     BlockFormat::Q6K32 => {
                         let mut v = vec![0f32; l.rows * l.cols];
                         crate::cpu::dequantize_row(format, &bytes, &mut v);
-                        tracing::info!(tensor = name, "no GPU kernel for Q6_K: dequantized to f16 at load");
-                        (F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect())
+                        as_f16(name, &v)
                     }
                 }
             }
             WeightData::F32(v) => (F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             WeightData::F16(v) => (F16, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             WeightData::Candle(mm) => {
-                // K-quants and other types without a device kernel: dequantized to f16 once, at load.
                 use candle_core::quantized::QMatMul;
                 use candle_core::{DType, Device};
                 let t = match mm {
                     QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
                     QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
                 };
-                let v = t.flatten_all()?.to_vec1::<f32>()?;
-                tracing::info!(
-                    tensor = name,
-                    "no GPU kernel for this weight type: dequantized to f16 at load"
-                );
-                (F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect())
+                as_f16(name, &t.flatten_all()?.to_vec1::<f32>()?)
             }
         };
         Ok(DevLinear {

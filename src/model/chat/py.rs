@@ -83,10 +83,11 @@ impl JsonOpts {
         match v.kind() {
             ValueKind::Undefined | ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
-            ValueKind::Number => match (i128::try_from(v.clone()), f64::try_from(v.clone())) {
-                (Ok(i), _) if !v.to_string().contains(['.', 'e', 'E', 'n', 'N']) => out.push_str(&i.to_string()),
-                (_, Ok(f)) => out.push_str(&py_float(f)),
-                _ => return Err(invalid(format!("tojson: cannot write the number {v}"))),
+            // integers as integers (`42` vs `42.0`: Python keeps them apart, and so does the value)
+            ValueKind::Number if v.is_integer() => out.push_str(&v.to_string()),
+            ValueKind::Number => match f64::try_from(v.clone()) {
+                Ok(f) => out.push_str(&py_float(f)),
+                Err(_) => return Err(invalid(format!("tojson: cannot write the number {v}"))),
             },
             ValueKind::String => self.string(out, v.as_str().unwrap_or_default()),
             ValueKind::Seq | ValueKind::Iterable => {
