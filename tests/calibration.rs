@@ -106,6 +106,7 @@ fn calibration_runs_end_to_end_and_the_profile_is_bound_to_its_model() {
         data: vec![data],
         seed: 1,
         rotate: false,
+        fit: false,
     };
     let mut ticks = 0;
     let p = calibrate(&model, &tok, "abc123", &cfg, &mut |_, _, _| ticks += 1).unwrap();
@@ -175,4 +176,68 @@ fn calibration_runs_end_to_end_and_the_profile_is_bound_to_its_model() {
         assert!((k[3] - j[0] / 2.0).abs() < 1e-12, "2 bits: half the joint cost");
         assert!((k[1] - k[2] / 16.0).abs() < 1e-12, "8 bits estimated from 4");
     }
+}
+
+#[test]
+fn calibration_measures_the_two_bit_width_as_the_fitted_floor_the_store_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_gguf(
+        &TinySpec::new(TinyArch::Llama),
+        &dir.path().join("l.gguf"),
+        Damage::None,
+    );
+    let (model, tok) = Model::load(&path, &LoadOptions { threads: 1 }).unwrap();
+    let data = dir.path().join("calib.txt");
+    std::fs::write(&data, "abc def ghi jkl ".repeat(200)).unwrap();
+    let run = |fit: bool| {
+        let cfg = CalibConfig {
+            samples: 2,
+            seq_len: 32,
+            effective_len: 32,
+            choices: vec![2, 4],
+            avg_bits: 3.0,
+            alpha_bits: 4,
+            data: vec![data.clone()],
+            seed: 3,
+            rotate: true,
+            fit,
+        };
+        calibrate(&model, &tok, "abc", &cfg, &mut |_, _, _| {}).unwrap()
+    };
+    let (shifted, fitted) = (run(false), run(true));
+    assert!(fitted.settings.fit && !shifted.settings.fit);
+    // 4 and 8 bits are the same ERS path under both: identical measurements, and the α search (at 4 bits) agrees
+    for l in 0..fitted.layers {
+        for w in 1..3 {
+            assert_eq!(
+                fitted.sensitivity_k[l][w], shifted.sensitivity_k[l][w],
+                "layer {l} width {w}"
+            );
+            assert_eq!(
+                fitted.sensitivity_v[l][w], shifted.sensitivity_v[l][w],
+                "layer {l} width {w}"
+            );
+        }
+    }
+    assert_eq!(fitted.alpha, shifted.alpha);
+    // 2 bits differs: the measurement went through the fit
+    let two = |p: &Profile| {
+        p.sensitivity_k
+            .iter()
+            .chain(&p.sensitivity_v)
+            .map(|r| r[0])
+            .collect::<Vec<_>>()
+    };
+    assert_ne!(two(&fitted), two(&shifted));
+    eprintln!(
+        "2-bit sensitivity: fitted {:?}, shifted {:?}",
+        two(&fitted),
+        two(&shifted)
+    );
+    // an older profile without the flag loads as measured shifted
+    let mut v = serde_json::to_value(&fitted).unwrap();
+    v["settings"].as_object_mut().unwrap().remove("fit");
+    let file = dir.path().join("old.json");
+    std::fs::write(&file, serde_json::to_string(&v).unwrap()).unwrap();
+    assert!(!Profile::load(&file).unwrap().settings.fit);
 }

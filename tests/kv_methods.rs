@@ -226,3 +226,63 @@ fn every_method_runs_and_fixed_widths_cost_what_they_should() {
         bits("kivi:4")
     );
 }
+
+#[test]
+fn the_fitted_floor_is_closer_to_fp16_than_the_shifted_one_at_equal_bytes() {
+    use pmkvq::eval::{run_divergence, DivergenceConfig};
+    use pmkvq::kvcache::quant::ShiftMode;
+    use pmkvq::kvcache::{PmkvqConfig, PmkvqStore};
+    let (model, tok) = load_default(2);
+    let text = std::fs::read_to_string(common::shared_dir().join("data/text/botchan.txt")).unwrap();
+    let tokens: Vec<u32> = tok.encode(&text, false).unwrap()[..768].to_vec();
+    // the method as shipped without a profile (rotation + fitted floor), and the same with the paper's shift,
+    // both at PM-KVQ's floor for this sequence: every body ends at 2 bits
+    let shipped = pmkvq::calib::method_spec(KvMethod::Pmkvq(PmkvqConfig::pmkvq()), None, true);
+    let KvMethod::Pmkvq(cfg) = &shipped.method else {
+        panic!("pmkvq is a PM-KVQ store")
+    };
+    assert_eq!(cfg.shift, ShiftMode::Fitted, "the method as shipped fits its floor");
+    assert!(shipped.rotate);
+    let floor = PmkvqStore::floor_bytes(model.kv_geometry(), cfg, tokens.len());
+    let mut shifted = shipped.clone();
+    if let KvMethod::Pmkvq(c) = &mut shifted.method {
+        c.shift = ShiftMode::Equivalent;
+    }
+    let (mut fitted, mut shifted) = (shipped, shifted);
+    fitted.budget = Some(floor);
+    fitted.label = "fitted".into();
+    shifted.budget = Some(floor);
+    shifted.label = "shifted".into();
+    let cfg = DivergenceConfig {
+        methods: vec![fitted, shifted],
+        score_from: 256,
+        step: 16,
+        greedy_tokens: 0,
+        prefill_chunk: 256,
+    };
+    let report = run_divergence(&model, &tokens, &cfg).unwrap();
+    let [f, s] = [&report.methods[0], &report.methods[1]];
+    eprintln!(
+        "at the floor ({floor} bytes): fitted KL {:.4} top-1 {:.3}, shifted KL {:.4} top-1 {:.3}",
+        f.mean_kl, f.top1_agreement, s.mean_kl, s.top1_agreement
+    );
+    for m in [f, s] {
+        assert!(m.within_budget && m.stopped.is_none(), "{}: {:?}", m.method, m.stopped);
+        assert!(
+            m.final_kv_bits.iter().all(|kv| *kv == [2, 2]),
+            "{}: {:?}",
+            m.method,
+            m.final_kv_bits
+        );
+    }
+    assert_eq!(
+        f.true_bytes, s.true_bytes,
+        "the fit changes codes and parameters, not bytes"
+    );
+    assert!(
+        f.mean_kl < 0.8 * s.mean_kl,
+        "the fitted floor should be clearly closer to fp16: {} vs {}",
+        f.mean_kl,
+        s.mean_kl
+    );
+}

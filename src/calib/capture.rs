@@ -1,32 +1,40 @@
 //! KV stores used only by calibration: pre-attention fake quantization of chosen layers (spec §5.4's "RTN
 //! before attention", also the perturbation sensitivity is measured with) and max-|K| statistics per rotary pair.
 
-use crate::kvcache::quant::{quantize_group, Bits};
+use crate::kvcache::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
 use crate::kvcache::{F32KvStore, KvGeometry, KvTap, Tapped};
 use crate::model::RopeLayout;
 
 /// Rounds the chosen layers' K and V through the PM-KVQ quantizer at a given width — every token, the current
-/// one included — before attention.
+/// one included — before attention. A value takes the store's own path to that width: quantized at 16 bits,
+/// then lowered by `shift` (so with [`ShiftMode::Fitted`] the 2-bit width is the fitted floor the store holds).
 pub struct FakeQuant {
     /// Width per layer for K and for V; `None` = full precision.
     bits: Vec<(Option<Bits>, Option<Bits>)>,
     group: usize,
+    shift: ShiftMode,
 }
 
 /// A full-precision store whose chosen layers see quantized K/V.
 pub type FakeQuantStore = Tapped<FakeQuant>;
 
 impl Tapped<FakeQuant> {
-    pub fn new(geom: KvGeometry, bits: Vec<Option<Bits>>, max_tokens: usize) -> Self {
-        Self::sides(geom, bits.into_iter().map(|b| (b, b)).collect(), max_tokens)
+    pub fn new(geom: KvGeometry, bits: Vec<Option<Bits>>, max_tokens: usize, shift: ShiftMode) -> Self {
+        Self::sides(geom, bits.into_iter().map(|b| (b, b)).collect(), max_tokens, shift)
     }
     /// K and V quantized at their own widths.
-    pub fn sides(geom: KvGeometry, bits: Vec<(Option<Bits>, Option<Bits>)>, max_tokens: usize) -> Self {
+    pub fn sides(
+        geom: KvGeometry,
+        bits: Vec<(Option<Bits>, Option<Bits>)>,
+        max_tokens: usize,
+        shift: ShiftMode,
+    ) -> Self {
         Tapped::wrap(
             Box::new(F32KvStore::new(geom, max_tokens)),
             FakeQuant {
                 bits,
                 group: geom.head_dim,
+                shift,
             },
             "+fake-quant",
         )
@@ -37,12 +45,13 @@ impl FakeQuant {
     fn round(&self, b: Option<Bits>, x: &[f32]) -> Option<Vec<f32>> {
         let b = b?;
         let mut out = x.to_vec();
-        let mut codes = vec![0u16; self.group];
+        let mut rows = PackedRows::new(Bits::B16, self.group, 1, self.group, OffsetMode::Stored);
         for g in out.chunks_exact_mut(self.group) {
-            let p = quantize_group(g, b, &mut codes);
-            for (v, &c) in g.iter_mut().zip(&codes) {
-                *v = c as f32 * p.scale + p.offset;
-            }
+            rows.clear();
+            rows.bits = Bits::B16;
+            rows.push_token(g);
+            rows.shrink_to(b, self.shift);
+            rows.dequantize_token(0, g);
         }
         Some(out)
     }

@@ -1,7 +1,7 @@
 //! The calibration profile: one versioned JSON file bound to the model it was measured on.
 
 use crate::kvcache::pmkvq_plan::{level, Sensitivity};
-use crate::kvcache::quant::Bits;
+use crate::kvcache::quant::{Bits, ShiftMode};
 use crate::kvcache::{KeyScales, KvMethod, MethodSpec};
 use crate::model::{Arch, Model, RopeLayout};
 use serde::{Deserialize, Serialize};
@@ -109,14 +109,22 @@ fn auto_candidates(default: &Path) -> Vec<PathBuf> {
 
 /// The store configuration for `method`: PM-KVQ as shipped takes everything the profile measured — per-layer
 /// shares, key scales, and (where the backend's caches support them: `extensions`) the rotation it was
-/// calibrated with (always, without a profile) and the K/V sensitivity its widths are planned on. The baselines run as they are. The
-/// daemon's requests and the CLI both go through here.
+/// calibrated with (always, without a profile), the K/V sensitivity its widths are planned on and the fitted
+/// 2-bit floor ([`ShiftMode::Fitted`], with or without a profile). The baselines run as they are. The daemon's
+/// requests and the CLI both go through here.
 pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool) -> MethodSpec {
     let label = method.to_string();
     let p = profile.filter(|_| matches!(method, KvMethod::Pmkvq(_)));
     let method = match (method, p) {
-        (KvMethod::Pmkvq(mut c), Some(p)) if extensions => {
-            c.sensitivity = Some(Arc::new(p.sensitivity()));
+        (KvMethod::Pmkvq(mut c), p) if extensions => {
+            if let Some(p) = p {
+                c.sensitivity = Some(Arc::new(p.sensitivity()));
+            }
+            // the fitted 2-bit floor needs no calibration either (a profile measured without it still plans well:
+            // its 2-bit sensitivity only overstates the floor's cost)
+            if c.shift == ShiftMode::Equivalent {
+                c.shift = ShiftMode::Fitted;
+            }
             KvMethod::Pmkvq(c)
         }
         (m, _) => m,
@@ -146,6 +154,9 @@ pub struct CalibSettings {
     pub alpha_bits: u32,
     pub data: Vec<String>,
     pub seed: u64,
+    /// The 2-bit width was measured as the fitted floor (profiles written before it existed: shifted).
+    #[serde(default)]
+    pub fit: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 use super::allocate::{allocate, shares, AllocError};
 use super::capture::{expand_pair_scales, FakeQuantStore, KeyStatsStore};
 use super::profile::{CalibSettings, Profile, PROFILE_VERSION};
-use crate::kvcache::quant::Bits;
+use crate::kvcache::quant::{Bits, ShiftMode};
 use crate::kvcache::{F32KvStore, KeyScaled, KvStore, Rotated, ROTATION_SEED};
 use crate::model::{Model, ModelError, Tokenizer};
 use std::path::PathBuf;
@@ -26,6 +26,20 @@ pub struct CalibConfig {
     /// Calibrate the rotated method (`+rot`): K/V are rotated before they are fake-quantized in every
     /// measurement, and the α search may choose α = 0 (no key scaling) when rotation alone is better.
     pub rotate: bool,
+    /// Measure the 2-bit width as the fitted floor the method as shipped stores ([`ShiftMode::Fitted`]) rather
+    /// than the shifted one.
+    pub fit: bool,
+}
+
+impl CalibConfig {
+    /// How a measurement lowers K/V to the width it is measured at.
+    pub fn shift(&self) -> ShiftMode {
+        if self.fit {
+            ShiftMode::Fitted
+        } else {
+            ShiftMode::Equivalent
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,10 +83,11 @@ fn fake_quant(
     v: Option<Bits>,
     max: usize,
     rotate: bool,
+    shift: ShiftMode,
 ) -> Result<Box<dyn KvStore>, ModelError> {
     let mut bits = vec![(None, None); geom.layers];
     bits[l] = (k, v);
-    let store: Box<dyn KvStore> = Box::new(FakeQuantStore::sides(geom, bits, max));
+    let store: Box<dyn KvStore> = Box::new(FakeQuantStore::sides(geom, bits, max, shift));
     if rotate {
         Ok(Box::new(
             Rotated::rotate(store, ROTATION_SEED).map_err(ModelError::from)?,
@@ -225,7 +240,7 @@ pub fn calibrate(
             for (si, s) in samples.iter().enumerate() {
                 for side in 0..2 {
                     let (k, v) = if side == 0 { (Some(b), None) } else { (None, Some(b)) };
-                    let mut store = fake_quant(geom, l, k, v, max, cfg.rotate)?;
+                    let mut store = fake_quant(geom, l, k, v, max, cfg.rotate, cfg.shift())?;
                     let logits = model.with_windows(store.as_mut(), max, |kv| {
                         model.forward_from(l, inputs[si][l].clone(), &pos, kv)
                     })?;
@@ -285,7 +300,15 @@ pub fn calibrate(
             let scales = Arc::new(per_layer);
             let mut loss = 0.0;
             for (si, xs) in inputs.iter().enumerate() {
-                let inner = fake_quant(geom, l, Some(alpha_bits), Some(alpha_bits), max, cfg.rotate)?;
+                let inner = fake_quant(
+                    geom,
+                    l,
+                    Some(alpha_bits),
+                    Some(alpha_bits),
+                    max,
+                    cfg.rotate,
+                    cfg.shift(),
+                )?;
                 let mut store = KeyScaled::new(inner, scales.clone(), "").map_err(ModelError::from)?;
                 let out = model.with_windows(&mut store, max, |kv| model.attention_block(l, &xs[l], &pos, kv))?;
                 loss += out
@@ -329,6 +352,7 @@ pub fn calibrate(
             alpha_bits: cfg.alpha_bits,
             data: cfg.data.iter().map(|p| p.display().to_string()).collect(),
             seed: cfg.seed,
+            fit: cfg.fit,
         },
         widths: widths.iter().map(|b| b.count()).collect(),
         sensitivity_kl: sens_kl,

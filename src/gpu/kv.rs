@@ -95,7 +95,13 @@ impl DeviceStore {
         }
         if spec.rotate {
             return Err(KvError::Unsupported {
-                what: "rotate its inputs on the GPU (the CUDA kernels have no rotation yet; turn `kv_rotation` off)",
+                what: "rotate its inputs on the GPU (the CUDA kernels have no rotation yet)",
+                method: spec.method.to_string(),
+            });
+        }
+        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.shift == ShiftMode::Fitted) {
+            return Err(KvError::Unsupported {
+                what: "fit its 2-bit floor on the GPU (the CUDA shrink kernel shifts only)",
                 method: spec.method.to_string(),
             });
         }

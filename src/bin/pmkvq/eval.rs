@@ -47,7 +47,7 @@ impl BudgetArg {
 }
 
 /// One `--methods` item: `pmkvq` (the method as shipped: everything the profile holds), a baseline, or an
-/// ablation `progressive[+alloc][+rep|+rep-alt][+rot][+plan]` / `BASELINE+rot`, with an optional `@BUDGET`.
+/// ablation `progressive[+alloc][+rep|+rep-alt][+rot][+plan][+fit]` / `BASELINE+rot`, with an optional `@BUDGET`.
 struct MethodArg {
     item: String,
     base: KvMethod,
@@ -82,7 +82,7 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
             ),
         };
         let allowed: &[&str] = match base_name {
-            "progressive" => &["alloc", "rep", "rep-alt", "rot", "plan", "alt"],
+            "progressive" => &["alloc", "rep", "rep-alt", "rot", "plan", "alt", "fit"],
             "pmkvq" => &[],
             _ => &["rot"],
         };
@@ -92,7 +92,7 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
                     EX_USAGE,
                     anyhow::anyhow!(
                         "method `{item}`: unknown flag `+{f}` (`pmkvq` is the method as shipped; build ablations on \
-                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +alt; baselines take +rot)"
+                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +alt; baselines take +rot)"
                     ),
                 ));
             }
@@ -190,6 +190,11 @@ impl Calibrations {
                     "rep" => spec.key_scales = Some(self.source(m)?.channel_scales()),
                     "rep-alt" => spec.key_scales = Some(self.need(&self.alt, m, "--alt-profile")?.channel_scales()),
                     "rot" => spec.rotate = true,
+                    "fit" => {
+                        if let KvMethod::Pmkvq(c) = &mut spec.method {
+                            c.shift = pmkvq::kvcache::quant::ShiftMode::Fitted;
+                        }
+                    }
                     "plan" => {
                         if let KvMethod::Pmkvq(c) = &mut spec.method {
                             c.sensitivity = Some(std::sync::Arc::new(self.source(m)?.sensitivity()));

@@ -139,6 +139,10 @@ struct CalibrateArgs {
     /// shipped then does not rotate).
     #[arg(long)]
     no_rotate: bool,
+    /// Measure the 2-bit width as the paper's shifted one instead of the fitted floor the method as shipped
+    /// stores (for the paper's calibration beside the shipped one).
+    #[arg(long)]
+    no_fit: bool,
     /// Where to write the profile.
     #[arg(long, default_value = "profiles/default.profile.json")]
     out: PathBuf,
@@ -227,8 +231,8 @@ struct DivergenceArgs {
     kv_budget: Option<String>,
     /// Methods, comma-separated; `METHOD@BUDGET` gives one its own budget (e.g. pmkvq@1/4,pmkvq@min,kivi:2).
     /// `pmkvq` is the method as shipped (everything the profile holds: rotation, planned K/V widths, shares, key
-    /// scales); ablations build on `progressive` (PM-KVQ's progressive cache alone) with +alloc, +rep, +rep-alt,
-    /// +rot, +plan; baselines (q4_0, q8_0, rtn:N, kivi:N) take +rot.
+    /// scales, and the fitted 2-bit floor); ablations build on `progressive` (PM-KVQ's progressive cache alone)
+    /// with +alloc, +rep, +rep-alt, +rot, +plan, +fit; baselines (q4_0, q8_0, rtn:N, kivi:N) take +rot.
     #[arg(long, default_value = "pmkvq,kivi:2,rtn:2,fp16")]
     methods: String,
     /// First scored token (default: the prompt's end for traces, 1 for text).

@@ -70,6 +70,17 @@ pub enum ShiftMode {
     Direct = 1,
     /// Modified Right Shift: `q >> n`; scale ×2^n; offset moved to the bucket mean, `+ S·(2^n − 1)/2`.
     Modified = 2,
+    /// Equivalent Right Shift down to 4 bits; a group that lands at the 2-bit floor then gets its scale and offset
+    /// fitted by least squares to the values its 4-bit codes held ([`fit_group`]) instead of keeping the 4-bit
+    /// group's min and max. Codes at 2 bits never shift again, so nothing relies on their grid being nested.
+    Fitted = 3,
+}
+
+impl ShiftMode {
+    /// Whether a group landing at `bits` under this mode is fitted rather than shifted.
+    pub const fn fits_at(self, bits: Bits) -> bool {
+        matches!((self, bits), (ShiftMode::Fitted, Bits::B2))
+    }
 }
 
 /// Parameters of one quantized group.
@@ -113,7 +124,7 @@ pub const fn ers(q: u32, n: u32) -> u32 {
 #[inline]
 pub fn shift_code(q: u32, n: u32, mode: ShiftMode) -> u32 {
     match mode {
-        ShiftMode::Equivalent => ers(q, n),
+        ShiftMode::Equivalent | ShiftMode::Fitted => ers(q, n),
         ShiftMode::Direct | ShiftMode::Modified => q >> n,
     }
 }
@@ -122,7 +133,7 @@ pub fn shift_code(q: u32, n: u32, mode: ShiftMode) -> u32 {
 /// level (16→8: at most 65281·65663 < 2³²), so the loop vectorizes.
 pub fn shift_codes(codes: &mut [u16], n: u32, mode: ShiftMode) {
     match mode {
-        ShiftMode::Equivalent => {
+        ShiftMode::Equivalent | ShiftMode::Fitted => {
             let m = (1u32 << (2 * n)) - (1u32 << n) + 1;
             let (h, sh) = (1u32 << (n - 1), 3 * n);
             for c in codes.iter_mut() {
@@ -141,7 +152,7 @@ pub fn shift_codes(codes: &mut [u16], n: u32, mode: ShiftMode) {
 pub fn shift_params(p: GroupParams, n: u32, mode: ShiftMode) -> GroupParams {
     let two_n = (1u32 << n) as f32;
     match mode {
-        ShiftMode::Equivalent | ShiftMode::Direct => GroupParams {
+        ShiftMode::Equivalent | ShiftMode::Direct | ShiftMode::Fitted => GroupParams {
             scale: p.scale * (two_n + 1.0),
             offset: p.offset,
         },
@@ -150,6 +161,71 @@ pub fn shift_params(p: GroupParams, n: u32, mode: ShiftMode) -> GroupParams {
             offset: p.offset + p.scale * (two_n - 1.0) / 2.0,
         },
     }
+}
+
+/// Codes of `x` on the grid `p` (as stored: f16 parameters), clamped to `[0, 2^bits − 1]`; returns the squared
+/// error of the reconstruction `q·S + mn`.
+fn assign(x: &[f32], bits: Bits, p: GroupParams, codes: &mut [u16]) -> f64 {
+    let qmax = bits.max_code() as f32;
+    let inv = 1.0 / p.scale;
+    let mut err = 0.0f64;
+    for (c, &v) in codes.iter_mut().zip(x) {
+        let q = ((v - p.offset) * inv).round_ties_even().clamp(0.0, qmax);
+        *c = q as u16;
+        let d = (q * p.scale + p.offset - v) as f64;
+        err += d * d;
+    }
+    err
+}
+
+/// Rounds of least squares [`fit_group`] runs at most (it stops earlier when the codes settle).
+pub const FIT_ROUNDS: usize = 8;
+
+/// The grid for `x` at `bits` that least squares finds from `start` (stored f16 parameters, `S > 0`): codes are
+/// assigned on the grid, `(S, mn)` refitted to them in closed form (`x ≈ q·S + mn`), and the two alternate for
+/// at most [`FIT_ROUNDS`] rounds, each round kept only if its reconstruction error is lower. Starting from a
+/// group's min/max grid this pulls the outer levels in toward where the values are, which min/max cannot do:
+/// on Gaussian-like (rotated) groups of 64 the 2-bit error falls by roughly 40 %. Returns the stored (f16)
+/// parameters; `codes` hold the matching codes. Sums are in f64, in order, with no fused operations, so the
+/// CUDA kernel computes the same grid.
+pub fn fit_group(x: &[f32], bits: Bits, start: GroupParams, codes: &mut [u16]) -> GroupParams {
+    let n = x.len() as f64;
+    let mut best = start;
+    let mut best_err = assign(x, bits, start, codes);
+    let mut trial = vec![0u16; codes.len()];
+    let mut cur = codes.to_vec();
+    for _ in 0..FIT_ROUNDS {
+        let (mut sc, mut scc, mut sx, mut scx) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for (&q, &v) in cur.iter().zip(x) {
+            let (q, v) = (q as f64, v as f64);
+            sc += q;
+            scc += q * q;
+            sx += v;
+            scx += q * v;
+        }
+        let det = n * scc - sc * sc;
+        if det <= 0.0 {
+            break; // every value on one code: the grid cannot be refitted
+        }
+        let s = (n * scx - sc * sx) / det;
+        let m = (sx - s * sc) / n;
+        let p = GroupParams {
+            scale: store_param(s as f32).to_f32(),
+            offset: store_param(m as f32).to_f32(),
+        };
+        if !(p.scale > 0.0 && p.scale.is_finite() && p.offset.is_finite()) {
+            break;
+        }
+        let err = assign(x, bits, p, &mut trial);
+        if err >= best_err {
+            break;
+        }
+        best = p;
+        best_err = err;
+        codes.copy_from_slice(&trial);
+        cur.copy_from_slice(&trial);
+    }
+    best
 }
 
 /// Pack `codes` (one group) at `bits` into `out` (`bits.group_bytes(g)` bytes).

@@ -1,6 +1,8 @@
 //! `PackedRows`: a run of tokens' K (or V) at one bit-width, packed, with per-group scale and offset.
 
-use super::{pack, quantize_group, shift_codes, shift_params, store_param, unpack, Bits, GroupParams, ShiftMode};
+use super::{
+    fit_group, pack, quantize_group, shift_codes, shift_params, store_param, unpack, Bits, GroupParams, ShiftMode,
+};
 use half::f16;
 
 /// Where a group's offset comes from.
@@ -225,6 +227,8 @@ impl PackedRows {
         let groups = self.scale.len();
         let (ib, ob) = (self.group_bytes(), b.group_bytes(self.group));
         let mut codes = vec![0u16; self.group];
+        let mut values = vec![0f32; self.group];
+        let fits = self.offset_mode == OffsetMode::Stored && mode.fits_at(b);
         for gi in 0..groups {
             let mut p = {
                 let (bytes, s, m) = self.group_at(gi);
@@ -232,6 +236,20 @@ impl PackedRows {
                 GroupParams { scale: s, offset: m }
             };
             for &n in &levels {
+                if fits && n == b.count() && p.scale > 0.0 {
+                    // the level that lands at the floor: fit the grid to what the codes held one level up
+                    for (v, &c) in values.iter_mut().zip(&codes) {
+                        *v = c as f32 * p.scale + p.offset;
+                    }
+                    shift_codes(&mut codes, n, mode);
+                    let q = shift_params(p, n, mode);
+                    let start = GroupParams {
+                        scale: store_param(q.scale).to_f32(),
+                        offset: store_param(q.offset).to_f32(),
+                    };
+                    p = fit_group(&values, b, start, &mut codes);
+                    continue;
+                }
                 shift_codes(&mut codes, n, mode);
                 let q = shift_params(p, n, mode);
                 // what the one-level chain stores (and reads back) between levels
