@@ -408,8 +408,18 @@ impl KvStore for PmkvqStore {
         if !llama {
             let cfg = &self.cfg;
             let l = &mut self.layers[layer];
-            Self::store_side(cfg, &mut l.k, k, kv_dim);
-            Self::store_side(cfg, &mut l.v, v, kv_dim);
+            if cfg.window > 0 && l.k.window.len() + n >= cfg.window {
+                // a window chunk flushes: lowering it (and fitting it at the 2-bit floor) is the step's one
+                // sizeable piece of store work, so K and V take a core each
+                let (ks, vs) = (&mut l.k, &mut l.v);
+                rayon::join(
+                    || Self::store_side(cfg, ks, k, kv_dim),
+                    || Self::store_side(cfg, vs, v, kv_dim),
+                );
+            } else {
+                Self::store_side(cfg, &mut l.k, k, kv_dim);
+                Self::store_side(cfg, &mut l.v, v, kv_dim);
+            }
         }
         self.enforce(layer)
     }
