@@ -1,18 +1,49 @@
 #!/usr/bin/env python3
 """Summarize scripts/ablation.sh's JSON reports (one per trace, one for botchan) into one Markdown table:
-mean KL to the fp16 cache and top-1 agreement per method, per trace, and the mean over the traces."""
+mean KL to the fp16 cache and top-1 agreement per method, per trace, and the mean over the traces.
+
+  ablation-table.py [--no-header] [--order M1,M2,...] DIR
+                                                 the table (rows in that order, then any others)
+  ablation-table.py --merge NEW DIR              put NEW's reports' rows into DIR's, replacing rows of the same
+                                                 name; refuses unless both fp16 rows saw the same sequence
+"""
 import json
 import pathlib
 import sys
 
-d = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "docs/ablation")
-reports = {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
-traces = [k for k in reports if k != "botchan"]
-methods = [m["method"] for m in next(iter(reports.values()))["methods"]]
+
+def load(d):
+    return {p.stem: json.loads(p.read_text()) for p in sorted(pathlib.Path(d).glob("*.json"))}
 
 
 def row(rep, name):
     return next((m for m in rep["methods"] if m["method"] == name), None)
+
+
+def merge(new_dir, dst_dir):
+    new, old = load(new_dir), load(dst_dir)
+    for name, rep in new.items():
+        if name not in old:
+            sys.exit(f"{name}: no report in {dst_dir} to merge into")
+        base = old[name]
+        a, b = row(rep, "fp16"), row(base, "fp16")
+        same = a and b and rep["tokens"] == base["tokens"] and rep["scored_from"] == base["scored_from"]
+        if not same or abs(a["ppl"] - b["ppl"]) > 1e-9:
+            sys.exit(f"{name}: the rerun saw another sequence (fp16 ppl {a and a['ppl']} vs {b and b['ppl']})")
+        for m in rep["methods"]:
+            if m["method"] == "fp16":
+                continue
+            i = next((i for i, x in enumerate(base["methods"]) if x["method"] == m["method"]), None)
+            if i is None:
+                base["methods"].append(m)
+            else:
+                base["methods"][i] = m
+        pathlib.Path(dst_dir, f"{name}.json").write_text(json.dumps(base, indent=2) + "\n")
+        md = pathlib.Path(new_dir, f"{name}.md")
+        if md.exists():
+            with open(pathlib.Path(dst_dir, f"{name}.md"), "a") as f:
+                f.write("\n\nRerun of some rows (they replace the rows of the same name in the JSON):\n\n")
+                f.write(md.read_text())
 
 
 def cell(m):
@@ -24,17 +55,49 @@ def cell(m):
     return s
 
 
-print("Mean KL to the fp16 cache / top-1 agreement, teacher-forced (`pmkvq eval divergence`).")
-print("Traces: 4096 tokens the model writes from the problem, scored after the prompt; botchan: 4 × 2048-token")
-print("chunks, second halves scored (llama-perplexity's protocol). Budgets: 1/5 and 9/32 (q4_0's 4.5 bits) of")
-print("the fp16 bytes of the sequence; fixed-width methods at their own bytes (bits/element column, botchan).\n")
-head = ["method"] + traces + ["traces mean KL", "botchan", "bits/elem"]
-print("| " + " | ".join(head) + " |")
-print("|" + "---|" * len(head))
-for name in methods:
-    cells = [cell(row(reports[t], name)) for t in traces]
-    kls = [row(reports[t], name)["mean_kl"] for t in traces if row(reports[t], name)]
-    mean = f"{sum(kls) / len(kls):.4f}" if kls else "—"
-    b = row(reports.get("botchan", {"methods": []}), name)
-    bits = f"{b['bits_per_element']:.2f}" if b else "—"
-    print(f"| {name} | " + " | ".join(cells) + f" | {mean} | {cell(b)} | {bits} |")
+def table(d, order, header=True):
+    reports = load(d)
+    traces = [k for k in reports if k != "botchan"]
+    seen = []
+    for rep in reports.values():
+        for m in rep["methods"]:
+            if m["method"] not in seen:
+                seen.append(m["method"])
+    methods = [m for m in order if m in seen] + [m for m in seen if m not in order]
+    if header:
+        print_header()
+    emit(reports, traces, methods)
+
+
+def print_header():
+    print("Mean KL to the fp16 cache / top-1 agreement, teacher-forced (`pmkvq eval divergence`).")
+    print("Traces: 4096 tokens the model writes from the problem, scored after the prompt; botchan: 4 × 2048-token")
+    print("chunks, second halves scored (llama-perplexity's protocol). Budgets: 1/5 and 9/32 (q4_0's 4.5 bits) of")
+    print("the fp16 bytes of the sequence, `min` PM-KVQ's floor; fixed-width methods at their own bytes")
+    print("(bits/element column, botchan).\n")
+
+
+def emit(reports, traces, methods):
+    head = ["method"] + traces + ["traces mean KL", "botchan", "bits/elem"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for name in methods:
+        cells = [cell(row(reports[t], name)) for t in traces]
+        kls = [row(reports[t], name)["mean_kl"] for t in traces if row(reports[t], name)]
+        mean = f"{sum(kls) / len(kls):.4f}" if kls else "—"
+        b = row(reports.get("botchan", {"methods": []}), name)
+        bits = f"{b['bits_per_element']:.2f}" if b else "—"
+        print(f"| {name} | " + " | ".join(cells) + f" | {mean} | {cell(b)} | {bits} |")
+
+
+args = sys.argv[1:]
+header = "--no-header" not in args
+args = [a for a in args if a != "--no-header"]
+if args[:1] == ["--merge"]:
+    merge(args[1], args[2])
+else:
+    order = []
+    if args[:1] == ["--order"]:
+        order = args[1].split(",")
+        args = args[2:]
+    table(args[0] if args else "docs/ablation", order, header)
