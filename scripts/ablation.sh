@@ -11,7 +11,7 @@
 #   pmkvq = +fit                     + the fitted 2-bit floor (least-squares grid when a group lands at 2 bits):
 #                                    the method as shipped (profiles/default.profile.json)
 # beside KIVI-2, RTN-2, q4_0 with and without rotation and q8_0 (fixed widths, their own bytes).
-# Calibrates twice first (rotated: the shipped profile; unrotated, shifted: the paper's). ~100 min on 2 cores.
+# Calibrates twice first (rotated: the shipped profile; unrotated: the paper's). ~100 min on 2 cores.
 # Usage: scripts/ablation.sh [--skip-calibration] [--rows M1,M2,...]
 #   --rows reruns only those methods (fp16 is always run) and merges them into the reports in docs/ablation/,
 #   replacing rows of the same name: for a change that moves only some rows.
@@ -37,7 +37,7 @@ if [[ $calibrate == 1 ]]; then
     "$pmkvq" calibrate --model "$model" --data "$data" --threads 2 --out profiles/default.profile.json \
     > docs/calibration-table.md
   /usr/bin/time -f "calibration (unrotated): %e s wall, %M KiB peak RSS" \
-    "$pmkvq" calibrate --model "$model" --data "$data" --threads 2 --no-rotate --no-fit \
+    "$pmkvq" calibrate --model "$model" --data "$data" --threads 2 --no-rotate \
     --out profiles/unrotated.profile.json > /dev/null
 fi
 steps() { # $1 = budget

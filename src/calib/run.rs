@@ -27,7 +27,7 @@ pub struct CalibConfig {
     /// measurement, and the α search may choose α = 0 (no key scaling) when rotation alone is better.
     pub rotate: bool,
     /// Measure the 2-bit width as the fitted floor the method as shipped stores ([`ShiftMode::Fitted`]) rather
-    /// than the shifted one.
+    /// than the shifted one (`pmkvq calibrate --fit`; off by default: see the README's calibration section).
     pub fit: bool,
 }
 

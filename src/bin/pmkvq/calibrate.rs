@@ -52,7 +52,7 @@ pub(crate) fn cmd_calibrate(a: CalibrateArgs) -> Result<(), Failure> {
         data: data_files(&a.data)?,
         seed: a.seed,
         rotate: !a.no_rotate,
-        fit: !a.no_fit,
+        fit: a.fit,
     };
     let sha = fetch::model_sha256(&model.source).map_err(|e| fail(EX_NOINPUT, e.into()))?;
     let started = std::time::Instant::now();
