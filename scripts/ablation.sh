@@ -12,26 +12,56 @@
 #                                    the method as shipped (profiles/default.profile.json)
 # beside KIVI-2, RTN-2, q4_0 with and without rotation and q8_0 (fixed widths, their own bytes).
 # Calibrates twice first (rotated: the shipped profile; unrotated: the paper's). ~100 min on 2 cores.
-# Usage: scripts/ablation.sh [--skip-calibration] [--rows M1,M2,...]
+# Usage: scripts/ablation.sh [--skip-calibration] [--rows M1,M2,...] [--short]
 #   --rows reruns only those methods (fp16 is always run) and merges them into the reports in docs/ablation/,
 #   replacing rows of the same name: for a change that moves only some rows.
+#   --short runs only the 2048-token check instead (~15 min, no calibration): PM-KVQ without calibration against
+#   KIVI-2 at 1/4 of the fp16 bytes, on the same three problems — `progressive` (the paper's progressive cache
+#   alone), `+fit` (the fitted 2-bit floor), `+rot+fit` (what `pmkvq` runs without a profile). Reports in
+#   docs/ablation-2048/, the table in docs/ablation-2048.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+calibrate=1 rows= short=0
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --skip-calibration) calibrate=0 ;;
+    --rows) rows=$2; shift ;;
+    --short) short=1; calibrate=0 ;;
+    *) echo "unknown argument $1" >&2; exit 64 ;;
+  esac
+  shift
+done
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/pmkvq-target}
 model=$(deploy/fetch-model.sh models)
 cargo build --release --bin pmkvq
 pmkvq="$CARGO_TARGET_DIR/release/pmkvq"
 data=../shared/data
+problems=(aime_2024_I/problems/1 aime_2024_II/problems/5 cmimc_2024/problems/10)
+chat() { # the problem as the traces ask it
+  echo "$(cat "$data/math/$1.tex")
+Please reason step by step, and put your final answer within \\boxed{}."
+}
+name() { echo "$1" | tr '/' '-' | sed 's/-problems//'; }
+if [[ $short == 1 ]]; then
+  out=docs/ablation-2048
+  mkdir -p "$out"
+  methods="fp16,progressive@1/4,progressive+fit@1/4,progressive+rot+fit@1/4,kivi:2"
+  for p in "${problems[@]}"; do
+    "$pmkvq" eval divergence --model "$model" --threads 2 --greedy-tokens 0 --methods "$methods" \
+      --chat "$(chat "$p")" --tokens 2048 --title "2048-token trace of $p at 1/4" \
+      --markdown "$out/$(name "$p").md" --json > "$out/$(name "$p").json"
+  done
+  {
+    echo "Mean KL to the fp16 cache / top-1 agreement, teacher-forced (\`pmkvq eval divergence\`), on 2048-token"
+    echo "traces the model writes from the problem, scored after the prompt. PM-KVQ at 1/4 of the fp16 bytes,"
+    echo "without calibration; KIVI-2 at its own bytes (3.22 bits per element, below 1/4)."
+    echo
+    python3 scripts/ablation-table.py --no-header --order "$methods" "$out"
+  } > docs/ablation-2048.md
+  cat docs/ablation-2048.md
+  exit 0
+fi
 mkdir -p profiles docs/ablation
-calibrate=1 rows=
-while [[ $# -gt 0 ]]; do
-  case $1 in
-    --skip-calibration) calibrate=0 ;;
-    --rows) rows=$2; shift ;;
-    *) echo "unknown argument $1" >&2; exit 64 ;;
-  esac
-  shift
-done
 if [[ $calibrate == 1 ]]; then
   /usr/bin/time -f "calibration (rotated): %e s wall, %M KiB peak RSS" \
     "$pmkvq" calibrate --model "$model" --data "$data" --threads 2 --out profiles/default.profile.json \
@@ -54,13 +84,10 @@ if [[ -n $rows ]]; then
 fi
 common=(--model "$model" --threads 2 --profile profiles/default.profile.json
   --alt-profile profiles/unrotated.profile.json --greedy-tokens 0 --methods "$methods")
-for p in aime_2024_I/problems/1 aime_2024_II/problems/5 cmimc_2024/problems/10; do
-  name=$(echo "$p" | tr '/' '-' | sed 's/-problems//')
-  problem="$(cat "$data/math/$p.tex")
-Please reason step by step, and put your final answer within \\boxed{}."
-  "$pmkvq" eval divergence "${common[@]}" --chat "$problem" --tokens 4096 \
+for p in "${problems[@]}"; do
+  "$pmkvq" eval divergence "${common[@]}" --chat "$(chat "$p")" --tokens 4096 \
     --title "Ablation, 4096-token trace of $p" \
-    --markdown "$out/$name.md" --json > "$out/$name.json"
+    --markdown "$out/$(name "$p").md" --json > "$out/$(name "$p").json"
 done
 "$pmkvq" eval divergence "${common[@]}" --text-file "$data/text/botchan.txt" --tokens 8192 --chunk-len 2048 \
   --title "Ablation, botchan.txt (4 x 2048 tokens, second halves scored)" \

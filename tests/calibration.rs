@@ -88,26 +88,7 @@ fn pair_scales_are_equal_on_both_channels_of_every_rotary_pair() {
 #[test]
 fn calibration_runs_end_to_end_and_the_profile_is_bound_to_its_model() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_gguf(
-        &TinySpec::new(TinyArch::Qwen2),
-        &dir.path().join("q.gguf"),
-        Damage::None,
-    );
-    let (model, tok) = Model::load(&path, &LoadOptions { threads: 1 }).unwrap();
-    let data = dir.path().join("calib.txt");
-    std::fs::write(&data, "abc def ghi jkl ".repeat(200)).unwrap();
-    let cfg = CalibConfig {
-        samples: 2,
-        seq_len: 32,
-        effective_len: 128,
-        choices: vec![2, 4],
-        avg_bits: 3.0,
-        alpha_bits: 4,
-        data: vec![data],
-        seed: 1,
-        rotate: false,
-        fit: false,
-    };
+    let (model, tok, cfg) = tiny_calibration(dir.path(), TinyArch::Qwen2, false, false);
     let mut ticks = 0;
     let p = calibrate(&model, &tok, "abc123", &cfg, &mut |_, _, _| ticks += 1).unwrap();
     assert!(ticks > 0);
@@ -181,28 +162,16 @@ fn calibration_runs_end_to_end_and_the_profile_is_bound_to_its_model() {
 #[test]
 fn calibration_measures_the_two_bit_width_as_the_fitted_floor_the_store_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_gguf(
-        &TinySpec::new(TinyArch::Llama),
-        &dir.path().join("l.gguf"),
-        Damage::None,
-    );
-    let (model, tok) = Model::load(&path, &LoadOptions { threads: 1 }).unwrap();
-    let data = dir.path().join("calib.txt");
-    std::fs::write(&data, "abc def ghi jkl ".repeat(200)).unwrap();
+    let (model, tok, cfg) = tiny_calibration(dir.path(), TinyArch::Llama, true, false);
     let run = |fit: bool| {
-        let cfg = CalibConfig {
-            samples: 2,
-            seq_len: 32,
-            effective_len: 32,
-            choices: vec![2, 4],
-            avg_bits: 3.0,
-            alpha_bits: 4,
-            data: vec![data.clone()],
-            seed: 3,
-            rotate: true,
-            fit,
-        };
-        calibrate(&model, &tok, "abc", &cfg, &mut |_, _, _| {}).unwrap()
+        calibrate(
+            &model,
+            &tok,
+            "abc",
+            &CalibConfig { fit, ..cfg.clone() },
+            &mut |_, _, _| {},
+        )
+        .unwrap()
     };
     let (shifted, fitted) = (run(false), run(true));
     assert!(fitted.settings.fit && !shifted.settings.fit);
@@ -240,4 +209,30 @@ fn calibration_measures_the_two_bit_width_as_the_fitted_floor_the_store_holds() 
     let file = dir.path().join("old.json");
     std::fs::write(&file, serde_json::to_string(&v).unwrap()).unwrap();
     assert!(!Profile::load(&file).unwrap().settings.fit);
+}
+
+/// A tiny random-weight model of `arch` in `dir`, its tokenizer, and a small calibration over repeated text.
+fn tiny_calibration(
+    dir: &std::path::Path,
+    arch: TinyArch,
+    rotate: bool,
+    fit: bool,
+) -> (Model, pmkvq::model::Tokenizer, CalibConfig) {
+    let path = write_gguf(&TinySpec::new(arch), &dir.join("tiny.gguf"), Damage::None);
+    let (model, tok) = Model::load(&path, &LoadOptions { threads: 1 }).unwrap();
+    let data = dir.join("calib.txt");
+    std::fs::write(&data, "abc def ghi jkl ".repeat(200)).unwrap();
+    let cfg = CalibConfig {
+        samples: 2,
+        seq_len: 32,
+        effective_len: 128,
+        choices: vec![2, 4],
+        avg_bits: 3.0,
+        alpha_bits: 4,
+        data: vec![data],
+        seed: 1,
+        rotate,
+        fit,
+    };
+    (model, tok, cfg)
 }
