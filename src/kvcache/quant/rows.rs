@@ -236,19 +236,13 @@ impl PackedRows {
                 GroupParams { scale: s, offset: m }
             };
             for &n in &levels {
-                if fits && n == b.count() && p.scale > 0.0 {
-                    // the level that lands at the floor: fit the grid to what the codes held one level up
+                // the level that lands at the floor is fitted to what the codes held one level up, starting
+                // from the shifted grid
+                let fit_here = fits && n == b.count() && p.scale > 0.0;
+                if fit_here {
                     for (v, &c) in values.iter_mut().zip(&codes) {
                         *v = c as f32 * p.scale + p.offset;
                     }
-                    shift_codes(&mut codes, n, mode);
-                    let q = shift_params(p, n, mode);
-                    let start = GroupParams {
-                        scale: store_param(q.scale).to_f32(),
-                        offset: store_param(q.offset).to_f32(),
-                    };
-                    p = fit_group(&values, b, start, &mut codes);
-                    continue;
                 }
                 shift_codes(&mut codes, n, mode);
                 let q = shift_params(p, n, mode);
@@ -261,6 +255,9 @@ impl PackedRows {
                         OffsetMode::Symmetric { center } => -(center as f32) * scale,
                     },
                 };
+                if fit_here {
+                    p = fit_group(&values, b, p, &mut codes);
+                }
             }
             // gi·ob + ob ≤ (gi + 1)·ib: this write never reaches a group not yet read
             debug_assert!(ob <= ib);
