@@ -105,6 +105,8 @@ pub struct Answer {
     /// Why the run stopped before answering (a budget too small for the prompt).
     pub error: Option<String>,
     pub true_bytes: usize,
+    /// Each layer's K and V body widths when the answer was done (where precision went).
+    pub kv_bits: Vec<[u32; 2]>,
 }
 
 /// Prefill the probe into `spec`'s cache and answer greedily (`answer_tokens` tokens); correct when the key's
@@ -125,6 +127,7 @@ pub fn answer(
         correct: false,
         error: None,
         true_bytes: 0,
+        kv_bits: Vec::new(),
     };
     let mut store = model.new_store(spec, model.kv_geometry(), probe.tokens.len() + answer_tokens + 1)?;
     let mut ids = Vec::new();
@@ -150,5 +153,6 @@ pub fn answer(
     let digits: String = out.answer.chars().filter(char::is_ascii_digit).collect();
     out.correct = digits.contains(&probe.key);
     out.true_bytes = store.true_bytes();
+    out.kv_bits = store.layer_kv_bits();
     Ok(out)
 }
