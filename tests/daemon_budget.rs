@@ -359,8 +359,9 @@ async fn under_a_tight_budget_every_request_that_fits_alone_completes() {
 }
 
 /// Issue 15 item 6: a lone sequence cut to a tight budget mid-trace keeps generating until the byte formula says
-/// its floor (every layer's body at 2 bits, its 16-bit sink and a full window) no longer fits — the calibrated
-/// shares and key scales of the default profile, and the daemon's own bookkeeping, strand nothing.
+/// its floor no longer fits — the calibrated plan of the default profile and the daemon's own bookkeeping strand
+/// nothing. The daemon's cache has the elastic window, so that floor is every layer's 16-bit sink and every other
+/// token at 2 bits (the window yields), well past where a full window would have ended it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_sequence_runs_until_its_floor_no_longer_fits() {
     use pmkvq::kvcache::{PmkvqConfig, PmkvqStore};
@@ -385,15 +386,23 @@ async fn a_cut_sequence_runs_until_its_floor_no_longer_fits() {
     assert_eq!(rest.finish_reason(), pb::FinishReason::MemoryPressure);
     let usage = rest.complete.as_ref().unwrap().usage.unwrap();
     let held = (usage.prompt_tokens + usage.completion_tokens) as usize;
-    let fits = (0..8192)
-        .take_while(|&t| PmkvqStore::floor_bytes(geom, &PmkvqConfig::pmkvq(), t) <= cut as usize)
-        .last()
-        .unwrap();
+    let fits_with = |cfg: &PmkvqConfig| {
+        (0..8192)
+            .take_while(|&t| PmkvqStore::floor_bytes(geom, cfg, t) <= cut as usize)
+            .last()
+            .unwrap()
+    };
+    let elastic = PmkvqConfig {
+        elastic_window: true,
+        ..PmkvqConfig::pmkvq()
+    };
+    let (fits, full_window) = (fits_with(&elastic), fits_with(&PmkvqConfig::pmkvq()));
+    assert!(fits > full_window + 300, "{fits} vs {full_window}");
     eprintln!("ended at {held} tokens under {cut} bytes; the floor fits {fits}");
     // the step that ends it stores one more token than what fits; the final token is sampled, never stored
     assert!(
         held + 2 >= fits,
-        "ended at {held} tokens under {cut} bytes; the 2-bit floor fits {fits}"
+        "ended at {held} tokens under {cut} bytes; the 2-bit floor fits {fits} (with a full window {full_window})"
     );
     assert!(held <= fits + 2, "ended at {held} tokens, beyond the floor's {fits}");
     server.stop().await;

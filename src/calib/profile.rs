@@ -125,6 +125,8 @@ pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool
             if c.shift == ShiftMode::Equivalent {
                 c.shift = ShiftMode::Fitted;
             }
+            // and below the floor with a full window, the window yields instead of the sequence ending
+            c.elastic_window = true;
             KvMethod::Pmkvq(c)
         }
         (m, _) => m,

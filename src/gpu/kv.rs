@@ -105,6 +105,12 @@ impl DeviceStore {
                 method: spec.method.to_string(),
             });
         }
+        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.elastic_window) {
+            return Err(KvError::Unsupported {
+                what: "let its window yield to the floor on the GPU (device layers keep the full window)",
+                method: spec.method.to_string(),
+            });
+        }
         if let Kind::Pmkvq(c) = &kind {
             if c.quantizer != Quantizer::Asymmetric || c.llama_semantics || c.payload_accounting {
                 return Err(unsupported(&spec.method));

@@ -35,7 +35,7 @@ pub use reference::{F16KvStore, F32KvStore, RefElem, RefKvStore};
 pub use reparam::{KeyScaled, KeyScales};
 pub use rotate::{Rotated, ROTATION_SEED};
 pub use tap::{KvTap, Tapped};
-pub use window::{fp16_bytes, pmkvq_floor, Windowed, Windowing};
+pub use window::{fp16_bytes, pmkvq_floor, pmkvq_floor_with, Windowed, Windowing};
 
 /// Shape of the KV state of one sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -150,6 +150,8 @@ impl PmkvqStore {
             let sink = t.min(cfg.sink);
             let rest = t - sink;
             let (body, win) = match rest.checked_div(cfg.window) {
+                // an elastic window yields every token at the floor
+                Some(_) if cfg.window_yields() => (rest, 0),
                 None => (rest, 0),
                 Some(c) => (c * cfg.window, rest % cfg.window),
             };
@@ -189,9 +191,22 @@ impl PmkvqStore {
         self.layers.iter().map(|l| l.budget).collect()
     }
 
-    /// True bytes layer `li` needs, now and after storing `n` more tokens, with its body at `body_bits`.
-    fn projected_bytes(&self, li: usize, n: usize, body_bits: Bits) -> usize {
-        self.projected(self.shape(li).0, n, body_bits)
+    /// The least true bytes layer `li` can hold what it has and `n` more tokens in: its bodies at the floor
+    /// width (and, with an elastic window, no window).
+    fn floor_need(&self, li: usize, n: usize) -> usize {
+        self.floor_projected(self.shape(li).0, n, self.floor_bits(li))
+    }
+
+    /// [`projected`](Self::projected) at the floor width `bits`: with an elastic window every window token may
+    /// go to the body, so the least a layer needs is its sink at 16 bits and every other token at the floor
+    /// (after the step: storing only adds tokens).
+    fn floor_projected(&self, lens: [usize; 3], n: usize, bits: Bits) -> usize {
+        if !self.cfg.window_yields() {
+            return self.projected(lens, n, bits);
+        }
+        let total = lens.iter().sum::<usize>() + n;
+        let sink = total.min(self.cfg.sink);
+        self.bytes_after([sink, total - sink, 0], 0, bits)
     }
 
     /// Layer `li`'s [`Shape`].
@@ -211,7 +226,7 @@ impl PmkvqStore {
     ) -> Result<Vec<usize>, KvError> {
         let floors = shapes
             .iter()
-            .map(|&(len, bits)| self.projected(len, ahead, self.floor_for(bits)))
+            .map(|&(len, bits)| self.floor_projected(len, ahead, self.floor_for(bits)))
             .collect();
         let current = shapes
             .iter()
@@ -445,9 +460,7 @@ impl KvStore for PmkvqStore {
         if self.planned() {
             return self.replan(n);
         }
-        let needs: Vec<usize> = (0..self.layers.len())
-            .map(|li| self.projected_bytes(li, n, self.floor_bits(li)))
-            .collect();
+        let needs: Vec<usize> = (0..self.layers.len()).map(|li| self.floor_need(li, n)).collect();
         let starved: Vec<usize> = (0..needs.len())
             .filter(|&li| needs[li] > self.layers[li].budget)
             .collect();
@@ -590,9 +603,7 @@ impl KvStore for PmkvqStore {
     }
 
     fn floor_bytes(&self, ahead: usize) -> usize {
-        (0..self.layers.len())
-            .map(|li| self.projected_bytes(li, ahead, self.floor_bits(li)))
-            .sum()
+        (0..self.layers.len()).map(|li| self.floor_need(li, ahead)).sum()
     }
 
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
@@ -671,6 +682,8 @@ impl KvStore for PmkvqStore {
     }
 }
 
+#[cfg(test)]
+mod elastic_tests;
 #[cfg(test)]
 mod plan_tests;
 #[cfg(test)]

@@ -92,7 +92,13 @@ pub fn fp16_bytes(geom: KvGeometry, win: Option<&Windowing>, tokens: usize) -> u
 /// The smallest budget PM-KVQ can hold `tokens` tokens in: every global body at the floor width (every layer's
 /// when nothing slides), plus the windows.
 pub fn pmkvq_floor(geom: KvGeometry, win: Option<&Windowing>, tokens: usize) -> usize {
-    let cfg = super::PmkvqConfig::pmkvq();
+    pmkvq_floor_with(geom, win, tokens, &super::PmkvqConfig::pmkvq())
+}
+
+/// [`pmkvq_floor`] for the progressive cache configured as `cfg` (an elastic window: the sink at 16 bits and
+/// every other token at the floor).
+pub fn pmkvq_floor_with(geom: KvGeometry, win: Option<&Windowing>, tokens: usize, cfg: &super::PmkvqConfig) -> usize {
+    let cfg = cfg.clone();
     match win {
         None => super::PmkvqStore::floor_bytes(geom, &cfg, tokens),
         Some(w) => {

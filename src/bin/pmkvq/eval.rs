@@ -9,6 +9,8 @@ enum BudgetArg {
     Bytes(usize),
     Fraction(u64, u64),
     Min,
+    /// The floor of the elastic window: the 16-bit sink and every other token at the floor width.
+    Floor,
 }
 
 impl BudgetArg {
@@ -16,6 +18,9 @@ impl BudgetArg {
         let bad = |why: String| fail(EX_USAGE, anyhow::anyhow!("{what} `{s}`: {why}"));
         if s == "min" {
             return Ok(BudgetArg::Min);
+        }
+        if s == "floor" {
+            return Ok(BudgetArg::Floor);
         }
         if let Some((a, b)) = s.split_once('/') {
             let num = |x: &str| {
@@ -32,16 +37,38 @@ impl BudgetArg {
         match parse_bytes(s) {
             Some(b) if b > 0 => Ok(BudgetArg::Bytes(b)),
             _ => Err(bad(
-                "must be a byte size (4MiB), a fraction a/b of the fp16 bytes, or min".into(),
+                "must be a byte size (4MiB), a fraction a/b of the fp16 bytes, min or floor".into(),
             )),
         }
     }
 
-    fn bytes(self, fp16_bytes: usize, floor: usize) -> usize {
+    fn bytes(self, fp16_bytes: usize, floors: Floors) -> usize {
         match self {
             BudgetArg::Bytes(b) => b,
             BudgetArg::Fraction(a, b) => (fp16_bytes as u128 * a as u128 / b as u128) as usize,
-            BudgetArg::Min => floor,
+            BudgetArg::Min => floors.full_window,
+            BudgetArg::Floor => floors.elastic,
+        }
+    }
+}
+
+/// PM-KVQ's floors for one sequence: every body at the floor width with the full 16-bit window (`min`), and with
+/// the window yielded too (`floor`).
+#[derive(Clone, Copy)]
+struct Floors {
+    full_window: usize,
+    elastic: usize,
+}
+
+impl Floors {
+    fn of(geom: pmkvq::kvcache::KvGeometry, win: Option<&pmkvq::kvcache::Windowing>, tokens: usize) -> Self {
+        let elastic = pmkvq::kvcache::PmkvqConfig {
+            elastic_window: true,
+            ..pmkvq::kvcache::PmkvqConfig::pmkvq()
+        };
+        Floors {
+            full_window: pmkvq::kvcache::pmkvq_floor(geom, win, tokens),
+            elastic: pmkvq::kvcache::pmkvq_floor_with(geom, win, tokens, &elastic),
         }
     }
 }
@@ -82,7 +109,7 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
             ),
         };
         let allowed: &[&str] = match base_name {
-            "progressive" => &["alloc", "rep", "rep-alt", "rot", "plan", "alt", "fit"],
+            "progressive" => &["alloc", "rep", "rep-alt", "rot", "plan", "alt", "fit", "elastic"],
             "pmkvq" => &[],
             _ => &["rot"],
         };
@@ -92,7 +119,7 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
                     EX_USAGE,
                     anyhow::anyhow!(
                         "method `{item}`: unknown flag `+{f}` (`pmkvq` is the method as shipped; build ablations on \
-                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +alt; baselines take +rot)"
+                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +alt; baselines take +rot)"
                     ),
                 ));
             }
@@ -169,7 +196,7 @@ impl Calibrations {
         methods: &[MethodArg],
         extensions: bool,
         fp16_bytes: usize,
-        floor: usize,
+        floor: Floors,
     ) -> Result<Vec<pmkvq::eval::MethodSpec>, Failure> {
         use pmkvq::eval::MethodSpec;
         let mut out = Vec::new();
@@ -193,6 +220,11 @@ impl Calibrations {
                     "fit" => {
                         if let KvMethod::Pmkvq(c) = &mut spec.method {
                             c.shift = pmkvq::kvcache::quant::ShiftMode::Fitted;
+                        }
+                    }
+                    "elastic" => {
+                        if let KvMethod::Pmkvq(c) = &mut spec.method {
+                            c.elastic_window = true;
                         }
                     }
                     "plan" => {
@@ -290,7 +322,7 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
     };
     let (geom, win) = (model.kv_geometry(), model.config.windowing());
     let fp16_bytes = pmkvq::kvcache::fp16_bytes(geom, win.as_ref(), seq_len);
-    let floor = pmkvq::kvcache::pmkvq_floor(geom, win.as_ref(), seq_len);
+    let floor = Floors::of(geom, win.as_ref(), seq_len);
     let methods = cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor)?;
     let score_from = a.score_from.unwrap_or(if a.chunk_len > 0 {
         seq_len / 2
@@ -377,7 +409,7 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
                 let n = p.tokens.len() + a.answer_tokens;
                 let win = model.config.windowing();
                 let fp16_bytes = pmkvq::kvcache::fp16_bytes(geom, win.as_ref(), n);
-                let floor = pmkvq::kvcache::pmkvq_floor(geom, win.as_ref(), n);
+                let floor = Floors::of(geom, win.as_ref(), n);
                 for spec in cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor)? {
                     let ans = retrieval::answer(&*backend, &tok, &spec, &p, a.answer_tokens)
                         .map_err(|e| fail(EX_SOFTWARE, e.into()))?;

@@ -42,6 +42,12 @@ pub struct PmkvqConfig {
     /// Calibrated per-layer K and V sensitivity: under a total budget the store chooses every body's width by
     /// an exact knapsack on it ([`super::plan`]) instead of splitting the budget by shares. Adaptive stores only.
     pub sensitivity: Option<Arc<Sensitivity>>,
+    /// The elastic window: once every body of a layer is at the floor width and the layer still does not fit,
+    /// its oldest window tokens move into the body (at the floor) until it fits, instead of the sequence ending.
+    /// The floor is then the 16-bit sink plus every other token at the floor width, whatever the length. The
+    /// window never yields above the floor, so budgets that hold the full window behave exactly as without.
+    /// Adaptive stores with a window only.
+    pub elastic_window: bool,
     pub name: String,
 }
 
@@ -59,6 +65,7 @@ impl PmkvqConfig {
             payload_accounting: false,
             llama_semantics: false,
             sensitivity: None,
+            elastic_window: false,
             name: "pmkvq".into(),
         }
     }
@@ -98,6 +105,11 @@ impl PmkvqConfig {
             None => token_bytes(Bits::B16, g, values, OffsetMode::Stored),
             Some(bits) => token_bytes(bits, g, values, self.body_offsets()),
         }
+    }
+    /// Whether the window yields to the floor ([`elastic_window`](Self::elastic_window) on an adaptive, windowed
+    /// store).
+    pub fn window_yields(&self) -> bool {
+        self.elastic_window && self.adaptive && self.window > 0
     }
     /// Whether a store of this configuration plans its widths on the sensitivity under a total budget.
     pub fn plans_widths(&self) -> bool {

@@ -32,6 +32,23 @@ pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &
         }
         let floor = if cfg.adaptive { cfg.floor_bits } else { l.k.body.bits };
         let (kb, vb) = (l.k.body.bits, l.v.body.bits);
+        if (l.k.body.is_empty() || kb.max(vb) <= floor) && cfg.window_yields() && !l.k.window.is_empty() {
+            // the elastic window: the oldest window tokens go to the body, just enough of them at the floor's
+            // saving per token (an empty body still at a higher width is lowered by the next round)
+            let (window, body) = if cfg.payload_accounting {
+                let p = |w: Bits| token_payload_bytes(w, cfg.group, geom.kv_dim());
+                (p(Bits::B16), p(floor))
+            } else {
+                (
+                    cfg.side_token_bytes(geom, None),
+                    cfg.side_token_bytes(geom, Some(floor)),
+                )
+            };
+            let saving = 2 * window.saturating_sub(body).max(1);
+            let m = (bytes - l.budget).div_ceil(saving).min(l.k.window.len());
+            yield_window(cfg, l, m);
+            continue;
+        }
         if l.k.body.is_empty() || kb.max(vb) <= floor {
             let result = Err(KvError::OutOfBudget {
                 layer: li,
@@ -74,5 +91,15 @@ pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &
         let n = l.k.body.shrink_to(target, cfg.shift);
         l.v.body.shrink_to(target, cfg.shift);
         levels += n as u64;
+    }
+}
+
+/// Move the oldest `m` tokens of both windows into the bodies, each lowered to its body's width.
+fn yield_window(cfg: &PmkvqConfig, l: &mut Layer, m: usize) {
+    for side in [&mut l.k, &mut l.v] {
+        let rest = side.window.split_off(m.min(side.window.len()));
+        let mut chunk = std::mem::replace(&mut side.window, rest);
+        chunk.shrink_to(side.body.bits, cfg.shift);
+        side.body.append(&mut chunk);
     }
 }

@@ -156,12 +156,18 @@ impl super::PmkvqStore {
             current
         } else {
             let units: Vec<[f64; 4]> = sens.units().copied().collect();
-            choose(&units, &cost, &current, floor, capacity).ok_or_else(|| KvError::OutOfBudget {
-                layer: 0,
-                need: spent(&vec![floor; cost.len()]) + shapes.len() * LAYER_BOOKKEEPING,
-                budget: total,
-                floor_bits: self.cfg.floor_bits.count(),
-            })?
+            match choose(&units, &cost, &current, floor, capacity) {
+                Some(levels) => levels,
+                None if self.cfg.window_yields() => return self.plan_yielding(shapes, total, ahead),
+                None => {
+                    return Err(KvError::OutOfBudget {
+                        layer: 0,
+                        need: spent(&vec![floor; cost.len()]) + shapes.len() * LAYER_BOOKKEEPING,
+                        budget: total,
+                        floor_bits: self.cfg.floor_bits.count(),
+                    })
+                }
+            }
         };
         let slack = (capacity - spent(&levels)) / shapes.len().max(1);
         Ok((0..shapes.len())
@@ -171,6 +177,31 @@ impl super::PmkvqStore {
                 (budget, [LEVELS[k], LEVELS[v]])
             })
             .collect())
+    }
+
+    /// The plan where even every body at the floor does not hold the full windows: every body at the floor,
+    /// each layer budgeted what it holds with no window (the sink at 16 bits, everything else at the floor) plus
+    /// an even part of what is left, so each window keeps as many recent tokens as that part pays for.
+    fn plan_yielding(
+        &self,
+        shapes: &[([usize; 3], [Bits; 2])],
+        total: usize,
+        ahead: usize,
+    ) -> Result<Vec<(usize, [Bits; 2])>, KvError> {
+        let floor = self.cfg.floor_bits;
+        let needs: Vec<usize> = shapes
+            .iter()
+            .map(|&(lens, _)| self.floor_projected(lens, ahead, floor))
+            .collect();
+        let need: usize = needs.iter().sum();
+        let spare = total.checked_sub(need).ok_or(KvError::OutOfBudget {
+            layer: 0,
+            need,
+            budget: total,
+            floor_bits: floor.count(),
+        })?;
+        let each = spare / shapes.len().max(1);
+        Ok(needs.into_iter().map(|n| (n + each, [floor, floor])).collect())
     }
 
     /// Plan the whole cache for `ahead` more tokens under its total and lower the bodies the plan lowers.
@@ -188,6 +219,12 @@ impl super::PmkvqStore {
             // share of the slack) are all that changes — the per-step case
             for (l, (budget, _)) in self.layers.iter_mut().zip(plan) {
                 l.budget = budget;
+            }
+            // only an elastic window can hold more than its plan (it yields now)
+            if self.cfg.window_yields() {
+                for li in 0..self.layers.len() {
+                    self.enforce(li)?;
+                }
             }
             return Ok(());
         }

@@ -1,0 +1,179 @@
+//! The elastic window (issue 15): at the floor the 16-bit window yields its oldest tokens to the body instead of
+//! the sequence ending, so the floor is the sink plus every other token at the floor width; above it nothing
+//! changes.
+
+use super::*;
+use std::sync::Arc;
+
+/// SmolLM2's cache shape: 30 layers, 3 KV heads of 64.
+fn smol() -> KvGeometry {
+    KvGeometry {
+        layers: 30,
+        q_heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    }
+}
+
+fn token(seed: u64, dim: usize) -> Vec<f32> {
+    (0..dim)
+        .map(|c| (((seed * 7919 + c as u64 * 104729) % 1000) as f32 / 500.0) - 1.0 + (seed % 7) as f32 * 0.01)
+        .collect()
+}
+
+fn elastic() -> PmkvqConfig {
+    PmkvqConfig {
+        elastic_window: true,
+        shift: ShiftMode::Fitted,
+        ..PmkvqConfig::pmkvq()
+    }
+}
+
+/// Calibration-shaped sensitivity: keys more sensitive than values, a few layers much more.
+fn sensitivity(layers: usize) -> Arc<Sensitivity> {
+    let row = |f: f64| [0.0, 1e-4 * f, 1e-2 * f, f];
+    Arc::new(Sensitivity {
+        k: (0..layers).map(|l| row(if l % 5 == 1 { 8.0 } else { 2.0 })).collect(),
+        v: (0..layers).map(|l| row(if l % 7 == 3 { 3.0 } else { 1.0 })).collect(),
+    })
+}
+
+use crate::kvcache::quant::ShiftMode;
+
+#[test]
+fn the_elastic_floor_is_the_sink_at_16_bits_and_every_other_token_at_2_bits() {
+    let g = smol();
+    // one token of one side: 192 values; 16 bits: 384 bytes of codes + 3 groups × (scale, offset) = 396; 2 bits:
+    // 48 + 12 = 60
+    for t in [1usize, 2, 100, 1000, 4096] {
+        let expect = 30 * (2 * (396 + (t - 1) * 60) + LAYER_BOOKKEEPING);
+        assert_eq!(PmkvqStore::floor_bytes(g, &elastic(), t), expect, "{t} tokens");
+        assert!(expect < PmkvqStore::floor_bytes(g, &PmkvqConfig::pmkvq(), t).max(expect + 1));
+    }
+    // the full-window floor of a length whose window is full (1 + 7·128 + 127): 127 tokens at 16 bits more
+    let t = 1024;
+    assert_eq!(
+        PmkvqStore::floor_bytes(g, &PmkvqConfig::pmkvq(), t) - PmkvqStore::floor_bytes(g, &elastic(), t),
+        30 * 2 * 127 * (396 - 60)
+    );
+}
+
+/// The engine's loop under a budget cut (issue 15 item 6) with the elastic window: planned or split by shares,
+/// the sequence runs while the sink and floor bodies fit, far past where the full window stopped it, and the
+/// cache is within the budget after every step.
+#[test]
+fn a_cut_budget_holds_the_sequence_until_the_sink_and_floor_bodies_no_longer_fit() {
+    let g = smol();
+    let (before, after, cut_at) = (25_300_000usize, 8_850_000usize, 1100usize);
+    let last_fit = |cfg: &PmkvqConfig| {
+        (0..8192)
+            .take_while(|&t| PmkvqStore::floor_bytes(g, cfg, t) <= after)
+            .last()
+            .unwrap()
+    };
+    let (full, yielding) = (last_fit(&PmkvqConfig::pmkvq()), last_fit(&elastic()));
+    assert!(yielding > full + 300, "{yielding} vs {full}");
+    let shares: Vec<f64> = (0..30).map(|l| if l % 4 == 1 { 2.0 } else { 1.0 }).collect();
+    let planned = PmkvqConfig {
+        sensitivity: Some(sensitivity(30)),
+        ..elastic()
+    };
+    for (cfg, shares) in [(elastic(), None), (elastic(), Some(&shares[..])), (planned, None)] {
+        let mut s = PmkvqStore::new(g, cfg.clone(), &[usize::MAX; 30], 8192).unwrap();
+        let mut stored = 0;
+        let mut yielded = false;
+        let ended = loop {
+            let total = if stored < cut_at { before } else { after };
+            if let Err(e) = s.set_total_budget(total, shares, 1).and_then(|_| s.reserve(1)) {
+                break (stored, e);
+            }
+            let x = token(stored as u64, g.kv_dim());
+            for li in 0..30 {
+                s.append(li, &x, &x, 1).unwrap();
+            }
+            stored += 1;
+            assert!(
+                s.true_bytes() <= total,
+                "{} bytes over the budget {total} at {stored}",
+                s.true_bytes()
+            );
+            let k = &s.layers[0].k;
+            yielded |= k.window.len() < (stored - 1) % 128 && k.body.bits == Bits::B2;
+        };
+        assert!(yielded, "{}: the window never yielded", cfg.name);
+        assert!(
+            ended.0 + 1 >= yielding && ended.0 <= yielding,
+            "planned {} shares {}: ended at {} ({}), the elastic floor fits {yielding} tokens",
+            cfg.plans_widths(),
+            shares.is_some(),
+            ended.0,
+            ended.1
+        );
+    }
+}
+
+/// A budget that holds the full window at the floor never makes it yield: the elastic store is bit for bit the
+/// store without it. Below that, the window keeps the most recent tokens at 16 bits and the yielded ones are in
+/// the body exactly as a regular flush would have put them there.
+#[test]
+fn the_window_yields_only_below_the_full_window_floor_and_keeps_the_newest_tokens() {
+    let g = KvGeometry {
+        layers: 2,
+        q_heads: 2,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    let n = 700;
+    let toks: Vec<Vec<f32>> = (0..n as u64).map(|i| token(i, g.kv_dim())).collect();
+    let run = |cfg: PmkvqConfig, total: usize| {
+        let mut s = PmkvqStore::new(g, cfg, &[usize::MAX; 2], 4096).unwrap();
+        for x in &toks {
+            s.set_total_budget(total, None, 1).unwrap();
+            s.reserve(1).unwrap();
+            for li in 0..2 {
+                s.append(li, x, x, 1).unwrap();
+            }
+            assert!(s.true_bytes() <= total);
+        }
+        s
+    };
+    let regular = PmkvqConfig {
+        shift: ShiftMode::Fitted,
+        ..PmkvqConfig::pmkvq()
+    };
+    let full = PmkvqStore::floor_bytes(g, &regular, n);
+    let a = run(regular, full);
+    let b = run(elastic(), full);
+    assert_eq!(
+        a.spill().unwrap(),
+        b.spill().unwrap(),
+        "identical at the full-window floor"
+    );
+
+    let tight = (PmkvqStore::floor_bytes(g, &elastic(), n) + full) / 2;
+    let s = run(elastic(), tight);
+    for l in &s.layers {
+        for side in [&l.k, &l.v] {
+            let (ns, nb, nw) = (side.sink.len(), side.body.len(), side.window.len());
+            assert_eq!(ns + nb + nw, n);
+            assert!(nw < 127 && nw > 0, "window {nw}");
+            assert_eq!(side.body.bits, Bits::B2);
+            // each token as a lone 16-bit row, and lowered to the floor as any flush lowers it
+            let mut got = vec![0f32; g.kv_dim()];
+            for (t, x) in toks.iter().enumerate().skip(ns) {
+                let mut want = side.window.empty_like(Bits::B16);
+                want.push_token(x);
+                let (seg, at) = if t < ns + nb {
+                    want.shrink_to(Bits::B2, ShiftMode::Fitted);
+                    (&side.body, t - ns)
+                } else {
+                    (&side.window, t - ns - nb)
+                };
+                let mut w = vec![0f32; g.kv_dim()];
+                want.dequantize_token(0, &mut w);
+                seg.dequantize_token(at, &mut got);
+                assert_eq!(got, w, "token {t} (body {nb}, window {nw})");
+            }
+        }
+    }
+}
