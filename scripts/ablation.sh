@@ -73,9 +73,10 @@ fi
 steps() { # $1 = budget
   local b=$1
   echo -n "progressive@$b,progressive+alloc+alt@$b,progressive+alloc+rep+alt@$b,progressive+alloc+rep+rot@$b,"
-  echo -n "progressive+alloc+rep+rot+plan@$b,pmkvq@$b,"
+  echo -n "progressive+alloc+rep+rot+plan@$b,progressive+alloc+rep+rot+plan+fit@$b,pmkvq@$b,"
 }
-methods="fp16,$(steps 1/5)$(steps 9/32)progressive+alloc+rep+rot+plan@min,pmkvq@min,kivi:2,rtn:2,q4_0,q4_0+rot,q8_0"
+floors="progressive+alloc+rep+rot+plan@min,progressive+alloc+rep+rot+plan+fit@min,pmkvq@min,pmkvq@floor"
+methods="fp16,$(steps 1/5)$(steps 9/32)$floors,kivi:2,rtn:2,q4_0,q4_0+rot,q8_0"
 order=$methods
 out=docs/ablation
 if [[ -n $rows ]]; then

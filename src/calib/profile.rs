@@ -127,6 +127,9 @@ pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool
             }
             // and below the floor with a full window, the window yields instead of the sequence ending
             c.elastic_window = true;
+            if c.window == crate::kvcache::PmkvqConfig::pmkvq().window {
+                c.window = crate::kvcache::PmkvqConfig::SHIPPED_WINDOW;
+            }
             KvMethod::Pmkvq(c)
         }
         (m, _) => m,

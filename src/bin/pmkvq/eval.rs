@@ -73,6 +73,9 @@ impl Floors {
     }
 }
 
+/// The largest `+wN` window an ablation item may ask for.
+const MAX_WINDOW: usize = 4096;
+
 /// One `--methods` item: `pmkvq` (the method as shipped: everything the profile holds), a baseline, or an
 /// ablation `progressive[+alloc][+rep|+rep-alt][+rot][+plan][+fit]` / `BASELINE+rot`, with an optional `@BUDGET`.
 struct MethodArg {
@@ -114,12 +117,27 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
             _ => &["rot"],
         };
         for f in &flags {
+            if base_name == "progressive" {
+                if let Some(n) = f.strip_prefix('w') {
+                    match n.parse::<usize>() {
+                        Ok(w) if (1..=MAX_WINDOW).contains(&w) => continue,
+                        _ => {
+                            return Err(fail(
+                                EX_USAGE,
+                                anyhow::anyhow!(
+                                    "method `{item}`: `+{f}`: the window must be a whole number of tokens in 1..={MAX_WINDOW}"
+                                ),
+                            ))
+                        }
+                    }
+                }
+            }
             if !allowed.contains(&f.as_str()) {
                 return Err(fail(
                     EX_USAGE,
                     anyhow::anyhow!(
                         "method `{item}`: unknown flag `+{f}` (`pmkvq` is the method as shipped; build ablations on \
-                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +alt; baselines take +rot)"
+                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +alt; baselines take +rot)"
                     ),
                 ));
             }
@@ -225,6 +243,11 @@ impl Calibrations {
                     "elastic" => {
                         if let KvMethod::Pmkvq(c) = &mut spec.method {
                             c.elastic_window = true;
+                        }
+                    }
+                    w if w.starts_with('w') => {
+                        if let (KvMethod::Pmkvq(c), Ok(n)) = (&mut spec.method, w[1..].parse()) {
+                            c.window = n;
                         }
                     }
                     "plan" => {
