@@ -3,6 +3,7 @@
 //! changes.
 
 use super::*;
+use crate::kvcache::quant::ShiftMode;
 use std::sync::Arc;
 
 /// SmolLM2's cache shape: 30 layers, 3 KV heads of 64.
@@ -38,8 +39,6 @@ fn sensitivity(layers: usize) -> Arc<Sensitivity> {
     })
 }
 
-use crate::kvcache::quant::ShiftMode;
-
 #[test]
 fn the_elastic_floor_is_the_sink_at_16_bits_and_every_other_token_at_2_bits() {
     let g = smol();
@@ -48,7 +47,6 @@ fn the_elastic_floor_is_the_sink_at_16_bits_and_every_other_token_at_2_bits() {
     for t in [1usize, 2, 100, 1000, 4096] {
         let expect = 30 * (2 * (396 + (t - 1) * 60) + LAYER_BOOKKEEPING);
         assert_eq!(PmkvqStore::floor_bytes(g, &elastic(), t), expect, "{t} tokens");
-        assert!(expect < PmkvqStore::floor_bytes(g, &PmkvqConfig::pmkvq(), t).max(expect + 1));
     }
     // the full-window floor of a length whose window is full (1 + 7·128 + 127): 127 tokens at 16 bits more
     let t = 1024;
