@@ -73,8 +73,9 @@ def print_header():
     print("Mean KL to the fp16 cache / top-1 agreement, teacher-forced (`pmkvq eval divergence`).")
     print("Traces: 4096 tokens the model writes from the problem, scored after the prompt; botchan: 4 × 2048-token")
     print("chunks, second halves scored (llama-perplexity's protocol). Budgets: 1/5 and 9/32 (q4_0's 4.5 bits) of")
-    print("the fp16 bytes of the sequence, `min` PM-KVQ's floor; fixed-width methods at their own bytes")
-    print("(bits/element column, botchan).\n")
+    print("the fp16 bytes of the sequence, `min` PM-KVQ's floor with the paper's full 128-token window, `floor`")
+    print("the elastic window's (the 16-bit sink and every other token at 2 bits); fixed-width methods at their")
+    print("own bytes (bits/element column, botchan).\n")
 
 
 def emit(reports, traces, methods):
