@@ -12,7 +12,7 @@
 use super::attention::group::{attend_layer, GroupOps, Heads};
 use super::attention::Fresh;
 use super::quant::rows::{group_fits, token_payload_bytes};
-use super::quant::{Bits, OffsetMode, PackedRows};
+use super::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use rayon::prelude::*;
 
@@ -43,6 +43,12 @@ impl Side {
     }
     fn segments(&self) -> [&PackedRows; 3] {
         [&self.sink, &self.body, &self.window]
+    }
+    /// Lower 16-bit tokens leaving the window (oldest first) to the body's width and append them to it: a
+    /// chunk flush, and the elastic window yielding.
+    fn flush_into_body(&mut self, mut chunk: PackedRows, shift: ShiftMode) {
+        chunk.shrink_to(self.body.bits, shift);
+        self.body.append(&mut chunk);
     }
 }
 
@@ -340,8 +346,7 @@ impl PmkvqStore {
         for j in i..i + (n_out - w) {
             chunk.push_token(tok(j));
         }
-        chunk.shrink_to(side.body.bits, cfg.shift);
-        side.body.append(&mut chunk);
+        side.flush_into_body(chunk, cfg.shift);
         for j in i + (n_out - w)..n {
             side.window.push_token(tok(j));
         }

@@ -98,15 +98,14 @@ pub fn pmkvq_floor(geom: KvGeometry, win: Option<&Windowing>, tokens: usize) -> 
 /// [`pmkvq_floor`] for the progressive cache configured as `cfg` (an elastic window: the sink at 16 bits and
 /// every other token at the floor).
 pub fn pmkvq_floor_with(geom: KvGeometry, win: Option<&Windowing>, tokens: usize, cfg: &super::PmkvqConfig) -> usize {
-    let cfg = cfg.clone();
     match win {
-        None => super::PmkvqStore::floor_bytes(geom, &cfg, tokens),
+        None => super::PmkvqStore::floor_bytes(geom, cfg, tokens),
         Some(w) => {
             let globals = KvGeometry {
                 layers: w.globals().len(),
                 ..geom
             };
-            super::PmkvqStore::floor_bytes(globals, &cfg, tokens) + w.local_bytes_at(geom, tokens, cfg.floor_bits)
+            super::PmkvqStore::floor_bytes(globals, cfg, tokens) + w.local_bytes_at(geom, tokens, cfg.floor_bits)
         }
     }
 }

@@ -24,6 +24,14 @@ pub(super) struct Enforced {
 /// composes, so one pass over the body however many levels it drops), or to the floor, where a layer that still
 /// does not fit is refused.
 pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &mut Layer) -> Enforced {
+    // what one token of one side costs at a width (`None`: the 16-bit sink or window), as budgets count it
+    let per_token = |w: Option<Bits>| {
+        if cfg.payload_accounting {
+            token_payload_bytes(w.unwrap_or(Bits::B16), cfg.group, geom.kv_dim())
+        } else {
+            cfg.side_token_bytes(geom, w)
+        }
+    };
     let mut levels = 0u64;
     loop {
         let bytes = charged_bytes(cfg, l);
@@ -32,24 +40,20 @@ pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &
         }
         let floor = if cfg.adaptive { cfg.floor_bits } else { l.k.body.bits };
         let (kb, vb) = (l.k.body.bits, l.v.body.bits);
-        if (l.k.body.is_empty() || kb.max(vb) <= floor) && cfg.window_yields() && !l.k.window.is_empty() {
+        let at_floor = l.k.body.is_empty() || kb.max(vb) <= floor;
+        if at_floor && cfg.window_yields() && !l.k.window.is_empty() {
             // the elastic window: the oldest window tokens go to the body, just enough of them at the floor's
             // saving per token (an empty body still at a higher width is lowered by the next round)
-            let (window, body) = if cfg.payload_accounting {
-                let p = |w: Bits| token_payload_bytes(w, cfg.group, geom.kv_dim());
-                (p(Bits::B16), p(floor))
-            } else {
-                (
-                    cfg.side_token_bytes(geom, None),
-                    cfg.side_token_bytes(geom, Some(floor)),
-                )
-            };
-            let saving = 2 * window.saturating_sub(body).max(1);
+            let saving = 2 * per_token(None).saturating_sub(per_token(Some(floor))).max(1);
             let m = (bytes - l.budget).div_ceil(saving).min(l.k.window.len());
-            yield_window(cfg, l, m);
+            for side in [&mut l.k, &mut l.v] {
+                let rest = side.window.split_off(m.min(side.window.len()));
+                let oldest = std::mem::replace(&mut side.window, rest);
+                side.flush_into_body(oldest, cfg.shift);
+            }
             continue;
         }
-        if l.k.body.is_empty() || kb.max(vb) <= floor {
+        if at_floor {
             let result = Err(KvError::OutOfBudget {
                 layer: li,
                 need: bytes,
@@ -71,14 +75,7 @@ pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &
         } else {
             l.k.body.true_bytes() + l.v.body.true_bytes()
         };
-        let at = |w: Bits| {
-            let per_token = if cfg.payload_accounting {
-                token_payload_bytes(w, cfg.group, geom.kv_dim())
-            } else {
-                cfg.side_token_bytes(geom, Some(w))
-            };
-            bytes - body_now + 2 * l.k.body.len() * per_token
-        };
+        let at = |w: Bits| bytes - body_now + 2 * l.k.body.len() * per_token(Some(w));
         let mut target = floor;
         let mut w = l.k.body.bits.halved();
         while let Some(b) = w.filter(|b| *b >= floor) {
@@ -91,15 +88,5 @@ pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &
         let n = l.k.body.shrink_to(target, cfg.shift);
         l.v.body.shrink_to(target, cfg.shift);
         levels += n as u64;
-    }
-}
-
-/// Move the oldest `m` tokens of both windows into the bodies, each lowered to its body's width.
-fn yield_window(cfg: &PmkvqConfig, l: &mut Layer, m: usize) {
-    for side in [&mut l.k, &mut l.v] {
-        let rest = side.window.split_off(m.min(side.window.len()));
-        let mut chunk = std::mem::replace(&mut side.window, rest);
-        chunk.shrink_to(side.body.bits, cfg.shift);
-        side.body.append(&mut chunk);
     }
 }
