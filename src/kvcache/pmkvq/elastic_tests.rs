@@ -2,6 +2,7 @@
 //! the sequence ending, so the floor is the sink plus every other token at the floor width; above it nothing
 //! changes.
 
+use super::tests::run_cut;
 use super::*;
 use crate::kvcache::quant::ShiftMode;
 use std::sync::Arc;
@@ -78,26 +79,12 @@ fn a_cut_budget_holds_the_sequence_until_the_sink_and_floor_bodies_no_longer_fit
     };
     for (cfg, shares) in [(elastic(), None), (elastic(), Some(&shares[..])), (planned, None)] {
         let mut s = PmkvqStore::new(g, cfg.clone(), &[usize::MAX; 30], 8192).unwrap();
-        let mut stored = 0;
         let mut yielded = false;
-        let ended = loop {
-            let total = if stored < cut_at { before } else { after };
-            if let Err(e) = s.set_total_budget(total, shares, 1).and_then(|_| s.reserve(1)) {
-                break (stored, e);
-            }
-            let x = token(stored as u64, g.kv_dim());
-            for li in 0..30 {
-                s.append(li, &x, &x, 1).unwrap();
-            }
-            stored += 1;
-            assert!(
-                s.true_bytes() <= total,
-                "{} bytes over the budget {total} at {stored}",
-                s.true_bytes()
-            );
+        let x = |i: usize| token(i as u64, g.kv_dim());
+        let ended = run_cut(&mut s, (before, after, cut_at), shares, x, |s, stored| {
             let k = &s.layers[0].k;
             yielded |= k.window.len() < (stored - 1) % 128 && k.body.bits == Bits::B2;
-        };
+        });
         assert!(yielded, "{}: the window never yielded", cfg.name);
         assert!(
             ended.0 + 1 >= yielding && ended.0 <= yielding,

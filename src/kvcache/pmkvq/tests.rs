@@ -460,22 +460,7 @@ fn a_cut_budget_holds_the_sequence_until_the_floor_itself_no_longer_fits() {
     for shares in [None, Some(&shares[..])] {
         let mut s = PmkvqStore::new(g, cfg.clone(), &vec![usize::MAX; 30], 4096).unwrap();
         let x = token(3, g.kv_dim());
-        let mut stored = 0;
-        let ended = loop {
-            let total = if stored < cut_at { before } else { after };
-            if let Err(e) = s.set_total_budget(total, shares, 1).and_then(|_| s.reserve(1)) {
-                break (stored, e);
-            }
-            for li in 0..30 {
-                s.append(li, &x, &x, 1).unwrap();
-            }
-            stored += 1;
-            assert!(
-                s.true_bytes() <= total,
-                "{} bytes over the budget {total} at {stored}",
-                s.true_bytes()
-            );
-        };
+        let ended = run_cut(&mut s, (before, after, cut_at), shares, |_| x.clone(), |_, _| {});
         assert!(
             ended.0 + 1 >= last_fit,
             "shares {:?}: ended at {} ({}), the floor fits {last_fit} tokens",
@@ -483,5 +468,36 @@ fn a_cut_budget_holds_the_sequence_until_the_floor_itself_no_longer_fits() {
             ended.0,
             ended.1
         );
+    }
+}
+
+/// The engine's loop under a budget cut: `before` bytes until `cut_at` tokens are stored, `after` from then on.
+/// Each step fits the whole cache to the budget, reserves the step and stores token `x(i)` in every layer; the
+/// cache is within the budget after every step, and `each` sees it then. Ends at the first refusal: the tokens
+/// stored and the refusal.
+pub(super) fn run_cut(
+    s: &mut PmkvqStore,
+    (before, after, cut_at): (usize, usize, usize),
+    shares: Option<&[f64]>,
+    x: impl Fn(usize) -> Vec<f32>,
+    mut each: impl FnMut(&PmkvqStore, usize),
+) -> (usize, KvError) {
+    let mut stored = 0;
+    loop {
+        let total = if stored < cut_at { before } else { after };
+        if let Err(e) = s.set_total_budget(total, shares, 1).and_then(|_| s.reserve(1)) {
+            return (stored, e);
+        }
+        let x = x(stored);
+        for li in 0..s.geom.layers {
+            s.append(li, &x, &x, 1).unwrap();
+        }
+        stored += 1;
+        assert!(
+            s.true_bytes() <= total,
+            "{} bytes over the budget {total} at {stored}",
+            s.true_bytes()
+        );
+        each(s, stored);
     }
 }
