@@ -35,6 +35,33 @@ fn bad_arguments_exit_64_naming_the_field() {
             vec!["generate", "--model", m, "--prompt", "hi", "--min-p", "1"],
             "min_p",
         ),
+        // ablation flags are checked before a trace is written
+        (
+            vec![
+                "eval",
+                "divergence",
+                "--model",
+                m,
+                "--prompt",
+                "hi",
+                "--methods",
+                "progressive+g6@1/5",
+            ],
+            "`+g6`: the group must be a multiple of 4",
+        ),
+        (
+            vec![
+                "eval",
+                "divergence",
+                "--model",
+                m,
+                "--prompt",
+                "hi",
+                "--methods",
+                "progressive+w0@1/5",
+            ],
+            "`+w0`: the window must be",
+        ),
     ] {
         let out = pmkvq(&args);
         let err = String::from_utf8_lossy(&out.stderr);

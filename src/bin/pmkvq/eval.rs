@@ -75,6 +75,8 @@ impl Floors {
 
 /// The largest `+wN` window an ablation item may ask for.
 const MAX_WINDOW: usize = 4096;
+/// Largest quantization group `+gN` accepts.
+const MAX_GROUP: usize = 256;
 
 /// One `--methods` item: `pmkvq` (the method as shipped: everything the profile holds), a baseline, or an
 /// ablation `progressive[+alloc][+rep|+rep-alt][+rot][+plan][+fit]` / `BASELINE+rot`, with an optional `@BUDGET`.
@@ -132,12 +134,27 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
                     }
                 }
             }
+            if base_name == "progressive" {
+                if let Some(n) = f.strip_prefix('g') {
+                    match n.parse::<usize>() {
+                        Ok(g) if g >= 4 && g <= MAX_GROUP && g.is_multiple_of(4) => continue,
+                        _ => {
+                            return Err(fail(
+                                EX_USAGE,
+                                anyhow::anyhow!(
+                                    "method `{item}`: `+{f}`: the group must be a multiple of 4 in 4..={MAX_GROUP} (and divide head_dim)"
+                                ),
+                            ))
+                        }
+                    }
+                }
+            }
             if !allowed.contains(&f.as_str()) {
                 return Err(fail(
                     EX_USAGE,
                     anyhow::anyhow!(
                         "method `{item}`: unknown flag `+{f}` (`pmkvq` is the method as shipped; build ablations on \
-                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +alt; baselines take +rot)"
+                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +gN (group), +alt; baselines take +rot)"
                     ),
                 ));
             }
@@ -243,6 +260,11 @@ impl Calibrations {
                     "elastic" => {
                         if let KvMethod::Pmkvq(c) = &mut spec.method {
                             c.elastic_window = true;
+                        }
+                    }
+                    g if g.starts_with('g') => {
+                        if let (KvMethod::Pmkvq(c), Ok(n)) = (&mut spec.method, g[1..].parse()) {
+                            c.group = n;
                         }
                     }
                     w if w.starts_with('w') => {
