@@ -91,7 +91,7 @@ pub enum KvError {
     Spill { kind: std::io::ErrorKind, msg: String },
     #[error(
         "the `{method}` cache quantizes groups of {group} values, which must be a multiple of 4 dividing the head \
-         dimension {head_dim}; this model's heads need the fp16 cache"
+         dimension {head_dim} (a group that divides it, or the fp16 cache)"
     )]
     BadGroup {
         method: String,

@@ -442,7 +442,7 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("pmkvq: error: {:#}", f.err);
+            eprintln!("pmkvq: error: {}", error_text(&f.err));
             ExitCode::from(f.code)
         }
     }
@@ -474,4 +474,45 @@ fn load_profile(choice: &str, model: &Model) -> Result<Option<pmkvq::calib::Prof
     };
     let (p, _sha) = pmkvq::calib::resolve_profile(&choice, model).map_err(|e| fail(EX_DATAERR, e.into()))?;
     Ok(p.map(|p| (*p.profile).clone()))
+}
+
+/// An error and its causes as one line, each cause once: an error whose message already quotes its source (e.g.
+/// `kv cache: {0}` over the cache's own error) does not repeat it the way `{:#}` would.
+fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let msg = cause.to_string();
+        if text.is_empty() {
+            text = msg;
+        } else if !text.contains(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("inner {0}")]
+    struct Inner(u32);
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("quoted: {0}")]
+        Quoted(#[from] Inner),
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        // the message quotes its source: printed once, not "quoted: inner 7: inner 7"
+        let e = anyhow::Error::from(Outer::from(Inner(7)));
+        assert_eq!(error_text(&e), "quoted: inner 7");
+        // context that does not quote its cause keeps it
+        let e = anyhow::Error::from(Inner(3)).context("reading the trace");
+        assert_eq!(error_text(&e), "reading the trace: inner 3");
+    }
 }
