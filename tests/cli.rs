@@ -62,6 +62,19 @@ fn bad_arguments_exit_64_naming_the_field() {
             ],
             "`+w0`: the window must be",
         ),
+        (
+            vec![
+                "eval",
+                "divergence",
+                "--model",
+                m,
+                "--prompt",
+                "hi",
+                "--methods",
+                "progressive+s65@1/5",
+            ],
+            "`+s65`: the sink must be",
+        ),
     ] {
         let out = pmkvq(&args);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -75,6 +75,8 @@ impl Floors {
 
 /// The largest `+wN` window an ablation item may ask for.
 const MAX_WINDOW: usize = 4096;
+/// Most 16-bit sink tokens `+sN` accepts.
+const MAX_SINK: usize = 64;
 /// Largest quantization group `+gN` accepts.
 const MAX_GROUP: usize = 256;
 
@@ -135,6 +137,17 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
                 }
             }
             if base_name == "progressive" {
+                if let Some(n) = f.strip_prefix('s') {
+                    match n.parse::<usize>() {
+                        Ok(k) if k <= MAX_SINK => continue,
+                        _ => return Err(fail(
+                            EX_USAGE,
+                            anyhow::anyhow!(
+                                "method `{item}`: `+{f}`: the sink must be a whole number of tokens in 0..={MAX_SINK}"
+                            ),
+                        )),
+                    }
+                }
                 if let Some(n) = f.strip_prefix('g') {
                     match n.parse::<usize>() {
                         Ok(g) if g >= 4 && g <= MAX_GROUP && g.is_multiple_of(4) => continue,
@@ -154,7 +167,7 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
                     EX_USAGE,
                     anyhow::anyhow!(
                         "method `{item}`: unknown flag `+{f}` (`pmkvq` is the method as shipped; build ablations on \
-                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +gN (group), +alt; baselines take +rot)"
+                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +gN (group), +sN (sink), +alt; baselines take +rot)"
                     ),
                 ));
             }
@@ -260,6 +273,11 @@ impl Calibrations {
                     "elastic" => {
                         if let KvMethod::Pmkvq(c) = &mut spec.method {
                             c.elastic_window = true;
+                        }
+                    }
+                    s if s.starts_with('s') => {
+                        if let (KvMethod::Pmkvq(c), Ok(n)) = (&mut spec.method, s[1..].parse()) {
+                            c.sink = n;
                         }
                     }
                     g if g.starts_with('g') => {
