@@ -75,6 +75,19 @@ fn bad_arguments_exit_64_naming_the_field() {
             ],
             "`+s65`: the sink must be",
         ),
+        (
+            vec![
+                "eval",
+                "divergence",
+                "--model",
+                m,
+                "--prompt",
+                "hi",
+                "--methods",
+                "progressive+wb4@1/5",
+            ],
+            "`+wb4`: the window's width must be 8 or 16 bits",
+        ),
     ] {
         let out = pmkvq(&args);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -111,6 +111,12 @@ impl DeviceStore {
                 method: spec.method.to_string(),
             });
         }
+        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.window_bits != crate::kvcache::quant::Bits::B16) {
+            return Err(KvError::Unsupported {
+                what: "keep its window below 16 bits on the GPU (device windows are 16-bit)",
+                method: spec.method.to_string(),
+            });
+        }
         if let Kind::Pmkvq(c) = &kind {
             if c.quantizer != Quantizer::Asymmetric || c.llama_semantics || c.payload_accounting {
                 return Err(unsupported(&spec.method));

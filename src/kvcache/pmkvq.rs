@@ -44,7 +44,7 @@ impl Side {
     fn segments(&self) -> [&PackedRows; 3] {
         [&self.sink, &self.body, &self.window]
     }
-    /// Lower 16-bit tokens leaving the window (oldest first) to the body's width and append them to it: a
+    /// Lower tokens leaving the window (oldest first) to the body's width and append them to it: a
     /// chunk flush, and the elastic window yielding.
     fn flush_into_body(&mut self, mut chunk: PackedRows, shift: ShiftMode) {
         chunk.shrink_to(self.body.bits, shift);
@@ -119,8 +119,8 @@ impl PmkvqStore {
         let (g, h, d) = (cfg.group, geom.kv_heads, geom.head_dim);
         let side = || Side {
             sink: PackedRows::new(Bits::B16, g, h, d, OffsetMode::Stored),
-            body: PackedRows::new(cfg.init_bits, g, h, d, offsets),
-            window: PackedRows::new(Bits::B16, g, h, d, OffsetMode::Stored),
+            body: PackedRows::new(cfg.body_start_bits(), g, h, d, offsets),
+            window: PackedRows::new(cfg.window_bits, g, h, d, OffsetMode::Stored),
         };
         let layers = budgets
             .iter()
@@ -148,8 +148,9 @@ impl PmkvqStore {
     /// The largest true bytes a sequence of up to `tokens` tokens needs with every body at the floor width: the
     /// smallest total budget under which PM-KVQ can hold it (window fill varies, so the maximum over lengths).
     pub fn floor_bytes(geom: KvGeometry, cfg: &PmkvqConfig, tokens: usize) -> usize {
-        let (tb16, tbf) = (
+        let (tb16, tbw, tbf) = (
             cfg.side_token_bytes(geom, None),
+            cfg.window_token_bytes(geom),
             cfg.side_token_bytes(geom, Some(cfg.floor_bits)),
         );
         let per_layer = |t: usize| {
@@ -161,7 +162,7 @@ impl PmkvqStore {
                 None => (rest, 0),
                 Some(c) => (c * cfg.window, rest % cfg.window),
             };
-            2 * ((sink + win) * tb16 + body * tbf) + LAYER_BOOKKEEPING
+            2 * (sink * tb16 + win * tbw + body * tbf) + LAYER_BOOKKEEPING
         };
         (0..=tokens).map(per_layer).max().unwrap_or(0) * geom.layers
     }
@@ -170,8 +171,8 @@ impl PmkvqStore {
     /// every layer the same whatever its width, so each layer first gets that fixed part and the rest is split
     /// by share; splitting the whole total by share would starve the narrow layers' windows on long sequences.
     pub fn budgets_from_shares(geom: KvGeometry, cfg: &PmkvqConfig, total: usize, shares: &[f64]) -> Vec<usize> {
-        let tb16 = cfg.side_token_bytes(geom, None);
-        let fixed = 2 * (cfg.sink + cfg.window.saturating_sub(1)) * tb16 + LAYER_BOOKKEEPING;
+        let (tb16, tbw) = (cfg.side_token_bytes(geom, None), cfg.window_token_bytes(geom));
+        let fixed = 2 * (cfg.sink * tb16 + cfg.window.saturating_sub(1) * tbw) + LAYER_BOOKKEEPING;
         let layers = shares.len().max(1);
         let rest = total.saturating_sub(fixed * layers);
         if rest == 0 {
@@ -271,11 +272,12 @@ impl PmkvqStore {
         };
         if self.cfg.payload_accounting {
             let pb = |b: Bits| token_payload_bytes(b, self.cfg.group, self.geom.kv_dim());
-            return (sink + win) * pb(Bits::B16) + body * pb(body_bits);
+            return sink * pb(Bits::B16) + win * pb(self.cfg.window_bits) + body * pb(body_bits);
         }
         let tb16 = self.cfg.side_token_bytes(self.geom, None);
+        let tbw = self.cfg.window_token_bytes(self.geom);
         let tbb = self.cfg.side_token_bytes(self.geom, Some(body_bits));
-        (sink + win) * tb16 + body * tbb
+        sink * tb16 + win * tbw + body * tbb
     }
 
     fn floor_bits(&self, li: usize) -> Bits {
@@ -340,8 +342,9 @@ impl PmkvqStore {
             }
             return;
         }
-        // flush: the old window plus the first n_out − w new tokens leave at 16 bits, then drop to the body's width
-        let fresh = side.window.empty_like(Bits::B16);
+        // flush: the old window plus the first n_out − w new tokens leave at the window's width, then drop to the
+        // body's
+        let fresh = side.window.empty_like(cfg.window_bits);
         let mut chunk = std::mem::replace(&mut side.window, fresh);
         for j in i..i + (n_out - w) {
             chunk.push_token(tok(j));
@@ -524,7 +527,7 @@ impl KvStore for PmkvqStore {
             for s in [&mut l.k, &mut l.v] {
                 s.sink.clear();
                 s.window.clear();
-                s.body = s.body.empty_like(self.cfg.init_bits);
+                s.body = s.body.empty_like(self.cfg.body_start_bits());
             }
         }
     }

@@ -122,43 +122,10 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
         };
         for f in &flags {
             if base_name == "progressive" {
-                if let Some(n) = f.strip_prefix('w') {
-                    match n.parse::<usize>() {
-                        Ok(w) if (1..=MAX_WINDOW).contains(&w) => continue,
-                        _ => {
-                            return Err(fail(
-                                EX_USAGE,
-                                anyhow::anyhow!(
-                                    "method `{item}`: `+{f}`: the window must be a whole number of tokens in 1..={MAX_WINDOW}"
-                                ),
-                            ))
-                        }
-                    }
-                }
-            }
-            if base_name == "progressive" {
-                if let Some(n) = f.strip_prefix('s') {
-                    match n.parse::<usize>() {
-                        Ok(k) if k <= MAX_SINK => continue,
-                        _ => return Err(fail(
-                            EX_USAGE,
-                            anyhow::anyhow!(
-                                "method `{item}`: `+{f}`: the sink must be a whole number of tokens in 0..={MAX_SINK}"
-                            ),
-                        )),
-                    }
-                }
-                if let Some(n) = f.strip_prefix('g') {
-                    match n.parse::<usize>() {
-                        Ok(g) if g >= 4 && g <= MAX_GROUP && g.is_multiple_of(4) => continue,
-                        _ => {
-                            return Err(fail(
-                                EX_USAGE,
-                                anyhow::anyhow!(
-                                    "method `{item}`: `+{f}`: the group must be a multiple of 4 in 4..={MAX_GROUP} (and divide head_dim)"
-                                ),
-                            ))
-                        }
+                if let Some(checked) = numeric_flag(f) {
+                    match checked {
+                        Ok(_) => continue,
+                        Err(bound) => return Err(fail(EX_USAGE, anyhow::anyhow!("method `{item}`: `+{f}`: {bound}"))),
                     }
                 }
             }
@@ -167,7 +134,7 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
                     EX_USAGE,
                     anyhow::anyhow!(
                         "method `{item}`: unknown flag `+{f}` (`pmkvq` is the method as shipped; build ablations on \
-                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +gN (group), +sN (sink), +alt; baselines take +rot)"
+                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +wbN (window bits), +gN (group), +sN (sink), +alt; baselines take +rot)"
                     ),
                 ));
             }
@@ -181,6 +148,54 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
         });
     }
     Ok(out)
+}
+
+/// What a numeric ablation flag sets.
+#[derive(Clone, Copy)]
+enum Numeric {
+    WindowBits,
+    Window,
+    Group,
+    Sink,
+}
+
+/// A numeric flag of a `progressive` item (`+wbN`, `+wN`, `+gN`, `+sN`): `None` if `f` is none of them, else its
+/// value, or the bound it breaks.
+fn numeric_flag(f: &str) -> Option<Result<(Numeric, usize), String>> {
+    type Check = fn(usize) -> bool;
+    let flags: [(&str, Numeric, Check, String); 4] = [
+        (
+            "wb",
+            Numeric::WindowBits,
+            |n| n == 8 || n == 16,
+            "the window's width must be 8 or 16 bits".into(),
+        ),
+        (
+            "w",
+            Numeric::Window,
+            |n| (1..=MAX_WINDOW).contains(&n),
+            format!("the window must be a whole number of tokens in 1..={MAX_WINDOW}"),
+        ),
+        (
+            "g",
+            Numeric::Group,
+            |n| (4..=MAX_GROUP).contains(&n) && n.is_multiple_of(4),
+            format!("the group must be a multiple of 4 in 4..={MAX_GROUP} (and divide head_dim)"),
+        ),
+        (
+            "s",
+            Numeric::Sink,
+            |n| n <= MAX_SINK,
+            format!("the sink must be a whole number of tokens in 0..={MAX_SINK}"),
+        ),
+    ];
+    let (kind, n, ok, bound) = flags
+        .into_iter()
+        .find_map(|(prefix, kind, ok, bound)| f.strip_prefix(prefix).map(|n| (kind, n, ok, bound)))?;
+    Some(match n.parse::<usize>() {
+        Ok(n) if ok(n) => Ok((kind, n)),
+        _ => Err(bound),
+    })
 }
 
 /// The profiles `--methods` draw on: `--profile` (default: the automatic one) and `--alt-profile` (`+alt`).
@@ -275,19 +290,20 @@ impl Calibrations {
                             c.elastic_window = true;
                         }
                     }
-                    s if s.starts_with('s') => {
-                        if let (KvMethod::Pmkvq(c), Ok(n)) = (&mut spec.method, s[1..].parse()) {
-                            c.sink = n;
-                        }
-                    }
-                    g if g.starts_with('g') => {
-                        if let (KvMethod::Pmkvq(c), Ok(n)) = (&mut spec.method, g[1..].parse()) {
-                            c.group = n;
-                        }
-                    }
-                    w if w.starts_with('w') => {
-                        if let (KvMethod::Pmkvq(c), Ok(n)) = (&mut spec.method, w[1..].parse()) {
-                            c.window = n;
+                    f if numeric_flag(f).is_some() => {
+                        if let (KvMethod::Pmkvq(c), Some(Ok((kind, n)))) = (&mut spec.method, numeric_flag(f)) {
+                            match kind {
+                                Numeric::WindowBits => {
+                                    c.window_bits = if n == 8 {
+                                        pmkvq::kvcache::quant::Bits::B8
+                                    } else {
+                                        pmkvq::kvcache::quant::Bits::B16
+                                    }
+                                }
+                                Numeric::Window => c.window = n,
+                                Numeric::Group => c.group = n,
+                                Numeric::Sink => c.sink = n,
+                            }
                         }
                     }
                     "plan" => {

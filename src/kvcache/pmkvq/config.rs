@@ -20,8 +20,11 @@ pub enum Quantizer {
 pub struct PmkvqConfig {
     /// Tokens kept at 16 bits at the start (spec default 1).
     pub sink: usize,
-    /// Chunked 16-bit recent window (spec default 128); 0 = tokens go straight to the body.
+    /// Chunked recent window (spec default 128); 0 = tokens go straight to the body.
     pub window: usize,
+    /// Width the window's tokens are kept at (spec: 16; 8 is near-lossless per token and costs half, so the same
+    /// bytes hold twice the recent tokens). A flush lowers them to the body's width from there.
+    pub window_bits: Bits,
     /// Quantization group; 0 = head_dim.
     pub group: usize,
     /// Width a body starts at.
@@ -61,6 +64,7 @@ impl PmkvqConfig {
         PmkvqConfig {
             sink: 1,
             window: 128,
+            window_bits: Bits::B16,
             group: 0,
             init_bits: Bits::B16,
             floor_bits: Bits::B2,
@@ -102,13 +106,30 @@ impl PmkvqConfig {
             _ => OffsetMode::Stored,
         }
     }
-    /// True bytes of one token in one side (K or V) of one layer: in the 16-bit sink or window (`None`), or in
-    /// a body at `bits`.
+    /// True bytes of one token in one side (K or V) of one layer: in the 16-bit sink (`None`), or in a body at
+    /// `bits`.
     pub(super) fn side_token_bytes(&self, geom: KvGeometry, body: Option<Bits>) -> usize {
         let (g, values) = (self.group_for(geom), geom.kv_dim());
         match body {
             None => token_bytes(Bits::B16, g, values, OffsetMode::Stored),
             Some(bits) => token_bytes(bits, g, values, self.body_offsets()),
+        }
+    }
+    /// True bytes of one token in one side of one layer's window (at [`window_bits`](Self::window_bits)).
+    pub(super) fn window_token_bytes(&self, geom: KvGeometry) -> usize {
+        token_bytes(
+            self.window_bits,
+            self.group_for(geom),
+            geom.kv_dim(),
+            OffsetMode::Stored,
+        )
+    }
+    /// The width a body starts at: never above the window's, whose flushes it receives.
+    pub(super) fn body_start_bits(&self) -> Bits {
+        if self.window > 0 {
+            self.init_bits.min(self.window_bits)
+        } else {
+            self.init_bits
         }
     }
     /// Whether the window yields to the floor ([`elastic_window`](Self::elastic_window) on an adaptive, windowed

@@ -162,3 +162,107 @@ fn the_window_yields_only_below_the_full_window_floor_and_keeps_the_newest_token
         }
     }
 }
+
+/// An 8-bit window costs what the formula says (204 bytes a token and side on SmolLM2's shape against 396), its
+/// body starts at 8 bits, and under a budget it holds exactly what the 16-bit window's store holds once tokens
+/// leave the window (quantizing at 8 bits equals quantizing at 16 and shifting once), in half the window bytes.
+#[test]
+fn an_8_bit_window_costs_half_and_its_flushes_equal_the_16_bit_windows() {
+    let eight = |cfg: PmkvqConfig| PmkvqConfig {
+        window_bits: Bits::B8,
+        ..cfg
+    };
+    let t = 1 + 7 * 128 + 127; // a full window's worth in it
+    let floor16 = PmkvqStore::floor_bytes(smol(), &PmkvqConfig::pmkvq(), t);
+    let floor8 = PmkvqStore::floor_bytes(smol(), &eight(PmkvqConfig::pmkvq()), t);
+    assert_eq!(floor16 - floor8, 30 * 2 * 127 * (396 - 204));
+
+    let g = KvGeometry {
+        layers: 2,
+        q_heads: 2,
+        kv_heads: 2,
+        head_dim: 32,
+    };
+    let n = 600;
+    let toks: Vec<Vec<f32>> = (0..n as u64).map(|i| token(i * 3 + 1, g.kv_dim())).collect();
+    let run = |cfg: PmkvqConfig, total: usize| {
+        let mut s = PmkvqStore::new(g, cfg, &[usize::MAX; 2], 4096).unwrap();
+        assert_eq!(s.layers[0].k.body.bits, s.cfg.window_bits.min(Bits::B16));
+        for x in &toks {
+            s.set_total_budget(total, None, 1).unwrap();
+            s.reserve(1).unwrap();
+            for li in 0..2 {
+                s.append(li, x, x, 1).unwrap();
+            }
+            assert!(s.true_bytes() <= total, "{} > {total}", s.true_bytes());
+        }
+        s
+    };
+    // a budget where the bodies end at 4 bits in both, and one at the 2-bit (fitted) floor
+    for (cfg, bits) in [(PmkvqConfig::pmkvq(), Bits::B4), (elastic(), Bits::B2)] {
+        let floor = PmkvqStore::floor_bytes(g, &cfg, n);
+        let total = if bits == Bits::B4 {
+            floor * 3 / 2
+        } else {
+            floor + floor / 50
+        };
+        let (a, b) = (run(cfg.clone(), total), run(eight(cfg), total));
+        for (la, lb) in a.layers.iter().zip(&b.layers) {
+            for (sa, sb) in [(&la.k, &lb.k), (&la.v, &lb.v)] {
+                assert_eq!(sa.body.bits, bits);
+                assert_eq!(sb.body.bits, bits);
+                assert_eq!(sb.window.bits, Bits::B8);
+                // the 8-bit window's store can only have kept more tokens out of the body, never fewer
+                assert!(sb.window.len() >= sa.window.len());
+                if bits == Bits::B4 {
+                    assert_eq!(sa.body.len(), sb.body.len());
+                }
+                let (mut x, mut y) = (vec![0f32; g.kv_dim()], vec![0f32; g.kv_dim()]);
+                if bits == Bits::B4 {
+                    // the same codes but where f32 rounding lands a value on the other side of a tie (one code
+                    // step, rarely); the parameters differ only by their f16 rounding (S₁₆·257 against S₈)
+                    let (mut codes, mut off) = (0usize, 0usize);
+                    for gi in 0..sb.body.len() * sb.body.groups_per_token() {
+                        let ((ca, xa, oa), (cb, xb, ob)) = (sa.body.group_at(gi), sb.body.group_at(gi));
+                        for (p, q) in ca.iter().zip(cb) {
+                            for sh in [0, 4] {
+                                let (p, q) = ((p >> sh) & 15, (q >> sh) & 15);
+                                assert!(p.abs_diff(q) <= 1, "group {gi}: {p} vs {q}");
+                                off += usize::from(p != q);
+                                codes += 1;
+                            }
+                        }
+                        assert!(
+                            (xa - xb).abs() <= 2e-3 * xa.abs() && oa == ob,
+                            "group {gi}: {xa} {xb} {oa} {ob}"
+                        );
+                    }
+                    assert!(off * 1000 <= codes, "{off} of {codes} codes differ");
+                } else {
+                    // the fitted floor refits from those 4-bit values: as close to what was appended
+                    let common = sa.body.len().min(sb.body.len());
+                    let err = |side: &Side, out: &mut Vec<f32>| -> f64 {
+                        (0..common)
+                            .map(|t| {
+                                side.body.dequantize_token(t, out);
+                                let orig = &toks[side.sink.len() + t];
+                                out.iter().zip(orig).map(|(p, q)| f64::from(p - q).powi(2)).sum::<f64>()
+                            })
+                            .sum::<f64>()
+                    };
+                    let (ea, eb) = (err(sa, &mut x), err(sb, &mut y));
+                    assert!(eb <= ea * 1.02 && ea <= eb * 1.02, "squared error {eb} vs {ea}");
+                }
+                // window tokens are the direct 8-bit quantization of what was appended
+                let first = sb.sink.len() + sb.body.len();
+                for (i, t) in (first..n).enumerate() {
+                    let mut want = sb.window.empty_like(Bits::B8);
+                    want.push_token(&toks[t]);
+                    want.dequantize_token(0, &mut x);
+                    sb.window.dequantize_token(i, &mut y);
+                    assert_eq!(x, y, "window token {t}");
+                }
+            }
+        }
+    }
+}

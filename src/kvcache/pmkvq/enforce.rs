@@ -24,13 +24,18 @@ pub(super) struct Enforced {
 /// composes, so one pass over the body however many levels it drops), or to the floor, where a layer that still
 /// does not fit is refused.
 pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &mut Layer) -> Enforced {
-    // what one token of one side costs at a width (`None`: the 16-bit sink or window), as budgets count it
-    let per_token = |w: Option<Bits>| {
+    // what one token of one side costs in a body at a width, and in the window, as budgets count it
+    let per_token = |w: Bits| {
         if cfg.payload_accounting {
-            token_payload_bytes(w.unwrap_or(Bits::B16), cfg.group, geom.kv_dim())
+            token_payload_bytes(w, cfg.group, geom.kv_dim())
         } else {
-            cfg.side_token_bytes(geom, w)
+            cfg.side_token_bytes(geom, Some(w))
         }
+    };
+    let per_window_token = if cfg.payload_accounting {
+        token_payload_bytes(cfg.window_bits, cfg.group, geom.kv_dim())
+    } else {
+        cfg.window_token_bytes(geom)
     };
     let mut levels = 0u64;
     loop {
@@ -44,7 +49,7 @@ pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &
         if at_floor && cfg.window_yields() && !l.k.window.is_empty() {
             // the elastic window: the oldest window tokens go to the body, just enough of them at the floor's
             // saving per token (an empty body still at a higher width is lowered by the next round)
-            let saving = 2 * per_token(None).saturating_sub(per_token(Some(floor))).max(1);
+            let saving = 2 * per_window_token.saturating_sub(per_token(floor)).max(1);
             let m = (bytes - l.budget).div_ceil(saving).min(l.k.window.len());
             for side in [&mut l.k, &mut l.v] {
                 let rest = side.window.split_off(m.min(side.window.len()));
@@ -75,7 +80,7 @@ pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &
         } else {
             l.k.body.true_bytes() + l.v.body.true_bytes()
         };
-        let at = |w: Bits| bytes - body_now + 2 * l.k.body.len() * per_token(Some(w));
+        let at = |w: Bits| bytes - body_now + 2 * l.k.body.len() * per_token(w);
         let mut target = floor;
         let mut w = l.k.body.bits.halved();
         while let Some(b) = w.filter(|b| *b >= floor) {

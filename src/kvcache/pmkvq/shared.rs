@@ -144,8 +144,11 @@ impl<'a> SpillLayers<'a> {
                     cfg.window
                 )));
             }
-            if s[0].bits != Bits::B16 || s[2].bits != Bits::B16 {
-                return Err(KvError::Corrupt("sink and window must be 16-bit".into()));
+            if s[0].bits != Bits::B16 || s[2].bits != cfg.window_bits {
+                return Err(KvError::Corrupt(format!(
+                    "the sink must be 16-bit and the window {}-bit",
+                    cfg.window_bits.count()
+                )));
             }
         }
         let tokens = k.iter().map(PackedRows::len).sum::<usize>();
