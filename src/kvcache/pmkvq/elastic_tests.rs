@@ -1,6 +1,6 @@
 //! The elastic window (issue 15): at the floor the 16-bit window yields its oldest tokens to the body instead of
 //! the sequence ending, so the floor is the sink plus every other token at the floor width; above it nothing
-//! changes.
+//! changes. And the window at 8 bits: half the bytes, the same body.
 
 use super::tests::run_cut;
 use super::*;
@@ -206,7 +206,14 @@ fn an_8_bit_window_costs_half_and_its_flushes_equal_the_16_bit_windows() {
         } else {
             floor + floor / 50
         };
-        let (a, b) = (run(cfg.clone(), total), run(eight(cfg), total));
+        let (a, b) = (run(cfg.clone(), total), run(eight(cfg.clone()), total));
+        // a spill of the 8-bit window restores bit-exactly, and only into a store whose window is 8-bit
+        let data = b.spill().unwrap();
+        let mut r = PmkvqStore::new(g, eight(cfg.clone()), &[usize::MAX; 2], 4096).unwrap();
+        r.restore(&data).unwrap();
+        assert_eq!(r.spill().unwrap(), data);
+        let mut other = PmkvqStore::new(g, cfg, &[usize::MAX; 2], 4096).unwrap();
+        assert!(matches!(other.restore(&data), Err(KvError::Corrupt(_))));
         for (la, lb) in a.layers.iter().zip(&b.layers) {
             for (sa, sb) in [(&la.k, &lb.k), (&la.v, &lb.v)] {
                 assert_eq!(sa.body.bits, bits);
