@@ -57,6 +57,31 @@ fn the_elastic_floor_is_the_sink_at_16_bits_and_every_other_token_at_2_bits() {
     );
 }
 
+/// Two layers of two 32-wide KV heads: small enough to check every token.
+fn tiny() -> KvGeometry {
+    KvGeometry {
+        layers: 2,
+        q_heads: 2,
+        kv_heads: 2,
+        head_dim: 32,
+    }
+}
+
+/// A [`tiny`] store fed `toks` one at a time under `total` true bytes, as the engine sets it before each step;
+/// never over it after a step.
+fn run_budgeted(cfg: PmkvqConfig, total: usize, toks: &[Vec<f32>]) -> PmkvqStore {
+    let mut s = PmkvqStore::new(tiny(), cfg, &[usize::MAX; 2], 4096).unwrap();
+    for x in toks {
+        s.set_total_budget(total, None, 1).unwrap();
+        s.reserve(1).unwrap();
+        for li in 0..2 {
+            s.append(li, x, x, 1).unwrap();
+        }
+        assert!(s.true_bytes() <= total, "{} > {total}", s.true_bytes());
+    }
+    s
+}
+
 /// The engine's loop under a budget cut (issue 15 item 6) with the elastic window: planned or split by shares,
 /// the sequence runs while the sink and floor bodies fit, far past where the full window stopped it, and the
 /// cache is within the budget after every step.
@@ -102,26 +127,10 @@ fn a_cut_budget_holds_the_sequence_until_the_sink_and_floor_bodies_no_longer_fit
 /// the body exactly as a regular flush would have put them there.
 #[test]
 fn the_window_yields_only_below_the_full_window_floor_and_keeps_the_newest_tokens() {
-    let g = KvGeometry {
-        layers: 2,
-        q_heads: 2,
-        kv_heads: 2,
-        head_dim: 32,
-    };
+    let g = tiny();
     let n = 700;
     let toks: Vec<Vec<f32>> = (0..n as u64).map(|i| token(i, g.kv_dim())).collect();
-    let run = |cfg: PmkvqConfig, total: usize| {
-        let mut s = PmkvqStore::new(g, cfg, &[usize::MAX; 2], 4096).unwrap();
-        for x in &toks {
-            s.set_total_budget(total, None, 1).unwrap();
-            s.reserve(1).unwrap();
-            for li in 0..2 {
-                s.append(li, x, x, 1).unwrap();
-            }
-            assert!(s.true_bytes() <= total);
-        }
-        s
-    };
+    let run = |cfg: PmkvqConfig, total: usize| run_budgeted(cfg, total, &toks);
     let regular = PmkvqConfig {
         shift: ShiftMode::Fitted,
         ..PmkvqConfig::pmkvq()
@@ -177,27 +186,20 @@ fn an_8_bit_window_costs_half_and_its_flushes_equal_the_16_bit_windows() {
     let floor8 = PmkvqStore::floor_bytes(smol(), &eight(PmkvqConfig::pmkvq()), t);
     assert_eq!(floor16 - floor8, 30 * 2 * 127 * (396 - 204));
 
-    let g = KvGeometry {
-        layers: 2,
-        q_heads: 2,
-        kv_heads: 2,
-        head_dim: 32,
-    };
+    let g = tiny();
     let n = 600;
     let toks: Vec<Vec<f32>> = (0..n as u64).map(|i| token(i * 3 + 1, g.kv_dim())).collect();
-    let run = |cfg: PmkvqConfig, total: usize| {
-        let mut s = PmkvqStore::new(g, cfg, &[usize::MAX; 2], 4096).unwrap();
-        assert_eq!(s.layers[0].k.body.bits, s.cfg.window_bits.min(Bits::B16));
-        for x in &toks {
-            s.set_total_budget(total, None, 1).unwrap();
-            s.reserve(1).unwrap();
-            for li in 0..2 {
-                s.append(li, x, x, 1).unwrap();
-            }
-            assert!(s.true_bytes() <= total, "{} > {total}", s.true_bytes());
-        }
-        s
-    };
+    let run = |cfg: PmkvqConfig, total: usize| run_budgeted(cfg, total, &toks);
+    assert_eq!(
+        PmkvqStore::new(g, eight(PmkvqConfig::pmkvq()), &[usize::MAX; 2], 4096)
+            .unwrap()
+            .layers[0]
+            .k
+            .body
+            .bits,
+        Bits::B8,
+        "the body starts at the window's width"
+    );
     // a budget where the bodies end at 4 bits in both, and one at the 2-bit (fitted) floor
     for (cfg, bits) in [(PmkvqConfig::pmkvq(), Bits::B4), (elastic(), Bits::B2)] {
         let floor = PmkvqStore::floor_bytes(g, &cfg, n);
