@@ -11,7 +11,7 @@
 
 use super::attention::group::{attend_layer, GroupOps, Heads};
 use super::attention::Fresh;
-use super::quant::rows::{group_fits, token_payload_bytes};
+use super::quant::rows::group_fits;
 use super::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use rayon::prelude::*;
@@ -20,6 +20,7 @@ mod config;
 mod enforce;
 mod plan;
 mod shared;
+use config::Seg;
 pub use config::{PmkvqConfig, Quantizer};
 use enforce::{charged_bytes, enforce_layer, Enforced};
 pub use plan::{knapsack, level, Sensitivity, LEVELS};
@@ -142,16 +143,16 @@ impl PmkvqStore {
 
     /// True bytes one token costs in every layer (K and V) with its body at `bits`.
     pub fn token_bytes(geom: KvGeometry, cfg: &PmkvqConfig, bits: Bits) -> usize {
-        2 * cfg.side_token_bytes(geom, Some(bits)) * geom.layers
+        2 * cfg.token_bytes_in(geom, Seg::Body(bits)) * geom.layers
     }
 
     /// The largest true bytes a sequence of up to `tokens` tokens needs with every body at the floor width: the
     /// smallest total budget under which PM-KVQ can hold it (window fill varies, so the maximum over lengths).
     pub fn floor_bytes(geom: KvGeometry, cfg: &PmkvqConfig, tokens: usize) -> usize {
         let (tb16, tbw, tbf) = (
-            cfg.side_token_bytes(geom, None),
-            cfg.window_token_bytes(geom),
-            cfg.side_token_bytes(geom, Some(cfg.floor_bits)),
+            cfg.token_bytes_in(geom, Seg::Sink),
+            cfg.token_bytes_in(geom, Seg::Window),
+            cfg.token_bytes_in(geom, Seg::Body(cfg.floor_bits)),
         );
         let per_layer = |t: usize| {
             let sink = t.min(cfg.sink);
@@ -171,7 +172,10 @@ impl PmkvqStore {
     /// every layer the same whatever its width, so each layer first gets that fixed part and the rest is split
     /// by share; splitting the whole total by share would starve the narrow layers' windows on long sequences.
     pub fn budgets_from_shares(geom: KvGeometry, cfg: &PmkvqConfig, total: usize, shares: &[f64]) -> Vec<usize> {
-        let (tb16, tbw) = (cfg.side_token_bytes(geom, None), cfg.window_token_bytes(geom));
+        let (tb16, tbw) = (
+            cfg.token_bytes_in(geom, Seg::Sink),
+            cfg.token_bytes_in(geom, Seg::Window),
+        );
         let fixed = 2 * (cfg.sink * tb16 + cfg.window.saturating_sub(1) * tbw) + LAYER_BOOKKEEPING;
         let layers = shares.len().max(1);
         let rest = total.saturating_sub(fixed * layers);
@@ -270,14 +274,8 @@ impl PmkvqStore {
             None => (body0 + rem, 0),
             Some(chunks) => (body0 + chunks * self.cfg.window, (win0 + rem) % self.cfg.window),
         };
-        if self.cfg.payload_accounting {
-            let pb = |b: Bits| token_payload_bytes(b, self.cfg.group, self.geom.kv_dim());
-            return sink * pb(Bits::B16) + win * pb(self.cfg.window_bits) + body * pb(body_bits);
-        }
-        let tb16 = self.cfg.side_token_bytes(self.geom, None);
-        let tbw = self.cfg.window_token_bytes(self.geom);
-        let tbb = self.cfg.side_token_bytes(self.geom, Some(body_bits));
-        sink * tb16 + win * tbw + body * tbb
+        let charged = |seg: Seg| self.cfg.charged_token_bytes(self.geom, seg);
+        sink * charged(Seg::Sink) + win * charged(Seg::Window) + body * charged(Seg::Body(body_bits))
     }
 
     fn floor_bits(&self, li: usize) -> Bits {

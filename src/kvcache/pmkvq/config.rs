@@ -2,10 +2,21 @@
 //! share its storage, and what one token costs in it.
 
 use super::plan::Sensitivity;
-use crate::kvcache::quant::rows::token_bytes;
+use crate::kvcache::quant::rows::{token_bytes, token_payload_bytes};
 use crate::kvcache::quant::{Bits, OffsetMode, ShiftMode};
 use crate::kvcache::KvGeometry;
 use std::sync::Arc;
+
+/// Where a token of one side of a layer sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Seg {
+    /// The 16-bit sink.
+    Sink,
+    /// The recent window, at [`PmkvqConfig::window_bits`].
+    Window,
+    /// A body at this width.
+    Body(Bits),
+}
 
 /// How body tokens are quantized when they are written directly (no window).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,23 +117,27 @@ impl PmkvqConfig {
             _ => OffsetMode::Stored,
         }
     }
-    /// True bytes of one token in one side (K or V) of one layer: in the 16-bit sink (`None`), or in a body at
-    /// `bits`.
-    pub(super) fn side_token_bytes(&self, geom: KvGeometry, body: Option<Bits>) -> usize {
-        let (g, values) = (self.group_for(geom), geom.kv_dim());
-        match body {
-            None => token_bytes(Bits::B16, g, values, OffsetMode::Stored),
-            Some(bits) => token_bytes(bits, g, values, self.body_offsets()),
+    /// True bytes of one token in one side (K or V) of one layer, in `seg`.
+    pub(super) fn token_bytes_in(&self, geom: KvGeometry, seg: Seg) -> usize {
+        let (bits, offsets) = self.seg_format(seg);
+        token_bytes(bits, self.group_for(geom), geom.kv_dim(), offsets)
+    }
+    /// What a budget charges for one token of one side in `seg`: its true bytes, or only its codes under
+    /// [`payload_accounting`](Self::payload_accounting).
+    pub(super) fn charged_token_bytes(&self, geom: KvGeometry, seg: Seg) -> usize {
+        if self.payload_accounting {
+            token_payload_bytes(self.seg_format(seg).0, self.group_for(geom), geom.kv_dim())
+        } else {
+            self.token_bytes_in(geom, seg)
         }
     }
-    /// True bytes of one token in one side of one layer's window (at [`window_bits`](Self::window_bits)).
-    pub(super) fn window_token_bytes(&self, geom: KvGeometry) -> usize {
-        token_bytes(
-            self.window_bits,
-            self.group_for(geom),
-            geom.kv_dim(),
-            OffsetMode::Stored,
-        )
+    /// The width and offsets of a segment's tokens.
+    fn seg_format(&self, seg: Seg) -> (Bits, OffsetMode) {
+        match seg {
+            Seg::Sink => (Bits::B16, OffsetMode::Stored),
+            Seg::Window => (self.window_bits, OffsetMode::Stored),
+            Seg::Body(bits) => (bits, self.body_offsets()),
+        }
     }
     /// The width a body starts at: never above the window's, whose flushes it receives.
     pub(super) fn body_start_bits(&self) -> Bits {

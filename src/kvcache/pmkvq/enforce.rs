@@ -1,7 +1,6 @@
 //! Lowering one layer until it fits its budget (ERS, whole bodies, the wider of K and V first).
 
-use super::{Layer, PmkvqConfig, LAYER_BOOKKEEPING};
-use crate::kvcache::quant::rows::token_payload_bytes;
+use super::{Layer, PmkvqConfig, Seg, LAYER_BOOKKEEPING};
 use crate::kvcache::quant::Bits;
 use crate::kvcache::{KvError, KvGeometry};
 
@@ -25,18 +24,8 @@ pub(super) struct Enforced {
 /// does not fit is refused.
 pub(super) fn enforce_layer(cfg: &PmkvqConfig, geom: KvGeometry, li: usize, l: &mut Layer) -> Enforced {
     // what one token of one side costs in a body at a width, and in the window, as budgets count it
-    let per_token = |w: Bits| {
-        if cfg.payload_accounting {
-            token_payload_bytes(w, cfg.group, geom.kv_dim())
-        } else {
-            cfg.side_token_bytes(geom, Some(w))
-        }
-    };
-    let per_window_token = if cfg.payload_accounting {
-        token_payload_bytes(cfg.window_bits, cfg.group, geom.kv_dim())
-    } else {
-        cfg.window_token_bytes(geom)
-    };
+    let per_token = |w: Bits| cfg.charged_token_bytes(geom, Seg::Body(w));
+    let per_window_token = cfg.charged_token_bytes(geom, Seg::Window);
     let mut levels = 0u64;
     loop {
         let bytes = charged_bytes(cfg, l);
