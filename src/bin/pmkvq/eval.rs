@@ -1,6 +1,7 @@
 //! `pmkvq eval divergence`.
 
 use super::*;
+use pmkvq::kvcache::quant::Bits;
 
 /// A budget as written: bytes (`4MiB`), a fraction `a/b` of the f16 bytes of the sequence, or `min` (PM-KVQ's
 /// floor for it). Checked when the command line is read; resolved once the sequence length is known.
@@ -275,6 +276,16 @@ impl Calibrations {
                 MethodSpec::plain(m.base.clone(), budget, &m.item)
             };
             for flag in &m.flags {
+                if let (KvMethod::Pmkvq(c), Some(Ok((kind, n)))) = (&mut spec.method, numeric_flag(flag)) {
+                    match kind {
+                        // checked to be 8 or 16 when parsed
+                        Numeric::WindowBits => c.window_bits = Bits::from_count(n as u32).unwrap_or(c.window_bits),
+                        Numeric::Window => c.window = n,
+                        Numeric::Group => c.group = n,
+                        Numeric::Sink => c.sink = n,
+                    }
+                    continue;
+                }
                 match flag.as_str() {
                     "alloc" => spec.shares = Some(self.source(m)?.shares),
                     "rep" => spec.key_scales = Some(self.source(m)?.channel_scales()),
@@ -288,22 +299,6 @@ impl Calibrations {
                     "elastic" => {
                         if let KvMethod::Pmkvq(c) = &mut spec.method {
                             c.elastic_window = true;
-                        }
-                    }
-                    f if numeric_flag(f).is_some() => {
-                        if let (KvMethod::Pmkvq(c), Some(Ok((kind, n)))) = (&mut spec.method, numeric_flag(f)) {
-                            match kind {
-                                Numeric::WindowBits => {
-                                    c.window_bits = if n == 8 {
-                                        pmkvq::kvcache::quant::Bits::B8
-                                    } else {
-                                        pmkvq::kvcache::quant::Bits::B16
-                                    }
-                                }
-                                Numeric::Window => c.window = n,
-                                Numeric::Group => c.group = n,
-                                Numeric::Sink => c.sink = n,
-                            }
                         }
                     }
                     "plan" => {
