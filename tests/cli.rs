@@ -47,6 +47,11 @@ fn bad_arguments_exit_64_naming_the_field() {
         ("progressive+w0@1/5", "`+w0`: the window must be"),
         ("progressive+s65@1/5", "`+s65`: the sink must be"),
         ("progressive+wb4@1/5", "`+wb4`: the window's width must be 8 or 16 bits"),
+        (
+            "progressive+ws1@1/5",
+            "`+ws1`: the window's share must be 1/N of a layer's budget with N in 2..=64",
+        ),
+        ("progressive+ws65@1/5", "`+ws65`: the window's share must be"),
     ] {
         let out = pmkvq(&[
             "eval",

@@ -117,6 +117,12 @@ impl DeviceStore {
                 method: spec.method.to_string(),
             });
         }
+        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.window_share.is_some()) {
+            return Err(KvError::Unsupported {
+                what: "cap its window by the budget on the GPU (device windows keep their size)",
+                method: spec.method.to_string(),
+            });
+        }
         if let Kind::Pmkvq(c) = &kind {
             if c.quantizer != Quantizer::Asymmetric || c.llama_semantics || c.payload_accounting {
                 return Err(unsupported(&spec.method));

@@ -12,13 +12,14 @@
 use super::attention::group::{attend_layer, GroupOps, Heads};
 use super::attention::Fresh;
 use super::quant::rows::group_fits;
-use super::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
+use super::quant::{Bits, OffsetMode, PackedRows};
 use super::{check_append, check_inputs, KvError, KvGeometry, KvStore};
 use rayon::prelude::*;
 
 mod config;
 mod enforce;
 mod plan;
+mod recent;
 mod shared;
 use config::Seg;
 pub use config::{PmkvqConfig, Quantizer};
@@ -44,12 +45,6 @@ impl Side {
     }
     fn segments(&self) -> [&PackedRows; 3] {
         [&self.sink, &self.body, &self.window]
-    }
-    /// Lower tokens leaving the window (oldest first) to the body's width and append them to it: a
-    /// chunk flush, and the elastic window yielding.
-    fn flush_into_body(&mut self, mut chunk: PackedRows, shift: ShiftMode) {
-        chunk.shrink_to(self.body.bits, shift);
-        self.body.append(&mut chunk);
     }
 }
 
@@ -80,7 +75,10 @@ const LAYER_BOOKKEEPING: usize = std::mem::size_of::<Layer>();
 
 pub struct PmkvqStore {
     geom: KvGeometry,
+    /// The configuration with the window as the budget sizes it now ([`PmkvqConfig::window_share`]).
     cfg: PmkvqConfig,
+    /// The configuration as given.
+    base: PmkvqConfig,
     layers: Vec<Layer>,
     max_tokens: usize,
     /// Layer bodies lowered one level, since creation.
@@ -118,6 +116,10 @@ impl PmkvqStore {
         }
         let offsets = cfg.body_offsets();
         let (g, h, d) = (cfg.group, geom.kv_heads, geom.head_dim);
+        let base = cfg.clone();
+        // the window as the budgets size it
+        (cfg.window, cfg.window_bits) =
+            base.window_for(geom, budgets.iter().fold(0usize, |a, &b| a.saturating_add(b)), 0);
         let side = || Side {
             sink: PackedRows::new(Bits::B16, g, h, d, OffsetMode::Stored),
             body: PackedRows::new(cfg.body_start_bits(), g, h, d, offsets),
@@ -136,6 +138,7 @@ impl PmkvqStore {
             cfg,
             layers,
             max_tokens,
+            base,
             requants: 0,
             total: None,
         })
@@ -147,7 +150,8 @@ impl PmkvqStore {
     }
 
     /// The largest true bytes a sequence of up to `tokens` tokens needs with every body at the floor width: the
-    /// smallest total budget under which PM-KVQ can hold it (window fill varies, so the maximum over lengths).
+    /// smallest total budget under which PM-KVQ can hold it (window fill varies, so the maximum over lengths; a
+    /// capped window's floor is at most this).
     pub fn floor_bytes(geom: KvGeometry, cfg: &PmkvqConfig, tokens: usize) -> usize {
         let (tb16, tbw, tbf) = (
             cfg.token_bytes_in(geom, Seg::Sink),
@@ -172,11 +176,17 @@ impl PmkvqStore {
     /// every layer the same whatever its width, so each layer first gets that fixed part and the rest is split
     /// by share; splitting the whole total by share would starve the narrow layers' windows on long sequences.
     pub fn budgets_from_shares(geom: KvGeometry, cfg: &PmkvqConfig, total: usize, shares: &[f64]) -> Vec<usize> {
+        // the window as this total sizes it
+        let (window, window_bits) = cfg.window_for(geom, total, 0);
+        let sized = PmkvqConfig {
+            window_bits,
+            ..cfg.clone()
+        };
         let (tb16, tbw) = (
             cfg.token_bytes_in(geom, Seg::Sink),
-            cfg.token_bytes_in(geom, Seg::Window),
+            sized.token_bytes_in(geom, Seg::Window),
         );
-        let fixed = 2 * (cfg.sink * tb16 + cfg.window.saturating_sub(1) * tbw) + LAYER_BOOKKEEPING;
+        let fixed = 2 * (cfg.sink * tb16 + window.saturating_sub(1) * tbw) + LAYER_BOOKKEEPING;
         let layers = shares.len().max(1);
         let rest = total.saturating_sub(fixed * layers);
         if rest == 0 {
@@ -190,7 +200,7 @@ impl PmkvqStore {
     }
 
     pub fn config(&self) -> &PmkvqConfig {
-        &self.cfg
+        &self.base
     }
 
     pub fn layer_true_bytes(&self, layer: usize) -> usize {
@@ -309,49 +319,6 @@ impl PmkvqStore {
         }
         first_err.map_or(Ok(()), Err)
     }
-
-    fn store_side(cfg: &PmkvqConfig, side: &mut Side, x: &[f32], kv_dim: usize) {
-        let n = x.len() / kv_dim;
-        let tok = |i: usize| &x[i * kv_dim..(i + 1) * kv_dim];
-        let mut i = 0;
-        while side.sink.len() < cfg.sink && i < n {
-            side.sink.push_token(tok(i));
-            i += 1;
-        }
-        let rem = n - i;
-        if rem == 0 {
-            return;
-        }
-        if cfg.window == 0 {
-            for j in i..n {
-                match cfg.quantizer {
-                    Quantizer::Asymmetric => side.body.push_token(tok(j)),
-                    Quantizer::LlamaSymmetric => side.body.push_token_symmetric(tok(j)),
-                }
-            }
-            return;
-        }
-        let w = side.window.len();
-        let t = w + rem;
-        let n_out = t / cfg.window * cfg.window;
-        if n_out == 0 {
-            for j in i..n {
-                side.window.push_token(tok(j));
-            }
-            return;
-        }
-        // flush: the old window plus the first n_out − w new tokens leave at the window's width, then drop to the
-        // body's
-        let fresh = side.window.empty_like(cfg.window_bits);
-        let mut chunk = std::mem::replace(&mut side.window, fresh);
-        for j in i..i + (n_out - w) {
-            chunk.push_token(tok(j));
-        }
-        side.flush_into_body(chunk, cfg.shift);
-        for j in i + (n_out - w)..n {
-            side.window.push_token(tok(j));
-        }
-    }
 }
 
 /// q8_0 round trip of a query (32-element blocks, llama.cpp's reference rounding).
@@ -393,8 +360,8 @@ impl KvStore for PmkvqStore {
         let rounded_q;
         let (q, n_raw) = if llama {
             let l = &mut self.layers[layer];
-            Self::store_side(&self.cfg, &mut l.k, k, kv_dim);
-            Self::store_side(&self.cfg, &mut l.v, v, kv_dim);
+            l.k.store(&self.cfg, k, kv_dim);
+            l.v.store(&self.cfg, v, kv_dim);
             rounded_q = round_through_q8_0(q);
             (&rounded_q[..], 0)
         } else {
@@ -427,19 +394,16 @@ impl KvStore for PmkvqStore {
         attend_layer(GroupOps::detected(), &segs_k, &segs_v, heads, q, n, see, out);
         // store after attention (post-attention quantization, WKVQuant-style)
         if !llama {
-            let cfg = &self.cfg;
+            let (cfg, window) = (&self.cfg, self.cfg.window);
             let l = &mut self.layers[layer];
-            if cfg.window > 0 && l.k.window.len() + n >= cfg.window {
+            if window > 0 && l.k.window.len() + n >= window {
                 // a window chunk flushes: lowering it (and fitting it at the 2-bit floor) is the step's one
                 // sizeable piece of store work, so K and V take a core each
                 let (ks, vs) = (&mut l.k, &mut l.v);
-                rayon::join(
-                    || Self::store_side(cfg, ks, k, kv_dim),
-                    || Self::store_side(cfg, vs, v, kv_dim),
-                );
+                rayon::join(|| ks.store(cfg, k, kv_dim), || vs.store(cfg, v, kv_dim));
             } else {
-                Self::store_side(cfg, &mut l.k, k, kv_dim);
-                Self::store_side(cfg, &mut l.v, v, kv_dim);
+                l.k.store(cfg, k, kv_dim);
+                l.v.store(cfg, v, kv_dim);
             }
         }
         self.enforce(layer)
@@ -449,8 +413,8 @@ impl KvStore for PmkvqStore {
         let kv = self.geom.kv_dim();
         check_append(&self.geom, layer, k, v, n)?;
         let l = &mut self.layers[layer];
-        Self::store_side(&self.cfg, &mut l.k, k, kv);
-        Self::store_side(&self.cfg, &mut l.v, v, kv);
+        l.k.store(&self.cfg, k, kv);
+        l.v.store(&self.cfg, v, kv);
         self.enforce(layer)
     }
 
@@ -462,6 +426,10 @@ impl KvStore for PmkvqStore {
                 stored: stored + n,
                 limit: self.max_tokens,
             });
+        }
+        // the window as the budget sizes it for this step (it narrows the first time the budget binds)
+        if self.base.window_share.is_some() {
+            self.fit_window(self.total_budget(), n);
         }
         if self.planned() {
             return self.replan(n);
@@ -521,13 +489,15 @@ impl KvStore for PmkvqStore {
     }
 
     fn clear(&mut self) {
+        (self.cfg.window, self.cfg.window_bits) = (self.base.window, self.base.window_bits);
         for l in &mut self.layers {
             for s in [&mut l.k, &mut l.v] {
                 s.sink.clear();
-                s.window.clear();
-                s.body = s.body.empty_like(self.cfg.body_start_bits());
+                s.window = s.window.empty_like(self.base.window_bits);
+                s.body = s.body.empty_like(self.base.body_start_bits());
             }
         }
+        self.fit_window(self.total_budget(), 0);
     }
 
     fn truncate(&mut self, tokens: usize) {
@@ -613,6 +583,7 @@ impl KvStore for PmkvqStore {
     }
 
     fn set_total_budget(&mut self, total: usize, shares: Option<&[f64]>, ahead: usize) -> Result<(), KvError> {
+        self.fit_window(total, ahead);
         if self.cfg.plans_widths() {
             self.total = Some(total);
             return self.replan(ahead);
@@ -641,14 +612,27 @@ impl KvStore for PmkvqStore {
         shares: Option<&[f64]>,
         ahead: usize,
     ) -> Result<(), KvError> {
-        let cfg = self.cfg.clone();
-        let mut shapes = Vec::with_capacity(self.layers.len());
-        let mut r = SpillLayers::new(data, &cfg, self.geom, cfg.group)?;
+        let base = self.base.clone();
+        let mut spilled = Vec::with_capacity(self.layers.len());
+        let mut held = None;
+        let mut r = SpillLayers::new(data, &base, self.geom, base.group)?;
         while let Some(l) = r.next_layer()? {
             let [k, v] = &l.sides;
-            shapes.push(([k[0].len(), k[1].len(), k[2].len()], [k[1].bits, v[1].bits]));
+            if !k[2].is_empty() {
+                held = Some(k[2].bits);
+            }
+            spilled.push(([k[0].len(), k[1].len(), k[2].len()], [k[1].bits, v[1].bits]));
         }
         r.finish()?;
+        // the window as this budget sizes it: each layer's window is narrowed and capped as it is read
+        let tokens = spilled.first().map_or(0, |(lens, _)| lens.iter().sum::<usize>()) + ahead;
+        (self.cfg.window, self.cfg.window_bits) = base.window_within(self.geom, total, tokens, held);
+        let wb = self.cfg.window_bits;
+        let shapes: Vec<_> = spilled
+            .into_iter()
+            .map(|(lens, [kb, vb])| (self.capped_lens(lens), [kb.min(wb), vb.min(wb)]))
+            .collect();
+        let cfg = self.cfg.clone();
         // per layer: budget and, when planned, the widths its bodies go down to as it is read
         let plan: Vec<(usize, Option<[Bits; 2]>)> = if cfg.plans_widths() {
             self.total = Some(total);
@@ -659,12 +643,14 @@ impl KvStore for PmkvqStore {
             let budgets = self.split_budget(&simple, total, shares, ahead)?;
             budgets.into_iter().map(|b| (b, None)).collect()
         };
-        let mut r = SpillLayers::new(data, &cfg, self.geom, cfg.group)?;
+        let mut r = SpillLayers::new(data, &base, self.geom, base.group)?;
         self.requants = r.requants;
         let mut li = 0;
         while let Some(l) = r.next_layer()? {
             let (budget, widths) = plan[li];
             let mut layer = Layer { budget, ..l.into() };
+            let narrowed = layer.k.fit_window(&cfg) + layer.v.fit_window(&cfg);
+            self.requants = self.requants.saturating_add(narrowed as u64);
             if let Some([kb, vb]) = widths {
                 let n = layer.k.body.shrink_to(kb, cfg.shift) + layer.v.body.shrink_to(vb, cfg.shift);
                 self.requants = self.requants.saturating_add(n as u64);
@@ -677,9 +663,15 @@ impl KvStore for PmkvqStore {
     }
 
     fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
-        let (requants, spilled) = read_spill(data, &self.cfg, self.geom, self.cfg.group)?;
+        let (requants, spilled) = read_spill(data, &self.base, self.geom, self.base.group)?;
         self.layers = spilled.into_iter().map(Layer::from).collect();
         self.requants = requants;
+        // as spilled: the window's width as held, its size for the restored budgets but never below what it holds
+        let budgets = self.layers.iter().fold(0usize, |a, l| a.saturating_add(l.budget));
+        let held = self.layers.iter().map(|l| l.k.window.len() + 1).max().unwrap_or(0);
+        let bits = self.layers.first().map_or(self.base.window_bits, |l| l.k.window.bits);
+        let fits = self.base.window_tokens_at(self.geom, budgets, bits);
+        (self.cfg.window, self.cfg.window_bits) = (fits.max(held).min(self.base.window), bits);
         Ok(())
     }
 
@@ -692,5 +684,7 @@ impl KvStore for PmkvqStore {
 mod elastic_tests;
 #[cfg(test)]
 mod plan_tests;
+#[cfg(test)]
+mod share_tests;
 #[cfg(test)]
 mod tests;

@@ -78,6 +78,8 @@ impl Floors {
 const MAX_WINDOW: usize = 4096;
 /// Most 16-bit sink tokens `+sN` accepts.
 const MAX_SINK: usize = 64;
+/// The narrowest window share `+wsN` takes (1/N of a layer's budget).
+const MAX_WINDOW_SHARE: usize = 64;
 /// Largest quantization group `+gN` accepts.
 const MAX_GROUP: usize = 256;
 
@@ -154,17 +156,24 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
 /// What a numeric ablation flag sets.
 #[derive(Clone, Copy)]
 enum Numeric {
+    WindowShare,
     WindowBits,
     Window,
     Group,
     Sink,
 }
 
-/// A numeric flag of a `progressive` item (`+wbN`, `+wN`, `+gN`, `+sN`): `None` if `f` is none of them, else its
+/// A numeric flag of a `progressive` item (`+wsN`, `+wbN`, `+wN`, `+gN`, `+sN`): `None` if `f` is none of them, else its
 /// value, or the bound it breaks.
 fn numeric_flag(f: &str) -> Option<Result<(Numeric, usize), String>> {
     type Check = fn(usize) -> bool;
-    let flags: [(&str, Numeric, Check, String); 4] = [
+    let flags: [(&str, Numeric, Check, String); 5] = [
+        (
+            "ws",
+            Numeric::WindowShare,
+            |n| (2..=MAX_WINDOW_SHARE).contains(&n),
+            format!("the window's share must be 1/N of a layer's budget with N in 2..={MAX_WINDOW_SHARE}"),
+        ),
         (
             "wb",
             Numeric::WindowBits,
@@ -278,6 +287,7 @@ impl Calibrations {
             for flag in &m.flags {
                 if let (KvMethod::Pmkvq(c), Some(Ok((kind, n)))) = (&mut spec.method, numeric_flag(flag)) {
                     match kind {
+                        Numeric::WindowShare => c.window_share = Some(n),
                         // checked to be 8 or 16 when parsed
                         Numeric::WindowBits => c.window_bits = Bits::from_count(n as u32).unwrap_or(c.window_bits),
                         Numeric::Window => c.window = n,

@@ -62,14 +62,27 @@ pub struct PmkvqConfig {
     /// window never yields above the floor, so budgets that hold the full window behave exactly as without.
     /// Adaptive stores with a window only.
     pub elastic_window: bool,
+    /// Cap the window at 1/N of an average layer's budget ([`window_for`](Self::window_for)): under a budget
+    /// too small for `window` tokens at `window_bits` in that share, the window narrows to 8 bits, then keeps
+    /// as many recent tokens as the share pays for, yielding the oldest to the body when a cut lowers it. A
+    /// narrowed window stays narrow until the store is cleared. `None`: `window` tokens at `window_bits`
+    /// whatever the budget.
+    pub window_share: Option<usize>,
     pub name: String,
 }
 
 impl PmkvqConfig {
-    /// The 16-bit window of PM-KVQ as shipped (the paper's is 128): measured at a fifth of the fp16 bytes, 32
-    /// recent tokens at 16 bits and the rest of the bytes in wider bodies beat 128 on KL and on pass-key
-    /// retrieval (README, fidelity).
-    pub const SHIPPED_WINDOW: usize = 32;
+    /// The window share of PM-KVQ as shipped ([`window_share`](Self::window_share)): the paper's 128 recent
+    /// tokens at 16 bits while they take at most a sixth of a layer's budget, then at 8 bits, then fewer. Measured
+    /// at a fifth of the fp16 bytes, recent tokens beyond a sixth starve the keys on pass-key retrieval, and below
+    /// it more of them (at 8 bits) beat fewer at 16 (docs/retrieval.md).
+    pub const SHIPPED_WINDOW_SHARE: usize = 6;
+    /// The fewest recent tokens a capped window keeps ([`window_share`](Self::window_share)): narrower windows
+    /// quantize a question before its answer reads it (docs/retrieval.md).
+    pub const MIN_CAPPED_WINDOW: usize = 16;
+    /// The width a capped window narrows to before it gives up tokens: 8 bits is near-lossless per token
+    /// (q8_0's mean KL on the traces is 0.0005) and holds twice the recent tokens in the same bytes.
+    pub const NARROW_WINDOW: Bits = Bits::B8;
 
     pub fn pmkvq() -> Self {
         PmkvqConfig {
@@ -86,6 +99,7 @@ impl PmkvqConfig {
             llama_semantics: false,
             sensitivity: None,
             elastic_window: false,
+            window_share: None,
             name: "pmkvq".into(),
         }
     }
@@ -125,10 +139,15 @@ impl PmkvqConfig {
     /// What a budget charges for one token of one side in `seg`: its true bytes, or only its codes under
     /// [`payload_accounting`](Self::payload_accounting).
     pub(super) fn charged_token_bytes(&self, geom: KvGeometry, seg: Seg) -> usize {
+        let (bits, offsets) = self.seg_format(seg);
+        self.charged_at(geom, bits, offsets)
+    }
+    /// [`charged_token_bytes`](Self::charged_token_bytes) of a token at `bits` with `offsets`.
+    fn charged_at(&self, geom: KvGeometry, bits: Bits, offsets: OffsetMode) -> usize {
         if self.payload_accounting {
-            token_payload_bytes(self.seg_format(seg).0, self.group_for(geom), geom.kv_dim())
+            token_payload_bytes(bits, self.group_for(geom), geom.kv_dim())
         } else {
-            self.token_bytes_in(geom, seg)
+            token_bytes(bits, self.group_for(geom), geom.kv_dim(), offsets)
         }
     }
     /// The width and offsets of a segment's tokens.
@@ -146,6 +165,34 @@ impl PmkvqConfig {
         } else {
             self.init_bits
         }
+    }
+    /// The window a store holding `tokens` tokens under `total` bytes keeps, in tokens and width: `window` at
+    /// `window_bits`. Under a [`window_share`](Self::window_share) of 1/N, that while the budget does not bind
+    /// (every token at 16 bits fits); once it binds, the window narrows to [`NARROW_WINDOW`](Self::NARROW_WINDOW)
+    /// bits — with bodies lowered, a 16-bit window buys less than the key bits its bytes pay for — and holds the
+    /// tokens 1/N of `total / layers` pays for at that width (within
+    /// [`MIN_CAPPED_WINDOW`](Self::MIN_CAPPED_WINDOW)..=`window`).
+    pub(super) fn window_for(&self, geom: KvGeometry, total: usize, tokens: usize) -> (usize, Bits) {
+        let lossless =
+            geom.layers * (2 * tokens * self.charged_token_bytes(geom, Seg::Sink) + super::LAYER_BOOKKEEPING);
+        if self.window_share.is_none() || self.window == 0 || lossless <= total {
+            return (self.window, self.window_bits);
+        }
+        let narrow = Self::NARROW_WINDOW.min(self.window_bits);
+        (self.window_tokens_at(geom, total, narrow), narrow)
+    }
+    /// The tokens a window at `bits` holds under `total` bytes ([`window_for`](Self::window_for)).
+    pub(super) fn window_tokens_at(&self, geom: KvGeometry, total: usize, bits: Bits) -> usize {
+        let Some(n) = self.window_share.filter(|_| self.window > 0) else {
+            return self.window;
+        };
+        let per_token = 2 * self.charged_at(geom, bits, OffsetMode::Stored);
+        let fits = total / geom.layers.max(1) / n.max(1) / per_token.max(1);
+        fits.clamp(Self::MIN_CAPPED_WINDOW.min(self.window), self.window)
+    }
+    /// Whether a window of `bits` belongs in a store of this configuration.
+    pub(super) fn window_width_ok(&self, bits: Bits) -> bool {
+        bits == self.window_bits || (self.window_share.is_some() && bits == Self::NARROW_WINDOW.min(self.window_bits))
     }
     /// Whether the window yields to the floor ([`elastic_window`](Self::elastic_window) on an adaptive, windowed
     /// store).

@@ -144,10 +144,11 @@ impl<'a> SpillLayers<'a> {
                     cfg.window
                 )));
             }
-            if s[0].bits != Bits::B16 || s[2].bits != cfg.window_bits {
+            if s[0].bits != Bits::B16 || !cfg.window_width_ok(s[2].bits) || k[2].bits != v[2].bits {
                 return Err(KvError::Corrupt(format!(
-                    "the sink must be 16-bit and the window {}-bit",
-                    cfg.window_bits.count()
+                    "the sink must be 16-bit and the K and V windows {}-bit{}",
+                    cfg.window_bits.count(),
+                    if cfg.window_share.is_some() { " or 8-bit" } else { "" }
                 )));
             }
         }

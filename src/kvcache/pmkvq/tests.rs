@@ -25,8 +25,8 @@ fn store(s: &mut PmkvqStore, toks: &[Vec<f32>]) -> Result<(), KvError> {
     s.reserve(toks.len())?;
     let cfg = s.cfg.clone();
     let l = &mut s.layers[0];
-    PmkvqStore::store_side(&cfg, &mut l.k, &x, kv_dim);
-    PmkvqStore::store_side(&cfg, &mut l.v, &x, kv_dim);
+    l.k.store(&cfg, &x, kv_dim);
+    l.v.store(&cfg, &x, kv_dim);
     s.enforce(0)
 }
 
