@@ -8,7 +8,8 @@
 #   +rot                             + rotation (randomized Walsh-Hadamard on Q/K/V, this profile's calibration)
 #   +plan                            + run-time K/V-asymmetric widths planned on the rotated K/V sensitivity
 #                                    (replacing the shares)
-#   pmkvq = +fit                     + the fitted 2-bit floor (least-squares grid when a group lands at 2 bits):
+#   +fit                             + the fitted 2-bit floor (least-squares grid when a group lands at 2 bits)
+#   pmkvq = +fit+elastic+ws6         + the elastic window, capped at a sixth of the budget (8-bit once it binds):
 #                                    the method as shipped (profiles/default.profile.json)
 # beside KIVI-2, RTN-2, q4_0 with and without rotation and q8_0 (fixed widths, their own bytes).
 # Calibrates twice first (rotated: the shipped profile; unrotated: the paper's). ~100 min on 2 cores.

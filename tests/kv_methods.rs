@@ -236,14 +236,22 @@ fn the_fitted_floor_is_closer_to_fp16_than_the_shifted_one_at_equal_bytes() {
     let text = std::fs::read_to_string(common::shared_dir().join("data/text/botchan.txt")).unwrap();
     let tokens: Vec<u32> = tok.encode(&text, false).unwrap()[..768].to_vec();
     // the method as shipped without a profile (rotation + fitted floor), and the same with the paper's shift,
-    // both at PM-KVQ's floor for this sequence: every body ends at 2 bits
-    let shipped = pmkvq::calib::method_spec(KvMethod::Pmkvq(PmkvqConfig::pmkvq()), None, true);
-    let KvMethod::Pmkvq(cfg) = &shipped.method else {
+    // both at PM-KVQ's floor for this sequence with the full 16-bit window (no cap: a capped window would leave
+    // the bodies bytes above the floor): every body ends at 2 bits
+    let mut shipped = pmkvq::calib::method_spec(KvMethod::Pmkvq(PmkvqConfig::pmkvq()), None, true);
+    let KvMethod::Pmkvq(cfg) = &mut shipped.method else {
         panic!("pmkvq is a PM-KVQ store")
     };
     assert_eq!(cfg.shift, ShiftMode::Fitted, "the method as shipped fits its floor");
-    assert!(shipped.rotate);
     assert!(cfg.elastic_window, "the method as shipped has the elastic window");
+    assert_eq!(
+        (cfg.window, cfg.window_share),
+        (128, Some(PmkvqConfig::SHIPPED_WINDOW_SHARE)),
+        "the method as shipped caps the paper's window at a share of the budget"
+    );
+    cfg.window_share = None;
+    let cfg = cfg.clone();
+    assert!(shipped.rotate);
     // the floor with the full window (the elastic window's own floor is lower): the window never yields here
     let full_window = PmkvqConfig {
         elastic_window: false,
