@@ -8,7 +8,7 @@ use crate::kvcache::quant::ShiftMode;
 use std::sync::Arc;
 
 /// SmolLM2's cache shape: 30 layers, 3 KV heads of 64.
-fn smol() -> KvGeometry {
+pub(super) fn smol() -> KvGeometry {
     KvGeometry {
         layers: 30,
         q_heads: 9,
@@ -17,7 +17,7 @@ fn smol() -> KvGeometry {
     }
 }
 
-fn token(seed: u64, dim: usize) -> Vec<f32> {
+pub(super) fn token(seed: u64, dim: usize) -> Vec<f32> {
     (0..dim)
         .map(|c| (((seed * 7919 + c as u64 * 104729) % 1000) as f32 / 500.0) - 1.0 + (seed % 7) as f32 * 0.01)
         .collect()
@@ -58,7 +58,7 @@ fn the_elastic_floor_is_the_sink_at_16_bits_and_every_other_token_at_2_bits() {
 }
 
 /// Two layers of two 32-wide KV heads: small enough to check every token.
-fn tiny() -> KvGeometry {
+pub(super) fn tiny() -> KvGeometry {
     KvGeometry {
         layers: 2,
         q_heads: 2,

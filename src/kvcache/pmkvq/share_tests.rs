@@ -1,37 +1,13 @@
-//! The window capped at a share of the budget (issue 15): 128 recent tokens at 16 bits while they fit in a
-//! sixth of a layer's budget, then at 8 bits, then as many 8-bit tokens as that sixth pays for.
+//! The window capped at a share of the budget (issue 15): the paper's 128 recent tokens at 16 bits until the
+//! budget binds, then at 8 bits and as many as a sixth of a layer's budget pays for.
 
+use super::elastic_tests::{smol, tiny, token};
 use super::tests::run_cut;
 use super::*;
 use crate::kvcache::quant::ShiftMode;
 use std::sync::Arc;
 
-fn smol() -> KvGeometry {
-    KvGeometry {
-        layers: 30,
-        q_heads: 9,
-        kv_heads: 3,
-        head_dim: 64,
-    }
-}
-
-/// Two layers of two 32-wide KV heads.
-fn tiny() -> KvGeometry {
-    KvGeometry {
-        layers: 2,
-        q_heads: 2,
-        kv_heads: 2,
-        head_dim: 32,
-    }
-}
-
-fn token(seed: u64, dim: usize) -> Vec<f32> {
-    (0..dim)
-        .map(|c| (((seed * 6151 + c as u64 * 7907) % 1000) as f32 / 500.0) - 1.0 + (seed % 5) as f32 * 0.02)
-        .collect()
-}
-
-/// The method as it would ship with the cap: the paper's 128-token window, a sixth, elastic, fitted floor.
+/// The method as shipped, without a profile: the paper's 128-token window capped at a sixth, elastic, fitted floor.
 fn capped() -> PmkvqConfig {
     PmkvqConfig {
         window_share: Some(6),
