@@ -77,55 +77,51 @@ impl DeviceStore {
     /// A device store for `spec`: the methods with a device layout are `fp16`, `pmkvq` (every shift mode, with
     /// its calibrated shares and key scales) and `rtn:N`; the others are refused with a message naming them.
     pub fn new(gpu: Arc<Gpu>, spec: &MethodSpec, geom: KvGeometry, max_tokens: usize) -> Result<Self, KvError> {
-        let unsupported = |m: &KvMethod| KvError::Unsupported {
-            what: "run on the GPU (device caches: fp16, pmkvq, rtn:N)",
-            method: m.to_string(),
+        let refuse = |what: &'static str| KvError::Unsupported {
+            what,
+            method: spec.method.to_string(),
         };
+        let no_layout = "run on the GPU (device caches: fp16, pmkvq, rtn:N)";
         let (kind, group) = match &spec.method {
             KvMethod::Fp16 => (Kind::Fp16, geom.head_dim),
             KvMethod::Pmkvq(c) => (Kind::Pmkvq(c.clone()), c.group),
             KvMethod::Rtn(b) => (Kind::Pmkvq(PmkvqConfig::rtn(*b)), 0),
-            m => return Err(unsupported(m)),
+            _ => return Err(refuse(no_layout)),
         };
-        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.sensitivity.is_some()) {
-            return Err(KvError::Unsupported {
-                what: "plan its widths on the sensitivity on the GPU (the device cache splits by shares)",
-                method: spec.method.to_string(),
-            });
-        }
-        if spec.rotate {
-            return Err(KvError::Unsupported {
-                what: "rotate its inputs on the GPU (the CUDA kernels have no rotation yet)",
-                method: spec.method.to_string(),
-            });
-        }
-        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.shift == ShiftMode::Fitted) {
-            return Err(KvError::Unsupported {
-                what: "fit its 2-bit floor on the GPU (the CUDA shrink kernel shifts only)",
-                method: spec.method.to_string(),
-            });
-        }
-        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.elastic_window) {
-            return Err(KvError::Unsupported {
-                what: "let its window yield to the floor on the GPU (device layers keep the full window)",
-                method: spec.method.to_string(),
-            });
-        }
-        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.window_bits != crate::kvcache::quant::Bits::B16) {
-            return Err(KvError::Unsupported {
-                what: "keep its window below 16 bits on the GPU (device windows are 16-bit)",
-                method: spec.method.to_string(),
-            });
-        }
-        if matches!(&spec.method, KvMethod::Pmkvq(c) if c.window_share.is_some()) {
-            return Err(KvError::Unsupported {
-                what: "cap its window by the budget on the GPU (device windows keep their size)",
-                method: spec.method.to_string(),
-            });
+        // what the device cache does not do yet, in the order it is reported
+        let pm = |f: fn(&PmkvqConfig) -> bool| matches!(&spec.method, KvMethod::Pmkvq(c) if f(c));
+        let refusals = [
+            (
+                pm(|c| c.sensitivity.is_some()),
+                "plan its widths on the sensitivity on the GPU (the device cache splits by shares)",
+            ),
+            (
+                spec.rotate,
+                "rotate its inputs on the GPU (the CUDA kernels have no rotation yet)",
+            ),
+            (
+                pm(|c| c.shift == ShiftMode::Fitted),
+                "fit its 2-bit floor on the GPU (the CUDA shrink kernel shifts only)",
+            ),
+            (
+                pm(|c| c.elastic_window),
+                "let its window yield to the floor on the GPU (device layers keep the full window)",
+            ),
+            (
+                pm(|c| c.window_bits != crate::kvcache::quant::Bits::B16),
+                "keep its window below 16 bits on the GPU (device windows are 16-bit)",
+            ),
+            (
+                pm(|c| c.window_share.is_some()),
+                "cap its window by the budget on the GPU (device windows keep their size)",
+            ),
+        ];
+        if let Some((_, what)) = refusals.into_iter().find(|(refused, _)| *refused) {
+            return Err(refuse(what));
         }
         if let Kind::Pmkvq(c) = &kind {
             if c.quantizer != Quantizer::Asymmetric || c.llama_semantics || c.payload_accounting {
-                return Err(unsupported(&spec.method));
+                return Err(refuse(no_layout));
             }
         }
         let g = if group == 0 { geom.head_dim } else { group };
@@ -137,10 +133,7 @@ impl DeviceStore {
             });
         }
         if geom.head_dim > 128 || geom.kv_heads == 0 || !geom.q_heads.is_multiple_of(geom.kv_heads) {
-            return Err(KvError::Unsupported {
-                what: "run on the GPU (head_dim up to 128 and whole GQA groups)",
-                method: spec.method.to_string(),
-            });
+            return Err(refuse("run on the GPU (head_dim up to 128 and whole GQA groups)"));
         }
         let shape = Shape {
             gpt: geom.kv_dim() / g,
