@@ -127,7 +127,7 @@ pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool
             }
             // and below the floor with a full window, the window yields instead of the sequence ending
             c.elastic_window = true;
-            // the paper's 128-token window while it takes at most a sixth of a layer's budget, narrower beyond
+            // the paper's 128-token window at 16 bits until the budget binds, then 8-bit and at most a sixth
             if c.window == crate::kvcache::PmkvqConfig::pmkvq().window && c.window_share.is_none() {
                 c.window_share = Some(crate::kvcache::PmkvqConfig::SHIPPED_WINDOW_SHARE);
             }

@@ -25,6 +25,7 @@ use config::Seg;
 pub use config::{PmkvqConfig, Quantizer};
 use enforce::{charged_bytes, enforce_layer, Enforced};
 pub use plan::{knapsack, level, Sensitivity, LEVELS};
+use recent::flushed;
 pub use shared::{read_spill, split_total_budget, write_spill, SpillLayers, SpilledLayer};
 
 struct Side {
@@ -161,12 +162,9 @@ impl PmkvqStore {
         let per_layer = |t: usize| {
             let sink = t.min(cfg.sink);
             let rest = t - sink;
-            let (body, win) = match rest.checked_div(cfg.window) {
-                // an elastic window yields every token at the floor
-                Some(_) if cfg.window_yields() => (rest, 0),
-                None => (rest, 0),
-                Some(c) => (c * cfg.window, rest % cfg.window),
-            };
+            // an elastic window yields every token at the floor
+            let window = if cfg.window_yields() { 0 } else { cfg.window };
+            let (body, win) = flushed(0, rest, window);
             2 * (sink * tb16 + win * tbw + body * tbf) + LAYER_BOOKKEEPING
         };
         (0..=tokens).map(per_layer).max().unwrap_or(0) * geom.layers
@@ -280,10 +278,7 @@ impl PmkvqStore {
     fn side_bytes_after(&self, [sink0, body0, win0]: [usize; 3], n: usize, body_bits: Bits) -> usize {
         let sink = (sink0 + n).min(self.cfg.sink);
         let rem = n - (sink - sink0);
-        let (body, win) = match (win0 + rem).checked_div(self.cfg.window) {
-            None => (body0 + rem, 0),
-            Some(chunks) => (body0 + chunks * self.cfg.window, (win0 + rem) % self.cfg.window),
-        };
+        let (body, win) = flushed(body0, win0 + rem, self.cfg.window);
         let charged = |seg: Seg| self.cfg.charged_token_bytes(self.geom, seg);
         sink * charged(Seg::Sink) + win * charged(Seg::Window) + body * charged(Seg::Body(body_bits))
     }
@@ -630,7 +625,10 @@ impl KvStore for PmkvqStore {
         let wb = self.cfg.window_bits;
         let shapes: Vec<_> = spilled
             .into_iter()
-            .map(|(lens, [kb, vb])| (self.capped_lens(lens), [kb.min(wb), vb.min(wb)]))
+            .map(|([s, b, w], [kb, vb])| {
+                let (b, w) = flushed(b, w, self.cfg.window);
+                ([s, b, w], [kb.min(wb), vb.min(wb)])
+            })
             .collect();
         let cfg = self.cfg.clone();
         // per layer: budget and, when planned, the widths its bodies go down to as it is read

@@ -62,18 +62,17 @@ pub struct PmkvqConfig {
     /// window never yields above the floor, so budgets that hold the full window behave exactly as without.
     /// Adaptive stores with a window only.
     pub elastic_window: bool,
-    /// Cap the window at 1/N of an average layer's budget ([`window_for`](Self::window_for)): under a budget
-    /// too small for `window` tokens at `window_bits` in that share, the window narrows to 8 bits, then keeps
-    /// as many recent tokens as the share pays for, yielding the oldest to the body when a cut lowers it. A
-    /// narrowed window stays narrow until the store is cleared. `None`: `window` tokens at `window_bits`
-    /// whatever the budget.
+    /// Cap the window at 1/N of an average layer's budget ([`window_for`](Self::window_for)): `window` tokens at
+    /// `window_bits` until the budget binds; from then on the window is at 8 bits and keeps as many recent
+    /// tokens as the share pays for, yielding the oldest to the body when a cut lowers it. A narrowed window
+    /// stays narrow until the store is cleared. `None`: `window` tokens at `window_bits` whatever the budget.
     pub window_share: Option<usize>,
     pub name: String,
 }
 
 impl PmkvqConfig {
     /// The window share of PM-KVQ as shipped ([`window_share`](Self::window_share)): the paper's 128 recent
-    /// tokens at 16 bits while they take at most a sixth of a layer's budget, then at 8 bits, then fewer. Measured
+    /// tokens at 16 bits until the budget binds, then at 8 bits and at most a sixth of a layer's budget. Measured
     /// at a fifth of the fp16 bytes, recent tokens beyond a sixth starve the keys on pass-key retrieval, and below
     /// it more of them (at 8 bits) beat fewer at 16 (docs/retrieval.md).
     pub const SHIPPED_WINDOW_SHARE: usize = 6;
@@ -178,8 +177,10 @@ impl PmkvqConfig {
         if self.window_share.is_none() || self.window == 0 || lossless <= total {
             return (self.window, self.window_bits);
         }
-        let narrow = Self::NARROW_WINDOW.min(self.window_bits);
-        (self.window_tokens_at(geom, total, narrow), narrow)
+        (
+            self.window_tokens_at(geom, total, self.narrow_bits()),
+            self.narrow_bits(),
+        )
     }
     /// The tokens a window at `bits` holds under `total` bytes ([`window_for`](Self::window_for)).
     pub(super) fn window_tokens_at(&self, geom: KvGeometry, total: usize, bits: Bits) -> usize {
@@ -192,7 +193,11 @@ impl PmkvqConfig {
     }
     /// Whether a window of `bits` belongs in a store of this configuration.
     pub(super) fn window_width_ok(&self, bits: Bits) -> bool {
-        bits == self.window_bits || (self.window_share.is_some() && bits == Self::NARROW_WINDOW.min(self.window_bits))
+        bits == self.window_bits || (self.window_share.is_some() && bits == self.narrow_bits())
+    }
+    /// The width a capped window narrows to: [`NARROW_WINDOW`](Self::NARROW_WINDOW), or `window_bits` below it.
+    fn narrow_bits(&self) -> Bits {
+        Self::NARROW_WINDOW.min(self.window_bits)
     }
     /// Whether the window yields to the floor ([`elastic_window`](Self::elastic_window) on an adaptive, windowed
     /// store).

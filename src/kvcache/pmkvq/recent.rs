@@ -30,10 +30,9 @@ impl Side {
                 levels = self.body.shrink_to(cfg.window_bits, cfg.shift) as usize;
             }
         }
-        let window = cfg.window;
-        if window > 0 && self.window.len() >= window {
-            let m = self.window.len() / window * window;
-            let rest = self.window.split_off(m);
+        let (_, keep) = flushed(0, self.window.len(), cfg.window);
+        if keep < self.window.len() {
+            let rest = self.window.split_off(self.window.len() - keep);
             let oldest = std::mem::replace(&mut self.window, rest);
             self.flush_into_body(oldest, cfg.shift);
         }
@@ -128,12 +127,13 @@ impl PmkvqStore {
         self.total
             .unwrap_or_else(|| self.layers.iter().fold(0usize, |a, l| a.saturating_add(l.budget)))
     }
+}
 
-    /// A layer's `[sink, body, window]` token counts once its window is capped at the store's window.
-    pub(super) fn capped_lens(&self, [sink, body, win]: [usize; 3]) -> [usize; 3] {
-        match win.checked_div(self.cfg.window) {
-            Some(chunks) => [sink, body + chunks * self.cfg.window, win % self.cfg.window],
-            None => [sink, body, win],
-        }
+/// `body` and `win` token counts once the window's whole chunks of `window` tokens have gone to the body, as a
+/// store (or a cap) flushes them; without a window every token is in the body.
+pub(super) fn flushed(body: usize, win: usize, window: usize) -> (usize, usize) {
+    match win.checked_div(window) {
+        Some(chunks) => (body + chunks * window, win % window),
+        None => (body + win, 0),
     }
 }
