@@ -137,7 +137,7 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
                     EX_USAGE,
                     anyhow::anyhow!(
                         "method `{item}`: unknown flag `+{f}` (`pmkvq` is the method as shipped; build ablations on \
-                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +wbN (window bits), +gN (group), +sN (sink), +alt; baselines take +rot)"
+                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +wbN (window bits), +wsN (window share), +gN (group), +sN (sink), +alt; baselines take +rot)"
                     ),
                 ));
             }
