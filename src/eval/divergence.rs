@@ -24,6 +24,11 @@ pub struct MethodResult {
     pub mean_kl: f64,
     pub p99_kl: f64,
     pub top1_agreement: f64,
+    /// Scored positions where the f16 cache's own top two log-probs are within [`NEAR_TIE`] nats.
+    pub near_ties: usize,
+    /// Top-1 disagreements with the f16 cache, and how many of them fall on its near-ties.
+    pub flips: usize,
+    pub near_tie_flips: usize,
     pub ppl: f64,
     /// Peak true bytes over the run.
     pub true_bytes: usize,
@@ -56,11 +61,17 @@ pub struct DivergenceReport {
     pub methods: Vec<MethodResult>,
 }
 
+/// A margin between the f16 cache's top two log-probs below which its own choice is a near-tie: the golden
+/// files' bound for comparing greedy tokens (a decision this close moves with any rounding of the cache).
+pub const NEAR_TIE: f64 = 0.1;
+
 struct Run {
     spec: MethodSpec,
     store: Box<dyn KvStore>,
     kls: Vec<f64>,
     agree: usize,
+    near_ties: usize,
+    near_tie_flips: usize,
     nll: f64,
     peak_true: usize,
     peak_payload: usize,
@@ -72,6 +83,19 @@ fn log_softmax(l: &[f32]) -> Vec<f64> {
     let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = l.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
     l.iter().map(|&v| v as f64 - lse).collect()
+}
+
+/// The gap between the two largest log-probs.
+fn top2_margin(lp: &[f64]) -> f64 {
+    let (mut a, mut b) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+    for &x in lp {
+        if x > a {
+            (a, b) = (x, a);
+        } else if x > b {
+            b = x;
+        }
+    }
+    a - b
 }
 
 fn percentile(v: &[f64], p: f64) -> f64 {
@@ -100,6 +124,8 @@ pub fn run_divergence(
             store,
             kls: Vec::new(),
             agree: 0,
+            near_ties: 0,
+            near_tie_flips: 0,
             nll: 0.0,
             peak_true: 0,
             peak_payload: 0,
@@ -127,6 +153,7 @@ pub fn run_divergence(
         let positions: Vec<u32> = (pos as u32..end as u32).collect();
         let ref_logits = model.forward_one(chunk, &positions, reference.as_mut(), LogitsMode::All)?;
         let ref_lp: Vec<Vec<f64>> = ref_logits.chunks_exact(vocab).map(log_softmax).collect();
+        let ref_tie: Vec<bool> = ref_lp.iter().map(|lp| top2_margin(lp) < NEAR_TIE).collect();
         for r in runs.iter_mut().filter(|r| r.stopped.is_none()) {
             let logits = match model.forward_one(chunk, &positions, r.store.as_mut(), LogitsMode::All) {
                 Ok(l) => l,
@@ -146,8 +173,11 @@ pub fn run_divergence(
                 r.kls.push(kl.max(0.0));
                 let want = tokens[pos + i + 1] as usize;
                 r.nll -= lp[want];
+                r.near_ties += ref_tie[i] as usize;
                 if argmax(row) == argmax(&ref_logits[i * vocab..(i + 1) * vocab]) {
                     r.agree += 1;
+                } else {
+                    r.near_tie_flips += ref_tie[i] as usize;
                 }
             }
             let (tb, pb) = (r.store.true_bytes(), r.store.payload_bytes());
@@ -178,6 +208,9 @@ pub fn run_divergence(
             mean_kl: r.kls.iter().sum::<f64>() / n,
             p99_kl: percentile(&r.kls, 0.99),
             top1_agreement: r.agree as f64 / n,
+            near_ties: r.near_ties,
+            flips: r.kls.len() - r.agree,
+            near_tie_flips: r.near_tie_flips,
             ppl: (r.nll / n).exp(),
             true_bytes: r.peak_true,
             payload_bytes: r.peak_payload,
@@ -256,6 +289,9 @@ impl DivergenceReport {
                         MethodResult {
                             kl_trace: Vec::new(),
                             scored_tokens: 0,
+                            near_ties: 0,
+                            flips: 0,
+                            near_tie_flips: 0,
                             ..m.clone()
                         },
                         0.0,
@@ -265,6 +301,9 @@ impl DivergenceReport {
                 let a = &mut acc[i];
                 a.0.kl_trace.extend(&m.kl_trace);
                 a.0.scored_tokens += m.scored_tokens;
+                a.0.near_ties += m.near_ties;
+                a.0.flips += m.flips;
+                a.0.near_tie_flips += m.near_tie_flips;
                 a.0.true_bytes = a.0.true_bytes.max(m.true_bytes);
                 a.0.payload_bytes = a.0.payload_bytes.max(m.payload_bytes);
                 a.0.bits_per_element = a.0.bits_per_element.max(m.bits_per_element);
@@ -328,4 +367,16 @@ pub fn generate_trace(
         logits = model.forward_one(&[t], &pos, store.as_mut(), LogitsMode::Last)?;
     }
     Ok(seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top2_margin;
+
+    #[test]
+    fn the_margin_is_between_the_two_largest_wherever_they_are() {
+        assert_eq!(top2_margin(&[-3.0, -0.5, -2.0, -0.75]), 0.25);
+        assert_eq!(top2_margin(&[-0.5, -0.75, -3.0]), 0.25);
+        assert_eq!(top2_margin(&[-2.0, -1.0, -1.0]), 0.0);
+    }
 }

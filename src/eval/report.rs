@@ -22,20 +22,22 @@ pub fn markdown(r: &DivergenceReport, title: &str) -> String {
     );
     let _ = writeln!(
         s,
-        "| method | budget | mean KL | p99 KL | top-1 agree | ppl | peak true bytes | final bits/elem | in budget | greedy diverges at | note |"
+        "| method | budget | mean KL | p99 KL | top-1 agree | flips (at near-ties) | ppl | peak true bytes | final bits/elem | in budget | greedy diverges at | note |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for m in &r.methods {
         let budget = m.budget.map_or("—".to_string(), |b| {
             format!("{:.2} MiB (1/{:.1})", mib(b), r.fp16_bytes as f64 / b as f64)
         });
         let _ = writeln!(
             s,
-            "| {} | {budget} | {:.4} | {:.3} | {:.3} | {:.3} | {:.2} MiB | {:.2} | {} | {} | {} |",
+            "| {} | {budget} | {:.4} | {:.3} | {:.3} | {} ({}) | {:.3} | {:.2} MiB | {:.2} | {} | {} | {} |",
             m.method,
             m.mean_kl,
             m.p99_kl,
             m.top1_agreement,
+            m.flips,
+            m.near_tie_flips,
             m.ppl,
             mib(m.true_bytes),
             m.bits_per_element,

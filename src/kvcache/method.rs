@@ -4,7 +4,8 @@ use super::kivi::KiviStore;
 use super::quant::{Bits, ShiftMode};
 use super::rotate::{Rotated, ROTATION_SEED};
 use super::{
-    F16KvStore, KeyScaled, KeyScales, KvError, KvGeometry, KvStore, PmkvqConfig, PmkvqStore, Windowed, Windowing,
+    F16KvStore, F32KvStore, KeyScaled, KeyScales, KvError, KvGeometry, KvStore, PmkvqConfig, PmkvqStore, Windowed,
+    Windowing,
 };
 use std::fmt;
 use std::str::FromStr;
@@ -13,6 +14,8 @@ use std::str::FromStr;
 pub enum KvMethod {
     /// f16 K/V, llama.cpp's default cache (the reference).
     Fp16,
+    /// f32 K/V (llama.cpp's `f32` cache type): nothing rounded; the yardstick for how far two exact caches differ.
+    F32,
     /// Progressive mixed precision (this project), with its configuration.
     Pmkvq(PmkvqConfig),
     /// Every token quantized at b bits when stored.
@@ -25,7 +28,7 @@ pub enum KvMethod {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error(
-    "unknown kv method `{0}`: use fp16, pmkvq, pmkvq:direct, pmkvq:modified, rtn:<2|4|8>, kivi:<2|4|8>, q8_0 or q4_0"
+    "unknown kv method `{0}`: use fp16, f32, pmkvq, pmkvq:direct, pmkvq:modified, rtn:<2|4|8>, kivi:<2|4|8>, q8_0 or q4_0"
 )]
 pub struct BadMethod(pub String);
 
@@ -43,6 +46,7 @@ impl FromStr for KvMethod {
         match s.split_once(':') {
             None => match s {
                 "fp16" | "f16" => Ok(KvMethod::Fp16),
+                "f32" => Ok(KvMethod::F32),
                 "pmkvq" => Ok(KvMethod::Pmkvq(PmkvqConfig::pmkvq())),
                 "q8_0" => Ok(KvMethod::Llama(Bits::B8)),
                 "q4_0" => Ok(KvMethod::Llama(Bits::B4)),
@@ -69,6 +73,7 @@ impl fmt::Display for KvMethod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KvMethod::Fp16 => write!(f, "fp16"),
+            KvMethod::F32 => write!(f, "f32"),
             KvMethod::Pmkvq(c) => write!(f, "{}", c.name),
             KvMethod::Rtn(b) => write!(f, "rtn:{}", b.count()),
             KvMethod::Kivi(b) => write!(f, "kivi:{}", b.count()),
@@ -90,6 +95,7 @@ impl KvMethod {
         let budgets = layer_budgets.unwrap_or(&unlimited);
         Ok(match self {
             KvMethod::Fp16 => Box::new(F16KvStore::new(geom, max_tokens)),
+            KvMethod::F32 => Box::new(F32KvStore::new(geom, max_tokens)),
             KvMethod::Pmkvq(cfg) => Box::new(PmkvqStore::new(geom, cfg.clone(), budgets, max_tokens)?),
             KvMethod::Rtn(b) => Box::new(PmkvqStore::new(geom, PmkvqConfig::rtn(*b), &unlimited, max_tokens)?),
             KvMethod::Llama(b) => Box::new(PmkvqStore::new(geom, PmkvqConfig::llama(*b), &unlimited, max_tokens)?),
@@ -190,7 +196,8 @@ impl MethodSpec {
                 // lower them to its floor when the global layers at theirs no longer fit beside them; a
                 // fixed-width method keeps them at its width
                 let (start, floor) = match &self.method {
-                    KvMethod::Fp16 => (Bits::B16, Bits::B16),
+                    // (the windows of an f32 cache are kept at f16, as every method's are)
+                    KvMethod::Fp16 | KvMethod::F32 => (Bits::B16, Bits::B16),
                     KvMethod::Pmkvq(c) if c.adaptive => (c.init_bits, c.floor_bits),
                     KvMethod::Pmkvq(c) => (c.init_bits, c.init_bits),
                     KvMethod::Rtn(b) | KvMethod::Kivi(b) | KvMethod::Llama(b) => (*b, *b),
@@ -258,6 +265,7 @@ mod tests {
     fn names_round_trip_and_bad_names_are_errors() {
         for name in [
             "fp16",
+            "f32",
             "pmkvq",
             "pmkvq:direct",
             "pmkvq:modified",
