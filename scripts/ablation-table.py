@@ -6,6 +6,9 @@ mean KL to the fp16 cache and top-1 agreement per method, per trace, and the mea
                                                  the table (rows in that order, then any others)
   ablation-table.py --merge NEW DIR              put NEW's reports' rows into DIR's, replacing rows of the same
                                                  name; refuses unless both fp16 rows saw the same sequence
+  ablation-table.py --flips [--order ...] DIR    where the top-1 disagreements fall: per method and report, the
+                                                 flips, those on the f16 cache's near-ties (its top two within
+                                                 0.1 nats), and top-1 agreement on every other position
 """
 import json
 import pathlib
@@ -91,11 +94,44 @@ def emit(reports, traces, methods):
         print(f"| {name} | " + " | ".join(cells) + f" | {mean} | {cell(b)} | {bits} |")
 
 
+def flips(d, order):
+    reports = load(d)
+    names = list(reports)
+    seen = []
+    for rep in reports.values():
+        for m in rep["methods"]:
+            if "flips" in m and m["method"] != "fp16" and m["method"] not in seen:
+                seen.append(m["method"])
+    methods = [m for m in order if m in seen] + [m for m in seen if m not in order]
+    ties = {n: next((m["near_ties"] for m in reports[n]["methods"] if "near_ties" in m), None) for n in names}
+    head = ["method"] + [f"{n} ({ties[n]} near-ties)" for n in names]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for name in methods:
+        cells = []
+        for n in names:
+            m = row(reports[n], name)
+            if m is None or "flips" not in m:
+                cells.append("—")
+                continue
+            decided = m["scored_tokens"] - m["near_ties"]
+            agree = 1 - (m["flips"] - m["near_tie_flips"]) / max(decided, 1)
+            cells.append(f"{m['flips']} ({m['near_tie_flips']}) · {agree:.4f}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 args = sys.argv[1:]
 header = "--no-header" not in args
 args = [a for a in args if a != "--no-header"]
 if args[:1] == ["--merge"]:
     merge(args[1], args[2])
+elif args[:1] == ["--flips"]:
+    args = args[1:]
+    order = []
+    if args[:1] == ["--order"]:
+        order = args[1].split(",")
+        args = args[2:]
+    flips(args[0] if args else "docs/ablation", order)
 else:
     order = []
     if args[:1] == ["--order"]:

@@ -77,7 +77,7 @@ steps() { # $1 = budget
   echo -n "progressive+alloc+rep+rot+plan@$b,progressive+alloc+rep+rot+plan+fit@$b,pmkvq@$b,"
 }
 floors="progressive+alloc+rep+rot+plan@min,progressive+alloc+rep+rot+plan+fit@min,pmkvq@min,pmkvq@floor"
-methods="fp16,$(steps 1/5)$(steps 9/32)$floors,kivi:2,rtn:2,q4_0,q4_0+rot,q8_0"
+methods="fp16,f32,$(steps 1/5)$(steps 9/32)$floors,kivi:2,rtn:2,q4_0,q4_0+rot,q8_0"
 order=$methods
 out=docs/ablation
 if [[ -n $rows ]]; then
@@ -97,5 +97,13 @@ done
 if [[ -n $rows ]]; then
   python3 scripts/ablation-table.py --merge "$out" docs/ablation
 fi
-python3 scripts/ablation-table.py --order "$order" docs/ablation > docs/ablation.md
+{
+  python3 scripts/ablation-table.py --order "$order" docs/ablation
+  echo
+  echo "Where the top-1 disagreements fall: flips (those on the fp16 cache's near-ties, its top two log-probs within"
+  echo "0.1 nats) · top-1 agreement on every other position. \`f32\` is an exact cache: what rounding the reference"
+  echo "to f16 alone moves."
+  echo
+  python3 scripts/ablation-table.py --flips --order "$order" docs/ablation
+} > docs/ablation.md
 cat docs/ablation.md

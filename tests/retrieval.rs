@@ -8,6 +8,7 @@ use pmkvq::eval::retrieval::{answer, probe};
 use pmkvq::eval::MethodSpec;
 use pmkvq::kvcache::KvMethod;
 use pmkvq::model::chat::ChatTemplate;
+use pmkvq::model::{Backend, LogitsMode};
 
 #[test]
 fn probes_fill_their_length_and_place_the_key_at_its_depth() {
@@ -49,6 +50,27 @@ fn the_f16_cache_retrieves_a_key_from_a_short_context() {
     let a = answer(&model, &tok, &spec, &p, 8).unwrap();
     assert!(a.correct, "answered {:?} for {}", a.answer, p.key);
     assert!(a.error.is_none());
+    // the key's teacher-forced log-probability (read from a restored copy of the prefilled cache) is the one a
+    // fresh f16 cache gives the prompt followed by the key
+    let key = tok.encode(&format!(" {}", p.key), false).unwrap();
+    let mut store = model.new_store(&spec, model.kv_geometry(), p.tokens.len() + key.len()).unwrap();
+    let mut seq = p.tokens.clone();
+    seq.extend(&key);
+    let vocab = model.config().vocab_size;
+    let logits = model
+        .forward_chunked(&seq[..seq.len() - 1], store.as_mut(), 512, LogitsMode::All)
+        .unwrap();
+    let direct: f64 = (0..key.len())
+        .map(|i| {
+            let row = &logits[(p.tokens.len() - 1 + i) * vocab..][..vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            row[key[i] as usize] as f64 - lse
+        })
+        .sum();
+    let got = a.key_logprob.expect("a key log-probability");
+    assert!(got < 0.0 && got > -(key.len() as f64) * 0.7, "a correct answer is a likely one: {got}");
+    assert!((got - direct).abs() < 1e-2, "{got} vs {direct}");
     // a budget far below the prompt's floor ends the run with the reason, not a panic
     let tiny = MethodSpec::plain(
         KvMethod::Pmkvq(pmkvq::kvcache::PmkvqConfig::pmkvq()),
@@ -58,7 +80,7 @@ fn the_f16_cache_retrieves_a_key_from_a_short_context() {
     let a = answer(&model, &tok, &tiny, &p, 8);
     let a = a.expect("a budget error is the answer's, not the harness's");
     assert!(
-        !a.correct && a.error.as_deref().is_some_and(|e| e.contains("budget")),
+        !a.correct && a.error.as_deref().is_some_and(|e| e.contains("budget")) && a.key_logprob.is_none(),
         "{a:?}"
     );
 }

@@ -102,6 +102,9 @@ pub struct Answer {
     pub key: String,
     pub answer: String,
     pub correct: bool,
+    /// Log-probability of the key's tokens teacher-forced after the prompt (a continuous view of the same
+    /// probe: how sure the cache leaves the model of the right answer); `None` when the run ended early.
+    pub key_logprob: Option<f64>,
     /// Why the run stopped before answering (a budget too small for the prompt).
     pub error: Option<String>,
     pub true_bytes: usize,
@@ -125,14 +128,21 @@ pub fn answer(
         key: probe.key.clone(),
         answer: String::new(),
         correct: false,
+        key_logprob: None,
         error: None,
         true_bytes: 0,
         kv_bits: Vec::new(),
     };
     let mut store = model.new_store(spec, model.kv_geometry(), probe.tokens.len() + answer_tokens + 1)?;
     let mut ids = Vec::new();
+    let key_tokens = tok.encode(&format!(" {}", probe.key), false)?;
+    let mut key_logprob = None;
     let run = (|| -> Result<(), ModelError> {
         let mut logits = model.forward_chunked(&probe.tokens, store.as_mut(), 512, LogitsMode::Last)?;
+        // the key teacher-forced from a bit-exact copy of the prefilled cache, so the greedy answer below reads
+        // the very cache it would have read without this
+        let snapshot = store.spill()?;
+        key_logprob = teacher_forced(model, spec, probe, &snapshot, &logits, &key_tokens).ok();
         for i in 0..answer_tokens {
             let t = argmax(&logits);
             if tok.eos.contains(&t) {
@@ -149,10 +159,45 @@ pub fn answer(
     if let Err(e) = run {
         out.error = Some(e.to_string());
     }
+    out.key_logprob = key_logprob;
     out.answer = tok.decode(&ids, false);
     let digits: String = out.answer.chars().filter(char::is_ascii_digit).collect();
     out.correct = digits.contains(&probe.key);
     out.true_bytes = store.true_bytes();
     out.kv_bits = store.layer_kv_bits();
     Ok(out)
+}
+
+/// Σ log p(key token | prompt, earlier key tokens) on a store restored from `snapshot` (the prefilled cache);
+/// `last` are the prompt's last logits.
+fn teacher_forced(
+    model: &dyn Backend,
+    spec: &MethodSpec,
+    probe: &Probe,
+    snapshot: &[u8],
+    last: &[f32],
+    key: &[u32],
+) -> Result<f64, ModelError> {
+    let Some((&first, rest)) = key.split_first() else {
+        return Ok(0.0);
+    };
+    let mut store = model.new_store(spec, model.kv_geometry(), probe.tokens.len() + key.len() + 1)?;
+    store.restore(snapshot)?;
+    let mut sum = log_prob(last, first);
+    if !rest.is_empty() {
+        let n = probe.tokens.len() as u32;
+        let positions: Vec<u32> = (n..n + rest.len() as u32).collect();
+        let logits = model.forward_one(&key[..rest.len()], &positions, store.as_mut(), LogitsMode::All)?;
+        let vocab = last.len();
+        for (row, &t) in logits.chunks_exact(vocab).zip(rest) {
+            sum += log_prob(row, t);
+        }
+    }
+    Ok(sum)
+}
+
+fn log_prob(logits: &[f32], t: u32) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+    logits[t as usize] as f64 - lse
 }

@@ -518,13 +518,6 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
         "### {}\n\nExact-match accuracy ({} keys per length and depth; depths {:?}; budget {} of the fp16 bytes)\n\n",
         a.title, a.keys, a.depths, a.kv_budget
     );
-    table.push_str("| method |");
-    for l in &a.lengths {
-        table.push_str(&format!(" ≤ {l} tokens |"));
-    }
-    table.push_str(" all |\n|---|");
-    table.push_str(&"---|".repeat(a.lengths.len() + 1));
-    table.push('\n');
     let acc = |v: Vec<&(usize, retrieval::Answer)>| {
         let ok = v.iter().filter(|(_, x)| x.correct).count();
         let ended = v.iter().filter(|(_, x)| x.error.is_some()).count();
@@ -534,14 +527,19 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
         }
         c
     };
-    for m in &method_args {
-        let mine = || answers.iter().filter(move |(_, x)| x.method == m.item);
-        table.push_str(&format!("| {} |", m.item));
-        for li in 0..a.lengths.len() {
-            table.push_str(&format!(" {} |", acc(mine().filter(|(l, _)| *l == li).collect())));
+    // the same probes, continuously: how sure each cache leaves the model of the key (exact match moves by a
+    // whole prompt; this shows what is lost before a key is)
+    let mean_lp = |v: Vec<&(usize, retrieval::Answer)>| {
+        let lp: Vec<f64> = v.iter().filter_map(|(_, x)| x.key_logprob).collect();
+        match lp.len() {
+            0 => "—".to_string(),
+            n => format!("{:.3}", lp.iter().sum::<f64>() / n as f64),
         }
-        table.push_str(&format!(" {} |\n", acc(mine().collect())));
-    }
+    };
+    let names: Vec<&str> = method_args.iter().map(|m| m.item.as_str()).collect();
+    table.push_str(&per_length(&a.lengths, &names, &answers, acc));
+    table.push_str("\nMean log-probability of the key's tokens, teacher-forced after the prompt (0 = certain)\n\n");
+    table.push_str(&per_length(&a.lengths, &names, &answers, mean_lp));
     if let Some(p) = &a.markdown {
         std::fs::write(p, &table).with_context(|| format!("writing {}", p.display()))?;
     }
@@ -554,4 +552,29 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
         write!(stdout, "{table}")?;
     }
     Ok(())
+}
+
+/// A Markdown table of `cell` over each method's answers, per length and over all.
+fn per_length(
+    lengths: &[usize],
+    methods: &[&str],
+    answers: &[(usize, pmkvq::eval::retrieval::Answer)],
+    cell: impl Fn(Vec<&(usize, pmkvq::eval::retrieval::Answer)>) -> String,
+) -> String {
+    let mut t = String::from("| method |");
+    for l in lengths {
+        t.push_str(&format!(" ≤ {l} tokens |"));
+    }
+    t.push_str(" all |\n|---|");
+    t.push_str(&"---|".repeat(lengths.len() + 1));
+    t.push('\n');
+    for &m in methods {
+        let mine = || answers.iter().filter(move |(_, x)| x.method == m);
+        t.push_str(&format!("| {m} |"));
+        for li in 0..lengths.len() {
+            t.push_str(&format!(" {} |", cell(mine().filter(|(l, _)| *l == li).collect())));
+        }
+        t.push_str(&format!(" {} |\n", cell(mine().collect())));
+    }
+    t
 }
