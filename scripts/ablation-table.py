@@ -66,7 +66,7 @@ def table(d, order, header=True):
         for m in rep["methods"]:
             if m["method"] not in seen:
                 seen.append(m["method"])
-    methods = [m for m in order if m in seen] + [m for m in seen if m not in order]
+    methods = list(dict.fromkeys([m for m in order if m in seen] + seen))
     if header:
         print_header()
     emit(reports, traces, methods)
@@ -102,7 +102,7 @@ def flips(d, order):
         for m in rep["methods"]:
             if "flips" in m and m["method"] != "fp16" and m["method"] not in seen:
                 seen.append(m["method"])
-    methods = [m for m in order if m in seen] + [m for m in seen if m not in order]
+    methods = list(dict.fromkeys([m for m in order if m in seen] + seen))
     ties = {n: next((m["near_ties"] for m in reports[n]["methods"] if "near_ties" in m), None) for n in names}
     head = ["method"] + [f"{n} ({ties[n]} near-ties)" for n in names]
     print("| " + " | ".join(head) + " |")
