@@ -47,13 +47,15 @@ fn the_f16_cache_retrieves_a_key_from_a_short_context() {
     let template = ChatTemplate::new(tok.chat_template.as_deref().unwrap()).unwrap();
     let p = probe(&tok, &template, 400, 0.5, 48213, None).unwrap();
     let spec = MethodSpec::plain(KvMethod::Fp16, None, "fp16");
-    let a = answer(&model, &tok, &spec, &p, 8).unwrap();
+    let a = answer(&model, &tok, &spec, &p, 8, 512).unwrap();
     assert!(a.correct, "answered {:?} for {}", a.answer, p.key);
     assert!(a.error.is_none());
     // the key's teacher-forced log-probability (read from a restored copy of the prefilled cache) is the one a
     // fresh f16 cache gives the prompt followed by the key
     let key = tok.encode(&format!(" {}", p.key), false).unwrap();
-    let mut store = model.new_store(&spec, model.kv_geometry(), p.tokens.len() + key.len()).unwrap();
+    let mut store = model
+        .new_store(&spec, model.kv_geometry(), p.tokens.len() + key.len())
+        .unwrap();
     let mut seq = p.tokens.clone();
     seq.extend(&key);
     let vocab = model.config().vocab_size;
@@ -69,15 +71,25 @@ fn the_f16_cache_retrieves_a_key_from_a_short_context() {
         })
         .sum();
     let got = a.key_logprob.expect("a key log-probability");
-    assert!(got < 0.0 && got > -(key.len() as f64) * 0.7, "a correct answer is a likely one: {got}");
+    assert!(
+        got < 0.0 && got > -(key.len() as f64) * 0.7,
+        "a correct answer is a likely one: {got}"
+    );
     assert!((got - direct).abs() < 1e-2, "{got} vs {direct}");
+    // the prompt in one pass (`--prefill-chunk 0`) or in chunks: the same answer from the f16 cache, which rounds
+    // what it stores either way
+    let long = probe(&tok, &template, 700, 0.3, 48213, None).unwrap();
+    let [chunked, whole] = [256, 0].map(|c| answer(&model, &tok, &spec, &long, 8, c).unwrap());
+    assert!(chunked.correct && whole.correct, "{chunked:?} {whole:?}");
+    let (c, w) = (chunked.key_logprob.unwrap(), whole.key_logprob.unwrap());
+    assert!((c - w).abs() < 0.05, "{c} vs {w}");
     // a budget far below the prompt's floor ends the run with the reason, not a panic
     let tiny = MethodSpec::plain(
         KvMethod::Pmkvq(pmkvq::kvcache::PmkvqConfig::pmkvq()),
         Some(10_000),
         "pmkvq",
     );
-    let a = answer(&model, &tok, &tiny, &p, 8);
+    let a = answer(&model, &tok, &tiny, &p, 8, 512);
     let a = a.expect("a budget error is the answer's, not the harness's");
     assert!(
         !a.correct && a.error.as_deref().is_some_and(|e| e.contains("budget")) && a.key_logprob.is_none(),

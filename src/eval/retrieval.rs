@@ -112,14 +112,15 @@ pub struct Answer {
     pub kv_bits: Vec<[u32; 2]>,
 }
 
-/// Prefill the probe into `spec`'s cache and answer greedily (`answer_tokens` tokens); correct when the key's
-/// digits appear in the answer.
+/// Prefill the probe into `spec`'s cache in chunks of `prefill_chunk` tokens (0: the whole prompt at once) and
+/// answer greedily (`answer_tokens` tokens); correct when the key's digits appear in the answer.
 pub fn answer(
     model: &dyn Backend,
     tok: &Tokenizer,
     spec: &MethodSpec,
     probe: &Probe,
     answer_tokens: usize,
+    prefill_chunk: usize,
 ) -> Result<Answer, ModelError> {
     let mut out = Answer {
         method: spec.label.clone(),
@@ -138,7 +139,11 @@ pub fn answer(
     let key_tokens = tok.encode(&format!(" {}", probe.key), false)?;
     let mut key_logprob = None;
     let run = (|| -> Result<(), ModelError> {
-        let mut logits = model.forward_chunked(&probe.tokens, store.as_mut(), 512, LogitsMode::Last)?;
+        let chunk = match prefill_chunk {
+            0 => probe.tokens.len(),
+            c => c,
+        };
+        let mut logits = model.forward_chunked(&probe.tokens, store.as_mut(), chunk, LogitsMode::Last)?;
         // the key teacher-forced from a bit-exact copy of the prefilled cache, so the greedy answer below reads
         // the very cache it would have read without this
         let snapshot = store.spill()?;

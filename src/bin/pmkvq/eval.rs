@@ -495,7 +495,7 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
                 let fp16_bytes = pmkvq::kvcache::fp16_bytes(geom, win.as_ref(), n);
                 let floor = Floors::of(geom, win.as_ref(), n);
                 for spec in cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor)? {
-                    let ans = retrieval::answer(&*backend, &tok, &spec, &p, a.answer_tokens)
+                    let ans = retrieval::answer(&*backend, &tok, &spec, &p, a.answer_tokens, a.prefill_chunk)
                         .map_err(|e| fail(EX_SOFTWARE, e.into()))?;
                     eprintln!(
                         "{:>6} tokens, depth {:.2}, {:<24} {} {:?}",
@@ -515,8 +515,15 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
         }
     }
     let mut table = format!(
-        "### {}\n\nExact-match accuracy ({} keys per length and depth; depths {:?}; budget {} of the fp16 bytes)\n\n",
-        a.title, a.keys, a.depths, a.kv_budget
+        "### {}\n\nExact-match accuracy ({} keys per length and depth; depths {:?}; budget {} of the fp16 bytes; {})\n\n",
+        a.title,
+        a.keys,
+        a.depths,
+        a.kv_budget,
+        match a.prefill_chunk {
+            0 => "each prompt prefilled in one pass".to_string(),
+            c => format!("prompts prefilled in chunks of {c} tokens"),
+        }
     );
     let acc = |v: Vec<&(usize, retrieval::Answer)>| {
         let ok = v.iter().filter(|(_, x)| x.correct).count();

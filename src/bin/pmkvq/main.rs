@@ -183,6 +183,10 @@ struct RetrievalArgs {
     /// Tokens of greedy answer.
     #[arg(long, default_value_t = 8)]
     answer_tokens: usize,
+    /// Prompt tokens per prefill forward pass, as the daemon's `engine.prefill_chunk` (0 = the whole prompt in
+    /// one pass). A quantized cache is read by every later chunk, so this moves retrieval.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
     /// Distractor text (sentences repeated to fill); default: the classic pass-key filler.
     #[arg(long)]
     filler_file: Option<PathBuf>,
