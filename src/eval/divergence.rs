@@ -79,7 +79,7 @@ struct Run {
     bits_trace: Vec<(usize, Vec<u32>)>,
 }
 
-fn log_softmax(l: &[f32]) -> Vec<f64> {
+pub(crate) fn log_softmax(l: &[f32]) -> Vec<f64> {
     let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = l.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
     l.iter().map(|&v| v as f64 - lse).collect()

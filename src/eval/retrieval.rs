@@ -202,7 +202,5 @@ fn teacher_forced(
 }
 
 fn log_prob(logits: &[f32], t: u32) -> f64 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-    logits[t as usize] as f64 - lse
+    super::divergence::log_softmax(logits)[t as usize]
 }
