@@ -58,15 +58,16 @@ def cell(m):
     return s
 
 
+def ordered(reports, order, keep=lambda m: True):
+    """The methods of every report that `keep` accepts: those `order` names first, in its order, then the rest."""
+    seen = [m["method"] for rep in reports.values() for m in rep["methods"] if keep(m)]
+    return list(dict.fromkeys([m for m in order if m in seen] + seen))
+
+
 def table(d, order, header=True):
     reports = load(d)
     traces = [k for k in reports if k != "botchan"]
-    seen = []
-    for rep in reports.values():
-        for m in rep["methods"]:
-            if m["method"] not in seen:
-                seen.append(m["method"])
-    methods = list(dict.fromkeys([m for m in order if m in seen] + seen))
+    methods = ordered(reports, order)
     if header:
         print_header()
     emit(reports, traces, methods)
@@ -97,12 +98,7 @@ def emit(reports, traces, methods):
 def flips(d, order):
     reports = load(d)
     names = list(reports)
-    seen = []
-    for rep in reports.values():
-        for m in rep["methods"]:
-            if "flips" in m and m["method"] != "fp16" and m["method"] not in seen:
-                seen.append(m["method"])
-    methods = list(dict.fromkeys([m for m in order if m in seen] + seen))
+    methods = ordered(reports, order, lambda m: "flips" in m and m["method"] != "fp16")
     ties = {n: next((m["near_ties"] for m in reports[n]["methods"] if "near_ties" in m), None) for n in names}
     head = ["method"] + [f"{n} ({ties[n]} near-ties)" for n in names]
     print("| " + " | ".join(head) + " |")
@@ -125,16 +121,15 @@ header = "--no-header" not in args
 args = [a for a in args if a != "--no-header"]
 if args[:1] == ["--merge"]:
     merge(args[1], args[2])
-elif args[:1] == ["--flips"]:
-    args = args[1:]
-    order = []
-    if args[:1] == ["--order"]:
-        order = args[1].split(",")
-        args = args[2:]
-    flips(args[0] if args else "docs/ablation", order)
 else:
+    mode = flips if args[:1] == ["--flips"] else None
+    args = args[1:] if mode else args
     order = []
     if args[:1] == ["--order"]:
         order = args[1].split(",")
         args = args[2:]
-    table(args[0] if args else "docs/ablation", order, header)
+    d = args[0] if args else "docs/ablation"
+    if mode:
+        flips(d, order)
+    else:
+        table(d, order, header)
