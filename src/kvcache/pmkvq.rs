@@ -86,6 +86,9 @@ pub struct PmkvqStore {
     requants: u64,
     /// The whole cache's budget, when widths are planned from the calibrated sensitivity ([`plan`]).
     total: Option<usize>,
+    /// Per layer, the width and budget the step's plan lowers it to once its attention has read it
+    /// ([`plan`]: a prompt chunk reads the cache as it was before the step where the total allows).
+    deferred: Vec<Option<(usize, [Bits; 2])>>,
 }
 
 impl PmkvqStore {
@@ -142,6 +145,7 @@ impl PmkvqStore {
             base,
             requants: 0,
             total: None,
+            deferred: Vec::new(),
         })
     }
 
@@ -316,20 +320,6 @@ impl PmkvqStore {
     }
 }
 
-/// q8_0 round trip of a query (32-element blocks, llama.cpp's reference rounding).
-fn round_through_q8_0(q: &[f32]) -> Vec<f32> {
-    let mut out = q.to_vec();
-    for blk in out.chunks_mut(32) {
-        let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = half::f16::from_f32(amax / 127.0).to_f32();
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        for v in blk.iter_mut() {
-            *v = (*v * id).round() * d;
-        }
-    }
-    out
-}
-
 impl KvStore for PmkvqStore {
     fn geometry(&self) -> KvGeometry {
         self.geom
@@ -353,11 +343,14 @@ impl KvStore for PmkvqStore {
         let (d, kv_dim, qh) = (g.head_dim, g.kv_dim(), g.q_heads);
         let llama = self.cfg.llama_semantics;
         let rounded_q;
+        if llama {
+            self.lower_deferred(layer);
+        }
         let (q, n_raw) = if llama {
             let l = &mut self.layers[layer];
             l.k.store(&self.cfg, k, kv_dim);
             l.v.store(&self.cfg, v, kv_dim);
-            rounded_q = round_through_q8_0(q);
+            rounded_q = super::quant::round_through_q8_0(q);
             (&rounded_q[..], 0)
         } else {
             (q, n)
@@ -387,6 +380,8 @@ impl KvStore for PmkvqStore {
             }
         };
         attend_layer(GroupOps::detected(), &segs_k, &segs_v, heads, q, n, see, out);
+        // read: now the plan may lower this layer for the tokens it stores
+        self.lower_deferred(layer);
         // store after attention (post-attention quantization, WKVQuant-style)
         if !llama {
             let (cfg, window) = (&self.cfg, self.cfg.window);
@@ -407,6 +402,7 @@ impl KvStore for PmkvqStore {
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32], n: usize) -> Result<(), KvError> {
         let kv = self.geom.kv_dim();
         check_append(&self.geom, layer, k, v, n)?;
+        self.lower_deferred(layer);
         let l = &mut self.layers[layer];
         l.k.store(&self.cfg, k, kv);
         l.v.store(&self.cfg, v, kv);
@@ -484,6 +480,7 @@ impl KvStore for PmkvqStore {
     }
 
     fn clear(&mut self) {
+        self.deferred.clear();
         (self.cfg.window, self.cfg.window_bits) = (self.base.window, self.base.window_bits);
         for l in &mut self.layers {
             for s in [&mut l.k, &mut l.v] {
@@ -496,6 +493,7 @@ impl KvStore for PmkvqStore {
     }
 
     fn truncate(&mut self, tokens: usize) {
+        self.deferred.clear();
         // Only whole segments can be rolled back exactly; tokens in a flushed/shrunk body stay as they are.
         for l in &mut self.layers {
             for s in [&mut l.k, &mut l.v] {
@@ -545,6 +543,7 @@ impl KvStore for PmkvqStore {
                 got: budgets.len(),
             });
         }
+        self.deferred.clear();
         for (l, &b) in self.layers.iter_mut().zip(budgets) {
             l.budget = b;
         }
@@ -607,6 +606,7 @@ impl KvStore for PmkvqStore {
         shares: Option<&[f64]>,
         ahead: usize,
     ) -> Result<(), KvError> {
+        self.deferred.clear();
         let base = self.base.clone();
         let mut spilled = Vec::with_capacity(self.layers.len());
         let mut held = None;
@@ -662,6 +662,7 @@ impl KvStore for PmkvqStore {
 
     fn restore(&mut self, data: &[u8]) -> Result<(), KvError> {
         let (requants, spilled) = read_spill(data, &self.base, self.geom, self.base.group)?;
+        self.deferred.clear();
         self.layers = spilled.into_iter().map(Layer::from).collect();
         self.requants = requants;
         // as spilled: the window's width as held, its size for the restored budgets but never below what it holds

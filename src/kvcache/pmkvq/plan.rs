@@ -5,7 +5,7 @@
 //! and the floor. At a budget near q4_0's bytes this keeps most bodies at 4 bits and drops only the least
 //! sensitive; at a fifth of fp16 it picks which K or V bodies take 2 bits.
 
-use super::enforce::{enforce_layer, Enforced};
+use super::enforce::{charged_bytes, enforce_layer, Enforced};
 use super::LAYER_BOOKKEEPING;
 use crate::kvcache::quant::Bits;
 use crate::kvcache::KvError;
@@ -206,6 +206,7 @@ impl super::PmkvqStore {
 
     /// Plan the whole cache for `ahead` more tokens under its total and lower the bodies the plan lowers.
     pub(super) fn replan(&mut self, ahead: usize) -> Result<(), KvError> {
+        self.deferred.clear();
         let Some(total) = self.total else { return Ok(()) };
         let shapes: Vec<_> = (0..self.layers.len()).map(|li| self.kv_shape(li)).collect();
         let plan = self.plan_layers(&shapes, total, ahead)?;
@@ -228,13 +229,27 @@ impl super::PmkvqStore {
             }
             return Ok(());
         }
+        // a prompt chunk's layers that can wait for their own read are lowered then (lower_deferred)
+        let later = if ahead > 1 {
+            self.deferrable(&shapes, &plan, total, ahead)
+        } else {
+            vec![false; plan.len()]
+        };
+        self.deferred = plan.iter().zip(&later).map(|(p, &d)| d.then_some(*p)).collect();
         let (cfg, geom) = (&self.cfg, self.geom);
         let results: Vec<Enforced> = self
             .layers
             .par_iter_mut()
             .zip(plan)
+            .zip(later)
             .enumerate()
-            .map(|(li, (l, (budget, [kb, vb])))| {
+            .map(|(li, ((l, (budget, [kb, vb])), later))| {
+                if later {
+                    return Enforced {
+                        levels: 0,
+                        result: Ok(()),
+                    };
+                }
                 l.budget = budget;
                 let n = l.k.body.shrink_to(kb, cfg.shift) as u64 + l.v.body.shrink_to(vb, cfg.shift) as u64;
                 let r = enforce_layer(cfg, geom, li, l);
@@ -245,6 +260,73 @@ impl super::PmkvqStore {
             })
             .collect();
         self.tally(results)
+    }
+
+    /// Which layers the plan lowers may wait until the step's attention has read them in their current widths
+    /// (lowered by [`lower_deferred`](Self::lower_deferred) just before the layer stores its new tokens): as
+    /// many as keep the cache within `total` at every moment of the step. Layers are done in order; a layer done
+    /// holds at most its planned bytes `a`, a waiting one what it holds now `h`, any other at most `a` (it was
+    /// lowered before the step, or is not lowered). So after layer `t` the cache holds at most
+    /// Σ a + Σ over waiting layers past `t` of (h − a); while that exceeds `total` somewhere, the waiting layer
+    /// past that point that would free the most is lowered up front instead.
+    ///
+    /// Why: a prompt prefilled in chunks reads its earlier chunks through the cache, and lowering first makes
+    /// the chunk read them at the widths meant for after it (docs/retrieval.md: at 1/5 of fp16's bytes, 1024-token
+    /// chunks read at the widths before the step find the pass key as often as fp16). A decode step (`ahead` 1)
+    /// lowers first as before: one token's read gains nothing measurable.
+    fn deferrable(
+        &self,
+        shapes: &[([usize; 3], [Bits; 2])],
+        plan: &[(usize, [Bits; 2])],
+        total: usize,
+        ahead: usize,
+    ) -> Vec<bool> {
+        let planned = |(lens, _): &([usize; 3], [Bits; 2]), w: [Bits; 2]| -> usize {
+            let side = |b: Bits| {
+                self.side_bytes_after(*lens, 0, b)
+                    .max(self.side_bytes_after(*lens, ahead, b))
+            };
+            side(w[0]) + side(w[1]) + LAYER_BOOKKEEPING
+        };
+        let a: Vec<usize> = shapes.iter().zip(plan).map(|(s, (_, w))| planned(s, *w)).collect();
+        let h: Vec<usize> = self.layers.iter().map(|l| charged_bytes(&self.cfg, l)).collect();
+        let mut wait: Vec<bool> = shapes.iter().zip(plan).map(|((_, now), (_, w))| now != w).collect();
+        let base: usize = a.iter().sum();
+        loop {
+            // the cache's most after each layer: Σ a plus the waiting layers' excess past that point
+            let mut excess = 0isize;
+            let mut worst = (0isize, usize::MAX);
+            for t in (0..wait.len()).rev() {
+                if wait[t] {
+                    excess += h[t] as isize - a[t] as isize;
+                }
+                // before layer t is done: layers t.. still as they are
+                if excess >= worst.0 {
+                    worst = (excess, t);
+                }
+            }
+            if base as isize + worst.0 <= total as isize {
+                return wait;
+            }
+            // the waiting layer at or past the worst point that frees the most by going first
+            let Some(j) = (worst.1..wait.len())
+                .filter(|&j| wait[j] && h[j] > a[j])
+                .max_by_key(|&j| h[j] - a[j])
+            else {
+                return vec![false; wait.len()];
+            };
+            wait[j] = false;
+        }
+    }
+
+    /// Lower layer `li` as the step's plan says, if it waited for its read ([`deferrable`](Self::deferrable)).
+    pub(super) fn lower_deferred(&mut self, li: usize) {
+        if let Some((budget, [kb, vb])) = self.deferred.get_mut(li).and_then(Option::take) {
+            let (l, shift) = (&mut self.layers[li], self.cfg.shift);
+            l.budget = budget;
+            let n = l.k.body.shrink_to(kb, shift) + l.v.body.shrink_to(vb, shift);
+            self.requants = self.requants.saturating_add(n as u64);
+        }
     }
 
     /// Layer `li`'s token counts and its K and V body widths.

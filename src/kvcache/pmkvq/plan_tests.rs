@@ -146,3 +146,105 @@ fn without_a_total_a_planned_store_keeps_every_token_at_16_bits() {
         Err(KvError::BadBudgets { .. })
     ));
 }
+
+/// A prompt chunk through every layer as the model runs it: reserve, then attend and store layer by layer.
+/// Returns each layer's attention output and checks the total after every layer.
+fn chunk_step(s: &mut PmkvqStore, first: u64, n: usize, total: usize) -> Result<Vec<Vec<f32>>, KvError> {
+    let g = geom();
+    s.reserve(n)?;
+    let x: Vec<f32> = (first..first + n as u64).flat_map(|t| token(t, g.kv_dim())).collect();
+    let q: Vec<f32> = (first..first + n as u64)
+        .flat_map(|t| token(t + 31, g.q_heads * g.head_dim))
+        .collect();
+    let mut outs = Vec::new();
+    for li in 0..g.layers {
+        let mut out = vec![0.0; q.len()];
+        s.attend_and_store(li, &q, &x, &x, n, &mut out)?;
+        assert!(
+            s.true_bytes() <= total,
+            "{} > {total} after layer {li} of a {n}-token step",
+            s.true_bytes()
+        );
+        outs.push(out);
+    }
+    Ok(outs)
+}
+
+#[test]
+fn a_prompt_chunk_reads_the_layers_it_lowers_as_they_were_before_the_step() {
+    let g = geom();
+    let mut s = planned();
+    let total = 1000 * 2 * g.kv_dim() * 2 * g.layers / 5;
+    s.set_total_budget(total, None, 400).unwrap();
+    chunk_step(&mut s, 0, 400, total).unwrap();
+    let before = widths(&s);
+    // the same cache, unbounded: it reads what the chunk should read (the widths before the step)
+    let same_before = s.spill().unwrap();
+    let mut same = planned();
+    same.restore(&same_before).unwrap();
+    same.set_layer_budgets(&[usize::MAX; 4]).unwrap();
+    s.reserve(400).unwrap();
+    let waiting: Vec<usize> = (0..g.layers).filter(|&li| s.deferred[li].is_some()).collect();
+    assert!(!waiting.is_empty(), "the step lowers some layer after its read");
+    for &li in &waiting {
+        assert_eq!(widths(&s)[li], before[li], "layer {li} waits: not lowered up front");
+    }
+    s.truncate(400);
+    let got = chunk_step(&mut s, 400, 400, total).unwrap();
+    let want = chunk_step(&mut same, 400, 400, usize::MAX).unwrap();
+    for li in waiting {
+        assert_eq!(got[li], want[li], "layer {li} read its pre-step widths");
+    }
+    let after = widths(&s);
+    assert!(after != before, "the step lowered: {before:?} -> {after:?}");
+    // the daemon fits every cache to its share before each step (set_total_budget with the step's tokens
+    // ahead): the step still reads what it read above
+    let mut fitted = planned();
+    fitted.restore(&same_before).unwrap();
+    fitted.set_total_budget(total, None, 400).unwrap();
+    assert!(fitted.true_bytes() <= total);
+    assert_eq!(chunk_step(&mut fitted, 400, 400, total).unwrap(), got);
+    assert!(
+        s.deferred.iter().all(Option::is_none),
+        "every waiting layer was lowered at its store"
+    );
+}
+
+#[test]
+fn chunked_steps_never_exceed_the_total_between_layers_and_go_first_where_waiting_would() {
+    let g = geom();
+    let total = 3000 * 2 * g.kv_dim() * 2 * g.layers / 6;
+    let (mut waited, mut went_first) = (false, false);
+    for (case, chunk) in [37usize, 128, 250, 511, 700].into_iter().enumerate() {
+        let mut s = planned();
+        s.set_total_budget(total, None, chunk).unwrap();
+        let mut stored = 0u64;
+        let mut before = widths(&s);
+        loop {
+            // which lowered layers wait and which go first, as the plan decides: reserve once to look (the step
+            // reserves again, from where this left it, as a daemon step after set_total_budget does)
+            match s.reserve(chunk) {
+                Ok(()) => {}
+                Err(KvError::OutOfBudget { .. }) => break,
+                Err(e) => panic!("case {case}: {e}"),
+            }
+            let lowered_now = widths(&s) != before;
+            waited |= s.deferred.iter().any(Option::is_some);
+            went_first |= lowered_now && s.deferred.iter().any(Option::is_some);
+            match chunk_step(&mut s, stored, chunk, total) {
+                Ok(_) => {}
+                Err(KvError::OutOfBudget { .. }) => break,
+                Err(e) => panic!("case {case}: {e}"),
+            }
+            stored += chunk as u64;
+            let now = widths(&s);
+            for (a, b) in before.iter().zip(&now) {
+                assert!(b[0] <= a[0] && b[1] <= a[1], "case {case}: a body went back up");
+            }
+            before = now;
+        }
+        assert!(stored >= 1000, "case {case}: {chunk}-token chunks stopped at {stored}");
+    }
+    assert!(waited, "some step let a layer wait for its read");
+    assert!(went_first, "some step lowered one layer first and let another wait");
+}

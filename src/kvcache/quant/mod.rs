@@ -315,5 +315,19 @@ pub fn store_param(v: f32) -> f16 {
     f16::from_f32(v)
 }
 
+/// q8_0 round trip of a query (32-element blocks, llama.cpp's reference rounding).
+pub fn round_through_q8_0(q: &[f32]) -> Vec<f32> {
+    let mut out = q.to_vec();
+    for blk in out.chunks_mut(32) {
+        let amax = blk.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = half::f16::from_f32(amax / 127.0).to_f32();
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        for v in blk.iter_mut() {
+            *v = (*v * id).round() * d;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests;
