@@ -79,8 +79,8 @@ pub const KEYS: &[KeyDef] = &[
     },
     KeyDef {
         key: "engine.prefill_chunk",
-        default: "512",
-        doc: "prompt tokens per step (bounds how long a long prompt delays other streams)",
+        default: "1024",
+        doc: "prompt tokens per step: bounds how long a long prompt delays other streams; under a tight KV budget a prompt up to twice this long keeps fp16-level retrieval (docs/retrieval.md)",
     },
     KeyDef {
         key: "engine.stream_buffer",
@@ -559,7 +559,7 @@ mod tests {
         assert_eq!(c.threads, 3);
         assert_eq!(c.max_running, 6);
         assert_eq!(c.max_queued, 11);
-        assert_eq!(c.prefill_chunk, 512);
+        assert_eq!(c.prefill_chunk, 1024);
         assert_eq!(raw.get("threads").unwrap().1, Source::File(f));
         assert_eq!(
             raw.get("engine.max_running").unwrap().1,

@@ -418,6 +418,7 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
         score_from,
         step: a.step.max(1),
         greedy_tokens: a.greedy_tokens,
+        // the protocol the ablation tables were measured with (Botchan's 1023-token context in two passes)
         prefill_chunk: 512,
     };
     let report = if a.chunk_len > 0 {
