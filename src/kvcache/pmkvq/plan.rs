@@ -141,10 +141,7 @@ impl super::PmkvqStore {
         let mut cost = Vec::with_capacity(2 * shapes.len());
         let mut current = Vec::with_capacity(2 * shapes.len());
         for &(lens, widths) in shapes {
-            let c = LEVELS.map(|b| {
-                self.side_bytes_after(lens, 0, b)
-                    .max(self.side_bytes_after(lens, ahead, b))
-            });
+            let c = LEVELS.map(|b| self.side_cost(lens, ahead, b));
             for w in widths {
                 cost.push(c);
                 current.push(level(w));
@@ -281,14 +278,13 @@ impl super::PmkvqStore {
         total: usize,
         ahead: usize,
     ) -> Vec<bool> {
-        let planned = |(lens, _): &([usize; 3], [Bits; 2]), w: [Bits; 2]| -> usize {
-            let side = |b: Bits| {
-                self.side_bytes_after(*lens, 0, b)
-                    .max(self.side_bytes_after(*lens, ahead, b))
-            };
-            side(w[0]) + side(w[1]) + LAYER_BOOKKEEPING
-        };
-        let a: Vec<usize> = shapes.iter().zip(plan).map(|(s, (_, w))| planned(s, *w)).collect();
+        let a: Vec<usize> = shapes
+            .iter()
+            .zip(plan)
+            .map(|((lens, _), (_, [kb, vb]))| {
+                self.side_cost(*lens, ahead, *kb) + self.side_cost(*lens, ahead, *vb) + LAYER_BOOKKEEPING
+            })
+            .collect();
         let h: Vec<usize> = self.layers.iter().map(|l| charged_bytes(&self.cfg, l)).collect();
         let mut wait: Vec<bool> = shapes.iter().zip(plan).map(|((_, now), (_, w))| now != w).collect();
         let base: usize = a.iter().sum();
@@ -327,6 +323,13 @@ impl super::PmkvqStore {
             let n = l.k.body.shrink_to(kb, shift) + l.v.body.shrink_to(vb, shift);
             self.requants = self.requants.saturating_add(n as u64);
         }
+    }
+
+    /// What one side (K or V) of a layer holding `lens` tokens costs a plan with its body at `bits`: the larger
+    /// of its bytes now and after `ahead` more tokens.
+    fn side_cost(&self, lens: [usize; 3], ahead: usize, bits: Bits) -> usize {
+        self.side_bytes_after(lens, 0, bits)
+            .max(self.side_bytes_after(lens, ahead, bits))
     }
 
     /// Layer `li`'s token counts and its K and V body widths.
