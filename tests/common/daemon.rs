@@ -73,12 +73,14 @@ impl TestServer {
         PmkvqServiceClient::connect(self.url()).await.expect("connect")
     }
 
+    /// Ready as a load balancer sees it: the engine is warm (`GetStatus.ready`) and health says SERVING (the app
+    /// sets it just after the engine reports ready; a test that checks health must not start in between).
     async fn wait_ready(&self) {
         let t0 = Instant::now();
         loop {
             if let Ok(mut c) = PmkvqServiceClient::connect(self.url()).await {
                 if let Ok(s) = c.get_status(pb::GetStatusRequest {}).await {
-                    if s.into_inner().ready {
+                    if s.into_inner().ready && self.serving().await {
                         return;
                     }
                 }
@@ -86,6 +88,18 @@ impl TestServer {
             assert!(t0.elapsed() < Duration::from_secs(60), "server not ready after 60 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Whether gRPC health (the whole server) says SERVING.
+    async fn serving(&self) -> bool {
+        use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
+        let Ok(ch) = Channel::from_shared(self.url()).expect("a valid url").connect().await else {
+            return false;
+        };
+        HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
     }
 
     /// Wait for `app::run` to return by itself (no shutdown sent) and give its result.
