@@ -109,29 +109,40 @@ async fn health(port: u16, deadline: Duration) -> Result<ServingStatus, String> 
 }
 
 async fn spawn_daemon(sets: &[&str]) -> Daemon {
-    let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pmkvqd"));
-    cmd.arg("--model").arg(common::default_model_path()).args([
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--set",
-        "log.filter=warn",
-    ]);
-    for s in sets {
-        cmd.args(["--set", s]);
+    // A port found free can be taken before the daemon binds it (another test's client connection takes its
+    // ephemeral port from the same range): a daemon that exits at start is started again on another port.
+    for _ in 0..5 {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pmkvqd"));
+        cmd.arg("--model").arg(common::default_model_path()).args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--set",
+            "log.filter=warn",
+        ]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start pmkvqd");
+        let mut d = Daemon { child, port };
+        let t0 = Instant::now();
+        loop {
+            if health(port, Duration::from_secs(2)).await == Ok(ServingStatus::Serving) {
+                return d;
+            }
+            if let Some(status) = d.child.try_wait().expect("poll pmkvqd") {
+                eprintln!("pmkvqd exited at start ({status}); again on another port");
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "pmkvqd did not become SERVING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
-    let child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start pmkvqd");
-    let d = Daemon { child, port };
-    let t0 = Instant::now();
-    while health(port, Duration::from_secs(2)).await != Ok(ServingStatus::Serving) {
-        assert!(t0.elapsed() < Duration::from_secs(60), "pmkvqd did not become SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    d
+    panic!("pmkvqd exited at start five times");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -37,38 +37,47 @@ fn free_port() -> u16 {
 }
 
 async fn spawn_daemon(grace: &str) -> Daemon {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_pmkvqd"))
-        .arg("--model")
-        .arg(common::default_model_path())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--set",
-            "log.filter=warn",
-            "--set",
-        ])
-        .arg(format!("shutdown.grace={grace}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start pmkvqd");
-    let d = Daemon {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let t0 = Instant::now();
-    loop {
-        if let Ok(mut h) = health_client(&d.url).await {
-            if let Ok(r) = h.check(HealthCheckRequest { service: String::new() }).await {
-                if r.into_inner().status() == ServingStatus::Serving {
-                    return d;
+    // A port found free can be taken before the daemon binds it (by another test's client connection, whose
+    // ephemeral port comes from the same range): a daemon that exits at start is started again on another port.
+    for _ in 0..5 {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_pmkvqd"))
+            .arg("--model")
+            .arg(common::default_model_path())
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--set",
+                "log.filter=warn",
+                "--set",
+            ])
+            .arg(format!("shutdown.grace={grace}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start pmkvqd");
+        let mut d = Daemon {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        let t0 = Instant::now();
+        loop {
+            if let Ok(mut h) = health_client(&d.url).await {
+                if let Ok(r) = h.check(HealthCheckRequest { service: String::new() }).await {
+                    if r.into_inner().status() == ServingStatus::Serving {
+                        return d;
+                    }
                 }
             }
+            if let Some(status) = d.child.try_wait().expect("poll pmkvqd") {
+                eprintln!("pmkvqd exited at start ({status}); again on another port");
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "pmkvqd did not become SERVING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(t0.elapsed() < Duration::from_secs(60), "pmkvqd did not become SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    panic!("pmkvqd exited at start five times");
 }
 
 /// `n` streams (EOS ignored), each on its own connection, each past its first chunk.
