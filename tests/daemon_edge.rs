@@ -8,7 +8,7 @@ use common::daemon::{start_server, text_request};
 use pmkvq::server::proto::{self as pb, pmkvq_service_client::PmkvqServiceClient};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tonic::Code;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
@@ -69,26 +69,7 @@ async fn a_full_queue_refuses_a_huge_prompt_before_tokenizing_it() {
     server.stop().await;
 }
 
-/// The real binary (its own two-thread runtime), on a free port, with `--set` pairs.
-struct Daemon {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+type Daemon = common::daemon::Pmkvqd;
 
 async fn health(port: u16, deadline: Duration) -> Result<ServingStatus, String> {
     let fut = async {
@@ -109,40 +90,7 @@ async fn health(port: u16, deadline: Duration) -> Result<ServingStatus, String> 
 }
 
 async fn spawn_daemon(sets: &[&str]) -> Daemon {
-    // A port found free can be taken before the daemon binds it (another test's client connection takes its
-    // ephemeral port from the same range): a daemon that exits at start is started again on another port.
-    for _ in 0..5 {
-        let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pmkvqd"));
-        cmd.arg("--model").arg(common::default_model_path()).args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--set",
-            "log.filter=warn",
-        ]);
-        for s in sets {
-            cmd.args(["--set", s]);
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start pmkvqd");
-        let mut d = Daemon { child, port };
-        let t0 = Instant::now();
-        loop {
-            if health(port, Duration::from_secs(2)).await == Ok(ServingStatus::Serving) {
-                return d;
-            }
-            if let Some(status) = d.child.try_wait().expect("poll pmkvqd") {
-                eprintln!("pmkvqd exited at start ({status}); again on another port");
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "pmkvqd did not become SERVING");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    panic!("pmkvqd exited at start five times");
+    common::daemon::spawn_pmkvqd(sets).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -306,7 +254,7 @@ fn set_nofile(pid: u32, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_listeners_back_off_instead_of_spinning() {
-    let metrics_port = free_port();
+    let metrics_port = common::http::free_port();
     let d = spawn_daemon(&[&format!("metrics.listen=127.0.0.1:{metrics_port}")]).await;
     let pid = d.child.id();
     // Leave the daemon two spare descriptors, then connect far more clients than that to both listeners.

@@ -5,20 +5,11 @@ mod common;
 
 use common::daemon::{collect_stream, text_request};
 use pmkvq::server::proto::{self as pb, pmkvq_service_client::PmkvqServiceClient};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
+type Daemon = common::daemon::Pmkvqd;
 
 async fn health_client(url: &str) -> Result<HealthClient<tonic::transport::Channel>, tonic::transport::Error> {
     let ch = tonic::transport::Channel::from_shared(url.to_string())
@@ -28,56 +19,8 @@ async fn health_client(url: &str) -> Result<HealthClient<tonic::transport::Chann
     Ok(HealthClient::new(ch))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn spawn_daemon(grace: &str) -> Daemon {
-    // A port found free can be taken before the daemon binds it (by another test's client connection, whose
-    // ephemeral port comes from the same range): a daemon that exits at start is started again on another port.
-    for _ in 0..5 {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_pmkvqd"))
-            .arg("--model")
-            .arg(common::default_model_path())
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--set",
-                "log.filter=warn",
-                "--set",
-            ])
-            .arg(format!("shutdown.grace={grace}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start pmkvqd");
-        let mut d = Daemon {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        };
-        let t0 = Instant::now();
-        loop {
-            if let Ok(mut h) = health_client(&d.url).await {
-                if let Ok(r) = h.check(HealthCheckRequest { service: String::new() }).await {
-                    if r.into_inner().status() == ServingStatus::Serving {
-                        return d;
-                    }
-                }
-            }
-            if let Some(status) = d.child.try_wait().expect("poll pmkvqd") {
-                eprintln!("pmkvqd exited at start ({status}); again on another port");
-                break;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(60), "pmkvqd did not become SERVING");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-    panic!("pmkvqd exited at start five times");
+    common::daemon::spawn_pmkvqd(&[&format!("shutdown.grace={grace}")]).await
 }
 
 /// `n` streams (EOS ignored), each on its own connection, each past its first chunk.
@@ -118,7 +61,7 @@ async fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStat
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_cancels_active_streams_after_the_grace_period_and_exits_0() {
     let mut d = spawn_daemon("2s").await;
-    let mut health = health_client(&d.url).await.unwrap();
+    let mut health = health_client(&d.url()).await.unwrap();
     let mut watch = health
         .watch(HealthCheckRequest {
             service: "pmkvq.v1.PmkvqService".into(),
@@ -127,7 +70,7 @@ async fn sigterm_cancels_active_streams_after_the_grace_period_and_exits_0() {
         .unwrap()
         .into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
-    let streams = open_streams(&d.url, 4, 8000).await;
+    let streams = open_streams(&d.url(), 4, 8000).await;
     let t_term = Instant::now();
     sigterm(&d.child);
     let not_serving = tokio::time::timeout(Duration::from_secs(5), watch.message())
@@ -165,12 +108,12 @@ async fn sigterm_cancels_active_streams_after_the_grace_period_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_lets_short_streams_complete() {
     let mut d = spawn_daemon("30s").await;
-    let streams = open_streams(&d.url, 4, 48).await;
+    let streams = open_streams(&d.url(), 4, 48).await;
     let t_term = Instant::now();
     sigterm(&d.child);
     // New work is refused while draining (a new connection is not accepted, or the request is UNAVAILABLE).
     tokio::time::sleep(Duration::from_millis(100)).await;
-    if let Ok(mut c) = PmkvqServiceClient::connect(d.url.clone()).await {
+    if let Ok(mut c) = PmkvqServiceClient::connect(d.url()).await {
         let st = c.generate(text_request("Hello", 4)).await.expect_err("draining");
         assert_eq!(st.code(), tonic::Code::Unavailable, "{}", st.message());
     }

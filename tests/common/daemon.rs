@@ -80,7 +80,7 @@ impl TestServer {
         loop {
             if let Ok(mut c) = PmkvqServiceClient::connect(self.url()).await {
                 if let Ok(s) = c.get_status(pb::GetStatusRequest {}).await {
-                    if s.into_inner().ready && self.serving().await {
+                    if s.into_inner().ready && serving(&self.url()).await {
                         return;
                     }
                 }
@@ -88,18 +88,6 @@ impl TestServer {
             assert!(t0.elapsed() < Duration::from_secs(60), "server not ready after 60 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// Whether gRPC health (the whole server) says SERVING.
-    async fn serving(&self) -> bool {
-        use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient};
-        let Ok(ch) = Channel::from_shared(self.url()).expect("a valid url").connect().await else {
-            return false;
-        };
-        HealthClient::new(ch)
-            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
-            .await
-            .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
     }
 
     /// Wait for `app::run` to return by itself (no shutdown sent) and give its result.
@@ -233,4 +221,80 @@ pub async fn collect_stream(mut stream: tonic::Streaming<pb::GenerateResponse>) 
         }
     }
     out
+}
+
+/// Whether gRPC health (the whole server) at `url` says SERVING, asked with a 2 s deadline.
+pub async fn serving(url: &str) -> bool {
+    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    let ask = async {
+        let ch = Channel::from_shared(url.to_string())
+            .expect("a valid url")
+            .connect()
+            .await
+            .ok()?;
+        let r = HealthClient::new(ch)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .ok()?;
+        Some(r.into_inner().status == ServingStatus::Serving as i32)
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(2), ask).await, Ok(Some(true)))
+}
+
+/// The real `pmkvqd` binary (its own runtime) on a loopback port; killed when dropped.
+pub struct Pmkvqd {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Pmkvqd {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Pmkvqd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `pmkvqd` on the default model with `log.filter=warn` and `sets` (`--set` pairs) on a free port, and
+/// return it once health says SERVING. A port found free can be taken before the daemon binds it (a parallel
+/// test's client connection takes its ephemeral port from the same range): a daemon that exits at start is
+/// started again on another port, five times at most.
+pub async fn spawn_pmkvqd(sets: &[&str]) -> Pmkvqd {
+    for _ in 0..5 {
+        let port = super::http::free_port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pmkvqd"));
+        cmd.arg("--model").arg(super::default_model_path()).args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--set",
+            "log.filter=warn",
+        ]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start pmkvqd");
+        let mut d = Pmkvqd { child, port };
+        let t0 = Instant::now();
+        loop {
+            if serving(&d.url()).await {
+                return d;
+            }
+            if let Some(status) = d.child.try_wait().expect("poll pmkvqd") {
+                eprintln!("pmkvqd exited at start ({status}); again on another port");
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "pmkvqd did not become SERVING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    panic!("pmkvqd exited at start five times");
 }
