@@ -31,6 +31,10 @@ pub struct KeyDef {
 }
 
 /// Every key pmkvqd reads. `deploy/pmkvqd.example.toml` lists exactly these with these defaults (tested).
+/// `engine.prefill_chunk`'s default, for the offline tools that prefill as the daemon does (`pmkvq generate`,
+/// `pmkvq eval retrieval`); the key's default below is the same number.
+pub const PREFILL_CHUNK: usize = 1024;
+
 pub const KEYS: &[KeyDef] = &[
     KeyDef {
         key: "model",
@@ -560,6 +564,8 @@ mod tests {
         assert_eq!(c.max_running, 6);
         assert_eq!(c.max_queued, 11);
         assert_eq!(c.prefill_chunk, 1024);
+        let key = KEYS.iter().find(|k| k.key == "engine.prefill_chunk").unwrap();
+        assert_eq!(key.default.parse::<usize>().unwrap(), PREFILL_CHUNK);
         assert_eq!(raw.get("threads").unwrap().1, Source::File(f));
         assert_eq!(
             raw.get("engine.max_running").unwrap().1,

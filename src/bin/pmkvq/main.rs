@@ -185,7 +185,7 @@ struct RetrievalArgs {
     answer_tokens: usize,
     /// Prompt tokens per prefill forward pass, as the daemon's `engine.prefill_chunk` (0 = the whole prompt in
     /// one pass). A quantized cache is read by every later chunk, so this moves retrieval.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = pmkvq::config::PREFILL_CHUNK)]
     prefill_chunk: usize,
     /// Distractor text (sentences repeated to fill); default: the classic pass-key filler.
     #[arg(long)]
@@ -320,7 +320,7 @@ struct GenerateArgs {
     #[arg(long)]
     stop: Vec<String>,
     /// Tokens per prefill forward pass (the daemon's `engine.prefill_chunk` default).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = pmkvq::config::PREFILL_CHUNK)]
     prefill_chunk: usize,
     /// KV cache: fp16, pmkvq, rtn:<2|4|8>, kivi:<2|4|8>, q8_0, q4_0 [default: fp16 locally, the server's with
     /// --server].
