@@ -254,8 +254,8 @@ fn set_nofile(pid: u32, n: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_the_listeners_back_off_instead_of_spinning() {
-    let metrics_port = common::http::free_port();
-    let d = spawn_daemon(&[&format!("metrics.listen=127.0.0.1:{metrics_port}")]).await;
+    let d = common::daemon::spawn_pmkvqd_with_metrics(&[]).await;
+    let metrics_port = d.metrics_port.expect("asked for");
     let pid = d.child.id();
     // Leave the daemon two spare descriptors, then connect far more clients than that to both listeners.
     let soft = nofile(pid);

@@ -42,27 +42,47 @@ async fn notify_ready_after_warmup_watchdog_sighup_reload_and_clean_stop() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     let cfg = dir.path().join("pmkvqd.toml");
     std::fs::write(&cfg, "[memory]\nbudget = \"auto\"\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pmkvqd"))
-        .arg("--model")
-        .arg(common::default_model_path())
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--set", "log.filter=warn"])
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "300000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    // A port found free can be taken before the daemon binds it (see common::daemon::spawn_pmkvqd): a daemon that
+    // exits before READY starts again on another port.
+    let (mut child, port, msgs) = 'start: {
+        for _ in 0..5 {
+            let port = common::http::free_port();
+            let mut child = Command::new(env!("CARGO_BIN_EXE_pmkvqd"))
+                .arg("--model")
+                .arg(common::default_model_path())
+                .arg("--config")
+                .arg(&cfg)
+                .args(["--listen", &format!("127.0.0.1:{port}"), "--set", "log.filter=warn"])
+                .env("NOTIFY_SOCKET", &sock_path)
+                .env("WATCHDOG_USEC", "300000")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            // READY, and at that moment the engine is warm (GetStatus says ready).
+            let t0 = Instant::now();
+            let mut msgs = Vec::new();
+            while t0.elapsed() < Duration::from_secs(60) {
+                msgs.extend(tokio::task::block_in_place(|| {
+                    recv_until(&sock, Duration::from_millis(200), |m| m.contains("READY=1"))
+                }));
+                if msgs.iter().any(|(_, m)| m.contains("READY=1")) {
+                    break 'start (child, port, msgs);
+                }
+                if let Some(status) = child.try_wait().unwrap() {
+                    eprintln!("pmkvqd exited at start ({status}); again on another port");
+                    break;
+                }
+            }
+            if child.try_wait().unwrap().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("no READY=1 within 60 s");
+            }
+        }
+        panic!("pmkvqd exited at start five times");
+    };
     let pid = child.id();
-
-    // READY, and at that moment the engine is warm (GetStatus says ready).
-    let msgs = tokio::task::block_in_place(|| recv_until(&sock, Duration::from_secs(60), |m| m.contains("READY=1")));
     let ready = msgs
         .iter()
         .find(|(_, m)| m.contains("READY=1"))

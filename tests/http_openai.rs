@@ -4,8 +4,8 @@
 
 mod common;
 
-use common::daemon::{chat_request, collect, start_server, start_server_with, text_request, wait_status};
-use common::http::{free_port, get, post, request};
+use common::daemon::{chat_request, collect, spawn_http, start_server_http, text_request, wait_status};
+use common::http::{get, post, request};
 use serde_json::{json, Value};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -21,18 +21,9 @@ fn script() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_check.py")
 }
 
-/// A free loopback address for the HTTP listener.
-fn http_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
-}
-
 /// pmkvqd on the default model with the HTTP API on a free port and `overrides`: the server and its HTTP address.
 async fn with_http(overrides: &[(&str, &str)]) -> (common::daemon::TestServer, String) {
-    let http = http_addr();
-    let mut pairs = vec![("http.listen", http.as_str())];
-    pairs.extend_from_slice(overrides);
-    let server = start_server(&pairs).await;
-    (server, http)
+    start_server_http(overrides, |_| {}).await
 }
 
 /// An error object in OpenAI's shape naming `param`.
@@ -381,8 +372,7 @@ async fn draining_answers_503_and_ends_open_streams_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_fault_ends_the_request_with_an_openai_error() {
     use pmkvq::engine::{FaultHook, FaultPoint};
-    let http = http_addr();
-    let server = start_server_with(&[("http.listen", &http)], |c| {
+    let (server, http) = start_server_http(&[], |c| {
         c.fault = Some(FaultHook(std::sync::Arc::new(|p, r| {
             p == FaultPoint::Step && r.starts_with("boom")
         })))
@@ -451,21 +441,18 @@ async fn https_with_the_grpc_certificate() {
     let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let port = free_port();
     let model = common::default_model_path();
-    let http = format!("127.0.0.1:{port}");
-    let cfg = pmkvq::config::from_pairs(&[
-        ("model", model.to_str().unwrap()),
-        ("http.listen", &http),
-        ("tls.cert", cert_path.to_str().unwrap()),
-        ("tls.key", key_path.to_str().unwrap()),
-    ])
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = tokio::spawn(pmkvq::app::run(cfg, pmkvq::server::Listener::Tcp(listener), async {
-        let _ = stopped.await;
-    }));
+    let (server, http) = spawn_http(|http| {
+        pmkvq::config::from_pairs(&[
+            ("model", model.to_str().unwrap()),
+            ("http.listen", http),
+            ("tls.cert", cert_path.to_str().unwrap()),
+            ("tls.key", key_path.to_str().unwrap()),
+        ])
+        .unwrap()
+    })
+    .await;
+    let port = http.rsplit(':').next().unwrap();
     let out = tokio::process::Command::new(python())
         .args([
             script(),
@@ -494,28 +481,26 @@ async fn https_with_the_grpc_certificate() {
         !String::from_utf8_lossy(&plain).contains("\"ok\""),
         "no clear-text answer"
     );
-    let _ = stop.send(());
-    app.await.unwrap().unwrap();
+    server.stop().await;
 }
 
 /// `/health` answers 503 (`loading`) from the moment the listener is up until the model is warm, then 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_is_503_until_the_model_is_warm() {
     use pmkvq::engine::{FaultHook, FaultPoint};
-    let http = http_addr();
-    let h2 = http.clone();
-    // A warm-up that takes 2 s longer (the hook sleeps on the engine thread and injects nothing).
-    let server = tokio::spawn(async move {
-        start_server_with(&[("http.listen", &h2)], |c| {
-            c.fault = Some(FaultHook(std::sync::Arc::new(|p, _| {
-                if p == FaultPoint::WarmUp {
-                    std::thread::sleep(Duration::from_secs(2));
-                }
-                false
-            })))
-        })
-        .await
-    });
+    // The listener is up before the model loads: `spawn_http` returns then, without waiting for the warm-up.
+    let (mut server, http) = spawn_http(|http| {
+        let model = common::default_model_path();
+        let mut cfg = pmkvq::config::from_pairs(&[("model", model.to_str().unwrap()), ("http.listen", http)]).unwrap();
+        cfg.fault = Some(FaultHook(std::sync::Arc::new(|p, _| {
+            if p == FaultPoint::WarmUp {
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            false
+        })));
+        cfg
+    })
+    .await;
     let t0 = Instant::now();
     let mut seen = Vec::new();
     while t0.elapsed() < Duration::from_secs(60) {
@@ -541,5 +526,22 @@ async fn health_is_503_until_the_model_is_warm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(seen, [503, 200], "503 while loading and warming up, then 200");
-    server.await.unwrap().stop().await;
+    server.ready().await;
+    server.stop().await;
+}
+
+/// An `http.listen` address already in use ends the start with an error naming the address (and the harness's
+/// retry on a lost port recognises exactly that error).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_address_in_use_ends_the_start_naming_it() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http = held.local_addr().unwrap().to_string();
+    let model = common::default_model_path();
+    let cfg = pmkvq::config::from_pairs(&[("model", model.to_str().unwrap()), ("http.listen", &http)]).unwrap();
+    let e = match common::daemon::launch(cfg).await {
+        Ok(_) => panic!("started on {http}, which is held"),
+        Err(e) => e,
+    };
+    assert!(common::daemon::lost_port(&e, &http), "{e:?}");
+    assert!(e.to_string().contains(&http), "{e}");
 }

@@ -6,8 +6,8 @@
 
 mod common;
 
-use common::daemon::{chat_request, collect, start_server, text_request, Collected};
-use common::http::{free_port, post};
+use common::daemon::{chat_request, collect, start_server, start_server_http, text_request, Collected};
+use common::http::post;
 use common::tiny::{write_thinking_gguf, TinyArch, TinySpec, QWEN3_TEMPLATE, R1_TEMPLATE};
 use serde_json::json;
 
@@ -70,14 +70,7 @@ async fn the_thinking_budget_closes_an_open_span_and_the_answer_follows() {
         &dir.path().join("r1.gguf"),
         &common::chat_template(R1_TEMPLATE),
     );
-    let port = free_port();
-    let http = format!("127.0.0.1:{port}");
-    let server = start_server(&[
-        ("model", model.to_str().unwrap()),
-        ("profile", "none"),
-        ("http.listen", &http),
-    ])
-    .await;
+    let (server, http) = start_server_http(&[("model", model.to_str().unwrap()), ("profile", "none")], |_| {}).await;
     let mut c = server.client().await;
     let budget = 5;
     let mut req = chat_request(&[("user", "abc")], 24);

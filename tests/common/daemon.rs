@@ -49,19 +49,101 @@ pub async fn start_server_with(
 }
 
 async fn start_server_config(cfg: pmkvq::config::Config) -> TestServer {
+    launch(cfg)
+        .await
+        .unwrap_or_else(|e| panic!("app::run ended at start: {e}"))
+}
+
+/// Spawn `app::run` on `cfg` with gRPC on a fresh loopback port and wait until it is ready; the app's error when
+/// it ends first.
+pub async fn launch(cfg: pmkvq::config::Config) -> Result<TestServer, pmkvq::app::AppError> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(pmkvq::app::run(cfg, pmkvq::server::Listener::Tcp(listener), async {
         let _ = rx.await;
     }));
-    let server = TestServer {
+    let mut server = TestServer {
         addr,
         stop: Some(tx),
         task: Some(task),
     };
-    server.wait_ready().await;
-    server
+    server.wait_ready().await?;
+    Ok(server)
+}
+
+/// Whether `e` says the free port found for `addr` was taken before the app bound it: `free_port()` releases the
+/// port, and a parallel test's client connection can take it as its ephemeral port in between.
+pub fn lost_port(e: &pmkvq::app::AppError, addr: &str) -> bool {
+    matches!(e, pmkvq::app::AppError::Bind(a, io) if a == addr && io.kind() == std::io::ErrorKind::AddrInUse)
+}
+
+/// The default model with the OpenAI HTTP API on a free loopback port, `overrides` and then `edit`, once ready:
+/// the server and its HTTP address.
+pub async fn start_server_http(
+    overrides: &[(&str, &str)],
+    edit: impl Fn(&mut pmkvq::config::Config),
+) -> (TestServer, String) {
+    let model = super::default_model_path();
+    let model = model.to_str().unwrap().to_string();
+    let (mut server, http) = spawn_http(|http| {
+        let mut pairs = vec![("model", model.as_str()), ("http.listen", http)];
+        pairs.extend_from_slice(overrides);
+        let mut cfg = pmkvq::config::from_pairs(&pairs).expect("test config is valid");
+        edit(&mut cfg);
+        cfg
+    })
+    .await;
+    server.ready().await;
+    (server, http)
+}
+
+/// `app::run` on `cfg(http)` for a free loopback address `http`, returned as soon as the HTTP listener is bound,
+/// before the model loads: once gRPC health answers at all (the app binds `http.listen` before it serves gRPC;
+/// with `tls` set, over TLS with its certificate as the root, for `localhost`). A server whose port was taken
+/// before it bound it ([`lost_port`]) starts again on another, five times at most.
+pub async fn spawn_http(cfg: impl Fn(&str) -> pmkvq::config::Config) -> (TestServer, String) {
+    for _ in 0..5 {
+        let http = super::http::free_address();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let cfg = cfg(&http);
+        let ca = cfg.tls.as_ref().map(|(cert, _)| cert.clone());
+        let task = tokio::spawn(pmkvq::app::run(cfg, pmkvq::server::Listener::Tcp(listener), async {
+            let _ = rx.await;
+        }));
+        let t0 = Instant::now();
+        loop {
+            if task.is_finished() {
+                match task.await.expect("app task") {
+                    Err(e) if lost_port(&e, &http) => {
+                        eprintln!("{e}; again on another port");
+                        break;
+                    }
+                    r => panic!("app::run ended at start: {r:?}"),
+                }
+            }
+            let url = match ca {
+                Some(_) => format!("https://{addr}"),
+                None => format!("http://{addr}"),
+            };
+            if health_status(&url, ca.as_deref()).await.is_some() {
+                let server = TestServer {
+                    addr,
+                    stop: Some(tx),
+                    task: Some(task),
+                };
+                return (server, http);
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{http} not listening after 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    panic!("the HTTP port was taken five times");
 }
 
 impl TestServer {
@@ -75,13 +157,26 @@ impl TestServer {
 
     /// Ready as a load balancer sees it: the engine is warm (`GetStatus.ready`) and health says SERVING (the app
     /// sets it just after the engine reports ready; a test that checks health must not start in between).
-    async fn wait_ready(&self) {
+    /// Clear-text gRPC only.
+    pub async fn ready(&mut self) {
+        if let Err(e) = self.wait_ready().await {
+            panic!("app::run ended at start: {e}");
+        }
+    }
+
+    /// Wait until GetStatus says ready and health SERVING; the app's error when `app::run` ends first.
+    async fn wait_ready(&mut self) -> Result<(), pmkvq::app::AppError> {
         let t0 = Instant::now();
         loop {
+            if self.task.as_ref().is_some_and(|t| t.is_finished()) {
+                let t = self.task.take().expect("checked");
+                t.await.expect("app task")?;
+                panic!("app::run returned Ok before it was ready");
+            }
             if let Ok(mut c) = PmkvqServiceClient::connect(self.url()).await {
                 if let Ok(s) = c.get_status(pb::GetStatusRequest {}).await {
                     if s.into_inner().ready && serving(&self.url()).await {
-                        return;
+                        return Ok(());
                     }
                 }
             }
@@ -225,26 +320,37 @@ pub async fn collect_stream(mut stream: tonic::Streaming<pb::GenerateResponse>) 
 
 /// Whether gRPC health (the whole server) at `url` says SERVING, asked with a 2 s deadline.
 pub async fn serving(url: &str) -> bool {
+    health_status(url, None).await == Some(true)
+}
+
+/// gRPC health (the whole server) at `url`, asked with a 2 s deadline, over TLS with `ca` as the only root when
+/// given: whether it says SERVING, or `None` when it does not answer.
+pub async fn health_status(url: &str, ca: Option<&[u8]>) -> Option<bool> {
     use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
     let ask = async {
-        let ch = Channel::from_shared(url.to_string())
-            .expect("a valid url")
-            .connect()
-            .await
-            .ok()?;
+        let mut ch = Channel::from_shared(url.to_string()).expect("a valid url");
+        if let Some(ca) = ca {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                .domain_name("localhost");
+            ch = ch.tls_config(tls).expect("a valid TLS config");
+        }
+        let ch = ch.connect().await.ok()?;
         let r = HealthClient::new(ch)
             .check(HealthCheckRequest { service: String::new() })
             .await
             .ok()?;
         Some(r.into_inner().status == ServingStatus::Serving as i32)
     };
-    matches!(tokio::time::timeout(Duration::from_secs(2), ask).await, Ok(Some(true)))
+    tokio::time::timeout(Duration::from_secs(2), ask).await.ok().flatten()
 }
 
 /// The real `pmkvqd` binary (its own runtime) on a loopback port; killed when dropped.
 pub struct Pmkvqd {
     pub child: std::process::Child,
     pub port: u16,
+    /// The `/metrics` port, when started by [`spawn_pmkvqd_with_metrics`].
+    pub metrics_port: Option<u16>,
 }
 
 impl Pmkvqd {
@@ -265,8 +371,18 @@ impl Drop for Pmkvqd {
 /// test's client connection takes its ephemeral port from the same range): a daemon that exits at start is
 /// started again on another port, five times at most.
 pub async fn spawn_pmkvqd(sets: &[&str]) -> Pmkvqd {
+    spawn_pmkvqd_ports(sets, false).await
+}
+
+/// [`spawn_pmkvqd`] with `metrics.listen` on a free port too (both chosen again when the daemon exits at start).
+pub async fn spawn_pmkvqd_with_metrics(sets: &[&str]) -> Pmkvqd {
+    spawn_pmkvqd_ports(sets, true).await
+}
+
+async fn spawn_pmkvqd_ports(sets: &[&str], metrics: bool) -> Pmkvqd {
     for _ in 0..5 {
         let port = super::http::free_port();
+        let metrics_port = metrics.then(super::http::free_port);
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pmkvqd"));
         cmd.arg("--model").arg(super::default_model_path()).args([
             "--listen",
@@ -277,12 +393,19 @@ pub async fn spawn_pmkvqd(sets: &[&str]) -> Pmkvqd {
         for s in sets {
             cmd.args(["--set", s]);
         }
+        if let Some(m) = metrics_port {
+            cmd.args(["--set", &format!("metrics.listen=127.0.0.1:{m}")]);
+        }
         let child = cmd
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .expect("start pmkvqd");
-        let mut d = Pmkvqd { child, port };
+        let mut d = Pmkvqd {
+            child,
+            port,
+            metrics_port,
+        };
         let t0 = Instant::now();
         loop {
             if serving(&d.url()).await {

@@ -122,6 +122,11 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
+/// `127.0.0.1:` and a port free now (see [`super::daemon::lost_port`] for why it may not stay free).
+pub fn free_address() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
