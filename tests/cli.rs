@@ -35,6 +35,19 @@ fn bad_arguments_exit_64_naming_the_field() {
             vec!["generate", "--model", m, "--prompt", "hi", "--min-p", "1"],
             "min_p",
         ),
+        (
+            vec![
+                "eval",
+                "divergence",
+                "--model",
+                m,
+                "--prompt",
+                "hi",
+                "--reference",
+                "q4_0",
+            ],
+            "--reference",
+        ),
     ] {
         let out = pmkvq(&args);
         let err = String::from_utf8_lossy(&out.stderr);

@@ -271,6 +271,7 @@ fn the_fitted_floor_is_closer_to_fp16_than_the_shifted_one_at_equal_bytes() {
         methods: vec![fitted, shifted],
         score_from: 256,
         step: 16,
+        reference: pmkvq::kvcache::KvMethod::Fp16,
         greedy_tokens: 0,
         prefill_chunk: 256,
     };
@@ -312,6 +313,7 @@ fn near_ties_are_counted_on_the_reference_and_an_f32_cache_differs_from_fp16_onl
         methods: vec![spec("fp16"), spec("f32"), spec("q4_0")],
         score_from: 128,
         step: 16,
+        reference: pmkvq::kvcache::KvMethod::Fp16,
         greedy_tokens: 0,
         prefill_chunk: 128,
     };
@@ -349,4 +351,55 @@ fn near_ties_are_counted_on_the_reference_and_an_f32_cache_differs_from_fp16_onl
         q4.mean_kl
     );
     assert!(f32.flips < q4.flips);
+}
+
+/// With the exact f32 cache as the reference, f32 itself agrees everywhere, and fp16 flips exactly the positions
+/// f32 flips against the fp16 reference (top-1 disagreement is symmetric; KL is not).
+#[test]
+fn the_f32_reference_counts_the_same_flips_from_the_other_side() {
+    use pmkvq::eval::{run_divergence, DivergenceConfig};
+    use pmkvq::kvcache::KvMethod;
+    let (model, tok) = load_default(2);
+    let text = std::fs::read_to_string(common::shared_dir().join("data/text/botchan.txt")).unwrap();
+    let tokens: Vec<u32> = tok.encode(&text, false).unwrap()[2048..2560].to_vec();
+    let spec = |m: &str| pmkvq::kvcache::MethodSpec::plain(m.parse().unwrap(), None, m);
+    let run = |reference| {
+        let cfg = DivergenceConfig {
+            methods: vec![spec("fp16"), spec("f32")],
+            reference,
+            score_from: 128,
+            step: 16,
+            greedy_tokens: 0,
+            prefill_chunk: 128,
+        };
+        run_divergence(&model, &tokens, &cfg).unwrap()
+    };
+    let (by_f16, by_f32) = (run(KvMethod::Fp16), run(KvMethod::F32));
+    assert_eq!((by_f16.reference.as_str(), by_f32.reference.as_str()), ("fp16", "f32"));
+    assert_eq!(
+        by_f16.fp16_bytes, by_f32.fp16_bytes,
+        "the fp16 bytes do not depend on the reference"
+    );
+    let ([f16_f16, f32_f16], [f16_f32, f32_f32]) = (
+        [&by_f16.methods[0], &by_f16.methods[1]],
+        [&by_f32.methods[0], &by_f32.methods[1]],
+    );
+    eprintln!(
+        "f32 vs fp16: KL {:.5}, flips {}; fp16 vs f32: KL {:.5}, flips {}",
+        f32_f16.mean_kl, f32_f16.flips, f16_f32.mean_kl, f16_f32.flips
+    );
+    for same in [f16_f16, f32_f32] {
+        assert_eq!((same.mean_kl, same.flips), (0.0, 0), "{}", same.method);
+    }
+    assert!(
+        f32_f16.flips > 0,
+        "f16 rounding moves some choice in 384 positions of natural text"
+    );
+    assert_eq!(f16_f32.flips, f32_f16.flips);
+    assert_eq!(f16_f32.top1_agreement, f32_f16.top1_agreement);
+    assert_ne!(
+        f16_f32.mean_kl, f32_f16.mean_kl,
+        "KL(f32 ‖ fp16) is measured from the f32 side"
+    );
+    assert!(f16_f32.mean_kl > 0.0);
 }

@@ -1,4 +1,5 @@
-//! Teacher-forced divergence from the f16 cache (KL, top-1 agreement, perplexity) and greedy agreement.
+//! Teacher-forced divergence from a reference cache (KL, top-1 agreement, perplexity) and greedy agreement. The
+//! reference is the f16 cache (llama.cpp's default, what the tables compare with) or the exact f32 one.
 
 use crate::engine::sampler::argmax;
 use crate::kvcache::{KvError, KvMethod, KvStore, MethodSpec};
@@ -8,11 +9,13 @@ use serde::Serialize;
 #[derive(Clone, Debug)]
 pub struct DivergenceConfig {
     pub methods: Vec<MethodSpec>,
+    /// The cache every method is compared with: [`KvMethod::Fp16`] (the default) or [`KvMethod::F32`].
+    pub reference: KvMethod,
     /// Tokens before this index are context only (not scored).
     pub score_from: usize,
     /// Tokens fed per forward pass after the context (1 = exactly a decode step).
     pub step: usize,
-    /// Tokens of free-running greedy generation compared with the f16 cache's (0 = skip).
+    /// Tokens of free-running greedy generation compared with the reference's (0 = skip).
     pub greedy_tokens: usize,
     pub prefill_chunk: usize,
 }
@@ -24,9 +27,9 @@ pub struct MethodResult {
     pub mean_kl: f64,
     pub p99_kl: f64,
     pub top1_agreement: f64,
-    /// Scored positions where the f16 cache's own top two log-probs are within [`NEAR_TIE`] nats.
+    /// Scored positions where the reference's own top two log-probs are within [`NEAR_TIE`] nats.
     pub near_ties: usize,
-    /// Top-1 disagreements with the f16 cache, and how many of them fall on its near-ties.
+    /// Top-1 disagreements with the reference, and how many of them fall on its near-ties.
     pub flips: usize,
     pub near_tie_flips: usize,
     pub ppl: f64,
@@ -42,7 +45,7 @@ pub struct MethodResult {
     pub scored_tokens: usize,
     /// Why the run stopped early, if it did.
     pub stopped: Option<String>,
-    /// First index where free-running greedy output differs from the f16 cache's (None: never, in the window).
+    /// First index where free-running greedy output differs from the reference's (None: never, in the window).
     pub greedy_first_divergence: Option<usize>,
     /// KL per scored position (for plots; omitted from JSON output by the CLI unless asked).
     #[serde(skip)]
@@ -54,6 +57,8 @@ pub struct MethodResult {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DivergenceReport {
+    /// The reference cache's name (`fp16` or `f32`).
+    pub reference: String,
     pub tokens: usize,
     pub scored_from: usize,
     /// True bytes of the f16 cache holding the whole sequence.
@@ -61,7 +66,7 @@ pub struct DivergenceReport {
     pub methods: Vec<MethodResult>,
 }
 
-/// A margin between the f16 cache's top two log-probs below which its own choice is a near-tie: the golden
+/// A margin between the reference's top two log-probs below which its own choice is a near-tie: the golden
 /// files' bound for comparing greedy tokens (a decision this close moves with any rounding of the cache).
 pub const NEAR_TIE: f64 = 0.1;
 
@@ -107,7 +112,18 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Run every method over `tokens` in lockstep with the f16 cache.
+/// The reference cache's spec: only the unquantized caches can be one.
+fn reference_spec(m: &KvMethod) -> Result<MethodSpec, ModelError> {
+    match m {
+        KvMethod::Fp16 => Ok(MethodSpec::plain(KvMethod::Fp16, None, "fp16")),
+        KvMethod::F32 => Ok(MethodSpec::plain(KvMethod::F32, None, "f32")),
+        other => Err(ModelError::Input(format!(
+            "reference: must be fp16 or f32 (an unquantized cache), got {other:?}"
+        ))),
+    }
+}
+
+/// Run every method over `tokens` in lockstep with the reference cache.
 pub fn run_divergence(
     model: &dyn Backend,
     tokens: &[u32],
@@ -115,7 +131,8 @@ pub fn run_divergence(
 ) -> Result<DivergenceReport, ModelError> {
     let geom = model.kv_geometry();
     let max = tokens.len() + cfg.greedy_tokens + 8;
-    let mut reference = model.new_store(&MethodSpec::plain(KvMethod::Fp16, None, "fp16"), geom, max)?;
+    let reference_spec = reference_spec(&cfg.reference)?;
+    let mut reference = model.new_store(&reference_spec, geom, max)?;
     let mut runs: Vec<Run> = Vec::new();
     for m in &cfg.methods {
         let store = model.new_store(m, model.kv_geometry(), max)?;
@@ -192,8 +209,9 @@ pub fn run_divergence(
         }
         pos = end;
     }
-    let fp16_bytes = reference.true_bytes();
     let elems_per_token = (2 * geom.layers * geom.kv_dim()) as f64;
+    // what the f16 cache holds for the whole sequence, whichever cache is the reference
+    let fp16_bytes = 2 * elems_per_token as usize * reference.len(0);
     let mut methods = Vec::new();
     for r in runs {
         let n = r.kls.len().max(1) as f64;
@@ -225,6 +243,7 @@ pub fn run_divergence(
         });
     }
     Ok(DivergenceReport {
+        reference: reference_spec.label,
         tokens: tokens.len(),
         scored_from: ctx,
         fp16_bytes,
@@ -232,7 +251,8 @@ pub fn run_divergence(
     })
 }
 
-/// Greedy generation from the context with `method` and with the f16 cache: the first index where they differ.
+/// Greedy generation from the context with `method` and with the reference cache: the first index where they
+/// differ.
 fn greedy_divergence(
     model: &dyn Backend,
     tokens: &[u32],
@@ -257,7 +277,7 @@ fn greedy_divergence(
         }
         Ok(out)
     };
-    let mut f = model.new_store(&MethodSpec::plain(KvMethod::Fp16, None, "fp16"), geom, ctx + n + 8)?;
+    let mut f = model.new_store(&reference_spec(&cfg.reference)?, geom, ctx + n + 8)?;
     let reference = run(f.as_mut())?;
     let mut s = model.new_store(spec, model.kv_geometry(), ctx + n + 8)?;
     let ours = run(s.as_mut())?;

@@ -15,10 +15,11 @@ pub fn markdown(r: &DivergenceReport, title: &str) -> String {
     let _ = writeln!(s, "### {title}\n");
     let _ = writeln!(
         s,
-        "{} tokens, scored from token {}; fp16 cache: {:.2} MiB\n",
+        "{} tokens, scored from token {}; fp16 cache: {:.2} MiB; compared with the {} cache\n",
         r.tokens,
         r.scored_from,
-        mib(r.fp16_bytes)
+        mib(r.fp16_bytes),
+        r.reference
     );
     let _ = writeln!(
         s,
@@ -83,7 +84,7 @@ pub fn plot_svg(r: &DivergenceReport, title: &str, path: &Path) -> Result<(), Bo
     let series: Vec<(String, Vec<(f64, f64)>)> = r
         .methods
         .iter()
-        .filter(|m| m.method != "fp16")
+        .filter(|m| m.method != r.reference)
         .map(|m| (m.method.clone(), smooth(&m.kl_trace, 64)))
         .collect();
     let xmax = series.iter().map(|s| s.1.len()).max().unwrap_or(1).max(1) as f64;
@@ -94,7 +95,7 @@ pub fn plot_svg(r: &DivergenceReport, title: &str, path: &Path) -> Result<(), Bo
         * 1.1;
     let mut chart = ChartBuilder::on(&top)
         .caption(
-            format!("{title}: KL(fp16 ‖ method), 64-token moving average"),
+            format!("{title}: KL({} ‖ method), 64-token moving average", r.reference),
             ("sans-serif", 18),
         )
         .margin(12)

@@ -415,6 +415,7 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
     });
     let cfg = DivergenceConfig {
         methods,
+        reference: a.reference,
         score_from,
         step: a.step.max(1),
         greedy_tokens: a.greedy_tokens,

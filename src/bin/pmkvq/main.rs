@@ -206,6 +206,15 @@ struct RetrievalArgs {
     title: String,
 }
 
+/// `--reference`: an unquantized cache.
+fn parse_reference(s: &str) -> Result<pmkvq::kvcache::KvMethod, String> {
+    match s {
+        "fp16" => Ok(pmkvq::kvcache::KvMethod::Fp16),
+        "f32" => Ok(pmkvq::kvcache::KvMethod::F32),
+        _ => Err(format!("must be fp16 or f32, got `{s}`")),
+    }
+}
+
 #[derive(Args)]
 struct DivergenceArgs {
     #[command(flatten)]
@@ -247,9 +256,13 @@ struct DivergenceArgs {
     /// Tokens per teacher-forced step (1 = exactly a decode step).
     #[arg(long, default_value_t = 1)]
     step: usize,
-    /// Tokens of free-running greedy generation to compare with the f16 cache (0 = skip).
+    /// Tokens of free-running greedy generation to compare with the reference (0 = skip).
     #[arg(long, default_value_t = 128)]
     greedy_tokens: usize,
+    /// The cache every method is compared with: fp16 (llama.cpp's default cache, what llama-perplexity's KL
+    /// compares with) or f32 (exact: nothing rounded, so the f16 rounding's own flips do not count).
+    #[arg(long, default_value = "fp16", value_parser = parse_reference)]
+    reference: pmkvq::kvcache::KvMethod,
     /// Seed for the trace the model writes.
     #[arg(long, default_value_t = 42)]
     seed: u64,
