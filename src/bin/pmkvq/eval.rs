@@ -119,7 +119,19 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
             ),
         };
         let allowed: &[&str] = match base_name {
-            "progressive" => &["alloc", "rep", "rep-alt", "rot", "plan", "alt", "fit", "elastic"],
+            "progressive" => &[
+                "alloc",
+                "rep",
+                "rep-alt",
+                "rot",
+                "plan",
+                "plan-even",
+                "plan-k",
+                "plan-v",
+                "alt",
+                "fit",
+                "elastic",
+            ],
             "pmkvq" => &[],
             _ => &["rot"],
         };
@@ -137,7 +149,7 @@ fn parse_methods(list: &str, global: Option<BudgetArg>) -> Result<Vec<MethodArg>
                     EX_USAGE,
                     anyhow::anyhow!(
                         "method `{item}`: unknown flag `+{f}` (`pmkvq` is the method as shipped; build ablations on \
-                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN (window), +wbN (window bits), +wsN (window share), +gN (group), +sN (sink), +alt; baselines take +rot)"
+                         `progressive` with +alloc, +rep, +rep-alt, +rot, +plan, +plan-even, +plan-k, +plan-v, +fit, +elastic, +wN (window), +wbN (window bits), +wsN (window share), +gN (group), +sN (sink), +alt; baselines take +rot)"
                     ),
                 ));
             }
@@ -263,13 +275,15 @@ impl Calibrations {
         }
     }
 
-    /// Store configurations for a sequence whose fp16 cache takes `fp16_bytes` (PM-KVQ's floor for it: `floor`).
+    /// Store configurations for a sequence whose fp16 cache takes `fp16_bytes` (PM-KVQ's floor for it: `floor`)
+    /// on a model of `layers` layers.
     fn specs(
         &self,
         methods: &[MethodArg],
         extensions: bool,
         fp16_bytes: usize,
         floor: Floors,
+        layers: usize,
     ) -> Result<Vec<pmkvq::eval::MethodSpec>, Failure> {
         use pmkvq::eval::MethodSpec;
         let mut out = Vec::new();
@@ -316,12 +330,35 @@ impl Calibrations {
                             c.sensitivity = Some(std::sync::Arc::new(self.source(m)?.sensitivity()));
                         }
                     }
+                    side @ ("plan-even" | "plan-k" | "plan-v") => {
+                        if let KvMethod::Pmkvq(c) = &mut spec.method {
+                            c.sensitivity = Some(std::sync::Arc::new(uncalibrated_plan(side, layers)));
+                        }
+                    }
                     _ => {} // `alt` only chooses the source
                 }
             }
             out.push(spec);
         }
         Ok(out)
+    }
+}
+
+/// A plan without calibration, to measure where the bytes matter: one budget over all layers (not equal
+/// shares), every layer alike, and with `plan-k` (`plan-v`) the keys (values) kept wider as long as the budget
+/// allows, the other side lowered first; `plan-even` prefers neither. Each width step costs 16× the next wider
+/// one (quantization error grows 4× per bit lost, squared), the lowered-first side a thousandth of that.
+fn uncalibrated_plan(flag: &str, layers: usize) -> pmkvq::kvcache::pmkvq_plan::Sensitivity {
+    let wide = [0.0, 1.0, 16.0, 256.0];
+    let low = wide.map(|x| x * 1e-3);
+    let (k, v) = match flag {
+        "plan-k" => (wide, low),
+        "plan-v" => (low, wide),
+        _ => (wide, wide),
+    };
+    pmkvq::kvcache::pmkvq_plan::Sensitivity {
+        k: vec![k; layers],
+        v: vec![v; layers],
     }
 }
 
@@ -407,7 +444,7 @@ pub(crate) fn cmd_divergence(a: DivergenceArgs) -> Result<(), Failure> {
     let (geom, win) = (model.kv_geometry(), model.config.windowing());
     let fp16_bytes = pmkvq::kvcache::fp16_bytes(geom, win.as_ref(), seq_len);
     let floor = Floors::of(geom, win.as_ref(), seq_len);
-    let methods = cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor)?;
+    let methods = cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor, geom.layers)?;
     let score_from = a.score_from.unwrap_or(if a.chunk_len > 0 {
         seq_len / 2
     } else {
@@ -496,7 +533,7 @@ pub(crate) fn cmd_retrieval(a: RetrievalArgs) -> Result<(), Failure> {
                 let win = model.config.windowing();
                 let fp16_bytes = pmkvq::kvcache::fp16_bytes(geom, win.as_ref(), n);
                 let floor = Floors::of(geom, win.as_ref(), n);
-                for spec in cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor)? {
+                for spec in cal.specs(&method_args, backend.kv_extensions(), fp16_bytes, floor, geom.layers)? {
                     let ans = retrieval::answer(&*backend, &tok, &spec, &p, a.answer_tokens, a.prefill_chunk)
                         .map_err(|e| fail(EX_SOFTWARE, e.into()))?;
                     eprintln!(
@@ -586,4 +623,39 @@ fn per_length(
         t.push_str(&format!(" {} |\n", cell(mine().collect())));
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uncalibrated_plan;
+    use pmkvq::kvcache::pmkvq_plan::knapsack;
+
+    /// Which units (layer 0 K, layer 0 V, layer 1 K, ...) a plan keeps at 4 bits (cost 2) rather than 2 (cost
+    /// 1) with room for `wide` of them.
+    fn kept_wide(flag: &str, layers: usize, wide: usize) -> Vec<bool> {
+        let sens = uncalibrated_plan(flag, layers);
+        let options: Vec<Vec<(usize, f64)>> = sens.units().map(|s| vec![(1, s[2]), (0, s[3])]).collect();
+        let picks = knapsack(&options, wide).expect("every body at 2 bits fits");
+        picks.iter().map(|&p| p == 0).collect()
+    }
+
+    #[test]
+    fn uncalibrated_plans_keep_the_side_they_name_wider() {
+        let (layers, wide) = (6, 6);
+        for (flag, keys) in [("plan-k", true), ("plan-v", false)] {
+            let kept = kept_wide(flag, layers, wide);
+            let (k, v): (Vec<_>, Vec<_>) = kept.chunks(2).map(|u| (u[0], u[1])).unzip();
+            assert_eq!(k.iter().all(|&w| w), keys, "{flag}: {kept:?}");
+            assert_eq!(v.iter().all(|&w| w), !keys, "{flag}: {kept:?}");
+        }
+        // even: the room is used, whichever side gets it
+        assert_eq!(
+            kept_wide("plan-even", layers, wide).iter().filter(|&&w| w).count(),
+            wide
+        );
+        // with room for every key and two values, plan-k keeps every key and two values wide
+        let kept = kept_wide("plan-k", layers, layers + 2);
+        assert!(kept.chunks(2).all(|u| u[0]), "{kept:?}");
+        assert_eq!(kept.chunks(2).filter(|u| u[1]).count(), 2, "{kept:?}");
+    }
 }

@@ -246,8 +246,8 @@ struct DivergenceArgs {
     /// Methods, comma-separated; `METHOD@BUDGET` gives one its own budget (e.g. pmkvq@1/4,pmkvq@min,kivi:2).
     /// `pmkvq` is the method as shipped (everything the profile holds: rotation, planned K/V widths, shares, key
     /// scales, the fitted 2-bit floor, the elastic window capped at a sixth); ablations build on `progressive`
-    /// (PM-KVQ's progressive cache alone) with +alloc, +rep, +rep-alt, +rot, +plan, +fit, +elastic, +wN, +wb8,
-    /// +wsN, +gN, +sN; baselines (q4_0, q8_0, rtn:N, kivi:N) take +rot.
+    /// (PM-KVQ's progressive cache alone) with +alloc, +rep, +rep-alt, +rot, +plan, +plan-even, +plan-k,
+    /// +plan-v, +fit, +elastic, +wN, +wb8, +wsN, +gN, +sN; baselines (q4_0, q8_0, rtn:N, kivi:N) take +rot.
     #[arg(long, default_value = "pmkvq,kivi:2,rtn:2,fp16")]
     methods: String,
     /// First scored token (default: the prompt's end for traces, 1 for text).
