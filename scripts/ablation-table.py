@@ -91,7 +91,9 @@ def emit(reports, traces, methods):
         kls = [row(reports[t], name)["mean_kl"] for t in traces if row(reports[t], name)]
         mean = f"{sum(kls) / len(kls):.4f}" if kls else "—"
         b = row(reports.get("botchan", {"methods": []}), name)
-        bits = f"{b['bits_per_element']:.2f}" if b else "—"
+        # botchan's bits per element; without botchan, the mean over the traces
+        tb = [row(reports[t], name)["bits_per_element"] for t in traces if row(reports[t], name)]
+        bits = f"{b['bits_per_element']:.2f}" if b else (f"{sum(tb) / len(tb):.2f}" if tb else "—")
         print(f"| {name} | " + " | ".join(cells) + f" | {mean} | {cell(b)} | {bits} |")
 
 

@@ -16,10 +16,13 @@
 # Usage: scripts/ablation.sh [--skip-calibration] [--rows M1,M2,...] [--short]
 #   --rows reruns only those methods (fp16 is always run) and merges them into the reports in docs/ablation/,
 #   replacing rows of the same name: for a change that moves only some rows.
-#   --short runs only the 2048-token check instead (~15 min, no calibration): PM-KVQ without calibration against
+#   --short runs only the 2048-token check instead (~20 min, no calibration): PM-KVQ without calibration against
 #   KIVI-2 at 1/4 of the fp16 bytes, on the same three problems — `progressive` (the paper's progressive cache
-#   alone), `+fit` (the fitted 2-bit floor), `+rot+fit` (what `pmkvq` runs without a profile). Reports in
-#   docs/ablation-2048/, the table in docs/ablation-2048.md.
+#   alone, equal shares), `+fit` (the fitted 2-bit floor), `+rot` (rotation), `+g32` (32-value groups), `+w32`
+#   (a 32-token window), `+plan-even` (one budget over every body, every layer alike), `+plan-k` / `+plan-v`
+#   (the same, keys / values kept wider first), `+rot+fit` (the equal-share build shipped before), and `pmkvq`
+#   with `--profile none` (what `pmkvq` runs without a profile). Reports in docs/ablation-2048/, the table in
+#   docs/ablation-2048.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 calibrate=1 rows= short=0
@@ -46,16 +49,19 @@ name() { echo "$1" | tr '/' '-' | sed 's/-problems//'; }
 if [[ $short == 1 ]]; then
   out=docs/ablation-2048
   mkdir -p "$out"
-  methods="fp16,progressive@1/4,progressive+fit@1/4,progressive+rot+fit@1/4,kivi:2"
+  methods="fp16,progressive@1/4,progressive+fit@1/4,progressive+rot@1/4,progressive+g32@1/4,progressive+w32@1/4"
+  methods+=",progressive+plan-even@1/4,progressive+plan-k@1/4,progressive+plan-v@1/4,progressive+rot+fit@1/4"
+  methods+=",pmkvq@1/4,kivi:2"
   for p in "${problems[@]}"; do
-    "$pmkvq" eval divergence --model "$model" --threads 2 --greedy-tokens 0 --methods "$methods" \
+    "$pmkvq" eval divergence --model "$model" --threads 2 --greedy-tokens 0 --methods "$methods" --profile none \
       --chat "$(chat "$p")" --tokens 2048 --title "2048-token trace of $p at 1/4" \
       --markdown "$out/$(name "$p").md" --json > "$out/$(name "$p").json"
   done
   {
-    echo "Mean KL to the fp16 cache / top-1 agreement, teacher-forced (\`pmkvq eval divergence\`), on 2048-token"
-    echo "traces the model writes from the problem, scored after the prompt. PM-KVQ at 1/4 of the fp16 bytes,"
-    echo "without calibration; KIVI-2 at its own bytes (3.22 bits per element, below 1/4)."
+    echo "Mean KL to the fp16 cache / top-1 agreement, teacher-forced (\`pmkvq eval divergence --profile none\`),"
+    echo "on 2048-token traces the model writes from the problem, scored after the prompt. PM-KVQ at 1/4 of the"
+    echo "fp16 bytes, without calibration (\`pmkvq\` is what runs without a profile); KIVI-2 at its own bytes"
+    echo "(3.22 bits per element, below 1/4). bits/elem: true bits per element at the end, mean over the traces."
     echo
     python3 scripts/ablation-table.py --no-header --order "$methods" "$out"
   } > docs/ablation-2048.md

@@ -117,9 +117,9 @@ pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool
     let p = profile.filter(|_| matches!(method, KvMethod::Pmkvq(_)));
     let method = match (method, p) {
         (KvMethod::Pmkvq(mut c), p) if extensions => {
-            if let Some(p) = p {
-                c.sensitivity = Some(Arc::new(p.sensitivity()));
-            }
+            // widths planned over one budget for every body: on the calibrated sensitivity, or without a profile
+            // every layer alike (equal shares would drop every layer to the floor together and leave bytes unused)
+            c.sensitivity = Some(Arc::new(p.map_or_else(Sensitivity::uniform, |p| p.sensitivity())));
             // the fitted 2-bit floor needs no calibration either (a profile measured without it still plans well:
             // its 2-bit sensitivity only overstates the floor's cost)
             if c.shift == ShiftMode::Equivalent {
@@ -345,5 +345,26 @@ impl Profile {
                 .map(|l| super::capture::expand_pair_scales(l, self.kv_heads, self.head_dim, self.rope_layout))
                 .collect(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kvcache::PmkvqConfig;
+
+    /// Without a profile the shipped method still plans its widths (on the uniform table), with the extensions
+    /// the backend supports; without them (the GPU) it splits by shares.
+    #[test]
+    fn without_a_profile_pmkvq_plans_on_the_uniform_table_where_the_backend_can() {
+        let spec = |extensions| method_spec(KvMethod::Pmkvq(PmkvqConfig::pmkvq()), None, extensions);
+        match spec(true).method {
+            KvMethod::Pmkvq(c) => assert_eq!(c.sensitivity.as_deref(), Some(&Sensitivity::uniform())),
+            m => panic!("{m:?}"),
+        }
+        match spec(false).method {
+            KvMethod::Pmkvq(c) => assert!(c.sensitivity.is_none()),
+            m => panic!("{m:?}"),
+        }
     }
 }

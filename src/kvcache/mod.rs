@@ -26,7 +26,7 @@ pub mod window;
 pub use method::{KvMethod, MethodSpec};
 /// The run-time width plan's sensitivity table and levels (for profiles and tools).
 pub mod pmkvq_plan {
-    pub use super::pmkvq::{knapsack, level, Sensitivity, LEVELS};
+    pub use super::pmkvq::{knapsack, level, Sensitivity, LEVELS, UNIFORM_ROW};
 }
 pub use pmkvq::{
     read_spill, split_total_budget, write_spill, PmkvqConfig, PmkvqStore, Quantizer, SpillLayers, SpilledLayer,

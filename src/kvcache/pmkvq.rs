@@ -24,7 +24,7 @@ mod shared;
 use config::Seg;
 pub use config::{PmkvqConfig, Quantizer};
 use enforce::{charged_bytes, enforce_layer, Enforced};
-pub use plan::{knapsack, level, Sensitivity, LEVELS};
+pub use plan::{knapsack, level, Sensitivity, LEVELS, UNIFORM_ROW};
 use recent::flushed;
 pub use shared::{read_spill, split_total_budget, write_spill, SpillLayers, SpilledLayer};
 
@@ -102,14 +102,14 @@ impl PmkvqStore {
             });
         }
         cfg.group = cfg.group_for(geom);
-        if let Some(s) = &cfg.sensitivity {
-            if s.layers() != geom.layers || s.v.len() != geom.layers {
-                return Err(KvError::BadBudgets {
-                    what: "sensitivity rows",
-                    expected: geom.layers,
-                    got: s.layers(),
-                });
-            }
+        if let Some(filled) = cfg
+            .sensitivity
+            .as_ref()
+            .map(|s| s.for_layers(geom.layers))
+            .transpose()?
+            .flatten()
+        {
+            cfg.sensitivity = Some(std::sync::Arc::new(filled));
         }
         if !group_fits(cfg.group, geom.head_dim) {
             return Err(KvError::BadGroup {

@@ -346,17 +346,17 @@ impl Calibrations {
 
 /// A plan without calibration, to measure where the bytes matter: one budget over all layers (not equal
 /// shares), every layer alike, and with `plan-k` (`plan-v`) the keys (values) kept wider as long as the budget
-/// allows, the other side lowered first; `plan-even` prefers neither. Each width step costs 16× the next wider
-/// one (quantization error grows 4× per bit lost, squared), the lowered-first side a thousandth of that.
+/// allows, the other side lowered first (its costs a thousandth of the other's); `plan-even` prefers neither
+/// (what `pmkvq` plans on without a profile).
 fn uncalibrated_plan(flag: &str, layers: usize) -> pmkvq::kvcache::pmkvq_plan::Sensitivity {
-    let wide = [0.0, 1.0, 16.0, 256.0];
-    let low = wide.map(|x| x * 1e-3);
+    use pmkvq::kvcache::pmkvq_plan::{Sensitivity, UNIFORM_ROW};
+    let low = UNIFORM_ROW.map(|x| x * 1e-3);
     let (k, v) = match flag {
-        "plan-k" => (wide, low),
-        "plan-v" => (low, wide),
-        _ => (wide, wide),
+        "plan-k" => (UNIFORM_ROW, low),
+        "plan-v" => (low, UNIFORM_ROW),
+        _ => return Sensitivity::uniform(),
     };
-    pmkvq::kvcache::pmkvq_plan::Sensitivity {
+    Sensitivity {
         k: vec![k; layers],
         v: vec![v; layers],
     }
@@ -634,6 +634,7 @@ mod tests {
     /// 1) with room for `wide` of them.
     fn kept_wide(flag: &str, layers: usize, wide: usize) -> Vec<bool> {
         let sens = uncalibrated_plan(flag, layers);
+        let sens = sens.for_layers(layers).unwrap().unwrap_or(sens);
         let options: Vec<Vec<(usize, f64)>> = sens.units().map(|s| vec![(1, s[2]), (0, s[3])]).collect();
         let picks = knapsack(&options, wide).expect("every body at 2 bits fits");
         picks.iter().map(|&p| p == 0).collect()

@@ -26,7 +26,41 @@ pub struct Sensitivity {
     pub v: Vec<[f64; 4]>,
 }
 
+/// A width's cost where nothing is calibrated: each step down costs 16× the one before (quantization error
+/// grows 4× per bit lost, squared), the same for every body.
+pub const UNIFORM_ROW: [f64; 4] = [0.0, 1.0, 16.0, 256.0];
+
 impl Sensitivity {
+    /// Without calibration: every layer's K and V alike ([`UNIFORM_ROW`]). The store still plans one budget over
+    /// all bodies (the widest that fit, as many as fit) instead of equal shares, which leave a share's bytes
+    /// unused once every layer is too small for the next width up and so drop all layers together. The rows are
+    /// filled in for the store's layers ([`for_layers`](Self::for_layers)).
+    pub fn uniform() -> Self {
+        Sensitivity {
+            k: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+
+    /// This table for a store of `layers` layers: [`uniform`](Self::uniform) filled in (`Some`), a calibrated one
+    /// checked (`None`: use it as it is).
+    pub fn for_layers(&self, layers: usize) -> Result<Option<Self>, KvError> {
+        if self.k.is_empty() && self.v.is_empty() {
+            return Ok(Some(Sensitivity {
+                k: vec![UNIFORM_ROW; layers],
+                v: vec![UNIFORM_ROW; layers],
+            }));
+        }
+        if self.k.len() != layers || self.v.len() != layers {
+            return Err(KvError::BadBudgets {
+                what: "sensitivity rows",
+                expected: layers,
+                got: self.k.len(),
+            });
+        }
+        Ok(None)
+    }
+
     /// Units in store order: layer 0 K, layer 0 V, layer 1 K, ...
     pub fn units(&self) -> impl Iterator<Item = &[f64; 4]> {
         self.k.iter().zip(&self.v).flat_map(|(k, v)| [k, v])

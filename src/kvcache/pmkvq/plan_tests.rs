@@ -248,3 +248,52 @@ fn chunked_steps_never_exceed_the_total_between_layers_and_go_first_where_waitin
     assert!(waited, "some step let a layer wait for its read");
     assert!(went_first, "some step lowered one layer first and let another wait");
 }
+
+/// Without a profile the shipped method plans one budget over every body on the uniform table: at a quarter of
+/// the fp16 bytes some bodies stay at 4 bits, where equal shares drop every layer to 2 bits together and leave
+/// bytes unused.
+#[test]
+fn without_calibration_one_plan_spends_the_bytes_equal_shares_leave() {
+    let g = KvGeometry { head_dim: 64, ..geom() };
+    let uniform = PmkvqConfig {
+        sensitivity: Some(Arc::new(Sensitivity::uniform())),
+        ..PmkvqConfig::pmkvq()
+    };
+    let mut planned = PmkvqStore::new(g, uniform, &[usize::MAX; 4], 8192).unwrap();
+    assert_eq!(
+        planned.cfg.sensitivity.as_ref().map(|s| s.layers()),
+        Some(g.layers),
+        "the uniform table is filled in for the store's layers"
+    );
+    let mut shares = PmkvqStore::new(g, PmkvqConfig::pmkvq(), &[usize::MAX; 4], 8192).unwrap();
+    let n = 2048;
+    let total = n * 2 * g.kv_dim() * 2 * g.layers / 4;
+    for t in 0..n {
+        let x = token(t as u64, g.kv_dim());
+        for s in [&mut planned, &mut shares] {
+            s.set_total_budget(total, None, 1).unwrap();
+            s.reserve(1).unwrap();
+            for li in 0..g.layers {
+                s.append(li, &x, &x, 1).unwrap();
+            }
+            assert!(s.true_bytes() <= total, "{} > {total} at {t}", s.true_bytes());
+        }
+    }
+    let (w_shares, w_planned) = (widths(&shares), widths(&planned));
+    assert!(
+        w_shares.iter().flatten().all(|&b| b == Bits::B2),
+        "equal shares: every layer at 2 bits together ({w_shares:?})"
+    );
+    let wide = w_planned.iter().flatten().filter(|&&b| b == Bits::B4).count();
+    assert!(
+        wide > 0 && w_planned.iter().flatten().all(|&b| b <= Bits::B4),
+        "{w_planned:?}"
+    );
+    // what the 4-bit bodies take is what equal shares leave unused
+    assert!(
+        planned.true_bytes() > shares.true_bytes() + (total - shares.true_bytes()) / 2,
+        "planned {} vs shares {} of {total}",
+        planned.true_bytes(),
+        shares.true_bytes()
+    );
+}
