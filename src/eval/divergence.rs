@@ -210,8 +210,12 @@ pub fn run_divergence(
         pos = end;
     }
     let elems_per_token = (2 * geom.layers * geom.kv_dim()) as f64;
-    // what the f16 cache holds for the whole sequence, whichever cache is the reference
-    let fp16_bytes = 2 * elems_per_token as usize * reference.len(0);
+    // what the f16 cache holds for the whole sequence (sliding-window layers keep their window), whichever cache
+    // is the reference: the f32 one holds the same values at twice the bytes
+    let fp16_bytes = match cfg.reference {
+        KvMethod::F32 => reference.true_bytes() / 2,
+        _ => reference.true_bytes(),
+    };
     let mut methods = Vec::new();
     for r in runs {
         let n = r.kls.len().max(1) as f64;
