@@ -30,11 +30,11 @@ pub struct KeyDef {
     pub doc: &'static str,
 }
 
-/// Every key pmkvqd reads. `deploy/pmkvqd.example.toml` lists exactly these with these defaults (tested).
 /// `engine.prefill_chunk`'s default, for the offline tools that prefill as the daemon does (`pmkvq generate`,
 /// `pmkvq eval retrieval`); the key's default below is the same number.
 pub const PREFILL_CHUNK: usize = 1024;
 
+/// Every key pmkvqd reads. `deploy/pmkvqd.example.toml` lists exactly these with these defaults (tested).
 pub const KEYS: &[KeyDef] = &[
     KeyDef {
         key: "model",
