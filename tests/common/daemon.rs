@@ -57,19 +57,24 @@ async fn start_server_config(cfg: pmkvq::config::Config) -> TestServer {
 /// Spawn `app::run` on `cfg` with gRPC on a fresh loopback port and wait until it is ready; the app's error when
 /// it ends first.
 pub async fn launch(cfg: pmkvq::config::Config) -> Result<TestServer, pmkvq::app::AppError> {
+    let mut server = spawn_app(cfg).await;
+    server.wait_ready().await?;
+    Ok(server)
+}
+
+/// `app::run` on `cfg` with gRPC on a fresh loopback port, not waited for.
+async fn spawn_app(cfg: pmkvq::config::Config) -> TestServer {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(pmkvq::app::run(cfg, pmkvq::server::Listener::Tcp(listener), async {
         let _ = rx.await;
     }));
-    let mut server = TestServer {
+    TestServer {
         addr,
         stop: Some(tx),
         task: Some(task),
-    };
-    server.wait_ready().await?;
-    Ok(server)
+    }
 }
 
 /// Whether `e` says the free port found for `addr` was taken before the app bound it: `free_port()` releases the
@@ -105,42 +110,22 @@ pub async fn start_server_http(
 pub async fn spawn_http(cfg: impl Fn(&str) -> pmkvq::config::Config) -> (TestServer, String) {
     for _ in 0..5 {
         let http = super::http::free_address();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let cfg = cfg(&http);
         let ca = cfg.tls.as_ref().map(|(cert, _)| cert.clone());
-        let task = tokio::spawn(pmkvq::app::run(cfg, pmkvq::server::Listener::Tcp(listener), async {
-            let _ = rx.await;
-        }));
-        let t0 = Instant::now();
-        loop {
-            if task.is_finished() {
-                match task.await.expect("app task") {
-                    Err(e) if lost_port(&e, &http) => {
-                        eprintln!("{e}; again on another port");
-                        break;
-                    }
-                    r => panic!("app::run ended at start: {r:?}"),
-                }
-            }
-            let url = match ca {
-                Some(_) => format!("https://{addr}"),
-                None => format!("http://{addr}"),
-            };
-            if health_status(&url, ca.as_deref()).await.is_some() {
-                let server = TestServer {
-                    addr,
-                    stop: Some(tx),
-                    task: Some(task),
-                };
-                return (server, http);
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "{http} not listening after 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut server = spawn_app(cfg).await;
+        let url = match ca {
+            Some(_) => format!("https://{}", server.addr),
+            None => server.url(),
+        };
+        let bound = server
+            .wait_for(&format!("{http} bound"), || async {
+                health_status(&url, ca.as_deref()).await.is_some()
+            })
+            .await;
+        match bound {
+            Ok(()) => return (server, http),
+            Err(e) if lost_port(&e, &http) => eprintln!("{e}; again on another port"),
+            Err(e) => panic!("app::run ended at start: {e}"),
         }
     }
     panic!("the HTTP port was taken five times");
@@ -166,21 +151,40 @@ impl TestServer {
 
     /// Wait until GetStatus says ready and health SERVING; the app's error when `app::run` ends first.
     async fn wait_ready(&mut self) -> Result<(), pmkvq::app::AppError> {
+        let url = self.url();
+        self.wait_for("server ready", || async {
+            let Ok(mut c) = PmkvqServiceClient::connect(url.clone()).await else {
+                return false;
+            };
+            let ready = c
+                .get_status(pb::GetStatusRequest {})
+                .await
+                .is_ok_and(|s| s.into_inner().ready);
+            ready && serving(&url).await
+        })
+        .await
+    }
+
+    /// Poll `up` every 50 ms until it holds (panics after 60 s); the app's error when `app::run` ends first.
+    async fn wait_for<F: std::future::Future<Output = bool>>(
+        &mut self,
+        what: &str,
+        up: impl Fn() -> F,
+    ) -> Result<(), pmkvq::app::AppError> {
         let t0 = Instant::now();
         loop {
             if self.task.as_ref().is_some_and(|t| t.is_finished()) {
                 let t = self.task.take().expect("checked");
                 t.await.expect("app task")?;
-                panic!("app::run returned Ok before it was ready");
+                panic!("app::run returned Ok before {what}");
             }
-            if let Ok(mut c) = PmkvqServiceClient::connect(self.url()).await {
-                if let Ok(s) = c.get_status(pb::GetStatusRequest {}).await {
-                    if s.into_inner().ready && serving(&self.url()).await {
-                        return Ok(());
-                    }
-                }
+            if up().await {
+                return Ok(());
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "server not ready after 60 s");
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "still waiting for {what} after 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
