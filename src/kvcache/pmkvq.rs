@@ -102,14 +102,8 @@ impl PmkvqStore {
             });
         }
         cfg.group = cfg.group_for(geom);
-        if let Some(filled) = cfg
-            .sensitivity
-            .as_ref()
-            .map(|s| s.for_layers(geom.layers))
-            .transpose()?
-            .flatten()
-        {
-            cfg.sensitivity = Some(std::sync::Arc::new(filled));
+        if let Some(s) = &cfg.sensitivity {
+            cfg.sensitivity = Some(s.for_layers(geom.layers)?);
         }
         if !group_fits(cfg.group, geom.head_dim) {
             return Err(KvError::BadGroup {

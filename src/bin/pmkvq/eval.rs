@@ -633,8 +633,9 @@ mod tests {
     /// Which units (layer 0 K, layer 0 V, layer 1 K, ...) a plan keeps at 4 bits (cost 2) rather than 2 (cost
     /// 1) with room for `wide` of them.
     fn kept_wide(flag: &str, layers: usize, wide: usize) -> Vec<bool> {
-        let sens = uncalibrated_plan(flag, layers);
-        let sens = sens.for_layers(layers).unwrap().unwrap_or(sens);
+        let sens = std::sync::Arc::new(uncalibrated_plan(flag, layers))
+            .for_layers(layers)
+            .unwrap();
         let options: Vec<Vec<(usize, f64)>> = sens.units().map(|s| vec![(1, s[2]), (0, s[3])]).collect();
         let picks = knapsack(&options, wide).expect("every body at 2 bits fits");
         picks.iter().map(|&p| p == 0).collect()

@@ -10,6 +10,7 @@ use super::LAYER_BOOKKEEPING;
 use crate::kvcache::quant::Bits;
 use crate::kvcache::KvError;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Widths by level: 0 = 16 bits, 1 = 8, 2 = 4, 3 = 2.
 pub const LEVELS: [Bits; 4] = [Bits::B16, Bits::B8, Bits::B4, Bits::B2];
@@ -42,11 +43,11 @@ impl Sensitivity {
         }
     }
 
-    /// This table for a store of `layers` layers: [`uniform`](Self::uniform) filled in (`Some`), a calibrated one
-    /// checked (`None`: use it as it is).
-    pub fn for_layers(&self, layers: usize) -> Result<Option<Self>, KvError> {
+    /// This table for a store of `layers` layers: [`uniform`](Self::uniform) filled in, a calibrated one checked
+    /// and shared as it is.
+    pub fn for_layers(self: &Arc<Self>, layers: usize) -> Result<Arc<Self>, KvError> {
         if self.k.is_empty() && self.v.is_empty() {
-            return Ok(Some(Sensitivity {
+            return Ok(Arc::new(Sensitivity {
                 k: vec![UNIFORM_ROW; layers],
                 v: vec![UNIFORM_ROW; layers],
             }));
@@ -58,7 +59,7 @@ impl Sensitivity {
                 got: self.k.len(),
             });
         }
-        Ok(None)
+        Ok(Arc::clone(self))
     }
 
     /// Units in store order: layer 0 K, layer 0 V, layer 1 K, ...
