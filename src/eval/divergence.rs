@@ -112,13 +112,12 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
-/// The reference cache's spec: only the unquantized caches can be one.
-fn reference_spec(m: &KvMethod) -> Result<MethodSpec, ModelError> {
+/// The reference cache's spec: only the unquantized caches (fp16, f32) can be one.
+pub fn reference_spec(m: &KvMethod) -> Result<MethodSpec, ModelError> {
     match m {
-        KvMethod::Fp16 => Ok(MethodSpec::plain(KvMethod::Fp16, None, "fp16")),
-        KvMethod::F32 => Ok(MethodSpec::plain(KvMethod::F32, None, "f32")),
+        KvMethod::Fp16 | KvMethod::F32 => Ok(MethodSpec::plain(m.clone(), None, &m.to_string())),
         other => Err(ModelError::Input(format!(
-            "reference: must be fp16 or f32 (an unquantized cache), got {other:?}"
+            "reference: must be fp16 or f32 (an unquantized cache), got {other}"
         ))),
     }
 }

@@ -206,13 +206,13 @@ struct RetrievalArgs {
     title: String,
 }
 
-/// `--reference`: an unquantized cache.
+/// `--reference`: a method the divergence harness takes as its reference.
 fn parse_reference(s: &str) -> Result<pmkvq::kvcache::KvMethod, String> {
-    match s {
-        "fp16" => Ok(pmkvq::kvcache::KvMethod::Fp16),
-        "f32" => Ok(pmkvq::kvcache::KvMethod::F32),
-        _ => Err(format!("must be fp16 or f32, got `{s}`")),
-    }
+    let m: pmkvq::kvcache::KvMethod = s
+        .parse()
+        .map_err(|e: pmkvq::kvcache::method::BadMethod| e.to_string())?;
+    pmkvq::eval::divergence::reference_spec(&m).map_err(|e| e.to_string())?;
+    Ok(m)
 }
 
 #[derive(Args)]
