@@ -323,12 +323,24 @@ fn main() {
                     .collect()
             })
             .collect();
-        for method in ["fp16", "pmkvq", "pmkvq+key-scales", "rtn:4"] {
+        // pmkvq as a GPU runs it by default: `pk_rotate` scales and rotates the step's rows on the device, and
+        // groups landing at 2 bits get the fitted floor (kv_shrink.cu)
+        let rotated = MethodSpec {
+            key_scales: Some(Arc::new(scales.clone())),
+            rotate: true,
+            method: KvMethod::Pmkvq(pmkvq::kvcache::PmkvqConfig {
+                shift: pmkvq::kvcache::quant::ShiftMode::Fitted,
+                ..pmkvq::kvcache::PmkvqConfig::pmkvq()
+            }),
+            ..spec("pmkvq", None)
+        };
+        for method in ["fp16", "pmkvq", "pmkvq+key-scales", "pmkvq+rot+fit+key-scales", "rtn:4"] {
             let m = match method {
                 "pmkvq+key-scales" => MethodSpec {
                     key_scales: Some(Arc::new(scales.clone())),
                     ..spec("pmkvq", None)
                 },
+                "pmkvq+rot+fit+key-scales" => rotated.clone(),
                 _ => spec(method, None),
             };
             let mut agree = 0usize;
@@ -487,8 +499,10 @@ fn main() {
 
         stage("codes");
         // 3. Device cache codes == CPU cache codes after the same K/V and the same cuts.
-        {
-            let m = spec("pmkvq", None);
+        for (m, what) in [
+            (spec("pmkvq", None), ""),
+            (rotated.clone(), " (rotated, fitted floor, key scales)"),
+        ] {
             let mut kc = cpu.new_store(&m, g, 2000).unwrap();
             let mut kg = dev.new_store(&m, g, 2000).unwrap();
             let kvd = g.kv_dim();
@@ -519,7 +533,7 @@ fn main() {
                 let same = codes_equal(&sc, &sg);
                 check(
                     &format!(
-                        "device cache codes == CPU after {} tokens{}",
+                        "device cache codes == CPU after {} tokens{}{what}",
                         off + n,
                         if cut { " and a cut to the floor" } else { "" }
                     ),
@@ -538,7 +552,7 @@ fn main() {
             let mut back = dev.new_store(&m, g, 2000).unwrap();
             back.restore(&sg).unwrap();
             check(
-                "device spill → restore round trip",
+                &format!("device spill → restore round trip{what}"),
                 back.spill().unwrap() == sg,
                 format!("{} bytes", sg.len()),
             );
@@ -609,19 +623,22 @@ fn main() {
         stage("batched");
         // 5. 8 concurrent streams equal their solo runs.
         {
-            let m = spec("pmkvq", None);
+            // odd streams rotated: one batch mixes rows pk_rotate turns and rows it leaves alone
+            let plain = spec("pmkvq", None);
+            let method = |k: usize| if k % 2 == 1 { &rotated } else { &plain };
             let n = if quick { 16 } else { 48 };
             let ps: Vec<Vec<u32>> = (0..8u32)
                 .map(|k| (0..20 + 9 * k).map(|i| (i * 7919 + k * 31337) % 49000 + 3).collect())
                 .collect();
             let solo: Vec<(Vec<u32>, Vec<f32>)> = ps
                 .iter()
-                .map(|p| {
-                    let (t, mg, _) = greedy(&dev, &m, p, n);
+                .enumerate()
+                .map(|(k, p)| {
+                    let (t, mg, _) = greedy(&dev, method(k), p, n);
                     (t, mg)
                 })
                 .collect();
-            let mut stores: Vec<Box<dyn KvStore>> = (0..8).map(|_| dev.new_store(&m, g, 512).unwrap()).collect();
+            let mut stores: Vec<Box<dyn KvStore>> = (0..8).map(|k| dev.new_store(method(k), g, 512).unwrap()).collect();
             let mut out: Vec<Vec<u32>> = vec![Vec::new(); 8];
             let positions: Vec<Vec<u32>> = ps.iter().map(|p| (0..p.len() as u32).collect()).collect();
             let inputs: Vec<SeqInput> = ps
@@ -659,7 +676,7 @@ fn main() {
                 eq += st.iter().zip(o).take(lim).take_while(|(a, b)| a == b).count();
             }
             check(
-                "8 batched streams == their solo runs (GPU)",
+                "8 batched streams (4 rotated) == their solo runs (GPU)",
                 eq == cmp,
                 format!("{eq}/{cmp} tokens up to each stream's first margin < 0.1"),
             );

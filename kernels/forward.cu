@@ -7,6 +7,7 @@
 // width, a 16-bit window — or, for the fp16 cache, pages of raw f16 rows (bits 0). The host builds the tables
 // once per step for every layer and uploads them in one copy.
 #include "pmkvq_kv.h"
+#include "pmkvq_rot.h"
 
 #define PK_F32 0
 #define PK_F16 1
@@ -273,13 +274,16 @@ struct pk_seg {
 };
 
 // One sequence in one layer: its segments seg_start.. (seg_count of them, sink | body | window), tokens stored,
-// and the key reparameterization (λ for queries, 1/λ for keys; 0 without), kv_heads·d each.
+// the key reparameterization (λ for queries, 1/λ for keys; 0 without), kv_heads·d each, and the layer's rotation
+// signs (d of them; 0 without). A rotated sequence's q, k and v rows were rotated in place by pk_rotate, the key
+// scales applied first, so attention and the store take them as they are.
 struct pk_seq {
     int seg_start, seg_count, stored, g;  // g: the cache's quantization group
-    pk_ptr qscale, kinv;
+    pk_ptr qscale, kinv, signs;
 };
 
-// Where one new token's K and V go in one layer (the row start of its slot), at which width; kinv as above.
+// Where one new token's K and V go in one layer (the row start of its slot), at which width; kinv as above (0 for a
+// rotated sequence: its keys were scaled when pk_rotate rotated them).
 struct pk_dst {
     pk_ptr k_data, k_scale, k_off, v_data, v_scale, v_off, kinv;
     int bits, g;  // g: the cache's quantization group (a multiple of the batch's smallest)
@@ -409,8 +413,8 @@ extern "C" __global__ void pk_attention(const pk_seg* __restrict__ segs, const p
     pk_seq L = seqs[row_seq[row]];
     int g = L.g;
     int kvh = h / (q_heads / kv_heads), kvd = kv_heads * d;
-    const float* qscale = (const float*)L.qscale;
-    const float* kinv = (const float*)L.kinv;
+    const float* qscale = L.signs ? 0 : (const float*)L.qscale;
+    const float* kinv = L.signs ? 0 : (const float*)L.kinv;
     for (int j = lane; j < d; j += 32) {
         float v = q[((size_t)row * q_heads + h) * d + j];
         qs[j] = qscale ? v * qscale[kvh * d + j] : v;
@@ -501,6 +505,21 @@ extern "C" __global__ void pk_attn_combine(const float* __restrict__ work, int s
         }
         out[((size_t)row * q_heads + h) * d + j] = l > 0.0f ? a / l : 0.0f;
     }
+}
+
+// The rotation of rotated sequences' rows (pmkvq_rot.h): forward (inverse 0) on the step's post-RoPE q, k and v,
+// the key scales applied first; inverse (1) on the attention output in q (k, v unused). Rows of sequences without
+// rotation are left alone. seqs: this layer's pk_seq table. Grid (t), block 32.
+extern "C" __global__ void pk_rotate(const pk_seq* __restrict__ seqs, const int* __restrict__ row_seq,
+                                     float* __restrict__ q, float* __restrict__ k, float* __restrict__ v,
+                                     int q_heads, int kv_heads, int d, int block, float scale, int inverse) {
+    int row = blockIdx.x;
+    pk_seq L = seqs[row_seq[row]];
+    if (!L.signs) return;
+    size_t qo = (size_t)row * q_heads * d, ko = (size_t)row * kv_heads * d;
+    pmkvq_rotate_row(threadIdx.x, blockDim.x, q + qo, inverse ? 0 : k + ko, inverse ? 0 : v + ko,
+                     (const float*)L.signs, (const float*)L.qscale, (const float*)L.kinv, q_heads, kv_heads, d,
+                     block, scale, inverse);
 }
 
 // Store the new tokens' K and V into their slots: one thread per (token, K|V, group). Packed widths go through

@@ -19,6 +19,7 @@
 #define PMKVQ_SHIFT_EQUIVALENT 0
 #define PMKVQ_SHIFT_DIRECT 1
 #define PMKVQ_SHIFT_MODIFIED 2
+#define PMKVQ_SHIFT_FITTED 3
 
 // Largest head dimension the attention kernel handles (one warp, 4 dimensions per lane).
 #define PMKVQ_MAX_HEAD_DIM 128
@@ -30,6 +31,7 @@ typedef unsigned char pmkvq_u8;
 typedef unsigned short pmkvq_u16;
 
 // f16 <-> f32 without cuda_fp16.h (NVRTC has no headers to include): parameters are stored as raw f16 bits.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 __device__ __forceinline__ float pmkvq_h2f(pmkvq_u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -41,6 +43,21 @@ __device__ __forceinline__ pmkvq_u16 pmkvq_f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#else
+// Host build (tests/cuda_host.rs runs the one-thread-per-group kernels on the CPU): the same conversions through
+// the host compiler's _Float16 (round to nearest even).
+__device__ __forceinline__ float pmkvq_h2f(pmkvq_u16 h) {
+    _Float16 x;
+    __builtin_memcpy(&x, &h, 2);
+    return (float)x;
+}
+__device__ __forceinline__ pmkvq_u16 pmkvq_f2h(float f) {
+    _Float16 x = (_Float16)f;
+    pmkvq_u16 h;
+    __builtin_memcpy(&h, &x, 2);
+    return h;
+}
+#endif
 
 // Bytes of one packed group.
 __device__ __forceinline__ int pmkvq_group_bytes(int bits, int g) { return g * bits / 8; }

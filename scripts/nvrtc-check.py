@@ -26,12 +26,14 @@ def main() -> int:
     failed = 0
     for path in sources:
         src = open(path, "rb").read()
-        header = open(os.path.join(root, "pmkvq_kv.h"), "rb").read()
+        headers = sorted(glob.glob(os.path.join(root, "*.h")))
         for arch in archs:
             prog = ctypes.c_void_p()
-            names = (ctypes.c_char_p * 1)(b"pmkvq_kv.h")
-            bodies = (ctypes.c_char_p * 1)(header)
-            rc = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, os.path.basename(path).encode(), 1, bodies, names)
+            names = (ctypes.c_char_p * len(headers))(*[os.path.basename(h).encode() for h in headers])
+            bodies = (ctypes.c_char_p * len(headers))(*[open(h, "rb").read() for h in headers])
+            rc = nvrtc.nvrtcCreateProgram(
+                ctypes.byref(prog), src, os.path.basename(path).encode(), len(headers), bodies, names
+            )
             if rc:
                 print(f"{path}: nvrtcCreateProgram: {nvrtc.nvrtcGetErrorString(rc).decode()}")
                 failed += 1

@@ -177,7 +177,7 @@ fn request_frontend() -> Option<&'static Frontend> {
                 model.config.vocab_size,
                 limits,
                 None,
-                true,
+                crate::kvcache::KvExtensions::ALL,
             )
             .ok()
         })

@@ -27,6 +27,7 @@ fn header_mirrors_bit_widths_and_shift_modes() {
     assert_eq!(d["PMKVQ_SHIFT_EQUIVALENT"], ShiftMode::Equivalent as i32 as i64);
     assert_eq!(d["PMKVQ_SHIFT_DIRECT"], ShiftMode::Direct as i32 as i64);
     assert_eq!(d["PMKVQ_SHIFT_MODIFIED"], ShiftMode::Modified as i32 as i64);
+    assert_eq!(d["PMKVQ_SHIFT_FITTED"], ShiftMode::Fitted as i32 as i64);
     assert!(d["PMKVQ_MAX_HEAD_DIM"] >= 128);
 }
 

@@ -238,7 +238,11 @@ fn the_fitted_floor_is_closer_to_fp16_than_the_shifted_one_at_equal_bytes() {
     // the method as shipped without a profile (rotation + fitted floor), and the same with the paper's shift,
     // both at PM-KVQ's floor for this sequence with the full 16-bit window (no cap: a capped window would leave
     // the bodies bytes above the floor): every body ends at 2 bits
-    let mut shipped = pmkvq::calib::method_spec(KvMethod::Pmkvq(PmkvqConfig::pmkvq()), None, true);
+    let mut shipped = pmkvq::calib::method_spec(
+        KvMethod::Pmkvq(PmkvqConfig::pmkvq()),
+        None,
+        pmkvq::kvcache::KvExtensions::ALL,
+    );
     let KvMethod::Pmkvq(cfg) = &mut shipped.method else {
         panic!("pmkvq is a PM-KVQ store")
     };

@@ -2,7 +2,7 @@
 
 use crate::kvcache::pmkvq_plan::{level, Sensitivity};
 use crate::kvcache::quant::{Bits, ShiftMode};
-use crate::kvcache::{KeyScales, KvMethod, MethodSpec};
+use crate::kvcache::{KeyScales, KvExtensions, KvMethod, MethodSpec};
 use crate::model::{Arch, Model, RopeLayout};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -108,28 +108,31 @@ fn auto_candidates(default: &Path) -> Vec<PathBuf> {
 }
 
 /// The store configuration for `method`: PM-KVQ as shipped takes everything the profile measured — per-layer
-/// shares, key scales, and (where the backend's caches support them: `extensions`) the rotation it was
-/// calibrated with (always, without a profile), the K/V sensitivity its widths are planned on and the fitted
-/// 2-bit floor ([`ShiftMode::Fitted`], with or without a profile). The baselines run as they are. The daemon's
-/// requests and the CLI both go through here.
-pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool) -> MethodSpec {
+/// shares, key scales, and where the backend's caches support them (`ext`): the rotation it was calibrated with
+/// (always, without a profile); the K/V sensitivity its widths are planned on, the fitted 2-bit floor
+/// ([`ShiftMode::Fitted`], with or without a profile) and the budget-following window. The baselines run as
+/// they are. The daemon's requests and the CLI both go through here.
+pub fn method_spec(method: KvMethod, profile: Option<&Profile>, ext: KvExtensions) -> MethodSpec {
     let label = method.to_string();
     let p = profile.filter(|_| matches!(method, KvMethod::Pmkvq(_)));
     let method = match (method, p) {
-        (KvMethod::Pmkvq(mut c), p) if extensions => {
-            // widths planned over one budget for every body: on the calibrated sensitivity, or without a profile
-            // every layer alike (equal shares would drop every layer to the floor together and leave bytes unused)
-            c.sensitivity = Some(Arc::new(p.map_or_else(Sensitivity::uniform, |p| p.sensitivity())));
+        (KvMethod::Pmkvq(mut c), p) => {
+            if ext.planning {
+                // widths planned over one budget for every body: on the calibrated sensitivity, or without a
+                // profile every layer alike (equal shares would drop every layer to the floor together and leave
+                // bytes unused)
+                c.sensitivity = Some(Arc::new(p.map_or_else(Sensitivity::uniform, |p| p.sensitivity())));
+                // below the floor with a full window, the window yields instead of the sequence ending
+                c.elastic_window = true;
+                // the paper's 128-token window at 16 bits until the budget binds, then 8-bit and at most a sixth
+                if c.window == crate::kvcache::PmkvqConfig::pmkvq().window && c.window_share.is_none() {
+                    c.window_share = Some(crate::kvcache::PmkvqConfig::SHIPPED_WINDOW_SHARE);
+                }
+            }
             // the fitted 2-bit floor needs no calibration either (a profile measured without it still plans well:
             // its 2-bit sensitivity only overstates the floor's cost)
-            if c.shift == ShiftMode::Equivalent {
+            if ext.fitted_floor && c.shift == ShiftMode::Equivalent {
                 c.shift = ShiftMode::Fitted;
-            }
-            // and below the floor with a full window, the window yields instead of the sequence ending
-            c.elastic_window = true;
-            // the paper's 128-token window at 16 bits until the budget binds, then 8-bit and at most a sixth
-            if c.window == crate::kvcache::PmkvqConfig::pmkvq().window && c.window_share.is_none() {
-                c.window_share = Some(crate::kvcache::PmkvqConfig::SHIPPED_WINDOW_SHARE);
             }
             KvMethod::Pmkvq(c)
         }
@@ -142,7 +145,7 @@ pub fn method_spec(method: KvMethod, profile: Option<&Profile>, extensions: bool
             .map(|p| p.channel_scales()),
         // rotation needs no calibration: without a profile the progressive cache rotates too; a profile
         // calibrated unrotated (version 1, `--no-rotate`) is used as it was measured
-        rotate: extensions && matches!(method, KvMethod::Pmkvq(_)) && p.is_none_or(|p| p.rotated),
+        rotate: ext.rotation && matches!(method, KvMethod::Pmkvq(_)) && p.is_none_or(|p| p.rotated),
         ..MethodSpec::plain(method, None, &label)
     }
 }
@@ -354,17 +357,40 @@ mod tests {
     use crate::kvcache::PmkvqConfig;
 
     /// Without a profile the shipped method still plans its widths (on the uniform table), with the extensions
-    /// the backend supports; without them (the GPU) it splits by shares.
+    /// the backend supports; without planning (the GPU) it splits by shares, and rotates where the caches can.
     #[test]
     fn without_a_profile_pmkvq_plans_on_the_uniform_table_where_the_backend_can() {
-        let spec = |extensions| method_spec(KvMethod::Pmkvq(PmkvqConfig::pmkvq()), None, extensions);
-        match spec(true).method {
+        let spec = |ext| method_spec(KvMethod::Pmkvq(PmkvqConfig::pmkvq()), None, ext);
+        let all = spec(KvExtensions::ALL);
+        match all.method {
             KvMethod::Pmkvq(c) => assert_eq!(c.sensitivity.as_deref(), Some(&Sensitivity::uniform())),
             m => panic!("{m:?}"),
         }
-        match spec(false).method {
-            KvMethod::Pmkvq(c) => assert!(c.sensitivity.is_none()),
+        assert!(all.rotate);
+        let device = spec(KvExtensions {
+            rotation: true,
+            fitted_floor: true,
+            planning: false,
+        });
+        match device.method {
+            KvMethod::Pmkvq(c) => {
+                assert!(c.sensitivity.is_none());
+                assert_eq!(c.shift, ShiftMode::Fitted);
+                assert!(!c.elastic_window && c.window_share.is_none());
+            }
             m => panic!("{m:?}"),
         }
+        assert!(
+            device.rotate,
+            "the device store rotates: pmkvq on a GPU takes the rotation"
+        );
+        let none = spec(KvExtensions::NONE);
+        assert!(!none.rotate);
+        match none.method {
+            KvMethod::Pmkvq(c) => assert_eq!(c.shift, ShiftMode::Equivalent),
+            m => panic!("{m:?}"),
+        }
+        // baselines never rotate by default
+        assert!(!method_spec("kivi:2".parse().unwrap(), None, KvExtensions::ALL).rotate);
     }
 }

@@ -174,7 +174,9 @@ impl EngineHandle {
             model.config.vocab_size,
             config.limits.clone(),
             profile.map(|(p, _)| p),
-            backend.as_ref().is_none_or(|b| b.kv_extensions()),
+            backend
+                .as_ref()
+                .map_or(crate::kvcache::KvExtensions::ALL, |b| b.kv_extensions()),
         )?;
         let (cmd_tx, cmd_rx) = sync_channel(config.max_queued.max(1));
         let (status_tx, status_rx) = watch::channel(Arc::new(EngineStatus::new()));

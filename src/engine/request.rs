@@ -7,7 +7,7 @@
 use super::sampler::SamplingParams;
 use crate::calib::Profile;
 use crate::kvcache::quant::Bits;
-use crate::kvcache::{KvMethod, MethodSpec};
+use crate::kvcache::{KvExtensions, KvMethod, MethodSpec};
 pub use crate::model::chat::ChatMessage;
 use crate::model::chat::ChatTemplate;
 use crate::model::Tokenizer;
@@ -157,8 +157,8 @@ pub struct Frontend {
     pub vocab_size: usize,
     pub limits: RequestLimits,
     profile: Option<Arc<Profile>>,
-    /// The backend's caches take the rotation and the planned widths ([`crate::model::Backend::kv_extensions`]).
-    kv_extensions: bool,
+    /// What the backend's caches take beyond the paper's method ([`crate::model::Backend::kv_extensions`]).
+    kv_extensions: KvExtensions,
     /// The model's thinking-span markers, if it has them.
     pub think: Option<super::ThinkMarkers>,
 }
@@ -170,7 +170,7 @@ impl Frontend {
         vocab_size: usize,
         limits: RequestLimits,
         profile: Option<Arc<Profile>>,
-        kv_extensions: bool,
+        kv_extensions: KvExtensions,
     ) -> Result<Self, crate::model::ModelError> {
         let template = tokenizer.chat_template.as_deref().map(ChatTemplate::new).transpose()?;
         let think = super::ThinkMarkers::of(&tokenizer);

@@ -43,6 +43,7 @@ pub(crate) struct Fwd {
     pub attention: CudaFunction,
     pub attn_combine: CudaFunction,
     pub kv_store: CudaFunction,
+    pub rotate: CudaFunction,
 }
 
 /// Mirror of `pk_seg` (kernels/forward.cu): one stored segment of one layer of one sequence.
@@ -70,6 +71,8 @@ pub struct SeqArg {
     pub g: i32,
     pub qscale: u64,
     pub kinv: u64,
+    /// The layer's rotation signs (0: not rotated; `pk_rotate` then leaves the sequence's rows alone).
+    pub signs: u64,
 }
 
 /// Mirror of `pk_dst`: where one new token's K and V go in one layer.
@@ -219,6 +222,7 @@ impl Gpu {
             attention: f("pk_attention")?,
             attn_combine: f("pk_attn_combine")?,
             kv_store: f("pk_kv_store")?,
+            rotate: f("pk_rotate")?,
         };
         Ok(Gpu {
             fwd,

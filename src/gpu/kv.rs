@@ -15,11 +15,12 @@ use super::GpuError;
 use crate::kvcache::quant::{PackedRows, ShiftMode};
 use crate::kvcache::spill::{Reader, Writer};
 use crate::kvcache::{KvError, KvGeometry, KvMethod, KvStore, MethodSpec, PmkvqConfig, Quantizer};
-use cudarc::driver::CudaSlice;
 use half::f16;
 use std::sync::Arc;
 
+mod inputs;
 mod rows;
+use inputs::Inputs;
 use rows::{commit_pages, paged_slots, Pair, Rows, Shape};
 
 fn gpu_err(e: GpuError) -> KvError {
@@ -67,8 +68,8 @@ pub struct DeviceStore {
     shape: Shape,
     layers: Vec<Layer>,
     max_tokens: usize,
-    /// Key reparameterization per layer on the device: (λ, 1/λ).
-    scales: Option<Vec<(CudaSlice<f32>, CudaSlice<f32>)>>,
+    /// What the store does to its inputs first: key scales, rotation.
+    inputs: Inputs,
     requants: u64,
     name: String,
 }
@@ -94,14 +95,6 @@ impl DeviceStore {
             (
                 pm(|c| c.sensitivity.is_some()),
                 "plan its widths on the sensitivity on the GPU (the device cache splits by shares)",
-            ),
-            (
-                spec.rotate,
-                "rotate its inputs on the GPU (the CUDA kernels have no rotation yet)",
-            ),
-            (
-                pm(|c| c.shift == ShiftMode::Fitted),
-                "fit its 2-bit floor on the GPU (the CUDA shrink kernel shifts only)",
             ),
             (
                 pm(|c| c.elastic_window),
@@ -151,33 +144,17 @@ impl DeviceStore {
                 ..Layer::default()
             })
             .collect();
-        let scales = match &spec.key_scales {
-            None => None,
-            Some(s) => {
-                if s.len() != geom.layers || s.iter().any(|l| l.len() != geom.kv_dim()) {
-                    return Err(KvError::BadShape {
-                        layer: 0,
-                        expected: geom.kv_dim(),
-                        got: s.first().map_or(0, Vec::len),
-                    });
-                }
-                let mut v = Vec::with_capacity(s.len());
-                for l in s.iter() {
-                    let inv: Vec<f32> = l.iter().map(|&x| 1.0 / x).collect();
-                    v.push((gpu.upload(l).map_err(gpu_err)?, gpu.upload(&inv).map_err(gpu_err)?));
-                }
-                Some(v)
-            }
-        };
+        let inputs = Inputs::new(&gpu, spec, geom)?;
         let mut store = DeviceStore {
-            name: spec.method.to_string(),
+            // named as the host store with the same spec names itself (`Rotated` adds `+rot`)
+            name: format!("{}{}", spec.method, if spec.rotate { "+rot" } else { "" }),
+            inputs,
             gpu,
             geom,
             kind,
             shape,
             layers,
             max_tokens,
-            scales,
             requants: 0,
         };
         if let Some(b) = spec.budget {
@@ -279,14 +256,17 @@ impl DeviceStore {
     }
 
     fn kinv(&self, li: usize) -> u64 {
-        self.scales.as_ref().map_or(0, |s| self.gpu.ptr(&s[li].1))
+        self.inputs.store_kinv(&self.gpu, li)
+    }
+
+    /// Device address of layer `li`'s rotation signs (0 when this store does not rotate).
+    pub fn rotation_ptr(&self, li: usize) -> u64 {
+        self.inputs.signs(&self.gpu, li, self.geom.head_dim)
     }
 
     /// (λ, 1/λ) device addresses for layer `li` (0, 0 without reparameterization).
     pub fn key_scale_ptrs(&self, li: usize) -> (u64, u64) {
-        self.scales
-            .as_ref()
-            .map_or((0, 0), |s| (self.gpu.ptr(&s[li].0), self.gpu.ptr(&s[li].1)))
+        self.inputs.key_scales(&self.gpu, li)
     }
 
     /// Slots for `n` new tokens in layer `li` and the segments attention reads before they are stored.
@@ -466,6 +446,9 @@ impl KvStore for DeviceStore {
         if n == 0 {
             return Ok(());
         }
+        // a rotated store is handed what the host store's taps would hand its inner store: R(k/λ), R(v)
+        let rotated = self.inputs.host_rotated(layer, k, v);
+        let (k, v) = rotated.as_ref().map_or((k, v), |(k, v)| (k.as_slice(), v.as_slice()));
         self.reserve_layer(layer, n)?;
         let plan = self.prepare(layer, n)?;
         let r = self

@@ -44,20 +44,27 @@ pub enum GpuError {
     Shape(String),
 }
 
-/// The kernel sources, compiled into the binary; `pmkvq_kv.h` is inlined (NVRTC gets no include paths).
+/// The kernel sources, compiled into the binary; the headers are inlined (NVRTC gets no include paths).
 pub const KERNELS: &[(&str, &str)] = &[
     ("kv_quant.cu", include_str!("../../kernels/kv_quant.cu")),
     ("kv_shrink.cu", include_str!("../../kernels/kv_shrink.cu")),
     ("kv_attention.cu", include_str!("../../kernels/kv_attention.cu")),
     ("forward.cu", include_str!("../../kernels/forward.cu")),
 ];
-const HEADER: &str = include_str!("../../kernels/pmkvq_kv.h");
+/// The headers the kernels include, by the name they include them by.
+pub const HEADERS: &[(&str, &str)] = &[
+    ("pmkvq_kv.h", include_str!("../../kernels/pmkvq_kv.h")),
+    ("pmkvq_rot.h", include_str!("../../kernels/pmkvq_rot.h")),
+    ("pmkvq_fit.h", include_str!("../../kernels/pmkvq_fit.h")),
+];
 
-/// A kernel's full source: the shared header pasted where it is included.
+/// A kernel's full source: each header pasted where it is included.
 pub fn kernel_source(name: &str) -> Option<String> {
-    let src = KERNELS.iter().find(|(n, _)| *n == name)?.1;
-    let header = HEADER.replace("#pragma once", "");
-    Some(src.replace("#include \"pmkvq_kv.h\"", &header))
+    let mut src = KERNELS.iter().find(|(n, _)| *n == name)?.1.to_string();
+    for (h, body) in HEADERS {
+        src = src.replace(&format!("#include \"{h}\""), &body.replace("#pragma once", ""));
+    }
+    Some(src)
 }
 
 /// One layer's cache as the attention kernel reads it: sink, body and window of K and of V.
@@ -146,6 +153,18 @@ mod tests {
             );
             assert!(src.contains("PMKVQ_BITS_16"));
         }
+        let fwd = kernel_source("forward.cu").unwrap();
+        assert!(
+            !fwd.contains("#include"),
+            "forward.cu still includes a file NVRTC cannot see"
+        );
+        for entry in ["pk_attention", "pk_rotate", "pk_kv_store"] {
+            assert!(
+                fwd.contains(&format!("extern \"C\" __global__ void {entry}(")),
+                "forward.cu: {entry}"
+            );
+        }
+        assert!(fwd.contains("pmkvq_rotate_row"));
         assert!(kernel_source("nope.cu").is_none());
     }
 

@@ -12,11 +12,12 @@ use super::cuda::{drv, DstArg, Gpu, OutArg, SegArg, SeqArg};
 use super::kv::DeviceStore;
 use super::GpuError;
 use crate::kvcache::{KvError, KvGeometry, KvStore, MethodSpec};
-use crate::model::{Backend, LogitsMode, Model, ModelConfig, ModelError, Projection, RopeLayout, SeqInput};
+use crate::model::{Backend, LogitsMode, Model, ModelConfig, ModelError, Projection, SeqInput};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 mod diag;
+mod launch;
 mod step;
 mod weights;
 pub use diag::StepProfile;
@@ -189,127 +190,6 @@ impl GpuModel {
         })
     }
 
-    fn launch(
-        &self,
-        name: &'static str,
-        f: &cudarc::driver::CudaFunction,
-        cfg: LaunchConfig,
-        args: &[&dyn ArgRef],
-    ) -> Result<(), GpuError> {
-        let mut b = self.gpu.stream().launch_builder(f);
-        for a in args {
-            a.push(&mut b);
-        }
-        // SAFETY: every caller passes the argument list of the named kernel in forward.cu, in order and with its
-        // C types (pointers as u64 device addresses of live buffers sized for the launch's rows); grids are sized
-        // so each kernel's own bounds checks cover the tail.
-        unsafe { b.launch(cfg) }.map_err(drv)?;
-        self.mark(name)
-    }
-
-    fn norm(&self, x: u64, w: &CudaSlice<f32>, rows: usize, dim: usize, out: Act) -> Result<(), GpuError> {
-        let (d, eps, wp) = (dim as i32, self.cfg.rms_eps, self.gpu.ptr(w));
-        self.launch(
-            "norm",
-            &self.gpu.fwd.norm,
-            cfg1((rows as u32, 1, 1), 256),
-            &[&x, &wp, &d, &eps, &out.f, &out.qs, &out.qd, &out.qsum],
-        )
-    }
-
-    /// `out` parts for a projection; the rows of `lin` starting at `first` map to `bufs`.
-    fn matmul(&self, lin: &DevLinear, input: Act, t: usize, out: OutArg) -> Result<(), GpuError> {
-        let (rows, cols, ti) = (lin.rows as i32, lin.cols as i32, t as i32);
-        let w = self.gpu.ptr(&lin.w);
-        let bias = lin.bias.as_ref().map_or(0u64, |b| self.gpu.ptr(b));
-        let grid = (lin.rows.div_ceil(4) as u32, t.div_ceil(8) as u32, 1);
-        if lin.fmt >= 2 {
-            self.launch(
-                "matmul",
-                &self.gpu.fwd.matmul_q,
-                cfg1(grid, 128),
-                &[
-                    &w,
-                    &lin.fmt,
-                    &rows,
-                    &cols,
-                    &input.qs,
-                    &input.qd,
-                    &input.qsum,
-                    &ti,
-                    &bias,
-                    &out,
-                ],
-            )
-        } else {
-            self.launch(
-                "matmul",
-                &self.gpu.fwd.matmul_f,
-                cfg1(grid, 128),
-                &[&w, &lin.fmt, &rows, &cols, &input.f, &ti, &bias, &out],
-            )
-        }
-    }
-
-    fn project(
-        &self,
-        p: &DevProj,
-        input: Act,
-        t: usize,
-        bufs: &[(u64, usize)],
-        accumulate: bool,
-    ) -> Result<(), GpuError> {
-        let out = |parts: &[(u64, usize)]| {
-            let mut o = OutArg {
-                parts: parts.len() as i32,
-                accumulate: accumulate as i32,
-                ..OutArg::default()
-            };
-            let mut start = 0i32;
-            for (i, &(ptr, w)) in parts.iter().enumerate() {
-                o.ptr[i] = ptr;
-                o.ld[i] = w as i32;
-                o.start[i] = start;
-                start += w as i32;
-            }
-            o.start[parts.len()] = start;
-            o
-        };
-        match p {
-            DevProj::Fused(l) => self.matmul(l, input, t, out(bufs)),
-            DevProj::Split(parts) => {
-                for (l, b) in parts.iter().zip(bufs) {
-                    self.matmul(l, input, t, out(std::slice::from_ref(b)))?;
-                }
-                Ok(())
-            }
-        }
-    }
-
-    fn quant8(&self, x: u64, values: usize, out: Act) -> Result<(), GpuError> {
-        let nb = values / 32;
-        let n = nb as i32;
-        self.launch(
-            "quant8",
-            &self.gpu.fwd.quant8,
-            cfg1((nb.div_ceil(8) as u32, 1, 1), 256),
-            &[&x, &n, &out.qs, &out.qd, &out.qsum],
-        )
-    }
-
-    /// RoPE on the step's q and k rows, one launch.
-    fn rope(&self, q: u64, k: u64, t: usize, cos: u64, sin: u64) -> Result<(), GpuError> {
-        let c = &self.cfg;
-        let (qh, kvh, di) = (c.heads as i32, c.kv_heads as i32, c.head_dim as i32);
-        let neox = matches!(c.rope.layout, RopeLayout::Neox) as i32;
-        self.launch(
-            "rope",
-            &self.gpu.fwd.rope,
-            cfg1((t as u32, 1, 1), 128),
-            &[&q, &k, &qh, &kvh, &di, &cos, &sin, &neox],
-        )
-    }
-
     fn forward_device(
         &self,
         seqs: &[SeqInput<'_>],
@@ -343,6 +223,7 @@ impl GpuModel {
                             g: st.group() as i32,
                             qscale: qs,
                             kinv: ki,
+                            signs: st.rotation_ptr(li),
                         });
                         g_min = g_min.min(st.group());
                         max_total = max_total.max(plan.stored + n);
@@ -466,6 +347,7 @@ impl GpuModel {
             chunk,
             splits,
             g_min,
+            rotate: seqtab.iter().any(|s| s.signs != 0),
         };
         let dumping = self.diagnosing.load(std::sync::atomic::Ordering::Relaxed)
             || !self.graphs_on.load(std::sync::atomic::Ordering::Relaxed);
@@ -473,7 +355,7 @@ impl GpuModel {
         // replay a captured CUDA graph (one launch instead of ~11 per layer). Others launch directly.
         let graphable = t == ns && !dumping && st.graphs_ok;
         if graphable {
-            let key = (t, ns, r, chunk, splits, g_min);
+            let key = (t, ns, r, chunk, splits, g_min, plan.rotate);
             if !st.graphs.contains_key(&key) {
                 if st.graphs.len() >= MAX_GRAPHS {
                     st.graphs.clear();
@@ -580,6 +462,9 @@ impl GpuModel {
             self.project(&layer.qkv, q8(hn), t, &[(q, qd), (k, kd), (v, kd)], false)?;
             self.rope(q, k, t, cosp, sinp)?;
             let seqp = at(l.seqs + li * p.ns * std::mem::size_of::<SeqArg>());
+            if p.rotate {
+                self.rotate(seqp, rsp, [q, k, v], t, false)?;
+            }
             self.launch(
                 "attention",
                 &gpu.fwd.attention,
@@ -594,6 +479,9 @@ impl GpuModel {
                 cfg1((qh as u32, t as u32, 1), 32),
                 &[&work, &spi, &di, &attn],
             )?;
+            if p.rotate {
+                self.rotate(seqp, rsp, [attn, 0, 0], t, true)?;
+            }
             let dstp = at(l.dsts + li * t * std::mem::size_of::<DstArg>());
             gpu.launch_kv_store(dstp, k, v, t, kd, p.g_min)?;
             self.mark("kv_store")?;
@@ -693,7 +581,11 @@ impl Backend for GpuModel {
         self.weight_bytes
     }
 
-    fn kv_extensions(&self) -> bool {
-        false
+    fn kv_extensions(&self) -> crate::kvcache::KvExtensions {
+        crate::kvcache::KvExtensions {
+            rotation: true,
+            fitted_floor: true,
+            planning: false,
+        }
     }
 }

@@ -145,6 +145,30 @@ impl KvMethod {
     }
 }
 
+/// What a backend's caches can do beyond the paper's method: rotate their inputs, fit the 2-bit floor
+/// ([`super::quant::ShiftMode::Fitted`]), and the host store's planning (widths planned over one budget on a
+/// sensitivity table, a window that yields to the floor and follows the budget). The CPU stores do all three;
+/// the device store rotates and fits, and splits its budget by shares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvExtensions {
+    pub rotation: bool,
+    pub fitted_floor: bool,
+    pub planning: bool,
+}
+
+impl KvExtensions {
+    pub const ALL: KvExtensions = KvExtensions {
+        rotation: true,
+        fitted_floor: true,
+        planning: true,
+    };
+    pub const NONE: KvExtensions = KvExtensions {
+        rotation: false,
+        fitted_floor: false,
+        planning: false,
+    };
+}
+
 /// A KV method with what configures one sequence's store: its budget, calibrated shares and key scales.
 #[derive(Clone, Debug)]
 pub struct MethodSpec {

@@ -23,7 +23,7 @@ pub mod spill;
 pub mod tap;
 pub mod window;
 
-pub use method::{KvMethod, MethodSpec};
+pub use method::{KvExtensions, KvMethod, MethodSpec};
 /// The run-time width plan's sensitivity table and levels (for profiles and tools).
 pub mod pmkvq_plan {
     pub use super::pmkvq::{knapsack, level, Sensitivity, LEVELS, UNIFORM_ROW};

@@ -39,6 +39,11 @@ pub fn rotation_block(head_dim: usize) -> Option<usize> {
     (head_dim > 0 && b > 1).then_some(b)
 }
 
+/// The `1/√n` of a block of `n`.
+pub fn rotation_scale(block: usize) -> f32 {
+    1.0 / (block as f32).sqrt()
+}
+
 impl Rotation {
     pub fn new(geom: KvGeometry, seed: u64) -> Result<Self, KvError> {
         let block = rotation_block(geom.head_dim).ok_or(KvError::BadGroup {
@@ -64,7 +69,7 @@ impl Rotation {
     /// `x ← R·x` for every head in `x` (any number of tokens × heads of `head_dim`).
     pub fn forward(&self, layer: usize, x: &mut [f32]) {
         let Some(signs) = self.signs.get(layer) else { return };
-        let scale = 1.0 / (self.block as f32).sqrt();
+        let scale = self.scale();
         for head in x.chunks_exact_mut(self.head_dim) {
             for (v, s) in head.iter_mut().zip(signs) {
                 *v *= s * scale;
@@ -78,7 +83,7 @@ impl Rotation {
     /// `x ← Rᵀ·x`, the inverse of [`forward`](Self::forward).
     pub fn inverse(&self, layer: usize, x: &mut [f32]) {
         let Some(signs) = self.signs.get(layer) else { return };
-        let scale = 1.0 / (self.block as f32).sqrt();
+        let scale = self.scale();
         for head in x.chunks_exact_mut(self.head_dim) {
             for blk in head.chunks_exact_mut(self.block) {
                 fwht(blk);
@@ -91,6 +96,17 @@ impl Rotation {
 
     pub fn block(&self) -> usize {
         self.block
+    }
+
+    /// The `1/√n` every channel is multiplied by (with its sign) — what the CUDA kernel is handed, so both sides
+    /// compute it once, alike.
+    pub fn scale(&self) -> f32 {
+        rotation_scale(self.block)
+    }
+
+    /// Layer `layer`'s signs (±1, one per channel of a head).
+    pub fn signs(&self, layer: usize) -> Option<&[f32]> {
+        self.signs.get(layer).map(Vec::as_slice)
     }
 }
 

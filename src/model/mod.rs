@@ -160,10 +160,10 @@ pub trait Backend: Send + Sync {
             .map_err(ModelError::unattributed)?;
         Ok(out.pop().unwrap_or_default())
     }
-    /// Whether this backend's caches take the rotation and the sensitivity-planned widths (the host stores do;
-    /// the CUDA kernels have neither yet, so a GPU runs PM-KVQ with shares and key scales only).
-    fn kv_extensions(&self) -> bool {
-        true
+    /// What this backend's caches take beyond the paper's method (the host stores: everything; the device
+    /// store: the rotation and the fitted floor, not the planned widths, so a GPU runs PM-KVQ by shares).
+    fn kv_extensions(&self) -> crate::kvcache::KvExtensions {
+        crate::kvcache::KvExtensions::ALL
     }
     /// Bytes of weights held in device memory (0 on the CPU).
     fn device_weight_bytes(&self) -> usize {

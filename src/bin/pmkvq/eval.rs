@@ -280,7 +280,7 @@ impl Calibrations {
     fn specs(
         &self,
         methods: &[MethodArg],
-        extensions: bool,
+        extensions: pmkvq::kvcache::KvExtensions,
         fp16_bytes: usize,
         floor: Floors,
         layers: usize,

@@ -117,13 +117,17 @@ pub(super) struct StepBuffers {
     pub(super) logits: CudaSlice<f32>,
     pub(super) layout: BlobLayout,
     pub(super) cap: Capacity,
-    pub(super) graphs: std::collections::HashMap<(usize, usize, usize, usize, usize, usize), cudarc::driver::CudaGraph>,
+    pub(super) graphs: std::collections::HashMap<GraphKey, cudarc::driver::CudaGraph>,
     pub(super) graphs_ok: bool,
 }
 
 // SAFETY: the graphs are only touched under the model's step lock (one thread at a time), which is all CUDA
 // asks of graph objects; the buffers are plain device allocations.
 unsafe impl Send for StepBuffers {}
+
+/// What a captured decode step depends on: rows, sequences, logits rows, attention chunk and splits, the
+/// smallest group, and whether `pk_rotate` runs.
+pub(super) type GraphKey = (usize, usize, usize, usize, usize, usize, bool);
 
 pub(super) struct StepPlan {
     pub(super) t: usize,
@@ -132,6 +136,8 @@ pub(super) struct StepPlan {
     pub(super) chunk: usize,
     pub(super) splits: usize,
     pub(super) g_min: usize,
+    /// Some sequence's cache rotates its inputs: `pk_rotate` runs before attention and on its output.
+    pub(super) rotate: bool,
 }
 
 /// The bytes of a slice of plain `#[repr(C)]` values (the tables copied to the device).
@@ -180,7 +186,7 @@ mod tests {
         );
         assert_eq!(
             cuda_fields("pk_seq"),
-            names(&["seg_start", "seg_count", "stored", "g", "qscale", "kinv"])
+            names(&["seg_start", "seg_count", "stored", "g", "qscale", "kinv", "signs"])
         );
         assert_eq!(
             cuda_fields("pk_dst"),
@@ -196,8 +202,13 @@ mod tests {
             (56, 48, 52)
         );
         assert_eq!(
-            (size_of::<SeqArg>(), offset_of!(SeqArg, g), offset_of!(SeqArg, qscale)),
-            (32, 12, 16)
+            (
+                size_of::<SeqArg>(),
+                offset_of!(SeqArg, g),
+                offset_of!(SeqArg, qscale),
+                offset_of!(SeqArg, signs)
+            ),
+            (40, 12, 16, 32)
         );
         assert_eq!(
             (size_of::<DstArg>(), offset_of!(DstArg, kinv), offset_of!(DstArg, g)),

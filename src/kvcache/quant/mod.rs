@@ -60,8 +60,7 @@ impl Bits {
 }
 
 /// How a code is lowered from `2n` to `n` bits (the paper's ablation, §3.6). `#[repr(i32)]` values are
-/// mirrored by the CUDA header (`PMKVQ_SHIFT_*`), except `Fitted`, which has no kernel (the CUDA store refuses
-/// it).
+/// mirrored by the CUDA header (`PMKVQ_SHIFT_*`); `kernels/kv_shrink.cu` runs every mode.
 #[repr(i32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum ShiftMode {

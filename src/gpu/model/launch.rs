@@ -1,0 +1,153 @@
+//! The launch helpers of the forward pass: one method per kernel of `kernels/forward.cu` the step enqueues, each
+//! passing that kernel's argument list in order.
+
+use super::weights::{DevLinear, DevProj};
+use super::{cfg1, Act, ArgRef, GpuModel};
+use crate::gpu::cuda::{drv, OutArg};
+use crate::gpu::GpuError;
+use crate::model::RopeLayout;
+use cudarc::driver::{CudaSlice, LaunchConfig};
+
+impl GpuModel {
+    pub(super) fn launch(
+        &self,
+        name: &'static str,
+        f: &cudarc::driver::CudaFunction,
+        cfg: LaunchConfig,
+        args: &[&dyn ArgRef],
+    ) -> Result<(), GpuError> {
+        let mut b = self.gpu.stream().launch_builder(f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: every caller passes the argument list of the named kernel in forward.cu, in order and with its
+        // C types (pointers as u64 device addresses of live buffers sized for the launch's rows); grids are sized
+        // so each kernel's own bounds checks cover the tail.
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        self.mark(name)
+    }
+
+    pub(super) fn norm(&self, x: u64, w: &CudaSlice<f32>, rows: usize, dim: usize, out: Act) -> Result<(), GpuError> {
+        let (d, eps, wp) = (dim as i32, self.cfg.rms_eps, self.gpu.ptr(w));
+        self.launch(
+            "norm",
+            &self.gpu.fwd.norm,
+            cfg1((rows as u32, 1, 1), 256),
+            &[&x, &wp, &d, &eps, &out.f, &out.qs, &out.qd, &out.qsum],
+        )
+    }
+
+    /// `out` parts for a projection; the rows of `lin` starting at `first` map to `bufs`.
+    pub(super) fn matmul(&self, lin: &DevLinear, input: Act, t: usize, out: OutArg) -> Result<(), GpuError> {
+        let (rows, cols, ti) = (lin.rows as i32, lin.cols as i32, t as i32);
+        let w = self.gpu.ptr(&lin.w);
+        let bias = lin.bias.as_ref().map_or(0u64, |b| self.gpu.ptr(b));
+        let grid = (lin.rows.div_ceil(4) as u32, t.div_ceil(8) as u32, 1);
+        if lin.fmt >= 2 {
+            self.launch(
+                "matmul",
+                &self.gpu.fwd.matmul_q,
+                cfg1(grid, 128),
+                &[
+                    &w,
+                    &lin.fmt,
+                    &rows,
+                    &cols,
+                    &input.qs,
+                    &input.qd,
+                    &input.qsum,
+                    &ti,
+                    &bias,
+                    &out,
+                ],
+            )
+        } else {
+            self.launch(
+                "matmul",
+                &self.gpu.fwd.matmul_f,
+                cfg1(grid, 128),
+                &[&w, &lin.fmt, &rows, &cols, &input.f, &ti, &bias, &out],
+            )
+        }
+    }
+
+    pub(super) fn project(
+        &self,
+        p: &DevProj,
+        input: Act,
+        t: usize,
+        bufs: &[(u64, usize)],
+        accumulate: bool,
+    ) -> Result<(), GpuError> {
+        let out = |parts: &[(u64, usize)]| {
+            let mut o = OutArg {
+                parts: parts.len() as i32,
+                accumulate: accumulate as i32,
+                ..OutArg::default()
+            };
+            let mut start = 0i32;
+            for (i, &(ptr, w)) in parts.iter().enumerate() {
+                o.ptr[i] = ptr;
+                o.ld[i] = w as i32;
+                o.start[i] = start;
+                start += w as i32;
+            }
+            o.start[parts.len()] = start;
+            o
+        };
+        match p {
+            DevProj::Fused(l) => self.matmul(l, input, t, out(bufs)),
+            DevProj::Split(parts) => {
+                for (l, b) in parts.iter().zip(bufs) {
+                    self.matmul(l, input, t, out(std::slice::from_ref(b)))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn quant8(&self, x: u64, values: usize, out: Act) -> Result<(), GpuError> {
+        let nb = values / 32;
+        let n = nb as i32;
+        self.launch(
+            "quant8",
+            &self.gpu.fwd.quant8,
+            cfg1((nb.div_ceil(8) as u32, 1, 1), 256),
+            &[&x, &n, &out.qs, &out.qd, &out.qsum],
+        )
+    }
+
+    /// RoPE on the step's q and k rows, one launch.
+    pub(super) fn rope(&self, q: u64, k: u64, t: usize, cos: u64, sin: u64) -> Result<(), GpuError> {
+        let c = &self.cfg;
+        let (qh, kvh, di) = (c.heads as i32, c.kv_heads as i32, c.head_dim as i32);
+        let neox = matches!(c.rope.layout, RopeLayout::Neox) as i32;
+        self.launch(
+            "rope",
+            &self.gpu.fwd.rope,
+            cfg1((t as u32, 1, 1), 128),
+            &[&q, &k, &qh, &kvh, &di, &cos, &sin, &neox],
+        )
+    }
+
+    /// `pk_rotate` over the step's rows (`x`: q, k, v, or the attention output alone for the inverse); rows of
+    /// sequences whose cache does not rotate are left alone. One launch.
+    pub(super) fn rotate(&self, seqp: u64, row_seq: u64, x: [u64; 3], t: usize, inverse: bool) -> Result<(), GpuError> {
+        let c = &self.cfg;
+        let block = crate::kvcache::rotate::rotation_block(c.head_dim).unwrap_or(1);
+        let scale = crate::kvcache::rotate::rotation_scale(block);
+        let (qh, kvh, di, bl, inv) = (
+            c.heads as i32,
+            c.kv_heads as i32,
+            c.head_dim as i32,
+            block as i32,
+            inverse as i32,
+        );
+        self.launch(
+            if inverse { "unrotate" } else { "rotate" },
+            &self.gpu.fwd.rotate,
+            cfg1((t as u32, 1, 1), 32),
+            &[&seqp, &row_seq, &x[0], &x[1], &x[2], &qh, &kvh, &di, &bl, &scale, &inv],
+        )
+    }
+}
