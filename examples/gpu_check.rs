@@ -725,6 +725,22 @@ fn main() {
         if depth == 32768 {
             println!("| PM-KVQ ⅕ vs fp16 at depth 32768 (GPU) | {:.2}x | | |", gp / gf);
         }
+        if depth == 4096 {
+            // what the rotation (two pk_rotate launches per layer) and the fitted floor cost
+            let shipped = MethodSpec {
+                rotate: true,
+                method: KvMethod::Pmkvq(pmkvq::kvcache::PmkvqConfig {
+                    shift: pmkvq::kvcache::quant::ShiftMode::Fitted,
+                    ..pmkvq::kvcache::PmkvqConfig::pmkvq()
+                }),
+                ..spec("pmkvq", None)
+            };
+            let (gr, _) = decode_speed(&dev, &shipped, 1, depth, steps, Some(0.2));
+            println!(
+                "| decode tok/s, 1 stream, depth 4096, PM-KVQ at 1/5 rotated + fitted floor (pmkvq on a GPU) | {gr:.1} | | {:.2}x unrotated |",
+                gr / gp
+            );
+        }
     }
     let (one, _) = decode_speed(&dev, &pm, 1, 128, 32, None);
     for streams in [1usize, 8, 32] {
