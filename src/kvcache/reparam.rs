@@ -10,6 +10,20 @@ use std::sync::Arc;
 /// Per-layer channel scales `λ̃[kv_head·d + c]`, one scale per rotary pair repeated on both of its channels.
 pub type KeyScales = Arc<Vec<Vec<f32>>>;
 
+/// Per layer, the reciprocals `1/λ` keys are multiplied by (rather than divided, on the hot path).
+pub fn inverse_scales(scales: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    scales.iter().map(|l| l.iter().map(|&x| 1.0 / x).collect()).collect()
+}
+
+/// `k ← k ∘ inv` for every token row of `k` (`inv`: one layer's `1/λ`, `kv_dim` long).
+pub fn scale_keys(inv: &[f32], k: &mut [f32]) {
+    for tok in k.chunks_exact_mut(inv.len()) {
+        for (x, s) in tok.iter_mut().zip(inv) {
+            *x *= s;
+        }
+    }
+}
+
 /// The key-scaling tap: queries × λ, keys × 1/λ.
 pub struct KeyScale {
     scales: KeyScales,
@@ -37,7 +51,7 @@ impl Tapped<KeyScale> {
                 got: bad.len(),
             });
         }
-        let inv = scales.iter().map(|l| l.iter().map(|&x| 1.0 / x).collect()).collect();
+        let inv = inverse_scales(&scales);
         Ok(Tapped::wrap(inner, KeyScale { scales, inv }, label))
     }
 }
@@ -61,11 +75,7 @@ impl KvTap for KeyScale {
     fn key(&mut self, layer: usize, _g: &KvGeometry, k: &[f32]) -> Option<Vec<f32>> {
         let inv = self.inv.get(layer)?;
         let mut out = k.to_vec();
-        for tok in out.chunks_exact_mut(inv.len()) {
-            for (x, s) in tok.iter_mut().zip(inv) {
-                *x *= s;
-            }
-        }
+        scale_keys(inv, &mut out);
         Some(out)
     }
 }

@@ -8,6 +8,7 @@
 
 use super::gpu_err;
 use crate::gpu::cuda::Gpu;
+use crate::kvcache::reparam::{inverse_scales, scale_keys};
 use crate::kvcache::rotate::Rotation;
 use crate::kvcache::{KvError, KvGeometry, MethodSpec, ROTATION_SEED};
 use cudarc::driver::CudaSlice;
@@ -28,8 +29,6 @@ struct DeviceRotation {
 
 impl Inputs {
     pub(super) fn new(gpu: &Gpu, spec: &MethodSpec, geom: KvGeometry) -> Result<Self, KvError> {
-        let inverses =
-            |s: &[Vec<f32>]| -> Vec<Vec<f32>> { s.iter().map(|l| l.iter().map(|&x| 1.0 / x).collect()).collect() };
         let scales = match &spec.key_scales {
             None => None,
             Some(s) => {
@@ -41,7 +40,7 @@ impl Inputs {
                     });
                 }
                 let mut v = Vec::with_capacity(s.len());
-                for (l, inv) in s.iter().zip(inverses(s)) {
+                for (l, inv) in s.iter().zip(inverse_scales(s)) {
                     v.push((gpu.upload(l).map_err(gpu_err)?, gpu.upload(&inv).map_err(gpu_err)?));
                 }
                 Some(v)
@@ -57,7 +56,7 @@ impl Inputs {
                 Some(DeviceRotation {
                     signs: gpu.upload(&signs).map_err(gpu_err)?,
                     host,
-                    kinv: spec.key_scales.as_ref().map(|s| inverses(s)),
+                    kinv: spec.key_scales.as_ref().map(|s| inverse_scales(s)),
                 })
             }
         };
@@ -92,11 +91,7 @@ impl Inputs {
         let r = self.rotation.as_ref()?;
         let mut k = k.to_vec();
         if let Some(inv) = r.kinv.as_ref().and_then(|s| s.get(layer)) {
-            for tok in k.chunks_exact_mut(inv.len()) {
-                for (x, s) in tok.iter_mut().zip(inv) {
-                    *x *= s;
-                }
-            }
+            scale_keys(inv, &mut k);
         }
         let mut v = v.to_vec();
         r.host.forward(layer, &mut k);
