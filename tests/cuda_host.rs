@@ -1,10 +1,11 @@
 //! The CUDA kernels that work one thread per group or row — `kv_quant.cu`, `kv_shrink.cu` (every shift mode,
-//! the fitted 2-bit floor included: `pmkvq_fit.h`) and the rotation `pk_rotate` runs per row (`pmkvq_rot.h`) —
-//! compiled with the host's C++ compiler and run on the CPU, every (block, thread) in turn: they must give the
-//! host stores' codes, parameters and rotated rows bit for bit, so a device cache holds what the CPU's holds.
-//! Only the CUDA words are stubbed (each `_rn` intrinsic is one IEEE operation, which `-ffp-contract=off` keeps
-//! from being fused; f16 conversions go through `_Float16`, round to nearest even like the GPU's `cvt.rn`). What
-//! this cannot check — the launches on a GPU — is `deploy/gpu-check.sh`'s.
+//! the fitted 2-bit floor included: `pmkvq_fit.h`) and `forward.cu`'s `pk_rotate` (`pmkvq_rot.h`), the whole of
+//! `forward.cu` compiled, its warp kernels left to the GPU — built with the host's C++ compiler and run on the
+//! CPU, every (block, thread) in turn: they must give the host stores' codes, parameters and rotated rows bit for
+//! bit, so a device cache holds what the CPU's holds. Only the CUDA words are stubbed (each `_rn` intrinsic is one
+//! IEEE operation, which `-ffp-contract=off` keeps from being fused; f16 conversions go through `_Float16`, round
+//! to nearest even like the GPU's `cvt.rn`). What this cannot check — the launches on a GPU, the warp kernels — is
+//! `deploy/gpu-check.sh`'s.
 
 use pmkvq::kvcache::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
 use pmkvq::kvcache::rotate::{rotation_block, Rotation};
@@ -37,10 +38,22 @@ static inline double __dadd_rn(double a, double b) { return a + b; }
 static inline double __dsub_rn(double a, double b) { return a - b; }
 static inline double __ddiv_rn(double a, double b) { return a / b; }
 static inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
+// forward.cu's warp and block kernels (attention, matmuls, norms) are not run here: their primitives abort
+#define __shared__ static
+static void pk_no_warps() { fprintf(stderr, "a warp primitive ran on the host\n"); abort(); }
+template <class T> static T __shfl_sync(unsigned, T, int) { pk_no_warps(); return T(); }
+template <class T> static T __shfl_xor_sync(unsigned, T, int) { pk_no_warps(); return T(); }
+static void __syncwarp() { pk_no_warps(); }
+static void __syncthreads() { pk_no_warps(); }
+static pk_dim3 gridDim;
+using std::max;
+using std::min;
+struct uint4 { unsigned x, y, z, w; };
 
 #include "pmkvq_rot.h"
 #include "kv_quant.cu"
 #include "kv_shrink.cu"
+#include "forward.cu"
 
 template <class T> static std::vector<T> read(int n) {
     std::vector<T> v(n);
@@ -69,6 +82,8 @@ template <class F> static void launch(int n_groups, F f) {
 //     q k v  ->  q, k, v after pmkvq_rotate_row over every lane
 //   Q n_groups g bits / values[n_groups·g]  ->  packed bytes, f16 scales, f16 offsets (pmkvq_kv_quantize)
 //   S n_groups g bits_in mode / bytes / scales / offsets  ->  the same one level down (pmkvq_kv_shrink)
+//   F q_heads kv_heads d block scale(bits) inverse rows seqs / per sequence: rotates scaled [signs] [qscale kinv] /
+//     row_seq / q k v  ->  q, k, v after pk_rotate over the grid (rows) × 32 threads
 int main() {
     char op[2];
     while (scanf("%1s", op) == 1) {
@@ -101,6 +116,38 @@ int main() {
             std::vector<pmkvq_u8> out(n * g * bits / 16);
             launch(n, [&] { pmkvq_kv_shrink(in.data(), n, g, bits, mode, out.data(), sc.data(), of.data()); });
             write(out); write(sc); write(of);
+        } else if (op[0] == 'F') {
+            // pk_rotate itself over a step's rows: per sequence, whether it rotates and has key scales
+            int qh, kvh, d, block, inverse, t, ns;
+            unsigned sb;
+            if (scanf("%d %d %d %d %x %d %d %d", &qh, &kvh, &d, &block, &sb, &inverse, &t, &ns) != 8) return 2;
+            float scale;
+            memcpy(&scale, &sb, 4);
+            std::vector<std::vector<float>> keep;  // the tables' storage
+            std::vector<pk_seq> seqs(ns);
+            for (int i = 0; i < ns; ++i) {
+                int rotates, scaled;
+                if (scanf("%d %d", &rotates, &scaled) != 2) return 2;
+                seqs[i] = pk_seq{};
+                if (rotates) { keep.push_back(read<float>(d)); seqs[i].signs = (pk_ptr)keep.back().data(); }
+                if (scaled) {
+                    keep.push_back(read<float>(kvh * d));
+                    seqs[i].qscale = (pk_ptr)keep.back().data();
+                    keep.push_back(read<float>(kvh * d));
+                    seqs[i].kinv = (pk_ptr)keep.back().data();
+                }
+            }
+            std::vector<int> row_seq = read<int>(t);
+            std::vector<float> q = read<float>(t * qh * d), k = read<float>(t * kvh * d), v = read<float>(t * kvh * d);
+            blockDim.x = 32;
+            for (int row = 0; row < t; ++row)
+                for (unsigned th = 0; th < 32; ++th) {
+                    blockIdx.x = row;
+                    threadIdx.x = th;
+                    pk_rotate(seqs.data(), row_seq.data(), q.data(), k.data(), v.data(), qh, kvh, d, block, scale,
+                              inverse);
+                }
+            write(q); write(k); write(v);
         } else {
             return 2;
         }
@@ -436,4 +483,94 @@ fn the_cuda_shrink_kernel_lowers_like_the_host_store_in_every_mode_the_fitted_fl
         fitted_moved > 10,
         "the fitted floor moved {fitted_moved} groups' offsets"
     );
+}
+
+/// `pk_rotate` as launched: a step whose rows belong to a rotated sequence (with key scales) and to one that does
+/// not rotate (its scales set too, which the kernel must leave to attention and the store): the first sequence's
+/// rows come out as the host taps make them, the other's untouched; the inverse likewise.
+#[test]
+fn pk_rotate_turns_the_rows_of_rotated_sequences_and_leaves_the_others() {
+    let g = KvGeometry {
+        layers: 2,
+        q_heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+    };
+    let layer = 1;
+    let rot = Rotation::new(g, ROTATION_SEED).unwrap();
+    let scales: Vec<f32> = noise(g.kv_dim(), 5).iter().map(|x| 0.6 + x.abs() * 0.2).collect();
+    let inv: Vec<f32> = scales.iter().map(|&x| 1.0 / x).collect();
+    let row_seq = [0u32, 1, 0, 0];
+    let t = row_seq.len();
+    let (q, k, v) = (
+        noise(t * g.q_dim(), 11),
+        noise(t * g.kv_dim(), 12),
+        noise(t * g.kv_dim(), 13),
+    );
+    for inverse in [false, true] {
+        let mut input = format!(
+            "F {} {} {} {} {:08x} {} {t} 2\n",
+            g.q_heads,
+            g.kv_heads,
+            g.head_dim,
+            rot.block(),
+            rot.scale().to_bits(),
+            inverse as i32
+        );
+        input += "1 1\n";
+        input += &hex(rot.signs(layer).unwrap());
+        input += &hex(&scales);
+        input += &hex(&inv);
+        input += "0 1\n";
+        input += &hex(&scales);
+        input += &hex(&inv);
+        input += &words(&row_seq);
+        input += &hex(&q);
+        input += &hex(&k);
+        input += &hex(&v);
+        let lines = run(&input);
+        assert_eq!(lines.len(), 3);
+        let mut per_layer = vec![vec![1.0f32; g.kv_dim()]; g.layers];
+        per_layer[layer] = scales.clone();
+        let mut tap = KeyScaled::new(Box::new(F32KvStore::new(g, 4)), Arc::new(per_layer), "").unwrap();
+        for (row, &seq) in row_seq.iter().enumerate() {
+            let (qr, kr, vr) = (
+                &q[row * g.q_dim()..(row + 1) * g.q_dim()],
+                &k[row * g.kv_dim()..(row + 1) * g.kv_dim()],
+                &v[row * g.kv_dim()..(row + 1) * g.kv_dim()],
+            );
+            let (mut qe, mut ke, mut ve) = (qr.to_vec(), kr.to_vec(), vr.to_vec());
+            if seq == 0 {
+                if inverse {
+                    rot.inverse(layer, &mut qe);
+                } else {
+                    qe = tap.tap.query(layer, &g, qr).unwrap();
+                    ke = tap.tap.key(layer, &g, kr).unwrap();
+                    rot.forward(layer, &mut qe);
+                    rot.forward(layer, &mut ke);
+                    rot.forward(layer, &mut ve);
+                }
+            }
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let what = format!("row {row} (sequence {seq}, inverse {inverse})");
+            assert_eq!(
+                lines[0][row * g.q_dim()..(row + 1) * g.q_dim()],
+                bits(&qe)[..],
+                "q, {what}"
+            );
+            assert_eq!(
+                lines[1][row * g.kv_dim()..(row + 1) * g.kv_dim()],
+                bits(&ke)[..],
+                "k, {what}"
+            );
+            assert_eq!(
+                lines[2][row * g.kv_dim()..(row + 1) * g.kv_dim()],
+                bits(&ve)[..],
+                "v, {what}"
+            );
+            if seq == 0 {
+                assert_ne!(qe, qr, "{what}: the rotation did something");
+            }
+        }
+    }
 }
