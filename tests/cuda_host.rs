@@ -84,6 +84,8 @@ template <class F> static void launch(int n_groups, F f) {
 //   S n_groups g bits_in mode / bytes / scales / offsets  ->  the same one level down (pmkvq_kv_shrink)
 //   F q_heads kv_heads d block scale(bits) inverse rows seqs / per sequence: rotates scaled [signs] [qscale kinv] /
 //     row_seq / q k v  ->  q, k, v after pk_rotate over the grid (rows) × 32 threads
+//   K n kv_dim g_min / per token: bits g has_kinv [kinv] / k v  ->  per token, K then V: bytes, scales, offsets
+//     (bits 0: raw f16 rows, no parameters) after pk_kv_store
 int main() {
     char op[2];
     while (scanf("%1s", op) == 1) {
@@ -148,6 +150,41 @@ int main() {
                               inverse);
                 }
             write(q); write(k); write(v);
+        } else if (op[0] == 'K') {
+            // pk_kv_store: each token's K and V into its own slot, at its width and group, keys times its kinv
+            int n, kv_dim, g_min;
+            if (scanf("%d %d %d", &n, &kv_dim, &g_min) != 3) return 2;
+            std::vector<std::vector<float>> kinv(n);
+            std::vector<std::vector<pmkvq_u8>> data(2 * n);
+            std::vector<std::vector<pmkvq_u16>> params(4 * n);
+            std::vector<pk_dst> dst(n);
+            for (int i = 0; i < n; ++i) {
+                int bits, g, has;
+                if (scanf("%d %d %d", &bits, &g, &has) != 3) return 2;
+                if (has) kinv[i] = read<float>(kv_dim);
+                int groups = kv_dim / g, bytes = bits ? groups * g * bits / 8 : kv_dim * 2;
+                for (int side = 0; side < 2; ++side) {
+                    data[2 * i + side].assign(bytes, 0);
+                    params[4 * i + 2 * side].assign(groups, 0);
+                    params[4 * i + 2 * side + 1].assign(groups, 0);
+                }
+                dst[i] = pk_dst{(pk_ptr)data[2 * i].data(), (pk_ptr)params[4 * i].data(), (pk_ptr)params[4 * i + 1].data(),
+                                (pk_ptr)data[2 * i + 1].data(), (pk_ptr)params[4 * i + 2].data(),
+                                (pk_ptr)params[4 * i + 3].data(), has ? (pk_ptr)kinv[i].data() : 0, bits, g};
+            }
+            std::vector<float> k = read<float>(n * kv_dim), v = read<float>(n * kv_dim);
+            int threads = n * 2 * (kv_dim / g_min);
+            blockDim.x = 128;
+            for (int b = 0; b * 128 < threads; ++b)
+                for (unsigned th = 0; th < 128; ++th) {
+                    blockIdx.x = b;
+                    threadIdx.x = th;
+                    pk_kv_store(dst.data(), k.data(), v.data(), n, kv_dim, g_min);
+                }
+            for (int i = 0; i < n; ++i)
+                for (int side = 0; side < 2; ++side) {
+                    write(data[2 * i + side]); write(params[4 * i + 2 * side]); write(params[4 * i + 2 * side + 1]);
+                }
         } else {
             return 2;
         }
@@ -571,6 +608,75 @@ fn pk_rotate_turns_the_rows_of_rotated_sequences_and_leaves_the_others() {
             if seq == 0 {
                 assert_ne!(qe, qr, "{what}: the rotation did something");
             }
+        }
+    }
+}
+
+/// `pk_kv_store` as launched for a batch whose tokens go to caches of different widths and groups, some keys
+/// scaled by 1/λ (an unrotated reparameterized cache) and some not (a plain one, or a rotated one whose keys
+/// `pk_rotate` already scaled): every slot holds what the host store's `push_token` writes for the same row.
+#[test]
+fn pk_kv_store_writes_each_slot_as_the_host_store_would() {
+    let (kv_heads, head_dim) = (3, 64);
+    let kv_dim = kv_heads * head_dim;
+    // (bits, group, key scales): bits 0 is the fp16 cache's raw rows
+    let slots: [(u32, usize, bool); 6] = [
+        (16, 64, false),
+        (8, 32, true),
+        (4, 64, true),
+        (2, 32, false),
+        (0, 64, true),
+        (16, 32, true),
+    ];
+    let n = slots.len();
+    let k = rows_of(n, kv_dim, 32, 21);
+    let v = rows_of(n, kv_dim, 32, 22);
+    let inv: Vec<f32> = noise(kv_dim, 23).iter().map(|x| 1.0 / (0.6 + x.abs() * 0.2)).collect();
+    let mut input = format!("K {n} {kv_dim} 32\n");
+    for &(bits, group, scaled) in &slots {
+        input += &format!("{bits} {group} {}\n", scaled as i32);
+        if scaled {
+            input += &hex(&inv);
+        }
+    }
+    input += &hex(&k);
+    input += &hex(&v);
+    let lines = run(&input);
+    assert_eq!(lines.len(), 6 * n);
+    for (i, &(bits, group, scaled)) in slots.iter().enumerate() {
+        for side in 0..2 {
+            let mut row = if side == 0 { &k } else { &v }[i * kv_dim..(i + 1) * kv_dim].to_vec();
+            if side == 0 && scaled {
+                pmkvq::kvcache::reparam::scale_keys(&inv, &mut row);
+            }
+            let (data, scales, offsets): (Vec<u32>, Vec<u32>, Vec<u32>) = match Bits::from_count(bits) {
+                // the fp16 cache's rounding (F16KvStore): f16 of each value, little-endian bytes
+                None => (
+                    row.iter()
+                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                        .map(u32::from)
+                        .collect(),
+                    vec![0; kv_dim / group],
+                    vec![0; kv_dim / group],
+                ),
+                Some(b) => {
+                    let mut rows = PackedRows::new(b, group, kv_heads, head_dim, OffsetMode::Stored);
+                    rows.push_token(&row);
+                    (
+                        rows.data.iter().map(|&x| x as u32).collect(),
+                        rows.scale.iter().map(|s| s.to_bits() as u32).collect(),
+                        rows.offset.iter().map(|s| s.to_bits() as u32).collect(),
+                    )
+                }
+            };
+            let what = format!(
+                "token {i} ({bits} bits, group {group}, scaled {scaled}), {}",
+                ["K", "V"][side]
+            );
+            let at = 6 * i + 3 * side;
+            assert_eq!(lines[at], data, "codes, {what}");
+            assert_eq!(lines[at + 1], scales, "scales, {what}");
+            assert_eq!(lines[at + 2], offsets, "offsets, {what}");
         }
     }
 }
