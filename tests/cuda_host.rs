@@ -410,6 +410,15 @@ fn rows_of(tokens: usize, width: usize, group: usize, seed: u64) -> Vec<f32> {
     x
 }
 
+/// A store's packed rows as the driver prints them: codes (bytes), scales, offsets (f16 bits).
+fn packed_words(rows: &PackedRows) -> [Vec<u32>; 3] {
+    [
+        rows.data.iter().map(|&b| b as u32).collect(),
+        rows.scale.iter().map(|s| s.to_bits() as u32).collect(),
+        rows.offset.iter().map(|s| s.to_bits() as u32).collect(),
+    ]
+}
+
 #[test]
 fn the_cuda_quantize_kernel_packs_the_host_stores_codes() {
     let (kv_heads, head_dim, tokens) = (3, 64, 40);
@@ -433,21 +442,10 @@ fn the_cuda_quantize_kernel_packs_the_host_stores_codes() {
     assert_eq!(lines.len(), 3 * expected.len());
     for (i, (group, bits, rows)) in expected.iter().enumerate() {
         let what = format!("group {group}, {} bits", bits.count());
-        assert_eq!(
-            lines[3 * i],
-            rows.data.iter().map(|&b| b as u32).collect::<Vec<_>>(),
-            "codes, {what}"
-        );
-        assert_eq!(
-            lines[3 * i + 1],
-            rows.scale.iter().map(|s| s.to_bits() as u32).collect::<Vec<_>>(),
-            "scales, {what}"
-        );
-        assert_eq!(
-            lines[3 * i + 2],
-            rows.offset.iter().map(|s| s.to_bits() as u32).collect::<Vec<_>>(),
-            "offsets, {what}"
-        );
+        let [codes, scales, offsets] = packed_words(rows);
+        assert_eq!(lines[3 * i], codes, "codes, {what}");
+        assert_eq!(lines[3 * i + 1], scales, "scales, {what}");
+        assert_eq!(lines[3 * i + 2], offsets, "offsets, {what}");
     }
 }
 
@@ -501,9 +499,7 @@ fn the_cuda_shrink_kernel_lowers_like_the_host_store_in_every_mode_the_fitted_fl
     let mut fitted_moved = 0;
     for (i, (group, mode, from, rows)) in expected.iter().enumerate() {
         let what = format!("group {group}, {mode:?}, {} → {} bits", from.count(), rows.bits.count());
-        let codes: Vec<u32> = rows.data.iter().map(|&b| b as u32).collect();
-        let scales: Vec<u32> = rows.scale.iter().map(|s| s.to_bits() as u32).collect();
-        let offsets: Vec<u32> = rows.offset.iter().map(|s| s.to_bits() as u32).collect();
+        let [codes, scales, offsets] = packed_words(rows);
         let diff = |a: &[u32], b: &[u32]| a.iter().zip(b).filter(|(x, y)| x != y).count();
         assert_eq!(lines[3 * i].len(), codes.len(), "{what}");
         assert_eq!(diff(&lines[3 * i], &codes), 0, "codes differ, {what}");
@@ -649,24 +645,20 @@ fn pk_kv_store_writes_each_slot_as_the_host_store_would() {
             if side == 0 && scaled {
                 pmkvq::kvcache::reparam::scale_keys(&inv, &mut row);
             }
-            let (data, scales, offsets): (Vec<u32>, Vec<u32>, Vec<u32>) = match Bits::from_count(bits) {
+            let [data, scales, offsets] = match Bits::from_count(bits) {
                 // the fp16 cache's rounding (F16KvStore): f16 of each value, little-endian bytes
-                None => (
+                None => [
                     row.iter()
                         .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
                         .map(u32::from)
                         .collect(),
                     vec![0; kv_dim / group],
                     vec![0; kv_dim / group],
-                ),
+                ],
                 Some(b) => {
                     let mut rows = PackedRows::new(b, group, kv_heads, head_dim, OffsetMode::Stored);
                     rows.push_token(&row);
-                    (
-                        rows.data.iter().map(|&x| x as u32).collect(),
-                        rows.scale.iter().map(|s| s.to_bits() as u32).collect(),
-                        rows.offset.iter().map(|s| s.to_bits() as u32).collect(),
-                    )
+                    packed_words(&rows)
                 }
             };
             let what = format!(

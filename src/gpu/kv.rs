@@ -146,8 +146,16 @@ impl DeviceStore {
             .collect();
         let inputs = Inputs::new(&gpu, spec, geom)?;
         let mut store = DeviceStore {
-            // named as the host store with the same spec names itself (`Rotated` adds `+rot`)
-            name: format!("{}{}", spec.method, if spec.rotate { "+rot" } else { "" }),
+            // named as the host store with the same spec names itself
+            name: format!(
+                "{}{}",
+                spec.method,
+                if spec.rotate {
+                    crate::kvcache::rotate::ROTATED_SUFFIX
+                } else {
+                    ""
+                }
+            ),
             inputs,
             gpu,
             geom,

@@ -18,6 +18,9 @@ use super::{KvError, KvGeometry, KvStore};
 /// store built with rotation, in this process or the next.
 pub const ROTATION_SEED: u64 = 0x504d_4b56_515f_726f;
 
+/// What a rotated store's method name gains (`pmkvq` → `pmkvq+rot`), on the host and on the device alike.
+pub const ROTATED_SUFFIX: &str = "+rot";
+
 /// The largest block the Walsh–Hadamard transform runs over.
 const MAX_BLOCK: usize = 256;
 
@@ -168,7 +171,7 @@ impl Tapped<Rotation> {
     /// `inner` with rotated inputs; its method name gains `+rot`.
     pub fn rotate(inner: Box<dyn KvStore>, seed: u64) -> Result<Self, KvError> {
         let tap = Rotation::new(inner.geometry(), seed)?;
-        Ok(Tapped::wrap(inner, tap, "+rot"))
+        Ok(Tapped::wrap(inner, tap, ROTATED_SUFFIX))
     }
 }
 

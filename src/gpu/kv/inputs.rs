@@ -29,9 +29,10 @@ struct DeviceRotation {
 
 impl Inputs {
     pub(super) fn new(gpu: &Gpu, spec: &MethodSpec, geom: KvGeometry) -> Result<Self, KvError> {
-        let scales = match &spec.key_scales {
-            None => None,
-            Some(s) => {
+        // 1/λ once: uploaded for the kernels, kept on the host for a rotated store's host path
+        let inverses = spec.key_scales.as_ref().map(|s| inverse_scales(s));
+        let scales = match (&spec.key_scales, &inverses) {
+            (Some(s), Some(inverses)) => {
                 if s.len() != geom.layers || s.iter().any(|l| l.len() != geom.kv_dim()) {
                     return Err(KvError::BadShape {
                         layer: 0,
@@ -40,11 +41,12 @@ impl Inputs {
                     });
                 }
                 let mut v = Vec::with_capacity(s.len());
-                for (l, inv) in s.iter().zip(inverse_scales(s)) {
-                    v.push((gpu.upload(l).map_err(gpu_err)?, gpu.upload(&inv).map_err(gpu_err)?));
+                for (l, inv) in s.iter().zip(inverses) {
+                    v.push((gpu.upload(l).map_err(gpu_err)?, gpu.upload(inv).map_err(gpu_err)?));
                 }
                 Some(v)
             }
+            _ => None,
         };
         let rotation = match spec.rotate {
             false => None,
@@ -56,7 +58,7 @@ impl Inputs {
                 Some(DeviceRotation {
                     signs: gpu.upload(&signs).map_err(gpu_err)?,
                     host,
-                    kinv: spec.key_scales.as_ref().map(|s| inverse_scales(s)),
+                    kinv: inverses,
                 })
             }
         };
