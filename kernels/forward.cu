@@ -271,6 +271,8 @@ struct pk_seg {
     pk_ptr k_data, k_scale, k_off, v_data, v_scale, v_off;
     int len;
     int bits;
+    int start;  // tokens of the sequence's earlier segments (so a split finds its first segment by bisection)
+    int pad;
 };
 
 // One sequence in one layer: its segments seg_start.. (seg_count of them, sink | body | window), tokens stored,
@@ -294,28 +296,41 @@ struct pk_dst {
 __device__ __forceinline__ float pk_h2f_lo(unsigned w) { return pmkvq_h2f((pmkvq_u16)(w & 0xFFFF)); }
 __device__ __forceinline__ float pk_h2f_hi(unsigned w) { return pmkvq_h2f((pmkvq_u16)(w >> 16)); }
 
-// q · (stored key `pos` of segment s, head kvh): the group sums S·Σ q·code + min·Σ q read as 32-bit words (16-byte
-// aligned vectors for raw f16 rows). Needs g % 16 == 0 for the word loads of every width (checked on the host).
-__device__ __forceinline__ float pk_score(const pk_seg& s, int pos, int kvh, int kv_heads, int d, int g,
-                                          const float* qs, const float* qsum) {
-    float acc = 0.0f;
+// Query heads one attention warp serves: the heads of one GQA group share every key and value it decodes.
+#define PK_GQA 4
+
+// out[i] = q_i · (stored key `pos` of segment s, head kvh) for the nh (≤ PK_GQA) query heads of qs (d values each;
+// qsum: their group sums, d/g each). Packed widths: the group sums S·Σ q·code + min·Σ q, codes read as 32-bit words
+// and decoded once for all heads (16-byte vectors for raw f16 rows). Each head's sum runs in the same order as a
+// single head's would. Needs g % 16 == 0 for the word loads of every width (checked on the host).
+__device__ __forceinline__ void pk_score(const pk_seg& s, int pos, int kvh, int kv_heads, int d, int g, int nh,
+                                         const float* qs, const float* qsum, float* out) {
+#pragma unroll
+    for (int i = 0; i < PK_GQA; ++i) out[i] = 0.0f;
     if (s.bits == 0) {
         const uint4* k = (const uint4*)((const pmkvq_u16*)s.k_data + ((size_t)pos * kv_heads + kvh) * d);
         for (int v = 0; v < d / 8; ++v) {
             uint4 w = k[v];
-            const float* qv = qs + 8 * v;
-            acc += qv[0] * pk_h2f_lo(w.x) + qv[1] * pk_h2f_hi(w.x) + qv[2] * pk_h2f_lo(w.y) + qv[3] * pk_h2f_hi(w.y) +
-                   qv[4] * pk_h2f_lo(w.z) + qv[5] * pk_h2f_hi(w.z) + qv[6] * pk_h2f_lo(w.w) + qv[7] * pk_h2f_hi(w.w);
+            float c[8] = {pk_h2f_lo(w.x), pk_h2f_hi(w.x), pk_h2f_lo(w.y), pk_h2f_hi(w.y),
+                          pk_h2f_lo(w.z), pk_h2f_hi(w.z), pk_h2f_lo(w.w), pk_h2f_hi(w.w)};
+#pragma unroll
+            for (int i = 0; i < PK_GQA; ++i) {
+                if (i >= nh) break;
+                const float* qv = qs + i * d + 8 * v;
+                out[i] += qv[0] * c[0] + qv[1] * c[1] + qv[2] * c[2] + qv[3] * c[3] + qv[4] * c[4] + qv[5] * c[5] +
+                          qv[6] * c[6] + qv[7] * c[7];
+            }
         }
-        return acc;
+        return;
     }
     int gph = d / g, gb = pmkvq_group_bytes(s.bits, g);
     size_t g0 = ((size_t)pos * kv_heads + kvh) * gph;
     const pmkvq_u8* data = (const pmkvq_u8*)s.k_data;
     for (int k = 0; k < gph; ++k) {
         const unsigned* p = (const unsigned*)(data + (g0 + k) * gb);
-        const float* qg = qs + k * g;
-        float dot = 0.0f;
+        float dot[PK_GQA];
+#pragma unroll
+        for (int i = 0; i < PK_GQA; ++i) dot[i] = 0.0f;
         switch (s.bits) {
         case 2: {
             int qd = g / 4;
@@ -325,8 +340,14 @@ __device__ __forceinline__ float pk_score(const pk_seg& s, int pos, int kvh, int
                 for (int e = 0; e < 4; ++e) {
                     unsigned x = (w >> (8 * e)) & 0xFF;
                     int jb = b + e;
-                    dot += qg[jb] * (float)(x & 3) + qg[jb + qd] * (float)((x >> 2) & 3) +
-                           qg[jb + 2 * qd] * (float)((x >> 4) & 3) + qg[jb + 3 * qd] * (float)(x >> 6);
+                    float c0 = (float)(x & 3), c1 = (float)((x >> 2) & 3), c2 = (float)((x >> 4) & 3),
+                          c3 = (float)(x >> 6);
+#pragma unroll
+                    for (int i = 0; i < PK_GQA; ++i) {
+                        if (i >= nh) break;
+                        const float* qg = qs + i * d + k * g;
+                        dot[i] += qg[jb] * c0 + qg[jb + qd] * c1 + qg[jb + 2 * qd] * c2 + qg[jb + 3 * qd] * c3;
+                    }
                 }
             }
             break;
@@ -338,7 +359,13 @@ __device__ __forceinline__ float pk_score(const pk_seg& s, int pos, int kvh, int
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     unsigned x = (w >> (8 * e)) & 0xFF;
-                    dot += qg[b + e] * (float)(x & 0x0F) + qg[b + e + h] * (float)(x >> 4);
+                    float c0 = (float)(x & 0x0F), c1 = (float)(x >> 4);
+#pragma unroll
+                    for (int i = 0; i < PK_GQA; ++i) {
+                        if (i >= nh) break;
+                        const float* qg = qs + i * d + k * g;
+                        dot[i] += qg[b + e] * c0 + qg[b + e + h] * c1;
+                    }
                 }
             }
             break;
@@ -346,20 +373,35 @@ __device__ __forceinline__ float pk_score(const pk_seg& s, int pos, int kvh, int
         case 8:
             for (int b = 0; b < g; b += 4) {
                 unsigned w = p[b / 4];
-                dot += qg[b] * (float)(w & 0xFF) + qg[b + 1] * (float)((w >> 8) & 0xFF) +
-                       qg[b + 2] * (float)((w >> 16) & 0xFF) + qg[b + 3] * (float)(w >> 24);
+                float c0 = (float)(w & 0xFF), c1 = (float)((w >> 8) & 0xFF), c2 = (float)((w >> 16) & 0xFF),
+                      c3 = (float)(w >> 24);
+#pragma unroll
+                for (int i = 0; i < PK_GQA; ++i) {
+                    if (i >= nh) break;
+                    const float* qg = qs + i * d + k * g;
+                    dot[i] += qg[b] * c0 + qg[b + 1] * c1 + qg[b + 2] * c2 + qg[b + 3] * c3;
+                }
             }
             break;
         default:
             for (int b = 0; b < g; b += 2) {
                 unsigned w = p[b / 2];
-                dot += qg[b] * (float)(w & 0xFFFF) + qg[b + 1] * (float)(w >> 16);
+                float c0 = (float)(w & 0xFFFF), c1 = (float)(w >> 16);
+#pragma unroll
+                for (int i = 0; i < PK_GQA; ++i) {
+                    if (i >= nh) break;
+                    const float* qg = qs + i * d + k * g;
+                    dot[i] += qg[b] * c0 + qg[b + 1] * c1;
+                }
             }
         }
-        acc += pmkvq_h2f(((const pmkvq_u16*)s.k_scale)[g0 + k]) * dot +
-               pmkvq_h2f(((const pmkvq_u16*)s.k_off)[g0 + k]) * qsum[k];
+        float sc = pmkvq_h2f(((const pmkvq_u16*)s.k_scale)[g0 + k]), of = pmkvq_h2f(((const pmkvq_u16*)s.k_off)[g0 + k]);
+#pragma unroll
+        for (int i = 0; i < PK_GQA; ++i) {
+            if (i >= nh) break;
+            out[i] += sc * dot[i] + of * qsum[i * gph + k];
+        }
     }
-    return acc;
 }
 
 // Where dimension jj (0 <= jj < g) of a group sits at each width: byte and shift (see pmkvq_kv.h's layout).
@@ -398,112 +440,197 @@ __device__ __forceinline__ float pk_value(const pk_seg& s, int pos, int kvh, int
 }
 
 // Attention of every new row over its sequence's stored segments, then its own call's tokens up to itself,
-// unquantized (spec §3.3; KvStore::attend_and_store). Split-K: grid (q_heads, rows, splits), one warp each;
-// split z takes tokens [z·chunk, (z+1)·chunk) of the concatenation and writes (max, sum, acc[d]) to work;
-// pk_attn_combine merges. Tiles of 32 tokens: each lane scores one token, then the lanes — each owning dimensions
-// lane, lane+32, … — accumulate the tile's values. Online softmax.
+// unquantized (spec §3.3; KvStore::attend_and_store). One warp serves up to PK_GQA query heads of one KV head (a
+// GQA group, split in blocks of PK_GQA): every key and value it reads is decoded once for all of them. Split-K:
+// grid (kv_heads·ceil(group/PK_GQA), rows, splits); split z takes tokens [z·chunk, (z+1)·chunk) of the
+// concatenation and writes each head's (max, sum, acc[d]) to work; pk_attn_combine merges. Tiles of 32 tokens:
+// each lane scores one token, then the lanes — each owning dimensions lane, lane+32, … — accumulate the tile's
+// values. Online softmax per head.
 extern "C" __global__ void pk_attention(const pk_seg* __restrict__ segs, const pk_seq* __restrict__ seqs,
                                         const int* __restrict__ row_seq, const int* __restrict__ row_fresh,
                                         const int* __restrict__ row_fresh0, const float* __restrict__ q,
                                         const float* __restrict__ knew, const float* __restrict__ vnew, int q_heads,
                                         int kv_heads, int d, float sm_scale, int chunk, float* __restrict__ work) {
-    __shared__ float qs[PMKVQ_MAX_HEAD_DIM];
-    __shared__ float qsum[PMKVQ_MAX_HEAD_DIM];
-    int h = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z, lane = threadIdx.x;
+    __shared__ float qs[PK_GQA * PMKVQ_MAX_HEAD_DIM];
+    __shared__ float qsum[PK_GQA * PMKVQ_MAX_HEAD_DIM];
+    int row = blockIdx.y, split = blockIdx.z, splits = gridDim.z, lane = threadIdx.x;
+    int per = q_heads / kv_heads, parts = (per + PK_GQA - 1) / PK_GQA;
+    int kvh = blockIdx.x / parts, part = blockIdx.x % parts;
+    int h0 = kvh * per + part * PK_GQA, nh = min(PK_GQA, per - part * PK_GQA);
     pk_seq L = seqs[row_seq[row]];
-    int g = L.g;
-    int kvh = h / (q_heads / kv_heads), kvd = kv_heads * d;
+    int g = L.g, gph = d / g;
+    int kvd = kv_heads * d;
     const float* qscale = L.signs ? 0 : (const float*)L.qscale;
     const float* kinv = L.signs ? 0 : (const float*)L.kinv;
-    for (int j = lane; j < d; j += 32) {
-        float v = q[((size_t)row * q_heads + h) * d + j];
-        qs[j] = qscale ? v * qscale[kvh * d + j] : v;
+    for (int x = lane; x < nh * d; x += 32) {
+        int i = x / d, j = x % d;
+        float v = q[((size_t)row * q_heads + h0 + i) * d + j];
+        qs[x] = qscale ? v * qscale[kvh * d + j] : v;
     }
     __syncwarp();
-    for (int k = lane; k < d / g; k += 32) {
+    for (int x = lane; x < nh * gph; x += 32) {
+        int i = x / gph, k = x % gph;
         float s = 0.0f;
-        for (int j = 0; j < g; ++j) s += qs[k * g + j];
-        qsum[k] = s;
+        for (int j = 0; j < g; ++j) s += qs[i * d + k * g + j];
+        qsum[x] = s;
     }
     __syncwarp();
     int fresh0 = row_fresh0[row];
     int total = L.stored + row_fresh[row];
     int t0 = split * chunk, t1 = min(total, t0 + chunk);
-    float m = -PMKVQ_INF, l = 0.0f, acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float m[PK_GQA], l[PK_GQA], acc[PK_GQA][4];
+#pragma unroll
+    for (int i = 0; i < PK_GQA; ++i) {
+        m[i] = -PMKVQ_INF;
+        l[i] = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) acc[i][k] = 0.0f;
+    }
     pk_dim dims[4];
     for (int k = 0; k < 4; ++k) dims[k] = pk_dim_of(min(lane + 32 * k, d - 1), g);
     const pk_seg* my = segs + L.seg_start;
-    int cs = 0, cbase = 0;  // the segment holding the tile's first stored token, and where it starts
+    // the segment holding the tile's first stored token, and where it starts: the split's first one found by
+    // bisection over the starts (a long cache has hundreds of pages), the next tiles' by walking on from there
+    int cs = 0;
+    if (t0 < L.stored) {
+        int hi = L.seg_count - 1;
+        while (cs < hi) {
+            int mid = (cs + hi + 1) / 2;
+            if (my[mid].start <= t0) cs = mid;
+            else hi = mid - 1;
+        }
+    }
+    int cbase = L.seg_count > 0 ? my[cs].start : 0;
     for (int tile = t0; tile < t1; tile += 32) {
         int idx = tile + lane;
         int si = cs, base = cbase, pos = 0, seg = -1;
-        float s = -PMKVQ_INF;
+        float s[PK_GQA];
+#pragma unroll
+        for (int i = 0; i < PK_GQA; ++i) s[i] = -PMKVQ_INF;
         if (idx < t1) {
             if (idx < L.stored) {
                 while (si + 1 < L.seg_count && base + my[si].len <= idx) base += my[si++].len;
                 seg = si;
                 pos = idx - base;
-                s = pk_score(my[si], pos, kvh, kv_heads, d, g, qs, qsum);
+                pk_score(my[si], pos, kvh, kv_heads, d, g, nh, qs, qsum, s);
             } else {
                 pos = idx - L.stored;
                 const float* kr = knew + (size_t)(fresh0 + pos) * kvd + kvh * d;
-                float dot = 0.0f;
-                for (int j = 0; j < d; ++j) dot += qs[j] * (kinv ? kr[j] * kinv[kvh * d + j] : kr[j]);
-                s = dot;
+#pragma unroll
+                for (int i = 0; i < PK_GQA; ++i) s[i] = 0.0f;
+                for (int j = 0; j < d; ++j) {
+                    float kj = kinv ? kr[j] * kinv[kvh * d + j] : kr[j];
+#pragma unroll
+                    for (int i = 0; i < PK_GQA; ++i) {
+                        if (i >= nh) break;
+                        s[i] += qs[i * d + j] * kj;
+                    }
+                }
             }
-            s *= sm_scale;
+#pragma unroll
+            for (int i = 0; i < PK_GQA; ++i) s[i] *= sm_scale;
         }
         int last = min(31, t1 - 1 - tile);
         cs = __shfl_sync(0xffffffffu, si, last);
         cbase = __shfl_sync(0xffffffffu, base, last);
-        float mnew = fmaxf(m, pk_warp_max(s));
-        float corr = m == -PMKVQ_INF ? 0.0f : expf(m - mnew);
-        float p = idx < t1 ? expf(s - mnew) : 0.0f;
-        l = l * corr + pk_warp_sum(p);
-        for (int k = 0; k < 4; ++k) acc[k] *= corr;
-        m = mnew;
+        float p[PK_GQA];
+#pragma unroll
+        for (int i = 0; i < PK_GQA; ++i) p[i] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < PK_GQA; ++i) {
+            if (i >= nh) break;
+            float mnew = fmaxf(m[i], pk_warp_max(s[i]));
+            float corr = m[i] == -PMKVQ_INF ? 0.0f : expf(m[i] - mnew);
+            p[i] = idx < t1 ? expf(s[i] - mnew) : 0.0f;
+            l[i] = l[i] * corr + pk_warp_sum(p[i]);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[i][k] *= corr;
+            m[i] = mnew;
+        }
         for (int u = 0; u <= last; ++u) {
-            float pu = __shfl_sync(0xffffffffu, p, u);
+            float pu[PK_GQA];
+#pragma unroll
+            for (int i = 0; i < PK_GQA; ++i) pu[i] = i < nh ? __shfl_sync(0xffffffffu, p[i], u) : 0.0f;
             int su = __shfl_sync(0xffffffffu, seg, u);
             int pou = __shfl_sync(0xffffffffu, pos, u);
+#pragma unroll
             for (int k = 0; k < 4; ++k) {
                 int j = lane + 32 * k;
                 if (j >= d) break;
                 float val = su >= 0 ? pk_value(my[su], pou, kvh, j, dims[k], kv_heads, d, g)
                                     : vnew[(size_t)(fresh0 + pou) * kvd + kvh * d + j];
-                acc[k] += pu * val;
+#pragma unroll
+                for (int i = 0; i < PK_GQA; ++i) acc[i][k] += pu[i] * val;
             }
         }
     }
-    float* wp = work + (((size_t)row * q_heads + h) * splits + split) * (2 + d);
-    if (lane == 0) {
-        wp[0] = m;
-        wp[1] = l;
-    }
-    for (int k = 0; k < 4; ++k) {
-        int j = lane + 32 * k;
-        if (j < d) wp[2 + j] = acc[k];
+#pragma unroll
+    for (int i = 0; i < PK_GQA; ++i) {
+        if (i >= nh) break;
+        float* wp = work + (((size_t)row * q_heads + h0 + i) * splits + split) * (2 + d);
+        if (lane == 0) {
+            wp[0] = m[i];
+            wp[1] = l[i];
+        }
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            int j = lane + 32 * k;
+            if (j < d) wp[2 + j] = acc[i][k];
+        }
     }
 }
 
-// Merge the splits of pk_attention into out (rows × q_heads·d). Grid (q_heads, rows), block 32.
+// One value of the block from each thread: the block's max (is_max) or sum, in a fixed order (warps by shuffles,
+// then warp 0's partial first), returned to every thread. red: 32 floats of shared memory.
+__device__ __forceinline__ float pk_block_reduce(float x, bool is_max, float* red) {
+    x = is_max ? pk_warp_max(x) : pk_warp_sum(x);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    __syncthreads();  // an earlier call's readers are done with red
+    if (lane == 0) red[warp] = x;
+    __syncthreads();
+    float r = red[0];
+    for (int i = 1; i < nw; ++i) r = is_max ? fmaxf(r, red[i]) : r + red[i];
+    return r;
+}
+
+// Merge the splits of pk_attention into out (rows × q_heads·d): out = Σ_s acc_s·e^(m_s − M) / Σ_s l_s·e^(m_s − M).
+// The block shares the splits: the max and the denominator by block reductions, the numerators by thread groups of
+// (up to) d threads, each group summing every (blockDim/d)-th split for its dimensions, then the groups' partials in
+// group order. Grid (q_heads, rows), block PK_COMBINE_THREADS.
+#define PK_COMBINE_THREADS 256
 extern "C" __global__ void pk_attn_combine(const float* __restrict__ work, int splits, int d, float* __restrict__ out) {
-    int h = blockIdx.x, row = blockIdx.y, q_heads = gridDim.x, lane = threadIdx.x;
+    __shared__ float red[32];
+    __shared__ float part[PK_COMBINE_THREADS];
+    int h = blockIdx.x, row = blockIdx.y, q_heads = gridDim.x, tid = threadIdx.x, nt = blockDim.x;
     const float* w0 = work + ((size_t)row * q_heads + h) * splits * (2 + d);
     float mx = -PMKVQ_INF;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, w0[s * (2 + d)]);
+    for (int s = tid; s < splits; s += nt) mx = fmaxf(mx, w0[(size_t)s * (2 + d)]);
+    mx = pk_block_reduce(mx, true, red);
     float l = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-        float ms = w0[s * (2 + d)];
-        if (ms != -PMKVQ_INF) l += w0[s * (2 + d) + 1] * expf(ms - mx);
+    for (int s = tid; s < splits; s += nt) {
+        float ms = w0[(size_t)s * (2 + d)];
+        if (ms != -PMKVQ_INF) l += w0[(size_t)s * (2 + d) + 1] * expf(ms - mx);
     }
-    for (int j = lane; j < d; j += 32) {
+    l = pk_block_reduce(l, false, red);
+    int dj = min(d, nt), groups = nt / dj, grp = tid / dj, jl = tid % dj;
+    for (int j0 = 0; j0 < d; j0 += dj) {
+        int j = j0 + jl;
         float a = 0.0f;
-        for (int s = 0; s < splits; ++s) {
-            float ms = w0[s * (2 + d)];
-            if (ms != -PMKVQ_INF) a += w0[s * (2 + d) + 2 + j] * expf(ms - mx);
+        if (grp < groups && j < d) {
+            for (int s = grp; s < splits; s += groups) {
+                const float* ws = w0 + (size_t)s * (2 + d);
+                float ms = ws[0];
+                if (ms != -PMKVQ_INF) a += ws[2 + j] * expf(ms - mx);
+            }
         }
-        out[((size_t)row * q_heads + h) * d + j] = l > 0.0f ? a / l : 0.0f;
+        part[tid] = a;
+        __syncthreads();
+        if (grp == 0 && j < d) {
+            float t = part[jl];
+            for (int g = 1; g < groups; ++g) t += part[g * dj + jl];
+            out[((size_t)row * q_heads + h) * d + j] = l > 0.0f ? t / l : 0.0f;
+        }
+        __syncthreads();
     }
 }
 

@@ -2,7 +2,9 @@
 """Compile every kernels/*.cu with NVRTC for each target architecture (no GPU, no CUDA toolkit needed).
 
 NVRTC comes from the `nvidia-cuda-nvrtc-cu12` wheel. Emits cubin for real architectures (sm_87 Orin, sm_90
-Hopper), so a syntax or type error in a kernel fails CI. Usage: nvrtc-check.py [ARCH ...] (default sm_87 sm_90).
+Hopper), so a syntax or type error in a kernel fails CI. Usage: nvrtc-check.py [--resources] [ARCH ...] (default
+sm_87 sm_90); --resources prints each kernel's registers, spills and shared memory as ptxas reports them (what bounds
+its occupancy, read without a GPU).
 """
 import ctypes
 import glob
@@ -17,7 +19,9 @@ LIB = os.path.join(list(pkg.__path__)[0], "lib", "libnvrtc.so.12")
 def main() -> int:
     nvrtc = ctypes.CDLL(LIB)
     nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
-    archs = sys.argv[1:] or ["sm_87", "sm_90"]
+    args = sys.argv[1:]
+    resources = "--resources" in args
+    archs = [a for a in args if a != "--resources"] or ["sm_87", "sm_90"]
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels")
     sources = sorted(glob.glob(os.path.join(root, "*.cu")))
     if not sources:
@@ -39,6 +43,8 @@ def main() -> int:
                 failed += 1
                 continue
             opts = [f"--gpu-architecture={arch}".encode(), b"--std=c++17", b"-default-device"]
+            if resources:
+                opts.append(b"--ptxas-options=-v")
             arr = (ctypes.c_char_p * len(opts))(*opts)
             rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
             size = ctypes.c_size_t()
@@ -53,6 +59,13 @@ def main() -> int:
             print(f"{os.path.relpath(path)} {arch}: {status}" + (f" ({cubin.value} bytes of cubin)" if rc == 0 else ""))
             if text and (rc or "warning" in text):
                 print(text)
+            if resources and rc == 0:
+                entry = None
+                for line in text.splitlines():
+                    if "Compiling entry function" in line:
+                        entry = line.split("'")[1]
+                    elif entry and ("Used" in line or "spill" in line):
+                        print(f"  {entry}: {line.split(':', 1)[-1].replace('ptxas', '').strip(' .')}")
             failed += rc != 0
             nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
     return 1 if failed else 0

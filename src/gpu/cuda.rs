@@ -58,6 +58,9 @@ pub struct SegArg {
     pub v_off: u64,
     pub len: i32,
     pub bits: i32,
+    /// Tokens in the sequence's earlier segments of this layer (`attention` bisects on it).
+    pub start: i32,
+    pub pad: i32,
 }
 
 /// Mirror of `pk_seq`: one sequence in one layer.
@@ -102,8 +105,9 @@ pub struct OutArg {
     pub accumulate: i32,
 }
 
-// SAFETY: plain `#[repr(C)]` integers with the exact layout of the CUDA structs they mirror (checked by
-// `arg_layouts_match_the_kernels` below); copied by value into parameter buffers or device arrays.
+// SAFETY: plain `#[repr(C)]` integers with the exact layout of the CUDA structs they mirror (checked against the
+// kernel source compiled on the host by tests/cuda_warps.rs); copied by value into parameter buffers or device
+// arrays.
 unsafe impl DeviceRepr for SegArg {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for SeqArg {}

@@ -360,6 +360,12 @@ impl DeviceStore {
             }
         }
         debug_assert_eq!(dsts.len(), n);
+        let mut start = 0;
+        for seg in &mut segs {
+            seg.start = start;
+            start += seg.len;
+        }
+        debug_assert_eq!(start as usize, stored);
         Ok(LayerPlan { segs, stored, dsts })
     }
 

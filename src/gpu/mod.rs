@@ -14,6 +14,9 @@ pub use shapes::{check_attention, check_quantize, check_shrink, SegmentShape};
 mod cuda;
 #[cfg(feature = "cuda-kernels")]
 pub use cuda::{CudaDeviceMemory, Gpu};
+/// The kernels' argument structs as the host fills them (public for the layout test against the kernel source).
+#[cfg(feature = "cuda-kernels")]
+pub use cuda::{DstArg, OutArg, SegArg, SeqArg};
 #[cfg(feature = "cuda-kernels")]
 pub mod kv;
 #[cfg(feature = "cuda-kernels")]

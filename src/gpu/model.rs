@@ -79,6 +79,17 @@ struct Scratch {
     work: CudaSlice<f32>,
 }
 
+/// Query heads one `pk_attention` warp serves (its `PK_GQA`): the heads of a GQA group share what it decodes.
+pub const ATTENTION_HEADS: usize = 4;
+
+/// `pk_attention` blocks per (row, split): each KV head's group of query heads in blocks of [`ATTENTION_HEADS`].
+fn attention_blocks(q_heads: usize, kv_heads: usize) -> usize {
+    kv_heads * (q_heads / kv_heads).div_ceil(ATTENTION_HEADS)
+}
+
+/// Threads of a `pk_attn_combine` block (its `PK_COMBINE_THREADS`: the kernel's shared arrays are that long).
+pub const COMBINE_THREADS: u32 = 256;
+
 fn cfg1(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
@@ -309,7 +320,7 @@ impl GpuModel {
         let (rows, counts) = crate::model::logit_rows(seqs, mode);
         let rows: Vec<i32> = rows.into_iter().map(|r| r as i32).collect();
         let r = rows.len();
-        let (chunk, splits) = split_plan(max_total, qh * t);
+        let (chunk, splits) = split_plan(max_total, attention_blocks(qh, c.kv_heads) * t);
         let need = Capacity {
             t,
             r,
@@ -468,7 +479,7 @@ impl GpuModel {
             self.launch(
                 "attention",
                 &gpu.fwd.attention,
-                cfg1((qh as u32, t as u32, p.splits as u32), 32),
+                cfg1((attention_blocks(qh, kvh) as u32, t as u32, p.splits as u32), 32),
                 &[
                     &segp, &seqp, &rsp, &rfp, &r0p, &q, &k, &v, &qhi, &kvhi, &di, &sm, &chi, &work,
                 ],
@@ -476,7 +487,7 @@ impl GpuModel {
             self.launch(
                 "attn_combine",
                 &gpu.fwd.attn_combine,
-                cfg1((qh as u32, t as u32, 1), 32),
+                cfg1((qh as u32, t as u32, 1), COMBINE_THREADS),
                 &[&work, &spi, &di, &attn],
             )?;
             if p.rotate {

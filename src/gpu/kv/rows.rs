@@ -159,6 +159,9 @@ impl Pair {
             v_off: vo,
             len: len as i32,
             bits: self.k.bits as i32,
+            // set by `prepare`, which knows the segments before this one
+            start: 0,
+            pad: 0,
         }
     }
     pub(super) fn dst(&self, gpu: &Gpu, s: Shape, pos: usize, kinv: u64) -> DstArg {

@@ -182,7 +182,7 @@ mod tests {
         let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
             cuda_fields("pk_seg"),
-            names(&["k_data", "k_scale", "k_off", "v_data", "v_scale", "v_off", "len", "bits"])
+            names(&["k_data", "k_scale", "k_off", "v_data", "v_scale", "v_off", "len", "bits", "start", "pad"])
         );
         assert_eq!(
             cuda_fields("pk_seq"),
@@ -198,8 +198,13 @@ mod tests {
         );
         // C layout of those fields (8-byte pointers, 4-byte ints, no hidden padding the host would leave unset)
         assert_eq!(
-            (size_of::<SegArg>(), offset_of!(SegArg, len), offset_of!(SegArg, bits)),
-            (56, 48, 52)
+            (
+                size_of::<SegArg>(),
+                offset_of!(SegArg, len),
+                offset_of!(SegArg, bits),
+                offset_of!(SegArg, start)
+            ),
+            (64, 48, 52, 56)
         );
         assert_eq!(
             (
