@@ -593,14 +593,22 @@ __device__ __forceinline__ float pk_block_reduce(float x, bool is_max, float* re
     return r;
 }
 
-// Merge the splits of pk_attention into out (rows × q_heads·d): out = Σ_s acc_s·e^(m_s − M) / Σ_s l_s·e^(m_s − M).
-// The block shares the splits: the max and the denominator by block reductions, the numerators by thread groups of
-// (up to) d threads, each group summing every (blockDim/d)-th split for its dimensions, then the groups' partials in
-// group order. Grid (q_heads, rows), block PK_COMBINE_THREADS.
+// Merge the splits of pk_attention into out (rows × q_heads·d): out = Σ_s acc_s·e^(m_s − M) / Σ_s l_s·e^(m_s − M);
+// then, in the same launch, what the output projection wants of it: the inverse rotation of a rotated sequence's
+// head (seqs: the layer's pk_seq table, or null when no sequence of the step rotates; pmkvq_rot.h, as pk_rotate's
+// inverse) and the 8-bit blocks of the result (qs non-null; needs d % 32 == 0 so a head holds whole blocks).
+// The block shares the splits: the max and the denominator by block reductions, the numerators by thread groups
+// of d threads, each group summing every (blockDim/d)-th split, then the groups' partials in group order.
+// Grid (q_heads, rows), block PK_COMBINE_THREADS; d ≤ PMKVQ_MAX_HEAD_DIM.
 #define PK_COMBINE_THREADS 256
-extern "C" __global__ void pk_attn_combine(const float* __restrict__ work, int splits, int d, float* __restrict__ out) {
+extern "C" __global__ void pk_attn_combine(const float* __restrict__ work, int splits, int d,
+                                           const pk_seq* __restrict__ seqs, const int* __restrict__ row_seq,
+                                           int block, float scale, float* __restrict__ out,
+                                           signed char* __restrict__ qs, float* __restrict__ qd,
+                                           float* __restrict__ qsum) {
     __shared__ float red[32];
     __shared__ float part[PK_COMBINE_THREADS];
+    __shared__ float hv[PMKVQ_MAX_HEAD_DIM];
     int h = blockIdx.x, row = blockIdx.y, q_heads = gridDim.x, tid = threadIdx.x, nt = blockDim.x;
     const float* w0 = work + ((size_t)row * q_heads + h) * splits * (2 + d);
     float mx = -PMKVQ_INF;
@@ -612,25 +620,33 @@ extern "C" __global__ void pk_attn_combine(const float* __restrict__ work, int s
         if (ms != -PMKVQ_INF) l += w0[(size_t)s * (2 + d) + 1] * expf(ms - mx);
     }
     l = pk_block_reduce(l, false, red);
-    int dj = min(d, nt), groups = nt / dj, grp = tid / dj, jl = tid % dj;
-    for (int j0 = 0; j0 < d; j0 += dj) {
-        int j = j0 + jl;
-        float a = 0.0f;
-        if (grp < groups && j < d) {
-            for (int s = grp; s < splits; s += groups) {
-                const float* ws = w0 + (size_t)s * (2 + d);
-                float ms = ws[0];
-                if (ms != -PMKVQ_INF) a += ws[2 + j] * expf(ms - mx);
-            }
+    int groups = nt / d, grp = tid / d, j = tid % d;
+    float a = 0.0f;
+    if (grp < groups) {
+        for (int s = grp; s < splits; s += groups) {
+            const float* ws = w0 + (size_t)s * (2 + d);
+            float ms = ws[0];
+            if (ms != -PMKVQ_INF) a += ws[2 + j] * expf(ms - mx);
         }
-        part[tid] = a;
+    }
+    part[tid] = a;
+    __syncthreads();
+    if (grp == 0) {
+        float t = part[j];
+        for (int g = 1; g < groups; ++g) t += part[g * d + j];
+        hv[j] = l > 0.0f ? t / l : 0.0f;
+    }
+    __syncthreads();
+    const float* signs = seqs ? (const float*)seqs[row_seq[row]].signs : 0;
+    if (signs) {
+        if (tid == 0) pmkvq_rotate_head(hv, signs, 0, d, block, scale, 1);
         __syncthreads();
-        if (grp == 0 && j < d) {
-            float t = part[jl];
-            for (int g = 1; g < groups; ++g) t += part[g * dj + jl];
-            out[((size_t)row * q_heads + h) * d + j] = l > 0.0f ? t / l : 0.0f;
-        }
-        __syncthreads();
+    }
+    if (grp == 0) {
+        size_t o = ((size_t)row * q_heads + h) * d + j;
+        float v = hv[j];
+        out[o] = v;
+        if (qs) pk_q8_lane(v, qs + (o - j % 32), qd + o / 32, qsum + o / 32, j % 32);
     }
 }
 

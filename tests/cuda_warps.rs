@@ -11,6 +11,8 @@ use half::f16;
 use kernels_host::{hex, noise, run, words};
 use pmkvq::cpu::{BlockFormat, Q8Row, SCALAR};
 use pmkvq::kvcache::quant::{Bits, OffsetMode, PackedRows};
+use pmkvq::kvcache::rotate::Rotation;
+use pmkvq::kvcache::{KvGeometry, ROTATION_SEED};
 
 /// Attention heads: query heads, KV heads, head dim.
 #[derive(Clone, Copy)]
@@ -100,6 +102,8 @@ struct Sequence {
     segs: Vec<Seg>,
     /// Key reparameterization: queries × λ, new keys × 1/λ.
     scales: Option<(Vec<f32>, Vec<f32>)>,
+    /// The layer's rotation signs when the sequence's cache rotates (the combine then undoes the rotation).
+    signs: Option<Vec<f32>>,
 }
 
 /// The attention step of `rows` (sequence, fresh tokens up to this one, first fresh row of its call) over
@@ -166,15 +170,38 @@ fn attention_and_its_split_combine_give_the_specs_output_over_every_segment_kind
         Geo { qh: 10, kvh: 2, d: 64 },
         Geo { qh: 2, kvh: 2, d: 128 },
     ] {
-        attention_case(geo);
+        attention_case(geo, false);
     }
 }
 
-fn attention_case(geo: Geo) {
+/// The combine as the step launches it — the inverse rotation of rotated sequences' heads and the output
+/// projection's 8-bit blocks in the same launch — equals the three launches it replaces (plain combine,
+/// pk_rotate's inverse, pk_quant8) bit for bit, on a batch where two of four sequences rotate; the rotated rows
+/// are the spec's output turned back by the host rotation's inverse, the others the spec's.
+#[test]
+fn the_fused_combine_equals_combine_then_inverse_rotation_then_8_bit_blocks() {
+    attention_case(Geo { qh: 9, kvh: 3, d: 64 }, true);
+    attention_case(Geo { qh: 4, kvh: 2, d: 128 }, true);
+}
+
+/// One batch over every segment kind (see the tests above); `fused`: two sequences rotate and the combine writes
+/// 8-bit blocks.
+fn attention_case(geo: Geo, fused: bool) {
     let Geo { qh, kvh, d } = geo;
     let kvd = geo.kvd();
     let scales: Vec<f32> = noise(kvd, 40).iter().map(|x| 0.6 + x.abs() * 0.2).collect();
     let inv: Vec<f32> = scales.iter().map(|&x| 1.0 / x).collect();
+    let rot = Rotation::new(
+        KvGeometry {
+            layers: 1,
+            q_heads: qh,
+            kv_heads: kvh,
+            head_dim: d,
+        },
+        ROTATION_SEED,
+    )
+    .unwrap();
+    let signs = rot.signs(0).unwrap().to_vec();
     let seqs = vec![
         Sequence {
             g: 32,
@@ -186,6 +213,7 @@ fn attention_case(geo: Geo) {
                 Seg::new(geo, 16, 19, 32, 9),
             ],
             scales: None,
+            signs: fused.then(|| signs.clone()),
         },
         Sequence {
             g: 64,
@@ -195,16 +223,19 @@ fn attention_case(geo: Geo) {
                 Seg::new(geo, 0, 40, 64, 15),
             ],
             scales: Some((scales, inv)),
+            signs: None,
         },
         Sequence {
             g: 32,
             segs: vec![],
             scales: None,
+            signs: None,
         },
         Sequence {
             g: 64,
             segs: (0..40).map(|i| Seg::new(geo, 2, 8, 64, 100 + 2 * i)).collect(),
             scales: None,
+            signs: fused.then(|| signs.clone()),
         },
     ];
     // (sequence, fresh tokens up to this row, the call's first row)
@@ -221,7 +252,13 @@ fn attention_case(geo: Geo) {
     let q: Vec<f32> = noise(t * qh * d, 50).iter().map(|x| x * 0.1).collect();
     let (kn, vn) = (noise(t * kvd, 51), noise(t * kvd, 52));
     let sm = 1.0 / (d as f32).sqrt();
-    let want = attention_spec(geo, &seqs, &rows, &q, &kn, &vn, sm);
+    let mut want = attention_spec(geo, &seqs, &rows, &q, &kn, &vn, sm);
+    // a rotated sequence's output leaves the combine turned back (its q, k, v were rotated before attention)
+    for (r, row) in rows.iter().enumerate() {
+        if seqs[row.0].signs.is_some() {
+            rot.inverse(0, &mut want[r * qh * d..(r + 1) * qh * d]);
+        }
+    }
     let max_total = seqs
         .iter()
         .enumerate()
@@ -229,13 +266,17 @@ fn attention_case(geo: Geo) {
         .max()
         .unwrap();
     let vmax = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    for (chunk, splits) in [(64, 8), (96, 8), (max_total.div_ceil(32) * 32, 1)] {
+    let plans = [(64, 8), (96, 8), (max_total.div_ceil(32) * 32, 1)];
+    for &(chunk, splits) in if fused { &plans[..1] } else { &plans[..] } {
         assert!(chunk * splits >= max_total);
         let nsegs: usize = seqs.iter().map(|s| s.segs.len()).sum();
         let mut input = format!(
-            "A {qh} {kvh} {d} {chunk} {splits} {t} {} {nsegs} {:08x}\n",
+            "A {qh} {kvh} {d} {chunk} {splits} {t} {} {nsegs} {:08x} {} {:08x} {}\n",
             seqs.len(),
-            sm.to_bits()
+            sm.to_bits(),
+            rot.block(),
+            rot.scale().to_bits(),
+            fused as i32
         );
         for s in &seqs {
             for g in &s.segs {
@@ -246,14 +287,18 @@ fn attention_case(geo: Geo) {
         for s in &seqs {
             let stored: usize = s.segs.iter().map(Seg::len).sum();
             input += &format!(
-                "{seg_start} {} {stored} {} {}\n",
+                "{seg_start} {} {stored} {} {} {}\n",
                 s.segs.len(),
                 s.g,
-                s.scales.is_some() as i32
+                s.scales.is_some() as i32,
+                s.signs.is_some() as i32
             );
             if let Some((l, inv)) = &s.scales {
                 input += &hex(l);
                 input += &hex(inv);
+            }
+            if let Some(x) = &s.signs {
+                input += &hex(x);
             }
             seg_start += s.segs.len();
         }
@@ -264,7 +309,26 @@ fn attention_case(geo: Geo) {
         input += &hex(&kn);
         input += &hex(&vn);
         let lines = run(&input);
-        assert_eq!(lines.len(), 1);
+        // the fused launch's output (and 8-bit blocks), then the separate launches'
+        let n = if fused { 4 } else { 1 };
+        assert_eq!(lines.len(), 2 * n);
+        for i in 0..n {
+            let what = ["output", "8-bit codes", "block scales", "block sums"][i];
+            let (a, b) = (&lines[i], &lines[n + i]);
+            assert_eq!(a.len(), b.len(), "{what}");
+            let diff: Vec<usize> = (0..a.len()).filter(|&k| a[k] != b[k]).collect();
+            assert!(
+                diff.is_empty(),
+                "{what}: the fused combine differs from the three launches in {} of {} values (first at {})",
+                diff.len(),
+                a.len(),
+                diff[0]
+            );
+        }
+        if fused {
+            let codes = lines[1].iter().filter(|&&c| c != 0).count();
+            assert!(codes > lines[1].len() / 2, "8-bit codes written: {codes}");
+        }
         let got: Vec<f32> = lines[0].iter().map(|&w| f32::from_bits(w)).collect();
         assert_eq!(got.len(), want.len());
         let (mut worst, mut at) = (0.0f32, 0);

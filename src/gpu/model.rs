@@ -468,6 +468,7 @@ impl GpuModel {
             parts: 1,
             accumulate: 1,
         };
+        let (rot_block, rot_scale) = self.rotation();
         for (li, layer) in self.layers.iter().enumerate() {
             self.norm(x, &layer.attn_norm, t, h, q8(hn))?;
             self.project(&layer.qkv, q8(hn), t, &[(q, qd), (k, kd), (v, kd)], false)?;
@@ -484,20 +485,26 @@ impl GpuModel {
                     &segp, &seqp, &rsp, &rfp, &r0p, &q, &k, &v, &qhi, &kvhi, &di, &sm, &chi, &work,
                 ],
             )?;
+            // the combine also undoes the rotation and writes the output projection's 8-bit blocks (when a head
+            // holds whole blocks): two launches fewer per layer
+            let quantize = layer.o.fmt >= 2;
+            let fused8 = quantize && d.is_multiple_of(32);
+            let a8 = q8(attn);
+            let (qsp, qdp, qsump) = if fused8 { (a8.qs, a8.qd, a8.qsum) } else { (0, 0, 0) };
+            let rseq = if p.rotate { seqp } else { 0 };
             self.launch(
                 "attn_combine",
                 &gpu.fwd.attn_combine,
                 cfg1((qh as u32, t as u32, 1), COMBINE_THREADS),
-                &[&work, &spi, &di, &attn],
+                &[
+                    &work, &spi, &di, &rseq, &rsp, &rot_block, &rot_scale, &attn, &qsp, &qdp, &qsump,
+                ],
             )?;
-            if p.rotate {
-                self.rotate(seqp, rsp, [attn, 0, 0], t, true)?;
-            }
             let dstp = at(l.dsts + li * t * std::mem::size_of::<DstArg>());
             gpu.launch_kv_store(dstp, k, v, t, kd, p.g_min)?;
             self.mark("kv_store")?;
-            if layer.o.fmt >= 2 {
-                self.quant8(attn, t * qd, q8(attn))?;
+            if quantize && !fused8 {
+                self.quant8(attn, t * qd, a8)?;
             }
             self.matmul(&layer.o, q8(attn), t, resid)?;
             if li == 0 {

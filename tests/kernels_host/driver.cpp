@@ -196,11 +196,13 @@ template <class F> static void launch(int n_groups, F f) {
 //     (bits 0: raw f16 rows, no parameters) after pk_kv_store
 //   L  ->  sizes and field offsets of pk_seg, pk_seq, pk_dst, pk_out (a line each), then PK_COMBINE_THREADS and
 //     PK_GQA
-//   A q_heads kv_heads d chunk splits rows seqs segs sm_scale / per segment: bits len g, then K and V (bits 0:
-//     raw f16 rows; else bytes, f16 scales, f16 offsets) / per sequence: seg_start seg_count stored g scaled
-//     [qscale kinv] / row_seq row_fresh row_fresh0 / q knew vnew  ->  attention output after pk_attention over
-//     the grid (kv_heads·ceil(q_heads/kv_heads/PK_GQA), rows, splits) × 32 and pk_attn_combine; each segment's start is the sum of its
-//     sequence's earlier lengths, as the device store sets it
+//   A q_heads kv_heads d chunk splits rows seqs segs sm_scale rot_block rot_scale quantize / per segment: bits len
+//     g, then K and V (bits 0: raw f16 rows; else bytes, f16 scales, f16 offsets) / per sequence: seg_start
+//     seg_count stored g scaled rotates [qscale kinv] [signs] / row_seq row_fresh row_fresh0 / q knew vnew  ->
+//     pk_attention over the grid (kv_heads·ceil(q_heads/kv_heads/PK_GQA), rows, splits) × 32, then
+//     pk_attn_combine as the step launches it: output [8-bit codes, d, s]; then the same merged by three
+//     launches (plain combine, pk_rotate's inverse if a sequence rotates, pk_quant8 if quantize): output [codes, d,
+//     s]. Each segment's start is the sum of its sequence's earlier lengths, as the device store sets it.
 //   N rows dim eps / x w  ->  out, 8-bit codes, d, s after pk_norm (grid rows × 256)
 //   M fmt rows cols t parts accumulate has_bias / start[parts+1] / weight bytes / x / [bias] / [each part's
 //     rows before]  ->  pk_quant8's codes, d, s of x, then each part's rows after pk_matmul_q
@@ -315,12 +317,14 @@ int main() {
                    offsetof(pk_out, start), offsetof(pk_out, parts), offsetof(pk_out, accumulate));
             printf("%x %x\n", PK_COMBINE_THREADS, PK_GQA);
         } else if (op[0] == 'A') {
-            int qh, kvh, d, chunk, splits, rows, ns, nsegs;
-            unsigned smb;
-            if (scanf("%d %d %d %d %d %d %d %d %x", &qh, &kvh, &d, &chunk, &splits, &rows, &ns, &nsegs, &smb) != 9)
+            int qh, kvh, d, chunk, splits, rows, ns, nsegs, block, quant;
+            unsigned smb, rsb;
+            if (scanf("%d %d %d %d %d %d %d %d %x %d %x %d", &qh, &kvh, &d, &chunk, &splits, &rows, &ns, &nsegs, &smb,
+                      &block, &rsb, &quant) != 12)
                 return 2;
-            float sm;
+            float sm, rscale;
             memcpy(&sm, &smb, 4);
+            memcpy(&rscale, &rsb, 4);
             int kvd = kvh * d;
             std::vector<std::vector<pmkvq_u8>> bytes;  // the tables' storage
             std::vector<std::vector<pmkvq_u16>> halves;
@@ -352,13 +356,19 @@ int main() {
                 }
             }
             std::vector<pk_seq> seqs(ns);
+            bool rotates = false;
             for (pk_seq& L : seqs) {
-                int scaled;
+                int scaled, rot;
                 L = pk_seq{};
-                if (scanf("%d %d %d %d %d", &L.seg_start, &L.seg_count, &L.stored, &L.g, &scaled) != 5) return 2;
+                if (scanf("%d %d %d %d %d %d", &L.seg_start, &L.seg_count, &L.stored, &L.g, &scaled, &rot) != 6)
+                    return 2;
                 if (scaled) {
                     L.qscale = f32s(kvd);
                     L.kinv = f32s(kvd);
+                }
+                if (rot) {
+                    L.signs = f32s(d);
+                    rotates = true;
                 }
                 for (int i = 0, at = 0; i < L.seg_count; ++i) {
                     segs[L.seg_start + i].start = at;
@@ -374,9 +384,29 @@ int main() {
                 pk_attention(segs.data(), seqs.data(), row_seq.data(), row_fresh.data(), row_fresh0.data(), q.data(),
                              kn.data(), vn.data(), qh, kvh, d, sm, chunk, work.data());
             });
-            blocks(pk_dim3{(unsigned)qh, (unsigned)rows, 1}, PK_COMBINE_THREADS,
-                   [&] { pk_attn_combine(work.data(), splits, d, out.data()); });
+            // the combine as the step launches it (inverse rotation and 8-bit blocks fused) ...
+            int nq = rows * qh * d;
+            std::vector<signed char> qs(nq), qs2(nq);
+            std::vector<float> qd(nq / 32), qsum(nq / 32), qd2(nq / 32), qsum2(nq / 32), out2(nq, NAN);
+            blocks(pk_dim3{(unsigned)qh, (unsigned)rows, 1}, PK_COMBINE_THREADS, [&] {
+                pk_attn_combine(work.data(), splits, d, rotates ? seqs.data() : 0, row_seq.data(), block, rscale,
+                                out.data(), quant ? qs.data() : 0, qd.data(), qsum.data());
+            });
+            // ... and as three launches: the plain merge, pk_rotate's inverse, pk_quant8
+            blocks(pk_dim3{(unsigned)qh, (unsigned)rows, 1}, PK_COMBINE_THREADS, [&] {
+                pk_attn_combine(work.data(), splits, d, 0, row_seq.data(), block, rscale, out2.data(), 0, 0, 0);
+            });
+            if (rotates)
+                blocks(pk_dim3{(unsigned)rows, 1, 1}, 32, [&] {
+                    pk_rotate(seqs.data(), row_seq.data(), out2.data(), 0, 0, qh, kvh, d, block, rscale, 1);
+                });
+            if (quant)
+                blocks(pk_dim3{(unsigned)((nq / 32 + 7) / 8), 1, 1}, 256,
+                       [&] { pk_quant8(out2.data(), nq / 32, qs2.data(), qd2.data(), qsum2.data()); });
             write(out);
+            if (quant) { write(qs); write(qd); write(qsum); }
+            write(out2);
+            if (quant) { write(qs2); write(qd2); write(qsum2); }
         } else if (op[0] == 'N') {
             int rows, dim;
             unsigned eb;

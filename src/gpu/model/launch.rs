@@ -130,19 +130,18 @@ impl GpuModel {
         )
     }
 
+    /// The rotation's Walsh–Hadamard block and 1/√block for this model's heads (block 1 where none applies).
+    pub(super) fn rotation(&self) -> (i32, f32) {
+        let block = crate::kvcache::rotate::rotation_block(self.cfg.head_dim).unwrap_or(1);
+        (block as i32, crate::kvcache::rotate::rotation_scale(block))
+    }
+
     /// `pk_rotate` over the step's rows (`x`: q, k, v, or the attention output alone for the inverse); rows of
     /// sequences whose cache does not rotate are left alone. One launch.
     pub(super) fn rotate(&self, seqp: u64, row_seq: u64, x: [u64; 3], t: usize, inverse: bool) -> Result<(), GpuError> {
         let c = &self.cfg;
-        let block = crate::kvcache::rotate::rotation_block(c.head_dim).unwrap_or(1);
-        let scale = crate::kvcache::rotate::rotation_scale(block);
-        let (qh, kvh, di, bl, inv) = (
-            c.heads as i32,
-            c.kv_heads as i32,
-            c.head_dim as i32,
-            block as i32,
-            inverse as i32,
-        );
+        let (bl, scale) = self.rotation();
+        let (qh, kvh, di, inv) = (c.heads as i32, c.kv_heads as i32, c.head_dim as i32, inverse as i32);
         self.launch(
             if inverse { "unrotate" } else { "rotate" },
             &self.gpu.fwd.rotate,
