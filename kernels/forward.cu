@@ -225,21 +225,28 @@ extern "C" __global__ void pk_matmul_f(const void* __restrict__ w, int fmt, int 
     }
 }
 
-// RoPE in place on q (t rows of q_heads·d) and k (t rows of kv_heads·d), one (cos, sin) table row of d/2 per
-// token. neox: pairs (j, j + d/2); otherwise interleaved pairs (2j, 2j+1). Grid (t), block 128.
-extern "C" __global__ void pk_rope(float* __restrict__ q, float* __restrict__ k, int q_heads, int kv_heads, int d,
-                                   const float* __restrict__ cosv, const float* __restrict__ sinv, int neox) {
-    int ti = blockIdx.x, half = d / 2;
-    const float* c = cosv + (size_t)ti * half;
-    const float* s = sinv + (size_t)ti * half;
-    for (int i = threadIdx.x; i < (q_heads + kv_heads) * half; i += blockDim.x) {
+// RoPE in place on one token's q (q_heads·d) and k (kv_heads·d) rows with its (cos, sin) table row of d/2, by
+// threads tid, tid + nt, … . neox: pairs (j, j + d/2); otherwise interleaved pairs (2j, 2j+1).
+__device__ __forceinline__ void pk_rope_row(float* q, float* k, int q_heads, int kv_heads, int d, const float* c,
+                                            const float* s, int neox, int tid, int nt) {
+    int half = d / 2;
+    for (int i = tid; i < (q_heads + kv_heads) * half; i += nt) {
         int h = i / half, j = i % half;
-        float* hd = h < q_heads ? q + ((size_t)ti * q_heads + h) * d : k + ((size_t)ti * kv_heads + (h - q_heads)) * d;
+        float* hd = h < q_heads ? q + (size_t)h * d : k + (size_t)(h - q_heads) * d;
         int ia = neox ? j : 2 * j, ib = neox ? j + half : 2 * j + 1;
         float a = hd[ia], b = hd[ib];
         hd[ia] = __fsub_rn(__fmul_rn(a, c[j]), __fmul_rn(b, s[j]));
         hd[ib] = __fadd_rn(__fmul_rn(a, s[j]), __fmul_rn(b, c[j]));
     }
+}
+
+// RoPE in place on q (t rows of q_heads·d) and k (t rows of kv_heads·d), one (cos, sin) table row of d/2 per
+// token (pk_rope_row). Grid (t), block 128.
+extern "C" __global__ void pk_rope(float* __restrict__ q, float* __restrict__ k, int q_heads, int kv_heads, int d,
+                                   const float* __restrict__ cosv, const float* __restrict__ sinv, int neox) {
+    int ti = blockIdx.x, half = d / 2;
+    pk_rope_row(q + (size_t)ti * q_heads * d, k + (size_t)ti * kv_heads * d, q_heads, kv_heads, d,
+                cosv + (size_t)ti * half, sinv + (size_t)ti * half, neox, threadIdx.x, blockDim.x);
 }
 
 // act = silu(gate)·up, as f32 and 8-bit blocks; n a multiple of 32. One warp per 32 values; grid
@@ -665,18 +672,12 @@ extern "C" __global__ void pk_rotate(const pk_seq* __restrict__ seqs, const int*
                      block, scale, inverse);
 }
 
-// Store the new tokens' K and V into their slots: one thread per (token, K|V, group). Packed widths go through
-// pmkvq_quantize_group (the codes kv_quant.cu and the CPU write); bits 0 stores raw f16 (F16KvStore's rounding).
-// Keys are multiplied by 1/λ first when the sequence is reparameterized. g_min: the smallest group in the batch
-// (threads are laid out for it; a token with a larger group uses the first kv_dim/g of its threads).
-// Grid (ceil(n·2·kv_dim/g_min/128)), block 128.
-extern "C" __global__ void pk_kv_store(const pk_dst* __restrict__ dst, const float* __restrict__ knew,
-                                       const float* __restrict__ vnew, int n, int kv_dim, int g_min) {
-    int slots = kv_dim / g_min;
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * 2 * slots) return;
-    int tok = i / (2 * slots), side = (i / slots) % 2, gi = i % slots;
-    pk_dst D = dst[tok];
+// Group gi of token tok's K (side 0) or V (side 1) into its slot D. Packed widths go through pmkvq_quantize_group
+// (the codes kv_quant.cu and the CPU write); bits 0 stores raw f16 (F16KvStore's rounding). Keys are multiplied by
+// 1/λ first when the sequence is reparameterized. A group past the slot's groups (its g larger than the batch's
+// smallest) does nothing.
+__device__ __forceinline__ void pk_store_group(const pk_dst& D, const float* knew, const float* vnew, int tok,
+                                               int side, int gi, int kv_dim) {
     int g = D.g, gpt = kv_dim / g;
     if (gi >= gpt || g > 256) return;
     const float* x = (side ? vnew : knew) + (size_t)tok * kv_dim + gi * g;
@@ -692,4 +693,42 @@ extern "C" __global__ void pk_kv_store(const pk_dst* __restrict__ dst, const flo
     pmkvq_u16* sc = (pmkvq_u16*)(side ? D.v_scale : D.k_scale) + gi;
     pmkvq_u16* of = (pmkvq_u16*)(side ? D.v_off : D.k_off) + gi;
     pmkvq_quantize_group(vals, g, D.bits, o, sc, of);
+}
+
+// Store the new tokens' K and V into their slots: one thread per (token, K|V, group) (pk_store_group). g_min: the
+// smallest group in the batch (threads are laid out for it). Grid (ceil(n·2·kv_dim/g_min/128)), block 128.
+extern "C" __global__ void pk_kv_store(const pk_dst* __restrict__ dst, const float* __restrict__ knew,
+                                       const float* __restrict__ vnew, int n, int kv_dim, int g_min) {
+    int slots = kv_dim / g_min;
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * 2 * slots) return;
+    int tok = i / (2 * slots);
+    pk_store_group(dst[tok], knew, vnew, tok, (i / slots) % 2, i % slots, kv_dim);
+}
+
+// What a layer does to its fresh q, k, v rows before attention, in one launch (one block per row): RoPE on q and
+// k (pk_rope's arithmetic), then for a rotated sequence the key scales and the rotation (seqs non-null: the layer's
+// pk_seq table; pk_rotate's forward), then K and V into the row's slot (pk_kv_store's). The store may precede
+// attention: a step's slots lie past every segment attention reads, which takes the fresh rows from k and v.
+// Grid (t), block 128.
+extern "C" __global__ void pk_qkv_post(float* __restrict__ q, float* __restrict__ k, float* __restrict__ v,
+                                       int q_heads, int kv_heads, int d, const float* __restrict__ cosv,
+                                       const float* __restrict__ sinv, int neox, const pk_seq* __restrict__ seqs,
+                                       const int* __restrict__ row_seq, int block, float scale,
+                                       const pk_dst* __restrict__ dst, int g_min) {
+    int ti = blockIdx.x, tid = threadIdx.x, nt = blockDim.x, half = d / 2, kv_dim = kv_heads * d;
+    pk_rope_row(q + (size_t)ti * q_heads * d, k + (size_t)ti * kv_dim, q_heads, kv_heads, d,
+                cosv + (size_t)ti * half, sinv + (size_t)ti * half, neox, tid, nt);
+    __syncthreads();
+    if (seqs) {
+        pk_seq L = seqs[row_seq[ti]];
+        if (L.signs) {
+            size_t qo = (size_t)ti * q_heads * d, ko = (size_t)ti * kv_dim;
+            pmkvq_rotate_row(tid, nt, q + qo, k + ko, v + ko, (const float*)L.signs, (const float*)L.qscale,
+                             (const float*)L.kinv, q_heads, kv_heads, d, block, scale, 0);
+        }
+        __syncthreads();
+    }
+    int slots = kv_dim / g_min;
+    for (int i = tid; i < 2 * slots; i += nt) pk_store_group(dst[ti], k, v, ti, i / slots, i % slots, kv_dim);
 }

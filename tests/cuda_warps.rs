@@ -353,6 +353,101 @@ fn attention_case(geo: Geo, fused: bool) {
     }
 }
 
+/// pk_qkv_post — RoPE, the key scales and rotation of rotated sequences, and the store of each row's K and V, in one
+/// launch per layer — equals the three launches it replaces (pk_rope, pk_rotate, pk_kv_store; each checked against
+/// the CPU in tests/cuda_host.rs or here) bit for bit: a batch of a rotated sequence with key scales, a plain one
+/// with key scales (its keys scaled by the store) and a plain one, slots at every width and groups of 32 and 64,
+/// RoPE in both layouts.
+#[test]
+fn the_fused_rope_rotation_and_store_equal_the_three_launches_they_replace() {
+    for (geo, neox) in [
+        (Geo { qh: 9, kvh: 3, d: 64 }, true),
+        (Geo { qh: 4, kvh: 2, d: 128 }, false),
+    ] {
+        let Geo { qh, kvh, d } = geo;
+        let (kvd, half) = (geo.kvd(), d / 2);
+        let rot = Rotation::new(
+            KvGeometry {
+                layers: 1,
+                q_heads: qh,
+                kv_heads: kvh,
+                head_dim: d,
+            },
+            ROTATION_SEED,
+        )
+        .unwrap();
+        let scales: Vec<f32> = noise(kvd, 30).iter().map(|x| 0.6 + x.abs() * 0.2).collect();
+        let inv: Vec<f32> = scales.iter().map(|&x| 1.0 / x).collect();
+        // (sequence, bits, group); sequence 0 rotates (its keys scaled by the rotation: no 1/λ in its slots, as the
+        // device store hands them out), 1 has key scales, 2 has neither
+        let toks = [(0, 16, 32), (1, 8, 64), (1, 0, 64), (2, 4, 32), (0, 2, 32), (2, 2, 64)];
+        let t = toks.len();
+        let mut input = format!(
+            "P {qh} {kvh} {d} {t} {} {} {:08x} 32 3\n",
+            neox as i32,
+            rot.block(),
+            rot.scale().to_bits()
+        );
+        input += "1 1\n";
+        input += &hex(rot.signs(0).unwrap());
+        input += &hex(&scales);
+        input += &hex(&inv);
+        input += "0 1\n";
+        input += &hex(&scales);
+        input += &hex(&inv);
+        input += "0 0\n";
+        input += &words(&toks.iter().map(|x| x.0 as u32).collect::<Vec<_>>());
+        let angles: Vec<f32> = noise(t * half, 31).iter().map(|a| a * 2.0).collect();
+        input += &hex(&angles.iter().map(|a| a.cos()).collect::<Vec<_>>());
+        input += &hex(&angles.iter().map(|a| a.sin()).collect::<Vec<_>>());
+        for &(seq, bits, g) in &toks {
+            input += &format!("{bits} {g} {}\n", (seq == 1) as i32);
+            if seq == 1 {
+                input += &hex(&inv);
+            }
+        }
+        let (q, k, v) = (noise(t * qh * d, 32), noise(t * kvd, 33), noise(t * kvd, 34));
+        input += &hex(&q);
+        input += &hex(&k);
+        input += &hex(&v);
+        let lines = run(&input);
+        let n = 3 + 6 * t;
+        assert_eq!(lines.len(), 2 * n);
+        for i in 0..n {
+            let what = match i {
+                0..=2 => ["q", "k", "v"][i].to_string(),
+                _ => {
+                    let j = i - 3;
+                    format!(
+                        "token {} {} {}",
+                        j / 6,
+                        ["K", "V"][j / 3 % 2],
+                        ["codes", "scales", "offsets"][j % 3]
+                    )
+                }
+            };
+            let diff = lines[i].iter().zip(&lines[n + i]).filter(|(a, b)| a != b).count();
+            assert!(
+                diff == 0 && lines[i].len() == lines[n + i].len(),
+                "{qh}/{kvh} heads of {d}: {what}: the fused launch differs from the three in {diff} of {} values",
+                lines[i].len()
+            );
+        }
+        // RoPE and the rotation did something, and every slot was written
+        let bits = |x: &[f32]| x.iter().map(|a| a.to_bits()).collect::<Vec<_>>();
+        assert_ne!(lines[0], bits(&q));
+        assert_ne!(lines[2], bits(&v), "the rotated sequence's values");
+        for i in 0..2 * t {
+            assert!(
+                lines[3 + 3 * i].iter().any(|&c| c != 0),
+                "slot {} {} written",
+                i / 2,
+                ["K", "V"][i % 2]
+            );
+        }
+    }
+}
+
 /// pk_norm: the normalized rows equal the CPU's RMSNorm bit for bit (sum of squares in f64, then
 /// x·(1/√(ms+ε))·w), and its 8-bit blocks equal `quantize_q8` of them.
 #[test]

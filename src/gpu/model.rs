@@ -472,11 +472,11 @@ impl GpuModel {
         for (li, layer) in self.layers.iter().enumerate() {
             self.norm(x, &layer.attn_norm, t, h, q8(hn))?;
             self.project(&layer.qkv, q8(hn), t, &[(q, qd), (k, kd), (v, kd)], false)?;
-            self.rope(q, k, t, cosp, sinp)?;
             let seqp = at(l.seqs + li * p.ns * std::mem::size_of::<SeqArg>());
-            if p.rotate {
-                self.rotate(seqp, rsp, [q, k, v], t, false)?;
-            }
+            let rseq = if p.rotate { seqp } else { 0 };
+            // RoPE, the rotation of rotated sequences and the store of the new K and V: one launch
+            let dstp = at(l.dsts + li * t * std::mem::size_of::<DstArg>());
+            self.qkv_post([q, k, v], t, [cosp, sinp], [rseq, rsp], dstp, p.g_min)?;
             self.launch(
                 "attention",
                 &gpu.fwd.attention,
@@ -491,7 +491,6 @@ impl GpuModel {
             let fused8 = quantize && d.is_multiple_of(32);
             let a8 = q8(attn);
             let (qsp, qdp, qsump) = if fused8 { (a8.qs, a8.qd, a8.qsum) } else { (0, 0, 0) };
-            let rseq = if p.rotate { seqp } else { 0 };
             self.launch(
                 "attn_combine",
                 &gpu.fwd.attn_combine,
@@ -500,9 +499,6 @@ impl GpuModel {
                     &work, &spi, &di, &rseq, &rsp, &rot_block, &rot_scale, &attn, &qsp, &qdp, &qsump,
                 ],
             )?;
-            let dstp = at(l.dsts + li * t * std::mem::size_of::<DstArg>());
-            gpu.launch_kv_store(dstp, k, v, t, kd, p.g_min)?;
-            self.mark("kv_store")?;
             if quantize && !fused8 {
                 self.quant8(attn, t * qd, a8)?;
             }

@@ -194,6 +194,9 @@ template <class F> static void launch(int n_groups, F f) {
 //     row_seq / q k v  ->  q, k, v after pk_rotate over the grid (rows) × 32 threads
 //   K n kv_dim g_min / per token: bits g has_kinv [kinv] / k v  ->  per token, K then V: bytes, scales, offsets
 //     (bits 0: raw f16 rows, no parameters) after pk_kv_store
+//   P q_heads kv_heads d t neox rot_block rot_scale g_min seqs / per sequence: rotates scaled [signs] [qscale kinv]
+//     / row_seq / cos sin (t·d/2 each) / per token: bits g has_kinv [kinv] / q k v  ->  q, k, v and per token K
+//     then V (bytes, scales, offsets) after pk_qkv_post; then the same after pk_rope, pk_rotate, pk_kv_store
 //   L  ->  sizes and field offsets of pk_seg, pk_seq, pk_dst, pk_out (a line each), then PK_COMBINE_THREADS and
 //     PK_GQA
 //   A q_heads kv_heads d chunk splits rows seqs segs sm_scale rot_block rot_scale quantize / per segment: bits len
@@ -305,6 +308,82 @@ int main() {
                 for (int side = 0; side < 2; ++side) {
                     write(data[2 * i + side]); write(params[4 * i + 2 * side]); write(params[4 * i + 2 * side + 1]);
                 }
+        } else if (op[0] == 'P') {
+            // pk_qkv_post against the three launches it replaces: pk_rope, pk_rotate, pk_kv_store
+            int qh, kvh, d, t, neox, block, g_min, ns;
+            unsigned sb;
+            if (scanf("%d %d %d %d %d %d %x %d %d", &qh, &kvh, &d, &t, &neox, &block, &sb, &g_min, &ns) != 9) return 2;
+            float scale;
+            memcpy(&scale, &sb, 4);
+            int kvd = kvh * d, half = d / 2;
+            std::vector<std::vector<float>> keep;
+            keep.reserve(3 * ns + t);
+            std::vector<pk_seq> seqs(ns);
+            for (pk_seq& L : seqs) {
+                int rotates, scaled;
+                if (scanf("%d %d", &rotates, &scaled) != 2) return 2;
+                L = pk_seq{};
+                if (rotates) { keep.push_back(read<float>(d)); L.signs = (pk_ptr)keep.back().data(); }
+                if (scaled) {
+                    keep.push_back(read<float>(kvd));
+                    L.qscale = (pk_ptr)keep.back().data();
+                    keep.push_back(read<float>(kvd));
+                    L.kinv = (pk_ptr)keep.back().data();
+                }
+            }
+            std::vector<int> row_seq = read<int>(t);
+            std::vector<float> cs = read<float>(t * half), sn = read<float>(t * half);
+            std::vector<int> bits(t), gs(t);
+            std::vector<pk_ptr> kinv(t);
+            for (int i = 0; i < t; ++i) {
+                int has;
+                if (scanf("%d %d %d", &bits[i], &gs[i], &has) != 3) return 2;
+                kinv[i] = 0;
+                if (has) { keep.push_back(read<float>(kvd)); kinv[i] = (pk_ptr)keep.back().data(); }
+            }
+            std::vector<float> q0 = read<float>(t * qh * d), k0 = read<float>(t * kvd), v0 = read<float>(t * kvd);
+            for (int path = 0; path < 2; ++path) {
+                std::vector<float> q = q0, k = k0, v = v0;
+                std::vector<std::vector<pmkvq_u8>> data(2 * t);
+                std::vector<std::vector<pmkvq_u16>> params(4 * t);
+                std::vector<pk_dst> dst(t);
+                for (int i = 0; i < t; ++i) {
+                    int groups = kvd / gs[i], bytes = bits[i] ? groups * gs[i] * bits[i] / 8 : kvd * 2;
+                    for (int side = 0; side < 2; ++side) {
+                        data[2 * i + side].assign(bytes, 0);
+                        params[4 * i + 2 * side].assign(groups, 0);
+                        params[4 * i + 2 * side + 1].assign(groups, 0);
+                    }
+                    dst[i] = pk_dst{(pk_ptr)data[2 * i].data(), (pk_ptr)params[4 * i].data(),
+                                    (pk_ptr)params[4 * i + 1].data(), (pk_ptr)data[2 * i + 1].data(),
+                                    (pk_ptr)params[4 * i + 2].data(), (pk_ptr)params[4 * i + 3].data(), kinv[i],
+                                    bits[i], gs[i]};
+                }
+                bool rotates = false;
+                for (const pk_seq& L : seqs) rotates = rotates || L.signs;
+                if (path == 0) {
+                    blocks(pk_dim3{(unsigned)t, 1, 1}, 128, [&] {
+                        pk_qkv_post(q.data(), k.data(), v.data(), qh, kvh, d, cs.data(), sn.data(), neox,
+                                    rotates ? seqs.data() : 0, row_seq.data(), block, scale, dst.data(), g_min);
+                    });
+                } else {
+                    blocks(pk_dim3{(unsigned)t, 1, 1}, 128,
+                           [&] { pk_rope(q.data(), k.data(), qh, kvh, d, cs.data(), sn.data(), neox); });
+                    if (rotates)
+                        blocks(pk_dim3{(unsigned)t, 1, 1}, 32, [&] {
+                            pk_rotate(seqs.data(), row_seq.data(), q.data(), k.data(), v.data(), qh, kvh, d, block,
+                                      scale, 0);
+                        });
+                    int threads = t * 2 * (kvd / g_min);
+                    blocks(pk_dim3{(unsigned)((threads + 127) / 128), 1, 1}, 128,
+                           [&] { pk_kv_store(dst.data(), k.data(), v.data(), t, kvd, g_min); });
+                }
+                write(q); write(k); write(v);
+                for (int i = 0; i < t; ++i)
+                    for (int side = 0; side < 2; ++side) {
+                        write(data[2 * i + side]); write(params[4 * i + 2 * side]); write(params[4 * i + 2 * side + 1]);
+                    }
+            }
         } else if (op[0] == 'L') {
             printf("%zx %zx %zx %zx %zx %zx\n", sizeof(pk_seg), offsetof(pk_seg, v_off), offsetof(pk_seg, len),
                    offsetof(pk_seg, bits), offsetof(pk_seg, start), offsetof(pk_seg, pad));

@@ -117,16 +117,30 @@ impl GpuModel {
         )
     }
 
-    /// RoPE on the step's q and k rows, one launch.
-    pub(super) fn rope(&self, q: u64, k: u64, t: usize, cos: u64, sin: u64) -> Result<(), GpuError> {
+    /// `pk_qkv_post` over the step's rows: RoPE on q and k, then for rows of rotated sequences (`seqs` = [the
+    /// layer's pk_seq table or 0 when none rotates, row_seq]) the key scales and the rotation, then each row's K and
+    /// V into its slot (`dsts`: the layer's pk_dst per row; `g_min`: the batch's smallest group). One launch.
+    pub(super) fn qkv_post(
+        &self,
+        [q, k, v]: [u64; 3],
+        t: usize,
+        [cos, sin]: [u64; 2],
+        [seqs, row_seq]: [u64; 2],
+        dsts: u64,
+        g_min: usize,
+    ) -> Result<(), GpuError> {
         let c = &self.cfg;
         let (qh, kvh, di) = (c.heads as i32, c.kv_heads as i32, c.head_dim as i32);
         let neox = matches!(c.rope.layout, RopeLayout::Neox) as i32;
+        let (block, scale) = self.rotation();
+        let gm = g_min as i32;
         self.launch(
-            "rope",
-            &self.gpu.fwd.rope,
+            "qkv_post",
+            &self.gpu.fwd.qkv_post,
             cfg1((t as u32, 1, 1), 128),
-            &[&q, &k, &qh, &kvh, &di, &cos, &sin, &neox],
+            &[
+                &q, &k, &v, &qh, &kvh, &di, &cos, &sin, &neox, &seqs, &row_seq, &block, &scale, &dsts, &gm,
+            ],
         )
     }
 
@@ -134,19 +148,5 @@ impl GpuModel {
     pub(super) fn rotation(&self) -> (i32, f32) {
         let block = crate::kvcache::rotate::rotation_block(self.cfg.head_dim).unwrap_or(1);
         (block as i32, crate::kvcache::rotate::rotation_scale(block))
-    }
-
-    /// `pk_rotate` over the step's rows (`x`: q, k, v, or the attention output alone for the inverse); rows of
-    /// sequences whose cache does not rotate are left alone. One launch.
-    pub(super) fn rotate(&self, seqp: u64, row_seq: u64, x: [u64; 3], t: usize, inverse: bool) -> Result<(), GpuError> {
-        let c = &self.cfg;
-        let (bl, scale) = self.rotation();
-        let (qh, kvh, di, inv) = (c.heads as i32, c.kv_heads as i32, c.head_dim as i32, inverse as i32);
-        self.launch(
-            if inverse { "unrotate" } else { "rotate" },
-            &self.gpu.fwd.rotate,
-            cfg1((t as u32, 1, 1), 32),
-            &[&seqp, &row_seq, &x[0], &x[1], &x[2], &qh, &kvh, &di, &bl, &scale, &inv],
-        )
     }
 }
