@@ -726,7 +726,7 @@ fn main() {
             println!("| PM-KVQ ⅕ vs fp16 at depth 32768 (GPU) | {:.2}x | | |", gp / gf);
         }
         if depth == 4096 {
-            // what the rotation (two pk_rotate launches per layer) and the fitted floor cost
+            // what the rotation (inside pk_qkv_post and pk_attn_combine: no extra launches) and the fitted floor cost
             let shipped = MethodSpec {
                 rotate: true,
                 method: KvMethod::Pmkvq(pmkvq::kvcache::PmkvqConfig {
