@@ -148,6 +148,43 @@ fn decode_speed(
     (median(rates), bytes)
 }
 
+/// Decode tok/s of one stream at `depth` under the current launch plan and the one the 2026-11-30 run measured
+/// (unfused, a warp per query head), side by side on the same stores: 3 interleaved rounds of `steps` steps each
+/// after a warm-up (which captures each plan's graph); medians. Returns (current, old).
+fn launch_plans(dev: &GpuModel, m: &MethodSpec, depth: usize, steps: usize, frac: Option<f64>) -> (f64, f64) {
+    let mut stores = filled(dev, m, 1, depth, 8 * steps + 16, frac);
+    let mut pos = depth as u32;
+    let mut run = |n: usize| {
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let (tok, ps) = ([pos % 1000 + 10], [pos]);
+            let inputs = [SeqInput {
+                tokens: &tok,
+                positions: &ps,
+            }];
+            let mut kvs: Vec<&mut dyn KvStore> = stores.iter_mut().map(|s| s.as_mut() as &mut dyn KvStore).collect();
+            dev.forward(&inputs, &mut kvs, LogitsMode::Last).expect("decode step");
+            pos += 1;
+        }
+        n as f64 / t0.elapsed().as_secs_f64()
+    };
+    let plans = [(true, 4), (false, 1)];
+    for &(fused, gqa) in &plans {
+        dev.set_launch_plan(fused, gqa);
+        run(2);
+    }
+    let mut rates = [Vec::new(), Vec::new()];
+    for _ in 0..3 {
+        for (i, &(fused, gqa)) in plans.iter().enumerate() {
+            dev.set_launch_plan(fused, gqa);
+            rates[i].push(run(steps));
+        }
+    }
+    dev.set_launch_plan(true, 4);
+    let [a, b] = rates;
+    (median(a), median(b))
+}
+
 /// One profiled decode step at `depth` (kernels launched directly, each timed with events).
 fn profile(dev: &GpuModel, m: &MethodSpec, depth: usize, frac: Option<f64>, label: &str) {
     let mut stores = filled(dev, m, 1, depth, 8, frac);
@@ -755,6 +792,22 @@ fn main() {
             c,
         );
     }
+    // the fused launches and GQA-group attention against the launch plan the 2026-11-30 run measured
+    for (depth, m, frac, name) in [
+        (0usize, &fp16, None, "fp16"),
+        (4096, &pm, Some(0.2), "PM-KVQ 1/5"),
+        (32768, &fp16, None, "fp16"),
+        (32768, &pm, Some(0.2), "PM-KVQ 1/5"),
+    ] {
+        if quick && depth > 4096 {
+            continue;
+        }
+        let (now, old) = launch_plans(&dev, m, depth, 32, frac);
+        println!(
+            "| decode tok/s, 1 stream, depth {depth}, {name}: fused launches + GQA-group attention / unfused, a warp per head (the 2026-11-30 plan) | {now:.1} / {old:.1} | | {:.2}x |",
+            now / old
+        );
+    }
     dev.set_graphs(false);
     let (nog, _) = decode_speed(&dev, &pm, 1, 0, 32, None);
     let (nog8, _) = decode_speed(&dev, &pm, 8, 128, 32, None);
@@ -773,6 +826,15 @@ fn main() {
     }
     println!("\n## Where a decode step's device time goes (one step, kernels launched directly, event-timed)\n");
     profile(&dev, &fp16, 0, None, "fp16, depth 0");
+    dev.set_launch_plan(false, 1);
+    profile(
+        &dev,
+        &fp16,
+        0,
+        None,
+        "fp16, depth 0, the 2026-11-30 launch plan (unfused, a warp per head)",
+    );
+    dev.set_launch_plan(true, 4);
     profile(&dev, &pm, 4096, Some(0.2), "PM-KVQ 1/5, depth 4096");
     if !quick {
         profile(&dev, &fp16, 32768, None, "fp16, depth 32768");

@@ -447,9 +447,9 @@ __device__ __forceinline__ float pk_value(const pk_seg& s, int pos, int kvh, int
 }
 
 // Attention of every new row over its sequence's stored segments, then its own call's tokens up to itself,
-// unquantized (spec §3.3; KvStore::attend_and_store). One warp serves up to PK_GQA query heads of one KV head (a
-// GQA group, split in blocks of PK_GQA): every key and value it reads is decoded once for all of them. Split-K:
-// grid (kv_heads·ceil(group/PK_GQA), rows, splits); split z takes tokens [z·chunk, (z+1)·chunk) of the
+// unquantized (spec §3.3; KvStore::attend_and_store). One warp serves up to gqa (≤ PK_GQA) query heads of one KV
+// head (a GQA group, split in blocks of gqa): every key and value it reads is decoded once for all of them. Split-K:
+// grid (kv_heads·ceil(group/gqa), rows, splits); split z takes tokens [z·chunk, (z+1)·chunk) of the
 // concatenation and writes each head's (max, sum, acc[d]) to work; pk_attn_combine merges. Tiles of 32 tokens:
 // each lane scores one token, then the lanes — each owning dimensions lane, lane+32, … — accumulate the tile's
 // values. Online softmax per head.
@@ -457,13 +457,14 @@ extern "C" __global__ void pk_attention(const pk_seg* __restrict__ segs, const p
                                         const int* __restrict__ row_seq, const int* __restrict__ row_fresh,
                                         const int* __restrict__ row_fresh0, const float* __restrict__ q,
                                         const float* __restrict__ knew, const float* __restrict__ vnew, int q_heads,
-                                        int kv_heads, int d, float sm_scale, int chunk, float* __restrict__ work) {
+                                        int kv_heads, int d, float sm_scale, int chunk, int gqa,
+                                        float* __restrict__ work) {
     __shared__ float qs[PK_GQA * PMKVQ_MAX_HEAD_DIM];
     __shared__ float qsum[PK_GQA * PMKVQ_MAX_HEAD_DIM];
     int row = blockIdx.y, split = blockIdx.z, splits = gridDim.z, lane = threadIdx.x;
-    int per = q_heads / kv_heads, parts = (per + PK_GQA - 1) / PK_GQA;
+    int per = q_heads / kv_heads, parts = (per + gqa - 1) / gqa;
     int kvh = blockIdx.x / parts, part = blockIdx.x % parts;
-    int h0 = kvh * per + part * PK_GQA, nh = min(PK_GQA, per - part * PK_GQA);
+    int h0 = kvh * per + part * gqa, nh = min(gqa, per - part * gqa);
     pk_seq L = seqs[row_seq[row]];
     int g = L.g, gph = d / g;
     int kvd = kv_heads * d;

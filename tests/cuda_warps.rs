@@ -266,12 +266,14 @@ fn attention_case(geo: Geo, fused: bool) {
         .max()
         .unwrap();
     let vmax = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let plans = [(64, 8), (96, 8), (max_total.div_ceil(32) * 32, 1)];
-    for &(chunk, splits) in if fused { &plans[..1] } else { &plans[..] } {
+    // (chunk, splits, query heads per warp): several split plans with the grouped warps, and a warp per head (the
+    // launch plan benchmarks compare against)
+    let plans = [(64, 8, 4), (96, 8, 4), (max_total.div_ceil(32) * 32, 1, 4), (64, 8, 1)];
+    for &(chunk, splits, gqa) in if fused { &plans[..1] } else { &plans[..] } {
         assert!(chunk * splits >= max_total);
         let nsegs: usize = seqs.iter().map(|s| s.segs.len()).sum();
         let mut input = format!(
-            "A {qh} {kvh} {d} {chunk} {splits} {t} {} {nsegs} {:08x} {} {:08x} {}\n",
+            "A {qh} {kvh} {d} {chunk} {splits} {t} {} {nsegs} {:08x} {} {:08x} {} {gqa}\n",
             seqs.len(),
             sm.to_bits(),
             rot.block(),
@@ -343,7 +345,7 @@ fn attention_case(geo: Geo, fused: bool) {
         // the size of the values themselves
         assert!(
             worst <= 2e-6 * vmax.max(1.0),
-            "{qh}/{kvh} heads of {d}, chunk {chunk} × {splits} splits: row {}, head {}, dim {}: {} vs {} (|error| {worst:e}, values up to {vmax})",
+            "{qh}/{kvh} heads of {d}, {gqa} per warp, chunk {chunk} × {splits} splits: row {}, head {}, dim {}: {} vs {} (|error| {worst:e}, values up to {vmax})",
             at / (qh * d),
             at / d % qh,
             at % d,

@@ -37,12 +37,14 @@ pub(crate) struct Fwd {
     pub norm: CudaFunction,
     pub matmul_q: CudaFunction,
     pub matmul_f: CudaFunction,
+    pub rope: CudaFunction,
     pub swiglu: CudaFunction,
     pub gather: CudaFunction,
     pub attention: CudaFunction,
     pub attn_combine: CudaFunction,
     pub kv_store: CudaFunction,
     pub qkv_post: CudaFunction,
+    pub rotate: CudaFunction,
 }
 
 /// Mirror of `pk_seg` (kernels/forward.cu): one stored segment of one layer of one sequence.
@@ -219,12 +221,14 @@ impl Gpu {
             norm: f("pk_norm")?,
             matmul_q: f("pk_matmul_q")?,
             matmul_f: f("pk_matmul_f")?,
+            rope: f("pk_rope")?,
             swiglu: f("pk_swiglu")?,
             gather: f("pk_gather")?,
             attention: f("pk_attention")?,
             attn_combine: f("pk_attn_combine")?,
             kv_store: f("pk_kv_store")?,
             qkv_post: f("pk_qkv_post")?,
+            rotate: f("pk_rotate")?,
         };
         Ok(Gpu {
             fwd,

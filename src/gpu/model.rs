@@ -52,6 +52,9 @@ pub struct GpuModel {
     graphs_on: std::sync::atomic::AtomicBool,
     /// Graphs captured and replayed since load.
     graph_counts: [std::sync::atomic::AtomicU64; 2],
+    /// The launch plan (see [`GpuModel::set_launch_plan`]): unfused launches; query heads per attention warp.
+    unfused: std::sync::atomic::AtomicBool,
+    heads_per_warp: std::sync::atomic::AtomicUsize,
 }
 
 /// An activation in f32 and (when a block-weight matmul reads it) as 8-bit blocks.
@@ -82,9 +85,9 @@ struct Scratch {
 /// Query heads one `pk_attention` warp serves (its `PK_GQA`): the heads of a GQA group share what it decodes.
 pub const ATTENTION_HEADS: usize = 4;
 
-/// `pk_attention` blocks per (row, split): each KV head's group of query heads in blocks of [`ATTENTION_HEADS`].
-fn attention_blocks(q_heads: usize, kv_heads: usize) -> usize {
-    kv_heads * (q_heads / kv_heads).div_ceil(ATTENTION_HEADS)
+/// `pk_attention` blocks per (row, split): each KV head's group of query heads in blocks of `gqa`.
+fn attention_blocks(q_heads: usize, kv_heads: usize, gqa: usize) -> usize {
+    kv_heads * (q_heads / kv_heads).div_ceil(gqa)
 }
 
 /// Threads of a `pk_attn_combine` block (its `PK_COMBINE_THREADS`: the kernel's shared arrays are that long).
@@ -172,6 +175,8 @@ impl GpuModel {
             diagnosing: std::sync::atomic::AtomicBool::new(false),
             graphs_on: std::sync::atomic::AtomicBool::new(std::env::var_os("PMKVQ_NO_CUDA_GRAPHS").is_none()),
             graph_counts: Default::default(),
+            unfused: std::sync::atomic::AtomicBool::new(false),
+            heads_per_warp: std::sync::atomic::AtomicUsize::new(ATTENTION_HEADS),
         })
     }
 
@@ -320,7 +325,8 @@ impl GpuModel {
         let (rows, counts) = crate::model::logit_rows(seqs, mode);
         let rows: Vec<i32> = rows.into_iter().map(|r| r as i32).collect();
         let r = rows.len();
-        let (chunk, splits) = split_plan(max_total, attention_blocks(qh, c.kv_heads) * t);
+        let (fused, gqa) = self.launch_plan();
+        let (chunk, splits) = split_plan(max_total, attention_blocks(qh, c.kv_heads, gqa) * t);
         let need = Capacity {
             t,
             r,
@@ -359,6 +365,8 @@ impl GpuModel {
             splits,
             g_min,
             rotate: seqtab.iter().any(|s| s.signs != 0),
+            fused,
+            gqa,
         };
         let dumping = self.diagnosing.load(std::sync::atomic::Ordering::Relaxed)
             || !self.graphs_on.load(std::sync::atomic::Ordering::Relaxed);
@@ -366,7 +374,7 @@ impl GpuModel {
         // replay a captured CUDA graph (one launch instead of ~11 per layer). Others launch directly.
         let graphable = t == ns && !dumping && st.graphs_ok;
         if graphable {
-            let key = (t, ns, r, chunk, splits, g_min, plan.rotate);
+            let key = (t, ns, r, chunk, splits, g_min, plan.rotate, fused, gqa);
             if !st.graphs.contains_key(&key) {
                 if st.graphs.len() >= MAX_GRAPHS {
                     st.graphs.clear();
@@ -461,6 +469,7 @@ impl GpuModel {
         let (cosp, sinp) = (at(l.cos), at(l.sin));
         let sm = 1.0f32 / (d as f32).sqrt();
         let (qhi, kvhi, di, chi, spi) = (qh as i32, kvh as i32, d as i32, p.chunk as i32, p.splits as i32);
+        let gqai = p.gqa as i32;
         let resid = OutArg {
             ptr: [x, 0, 0],
             ld: [h as i32, 0, 0],
@@ -476,19 +485,27 @@ impl GpuModel {
             let rseq = if p.rotate { seqp } else { 0 };
             // RoPE, the rotation of rotated sequences and the store of the new K and V: one launch
             let dstp = at(l.dsts + li * t * std::mem::size_of::<DstArg>());
-            self.qkv_post([q, k, v], t, [cosp, sinp], [rseq, rsp], dstp, p.g_min)?;
+            if p.fused {
+                self.qkv_post([q, k, v], t, [cosp, sinp], [rseq, rsp], dstp, p.g_min)?;
+            } else {
+                self.rope(q, k, t, cosp, sinp)?;
+                if p.rotate {
+                    self.rotate(seqp, rsp, [q, k, v], t, false)?;
+                }
+            }
             self.launch(
                 "attention",
                 &gpu.fwd.attention,
-                cfg1((attention_blocks(qh, kvh) as u32, t as u32, p.splits as u32), 32),
+                cfg1((attention_blocks(qh, kvh, p.gqa) as u32, t as u32, p.splits as u32), 32),
                 &[
-                    &segp, &seqp, &rsp, &rfp, &r0p, &q, &k, &v, &qhi, &kvhi, &di, &sm, &chi, &work,
+                    &segp, &seqp, &rsp, &rfp, &r0p, &q, &k, &v, &qhi, &kvhi, &di, &sm, &chi, &gqai, &work,
                 ],
             )?;
             // the combine also undoes the rotation and writes the output projection's 8-bit blocks (when a head
             // holds whole blocks): two launches fewer per layer
             let quantize = layer.o.fmt >= 2;
-            let fused8 = quantize && d.is_multiple_of(32);
+            let fused8 = p.fused && quantize && d.is_multiple_of(32);
+            let cseq = if p.fused { rseq } else { 0 };
             let a8 = q8(attn);
             let (qsp, qdp, qsump) = if fused8 { (a8.qs, a8.qd, a8.qsum) } else { (0, 0, 0) };
             self.launch(
@@ -496,9 +513,16 @@ impl GpuModel {
                 &gpu.fwd.attn_combine,
                 cfg1((qh as u32, t as u32, 1), COMBINE_THREADS),
                 &[
-                    &work, &spi, &di, &rseq, &rsp, &rot_block, &rot_scale, &attn, &qsp, &qdp, &qsump,
+                    &work, &spi, &di, &cseq, &rsp, &rot_block, &rot_scale, &attn, &qsp, &qdp, &qsump,
                 ],
             )?;
+            if !p.fused {
+                if p.rotate {
+                    self.rotate(seqp, rsp, [attn, 0, 0], t, true)?;
+                }
+                gpu.launch_kv_store(dstp, k, v, t, kd, p.g_min)?;
+                self.mark("kv_store")?;
+            }
             if quantize && !fused8 {
                 self.quant8(attn, t * qd, a8)?;
             }

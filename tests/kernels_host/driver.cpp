@@ -199,10 +199,10 @@ template <class F> static void launch(int n_groups, F f) {
 //     then V (bytes, scales, offsets) after pk_qkv_post; then the same after pk_rope, pk_rotate, pk_kv_store
 //   L  ->  sizes and field offsets of pk_seg, pk_seq, pk_dst, pk_out (a line each), then PK_COMBINE_THREADS and
 //     PK_GQA
-//   A q_heads kv_heads d chunk splits rows seqs segs sm_scale rot_block rot_scale quantize / per segment: bits len
-//     g, then K and V (bits 0: raw f16 rows; else bytes, f16 scales, f16 offsets) / per sequence: seg_start
+//   A q_heads kv_heads d chunk splits rows seqs segs sm_scale rot_block rot_scale quantize heads_per_warp / per
+//     segment: bits len g, then K and V (bits 0: raw f16 rows; else bytes, f16 scales, f16 offsets) / per sequence: seg_start
 //     seg_count stored g scaled rotates [qscale kinv] [signs] / row_seq row_fresh row_fresh0 / q knew vnew  ->
-//     pk_attention over the grid (kv_heads·ceil(q_heads/kv_heads/PK_GQA), rows, splits) × 32, then
+//     pk_attention over the grid (kv_heads·ceil(q_heads/kv_heads/heads_per_warp), rows, splits) × 32, then
 //     pk_attn_combine as the step launches it: output [8-bit codes, d, s]; then the same merged by three
 //     launches (plain combine, pk_rotate's inverse if a sequence rotates, pk_quant8 if quantize): output [codes, d,
 //     s]. Each segment's start is the sum of its sequence's earlier lengths, as the device store sets it.
@@ -396,10 +396,10 @@ int main() {
                    offsetof(pk_out, start), offsetof(pk_out, parts), offsetof(pk_out, accumulate));
             printf("%x %x\n", PK_COMBINE_THREADS, PK_GQA);
         } else if (op[0] == 'A') {
-            int qh, kvh, d, chunk, splits, rows, ns, nsegs, block, quant;
+            int qh, kvh, d, chunk, splits, rows, ns, nsegs, block, quant, gqa;
             unsigned smb, rsb;
-            if (scanf("%d %d %d %d %d %d %d %d %x %d %x %d", &qh, &kvh, &d, &chunk, &splits, &rows, &ns, &nsegs, &smb,
-                      &block, &rsb, &quant) != 12)
+            if (scanf("%d %d %d %d %d %d %d %d %x %d %x %d %d", &qh, &kvh, &d, &chunk, &splits, &rows, &ns, &nsegs,
+                      &smb, &block, &rsb, &quant, &gqa) != 13)
                 return 2;
             float sm, rscale;
             memcpy(&sm, &smb, 4);
@@ -458,10 +458,10 @@ int main() {
             std::vector<float> q = read<float>(rows * qh * d), kn = read<float>(rows * kvd),
                                vn = read<float>(rows * kvd);
             std::vector<float> work((size_t)rows * qh * splits * (2 + d), NAN), out((size_t)rows * qh * d, NAN);
-            unsigned parts = (qh / kvh + PK_GQA - 1) / PK_GQA;
+            unsigned parts = (qh / kvh + gqa - 1) / gqa;
             blocks(pk_dim3{(unsigned)kvh * parts, (unsigned)rows, (unsigned)splits}, 32, [&] {
                 pk_attention(segs.data(), seqs.data(), row_seq.data(), row_fresh.data(), row_fresh0.data(), q.data(),
-                             kn.data(), vn.data(), qh, kvh, d, sm, chunk, work.data());
+                             kn.data(), vn.data(), qh, kvh, d, sm, chunk, gqa, work.data());
             });
             // the combine as the step launches it (inverse rotation and 8-bit blocks fused) ...
             int nq = rows * qh * d;

@@ -74,6 +74,22 @@ impl GpuModel {
         })
     }
 
+    /// The launch plan of the next steps, for side-by-side benchmarks: `fused` (the default) runs 10 launches per
+    /// layer; off, RoPE, the rotation, the K/V store, the inverse rotation and the 8-bit blocks of the attention
+    /// output are each their own launch again. `heads_per_warp` (1..=4, default 4): query heads one attention
+    /// warp serves. `(false, 1)` is the launch plan the 2026-11-30 H200 run measured. Same results either way.
+    pub fn set_launch_plan(&self, fused: bool, heads_per_warp: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.unfused.store(!fused, Relaxed);
+        self.heads_per_warp
+            .store(heads_per_warp.clamp(1, super::ATTENTION_HEADS), Relaxed);
+    }
+
+    pub(super) fn launch_plan(&self) -> (bool, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (!self.unfused.load(Relaxed), self.heads_per_warp.load(Relaxed))
+    }
+
     /// Allow or forbid graph replay for decode steps (benchmarks compare both).
     pub fn set_graphs(&self, on: bool) {
         self.graphs_on.store(on, std::sync::atomic::Ordering::Relaxed);

@@ -144,6 +144,33 @@ impl GpuModel {
         )
     }
 
+    /// RoPE on the step's q and k rows (the unfused plan; `qkv_post` does it otherwise).
+    pub(super) fn rope(&self, q: u64, k: u64, t: usize, cos: u64, sin: u64) -> Result<(), GpuError> {
+        let c = &self.cfg;
+        let (qh, kvh, di) = (c.heads as i32, c.kv_heads as i32, c.head_dim as i32);
+        let neox = matches!(c.rope.layout, RopeLayout::Neox) as i32;
+        self.launch(
+            "rope",
+            &self.gpu.fwd.rope,
+            cfg1((t as u32, 1, 1), 128),
+            &[&q, &k, &qh, &kvh, &di, &cos, &sin, &neox],
+        )
+    }
+
+    /// `pk_rotate` over the step's rows (`x`: q, k, v, or the attention output alone for the inverse); rows of
+    /// sequences whose cache does not rotate are left alone (the unfused plan).
+    pub(super) fn rotate(&self, seqp: u64, row_seq: u64, x: [u64; 3], t: usize, inverse: bool) -> Result<(), GpuError> {
+        let c = &self.cfg;
+        let (bl, scale) = self.rotation();
+        let (qh, kvh, di, inv) = (c.heads as i32, c.kv_heads as i32, c.head_dim as i32, inverse as i32);
+        self.launch(
+            if inverse { "unrotate" } else { "rotate" },
+            &self.gpu.fwd.rotate,
+            cfg1((t as u32, 1, 1), 32),
+            &[&seqp, &row_seq, &x[0], &x[1], &x[2], &qh, &kvh, &di, &bl, &scale, &inv],
+        )
+    }
+
     /// The rotation's Walsh–Hadamard block and 1/√block for this model's heads (block 1 where none applies).
     pub(super) fn rotation(&self) -> (i32, f32) {
         let block = crate::kvcache::rotate::rotation_block(self.cfg.head_dim).unwrap_or(1);

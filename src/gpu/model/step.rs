@@ -126,8 +126,8 @@ pub(super) struct StepBuffers {
 unsafe impl Send for StepBuffers {}
 
 /// What a captured decode step depends on: rows, sequences, logits rows, attention chunk and splits, the
-/// smallest group, and whether `pk_rotate` runs.
-pub(super) type GraphKey = (usize, usize, usize, usize, usize, usize, bool);
+/// smallest group, whether a sequence rotates, and the launch plan (fused, query heads per attention warp).
+pub(super) type GraphKey = (usize, usize, usize, usize, usize, usize, bool, bool, usize);
 
 pub(super) struct StepPlan {
     pub(super) t: usize,
@@ -136,8 +136,12 @@ pub(super) struct StepPlan {
     pub(super) chunk: usize,
     pub(super) splits: usize,
     pub(super) g_min: usize,
-    /// Some sequence's cache rotates its inputs: `pk_rotate` runs before attention and on its output.
+    /// Some sequence's cache rotates its inputs (before attention, and back on its output).
     pub(super) rotate: bool,
+    /// The launch plan: RoPE + rotation + store and merge + inverse rotation + 8-bit blocks fused (10 launches per
+    /// layer), or each its own launch (as the 2026-11-30 H200 run measured); query heads per attention warp.
+    pub(super) fused: bool,
+    pub(super) gqa: usize,
 }
 
 /// The bytes of a slice of plain `#[repr(C)]` values (the tables copied to the device).
