@@ -303,7 +303,8 @@ struct pk_dst {
 __device__ __forceinline__ float pk_h2f_lo(unsigned w) { return pmkvq_h2f((pmkvq_u16)(w & 0xFFFF)); }
 __device__ __forceinline__ float pk_h2f_hi(unsigned w) { return pmkvq_h2f((pmkvq_u16)(w >> 16)); }
 
-// Query heads one attention warp serves: the heads of one GQA group share every key and value it decodes.
+// The most query heads one attention warp serves (its launch's gqa, 4 by default): the heads of one GQA group
+// share every key and value it decodes.
 #define PK_GQA 4
 
 // out[i] = q_i · (stored key `pos` of segment s, head kvh) for the nh (≤ PK_GQA) query heads of qs (d values each;

@@ -371,7 +371,7 @@ impl GpuModel {
         let dumping = self.diagnosing.load(std::sync::atomic::Ordering::Relaxed)
             || !self.graphs_on.load(std::sync::atomic::Ordering::Relaxed);
         // Decode-only steps (one token per sequence) repeat the same launches with the same addresses: they
-        // replay a captured CUDA graph (one launch instead of ~11 per layer). Others launch directly.
+        // replay a captured CUDA graph (one launch instead of 10 per layer). Others launch directly.
         let graphable = t == ns && !dumping && st.graphs_ok;
         if graphable {
             let key = (t, ns, r, chunk, splits, g_min, plan.rotate, fused, gqa);
