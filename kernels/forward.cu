@@ -149,18 +149,13 @@ __device__ __forceinline__ void pk_write(const pk_out& o, int r, int ti, float v
     *dst = o.accumulate ? *dst + v : v;
 }
 
-// y[t][r] = W[r]·x[t] (+ bias[r]) for block weights and 8-bit activations. One warp per weight row; lanes take
-// (block, quarter) work items so short rows keep every lane busy; tiles of PK_TT tokens read each weight block
-// once. Grid (ceil(rows/PK_MM_WARPS), ceil(t/PK_TT)), block 32·PK_MM_WARPS.
-extern "C" __global__ void pk_matmul_q(const pmkvq_u8* __restrict__ w, int fmt, int rows, int cols,
-                                       const signed char* __restrict__ xq, const float* __restrict__ xd,
-                                       const float* __restrict__ xs, int t, const float* __restrict__ bias,
-                                       pk_out out) {
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int r = blockIdx.x * PK_MM_WARPS + warp;
-    if (r >= rows) return;
-    int t0 = blockIdx.y * PK_TT;
-    int tn = min(PK_TT, t - t0);
+// Weight row r times the 8-bit activation rows xq/xd/xs (tn ≤ PK_TT tokens from the tile's first; output rows
+// t0 + i), by one warp: lanes take (block, quarter) work items so short rows keep every lane busy, and each weight
+// block is read once for the tile. y (+ bias[r]) goes to out.
+__device__ __forceinline__ void pk_mm_row(const pmkvq_u8* __restrict__ w, int fmt, int r, int cols,
+                                          const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                          const float* __restrict__ xs, int t0, int tn, const float* __restrict__ bias,
+                                          const pk_out& out, int lane) {
     int nb = cols / 32, bb = pk_block_bytes(fmt);
     const pmkvq_u8* wr = w + (size_t)r * nb * bb;
     float acc[PK_TT];
@@ -184,12 +179,11 @@ extern "C" __global__ void pk_matmul_q(const pmkvq_u8* __restrict__ w, int fmt, 
 #pragma unroll
         for (int i = 0; i < PK_TT; ++i) {
             if (i < tn) {
-                size_t ti = (size_t)(t0 + i);
-                const signed char* xr = xq + ti * cols + b * 32 + qtr * 8;
+                const signed char* xr = xq + (size_t)i * cols + b * 32 + qtr * 8;
                 int sumi = 0;
 #pragma unroll
                 for (int e = 0; e < 8; ++e) sumi += wq[e] * (int)xr[e];
-                acc[i] += dw * xd[ti * nb + b] * (float)sumi + mw * xs[ti * nb + b];
+                acc[i] += dw * xd[(size_t)i * nb + b] * (float)sumi + mw * xs[(size_t)i * nb + b];
             }
         }
     }
@@ -198,6 +192,84 @@ extern "C" __global__ void pk_matmul_q(const pmkvq_u8* __restrict__ w, int fmt, 
         float v = pk_warp_sum(acc[i]);
         if (lane == 0 && i < tn) pk_write(out, r, t0 + i, v + (bias ? bias[r] : 0.0f));
     }
+}
+
+// y[t][r] = W[r]·x[t] (+ bias[r]) for block weights and 8-bit activations (pk_mm_row): one warp per weight row,
+// tiles of PK_TT tokens. Grid (ceil(rows/PK_MM_WARPS), ceil(t/PK_TT)), block 32·PK_MM_WARPS.
+extern "C" __global__ void pk_matmul_q(const pmkvq_u8* __restrict__ w, int fmt, int rows, int cols,
+                                       const signed char* __restrict__ xq, const float* __restrict__ xd,
+                                       const float* __restrict__ xs, int t, const float* __restrict__ bias,
+                                       pk_out out) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int r = blockIdx.x * PK_MM_WARPS + warp;
+    if (r >= rows) return;
+    int t0 = blockIdx.y * PK_TT, nb = cols / 32;
+    pk_mm_row(w, fmt, r, cols, xq + (size_t)t0 * cols, xd + (size_t)t0 * nb, xs + (size_t)t0 * nb, t0,
+              min(PK_TT, t - t0), bias, out, lane);
+}
+
+// Dynamic shared memory (its size set at launch); the host tests' driver runs one block at a time from a static.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define PK_DYN_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#else
+#define PK_DYN_SHARED(name) alignas(16) static unsigned char name[1 << 17]
+#endif
+
+// pk_matmul_q for one tile of t ≤ PK_TT tokens (a decode step) whose 8-bit activation blocks the block makes
+// itself, in shared memory, from the f32 rows x (t × cols) — one launch instead of two. mode 0: RMSNorm of the
+// residual rows with weight aux, as pk_norm computes it (its sum of squares over 256 threads taken as two halves
+// per thread, in its order, so the blocks are pk_norm's bit for bit); mode 1: silu(x)·aux (gate, up), as pk_swiglu.
+// Dynamic shared memory: PK_TT·cols + 2·PK_TT·(cols/32)·4 bytes. Grid (ceil(rows/PK_MM_WARPS)), block 128.
+extern "C" __global__ void pk_matmul_qa(const pmkvq_u8* __restrict__ w, int fmt, int rows, int cols, int t,
+                                        const float* __restrict__ bias, pk_out out, int mode,
+                                        const float* __restrict__ x, const float* __restrict__ aux, float eps) {
+    PK_DYN_SHARED(pk_smem);
+    __shared__ double part[8];
+    __shared__ float inv_s;
+    int nb = cols / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    signed char* qs = (signed char*)pk_smem;
+    float* qd = (float*)(pk_smem + PK_TT * cols);
+    float* qsum = qd + PK_TT * nb;
+    int tn = min(PK_TT, t);
+    for (int i = 0; i < tn; ++i) {
+        const float* row = x + (size_t)i * cols;
+        float inv = 0.0f;
+        if (mode == 0) {
+            // virtual threads tid and tid + 128 of pk_norm's 256
+            double a = 0.0, b = 0.0;
+            for (int j = threadIdx.x; j < cols; j += 256) a += (double)__fmul_rn(row[j], row[j]);
+            for (int j = threadIdx.x + 128; j < cols; j += 256) b += (double)__fmul_rn(row[j], row[j]);
+            for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+            for (int o = 16; o > 0; o >>= 1) b += __shfl_xor_sync(0xffffffffu, b, o);
+            if (lane == 0) {
+                part[warp] = a;
+                part[warp + 4] = b;
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                double s = 0.0;
+                for (int k = 0; k < 8; ++k) s += part[k];
+                float ms = (float)(s / (double)cols);
+                inv_s = __fdiv_rn(1.0f, sqrtf(__fadd_rn(ms, eps)));
+            }
+            __syncthreads();
+            inv = inv_s;
+        }
+        for (int b = warp; b < nb; b += nw) {
+            int j = b * 32 + lane;
+            float v;
+            if (mode == 0) {
+                v = __fmul_rn(__fmul_rn(row[j], inv), aux[j]);
+            } else {
+                float g = row[j];
+                v = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), aux[(size_t)i * cols + j]);
+            }
+            pk_q8_lane(v, qs + (size_t)i * cols + b * 32, qd + i * nb + b, qsum + i * nb + b, lane);
+        }
+    }
+    __syncthreads();
+    int r = blockIdx.x * PK_MM_WARPS + warp;
+    if (r < rows) pk_mm_row(w, fmt, r, cols, qs, qd, qsum, 0, tn, bias, out, lane);
 }
 
 // The same for f32 or f16 weights with f32 activations (lanes over columns).

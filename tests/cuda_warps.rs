@@ -586,6 +586,60 @@ fn block_matmuls_over_8_bit_activations_equal_the_cpus_dot_products() {
     }
 }
 
+/// pk_matmul_qa — a decode step's matmul that makes its own 8-bit activation blocks — equals the two launches it
+/// replaces bit for bit: RMSNorm of the residual rows (pk_norm, its sum of squares in the same order) or SwiGLU of
+/// gate and up (pk_swiglu), then pk_matmul_q; every block format, 1 to 8 tokens, bias, and the residual
+/// accumulation of the down projection.
+#[test]
+fn matmuls_that_make_their_own_8_bit_blocks_equal_norm_or_swiglu_then_matmul() {
+    // (mode, format code, format, rows, cols, tokens, bias, accumulate)
+    let cases = [
+        (0, 3, BlockFormat::Q4_1, 37, 576, 1, false, false),
+        (0, 2, BlockFormat::Q4_0, 40, 576, 8, true, false),
+        (1, 4, BlockFormat::Q8_0, 37, 1536, 3, false, true),
+        (1, 3, BlockFormat::Q4_1, 12, 1536, 1, false, true),
+    ];
+    for (ci, &(mode, code, fmt, rows, cols, t, has_bias, accumulate)) in cases.iter().enumerate() {
+        let w = weights(fmt, rows, cols, 200 + ci as u64);
+        let x: Vec<f32> = noise(t * cols, 210 + ci as u64).iter().map(|a| a * 5.0).collect();
+        let aux: Vec<f32> = if mode == 0 {
+            noise(cols, 220).iter().map(|a| 0.5 + a * 0.1).collect()
+        } else {
+            noise(t * cols, 221)
+        };
+        let mut input = format!(
+            "G {mode} {code} {rows} {cols} {t} {} {} {:08x}\n",
+            has_bias as i32,
+            accumulate as i32,
+            1e-5f32.to_bits()
+        );
+        input += &words(&w);
+        input += &hex(&x);
+        input += &hex(&aux);
+        if has_bias {
+            input += &hex(&noise(rows, 230));
+        }
+        if accumulate {
+            input += &hex(&noise(t * rows, 231));
+        }
+        let lines = run(&input);
+        assert_eq!(lines.len(), 2);
+        let what = format!("{} into {fmt:?}, {t} token(s)", ["RMSNorm", "SwiGLU"][mode]);
+        assert_eq!(lines[0].len(), t * rows, "{what}");
+        let diff = lines[0].iter().zip(&lines[1]).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            diff,
+            0,
+            "{what}: the fused launch differs from the two in {diff} of {} outputs",
+            t * rows
+        );
+        assert!(
+            lines[0].iter().all(|&v| f32::from_bits(v).is_finite()),
+            "{what}: every output written"
+        );
+    }
+}
+
 /// The argument structs the host fills are laid out as the kernels read them: sizes and field offsets of the
 /// Rust mirrors equal the kernel source's (compiled by the host compiler, whose LP64 layout NVRTC shares), and
 /// the combine launch's block size is the kernel's.
@@ -649,8 +703,9 @@ fn the_hosts_argument_structs_are_laid_out_as_the_kernels_read_them() {
         lines[4],
         v(&[
             pmkvq::gpu::model::COMBINE_THREADS as usize,
-            pmkvq::gpu::model::ATTENTION_HEADS
+            pmkvq::gpu::model::ATTENTION_HEADS,
+            pmkvq::gpu::model::TOKEN_TILE
         ]),
-        "PK_COMBINE_THREADS, PK_GQA"
+        "PK_COMBINE_THREADS, PK_GQA, PK_TT"
     );
 }

@@ -21,6 +21,8 @@ mod launch;
 mod step;
 mod weights;
 pub use diag::StepProfile;
+use launch::Source;
+pub use launch::TOKEN_TILE;
 use step::{as_bytes, split_plan, BlobLayout, Capacity, StepBuffers, StepPlan, MAX_GRAPHS};
 use weights::{DevLayer, DevLinear, DevProj};
 
@@ -479,8 +481,22 @@ impl GpuModel {
         };
         let (rot_block, rot_scale) = self.rotation();
         for (li, layer) in self.layers.iter().enumerate() {
-            self.norm(x, &layer.attn_norm, t, h, q8(hn))?;
-            self.project(&layer.qkv, q8(hn), t, &[(q, qd), (k, kd), (v, kd)], false)?;
+            // a decode-sized step's matmuls on block weights make their own 8-bit blocks from the residual (the
+            // norm) or from gate and up (SwiGLU): one launch instead of two
+            let own = p.fused && t <= TOKEN_TILE;
+            let normed = |w: &CudaSlice<f32>, proj: &DevProj| -> Result<Source, GpuError> {
+                if own && proj.own_blocks() {
+                    return Ok(Source::Own {
+                        mode: 0,
+                        x,
+                        aux: gpu.ptr(w),
+                    });
+                }
+                self.norm(x, w, t, h, q8(hn))?;
+                Ok(Source::Q8(q8(hn)))
+            };
+            let input = normed(&layer.attn_norm, &layer.qkv)?;
+            self.project(&layer.qkv, input, t, &[(q, qd), (k, kd), (v, kd)], false)?;
             let seqp = at(l.seqs + li * p.ns * std::mem::size_of::<SeqArg>());
             let rseq = if p.rotate { seqp } else { 0 };
             // RoPE, the rotation of rotated sequences and the store of the new K and V: one launch
@@ -526,20 +542,29 @@ impl GpuModel {
             if quantize && !fused8 {
                 self.quant8(attn, t * qd, a8)?;
             }
-            self.matmul(&layer.o, q8(attn), t, resid)?;
+            self.matmul(&layer.o, Source::Q8(q8(attn)), t, resid)?;
             if li == 0 {
                 self.dump(&sc.x, t * h)?;
             }
-            self.norm(x, &layer.ffn_norm, t, h, q8(hn))?;
-            self.project(&layer.gate_up, q8(hn), t, &[(gate, self.ffn), (upb, self.ffn)], false)?;
-            let (n, a) = ((t * self.ffn) as i32, q8(act));
-            self.launch(
-                "swiglu",
-                &gpu.fwd.swiglu,
-                cfg1(((t * self.ffn).div_ceil(256) as u32, 1, 1), 256),
-                &[&gate, &upb, &n, &a.f, &a.qs, &a.qd, &a.qsum],
-            )?;
-            self.matmul(&layer.down, q8(act), t, resid)?;
+            let input = normed(&layer.ffn_norm, &layer.gate_up)?;
+            self.project(&layer.gate_up, input, t, &[(gate, self.ffn), (upb, self.ffn)], false)?;
+            let input = if own && layer.down.own_blocks() {
+                Source::Own {
+                    mode: 1,
+                    x: gate,
+                    aux: upb,
+                }
+            } else {
+                let (n, a) = ((t * self.ffn) as i32, q8(act));
+                self.launch(
+                    "swiglu",
+                    &gpu.fwd.swiglu,
+                    cfg1(((t * self.ffn).div_ceil(256) as u32, 1, 1), 256),
+                    &[&gate, &upb, &n, &a.f, &a.qs, &a.qd, &a.qsum],
+                )?;
+                Source::Q8(a)
+            };
+            self.matmul(&layer.down, input, t, resid)?;
             self.dump(&sc.x, t * h)?;
         }
         if p.r == 0 {
@@ -564,7 +589,7 @@ impl GpuModel {
             parts: 1,
             accumulate: 0,
         };
-        self.matmul(head, q8(hn), p.r, out)
+        self.matmul(head, Source::Q8(q8(hn)), p.r, out)
     }
 }
 

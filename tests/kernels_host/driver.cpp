@@ -197,8 +197,11 @@ template <class F> static void launch(int n_groups, F f) {
 //   P q_heads kv_heads d t neox rot_block rot_scale g_min seqs / per sequence: rotates scaled [signs] [qscale kinv]
 //     / row_seq / cos sin (t·d/2 each) / per token: bits g has_kinv [kinv] / q k v  ->  q, k, v and per token K
 //     then V (bytes, scales, offsets) after pk_qkv_post; then the same after pk_rope, pk_rotate, pk_kv_store
-//   L  ->  sizes and field offsets of pk_seg, pk_seq, pk_dst, pk_out (a line each), then PK_COMBINE_THREADS and
-//     PK_GQA
+//   G mode fmt rows cols t has_bias accumulate eps / weight bytes / x / aux (mode 0: norm weight[cols]; 1: up[t·cols])
+//     / [bias] / [rows before]  ->  y after pk_matmul_qa; then y after pk_norm (mode 0) or pk_swiglu (1) and
+//     pk_matmul_q
+//   L  ->  sizes and field offsets of pk_seg, pk_seq, pk_dst, pk_out (a line each), then PK_COMBINE_THREADS,
+//     PK_GQA and PK_TT
 //   A q_heads kv_heads d chunk splits rows seqs segs sm_scale rot_block rot_scale quantize heads_per_warp / per
 //     segment: bits len g, then K and V (bits 0: raw f16 rows; else bytes, f16 scales, f16 offsets) / per sequence: seg_start
 //     seg_count stored g scaled rotates [qscale kinv] [signs] / row_seq row_fresh row_fresh0 / q knew vnew  ->
@@ -384,6 +387,51 @@ int main() {
                         write(data[2 * i + side]); write(params[4 * i + 2 * side]); write(params[4 * i + 2 * side + 1]);
                     }
             }
+        } else if (op[0] == 'G') {
+            // pk_matmul_qa against the two launches it replaces: pk_norm (mode 0) or pk_swiglu (mode 1), then
+            // pk_matmul_q
+            int mode, fmt, rows, cols, t, has_bias, accumulate;
+            unsigned eb;
+            if (scanf("%d %d %d %d %d %d %d %x", &mode, &fmt, &rows, &cols, &t, &has_bias, &accumulate, &eb) != 8)
+                return 2;
+            float eps;
+            memcpy(&eps, &eb, 4);
+            int nb = cols / 32;
+            std::vector<pmkvq_u8> w = read<pmkvq_u8>(rows * nb * pk_block_bytes(fmt));
+            std::vector<float> x = read<float>(t * cols), aux = read<float>(mode == 0 ? cols : t * cols), bias;
+            if (has_bias) bias = read<float>(rows);
+            std::vector<float> init = accumulate ? read<float>(t * rows) : std::vector<float>(t * rows, NAN);
+            for (int path = 0; path < 2; ++path) {
+                std::vector<float> y = init;
+                pk_out o{};
+                o.parts = 1;
+                o.accumulate = accumulate;
+                o.ptr[0] = (pk_ptr)y.data();
+                o.ld[0] = rows;
+                o.start[1] = rows;
+                const float* bp = has_bias ? bias.data() : 0;
+                unsigned grid = (unsigned)((rows + PK_MM_WARPS - 1) / PK_MM_WARPS);
+                if (path == 0) {
+                    blocks(pk_dim3{grid, 1, 1}, 32 * PK_MM_WARPS, [&] {
+                        pk_matmul_qa(w.data(), fmt, rows, cols, t, bp, o, mode, x.data(), aux.data(), eps);
+                    });
+                } else {
+                    std::vector<float> f(t * cols), qd(t * nb), qsum(t * nb);
+                    std::vector<signed char> qs(t * cols);
+                    if (mode == 0)
+                        blocks(pk_dim3{(unsigned)t, 1, 1}, 256, [&] {
+                            pk_norm(x.data(), aux.data(), cols, eps, f.data(), qs.data(), qd.data(), qsum.data());
+                        });
+                    else
+                        blocks(pk_dim3{(unsigned)((t * cols + 255) / 256), 1, 1}, 256, [&] {
+                            pk_swiglu(x.data(), aux.data(), t * cols, f.data(), qs.data(), qd.data(), qsum.data());
+                        });
+                    blocks(pk_dim3{grid, 1, 1}, 32 * PK_MM_WARPS, [&] {
+                        pk_matmul_q(w.data(), fmt, rows, cols, qs.data(), qd.data(), qsum.data(), t, bp, o);
+                    });
+                }
+                write(y);
+            }
         } else if (op[0] == 'L') {
             printf("%zx %zx %zx %zx %zx %zx\n", sizeof(pk_seg), offsetof(pk_seg, v_off), offsetof(pk_seg, len),
                    offsetof(pk_seg, bits), offsetof(pk_seg, start), offsetof(pk_seg, pad));
@@ -394,7 +442,7 @@ int main() {
                    offsetof(pk_dst, bits), offsetof(pk_dst, g));
             printf("%zx %zx %zx %zx %zx %zx\n", sizeof(pk_out), offsetof(pk_out, ptr), offsetof(pk_out, ld),
                    offsetof(pk_out, start), offsetof(pk_out, parts), offsetof(pk_out, accumulate));
-            printf("%x %x\n", PK_COMBINE_THREADS, PK_GQA);
+            printf("%x %x %x\n", PK_COMBINE_THREADS, PK_GQA, PK_TT);
         } else if (op[0] == 'A') {
             int qh, kvh, d, chunk, splits, rows, ns, nsegs, block, quant, gqa;
             unsigned smb, rsb;

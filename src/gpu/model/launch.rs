@@ -8,6 +8,30 @@ use crate::gpu::GpuError;
 use crate::model::RopeLayout;
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
+/// Tokens per matmul tile (`PK_TT`).
+pub const TOKEN_TILE: usize = 8;
+
+/// Where a matmul's 8-bit activation blocks come from.
+#[derive(Clone, Copy)]
+pub(super) enum Source {
+    /// Made beforehand (pk_norm, pk_swiglu, pk_quant8) into these buffers.
+    Q8(Act),
+    /// Made by the matmul itself (`pk_matmul_qa`, one tile of tokens, block weights) from f32 rows: mode 0,
+    /// RMSNorm of the residual rows `x` with weight `aux`; mode 1, SwiGLU of gate `x` and up `aux`.
+    Own { mode: i32, x: u64, aux: u64 },
+}
+
+/// Shared memory `pk_matmul_qa` takes for a tile's blocks of `cols` values: codes, then scales and sums.
+fn own_blocks_bytes(cols: usize) -> usize {
+    TOKEN_TILE * cols + 2 * TOKEN_TILE * (cols / 32) * 4
+}
+
+/// Whether a matmul over `cols` inputs may make its own blocks: within the 48 KiB of shared memory every device
+/// gives a block without opting in.
+pub(super) fn own_blocks_fit(cols: usize) -> bool {
+    own_blocks_bytes(cols) <= 48 * 1024
+}
+
 impl GpuModel {
     pub(super) fn launch(
         &self,
@@ -37,12 +61,29 @@ impl GpuModel {
         )
     }
 
-    /// `out` parts for a projection; the rows of `lin` starting at `first` map to `bufs`.
-    pub(super) fn matmul(&self, lin: &DevLinear, input: Act, t: usize, out: OutArg) -> Result<(), GpuError> {
+    /// `lin` times the step's activations into `out`'s parts.
+    pub(super) fn matmul(&self, lin: &DevLinear, input: Source, t: usize, out: OutArg) -> Result<(), GpuError> {
         let (rows, cols, ti) = (lin.rows as i32, lin.cols as i32, t as i32);
         let w = self.gpu.ptr(&lin.w);
         let bias = lin.bias.as_ref().map_or(0u64, |b| self.gpu.ptr(b));
-        let grid = (lin.rows.div_ceil(4) as u32, t.div_ceil(8) as u32, 1);
+        let grid = (lin.rows.div_ceil(4) as u32, t.div_ceil(TOKEN_TILE) as u32, 1);
+        let input = match input {
+            Source::Q8(a) => a,
+            Source::Own { mode, x, aux } => {
+                debug_assert!(lin.fmt >= 2 && t <= TOKEN_TILE && own_blocks_fit(lin.cols));
+                let eps = self.cfg.rms_eps;
+                let cfg = LaunchConfig {
+                    shared_mem_bytes: own_blocks_bytes(lin.cols) as u32,
+                    ..cfg1(grid, 128)
+                };
+                return self.launch(
+                    "matmul+blocks",
+                    &self.gpu.fwd.matmul_qa,
+                    cfg,
+                    &[&w, &lin.fmt, &rows, &cols, &ti, &bias, &out, &mode, &x, &aux, &eps],
+                );
+            }
+        };
         if lin.fmt >= 2 {
             self.launch(
                 "matmul",
@@ -74,7 +115,7 @@ impl GpuModel {
     pub(super) fn project(
         &self,
         p: &DevProj,
-        input: Act,
+        input: Source,
         t: usize,
         bufs: &[(u64, usize)],
         accumulate: bool,

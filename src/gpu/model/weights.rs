@@ -28,6 +28,11 @@ fn as_f16(name: &str, v: &[f32]) -> (i32, Vec<u8>) {
 }
 
 impl DevLinear {
+    /// In GGUF blocks (what `pk_matmul_qa` takes) and over few enough inputs for its shared memory.
+    pub(super) fn own_blocks(&self) -> bool {
+        self.fmt >= 2 && super::launch::own_blocks_fit(self.cols)
+    }
+
     pub(super) fn upload(gpu: &Gpu, l: &Linear, name: &str) -> Result<DevLinear, ModelError> {
         use crate::cpu::BlockFormat;
         let (fmt, bytes): (i32, Vec<u8>) = match &l.data {
@@ -82,6 +87,14 @@ pub(super) enum DevProj {
 }
 
 impl DevProj {
+    /// Every part can make its own 8-bit activation blocks ([`DevLinear::own_blocks`]).
+    pub(super) fn own_blocks(&self) -> bool {
+        match self {
+            DevProj::Fused(l) => l.own_blocks(),
+            DevProj::Split(parts) => parts.iter().all(DevLinear::own_blocks),
+        }
+    }
+
     pub(super) fn upload(gpu: &Gpu, p: &Projection, name: &str) -> Result<DevProj, ModelError> {
         Ok(match p {
             Projection::Fused { linear, .. } => DevProj::Fused(DevLinear::upload(gpu, linear, name)?),
