@@ -75,8 +75,8 @@ impl GpuModel {
     }
 
     /// The launch plan of the next steps, for side-by-side benchmarks: `fused` (the default) runs 10 launches per
-    /// layer; off, RoPE, the rotation, the K/V store, the inverse rotation and the 8-bit blocks of the attention
-    /// output are each their own launch again. `heads_per_warp` (1..=4, default 4): query heads one attention
+    /// layer, 7 in a decode step; off, RoPE, the rotation, the K/V store, the inverse rotation, the 8-bit blocks of
+    /// the attention output, the norms and SwiGLU are each their own launch again (12 or 14 per layer). `heads_per_warp` (1..=4, default 4): query heads one attention
     /// warp serves. `(false, 1)` is the launch plan the 2026-11-30 H200 run measured. Same results either way.
     pub fn set_launch_plan(&self, fused: bool, heads_per_warp: usize) {
         use std::sync::atomic::Ordering::Relaxed;

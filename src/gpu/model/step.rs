@@ -138,8 +138,9 @@ pub(super) struct StepPlan {
     pub(super) g_min: usize,
     /// Some sequence's cache rotates its inputs (before attention, and back on its output).
     pub(super) rotate: bool,
-    /// The launch plan: RoPE + rotation + store and merge + inverse rotation + 8-bit blocks fused (10 launches per
-    /// layer), or each its own launch (as the 2026-11-30 H200 run measured); query heads per attention warp.
+    /// The launch plan: RoPE + rotation + store, merge + inverse rotation + 8-bit blocks, and (decode steps) norm
+    /// or SwiGLU + matmul fused (10 launches per layer, 7 in a decode step), or each its own launch (as the
+    /// 2026-11-30 H200 run measured); query heads per attention warp.
     pub(super) fused: bool,
     pub(super) gqa: usize,
 }
