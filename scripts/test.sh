@@ -33,7 +33,7 @@ echo "== cargo test"
 cargo test --release --all-targets
 echo "== the GPU build (feature cuda-kernels: cudarc with dynamic loading, no CUDA toolkit needed) and its CPU-side tests"
 cargo clippy --release --all-targets --features cuda-kernels -- -D warnings
-cargo test --release --features cuda-kernels --lib --test gpu_kernels --test cuda_header --test cuda_warps
+cargo test --release --features cuda-kernels --lib --test gpu_kernels --test cuda_header --test cuda_host
 echo "== systemd unit: verify and security exposure (target <= 3.0)"
 unit=$(mktemp -d)/pmkvqd.service
 sed "s|/usr/bin/pmkvqd|$CARGO_TARGET_DIR/release/pmkvqd|" systemd/pmkvqd.service > "$unit"

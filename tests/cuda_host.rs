@@ -4,7 +4,8 @@
 //! thread) in turn: they must give the host stores' codes, parameters and rotated rows bit for bit, so a device
 //! cache holds what the CPU's holds. Only the CUDA words are stubbed (each `_rn` intrinsic is one IEEE operation,
 //! which `-ffp-contract=off` keeps from being fused; f16 conversions go through `_Float16`, round to nearest even
-//! like the GPU's `cvt.rn`). The warp and block kernels are tests/cuda_warps.rs's; what neither can check — the
+//! like the GPU's `cvt.rn`). With `cuda-kernels`, the host's argument structs are checked against the kernels'
+//! compiled layout. The warp and block kernels are tests/cuda_warps.rs's; what neither can check — the
 //! launches on a GPU, speed — is `deploy/gpu-check.sh`'s.
 
 use pmkvq::kvcache::quant::{Bits, OffsetMode, PackedRows, ShiftMode};
@@ -410,4 +411,74 @@ fn pk_kv_store_writes_each_slot_as_the_host_store_would() {
             assert_eq!(lines[at + 2], offsets, "offsets, {what}");
         }
     }
+}
+
+/// The argument structs the host fills are laid out as the kernels read them: sizes and field offsets of the
+/// Rust mirrors equal the kernel source's (compiled by the host compiler, whose LP64 layout NVRTC shares), and
+/// the combine launch's block size is the kernel's.
+#[cfg(feature = "cuda-kernels")]
+#[test]
+fn the_hosts_argument_structs_are_laid_out_as_the_kernels_read_them() {
+    use pmkvq::gpu::{DstArg, OutArg, SegArg, SeqArg};
+    use std::mem::{offset_of, size_of};
+    let lines = run("L\n");
+    let v = |x: &[usize]| x.iter().map(|&a| a as u32).collect::<Vec<_>>();
+    assert_eq!(
+        lines[0],
+        v(&[
+            size_of::<SegArg>(),
+            offset_of!(SegArg, v_off),
+            offset_of!(SegArg, len),
+            offset_of!(SegArg, bits),
+            offset_of!(SegArg, start),
+            offset_of!(SegArg, pad)
+        ]),
+        "pk_seg"
+    );
+    assert_eq!(
+        lines[1],
+        v(&[
+            size_of::<SeqArg>(),
+            offset_of!(SeqArg, seg_start),
+            offset_of!(SeqArg, seg_count),
+            offset_of!(SeqArg, stored),
+            offset_of!(SeqArg, g),
+            offset_of!(SeqArg, qscale),
+            offset_of!(SeqArg, kinv),
+            offset_of!(SeqArg, signs)
+        ]),
+        "pk_seq"
+    );
+    assert_eq!(
+        lines[2],
+        v(&[
+            size_of::<DstArg>(),
+            offset_of!(DstArg, v_off),
+            offset_of!(DstArg, kinv),
+            offset_of!(DstArg, bits),
+            offset_of!(DstArg, g)
+        ]),
+        "pk_dst"
+    );
+    assert_eq!(
+        lines[3],
+        v(&[
+            size_of::<OutArg>(),
+            offset_of!(OutArg, ptr),
+            offset_of!(OutArg, ld),
+            offset_of!(OutArg, start),
+            offset_of!(OutArg, parts),
+            offset_of!(OutArg, accumulate)
+        ]),
+        "pk_out"
+    );
+    assert_eq!(
+        lines[4],
+        v(&[
+            pmkvq::gpu::model::COMBINE_THREADS as usize,
+            pmkvq::gpu::model::ATTENTION_HEADS,
+            pmkvq::gpu::model::TOKEN_TILE
+        ]),
+        "PK_COMBINE_THREADS, PK_GQA, PK_TT"
+    );
 }
