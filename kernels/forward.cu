@@ -98,6 +98,34 @@ extern "C" __global__ void pk_quant8(const float* __restrict__ x, int n_blocks, 
     pk_q8_lane(x[(size_t)b * 32 + lane], qs + (size_t)b * 32, d + b, s + b, lane);
 }
 
+// 1/√(mean(row²) + eps), as 256 threads compute it: virtual thread v sums row[j]² in f64 for j = v, v + 256, …,
+// each virtual warp's sums reduce by xor shuffles, and thread 0 adds the 8 warp partials in order. The block's nt
+// threads (a divisor of 256, at least 32) each play virtual threads tid, tid + nt, …, so every block size gets the
+// same bits — pk_norm's and the blocks pk_matmul_qa makes for itself. part (8 doubles) and inv_s: shared memory.
+__device__ __forceinline__ float pk_row_inv_rms(const float* row, int dim, float eps, double* part, float* inv_s) {
+    for (int v = threadIdx.x; v < 256; v += blockDim.x) {
+        double ss = 0.0;
+        for (int j = v; j < dim; j += 256) ss += (double)__fmul_rn(row[j], row[j]);
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (v % 32 == 0) part[v / 32] = ss;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+        for (int i = 0; i < 8; ++i) t += part[i];
+        float ms = (float)(t / (double)dim);
+        *inv_s = __fdiv_rn(1.0f, sqrtf(__fadd_rn(ms, eps)));
+    }
+    __syncthreads();
+    return *inv_s;
+}
+
+// One normalized value (the CPU's rms_norm: x·inv·w) and one SwiGLU value (silu(g)·u), each rounded as the CPU.
+__device__ __forceinline__ float pk_normed(float x, float inv, float w) { return __fmul_rn(__fmul_rn(x, inv), w); }
+__device__ __forceinline__ float pk_silu_mul(float g, float u) {
+    return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);
+}
+
 // RMSNorm of each row (sum of squares in double, as the CPU), written as f32 and as 8-bit blocks.
 // Grid (rows), block 256; dim a multiple of 32.
 extern "C" __global__ void pk_norm(const float* __restrict__ x, const float* __restrict__ w, int dim, float eps,
@@ -106,27 +134,11 @@ extern "C" __global__ void pk_norm(const float* __restrict__ x, const float* __r
     __shared__ double part[8];
     __shared__ float inv_s;
     const float* row = x + (size_t)blockIdx.x * dim;
-    double ss = 0.0;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        float v = row[j];
-        ss += (double)__fmul_rn(v, v);
-    }
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (lane == 0) part[warp] = ss;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        double t = 0.0;
-        for (int i = 0; i < (int)(blockDim.x / 32); ++i) t += part[i];
-        float ms = (float)(t / (double)dim);
-        inv_s = __fdiv_rn(1.0f, sqrtf(__fadd_rn(ms, eps)));
-    }
-    __syncthreads();
-    float inv = inv_s;
-    int nb = dim / 32;
+    float inv = pk_row_inv_rms(row, dim, eps, part, &inv_s);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nb = dim / 32;
     for (int b = warp; b < nb; b += blockDim.x / 32) {
         int j = b * 32 + lane;
-        float v = __fmul_rn(__fmul_rn(row[j], inv), w[j]);
+        float v = pk_normed(row[j], inv, w[j]);
         out[(size_t)blockIdx.x * dim + j] = v;
         size_t gb = (size_t)blockIdx.x * nb + b;
         pk_q8_lane(v, qs + gb * 32, qd + gb, qsum + gb, lane);
@@ -217,8 +229,8 @@ extern "C" __global__ void pk_matmul_q(const pmkvq_u8* __restrict__ w, int fmt, 
 
 // pk_matmul_q for one tile of t ≤ PK_TT tokens (a decode step) whose 8-bit activation blocks the block makes
 // itself, in shared memory, from the f32 rows x (t × cols) — one launch instead of two. mode 0: RMSNorm of the
-// residual rows with weight aux, as pk_norm computes it (its sum of squares over 256 threads taken as two halves
-// per thread, in its order, so the blocks are pk_norm's bit for bit); mode 1: silu(x)·aux (gate, up), as pk_swiglu.
+// residual rows with weight aux (pk_row_inv_rms and pk_normed, as pk_norm: its blocks bit for bit); mode 1:
+// silu(x)·aux (gate, up), as pk_swiglu.
 // Dynamic shared memory: PK_TT·cols + 2·PK_TT·(cols/32)·4 bytes. Grid (ceil(rows/PK_MM_WARPS)), block 128.
 extern "C" __global__ void pk_matmul_qa(const pmkvq_u8* __restrict__ w, int fmt, int rows, int cols, int t,
                                         const float* __restrict__ bias, pk_out out, int mode,
@@ -233,37 +245,10 @@ extern "C" __global__ void pk_matmul_qa(const pmkvq_u8* __restrict__ w, int fmt,
     int tn = min(PK_TT, t);
     for (int i = 0; i < tn; ++i) {
         const float* row = x + (size_t)i * cols;
-        float inv = 0.0f;
-        if (mode == 0) {
-            // virtual threads tid and tid + 128 of pk_norm's 256
-            double a = 0.0, b = 0.0;
-            for (int j = threadIdx.x; j < cols; j += 256) a += (double)__fmul_rn(row[j], row[j]);
-            for (int j = threadIdx.x + 128; j < cols; j += 256) b += (double)__fmul_rn(row[j], row[j]);
-            for (int o = 16; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-            for (int o = 16; o > 0; o >>= 1) b += __shfl_xor_sync(0xffffffffu, b, o);
-            if (lane == 0) {
-                part[warp] = a;
-                part[warp + 4] = b;
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                double s = 0.0;
-                for (int k = 0; k < 8; ++k) s += part[k];
-                float ms = (float)(s / (double)cols);
-                inv_s = __fdiv_rn(1.0f, sqrtf(__fadd_rn(ms, eps)));
-            }
-            __syncthreads();
-            inv = inv_s;
-        }
+        float inv = mode == 0 ? pk_row_inv_rms(row, cols, eps, part, &inv_s) : 0.0f;
         for (int b = warp; b < nb; b += nw) {
             int j = b * 32 + lane;
-            float v;
-            if (mode == 0) {
-                v = __fmul_rn(__fmul_rn(row[j], inv), aux[j]);
-            } else {
-                float g = row[j];
-                v = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), aux[(size_t)i * cols + j]);
-            }
+            float v = mode == 0 ? pk_normed(row[j], inv, aux[j]) : pk_silu_mul(row[j], aux[(size_t)i * cols + j]);
             pk_q8_lane(v, qs + (size_t)i * cols + b * 32, qd + i * nb + b, qsum + i * nb + b, lane);
         }
     }
@@ -329,8 +314,7 @@ extern "C" __global__ void pk_swiglu(const float* __restrict__ gate, const float
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     int b = i / 32, lane = threadIdx.x % 32;
     if (b * 32 >= n) return;
-    float g = gate[i];
-    float v = __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), up[i]);
+    float v = pk_silu_mul(gate[i], up[i]);
     act[i] = v;
     pk_q8_lane(v, qs + (size_t)b * 32, qd + b, qsum + b, lane);
 }
