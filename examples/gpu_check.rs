@@ -125,27 +125,29 @@ fn decode_speed(
 ) -> (f64, usize) {
     let mut stores = filled(b, m, streams, depth, 4 * steps, budget_frac);
     let bytes = stores[0].true_bytes();
-    let mut rates = Vec::new();
     let mut pos = depth as u32;
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        for _ in 0..steps {
-            let toks: Vec<[u32; 1]> = (0..streams).map(|i| [(i as u32 * 7 + pos) % 1000 + 10]).collect();
-            let ps = [pos];
-            let inputs: Vec<SeqInput> = toks
-                .iter()
-                .map(|t| SeqInput {
-                    tokens: t,
-                    positions: &ps,
-                })
-                .collect();
-            let mut kvs: Vec<&mut dyn KvStore> = stores.iter_mut().map(|s| s.as_mut() as &mut dyn KvStore).collect();
-            b.forward(&inputs, &mut kvs, LogitsMode::Last).expect("decode step");
-            pos += 1;
-        }
-        rates.push((streams * steps) as f64 / t0.elapsed().as_secs_f64());
-    }
+    let rates = (0..3).map(|_| decode_steps(b, &mut stores, &mut pos, steps)).collect();
     (median(rates), bytes)
+}
+
+/// `n` batched decode steps of every store (one token each at `pos`, which advances); total tok/s.
+fn decode_steps(b: &dyn Backend, stores: &mut [Box<dyn KvStore>], pos: &mut u32, n: usize) -> f64 {
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let toks: Vec<[u32; 1]> = (0..stores.len()).map(|i| [(i as u32 * 7 + *pos) % 1000 + 10]).collect();
+        let ps = [*pos];
+        let inputs: Vec<SeqInput> = toks
+            .iter()
+            .map(|t| SeqInput {
+                tokens: t,
+                positions: &ps,
+            })
+            .collect();
+        let mut kvs: Vec<&mut dyn KvStore> = stores.iter_mut().map(|s| s.as_mut() as &mut dyn KvStore).collect();
+        b.forward(&inputs, &mut kvs, LogitsMode::Last).expect("decode step");
+        *pos += 1;
+    }
+    (stores.len() * n) as f64 / t0.elapsed().as_secs_f64()
 }
 
 /// Decode tok/s of one stream at `depth` under the current launch plan and the one the 2026-11-30 run measured
@@ -154,20 +156,7 @@ fn decode_speed(
 fn launch_plans(dev: &GpuModel, m: &MethodSpec, depth: usize, steps: usize, frac: Option<f64>) -> (f64, f64) {
     let mut stores = filled(dev, m, 1, depth, 8 * steps + 16, frac);
     let mut pos = depth as u32;
-    let mut run = |n: usize| {
-        let t0 = Instant::now();
-        for _ in 0..n {
-            let (tok, ps) = ([pos % 1000 + 10], [pos]);
-            let inputs = [SeqInput {
-                tokens: &tok,
-                positions: &ps,
-            }];
-            let mut kvs: Vec<&mut dyn KvStore> = stores.iter_mut().map(|s| s.as_mut() as &mut dyn KvStore).collect();
-            dev.forward(&inputs, &mut kvs, LogitsMode::Last).expect("decode step");
-            pos += 1;
-        }
-        n as f64 / t0.elapsed().as_secs_f64()
-    };
+    let mut run = |n: usize| decode_steps(dev, &mut stores, &mut pos, n);
     let plans = [(true, 4), (false, 1)];
     for &(fused, gqa) in &plans {
         dev.set_launch_plan(fused, gqa);

@@ -26,6 +26,23 @@ impl Geo {
     fn kvd(&self) -> usize {
         self.kvh * self.d
     }
+    /// The rotation a one-layer cache of these heads applies (layer 0's signs).
+    fn rotation(&self) -> Rotation {
+        let g = KvGeometry {
+            layers: 1,
+            q_heads: self.qh,
+            kv_heads: self.kvh,
+            head_dim: self.d,
+        };
+        Rotation::new(g, ROTATION_SEED).unwrap()
+    }
+}
+
+/// Key scales λ (kv_dim of them, around 0.6–0.8) and their inverses.
+fn key_scales(kvd: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let scales: Vec<f32> = noise(kvd, seed).iter().map(|x| 0.6 + x.abs() * 0.2).collect();
+    let inv = scales.iter().map(|&x| 1.0 / x).collect();
+    (scales, inv)
 }
 
 /// One stored segment: raw f16 rows (the fp16 cache's pages) or packed rows at a width.
@@ -189,18 +206,8 @@ fn the_fused_combine_equals_combine_then_inverse_rotation_then_8_bit_blocks() {
 fn attention_case(geo: Geo, fused: bool) {
     let Geo { qh, kvh, d } = geo;
     let kvd = geo.kvd();
-    let scales: Vec<f32> = noise(kvd, 40).iter().map(|x| 0.6 + x.abs() * 0.2).collect();
-    let inv: Vec<f32> = scales.iter().map(|&x| 1.0 / x).collect();
-    let rot = Rotation::new(
-        KvGeometry {
-            layers: 1,
-            q_heads: qh,
-            kv_heads: kvh,
-            head_dim: d,
-        },
-        ROTATION_SEED,
-    )
-    .unwrap();
+    let (scales, inv) = key_scales(kvd, 40);
+    let rot = geo.rotation();
     let signs = rot.signs(0).unwrap().to_vec();
     let seqs = vec![
         Sequence {
@@ -368,18 +375,8 @@ fn the_fused_rope_rotation_and_store_equal_the_three_launches_they_replace() {
     ] {
         let Geo { qh, kvh, d } = geo;
         let (kvd, half) = (geo.kvd(), d / 2);
-        let rot = Rotation::new(
-            KvGeometry {
-                layers: 1,
-                q_heads: qh,
-                kv_heads: kvh,
-                head_dim: d,
-            },
-            ROTATION_SEED,
-        )
-        .unwrap();
-        let scales: Vec<f32> = noise(kvd, 30).iter().map(|x| 0.6 + x.abs() * 0.2).collect();
-        let inv: Vec<f32> = scales.iter().map(|&x| 1.0 / x).collect();
+        let rot = geo.rotation();
+        let (scales, inv) = key_scales(kvd, 30);
         // (sequence, bits, group); sequence 0 rotates (its keys scaled by the rotation: no 1/λ in its slots, as the
         // device store hands them out), 1 has key scales, 2 has neither
         let toks = [(0, 16, 32), (1, 8, 64), (1, 0, 64), (2, 4, 32), (0, 2, 32), (2, 2, 64)];

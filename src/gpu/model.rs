@@ -542,7 +542,7 @@ impl GpuModel {
             if quantize && !fused8 {
                 self.quant8(attn, t * qd, a8)?;
             }
-            self.matmul(&layer.o, Source::Q8(q8(attn)), t, resid)?;
+            self.matmul(&layer.o, Source::Q8(a8), t, resid)?;
             if li == 0 {
                 self.dump(&sc.x, t * h)?;
             }
